@@ -1,0 +1,366 @@
+"""The embedded KV backend: one SQLite file, for a node that runs with no other service."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Sequence, TypeVar
+
+from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent, prefix_end
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    create_rev INTEGER NOT NULL,
+    mod_rev INTEGER NOT NULL,
+    lease INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_lease ON kv(lease) WHERE lease != 0;
+CREATE TABLE IF NOT EXISTS leases (
+    id INTEGER PRIMARY KEY,
+    ttl INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    rev INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    type TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (rev, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('revision', 0);
+"""
+
+# Watch history kept for late or cross-process watchers; older changes are compacted.
+_CHANGE_HISTORY = 10_000
+_WATCH_POLL_SECONDS = 0.1
+_LEASE_SWEEP_SECONDS = 0.25
+
+
+class EmbeddedKV:
+    """KV contract over SQLite.
+
+    Every statement runs on one private thread, so the event loop never blocks on disk and
+    transactions are serialised within the process; SQLite's own locking (WAL, BEGIN IMMEDIATE)
+    keeps several worker processes on one file consistent. Watches poll the change table, and
+    writers in this process wake them at once.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wharf-kv")
+        self._local = threading.local()
+        self._watchers: set[_EmbeddedWatch] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+        self._call_sync(self._init_db)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _init_db(self) -> None:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _call_sync(self, fn: Callable[[], T]) -> T:
+        return self._executor.submit(fn).result()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise RuntimeError("embedded KV is closed")
+        self._ensure_sweeper()
+        return await asyncio.wrap_future(self._executor.submit(fn))
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._sweeper = loop.create_task(self._sweep_leases_forever())
+
+    def _write(self, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+            writer = _Writer(conn, rev + 1)
+            result = fn(conn, writer)
+            if writer.changed:
+                conn.execute("UPDATE meta SET value=? WHERE name='revision'", (writer.rev,))
+                if writer.rev % 1000 == 0:
+                    conn.execute("DELETE FROM changes WHERE rev < ?", (writer.rev - _CHANGE_HISTORY,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if writer.changed:
+            for watch in list(self._watchers):
+                watch.wake()
+        return result
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        return await self._call(lambda: _get(self._conn(), key))
+
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
+        low = prefix if start is None or start < prefix else start
+        high = prefix_end(prefix)
+
+        def run() -> list[KeyValue]:
+            sql = "SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE key >= ? AND key < ? ORDER BY key"
+            args: tuple[object, ...] = (low, high)
+            if limit > 0:
+                sql += " LIMIT ?"
+                args += (limit,)
+            return [KeyValue(*row) for row in self._conn().execute(sql, args)]
+
+        return await self._call(run)
+
+    async def count(self, prefix: str) -> int:
+        high = prefix_end(prefix)
+        return await self._call(
+            lambda: self._conn().execute("SELECT count(*) FROM kv WHERE key >= ? AND key < ?", (prefix, high)).fetchone()[0]
+        )
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        def run(conn: sqlite3.Connection, w: _Writer) -> int:
+            w.put(key, value, lease)
+            return w.rev
+
+        return await self._call(lambda: self._write(run))
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        return await self._call(lambda: self._write(lambda conn, w: w.delete(key, prefix)))
+
+    async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        def run(conn: sqlite3.Connection, w: _Writer) -> TxnResult:
+            ok = all(_holds(conn, c) for c in compares)
+            gets: list[KeyValue | None] = []
+            for op in success if ok else failure:
+                if isinstance(op, Put):
+                    w.put(op.key, op.value, op.lease)
+                elif isinstance(op, Delete):
+                    w.delete(op.key, op.prefix)
+                elif isinstance(op, Get):
+                    gets.append(_get(conn, op.key))
+            return TxnResult(ok, gets, w.rev if w.changed else w.rev - 1)
+
+        return await self._call(lambda: self._write(run))
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        def run(conn: sqlite3.Connection, w: _Writer) -> int:
+            cur = conn.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, time.time() + ttl))
+            return int(cur.lastrowid or 0)
+
+        return await self._call(lambda: self._write(run))
+
+    async def refresh_lease(self, lease: int) -> bool:
+        def run(conn: sqlite3.Connection, w: _Writer) -> bool:
+            _expire(conn, w)
+            cur = conn.execute("UPDATE leases SET expires = ? + ttl WHERE id = ?", (time.time(), lease))
+            return cur.rowcount == 1
+
+        return await self._call(lambda: self._write(run))
+
+    async def revoke_lease(self, lease: int) -> None:
+        def run(conn: sqlite3.Connection, w: _Writer) -> None:
+            conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
+            for (key,) in conn.execute("SELECT key FROM kv WHERE lease = ?", (lease,)).fetchall():
+                w.delete(key, False)
+
+        await self._call(lambda: self._write(run))
+
+    async def _sweep_leases_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(_LEASE_SWEEP_SECONDS)
+            if self._closed:
+                return
+            try:
+                await asyncio.wrap_future(self._executor.submit(lambda: self._write(_expire)))
+            except RuntimeError:
+                return  # executor shut down
+
+    # -- watch ----------------------------------------------------------------------------
+
+    async def watch(self, prefix: str, *, start_revision: int = 0) -> _EmbeddedWatch:
+        if start_revision <= 0:
+            current = await self._call(
+                lambda: self._conn().execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+            )
+            start_revision = current + 1
+        watch = _EmbeddedWatch(self, prefix, start_revision)
+        self._watchers.add(watch)
+        return watch
+
+    def _changes_since(self, prefix: str, rev: int) -> list[WatchEvent]:
+        rows = self._conn().execute(
+            "SELECT rev, key, type, value FROM changes WHERE rev >= ? AND key >= ? AND key < ? ORDER BY rev, seq",
+            (rev, prefix, prefix_end(prefix)),
+        )
+        return [WatchEvent(kind, key, value, r) for r, key, kind, value in rows]
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(lambda: self._conn().execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for watch in list(self._watchers):
+            await watch.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.wrap_future(self._executor.submit(self._close_conn))
+        self._executor.shutdown(wait=True)
+
+    def _close_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class _Writer:
+    """Applies puts and deletes inside one SQLite transaction at one new revision."""
+
+    def __init__(self, conn: sqlite3.Connection, rev: int) -> None:
+        self.conn = conn
+        self.rev = rev
+        self.changed = False
+        self._seq = 0
+
+    def _log(self, key: str, kind: str, value: bytes) -> None:
+        self.conn.execute("INSERT INTO changes VALUES (?, ?, ?, ?, ?)", (self.rev, self._seq, key, kind, value))
+        self._seq += 1
+        self.changed = True
+
+    def put(self, key: str, value: bytes, lease: int) -> None:
+        if lease and self.conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
+            raise LookupError(f"lease {lease} not found")
+        self.conn.execute(
+            "INSERT INTO kv (key, value, version, create_rev, mod_rev, lease) VALUES (?, ?, 1, ?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value, version=version+1, "
+            "mod_rev=excluded.mod_rev, lease=excluded.lease",
+            (key, bytes(value), self.rev, self.rev, lease),
+        )
+        self._log(key, "put", bytes(value))
+
+    def delete(self, key: str, prefix: bool) -> int:
+        if prefix:
+            keys = [k for (k,) in self.conn.execute("SELECT key FROM kv WHERE key >= ? AND key < ?", (key, prefix_end(key)))]
+        else:
+            keys = [key] if self.conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() else []
+        for k in keys:
+            self.conn.execute("DELETE FROM kv WHERE key = ?", (k,))
+            self._log(k, "delete", b"")
+        return len(keys)
+
+
+def _get(conn: sqlite3.Connection, key: str) -> KeyValue | None:
+    row = conn.execute(
+        "SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE key = ?", (key,)
+    ).fetchone()
+    return KeyValue(*row) if row else None
+
+
+def _holds(conn: sqlite3.Connection, c: Compare) -> bool:
+    kv = _get(conn, c.key)
+    if c.target == "value":
+        if kv is None:
+            return False
+        actual: int | bytes = kv.value
+    else:
+        attr = {"version": "version", "create_revision": "create_revision", "mod_revision": "mod_revision"}[c.target]
+        actual = getattr(kv, attr) if kv is not None else 0
+    operand = c.operand
+    if c.op == "==":
+        return actual == operand
+    if c.op == "!=":
+        return actual != operand
+    if c.op == "<":
+        return actual < operand  # type: ignore[operator]
+    return actual > operand  # type: ignore[operator]
+
+
+def _expire(conn: sqlite3.Connection, w: _Writer) -> None:
+    now = time.time()
+    expired = [lid for (lid,) in conn.execute("SELECT id FROM leases WHERE expires < ?", (now,))]
+    for lid in expired:
+        for (key,) in conn.execute("SELECT key FROM kv WHERE lease = ?", (lid,)).fetchall():
+            w.delete(key, False)
+        conn.execute("DELETE FROM leases WHERE id = ?", (lid,))
+
+
+class _EmbeddedWatch:
+    def __init__(self, store: EmbeddedKV, prefix: str, start_revision: int) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._next = start_revision
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    def wake(self) -> None:
+        self._loop.call_soon_threadsafe(self._event.set)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._store._watchers.discard(self)
+        self._event.set()
+
+    def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[WatchEvent]:
+        while not self._closed:
+            self._event.clear()
+            start = self._next
+            try:
+                events = await self._store._call(lambda: self._store._changes_since(self._prefix, start))
+            except RuntimeError:
+                return
+            for event in events:
+                self._next = event.mod_revision + 1
+                yield event
+                if self._closed:
+                    return
+            if not events:
+                try:
+                    await asyncio.wait_for(self._event.wait(), _WATCH_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass

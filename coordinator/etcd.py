@@ -1,0 +1,618 @@
+"""The etcd KV backend: the KV contract over an etcd v3 cluster, through aetcd's gRPC layer.
+
+aetcd's high-level `Client` lacks what the contract needs (range limits and count-only reads, TLS,
+a watch that can be resumed after a failover, a keep-alive that closes its stream), so this module
+drives etcd's gRPC services directly with aetcd's generated stubs and messages (`aetcd.rpc`) and
+keeps one channel to one endpoint at a time:
+
+- Every key is stored under `prefix` ("/wharf/" by default); callers never see it.
+- On a connection error the backend switches to the next endpoint (a fresh channel, so no stale
+  reconnect backoff) and retries: reads, lease refreshes and revokes on any connection error,
+  writes and transactions only when the request cannot have reached a server (connection refused,
+  no leader). A request that may have been applied is never sent twice; its caller gets
+  `EtcdUnavailable` and the next request goes to the next endpoint.
+- A watch is one gRPC stream. It resumes on another endpoint from the revision after the last event
+  it delivered, so a failover neither loses nor repeats events.
+- Lease keep-alive is not here: `coordinator.lease.KeptLease` calls `refresh_lease` every TTL/3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent
+
+log = logging.getLogger("wharf.coordinator")
+
+T = TypeVar("T")
+
+_COMPARE_OPS = {
+    "==": rpc.Compare.EQUAL,
+    "!=": rpc.Compare.NOT_EQUAL,
+    "<": rpc.Compare.LESS,
+    ">": rpc.Compare.GREATER,
+}
+_COMPARE_TARGETS = {
+    "value": rpc.Compare.VALUE,
+    "version": rpc.Compare.VERSION,
+    "create_revision": rpc.Compare.CREATE,
+    "mod_revision": rpc.Compare.MOD,
+}
+
+# Error details (lower case) that mean the request never reached a server able to apply it.
+_UNREACHED = (
+    "failed to connect",
+    "connection refused",
+    "connect failed",
+    "dns resolution failed",
+    "name resolution",
+    "etcdserver: no leader",
+    "etcdserver: not capable",
+    "etcdserver: too many requests",
+)
+_CONNECTION_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,  # the channel was closed under the call
+)
+
+_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    # Notice a dead peer on a long idle watch stream (etcd allows pings every 5 s at most).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+class EtcdError(aetcd.ClientError):
+    """etcd refused or failed a request."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EtcdUnavailable(EtcdError, ConnectionError):
+    """No endpoint answered, or the answer was lost; a write may or may not have been applied."""
+
+
+class LeaseNotFound(EtcdError, LookupError):
+    """A put or transaction named a lease that does not exist (any more)."""
+
+
+class RevisionCompacted(EtcdError):
+    """A watch asked for history that etcd has already compacted."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"etcd history before revision {compact_revision} is compacted")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    url: str
+    target: str  # host:port for gRPC
+    secure: bool
+
+
+def _parse_endpoint(url: str) -> _Endpoint:
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an etcd endpoint URL: {url!r}")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return _Endpoint(url, f"{host}:{parts.port or 2379}", parts.scheme == "https")
+
+
+def _range_end(key: bytes) -> bytes:
+    """The smallest key greater than every key starting with `key` (b"\\0": no upper bound)."""
+    raw = bytearray(key)
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return bytes(raw)
+        raw.pop()
+    return b"\0"
+
+
+def _classify(exc: grpc.aio.AioRpcError) -> str:
+    """'unreached' (safe to resend anything), 'ambiguous' (connection trouble, maybe applied),
+    'auth' (token expired: authenticate again), or 'error' (etcd said no)."""
+    code = exc.code()
+    details = (exc.details() or "").lower()
+    if code == grpc.StatusCode.UNAUTHENTICATED and "invalid auth token" in details:
+        return "auth"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests" in details:
+        return "unreached"
+    if code in _CONNECTION_CODES:
+        if code == grpc.StatusCode.UNAVAILABLE and any(s in details for s in _UNREACHED):
+            return "unreached"
+        return "ambiguous"
+    return "error"
+
+
+def _translate(exc: grpc.aio.AioRpcError, endpoint: str) -> EtcdError:
+    code = exc.code()
+    details = exc.details() or ""
+    if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+        return LeaseNotFound(details, code)
+    if code in _CONNECTION_CODES or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return EtcdUnavailable(f"etcd at {endpoint}: {code.name}: {details}", code)
+    return EtcdError(f"etcd at {endpoint}: {code.name}: {details}", code)
+
+
+class _Connection:
+    """One gRPC channel to one endpoint, with its stubs and (if auth is on) its token."""
+
+    def __init__(self, index: int, endpoint: _Endpoint, kv: EtcdKV) -> None:
+        self.index = index
+        self.endpoint = endpoint
+        if endpoint.secure or kv._credentials is not None:
+            creds = kv._credentials or grpc.ssl_channel_credentials()
+            self.channel = grpc.aio.secure_channel(endpoint.target, creds, options=_CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
+        self.kv = rpc.KVStub(self.channel)
+        self.lease = rpc.LeaseStub(self.channel)
+        self.watch = rpc.WatchStub(self.channel)
+        self._username = kv.username
+        self._password = kv.password
+        self._timeout = kv.timeout
+        self.metadata: tuple[tuple[str, str], ...] | None = None
+        self._auth_lock = asyncio.Lock()
+
+    async def ready(self) -> None:
+        if self._username is None or self.metadata is not None:
+            return
+        async with self._auth_lock:
+            if self.metadata is None:
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
+                resp = await rpc.AuthStub(self.channel).Authenticate(request, timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+
+    def forget_token(self) -> None:
+        self.metadata = None
+
+    async def close(self, grace: float | None = None) -> None:
+        await self.channel.close(grace)
+
+
+class EtcdKV:
+    """The KV contract over etcd v3. Create with `await EtcdKV.open(...)`, or construct and then
+    `await kv.connect()` (or `async with EtcdKV(...) as kv`), on the event loop that will use it."""
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        prefix: str = "/wharf/",
+        username: str | None = None,
+        password: str | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e.strip()]
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        if (cert is None) != (key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        if password is not None and username is None:
+            raise ValueError("an etcd password needs a username")
+        self.endpoints = [e.strip() for e in endpoints]
+        self._endpoints = [_parse_endpoint(e) for e in self.endpoints]
+        self.prefix = prefix
+        self._prefix = prefix.encode("utf-8", "surrogateescape")
+        self.username = username
+        self.password = password
+        self.timeout = timeout
+        self._credentials: grpc.ChannelCredentials | None = None
+        if ca is not None or cert is not None:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(ca),
+                private_key=_read(key),
+                certificate_chain=_read(cert),
+            )
+        self._conn: _Connection | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._watches: set[_EtcdWatch] = set()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, endpoints: list[str], prefix: str = "/wharf/", **kwargs: Any) -> EtcdKV:
+        """Construct and connect; raises `EtcdUnavailable` if no endpoint answers."""
+        kv = cls(endpoints, prefix, **kwargs)
+        await kv.connect()
+        return kv
+
+    async def connect(self) -> None:
+        """Open a channel to the first endpoint that answers (must run on the serving loop)."""
+        if self._closed:
+            raise RuntimeError("EtcdKV is closed")
+        if self._conn is None:
+            self._conn = _Connection(0, self._endpoints[0], self)
+        try:
+            await self.ping()
+        except BaseException:
+            conn, self._conn = self._conn, None  # stays usable: connect() may be tried again
+            if conn is not None:
+                await conn.close()
+            raise
+
+    async def __aenter__(self) -> EtcdKV:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint requests currently go to."""
+        return self._endpoints[self._conn.index if self._conn else 0].url
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _k(self, key: str) -> bytes:
+        return self._prefix + key.encode("utf-8", "surrogateescape")
+
+    def _kv(self, kv: Any) -> KeyValue:
+        return KeyValue(
+            key=bytes(kv.key[len(self._prefix) :]).decode("utf-8", "surrogateescape"),
+            value=bytes(kv.value),
+            version=kv.version,
+            create_revision=kv.create_revision,
+            mod_revision=kv.mod_revision,
+            lease=kv.lease,
+        )
+
+    def _current(self) -> _Connection:
+        if self._conn is None:
+            raise RuntimeError("EtcdKV is closed" if self._closed else "EtcdKV is not connected: await connect() first")
+        return self._conn
+
+    async def _rpc(self, fn: Callable[[_Connection], Awaitable[T]], *, idempotent: bool) -> T:
+        """Run `fn` on the current connection, failing over between endpoints as described above."""
+        max_tries = max(2, len(self._endpoints))
+        tries = 0
+        reauthenticated = False
+        while True:
+            conn = self._current()
+            try:
+                await conn.ready()
+                return await fn(conn)
+            except grpc.aio.AioRpcError as exc:
+                kind = _classify(exc)
+                if kind == "auth" and not reauthenticated:
+                    reauthenticated = True
+                    conn.forget_token()
+                    continue
+                if kind in ("unreached", "ambiguous"):
+                    self._failover(conn, exc)
+                    tries += 1
+                    if tries < max_tries and (kind == "unreached" or idempotent):
+                        continue
+                raise _translate(exc, conn.endpoint.url) from exc
+
+    def _failover(self, failed: _Connection, exc: BaseException | None = None) -> None:
+        """Point new requests at the next endpoint, unless someone already moved on from `failed`."""
+        if self._conn is not failed or self._closed:
+            return
+        index = (failed.index + 1) % len(self._endpoints)
+        self._conn = _Connection(index, self._endpoints[index], self)
+        if index != failed.index:
+            log.warning("etcd endpoint %s failed (%s); using %s", failed.endpoint.url, _brief(exc), self._conn.endpoint.url)
+        # Let requests still in flight on the old channel finish (or fail) on their own.
+        task = asyncio.get_running_loop().create_task(failed.close(grace=self.timeout))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        request = rpc.RangeRequest(key=self._k(key))
+        resp = await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        return self._kv(resp.kvs[0]) if resp.kvs else None
+
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
+        low = self._k(prefix)
+        high = _range_end(low)
+        if start is not None:
+            low = max(low, self._k(start))
+            if high != b"\0" and low >= high:
+                return []
+        request = rpc.RangeRequest(key=low, range_end=high, limit=max(limit, 0))
+        resp = await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        return [self._kv(kv) for kv in resp.kvs]
+
+    async def count(self, prefix: str) -> int:
+        low = self._k(prefix)
+        request = rpc.RangeRequest(key=low, range_end=_range_end(low), count_only=True)
+        resp = await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        return int(resp.count)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        request = rpc.PutRequest(key=self._k(key), value=bytes(value), lease=lease)
+        resp = await self._rpc(lambda c: c.kv.Put(request, timeout=self.timeout, metadata=c.metadata), idempotent=False)
+        return int(resp.header.revision)
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        request = self._delete_request(key, prefix)
+        resp = await self._rpc(
+            lambda c: c.kv.DeleteRange(request, timeout=self.timeout, metadata=c.metadata), idempotent=False
+        )
+        return int(resp.deleted)
+
+    def _delete_request(self, key: str, prefix: bool) -> Any:
+        raw = self._k(key)
+        if prefix:
+            return rpc.DeleteRangeRequest(key=raw, range_end=_range_end(raw))
+        return rpc.DeleteRangeRequest(key=raw)
+
+    async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        request = rpc.TxnRequest(
+            compare=[self._compare(c) for c in compares],
+            success=[self._op(op) for op in success],
+            failure=[self._op(op) for op in failure],
+        )
+        read_only = all(isinstance(op, Get) for op in (*success, *failure))
+        resp = await self._rpc(lambda c: c.kv.Txn(request, timeout=self.timeout, metadata=c.metadata), idempotent=read_only)
+        gets: list[KeyValue | None] = []
+        for op, result in zip(success if resp.succeeded else failure, resp.responses):
+            if isinstance(op, Get):
+                kvs = result.response_range.kvs
+                gets.append(self._kv(kvs[0]) if kvs else None)
+        return TxnResult(bool(resp.succeeded), gets, int(resp.header.revision))
+
+    def _compare(self, c: Compare) -> Any:
+        try:
+            message = rpc.Compare(key=self._k(c.key), result=_COMPARE_OPS[c.op], target=_COMPARE_TARGETS[c.target])
+        except KeyError as exc:
+            raise ValueError(f"unsupported comparison {c!r}") from exc
+        operand = c.operand
+        if c.target == "value":
+            if isinstance(operand, str):
+                operand = operand.encode()
+            if not isinstance(operand, (bytes, bytearray, memoryview)):
+                raise TypeError(f"a value comparison needs bytes, not {type(operand).__name__}")
+            message.value = bytes(operand)
+        else:
+            if not isinstance(operand, int) or isinstance(operand, bool):
+                raise TypeError(f"a {c.target} comparison needs an int, not {type(operand).__name__}")
+            setattr(message, c.target, operand)
+        return message
+
+    def _op(self, op: Op) -> Any:
+        if isinstance(op, Put):
+            return rpc.RequestOp(request_put=rpc.PutRequest(key=self._k(op.key), value=bytes(op.value), lease=op.lease))
+        if isinstance(op, Delete):
+            return rpc.RequestOp(request_delete_range=self._delete_request(op.key, op.prefix))
+        if isinstance(op, Get):
+            return rpc.RequestOp(request_range=rpc.RangeRequest(key=self._k(op.key)))
+        raise TypeError(f"not a transaction op: {op!r}")
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        request = rpc.LeaseGrantRequest(TTL=int(ttl))
+        # A grant whose answer was lost leaves an empty lease that expires on its own: safe to retry.
+        resp = await self._rpc(
+            lambda c: c.lease.LeaseGrant(request, timeout=self.timeout, metadata=c.metadata), idempotent=True
+        )
+        if resp.error:
+            raise EtcdError(f"lease grant failed: {resp.error}")
+        return int(resp.ID)
+
+    async def refresh_lease(self, lease: int) -> bool:
+        async def keep_alive(c: _Connection) -> bool:
+            call = c.lease.LeaseKeepAlive(timeout=self.timeout, metadata=c.metadata)
+            try:
+                await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
+                await call.done_writing()
+                resp = await call.read()
+            finally:
+                call.cancel()
+            if resp is grpc.aio.EOF:
+                raise EtcdUnavailable("etcd closed the keep-alive stream without an answer")
+            return int(resp.TTL) > 0  # etcd answers TTL 0 for a lease that has expired
+
+        return await self._rpc(keep_alive, idempotent=True)
+
+    async def revoke_lease(self, lease: int) -> None:
+        request = rpc.LeaseRevokeRequest(ID=lease)
+        try:
+            await self._rpc(lambda c: c.lease.LeaseRevoke(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        except LeaseNotFound:
+            pass  # already expired or revoked: the keys are gone either way
+
+    # -- watch ----------------------------------------------------------------------------
+
+    async def watch(self, prefix: str, *, start_revision: int = 0) -> _EtcdWatch:
+        key = self._k(prefix)
+        if start_revision <= 0:
+            # Pin "after the watch opens" to a revision, so a resumed stream knows where to go on.
+            request = rpc.RangeRequest(key=key, count_only=True)
+            resp = await self._rpc(
+                lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True
+            )
+            start_revision = int(resp.header.revision) + 1
+        watch = _EtcdWatch(self, key, _range_end(key), start_revision)
+        await watch._open()
+        self._watches.add(watch)
+        return watch
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """A linearizable read: raises `EtcdUnavailable` unless a member with a leader answers."""
+        request = rpc.RangeRequest(key=self._prefix or b"\0", count_only=True)
+        await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for watch in list(self._watches):
+            await watch.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+        for task in list(self._retiring):
+            task.cancel()
+        for task in list(self._retiring):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+class _EtcdWatch:
+    """One etcd watch stream over a key range, resumed on the next endpoint if its stream breaks."""
+
+    def __init__(self, kv: EtcdKV, key: bytes, range_end: bytes, start_revision: int) -> None:
+        self._kv = kv
+        self._key = key
+        self._range_end = range_end
+        self._next = start_revision  # the first revision not yet received
+        self._conn: _Connection | None = None
+        self._call: Any = None
+        self._pending: collections.deque[WatchEvent] = collections.deque()
+        self._closed = False
+
+    async def _open(self) -> None:
+        """Create the stream (from `self._next`) on a working endpoint and wait until etcd confirms it."""
+        kv = self._kv
+        max_tries = max(2, len(kv._endpoints))
+        tries = 0
+        while True:
+            if self._closed:
+                return
+            conn = kv._current()
+            call = None
+            try:
+                await conn.ready()
+                call = conn.watch.Watch(metadata=conn.metadata)
+                create = rpc.WatchCreateRequest(key=self._key, range_end=self._range_end, start_revision=self._next)
+                await call.write(rpc.WatchRequest(create_request=create))
+                resp = await asyncio.wait_for(call.read(), kv.timeout)
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+                if call is not None:
+                    call.cancel()
+                if isinstance(exc, asyncio.TimeoutError):
+                    kind = "ambiguous"
+                else:
+                    kind = _classify(exc)
+                    if kind == "auth" and tries == 0:
+                        conn.forget_token()
+                        tries += 1
+                        continue
+                if kind not in ("unreached", "ambiguous"):
+                    assert isinstance(exc, grpc.aio.AioRpcError)
+                    raise _translate(exc, conn.endpoint.url) from exc
+                kv._failover(conn, exc)
+                tries += 1
+                if tries >= max_tries:
+                    raise EtcdUnavailable(f"cannot open an etcd watch: {_brief(exc)}") from exc
+                continue
+            if resp is grpc.aio.EOF or not resp.created or resp.canceled:
+                call.cancel()
+                reason = "stream ended" if resp is grpc.aio.EOF else resp.cancel_reason or "cancelled"
+                raise EtcdError(f"etcd refused the watch: {reason}")
+            if self._closed:
+                call.cancel()
+                return
+            self._conn, self._call = conn, call
+            return
+
+    def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[WatchEvent]:
+        kv = self._kv
+        while True:
+            while self._pending:
+                yield self._pending.popleft()
+            if self._closed or self._call is None:
+                return
+            call, conn = self._call, self._conn
+            assert conn is not None
+            try:
+                resp = await call.read()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and (task is None or not task.cancelling()):
+                    return  # close() cancelled the stream under us
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if self._closed:
+                    return
+                if _classify(exc) not in ("unreached", "ambiguous", "auth"):
+                    raise _translate(exc, conn.endpoint.url) from exc
+                log.warning("etcd watch stream at %s broke (%s); resuming from revision %d", conn.endpoint.url, _brief(exc), self._next)
+                kv._failover(conn, exc)
+                await self._open()
+                continue
+            if self._closed:
+                return
+            if resp is grpc.aio.EOF:
+                log.warning("etcd closed a watch stream at %s; resuming from revision %d", conn.endpoint.url, self._next)
+                call.cancel()
+                await self._open()
+                continue
+            if resp.compact_revision:
+                call.cancel()
+                self._call = None
+                raise RevisionCompacted(int(resp.compact_revision))
+            if resp.canceled:
+                call.cancel()
+                self._call = None
+                raise EtcdError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason given'}")
+            for event in resp.events:
+                item = event.kv
+                self._pending.append(
+                    WatchEvent(
+                        "delete" if event.type == rpc.Event.DELETE else "put",
+                        bytes(item.key[len(kv._prefix) :]).decode("utf-8", "surrogateescape"),
+                        bytes(item.value) if event.type != rpc.Event.DELETE else b"",
+                        int(item.mod_revision),
+                    )
+                )
+                self._next = int(item.mod_revision) + 1
+
+    async def close(self) -> None:
+        self._closed = True
+        self._kv._watches.discard(self)
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _brief(exc: BaseException | None) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return repr(exc)

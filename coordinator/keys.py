@@ -1,0 +1,69 @@
+"""The one place that knows how coordinator records are laid out in the KV.
+
+Repository names never contain '@', so `<repo>@` is an unambiguous prefix for everything
+that belongs to one repository, and byte order of keys is lexical order of names and tags.
+"""
+
+from __future__ import annotations
+
+REPOSITORIES = "repo/"
+TAGS = "tag/"
+MANIFESTS = "manifest/"
+LINKS = "link/"
+BLOBS = "blob/"
+REFERRERS = "referrer/"
+UPLOADS = "upload/"
+LEADER = "leader/"
+
+
+def after(key: str) -> str:
+    """The smallest key that sorts after `key` (for exclusive pagination starts)."""
+    return key + "\0"
+
+
+def repository(name: str) -> str:
+    return f"{REPOSITORIES}{name}"
+
+
+def tag(repo: str, tag: str) -> str:
+    return f"{TAGS}{repo}@{tag}"
+
+
+def tags_of(repo: str) -> str:
+    return f"{TAGS}{repo}@"
+
+
+def manifest(repo: str, digest: str) -> str:
+    return f"{MANIFESTS}{repo}@{digest}"
+
+
+def manifests_of(repo: str) -> str:
+    return f"{MANIFESTS}{repo}@"
+
+
+def link(repo: str, digest: str) -> str:
+    return f"{LINKS}{repo}@{digest}"
+
+
+def links_of(repo: str) -> str:
+    return f"{LINKS}{repo}@"
+
+
+def blob(digest: str) -> str:
+    return f"{BLOBS}{digest}"
+
+
+def referrer(repo: str, subject: str, digest: str) -> str:
+    return f"{REFERRERS}{repo}@{subject}/{digest}"
+
+
+def referrers_of(repo: str, subject: str) -> str:
+    return f"{REFERRERS}{repo}@{subject}/"
+
+
+def upload(upload_id: str) -> str:
+    return f"{UPLOADS}{upload_id}"
+
+
+def leader(job: str) -> str:
+    return f"{LEADER}{job}"

@@ -1,0 +1,164 @@
+"""The KV contract every coordinator backend implements (embedded and etcd)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol, Sequence, Union
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """One stored key with etcd-style revision bookkeeping."""
+
+    key: str
+    value: bytes
+    version: int  # 1 on create, +1 on every put; a deleted key starts again at 1
+    create_revision: int
+    mod_revision: int
+    lease: int = 0
+
+
+CompareTarget = Literal["value", "version", "create_revision", "mod_revision"]
+CompareOp = Literal["==", "!=", "<", ">"]
+
+
+@dataclass(frozen=True)
+class Compare:
+    """A guard of a transaction.
+
+    An absent key has version, create_revision and mod_revision 0 and never
+    matches a value comparison (as in etcd).
+    """
+
+    key: str
+    target: CompareTarget
+    op: CompareOp
+    operand: Union[int, bytes]
+
+    @staticmethod
+    def absent(key: str) -> Compare:
+        return Compare(key, "version", "==", 0)
+
+    @staticmethod
+    def present(key: str) -> Compare:
+        return Compare(key, "version", ">", 0)
+
+    @staticmethod
+    def unchanged(key: str, mod_revision: int) -> Compare:
+        """The key is as it was read (mod_revision 0 means: still absent)."""
+        return Compare(key, "mod_revision", "==", mod_revision)
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
+class Get:
+    key: str
+
+
+Op = Union[Put, Delete, Get]
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    # One entry per Get op of the branch that ran, in order; None for an absent key.
+    gets: list[KeyValue | None] = field(default_factory=list)
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: Literal["put", "delete"]
+    key: str
+    value: bytes  # empty for deletes
+    mod_revision: int
+
+
+class Watch(Protocol):
+    """An open prefix watch; iterate for events, close to stop."""
+
+    def __aiter__(self) -> AsyncIterator[WatchEvent]: ...
+
+    async def close(self) -> None: ...
+
+
+class KV(Protocol):
+    """The small store all coordinator logic is written against."""
+
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    async def range(
+        self, prefix: str, *, start: str | None = None, limit: int = 0
+    ) -> list[KeyValue]:
+        """Keys under `prefix` in byte order, from `start` (inclusive) if given.
+
+        `limit` 0 means no limit.
+        """
+        ...
+
+    async def count(self, prefix: str) -> int: ...
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Store a value; returns the new revision."""
+        ...
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        """Delete a key (or every key under a prefix); returns how many went."""
+        ...
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Op],
+        failure: Sequence[Op] = (),
+    ) -> TxnResult:
+        """Atomically run `success` if every compare holds, else `failure`."""
+        ...
+
+    async def grant_lease(self, ttl: int) -> int:
+        """A new lease id that expires `ttl` seconds from now unless refreshed."""
+        ...
+
+    async def refresh_lease(self, lease: int) -> bool:
+        """Push the expiry of a lease out by its TTL; False if it has expired."""
+        ...
+
+    async def revoke_lease(self, lease: int) -> None:
+        """End a lease now, deleting every key attached to it."""
+        ...
+
+    async def watch(self, prefix: str, *, start_revision: int = 0) -> Watch:
+        """Events for keys under `prefix` after the watch opens.
+
+        With `start_revision`, events from that revision on (as far as history allows).
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def prefix_end(prefix: str) -> str:
+    """The smallest key greater than every key starting with `prefix`."""
+    raw = bytearray(prefix.encode())
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return raw.decode("utf-8", errors="surrogateescape")
+        raw.pop()
+    return "\0"

@@ -1,0 +1,61 @@
+"""Keep a KV lease alive from a background task, for as long as its holder runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .kv import KV
+
+log = logging.getLogger("wharf.coordinator")
+
+
+class KeptLease:
+    """A lease refreshed every TTL/3 until closed; `lost` is set if a refresh finds it gone."""
+
+    def __init__(self, kv: KV, ttl: int) -> None:
+        self.kv = kv
+        self.ttl = ttl
+        self.id = 0
+        self.lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> KeptLease:
+        self.id = await self.kv.grant_lease(self.ttl)
+        self._task = asyncio.get_running_loop().create_task(self._keep_alive())
+        return self
+
+    async def _keep_alive(self) -> None:
+        interval = max(self.ttl / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                alive = await self.kv.refresh_lease(self.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a store hiccup: try again until the TTL says otherwise
+                log.warning("lease refresh failed: %s", exc)
+                continue
+            if not alive:
+                self.lost.set()
+                return
+
+    async def close(self, *, revoke: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if revoke and self.id:
+            try:
+                await self.kv.revoke_lease(self.id)
+            except Exception as exc:
+                log.warning("lease revoke failed: %s", exc)
+
+    async def __aenter__(self) -> KeptLease:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,209 @@
+"""Registry metadata in the KV: repositories, tags, manifests, blob links, blobs and referrers."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from . import keys
+from .kv import KV, Compare, Delete, KeyValue, Op, Put
+
+# Optimistic transactions retry this often when another writer keeps winning.
+_MAX_ATTEMPTS = 20
+
+
+def _dump(record: Any) -> bytes:
+    return json.dumps(asdict(record), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    digest: str
+    media_type: str
+    size: int
+    pushed: float
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    """A blob is visible in a repository only while it is linked there."""
+
+    size: int
+    linked: float
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    size: int
+    key: str
+    created: float
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    digest: str
+    media_type: str
+    size: int
+    blobs: list[str] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+    subject: str | None = None
+    artifact_type: str | None = None
+    annotations: dict[str, str] | None = None
+    pushed: float = 0.0
+
+    def descriptor(self) -> dict[str, Any]:
+        """The descriptor the referrers API lists for this manifest."""
+        desc: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.artifact_type:
+            desc["artifactType"] = self.artifact_type
+        if self.annotations:
+            desc["annotations"] = self.annotations
+        return desc
+
+
+def _load(cls: type, kv: KeyValue | None) -> Any:
+    return None if kv is None else cls(**json.loads(kv.value))
+
+
+class MissingReferences(Exception):
+    """A manifest names blobs or manifests that are not in its repository."""
+
+    def __init__(self, blobs: Sequence[str], manifests: Sequence[str]) -> None:
+        super().__init__(f"unknown blobs {list(blobs)}, manifests {list(manifests)}")
+        self.blobs = list(blobs)
+        self.manifests = list(manifests)
+
+
+class Conflict(Exception):
+    """A record kept changing under an optimistic transaction."""
+
+
+class Metadata:
+    """The registry's source of truth, written only through single KV transactions."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+
+    # -- repositories -----------------------------------------------------------------------
+
+    async def list_repositories(self, *, last: str | None = None, limit: int = 0) -> list[str]:
+        start = keys.after(keys.repository(last)) if last else None
+        found = await self.kv.range(keys.REPOSITORIES, start=start, limit=limit)
+        return [kv.key[len(keys.REPOSITORIES):] for kv in found]
+
+    async def repository_exists(self, name: str) -> bool:
+        return await self.kv.get(keys.repository(name)) is not None
+
+    # -- tags -------------------------------------------------------------------------------
+
+    async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
+        return _load(TagRecord, await self.kv.get(keys.tag(repo, tag)))
+
+    async def list_tags(self, repo: str, *, last: str | None = None, limit: int = 0) -> list[str]:
+        prefix = keys.tags_of(repo)
+        start = keys.after(keys.tag(repo, last)) if last else None
+        return [kv.key[len(prefix):] for kv in await self.kv.range(prefix, start=start, limit=limit)]
+
+    async def tag_records(self, repo: str) -> dict[str, TagRecord]:
+        prefix = keys.tags_of(repo)
+        return {kv.key[len(prefix):]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
+
+    async def delete_tag(self, repo: str, tag: str) -> bool:
+        return await self.kv.delete(keys.tag(repo, tag)) > 0
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    async def get_link(self, repo: str, digest: str) -> LinkRecord | None:
+        return _load(LinkRecord, await self.kv.get(keys.link(repo, digest)))
+
+    async def get_blob(self, digest: str) -> BlobRecord | None:
+        return _load(BlobRecord, await self.kv.get(keys.blob(digest)))
+
+    async def commit_blob(self, repo: str, digest: str, size: int, key: str, *, upload_id: str | None = None) -> None:
+        """Record a blob now in storage and link it into `repo`, ending its upload session."""
+        now = time.time()
+        link = Put(keys.link(repo, digest), _dump(LinkRecord(size, now)))
+        common: list[Op] = [link, Put(keys.repository(repo), b"{}")]
+        if upload_id is not None:
+            common.append(Delete(keys.upload(upload_id)))
+        blob = Put(keys.blob(digest), _dump(BlobRecord(size, key, now)))
+        await self.kv.txn([Compare.absent(keys.blob(digest))], [blob, *common], common)
+
+    async def mount_blob(self, repo: str, digest: str, source: str) -> LinkRecord | None:
+        """Link a blob of `source` into `repo`; None if `source` does not have it."""
+        for _ in range(_MAX_ATTEMPTS):
+            found = await self.kv.get(keys.link(source, digest))
+            if found is None:
+                return None
+            record: LinkRecord = _load(LinkRecord, found)
+            linked = LinkRecord(record.size, time.time())
+            result = await self.kv.txn(
+                [Compare.unchanged(found.key, found.mod_revision)],
+                [Put(keys.link(repo, digest), _dump(linked)), Put(keys.repository(repo), b"{}")],
+            )
+            if result.succeeded:
+                return linked
+        raise Conflict(f"mount of {digest} kept racing")
+
+    async def unlink_blob(self, repo: str, digest: str) -> bool:
+        return await self.kv.delete(keys.link(repo, digest)) > 0
+
+    # -- manifests --------------------------------------------------------------------------
+
+    async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
+        return _load(ManifestRecord, await self.kv.get(keys.manifest(repo, digest)))
+
+    async def put_manifest(self, repo: str, record: ManifestRecord, *, tag: str | None, storage_key: str) -> None:
+        """Record a manifest (already in storage) and point `tag` at it, in one transaction.
+
+        Every referenced blob and child manifest must be linked in `repo` at the moment of the
+        write; otherwise nothing changes and MissingReferences says what is missing.
+        """
+        guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
+        guards += [Compare.present(keys.manifest(repo, d)) for d in record.manifests]
+        ops: list[Op] = [
+            Put(keys.manifest(repo, record.digest), _dump(record)),
+            Put(keys.repository(repo), b"{}"),
+        ]
+        if tag is not None:
+            ops.append(Put(keys.tag(repo, tag), _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed))))
+        if record.subject:
+            ops.append(Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode()))
+        blob_key = keys.blob(record.digest)
+        blob = Put(blob_key, _dump(BlobRecord(record.size, storage_key, record.pushed)))
+        result = await self.kv.txn([*guards, Compare.absent(blob_key)], [*ops, blob])
+        if result.succeeded:
+            return
+        result = await self.kv.txn([*guards, Compare.present(blob_key)], ops)
+        if result.succeeded:
+            return
+        await self._raise_missing(repo, record)
+        raise Conflict("manifest references kept changing")
+
+    async def _raise_missing(self, repo: str, record: ManifestRecord) -> None:
+        missing_blobs = [d for d in record.blobs if await self.kv.get(keys.link(repo, d)) is None]
+        missing_manifests = [d for d in record.manifests if await self.kv.get(keys.manifest(repo, d)) is None]
+        if missing_blobs or missing_manifests:
+            raise MissingReferences(missing_blobs, missing_manifests)
+
+    async def delete_manifest(self, repo: str, digest: str) -> bool:
+        """Remove a manifest, every tag that points at it and its referrer entry, atomically."""
+        for _ in range(_MAX_ATTEMPTS):
+            found = await self.kv.get(keys.manifest(repo, digest))
+            if found is None:
+                return False
+            record: ManifestRecord = _load(ManifestRecord, found)
+            tagged = [kv for kv in await self.kv.range(keys.tags_of(repo)) if json.loads(kv.value)["digest"] == digest]
+            guards = [Compare.unchanged(found.key, found.mod_revision)]
+            guards += [Compare.unchanged(kv.key, kv.mod_revision) for kv in tagged]
+            ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged)]
+            if record.subject:
+                ops.append(Delete(keys.referrer(repo, record.subject, digest)))
+            if (await self.kv.txn(guards, ops)).succeeded:
+                return True
+        raise Conflict(f"delete of {digest} kept racing")
+
+    async def list_referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
+        return [json.loads(kv.value) for kv in await self.kv.range(keys.referrers_of(repo, subject))]

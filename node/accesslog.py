@@ -1,0 +1,115 @@
+"""One structured JSON access line per request, written off the event loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import sys
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "info") -> logging.handlers.QueueListener:
+    """Route every log record through a queue to a thread that writes JSON lines to stdout."""
+    logging.Formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JSONFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    listener.start()
+    return listener
+
+
+class AccessLog:
+    """ASGI middleware: request id, API version header, and the access line."""
+
+    def __init__(self, app: ASGIApp, *, enabled: bool = True) -> None:
+        self.app = app
+        self.enabled = enabled
+        self.log = logging.getLogger("wharf.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:64]
+                break
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 0
+        sent = 0
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append(API_VERSION_HEADER)
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        finally:
+            if self.enabled:
+                route = scope.get("route")
+                client = scope.get("client")
+                self.log.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "method": scope["method"],
+                            "route": getattr(route, "path", None) or "unmatched",
+                            "status": status or 499,
+                            "bytes_in": received,
+                            "bytes_out": sent,
+                            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                            "request_id": request_id,
+                            "remote": client[0] if client else None,
+                            "repository": scope.get("path_params", {}).get("name"),
+                            "user": scope.get("state", {}).get("user"),
+                        }
+                    },
+                )

@@ -1,0 +1,38 @@
+"""What every handler needs: the shared services, validated path parameters, URL building."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from starlette.requests import Request
+
+from ..errors import PaginationNumberInvalid
+from ..reference import validate_name
+from ..services import Services
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+def repository(request: Request) -> str:
+    return validate_name(request.path_params["name"])
+
+
+def url(request: Request, path: str) -> str:
+    """A URL path for a Location header (relative, like Distribution with relativeurls)."""
+    return services(request).config.http.prefix.rstrip("/") + path
+
+
+def page_size(request: Request, *, default: int | None, maximum: int) -> int | None:
+    """The `n` query parameter: a non-negative whole number, clamped to `maximum`."""
+    raw = request.query_params.get("n")
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise PaginationNumberInvalid({"n": raw[:100]})
+    return min(int(raw), maximum)
+
+
+def next_link(path: str, n: int, last: str) -> str:
+    return f'<{path}?n={n}&last={quote(last, safe="")}>; rel="next"'

@@ -1,0 +1,134 @@
+"""Manifest HEAD, GET, PUT and DELETE, by tag or by digest."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from coordinator.metadata import ManifestRecord, MissingReferences
+
+from .. import manifest as manifests
+from ..errors import DigestInvalid, ManifestBlobUnknown, ManifestTooLarge, ManifestUnknown, Unsupported
+from ..reference import parse_reference
+from ..storage import layout
+from .common import repository, services, url
+
+
+async def _load(request: Request) -> tuple[str, str, bytes]:
+    """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN."""
+    svc = services(request)
+    name = repository(request)
+    ref = parse_reference(request.path_params["reference"])
+    if ref.tag is not None:
+        tag = await svc.metadata.get_tag(name, ref.tag)
+        if tag is None:
+            raise ManifestUnknown({"tag": ref.tag})
+        digest, media_type = tag.digest, tag.media_type
+        if not manifests.accepts(request.headers.getlist("accept"), media_type):
+            raise ManifestUnknown(
+                {"tag": ref.tag, "reason": f"the manifest is {media_type}, which the Accept header does not admit"}
+            )
+    else:
+        digest = str(ref.digest)
+        record = await svc.metadata.get_manifest(name, digest)
+        if record is None:
+            raise ManifestUnknown({"digest": digest})
+        media_type = record.media_type
+    body = svc.manifests.get(digest)
+    if body is None:
+        try:
+            body = await svc.storage.read_bytes(layout.blob_key(digest))
+        except FileNotFoundError:
+            raise ManifestUnknown({"digest": digest, "reason": "manifest content missing from storage"}) from None
+        svc.manifests.put(digest, body)
+    return digest, media_type, body
+
+
+def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": digest,
+        "Content-Type": media_type,
+        "Content-Length": str(size),
+        "ETag": f'"{digest}"',
+    }
+
+
+async def head_manifest(request: Request) -> Response:
+    digest, media_type, body = await _load(request)
+    return Response(headers=_headers(digest, media_type, len(body)))
+
+
+async def get_manifest(request: Request) -> Response:
+    digest, media_type, body = await _load(request)
+    return Response(body, headers=_headers(digest, media_type, len(body)))
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > manifests.MAX_MANIFEST_BYTES:
+        raise ManifestTooLarge({"limit": manifests.MAX_MANIFEST_BYTES})
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > manifests.MAX_MANIFEST_BYTES:
+            raise ManifestTooLarge({"limit": manifests.MAX_MANIFEST_BYTES})
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def put_manifest(request: Request) -> Response:
+    svc = services(request)
+    name = repository(request)
+    ref = parse_reference(request.path_params["reference"])
+    body = await _read_body(request)
+    parsed = manifests.parse(body, request.headers.get("content-type"))
+    algorithm = ref.digest.algorithm if ref.digest is not None else "sha256"
+    digest = manifests.compute_digest(body, algorithm)
+    if ref.digest is not None and digest != str(ref.digest):
+        raise DigestInvalid({"expected": str(ref.digest), "actual": digest})
+    record = ManifestRecord(
+        digest=digest,
+        media_type=parsed.media_type,
+        size=len(body),
+        blobs=parsed.blobs,
+        manifests=parsed.manifests,
+        subject=parsed.subject,
+        artifact_type=parsed.artifact_type,
+        annotations=parsed.annotations,
+        pushed=time.time(),
+    )
+    key = layout.blob_key(digest)
+    # Content first, then the records that make it visible: a reader never finds a record
+    # whose bytes are missing.
+    if await svc.storage.stat(key) is None:
+        await svc.storage.write_bytes(key, body)
+    try:
+        await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key)
+    except MissingReferences as exc:
+        raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
+    svc.manifests.put(digest, body)
+    headers = {
+        "Location": url(request, f"/v2/{name}/manifests/{digest}"),
+        "Docker-Content-Digest": digest,
+        "Content-Length": "0",
+    }
+    if parsed.subject:
+        headers["OCI-Subject"] = parsed.subject
+    return Response(status_code=201, headers=headers)
+
+
+async def delete_manifest(request: Request) -> Response:
+    svc = services(request)
+    name = repository(request)
+    ref = parse_reference(request.path_params["reference"])
+    if not svc.config.storage.delete.enabled:
+        raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
+    if ref.tag is not None:
+        if not await svc.metadata.delete_tag(name, ref.tag):
+            raise ManifestUnknown({"tag": ref.tag})
+    elif not await svc.metadata.delete_manifest(name, str(ref.digest)):
+        raise ManifestUnknown({"digest": str(ref.digest)})
+    return Response(status_code=202, headers={"Content-Length": "0"})

@@ -1,0 +1,132 @@
+"""Blob uploads: POST (monolithic, session or mount), PATCH, PUT, GET status and DELETE."""
+
+from __future__ import annotations
+
+import re
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from coordinator.uploads import UploadSession
+
+from ..errors import BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid
+from ..reference import parse_digest, validate_name
+from .common import repository, services, url
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise SizeInvalid({"content-length": raw[:50]})
+    return int(raw)
+
+
+def _progress_headers(request: Request, session: UploadSession) -> dict[str, str]:
+    return {
+        "Location": url(request, f"/v2/{session.repository}/blobs/uploads/{session.id}"),
+        "Range": f"0-{max(session.offset - 1, 0)}",
+        "Docker-Upload-UUID": session.id,
+        "Content-Length": "0",
+    }
+
+
+def _committed(request: Request, name: str, digest: str) -> Response:
+    return Response(
+        status_code=201,
+        headers={
+            "Location": url(request, f"/v2/{name}/blobs/{digest}"),
+            "Docker-Content-Digest": digest,
+            "Content-Length": "0",
+        },
+    )
+
+
+async def _session(request: Request) -> UploadSession:
+    name = repository(request)
+    upload_id = request.path_params["uuid"]
+    if not _UUID.fullmatch(upload_id):
+        raise BlobUploadUnknown({"upload": upload_id[:100]})
+    return await services(request).uploader.session(name, upload_id)
+
+
+async def start_upload(request: Request) -> Response:
+    svc = services(request)
+    name = repository(request)
+    params = request.query_params
+    mount = params.get("mount")
+    if mount is not None:
+        digest = str(parse_digest(mount))
+        source = params.get("from")
+        if source:
+            validate_name(source)
+            if source != name and await svc.metadata.mount_blob(name, digest, source) is not None:
+                return _committed(request, name, digest)
+            if source == name and await svc.metadata.get_link(name, digest) is not None:
+                return _committed(request, name, digest)
+        # Not mountable: an ordinary upload session instead, as the spec allows.
+    elif params.get("digest") is not None:
+        digest_param = parse_digest(params["digest"])
+        await svc.uploader.monolithic(name, digest_param, request.stream(), _content_length(request))
+        return _committed(request, name, str(digest_param))
+    session = await svc.uploader.start(name)
+    return Response(status_code=202, headers=_progress_headers(request, session))
+
+
+def _check_range(request: Request, session: UploadSession, length: int | None) -> int | None:
+    """The chunk length a Content-Range promises; 416 when it does not continue the upload."""
+    header = request.headers.get("content-range")
+    if header is None:
+        return length
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if match is None:
+        raise RangeInvalid({"content-range": header[:100]}, headers=_progress_headers(request, session))
+    first, last = int(match.group(1)), int(match.group(2))
+    if first != session.offset or last < first:
+        raise RangeInvalid(
+            {"content-range": header[:100], "offset": session.offset}, headers=_progress_headers(request, session)
+        )
+    if length is not None and length != last - first + 1:
+        raise RangeInvalid(
+            {"reason": "Content-Length does not match Content-Range"}, headers=_progress_headers(request, session)
+        )
+    return last - first + 1
+
+
+async def patch_upload(request: Request) -> Response:
+    svc = services(request)
+    session = await _session(request)
+    length = _check_range(request, session, _content_length(request))
+    session = await svc.uploader.append(session, request.stream(), length=length)
+    return Response(status_code=202, headers=_progress_headers(request, session))
+
+
+async def finish_upload(request: Request) -> Response:
+    svc = services(request)
+    session = await _session(request)
+    raw_digest = request.query_params.get("digest")
+    if not raw_digest:
+        raise DigestInvalid({"reason": "the digest query parameter is required to finish an upload"})
+    digest = parse_digest(raw_digest)
+    length = _content_length(request)
+    if length != 0:
+        length = _check_range(request, session, length)
+        session = await svc.uploader.append(session, request.stream(), length=length)
+    await svc.uploader.finish(session, digest)
+    return _committed(request, session.repository, str(digest))
+
+
+async def upload_status(request: Request) -> Response:
+    session = await _session(request)
+    return Response(status_code=204, headers=_progress_headers(request, session))
+
+
+async def cancel_upload(request: Request) -> Response:
+    svc = services(request)
+    session = await _session(request)
+    await svc.uploader.cancel(session)
+    return Response(status_code=204, headers={"Content-Length": "0"})

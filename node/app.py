@@ -1,0 +1,114 @@
+"""The ASGI application: the route table, error rendering and start-up of storage and coordinator."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from coordinator.kv import KV
+
+from .accesslog import AccessLog
+from .api import base, blobs, catalog, manifests, referrers, tags, uploads
+from .config import Config
+from .errors import RegistryError, Unsupported, error_response, handle_registry_error
+from .services import Services
+from .storage.driver import StorageDriver
+
+log = logging.getLogger("wharf")
+
+NAME = "/v2/{name:path}"
+
+# The OCI Distribution endpoints, in the spec's order. Upload routes come before blob routes.
+ROUTES = [
+    Route("/v2/", base.version_check, methods=["GET"]),
+    Route("/v2/_catalog", catalog.list_repositories, methods=["GET"]),
+    Route(NAME + "/tags/list", tags.list_tags, methods=["GET"]),
+    Route(NAME + "/manifests/{reference}", manifests.get_manifest, methods=["GET"]),
+    Route(NAME + "/manifests/{reference}", manifests.head_manifest, methods=["HEAD"]),
+    Route(NAME + "/manifests/{reference}", manifests.put_manifest, methods=["PUT"]),
+    Route(NAME + "/manifests/{reference}", manifests.delete_manifest, methods=["DELETE"]),
+    Route(NAME + "/blobs/uploads/", uploads.start_upload, methods=["POST"]),
+    Route(NAME + "/blobs/uploads/{uuid}", uploads.upload_status, methods=["GET"]),
+    Route(NAME + "/blobs/uploads/{uuid}", uploads.patch_upload, methods=["PATCH"]),
+    Route(NAME + "/blobs/uploads/{uuid}", uploads.finish_upload, methods=["PUT"]),
+    Route(NAME + "/blobs/uploads/{uuid}", uploads.cancel_upload, methods=["DELETE"]),
+    Route(NAME + "/blobs/{digest}", blobs.get_blob, methods=["GET"]),
+    Route(NAME + "/blobs/{digest}", blobs.head_blob, methods=["HEAD"]),
+    Route(NAME + "/blobs/{digest}", blobs.delete_blob, methods=["DELETE"]),
+    Route(NAME + "/referrers/{digest}", referrers.list_referrers, methods=["GET"]),
+]
+
+
+async def open_kv(config: Config) -> KV:
+    coordinator = config.coordinator
+    if coordinator.etcd is not None:
+        from coordinator.etcd import EtcdKV
+
+        etcd = coordinator.etcd
+        return await EtcdKV.open(
+            etcd.endpoints,
+            prefix=etcd.prefix,
+            username=etcd.username or None,
+            password=etcd.password or None,
+            ca=etcd.tls.ca or None,
+            cert=etcd.tls.cert or None,
+            key=etcd.tls.key or None,
+            timeout=etcd.timeout,
+        )
+    from coordinator.embedded import EmbeddedKV
+
+    assert coordinator.embedded is not None
+    return EmbeddedKV(coordinator.embedded.path)
+
+
+def open_storage(config: Config) -> StorageDriver:
+    if config.storage.s3 is not None:
+        from .storage.s3 import S3Driver  # type: ignore[import-not-found]
+
+        return S3Driver(config.storage.s3)  # type: ignore[no-any-return]
+    from .storage.filesystem import FilesystemDriver
+
+    assert config.storage.filesystem is not None
+    return FilesystemDriver(config.storage.filesystem.rootdirectory, max_threads=config.storage.filesystem.maxthreads)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        error: RegistryError = Unsupported({"method": request.method}, message="method not allowed on this endpoint")
+    else:
+        error = Unsupported({"path": request.url.path[:200]}, message="unknown endpoint")
+        error.status = exc.status_code
+    return error_response(error, request.method)
+
+
+def create_app(config: Config, *, services: Services | None = None) -> Starlette:
+    """The registry app. With `services`, use them (tests); otherwise open them at start-up."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        owned = services is None
+        svc = services or Services.build(config, await open_kv(config), open_storage(config))
+        app.state.services = svc
+        try:
+            yield
+        finally:
+            if owned:
+                await svc.close()
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={RegistryError: handle_registry_error, HTTPException: _http_error},
+    )
+    if services is not None:
+        app.state.services = services
+    app.add_middleware(AccessLog, enabled=not config.log.accesslog.get("disabled", False))
+    return app

@@ -1,0 +1,121 @@
+"""OCI distribution error codes as exceptions, and the one handler that renders them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+
+class RegistryError(Exception):
+    """An error the client sees as an OCI error body."""
+
+    code = "UNKNOWN"
+    status = 500
+    message = "unknown error"
+
+    def __init__(self, detail: Any = None, *, message: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message or self.message)
+        self.detail = detail
+        if message is not None:
+            self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode()
+
+
+class BlobUnknown(RegistryError):
+    code, status, message = "BLOB_UNKNOWN", 404, "blob unknown to registry"
+
+
+class BlobUploadInvalid(RegistryError):
+    code, status, message = "BLOB_UPLOAD_INVALID", 400, "blob upload invalid"
+
+
+class BlobUploadUnknown(RegistryError):
+    code, status, message = "BLOB_UPLOAD_UNKNOWN", 404, "blob upload unknown to registry"
+
+
+class DigestInvalid(RegistryError):
+    code, status, message = "DIGEST_INVALID", 400, "provided digest did not match uploaded content"
+
+
+class ManifestBlobUnknown(RegistryError):
+    code, status, message = "MANIFEST_BLOB_UNKNOWN", 400, "manifest references a manifest or blob unknown to registry"
+
+
+class ManifestInvalid(RegistryError):
+    code, status, message = "MANIFEST_INVALID", 400, "manifest invalid"
+
+
+class ManifestUnknown(RegistryError):
+    code, status, message = "MANIFEST_UNKNOWN", 404, "manifest unknown to registry"
+
+
+class NameInvalid(RegistryError):
+    code, status, message = "NAME_INVALID", 400, "invalid repository name"
+
+
+class NameUnknown(RegistryError):
+    code, status, message = "NAME_UNKNOWN", 404, "repository name not known to registry"
+
+
+class SizeInvalid(RegistryError):
+    code, status, message = "SIZE_INVALID", 400, "provided length did not match content length"
+
+
+class TagInvalid(RegistryError):
+    # Not in the spec's table; Distribution answers an invalid tag with MANIFEST_INVALID's status.
+    code, status, message = "TAG_INVALID", 400, "manifest tag did not match URI"
+
+
+class Unauthorized(RegistryError):
+    code, status, message = "UNAUTHORIZED", 401, "authentication required"
+
+
+class Denied(RegistryError):
+    code, status, message = "DENIED", 403, "requested access to the resource is denied"
+
+
+class Unsupported(RegistryError):
+    code, status, message = "UNSUPPORTED", 405, "the operation is unsupported"
+
+
+class TooManyRequests(RegistryError):
+    code, status, message = "TOOMANYREQUESTS", 429, "too many requests"
+
+
+class PaginationNumberInvalid(RegistryError):
+    code, status, message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results requested"
+
+
+class RangeInvalid(RegistryError):
+    code, status, message = "RANGE_INVALID", 416, "invalid content range"
+
+
+class ManifestTooLarge(RegistryError):
+    code, status, message = "SIZE_INVALID", 413, "manifest exceeds the size limit"
+
+
+class Unavailable(RegistryError):
+    code, status, message = "UNAVAILABLE", 503, "service unavailable"
+
+
+def error_response(exc: RegistryError, method: str = "GET") -> Response:
+    headers = {"Content-Type": "application/json; charset=utf-8", **exc.headers}
+    body = b"" if method == "HEAD" else exc.body()
+    response = Response(body, status_code=exc.status, headers=headers)
+    if method == "HEAD":
+        response.headers["Content-Length"] = str(len(exc.body()))
+    return response
+
+
+async def handle_registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RegistryError)
+    return error_response(exc, request.method)

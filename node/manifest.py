@@ -1,0 +1,150 @@
+"""Parsing and checking manifests: media types, descriptors and what a manifest references."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ManifestInvalid
+from .reference import parse_digest
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws")
+
+IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+SUPPORTED_TYPES = IMAGE_TYPES + INDEX_TYPES
+
+# Layers that live elsewhere (Windows base layers) need not be pushed to the registry.
+_FOREIGN_LAYER_TYPES = (
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+)
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ParsedManifest:
+    media_type: str
+    blobs: list[str]
+    manifests: list[str]
+    subject: str | None
+    artifact_type: str | None
+    annotations: dict[str, str] | None
+
+
+def compute_digest(body: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+
+
+def _media_type_of(header: str | None) -> str | None:
+    if not header:
+        return None
+    return header.split(";", 1)[0].strip().lower() or None
+
+
+def parse(body: bytes, content_type: str | None) -> ParsedManifest:
+    """Check a manifest body and list what it references; MANIFEST_INVALID on anything wrong."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestInvalid({"reason": f"not valid JSON: {exc}"}) from exc
+    if not isinstance(doc, dict):
+        raise ManifestInvalid({"reason": "a manifest is a JSON object"})
+    header_type = _media_type_of(content_type)
+    body_type = doc.get("mediaType")
+    if body_type is not None and not isinstance(body_type, str):
+        raise ManifestInvalid({"reason": "mediaType must be a string"})
+    if header_type in DOCKER_SCHEMA1 or body_type in DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
+        raise ManifestInvalid(
+            {"reason": "Docker schema1 manifests are not supported; push an OCI or Docker schema2 image"},
+            message="schema1 manifest not supported",
+        )
+    media_type = body_type or header_type or _guess_media_type(doc)
+    if header_type and header_type not in ("application/json", "application/octet-stream") and header_type != media_type:
+        raise ManifestInvalid({"reason": f"Content-Type {header_type} does not match the manifest's mediaType {media_type}"})
+    if media_type not in SUPPORTED_TYPES:
+        raise ManifestInvalid({"reason": f"unsupported manifest media type {media_type}"})
+    if doc.get("schemaVersion") != 2:
+        raise ManifestInvalid({"reason": "schemaVersion must be 2"})
+
+    blobs: list[str] = []
+    manifests: list[str] = []
+    if media_type in IMAGE_TYPES:
+        config = doc.get("config")
+        blobs.append(_descriptor(config, "config")["digest"])
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            raise ManifestInvalid({"reason": "layers must be a list"})
+        for i, layer in enumerate(layers):
+            desc = _descriptor(layer, f"layers[{i}]")
+            if desc.get("mediaType") in _FOREIGN_LAYER_TYPES and desc.get("urls"):
+                continue
+            blobs.append(desc["digest"])
+    else:
+        children = doc.get("manifests")
+        if not isinstance(children, list):
+            raise ManifestInvalid({"reason": "manifests must be a list"})
+        for i, child in enumerate(children):
+            manifests.append(_descriptor(child, f"manifests[{i}]")["digest"])
+
+    subject = None
+    if doc.get("subject") is not None:
+        subject = _descriptor(doc["subject"], "subject")["digest"]
+    artifact_type = doc.get("artifactType")
+    if artifact_type is not None and not isinstance(artifact_type, str):
+        raise ManifestInvalid({"reason": "artifactType must be a string"})
+    if artifact_type is None and media_type == OCI_MANIFEST:
+        artifact_type = doc["config"].get("mediaType")
+    annotations = doc.get("annotations")
+    if annotations is not None and (
+        not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values())
+    ):
+        raise ManifestInvalid({"reason": "annotations must map strings to strings"})
+    return ParsedManifest(
+        media_type, list(dict.fromkeys(blobs)), list(dict.fromkeys(manifests)), subject, artifact_type, annotations or None
+    )
+
+
+def _guess_media_type(doc: dict[str, Any]) -> str:
+    if "manifests" in doc:
+        return OCI_INDEX
+    if "config" in doc or "layers" in doc:
+        return OCI_MANIFEST
+    raise ManifestInvalid({"reason": "no mediaType and no Content-Type"})
+
+
+def _descriptor(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestInvalid({"reason": f"{where} must be a descriptor object"})
+    digest = value.get("digest")
+    size = value.get("size")
+    media_type = value.get("mediaType")
+    if not isinstance(digest, str):
+        raise ManifestInvalid({"reason": f"{where}.digest is missing"})
+    try:
+        parse_digest(digest)
+    except Exception as exc:
+        raise ManifestInvalid({"reason": f"{where}.digest {digest[:200]!r} is not a valid digest"}) from exc
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestInvalid({"reason": f"{where}.size must be a non-negative integer"})
+    if media_type is not None and not isinstance(media_type, str):
+        raise ManifestInvalid({"reason": f"{where}.mediaType must be a string"})
+    return value
+
+
+def accepts(accept_headers: list[str], media_type: str) -> bool:
+    """Whether a client's Accept headers admit a manifest media type (no header admits all)."""
+    offered = [part.split(";", 1)[0].strip().lower() for header in accept_headers for part in header.split(",")]
+    offered = [o for o in offered if o]
+    if not offered:
+        return True
+    return media_type in offered or "*/*" in offered or "application/*" in offered

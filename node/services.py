@@ -1,0 +1,64 @@
+"""What the request handlers share: configuration, storage, coordinator records and caches."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from coordinator.kv import KV
+from coordinator.metadata import Metadata
+from coordinator.uploads import UploadSessions
+
+from .config import Config
+from .storage.driver import StorageDriver
+from .upload import Uploader
+
+
+class ManifestCache:
+    """Manifest bytes by digest. Content is immutable, so entries never go stale; bounded by bytes."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: str) -> bytes | None:
+        body = self._entries.get(digest)
+        if body is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(digest)
+        self.hits += 1
+        return body
+
+    def put(self, digest: str, body: bytes) -> None:
+        if len(body) > self._max or digest in self._entries:
+            return
+        self._entries[digest] = body
+        self._bytes += len(body)
+        while self._bytes > self._max:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= len(dropped)
+
+
+@dataclass
+class Services:
+    config: Config
+    kv: KV
+    storage: StorageDriver
+    metadata: Metadata
+    sessions: UploadSessions
+    uploader: Uploader
+    manifests: ManifestCache
+
+    @classmethod
+    def build(cls, config: Config, kv: KV, storage: StorageDriver) -> Services:
+        metadata = Metadata(kv)
+        sessions = UploadSessions(kv)
+        return cls(config, kv, storage, metadata, sessions, Uploader(storage, sessions, metadata), ManifestCache())
+
+    async def close(self) -> None:
+        await self.storage.close()
+        await self.kv.close()

@@ -1,0 +1,77 @@
+"""The storage driver protocol: what the registry needs from a place that keeps bytes."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Protocol
+
+# Opaque, JSON-serialisable state a driver keeps for an upload between requests. It travels in the
+# coordinator's upload session record, so any node can continue an upload that another began.
+UploadState = dict[str, Any]
+
+
+class UploadInterrupted(Exception):
+    """The body stream broke midway; `written` bytes of it were kept and `state` describes them."""
+
+    def __init__(self, written: int, state: UploadState, cause: BaseException) -> None:
+        super().__init__(f"upload interrupted after {written} bytes: {cause!r}")
+        self.written = written
+        self.state = state
+        self.cause = cause
+
+
+class StorageDriver(Protocol):
+    """Keys are '/'-separated paths made by `layout`; values are immutable once committed."""
+
+    name: str
+
+    async def stat(self, key: str) -> int | None:
+        """Size of a committed object, or None."""
+        ...
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream `length` bytes (to the end if None) of an object from `offset`."""
+        ...
+
+    async def read_bytes(self, key: str) -> bytes:
+        """A whole small object (manifests); FileNotFoundError if absent."""
+        ...
+
+    async def write_bytes(self, key: str, data: bytes) -> None:
+        """Store a small object atomically: readers see all of it or nothing."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove an object; absent is fine."""
+        ...
+
+    def list(self, prefix: str) -> AsyncIterator[str]:
+        """Every committed object key under `prefix`, in no particular order."""
+        ...
+
+    async def redirect_url(self, key: str) -> str | None:
+        """A URL a client may fetch the object from directly, or None to stream through the node."""
+        ...
+
+    def local_path(self, key: str) -> str | None:
+        """A file path the server may send without copying, or None."""
+        ...
+
+    async def upload_start(self, upload_key: str) -> UploadState: ...
+
+    async def upload_write(
+        self, upload_key: str, state: UploadState, offset: int, chunks: AsyncIterator[bytes]
+    ) -> tuple[int, UploadState]:
+        """Append the stream at `offset` (bytes past it from a broken earlier request are dropped).
+
+        Returns the bytes written and the new state; raises UploadInterrupted when the stream
+        breaks, after keeping what arrived.
+        """
+        ...
+
+    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> None:
+        """Make the upload's `size` bytes the object at `key`, atomically, and drop the upload."""
+        ...
+
+    async def upload_abort(self, upload_key: str, state: UploadState) -> None: ...
+
+    async def close(self) -> None: ...

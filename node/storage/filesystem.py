@@ -1,0 +1,245 @@
+"""Filesystem storage driver: objects are files under a root directory, committed by rename."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, TypeVar
+
+from .driver import UploadInterrupted, UploadState
+
+T = TypeVar("T")
+
+_READ_CHUNK = 1 << 20
+# Incoming bytes are gathered to this size before one write call leaves the event loop.
+_WRITE_BATCH = 1 << 20
+
+
+class FilesystemDriver:
+    name = "filesystem"
+
+    def __init__(self, root: str, *, max_threads: int = 16) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="wharf-fs")
+
+    def _path(self, key: str) -> str:
+        # Keys come from layout.py out of validated names and digests; refuse anything odd anyway.
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad storage key {key!r}")
+        return os.path.join(self.root, key)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- committed objects ------------------------------------------------------------------
+
+    async def stat(self, key: str) -> int | None:
+        try:
+            return (await self._run(os.stat, self._path(key))).st_size
+        except FileNotFoundError:
+            return None
+
+    async def read(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        handle = await self._run(open, self._path(key), "rb")
+        try:
+            await self._run(handle.seek, offset)
+            remaining = length
+            while remaining is None or remaining > 0:
+                size = _READ_CHUNK if remaining is None else min(_READ_CHUNK, remaining)
+                data = await self._run(handle.read, size)
+                if not data:
+                    break
+                if remaining is not None:
+                    remaining -= len(data)
+                yield data
+        finally:
+            await self._run(handle.close)
+
+    async def read_bytes(self, key: str) -> bytes:
+        return await self._run(_read_file, self._path(key))
+
+    async def write_bytes(self, key: str, data: bytes) -> None:
+        await self._run(_write_atomic, self._path(key), data)
+
+    async def delete(self, key: str) -> None:
+        await self._run(_remove_and_prune, self._path(key), self.root)
+
+    async def list(self, prefix: str) -> AsyncIterator[str]:
+        base = self._path(prefix.rstrip("/"))
+        found: list[str] = await self._run(_walk_files, base)
+        for path in found:
+            key = os.path.relpath(path, self.root).replace(os.sep, "/")
+            if ".tmp-" not in key:
+                yield key
+
+    async def redirect_url(self, key: str) -> str | None:
+        return None
+
+    def local_path(self, key: str) -> str | None:
+        return self._path(key)
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    async def upload_start(self, upload_key: str) -> UploadState:
+        await self._run(_create_empty, self._path(upload_key))
+        return {}
+
+    async def upload_write(
+        self, upload_key: str, state: UploadState, offset: int, chunks: AsyncIterator[bytes]
+    ) -> tuple[int, UploadState]:
+        path = self._path(upload_key)
+        try:
+            handle = await self._run(_open_at, path, offset)
+        except FileNotFoundError:
+            # A session whose file vanished (or was never made by this driver) starts it again.
+            if offset:
+                raise
+            await self._run(_create_empty, path)
+            handle = await self._run(_open_at, path, offset)
+        written = 0
+        batch: list[bytes] = []
+        batched = 0
+        try:
+            try:
+                async for chunk in chunks:
+                    if not chunk:
+                        continue
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= _WRITE_BATCH:
+                        await self._run(handle.write, b"".join(batch))
+                        written += batched
+                        batch, batched = [], 0
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:
+                # The stream broke: keep every byte that arrived so the client can resume.
+                if batch:
+                    await self._run(handle.write, b"".join(batch))
+                    written += batched
+                await self._run(_flush_sync, handle)
+                raise UploadInterrupted(written, state, exc) from exc
+            if batch:
+                await self._run(handle.write, b"".join(batch))
+                written += batched
+            await self._run(_flush_sync, handle)
+        finally:
+            await self._run(handle.close)
+        return written, state
+
+    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> None:
+        await self._run(_commit, self._path(upload_key), size, self._path(key), self.root)
+
+    async def upload_abort(self, upload_key: str, state: UploadState) -> None:
+        await self._run(_remove_upload_dir, self._path(upload_key), self.root)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- blocking helpers, run on the driver's thread pool ----------------------------------------
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _silent_remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _silent_remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _prune_empty_dirs(directory: str, root: str) -> None:
+    while directory.startswith(root + os.sep):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        directory = os.path.dirname(directory)
+
+
+def _remove_and_prune(path: str, root: str) -> None:
+    _silent_remove(path)
+    _prune_empty_dirs(os.path.dirname(path), root)
+
+
+def _walk_files(base: str) -> list[str]:
+    found = []
+    for directory, _dirs, files in os.walk(base):
+        found.extend(os.path.join(directory, name) for name in files)
+    return found
+
+
+def _create_empty(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb"):
+        pass
+
+
+def _open_at(path: str, offset: int):  # type: ignore[no-untyped-def]
+    handle = open(path, "r+b")
+    # Bytes past the recorded offset belong to a request that broke before it was recorded.
+    handle.truncate(offset)
+    handle.seek(offset)
+    return handle
+
+
+def _flush_sync(handle) -> None:  # type: ignore[no-untyped-def]
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _commit(upload_path: str, size: int, path: str, root: str) -> None:
+    if os.path.exists(path):
+        # Content-addressed: the same digest already stands for the same bytes.
+        _remove_upload_dir(upload_path, root)
+        return
+    with open(upload_path, "r+b") as handle:
+        handle.truncate(size)
+        handle.flush()
+        os.fsync(handle.fileno())
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    os.replace(upload_path, path)
+    _fsync_dir(directory)
+    _remove_upload_dir(upload_path, root)
+
+
+def _remove_upload_dir(upload_path: str, root: str) -> None:
+    directory = os.path.dirname(upload_path)
+    try:
+        for name in os.listdir(directory):
+            _silent_remove(os.path.join(directory, name))
+    except FileNotFoundError:
+        return
+    _prune_empty_dirs(directory, root)

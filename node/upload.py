@@ -1,0 +1,131 @@
+"""Blob uploads: stream bytes into storage, carry the SHA-256 state in the session, commit by digest."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import replace
+from typing import AsyncIterator
+
+import rehashes
+
+from coordinator.metadata import Metadata
+from coordinator.uploads import SessionChanged, UploadSession, UploadSessions
+
+from .errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid, Unsupported
+from .reference import Digest
+from .storage import layout
+from .storage.driver import StorageDriver, UploadInterrupted
+
+log = logging.getLogger("wharf.upload")
+
+
+class _Counted:
+    """Hashes and counts the bytes of a stream as the driver pulls them."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], hasher: rehashes.PySha256, limit: int | None) -> None:
+        self._chunks = chunks
+        self.hasher = hasher
+        self.count = 0
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            if self._limit is not None and self.count + len(chunk) > self._limit:
+                raise SizeInvalid({"reason": "body is longer than its Content-Length or Content-Range"})
+            self.hasher.update(chunk)
+            self.count += len(chunk)
+            yield chunk
+
+
+def _hasher(state: bytes) -> rehashes.PySha256:
+    # deserialize() returns a new hasher; calling it on an instance would restart from empty.
+    return rehashes.PySha256.deserialize(state) if state else rehashes.PySha256()
+
+
+class Uploader:
+    def __init__(self, storage: StorageDriver, sessions: UploadSessions, metadata: Metadata) -> None:
+        self.storage = storage
+        self.sessions = sessions
+        self.metadata = metadata
+
+    async def start(self, repository: str) -> UploadSession:
+        upload_id = self.sessions.new_id()
+        state = await self.storage.upload_start(layout.upload_key(repository, upload_id))
+        return await self.sessions.create(upload_id, repository, state)
+
+    async def session(self, repository: str, upload_id: str) -> UploadSession:
+        session = await self.sessions.get(upload_id)
+        if session is None or session.repository != repository:
+            raise BlobUploadUnknown({"upload": upload_id})
+        return session
+
+    async def append(self, session: UploadSession, chunks: AsyncIterator[bytes], *, length: int | None = None) -> UploadSession:
+        """Write a stream at the session's offset and record the new offset and hash state.
+
+        If the stream breaks, whatever arrived is recorded too, so the client can ask for the
+        offset and resume; then the error goes on up.
+        """
+        counted = _Counted(chunks, _hasher(session.hash_state), length)
+        key = layout.upload_key(session.repository, session.id)
+        try:
+            written, state = await self.storage.upload_write(key, session.driver_state, session.offset, counted.__aiter__())
+        except UploadInterrupted as exc:
+            if exc.written == counted.count:
+                try:
+                    await self.sessions.advance(session, session.offset + exc.written, counted.hasher.serialize(), exc.state)
+                except SessionChanged:
+                    pass
+            if isinstance(exc.cause, SizeInvalid):
+                raise exc.cause from None
+            raise exc.cause from exc
+        if written == 0 and length in (None, 0):
+            return session
+        if written != counted.count:
+            raise BlobUploadInvalid({"reason": "storage kept fewer bytes than were sent"})
+        if length is not None and written != length:
+            # Keep what arrived (it is recorded below) but tell the client its range was short.
+            session = await self._advance(session, written, counted.hasher.serialize(), state)
+            raise SizeInvalid({"reason": f"expected {length} bytes, received {written}"})
+        return await self._advance(session, written, counted.hasher.serialize(), state)
+
+    async def _advance(self, session: UploadSession, written: int, hash_state: bytes, state: dict) -> UploadSession:  # type: ignore[type-arg]
+        try:
+            return await self.sessions.advance(session, session.offset + written, hash_state, state)
+        except SessionChanged:
+            raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
+
+    async def finish(self, session: UploadSession, digest: Digest) -> int:
+        """Check the digest, commit the bytes under it and link the blob; returns its size."""
+        if digest.algorithm != "sha256":
+            await self.cancel(session)
+            raise Unsupported({"digest": str(digest)}, message="only sha256 blob digests are supported for uploads")
+        actual = "sha256:" + _hasher(session.hash_state).finalize()
+        if actual != str(digest):
+            await self.cancel(session)
+            raise DigestInvalid({"expected": str(digest), "actual": actual})
+        key = layout.blob_key(actual)
+        await self.storage.upload_commit(
+            layout.upload_key(session.repository, session.id), session.driver_state, session.offset, key
+        )
+        await self.metadata.commit_blob(session.repository, actual, session.offset, key, upload_id=session.id)
+        return session.offset
+
+    async def cancel(self, session: UploadSession) -> None:
+        await self.storage.upload_abort(layout.upload_key(session.repository, session.id), session.driver_state)
+        await self.sessions.delete(session.id)
+
+    async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None) -> int:
+        """A whole blob in one request: no session record unless the stream breaks."""
+        session = await self.start(repository)
+        try:
+            session = await self.append(session, chunks, length=length)
+        except BaseException:
+            # A failed single-request upload has no URL the client knows; drop it.
+            await self.cancel(replace(session))
+            raise
+        return await self.finish(session, digest)
+
+
+def empty_digest() -> str:
+    return "sha256:" + hashlib.sha256(b"").hexdigest()
