@@ -1,0 +1,44 @@
+# The README's two commands: `make run` and `make test`. `make bench` compares with Distribution.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk
+CONFIG ?=
+
+.PHONY: run test bench install install-test deb-test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test deb-test
+
+# Debian packages the tests start for real: etcd, skopeo, the reference registry, wrk.
+deb-test:
+	@missing=""; for p in $(DEB_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+run: install
+	$(VENV)/bin/wharf serve $(CONFIG)
+
+test: install-test
+	$(PY) -m ruff check node coordinator tests loadtests
+	$(PY) -m mypy node coordinator
+	$(PY) -m pytest -q -ra --durations=15
+
+bench: install-test
+	$(PY) loadtests/bench.py
+
+clean:
+	rm -rf $(VENV) wharf-data

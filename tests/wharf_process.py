@@ -1,0 +1,140 @@
+"""Run `wharf serve` as a real process on loopback for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from services import free_port, wait_until
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def default_config(data_dir: Path, port: int, **sections: Any) -> dict[str, Any]:
+    """A registry:2-style file on filesystem storage with the embedded coordinator."""
+    config: dict[str, Any] = {
+        "version": 0.1,
+        "log": {"level": "info"},
+        "storage": {"filesystem": {"rootdirectory": str(data_dir / "registry")}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+class WharfProcess:
+    """One `wharf serve CONFIG` process; restartable, with its log kept in the data dir."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None, **sections: Any):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.config = default_config(self.data_dir, self.port, **sections)
+        self.config_path = self.data_dir / "config.yml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = self.data_dir / "wharf.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> WharfProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        log.close()
+        wait_until(self._ready, timeout=timeout, what=f"wharf on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"wharf exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            with _DIRECT.open(self.url + "/v2/", timeout=1) as response:
+                return bool(response.status == 200)
+        except urllib.error.HTTPError as exc:
+            return exc.code == 401  # up, with auth on
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> WharfProcess:
+        self.stop()
+        return self.start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_peak_kib(self) -> int:
+        """VmHWM of the server process: its peak resident set size."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+    def __enter__(self) -> WharfProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_port_free(port: int, timeout: float = 10.0) -> None:
+    import socket
+
+    def free() -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    wait_until(free, timeout=timeout, what=f"port {port} to be released")
+    time.sleep(0)
