@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, Sequence, TypeVar
+from typing import TypeVar
 
-from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent, prefix_end
+from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent
 
 T = TypeVar("T")
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The smallest string above every string that starts with `prefix`; None for "" (no bound).
+
+    Keys are TEXT compared bytewise, and UTF-8 byte order is code point order, so bumping the last
+    code point bounds the prefix. (kv.prefix_end bumps the last byte, which can leave invalid UTF-8
+    that SQLite cannot bind, and gives "\\0" for "", which as a bound would match nothing.)
+    """
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if code == 0xD800:
+            code = 0xE000  # surrogates are not characters
+        if code <= 0x10FFFF:
+            return "".join(chars) + chr(code)
+    return None
+
+
+def _under(prefix: str, low: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """A SQL condition (an index range) for keys under `prefix` (from `low` on), and its arguments."""
+    high = _prefix_end(prefix)
+    low = prefix if low is None else low
+    if high is None:
+        return "key >= ?", (low,)
+    return "key >= ? AND key < ?", (low, high)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -133,11 +162,11 @@ class EmbeddedKV:
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
         low = prefix if start is None or start < prefix else start
-        high = prefix_end(prefix)
+        where, bounds = _under(prefix, low)
 
         def run() -> list[KeyValue]:
-            sql = "SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE key >= ? AND key < ? ORDER BY key"
-            args: tuple[object, ...] = (low, high)
+            sql = f"SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE {where} ORDER BY key"
+            args: tuple[object, ...] = bounds
             if limit > 0:
                 sql += " LIMIT ?"
                 args += (limit,)
@@ -146,9 +175,9 @@ class EmbeddedKV:
         return await self._call(run)
 
     async def count(self, prefix: str) -> int:
-        high = prefix_end(prefix)
+        where, bounds = _under(prefix)
         return await self._call(
-            lambda: self._conn().execute("SELECT count(*) FROM kv WHERE key >= ? AND key < ?", (prefix, high)).fetchone()[0]
+            lambda: self._conn().execute(f"SELECT count(*) FROM kv WHERE {where}", bounds).fetchone()[0]
         )
 
     # -- writes ---------------------------------------------------------------------------
@@ -226,9 +255,9 @@ class EmbeddedKV:
         return watch
 
     def _changes_since(self, prefix: str, rev: int) -> list[WatchEvent]:
+        where, bounds = _under(prefix)
         rows = self._conn().execute(
-            "SELECT rev, key, type, value FROM changes WHERE rev >= ? AND key >= ? AND key < ? ORDER BY rev, seq",
-            (rev, prefix, prefix_end(prefix)),
+            f"SELECT rev, key, type, value FROM changes WHERE rev >= ? AND {where} ORDER BY rev, seq", (rev, *bounds)
         )
         return [WatchEvent(kind, key, value, r) for r, key, kind, value in rows]
 
@@ -282,7 +311,8 @@ class _Writer:
 
     def delete(self, key: str, prefix: bool) -> int:
         if prefix:
-            keys = [k for (k,) in self.conn.execute("SELECT key FROM kv WHERE key >= ? AND key < ?", (key, prefix_end(key)))]
+            where, bounds = _under(key)
+            keys = [k for (k,) in self.conn.execute(f"SELECT key FROM kv WHERE {where}", bounds)]
         else:
             keys = [key] if self.conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() else []
         for k in keys:
@@ -351,7 +381,7 @@ class _EmbeddedWatch:
             self._event.clear()
             start = self._next
             try:
-                events = await self._store._call(lambda: self._store._changes_since(self._prefix, start))
+                events = await self._store._call(functools.partial(self._store._changes_since, self._prefix, start))
             except RuntimeError:
                 return
             for event in events:
@@ -362,5 +392,5 @@ class _EmbeddedWatch:
             if not events:
                 try:
                     await asyncio.wait_for(self._event.wait(), _WATCH_POLL_SECONDS)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass

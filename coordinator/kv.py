@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Protocol, Sequence, Union
+from typing import Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Compare:
     key: str
     target: CompareTarget
     op: CompareOp
-    operand: Union[int, bytes]
+    operand: int | bytes
 
     @staticmethod
     def absent(key: str) -> Compare:
@@ -67,7 +68,7 @@ class Get:
     key: str
 
 
-Op = Union[Put, Delete, Get]
+Op = Put | Delete | Get
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,7 @@ class KV(Protocol):
 
     async def get(self, key: str) -> KeyValue | None: ...
 
-    async def range(
-        self, prefix: str, *, start: str | None = None, limit: int = 0
-    ) -> list[KeyValue]:
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
         """Keys under `prefix` in byte order, from `start` (inclusive) if given.
 
         `limit` 0 means no limit.

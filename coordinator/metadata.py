@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from . import keys
 from .kv import KV, Compare, Delete, KeyValue, Op, Put
@@ -91,7 +92,7 @@ class Metadata:
     async def list_repositories(self, *, last: str | None = None, limit: int = 0) -> list[str]:
         start = keys.after(keys.repository(last)) if last else None
         found = await self.kv.range(keys.REPOSITORIES, start=start, limit=limit)
-        return [kv.key[len(keys.REPOSITORIES):] for kv in found]
+        return [kv.key[len(keys.REPOSITORIES) :] for kv in found]
 
     async def repository_exists(self, name: str) -> bool:
         return await self.kv.get(keys.repository(name)) is not None
@@ -104,11 +105,11 @@ class Metadata:
     async def list_tags(self, repo: str, *, last: str | None = None, limit: int = 0) -> list[str]:
         prefix = keys.tags_of(repo)
         start = keys.after(keys.tag(repo, last)) if last else None
-        return [kv.key[len(prefix):] for kv in await self.kv.range(prefix, start=start, limit=limit)]
+        return [kv.key[len(prefix) :] for kv in await self.kv.range(prefix, start=start, limit=limit)]
 
     async def tag_records(self, repo: str) -> dict[str, TagRecord]:
         prefix = keys.tags_of(repo)
-        return {kv.key[len(prefix):]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
+        return {kv.key[len(prefix) :]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
 
     async def delete_tag(self, repo: str, tag: str) -> bool:
         return await self.kv.delete(keys.tag(repo, tag)) > 0
@@ -168,9 +169,13 @@ class Metadata:
             Put(keys.repository(repo), b"{}"),
         ]
         if tag is not None:
-            ops.append(Put(keys.tag(repo, tag), _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed))))
+            ops.append(
+                Put(keys.tag(repo, tag), _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed)))
+            )
         if record.subject:
-            ops.append(Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode()))
+            ops.append(
+                Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
+            )
         blob_key = keys.blob(record.digest)
         blob = Put(blob_key, _dump(BlobRecord(record.size, storage_key, record.pushed)))
         result = await self.kv.txn([*guards, Compare.absent(blob_key)], [*ops, blob])

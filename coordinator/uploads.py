@@ -80,7 +80,9 @@ class UploadSessions:
         found = await self.kv.get(keys.upload(upload_id))
         return None if found is None else UploadSession.from_json(upload_id, found.value, found.mod_revision)
 
-    async def advance(self, session: UploadSession, offset: int, hash_state: bytes, driver_state: dict[str, Any]) -> UploadSession:
+    async def advance(
+        self, session: UploadSession, offset: int, hash_state: bytes, driver_state: dict[str, Any]
+    ) -> UploadSession:
         """Record progress, only if nobody else has moved the session on since it was read."""
         moved = replace(session, offset=offset, hash_state=hash_state, driver_state=driver_state, updated=time.time())
         key = keys.upload(session.id)

@@ -6,8 +6,9 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -189,7 +190,7 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
         raw = _no_file_defaults()
     for name in sorted(environ):
         if name.startswith("REGISTRY_") and name != "REGISTRY_CONFIGURATION_PATH":
-            _apply_override(raw, name[len("REGISTRY_"):].lower().split("_"), environ[name])
+            _apply_override(raw, name[len("REGISTRY_") :].lower().split("_"), environ[name])
     config = _build(Config, raw, "")
     config.source = path
     _finish(config, path)
@@ -198,7 +199,10 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
 
 def _no_file_defaults() -> dict[str, Any]:
     return {
-        "storage": {"filesystem": {"rootdirectory": os.path.join(DEFAULT_DATA_DIR, "registry")}, "delete": {"enabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": os.path.join(DEFAULT_DATA_DIR, "registry")},
+            "delete": {"enabled": True},
+        },
         "coordinator": {"embedded": {"path": os.path.join(DEFAULT_DATA_DIR, "coordinator.db")}},
     }
 
@@ -272,7 +276,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         if value is None:
             # `filesystem:` with nothing under it still selects that driver.
             if dataclasses.is_dataclass(options[0]):
-                return options[0]()
+                return options[0]()  # type: ignore[operator]
             return {} if typing.get_origin(options[0]) is dict else None
         return _convert(options[0], value, where)
     if dataclasses.is_dataclass(hint):

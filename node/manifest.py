@@ -14,7 +14,10 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws")
+DOCKER_SCHEMA1 = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
 
 IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
@@ -69,8 +72,14 @@ def parse(body: bytes, content_type: str | None) -> ParsedManifest:
             message="schema1 manifest not supported",
         )
     media_type = body_type or header_type or _guess_media_type(doc)
-    if header_type and header_type not in ("application/json", "application/octet-stream") and header_type != media_type:
-        raise ManifestInvalid({"reason": f"Content-Type {header_type} does not match the manifest's mediaType {media_type}"})
+    if (
+        header_type
+        and header_type not in ("application/json", "application/octet-stream")
+        and header_type != media_type
+    ):
+        raise ManifestInvalid(
+            {"reason": f"Content-Type {header_type} does not match the manifest's mediaType {media_type}"}
+        )
     if media_type not in SUPPORTED_TYPES:
         raise ManifestInvalid({"reason": f"unsupported manifest media type {media_type}"})
     if doc.get("schemaVersion") != 2:
@@ -110,7 +119,12 @@ def parse(body: bytes, content_type: str | None) -> ParsedManifest:
     ):
         raise ManifestInvalid({"reason": "annotations must map strings to strings"})
     return ParsedManifest(
-        media_type, list(dict.fromkeys(blobs)), list(dict.fromkeys(manifests)), subject, artifact_type, annotations or None
+        media_type,
+        list(dict.fromkeys(blobs)),
+        list(dict.fromkeys(manifests)),
+        subject,
+        artifact_type,
+        annotations or None,
     )
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import AsyncIterator
 
 import rehashes
 
@@ -60,7 +60,9 @@ class Uploader:
             raise BlobUploadUnknown({"upload": upload_id})
         return session
 
-    async def append(self, session: UploadSession, chunks: AsyncIterator[bytes], *, length: int | None = None) -> UploadSession:
+    async def append(
+        self, session: UploadSession, chunks: AsyncIterator[bytes], *, length: int | None = None
+    ) -> UploadSession:
         """Write a stream at the session's offset and record the new offset and hash state.
 
         If the stream breaks, whatever arrived is recorded too, so the client can ask for the
@@ -69,11 +71,15 @@ class Uploader:
         counted = _Counted(chunks, _hasher(session.hash_state), length)
         key = layout.upload_key(session.repository, session.id)
         try:
-            written, state = await self.storage.upload_write(key, session.driver_state, session.offset, counted.__aiter__())
+            written, state = await self.storage.upload_write(
+                key, session.driver_state, session.offset, counted.__aiter__()
+            )
         except UploadInterrupted as exc:
             if exc.written == counted.count:
                 try:
-                    await self.sessions.advance(session, session.offset + exc.written, counted.hasher.serialize(), exc.state)
+                    await self.sessions.advance(
+                        session, session.offset + exc.written, counted.hasher.serialize(), exc.state
+                    )
                 except SessionChanged:
                     pass
             if isinstance(exc.cause, SizeInvalid):
@@ -115,7 +121,9 @@ class Uploader:
         await self.storage.upload_abort(layout.upload_key(session.repository, session.id), session.driver_state)
         await self.sessions.delete(session.id)
 
-    async def monolithic(self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None) -> int:
+    async def monolithic(
+        self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None
+    ) -> int:
         """A whole blob in one request: no session record unless the stream breaks."""
         session = await self.start(repository)
         try:

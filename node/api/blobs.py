@@ -78,13 +78,20 @@ async def get_blob(request: Request) -> Response:
     if span is None:
         path = svc.storage.local_path(key)
         if path is not None:
-            return _BlobFile(path, headers=_headers(digest, size), media_type="application/octet-stream", stat_result=None)
-        return StreamingResponse(svc.storage.read(key), headers=_headers(digest, size), media_type="application/octet-stream")
+            return _BlobFile(
+                path, headers=_headers(digest, size), media_type="application/octet-stream", stat_result=None
+            )
+        return StreamingResponse(
+            svc.storage.read(key), headers=_headers(digest, size), media_type="application/octet-stream"
+        )
     first, last = span
     headers = _headers(digest, last - first + 1)
     headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     return StreamingResponse(
-        svc.storage.read(key, first, last - first + 1), status_code=206, headers=headers, media_type="application/octet-stream"
+        svc.storage.read(key, first, last - first + 1),
+        status_code=206,
+        headers=headers,
+        media_type="application/octet-stream",
     )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 # Opaque, JSON-serialisable state a driver keeps for an upload between requests. It travels in the
 # coordinator's upload session record, so any node can continue an upload that another began.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, TypeVar
+from typing import BinaryIO, TypeVar
 
 from .driver import UploadInterrupted, UploadState
 
@@ -43,13 +44,13 @@ class FilesystemDriver:
             return None
 
     async def read(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        handle = await self._run(open, self._path(key), "rb")
+        handle: BinaryIO = await self._run(open, self._path(key), "rb")
         try:
             await self._run(handle.seek, offset)
             remaining = length
             while remaining is None or remaining > 0:
                 size = _READ_CHUNK if remaining is None else min(_READ_CHUNK, remaining)
-                data = await self._run(handle.read, size)
+                data: bytes = await self._run(handle.read, size)
                 if not data:
                     break
                 if remaining is not None:
@@ -67,7 +68,7 @@ class FilesystemDriver:
     async def delete(self, key: str) -> None:
         await self._run(_remove_and_prune, self._path(key), self.root)
 
-    async def list(self, prefix: str) -> AsyncIterator[str]:
+    async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
         base = self._path(prefix.rstrip("/"))
         found: list[str] = await self._run(_walk_files, base)
         for path in found:
@@ -194,7 +195,7 @@ def _remove_and_prune(path: str, root: str) -> None:
 
 
 def _walk_files(base: str) -> list[str]:
-    found = []
+    found: list[str] = []
     for directory, _dirs, files in os.walk(base):
         found.extend(os.path.join(directory, name) for name in files)
     return found

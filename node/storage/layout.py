@@ -17,7 +17,7 @@ def blob_key(digest: str) -> str:
 
 
 def digest_from_blob_key(key: str) -> str | None:
-    parts = key[len(BLOBS):].split("/") if key.startswith(BLOBS) else []
+    parts = key[len(BLOBS) :].split("/") if key.startswith(BLOBS) else []
     if len(parts) != 4 or parts[3] != "data":
         return None
     return f"{parts[0]}:{parts[2]}"
