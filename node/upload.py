@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import rehashes
 
@@ -103,19 +101,25 @@ class Uploader:
 
     async def finish(self, session: UploadSession, digest: Digest) -> int:
         """Check the digest, commit the bytes under it and link the blob; returns its size."""
-        if digest.algorithm != "sha256":
+        upload = layout.upload_key(session.repository, session.id)
+        try:
+            key = self._verified_key(digest, _hasher(session.hash_state))
+        except BaseException:
             await self.cancel(session)
-            raise Unsupported({"digest": str(digest)}, message="only sha256 blob digests are supported for uploads")
-        actual = "sha256:" + _hasher(session.hash_state).finalize()
-        if actual != str(digest):
-            await self.cancel(session)
-            raise DigestInvalid({"expected": str(digest), "actual": actual})
-        key = layout.blob_key(actual)
-        await self.storage.upload_commit(
-            layout.upload_key(session.repository, session.id), session.driver_state, session.offset, key
-        )
-        await self.metadata.commit_blob(session.repository, actual, session.offset, key, upload_id=session.id)
+            raise
+        await self.storage.upload_commit(upload, session.driver_state, session.offset, key)
+        await self.metadata.commit_blob(session.repository, str(digest), session.offset, key, upload_id=session.id)
         return session.offset
+
+    @staticmethod
+    def _verified_key(digest: Digest, hasher: rehashes.PySha256) -> str:
+        """The blob key for `digest` if the hashed bytes match it; DIGEST_INVALID otherwise."""
+        if digest.algorithm != "sha256":
+            raise Unsupported({"digest": str(digest)}, message="only sha256 blob digests are supported for uploads")
+        actual = "sha256:" + hasher.finalize()
+        if actual != str(digest):
+            raise DigestInvalid({"expected": str(digest), "actual": actual})
+        return layout.blob_key(actual)
 
     async def cancel(self, session: UploadSession) -> None:
         await self.storage.upload_abort(layout.upload_key(session.repository, session.id), session.driver_state)
@@ -124,16 +128,25 @@ class Uploader:
     async def monolithic(
         self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None
     ) -> int:
-        """A whole blob in one request: no session record unless the stream breaks."""
-        session = await self.start(repository)
+        """A whole blob in one request, with no session record: a failure leaves nothing to resume.
+
+        Partial data left by a crash mid-request is collected with expired uploads.
+        """
+        upload = layout.upload_key(repository, self.sessions.new_id())
+        state = await self.storage.upload_start(upload)
+        counted = _Counted(chunks, rehashes.PySha256(), length)
         try:
-            session = await self.append(session, chunks, length=length)
+            try:
+                written, state = await self.storage.upload_write(upload, state, 0, counted.__aiter__())
+            except UploadInterrupted as exc:
+                state = exc.state
+                raise exc.cause from None
+            if length is not None and written != length:
+                raise SizeInvalid({"reason": f"expected {length} bytes, received {written}"})
+            key = self._verified_key(digest, counted.hasher)
         except BaseException:
-            # A failed single-request upload has no URL the client knows; drop it.
-            await self.cancel(replace(session))
+            await self.storage.upload_abort(upload, state)
             raise
-        return await self.finish(session, digest)
-
-
-def empty_digest() -> str:
-    return "sha256:" + hashlib.sha256(b"").hexdigest()
+        await self.storage.upload_commit(upload, state, written, key)
+        await self.metadata.commit_blob(repository, str(digest), written, key)
+        return written
