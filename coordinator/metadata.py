@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import keys
-from .kv import KV, Compare, Delete, KeyValue, Op, Put
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 
 # Optimistic transactions retry this often when another writer keeps winning.
 _MAX_ATTEMPTS = 20
@@ -122,15 +122,28 @@ class Metadata:
     async def get_blob(self, digest: str) -> BlobRecord | None:
         return _load(BlobRecord, await self.kv.get(keys.blob(digest)))
 
-    async def commit_blob(self, repo: str, digest: str, size: int, key: str, *, upload_id: str | None = None) -> None:
-        """Record a blob now in storage and link it into `repo`, ending its upload session."""
+    async def commit_blob(
+        self, repo: str, digest: str, size: int, key: str, *, upload_id: str | None = None
+    ) -> BlobRecord:
+        """Record a blob now in storage and link it into `repo`, ending its upload session.
+
+        Returns the blob record in force: if the digest was already recorded, the earlier
+        record stands and the caller's copy at `key` is redundant.
+        """
         now = time.time()
         link = Put(keys.link(repo, digest), _dump(LinkRecord(size, now)))
         common: list[Op] = [link, Put(keys.repository(repo), b"{}")]
         if upload_id is not None:
             common.append(Delete(keys.upload(upload_id)))
-        blob = Put(keys.blob(digest), _dump(BlobRecord(size, key, now)))
-        await self.kv.txn([Compare.absent(keys.blob(digest))], [blob, *common], common)
+        record = BlobRecord(size, key, now)
+        blob = Put(keys.blob(digest), _dump(record))
+        result = await self.kv.txn(
+            [Compare.absent(keys.blob(digest))], [blob, *common], [*common, Get(keys.blob(digest))]
+        )
+        if result.succeeded or result.gets[0] is None:
+            return record
+        existing: BlobRecord = _load(BlobRecord, result.gets[0])
+        return existing
 
     async def mount_blob(self, repo: str, digest: str, source: str) -> LinkRecord | None:
         """Link a blob of `source` into `repo`; None if `source` does not have it."""

@@ -10,6 +10,7 @@ from coordinator.metadata import Metadata
 from coordinator.uploads import UploadSessions
 
 from .config import Config
+from .storage import layout
 from .storage.driver import StorageDriver
 from .upload import Uploader
 
@@ -43,6 +44,29 @@ class ManifestCache:
             self._bytes -= len(dropped)
 
 
+class BlobLocations:
+    """Storage key of each blob by digest, from its blob record; immutable while the blob lives."""
+
+    def __init__(self, metadata: Metadata, max_entries: int = 100_000) -> None:
+        self._metadata = metadata
+        self._keys: OrderedDict[str, str] = OrderedDict()
+        self._max = max_entries
+
+    async def key(self, digest: str) -> str:
+        key = self._keys.get(digest)
+        if key is not None:
+            return key
+        record = await self._metadata.get_blob(digest)
+        key = record.key if record is not None else layout.blob_key(digest)
+        self._keys[digest] = key
+        if len(self._keys) > self._max:
+            self._keys.popitem(last=False)
+        return key
+
+    def forget(self, digest: str) -> None:
+        self._keys.pop(digest, None)
+
+
 @dataclass
 class Services:
     config: Config
@@ -52,12 +76,22 @@ class Services:
     sessions: UploadSessions
     uploader: Uploader
     manifests: ManifestCache
+    blobs: BlobLocations
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver) -> Services:
         metadata = Metadata(kv)
         sessions = UploadSessions(kv)
-        return cls(config, kv, storage, metadata, sessions, Uploader(storage, sessions, metadata), ManifestCache())
+        return cls(
+            config,
+            kv,
+            storage,
+            metadata,
+            sessions,
+            Uploader(storage, sessions, metadata),
+            ManifestCache(),
+            BlobLocations(metadata),
+        )
 
     async def close(self) -> None:
         await self.storage.close()

@@ -107,9 +107,15 @@ class Uploader:
         except BaseException:
             await self.cancel(session)
             raise
-        await self.storage.upload_commit(upload, session.driver_state, session.offset, key)
-        await self.metadata.commit_blob(session.repository, str(digest), session.offset, key, upload_id=session.id)
+        stored = await self.storage.upload_commit(upload, session.driver_state, session.offset, key)
+        await self._record(session.repository, str(digest), session.offset, stored, session.id)
         return session.offset
+
+    async def _record(self, repository: str, digest: str, size: int, stored: str, upload_id: str | None) -> None:
+        record = await self.metadata.commit_blob(repository, digest, size, stored, upload_id=upload_id)
+        if record.key != stored:
+            # The digest was already stored elsewhere; this copy is redundant.
+            await self.storage.delete(stored)
 
     @staticmethod
     def _verified_key(digest: Digest, hasher: rehashes.PySha256) -> str:
@@ -147,6 +153,6 @@ class Uploader:
         except BaseException:
             await self.storage.upload_abort(upload, state)
             raise
-        await self.storage.upload_commit(upload, state, written, key)
-        await self.metadata.commit_blob(repository, str(digest), written, key)
+        stored = await self.storage.upload_commit(upload, state, written, key)
+        await self._record(repository, str(digest), written, stored, None)
         return written

@@ -9,7 +9,6 @@ from starlette.responses import FileResponse, RedirectResponse, Response, Stream
 
 from ..errors import BlobUnknown, RangeInvalid, Unsupported
 from ..reference import parse_digest
-from ..storage import layout
 from .common import repository, services
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -68,7 +67,7 @@ async def head_blob(request: Request) -> Response:
 async def get_blob(request: Request) -> Response:
     _, digest, size = await _linked_size(request)
     svc = services(request)
-    key = layout.blob_key(digest)
+    key = await svc.blobs.key(digest)
     if not svc.config.storage.redirect.disable:
         target = await svc.storage.redirect_url(key)
         if target is not None:

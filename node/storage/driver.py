@@ -69,8 +69,13 @@ class StorageDriver(Protocol):
         """
         ...
 
-    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> None:
-        """Make the upload's `size` bytes the object at `key`, atomically, and drop the upload."""
+    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
+        """Make the upload's `size` bytes a committed object, atomically, and drop the upload.
+
+        `key` is where the blob belongs; a driver that cannot put it there without copying the
+        bytes (an S3 multipart upload is completed where it was begun) may leave it elsewhere.
+        Returns the key the object now has; the blob record names it.
+        """
         ...
 
     async def upload_abort(self, upload_key: str, state: UploadState) -> None: ...

@@ -131,8 +131,9 @@ class FilesystemDriver:
             await self._run(handle.close)
         return written, state
 
-    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> None:
+    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
         await self._run(_commit, self._path(upload_key), size, self._path(key), self.root)
+        return key
 
     async def upload_abort(self, upload_key: str, state: UploadState) -> None:
         await self._run(_remove_upload_dir, self._path(upload_key), self.root)
