@@ -108,7 +108,9 @@ class Unavailable(RegistryError):
 
 
 def error_response(exc: RegistryError, method: str = "GET") -> Response:
-    headers = {"Content-Type": "application/json; charset=utf-8", **exc.headers}
+    # The body's own length wins over any Content-Length an error borrowed from progress headers.
+    headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-length"}
+    headers["Content-Type"] = "application/json; charset=utf-8"
     body = b"" if method == "HEAD" else exc.body()
     response = Response(body, status_code=exc.status, headers=headers)
     if method == "HEAD":

@@ -10,17 +10,26 @@ from starlette.responses import Response
 from coordinator.metadata import ManifestRecord, MissingReferences
 
 from .. import manifest as manifests
-from ..errors import DigestInvalid, ManifestBlobUnknown, ManifestTooLarge, ManifestUnknown, Unsupported
-from ..reference import parse_reference
+from ..errors import DigestInvalid, ManifestBlobUnknown, ManifestTooLarge, ManifestUnknown, TagInvalid, Unsupported
+from ..reference import Reference, parse_reference
 from ..storage import layout
 from .common import repository, services, url
+
+
+def _existing_reference(request: Request) -> Reference:
+    """The URL's reference for reading or deleting: a malformed tag cannot exist, so 404."""
+    raw = request.path_params["reference"]
+    try:
+        return parse_reference(raw)
+    except TagInvalid:
+        raise ManifestUnknown({"reference": raw[:300]}) from None
 
 
 async def _load(request: Request) -> tuple[str, str, bytes]:
     """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN."""
     svc = services(request)
     name = repository(request)
-    ref = parse_reference(request.path_params["reference"])
+    ref = _existing_reference(request)
     if ref.tag is not None:
         tag = await svc.metadata.get_tag(name, ref.tag)
         if tag is None:
@@ -123,7 +132,7 @@ async def put_manifest(request: Request) -> Response:
 async def delete_manifest(request: Request) -> Response:
     svc = services(request)
     name = repository(request)
-    ref = parse_reference(request.path_params["reference"])
+    ref = _existing_reference(request)
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
     if ref.tag is not None:
