@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from .kv import KV
 
@@ -27,18 +28,25 @@ class KeptLease:
 
     async def _keep_alive(self) -> None:
         interval = max(self.ttl / 3, 0.2)
+        confirmed = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
-                alive = await self.kv.refresh_lease(self.id)
+                alive = await asyncio.wait_for(self.kv.refresh_lease(self.id), timeout=interval)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a store hiccup: try again until the TTL says otherwise
                 log.warning("lease refresh failed: %s", exc)
+                # Past its TTL without a confirmed refresh the store may have ended the lease:
+                # whoever holds it must act as if it had.
+                if time.monotonic() - confirmed >= self.ttl:
+                    self.lost.set()
+                    return
                 continue
             if not alive:
                 self.lost.set()
                 return
+            confirmed = time.monotonic()
 
     async def close(self, *, revoke: bool = True) -> None:
         if self._task is not None:

@@ -13,6 +13,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .metrics import Metrics
+
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 
 
@@ -49,9 +51,10 @@ def configure_logging(level: str = "info") -> logging.handlers.QueueListener:
 class AccessLog:
     """ASGI middleware: request id, API version header, and the access line."""
 
-    def __init__(self, app: ASGIApp, *, enabled: bool = True) -> None:
+    def __init__(self, app: ASGIApp, *, enabled: bool = True, metrics: Metrics | None = None) -> None:
         self.app = app
         self.enabled = enabled
+        self.metrics = metrics
         self.log = logging.getLogger("wharf.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,19 +96,22 @@ class AccessLog:
         try:
             await self.app(scope, counting_receive, tagging_send)
         finally:
+            route_path = getattr(scope.get("route"), "path", None) or "unmatched"
+            duration = time.perf_counter() - started
+            if self.metrics is not None:
+                self.metrics.observe_request(scope["method"], route_path, status or 499, received, sent, duration)
             if self.enabled:
-                route = scope.get("route")
                 client = scope.get("client")
                 self.log.info(
                     "request",
                     extra={
                         "fields": {
                             "method": scope["method"],
-                            "route": getattr(route, "path", None) or "unmatched",
+                            "route": route_path,
                             "status": status or 499,
                             "bytes_in": received,
                             "bytes_out": sent,
-                            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                            "duration_ms": round(duration * 1000, 3),
                             "request_id": request_id,
                             "remote": client[0] if client else None,
                             "repository": scope.get("path_params", {}).get("name"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -12,12 +13,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from coordinator.election import Election
 from coordinator.kv import KV
 
 from .accesslog import AccessLog
-from .api import base, blobs, catalog, manifests, referrers, tags, uploads
+from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
 from .config import Config
 from .errors import RegistryError, Unsupported, error_response, handle_registry_error
+from .maintenance import Maintenance
+from .metrics import Metrics
 from .services import Services
 from .storage.driver import StorageDriver
 
@@ -43,6 +47,12 @@ ROUTES = [
     Route(NAME + "/blobs/{digest}", blobs.head_blob, methods=["HEAD"]),
     Route(NAME + "/blobs/{digest}", blobs.delete_blob, methods=["DELETE"]),
     Route(NAME + "/referrers/{digest}", referrers.list_referrers, methods=["GET"]),
+]
+
+# Probes for load balancers and orchestrators; they carry no registry data.
+PROBE_ROUTES = [
+    Route("/debug/health", health.health, methods=["GET", "HEAD"]),
+    Route("/debug/ready", health.ready, methods=["GET", "HEAD"]),
 ]
 
 
@@ -92,23 +102,34 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(config: Config, *, services: Services | None = None) -> Starlette:
     """The registry app. With `services`, use them (tests); otherwise open them at start-up."""
 
+    metrics = services.metrics if services is not None else Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         owned = services is None
-        svc = services or Services.build(config, await open_kv(config), open_storage(config))
+        svc = services or Services.build(config, await open_kv(config), open_storage(config), metrics)
         app.state.services = svc
+        election = Election(svc.kv, "maintenance", svc.node_id, ttl=config.cluster.leasettl)
+        election.on_change = lambda leading: metrics.leader.labels("maintenance").set(1 if leading else 0)
+        app.state.election = election
+        campaign = asyncio.get_running_loop().create_task(election.run(Maintenance(svc).lead))
         try:
             yield
         finally:
+            election.stop()
+            campaign.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await campaign
             if owned:
                 await svc.close()
 
     app = Starlette(
-        routes=ROUTES,
+        routes=ROUTES + PROBE_ROUTES,
         lifespan=lifespan,
         exception_handlers={RegistryError: handle_registry_error, HTTPException: _http_error},
     )
     if services is not None:
         app.state.services = services
-    app.add_middleware(AccessLog, enabled=not config.log.accesslog.get("disabled", False))
+    app.state.metrics = metrics
+    app.add_middleware(AccessLog, enabled=not config.log.accesslog.get("disabled", False), metrics=metrics)
     return app

@@ -6,10 +6,16 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config, ConfigError, load
+from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("wharf")
 
@@ -38,6 +44,22 @@ def _hypercorn_config(config: Config):  # type: ignore[no-untyped-def]
     return hconfig
 
 
+def _start_debug_listener(config: Config, registry: CollectorRegistry | None) -> None:
+    """Prometheus metrics on `http.debug.addr` (like Distribution's :5001), in a thread."""
+    addr = config.http.debug.addr
+    if not addr:
+        return
+    if registry is None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    host, port = _split_addr(addr)
+    try:
+        start_http_server(port, host, registry=registry)
+    except OSError as exc:
+        # Metrics matter less than serving images: say so loudly and go on.
+        log.error("debug listener on %s failed: %s", addr, exc)
+
+
 def serve(config: Config) -> int:
     if config.source is None:
         print(
@@ -46,14 +68,23 @@ def serve(config: Config) -> int:
             flush=True,
         )
     os.environ["WHARF_CONFIG"] = config.source or ""
-    if config.http.server == "granian":
-        return _serve_granian(config)
-    hconfig = _hypercorn_config(config)
-    if config.http.workers > 1:
-        from hypercorn.run import run
+    if config.http.server == "granian" or config.http.workers > 1:
+        # Workers are separate processes: they share their figures through a directory and
+        # this process answers scrapes for all of them.
+        multiproc = tempfile.mkdtemp(prefix="wharf-metrics-")
+        os.environ[MULTIPROC_ENV] = multiproc
+        try:
+            _start_debug_listener(config, None)
+            if config.http.server == "granian":
+                return _serve_granian(config)
+            from hypercorn.run import run
 
-        hconfig.application_path = "node.asgi:app"
-        return run(hconfig)
+            hconfig = _hypercorn_config(config)
+            hconfig.application_path = "node.asgi:app"
+            return run(hconfig)
+        finally:
+            shutil.rmtree(multiproc, ignore_errors=True)
+    hconfig = _hypercorn_config(config)
     import uvloop
     from hypercorn.asyncio import serve as hypercorn_serve
 
@@ -62,6 +93,7 @@ def serve(config: Config) -> int:
 
     listener = configure_logging(config.log.level)
     app = create_app(config)
+    _start_debug_listener(config, app.state.metrics.registry)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -64,6 +64,22 @@ class RedirectConfig:
 
 
 @dataclass
+class UploadPurging:
+    """Distribution's storage.maintenance.uploadpurging: abandoned upload sessions are removed."""
+
+    enabled: bool = True
+    age: str = "168h"
+    interval: str = "24h"
+    dryrun: bool = False
+
+
+@dataclass
+class MaintenanceConfig:
+    uploadpurging: UploadPurging = field(default_factory=UploadPurging)
+    readonly: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class StorageConfig:
     filesystem: FilesystemStorage | None = None
     s3: S3Storage | None = None
@@ -71,7 +87,7 @@ class StorageConfig:
     redirect: RedirectConfig = field(default_factory=RedirectConfig)
     # Accepted for compatibility with Distribution files; Wharf's caches are its own.
     cache: dict[str, Any] = field(default_factory=dict)
-    maintenance: dict[str, Any] = field(default_factory=dict)
+    maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
     inmemory: dict[str, Any] | None = None
 
 
@@ -85,7 +101,8 @@ class TLSConfig:
 
 @dataclass
 class DebugConfig:
-    addr: str = ""
+    # Prometheus metrics at /metrics; empty turns the listener off.
+    addr: str = "127.0.0.1:5001"
     prometheus: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,9 +155,11 @@ class CoordinatorConfig:
 
 
 @dataclass
-class UploadsConfig:
-    # Sessions untouched for this long are collected with their partial data.
-    expiry: str = "24h"
+class ClusterConfig:
+    # A name for this node in leader records and logs; host:port:pid when empty.
+    node: str = ""
+    # Seconds a leader's lease lives without a refresh: how fast another node takes over.
+    leasettl: int = 10
 
 
 @dataclass
@@ -150,7 +169,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
-    uploads: UploadsConfig = field(default_factory=UploadsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Sections parsed by later features; kept so that Distribution files load unchanged.
     auth: dict[str, Any] = field(default_factory=dict)
     notifications: dict[str, Any] = field(default_factory=dict)
@@ -247,6 +266,11 @@ def _finish(config: Config, path: str | None) -> None:
             # Beside the storage root, so a registry:2 file needs nothing new.
             root = os.path.abspath(storage.filesystem.rootdirectory)
             coordinator.embedded.path = os.path.join(os.path.dirname(root), os.path.basename(root) + "-coordinator.db")
+    purging = storage.maintenance.uploadpurging
+    for value in (purging.age, purging.interval):
+        parse_duration(value)
+    if config.cluster.leasettl < 2:
+        raise ConfigError("cluster.leasettl must be at least 2 seconds")
     if config.http.workers < 1:
         raise ConfigError("http.workers must be at least 1")
     if config.http.server not in ("hypercorn", "granian"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -10,6 +12,7 @@ from coordinator.metadata import Metadata
 from coordinator.uploads import UploadSessions
 
 from .config import Config
+from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .storage import layout
 from .storage.driver import StorageDriver
 from .upload import Uploader
@@ -18,20 +21,20 @@ from .upload import Uploader
 class ManifestCache:
     """Manifest bytes by digest. Content is immutable, so entries never go stale; bounded by bytes."""
 
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, metrics: Metrics, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._entries: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
         self._max = max_bytes
-        self.hits = 0
-        self.misses = 0
+        self._hits = metrics.cache_hits.labels("manifest")
+        self._misses = metrics.cache_misses.labels("manifest")
 
     def get(self, digest: str) -> bytes | None:
         body = self._entries.get(digest)
         if body is None:
-            self.misses += 1
+            self._misses.inc()
             return None
         self._entries.move_to_end(digest)
-        self.hits += 1
+        self._hits.inc()
         return body
 
     def put(self, digest: str, body: bytes) -> None:
@@ -47,15 +50,19 @@ class ManifestCache:
 class BlobLocations:
     """Storage key of each blob by digest, from its blob record; immutable while the blob lives."""
 
-    def __init__(self, metadata: Metadata, max_entries: int = 100_000) -> None:
+    def __init__(self, metadata: Metadata, metrics: Metrics, max_entries: int = 100_000) -> None:
         self._metadata = metadata
         self._keys: OrderedDict[str, str] = OrderedDict()
         self._max = max_entries
+        self._hits = metrics.cache_hits.labels("blob_location")
+        self._misses = metrics.cache_misses.labels("blob_location")
 
     async def key(self, digest: str) -> str:
         key = self._keys.get(digest)
         if key is not None:
+            self._hits.inc()
             return key
+        self._misses.inc()
         record = await self._metadata.get_blob(digest)
         key = record.key if record is not None else layout.blob_key(digest)
         self._keys[digest] = key
@@ -77,9 +84,14 @@ class Services:
     uploader: Uploader
     manifests: ManifestCache
     blobs: BlobLocations
+    metrics: Metrics
+    node_id: str
 
     @classmethod
-    def build(cls, config: Config, kv: KV, storage: StorageDriver) -> Services:
+    def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:
+        metrics = metrics or Metrics()
+        kv = InstrumentedKV(kv, metrics)
+        storage = InstrumentedStorage(storage, metrics)
         metadata = Metadata(kv)
         sessions = UploadSessions(kv)
         return cls(
@@ -89,8 +101,10 @@ class Services:
             metadata,
             sessions,
             Uploader(storage, sessions, metadata),
-            ManifestCache(),
-            BlobLocations(metadata),
+            ManifestCache(metrics),
+            BlobLocations(metadata, metrics),
+            metrics,
+            config.cluster.node or f"{socket.gethostname()}:{config.http.addr.rsplit(':', 1)[-1]}:{os.getpid()}",
         )
 
     async def close(self) -> None:

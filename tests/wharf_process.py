@@ -24,7 +24,7 @@ def default_config(data_dir: Path, port: int, **sections: Any) -> dict[str, Any]
         "version": 0.1,
         "log": {"level": "info"},
         "storage": {"filesystem": {"rootdirectory": str(data_dir / "registry")}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}"},
+        "http": {"addr": f"127.0.0.1:{port}", "debug": {"addr": f"127.0.0.1:{free_port()}"}},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -52,6 +52,10 @@ class WharfProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config['http']['debug']['addr']}/metrics"
 
     @property
     def host(self) -> str:

@@ -1,0 +1,223 @@
+"""Prometheus metrics: requests, bytes, storage and coordinator latency, uploads, leadership, caches."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from coordinator.kv import KV, Compare, KeyValue, Op, TxnResult, Watch
+
+from .storage.driver import StorageDriver, UploadState
+
+T = TypeVar("T")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Where worker processes of one `wharf serve` share their figures (prometheus multiprocess mode).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("wharf_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.request_duration = Histogram(
+            "wharf_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_in = Counter("wharf_http_request_bytes_total", "Request body bytes received", ["route"], registry=r)
+        self.bytes_out = Counter("wharf_http_response_bytes_total", "Response body bytes sent", ["route"], registry=r)
+        self.storage_duration = Histogram(
+            "wharf_storage_operation_duration_seconds",
+            "Storage driver operation latency",
+            ["driver", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "wharf_storage_errors_total", "Storage driver operations that failed", ["driver", "operation"], registry=r
+        )
+        self.kv_duration = Histogram(
+            "wharf_coordinator_operation_duration_seconds",
+            "Coordinator KV operation latency",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_errors = Counter(
+            "wharf_coordinator_errors_total", "Coordinator KV operations that failed", ["operation"], registry=r
+        )
+        self.upload_sessions = Gauge(
+            "wharf_upload_sessions_open", "Upload sessions open in the cluster", registry=r, multiprocess_mode="max"
+        )
+        self.leader = Gauge(
+            "wharf_leader", "1 while this node leads a cluster job", ["job"], registry=r, multiprocess_mode="max"
+        )
+        self.cache_hits = Counter("wharf_cache_hits_total", "Cache hits", ["cache"], registry=r)
+        self.cache_misses = Counter("wharf_cache_misses_total", "Cache misses", ["cache"], registry=r)
+        self.uploads_purged = Counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed", registry=r)
+
+    def observe_request(self, method: str, route: str, status: int, received: int, sent: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_duration.labels(method, route).observe(seconds)
+        if received:
+            self.bytes_in.labels(route).inc(received)
+        if sent:
+            self.bytes_out.labels(route).inc(sent)
+
+    def exposition(self) -> bytes:
+        """The text format for a scrape; all workers' figures when they share a directory."""
+        if os.environ.get(MULTIPROC_ENV):
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)
+            return generate_latest(combined)
+        return generate_latest(self.registry)
+
+
+class _Timer:
+    def __init__(self, histogram: Histogram, errors: Counter, labels: Sequence[str]) -> None:
+        self.histogram = histogram
+        self.errors = errors
+        self.labels = labels
+
+    async def run(self, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        except Exception:
+            self.errors.labels(*self.labels).inc()
+            raise
+        finally:
+            self.histogram.labels(*self.labels).observe(time.perf_counter() - started)
+
+
+class InstrumentedKV:
+    """A KV that times every call; the contract is unchanged."""
+
+    def __init__(self, kv: KV, metrics: Metrics) -> None:
+        self.inner = kv
+        self._metrics = metrics
+
+    def _timed(self, operation: str) -> _Timer:
+        return _Timer(self._metrics.kv_duration, self._metrics.kv_errors, (operation,))
+
+    async def get(self, key: str) -> KeyValue | None:
+        return await self._timed("get").run(self.inner.get(key))
+
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
+        return await self._timed("range").run(self.inner.range(prefix, start=start, limit=limit))
+
+    async def count(self, prefix: str) -> int:
+        return await self._timed("count").run(self.inner.count(prefix))
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        return await self._timed("put").run(self.inner.put(key, value, lease=lease))
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        return await self._timed("delete").run(self.inner.delete(key, prefix=prefix))
+
+    async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        return await self._timed("txn").run(self.inner.txn(compares, success, failure))
+
+    async def grant_lease(self, ttl: int) -> int:
+        return await self._timed("grant_lease").run(self.inner.grant_lease(ttl))
+
+    async def refresh_lease(self, lease: int) -> bool:
+        return await self._timed("refresh_lease").run(self.inner.refresh_lease(lease))
+
+    async def revoke_lease(self, lease: int) -> None:
+        await self._timed("revoke_lease").run(self.inner.revoke_lease(lease))
+
+    async def watch(self, prefix: str, *, start_revision: int = 0) -> Watch:
+        return await self.inner.watch(prefix, start_revision=start_revision)
+
+    async def ping(self) -> None:
+        await self._timed("ping").run(self.inner.ping())
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class InstrumentedStorage:
+    """A storage driver that times every call; streams are timed to their last chunk."""
+
+    def __init__(self, driver: StorageDriver, metrics: Metrics) -> None:
+        self.inner = driver
+        self.name = driver.name
+        self._metrics = metrics
+
+    def _timed(self, operation: str) -> _Timer:
+        return _Timer(self._metrics.storage_duration, self._metrics.storage_errors, (self.name, operation))
+
+    async def stat(self, key: str) -> int | None:
+        return await self._timed("stat").run(self.inner.stat(key))
+
+    async def read(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        try:
+            async for chunk in self.inner.read(key, offset, length):
+                yield chunk
+        except Exception:
+            self._metrics.storage_errors.labels(self.name, "read").inc()
+            raise
+        finally:
+            self._metrics.storage_duration.labels(self.name, "read").observe(time.perf_counter() - started)
+
+    async def read_bytes(self, key: str) -> bytes:
+        return await self._timed("read_bytes").run(self.inner.read_bytes(key))
+
+    async def write_bytes(self, key: str, data: bytes) -> None:
+        await self._timed("write_bytes").run(self.inner.write_bytes(key, data))
+
+    async def delete(self, key: str) -> None:
+        await self._timed("delete").run(self.inner.delete(key))
+
+    def list(self, prefix: str) -> AsyncIterator[str]:
+        return self.inner.list(prefix)
+
+    async def redirect_url(self, key: str) -> str | None:
+        return await self._timed("redirect_url").run(self.inner.redirect_url(key))
+
+    def local_path(self, key: str) -> str | None:
+        return self.inner.local_path(key)
+
+    async def upload_start(self, upload_key: str) -> UploadState:
+        return await self._timed("upload_start").run(self.inner.upload_start(upload_key))
+
+    async def upload_write(
+        self, upload_key: str, state: UploadState, offset: int, chunks: AsyncIterator[bytes]
+    ) -> tuple[int, UploadState]:
+        return await self._timed("upload_write").run(self.inner.upload_write(upload_key, state, offset, chunks))
+
+    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
+        return await self._timed("upload_commit").run(self.inner.upload_commit(upload_key, state, size, key))
+
+    async def upload_abort(self, upload_key: str, state: UploadState) -> None:
+        await self._timed("upload_abort").run(self.inner.upload_abort(upload_key, state))
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def metrics_app(metrics: Metrics) -> Callable[..., Any]:
+    """A tiny ASGI app for the debug listener: /metrics and /debug/health."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def scrape(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def health(request: Request) -> Response:
+        return Response(b"{}", media_type="application/json")
+
+    return Starlette(routes=[Route("/metrics", scrape), Route("/debug/health", health)])
