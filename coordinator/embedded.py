@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent
+from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent, check_txn_branch
 
 T = TypeVar("T")
 
@@ -193,6 +193,9 @@ class EmbeddedKV:
         return await self._call(lambda: self._write(lambda conn, w: w.delete(key, prefix)))
 
     async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        for branch in (success, failure):
+            check_txn_branch(branch)
+
         def run(conn: sqlite3.Connection, w: _Writer) -> TxnResult:
             ok = all(_holds(conn, c) for c in compares)
             gets: list[KeyValue | None] = []

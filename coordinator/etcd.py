@@ -22,8 +22,9 @@ import asyncio
 import collections
 import logging
 import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import aetcd
 import grpc
@@ -64,6 +65,8 @@ _CONNECTION_CODES = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,  # the channel was closed under the call
 )
+
+_REQUIRE_LEADER = (("hasleader", "true"),)
 
 _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", -1),
@@ -173,20 +176,25 @@ class _Connection:
         self._username = kv.username
         self._password = kv.password
         self._timeout = kv.timeout
-        self.metadata: tuple[tuple[str, str], ...] | None = None
+        # A member cut off from its cluster's leader answers "no leader" at once (and we move on)
+        # instead of holding the request until it times out.
+        self.metadata: tuple[tuple[str, str], ...] = _REQUIRE_LEADER
+        self._token: str | None = None
         self._auth_lock = asyncio.Lock()
 
     async def ready(self) -> None:
-        if self._username is None or self.metadata is not None:
+        if self._username is None or self._token is not None:
             return
         async with self._auth_lock:
-            if self.metadata is None:
+            if self._token is None:
                 request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
                 resp = await rpc.AuthStub(self.channel).Authenticate(request, timeout=self._timeout)
-                self.metadata = (("token", resp.token),)
+                self._token = resp.token
+                self.metadata = (*_REQUIRE_LEADER, ("token", resp.token))
 
     def forget_token(self) -> None:
-        self.metadata = None
+        self._token = None
+        self.metadata = _REQUIRE_LEADER
 
     async def close(self, grace: float | None = None) -> None:
         await self.channel.close(grace)
@@ -198,7 +206,7 @@ class EtcdKV:
 
     def __init__(
         self,
-        endpoints: list[str],
+        endpoints: Sequence[str] | str,
         prefix: str = "/wharf/",
         username: str | None = None,
         password: str | None = None,
@@ -230,12 +238,12 @@ class EtcdKV:
                 certificate_chain=_read(cert),
             )
         self._conn: _Connection | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], _Connection] = {}
         self._watches: set[_EtcdWatch] = set()
         self._closed = False
 
     @classmethod
-    async def open(cls, endpoints: list[str], prefix: str = "/wharf/", **kwargs: Any) -> EtcdKV:
+    async def open(cls, endpoints: Sequence[str] | str, prefix: str = "/wharf/", **kwargs: Any) -> EtcdKV:
         """Construct and connect; raises `EtcdUnavailable` if no endpoint answers."""
         kv = cls(endpoints, prefix, **kwargs)
         await kv.connect()
@@ -297,6 +305,16 @@ class EtcdKV:
             try:
                 await conn.ready()
                 return await fn(conn)
+            except asyncio.CancelledError:
+                if not _cancelled_under_us():
+                    raise  # our caller is being cancelled
+                # The channel was closed under the call: by close(), or retired after a failover.
+                if self._closed:
+                    raise EtcdError("EtcdKV was closed during the request") from None
+                tries += 1
+                if conn is self._conn or not idempotent or tries >= max_tries:
+                    raise EtcdUnavailable(f"etcd request to {conn.endpoint.url} was cut off") from None
+                continue
             except grpc.aio.AioRpcError as exc:
                 kind = _classify(exc)
                 if kind == "auth" and not reauthenticated:
@@ -317,17 +335,18 @@ class EtcdKV:
         index = (failed.index + 1) % len(self._endpoints)
         self._conn = _Connection(index, self._endpoints[index], self)
         if index != failed.index:
-            log.warning("etcd endpoint %s failed (%s); using %s", failed.endpoint.url, _brief(exc), self._conn.endpoint.url)
-        # Let requests still in flight on the old channel finish (or fail) on their own.
-        task = asyncio.get_running_loop().create_task(failed.close(grace=self.timeout))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+            log.warning(
+                "etcd endpoint %s failed (%s); using %s", failed.endpoint.url, _brief(exc), self._conn.endpoint.url
+            )
+        # Let requests still in flight on the old channel finish (or time out) on their own.
+        task = asyncio.get_running_loop().create_task(failed.close(grace=self.timeout + 1))
+        self._retiring[task] = failed
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
 
     # -- reads ----------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        request = rpc.RangeRequest(key=self._k(key))
-        resp = await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        resp = await self._range(rpc.RangeRequest(key=self._k(key)))
         return self._kv(resp.kvs[0]) if resp.kvs else None
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
@@ -337,15 +356,19 @@ class EtcdKV:
             low = max(low, self._k(start))
             if high != b"\0" and low >= high:
                 return []
-        request = rpc.RangeRequest(key=low, range_end=high, limit=max(limit, 0))
-        resp = await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        resp = await self._range(rpc.RangeRequest(key=low, range_end=high, limit=max(limit, 0)))
         return [self._kv(kv) for kv in resp.kvs]
 
     async def count(self, prefix: str) -> int:
         low = self._k(prefix)
-        request = rpc.RangeRequest(key=low, range_end=_range_end(low), count_only=True)
-        resp = await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        resp = await self._range(rpc.RangeRequest(key=low, range_end=_range_end(low), count_only=True))
         return int(resp.count)
+
+    async def _range(self, request: Any) -> Any:
+        """A linearizable Range (reads are idempotent: retried on the next endpoint)."""
+        return await self._rpc(
+            lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True
+        )
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -374,9 +397,11 @@ class EtcdKV:
             failure=[self._op(op) for op in failure],
         )
         read_only = all(isinstance(op, Get) for op in (*success, *failure))
-        resp = await self._rpc(lambda c: c.kv.Txn(request, timeout=self.timeout, metadata=c.metadata), idempotent=read_only)
+        resp = await self._rpc(
+            lambda c: c.kv.Txn(request, timeout=self.timeout, metadata=c.metadata), idempotent=read_only
+        )
         gets: list[KeyValue | None] = []
-        for op, result in zip(success if resp.succeeded else failure, resp.responses):
+        for op, result in zip(success if resp.succeeded else failure, resp.responses, strict=True):
             if isinstance(op, Get):
                 kvs = result.response_range.kvs
                 gets.append(self._kv(kvs[0]) if kvs else None)
@@ -439,7 +464,9 @@ class EtcdKV:
     async def revoke_lease(self, lease: int) -> None:
         request = rpc.LeaseRevokeRequest(ID=lease)
         try:
-            await self._rpc(lambda c: c.lease.LeaseRevoke(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+            await self._rpc(
+                lambda c: c.lease.LeaseRevoke(request, timeout=self.timeout, metadata=c.metadata), idempotent=True
+            )
         except LeaseNotFound:
             pass  # already expired or revoked: the keys are gone either way
 
@@ -449,10 +476,7 @@ class EtcdKV:
         key = self._k(prefix)
         if start_revision <= 0:
             # Pin "after the watch opens" to a revision, so a resumed stream knows where to go on.
-            request = rpc.RangeRequest(key=key, count_only=True)
-            resp = await self._rpc(
-                lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True
-            )
+            resp = await self._range(rpc.RangeRequest(key=key, count_only=True))
             start_revision = int(resp.header.revision) + 1
         watch = _EtcdWatch(self, key, _range_end(key), start_revision)
         await watch._open()
@@ -463,8 +487,7 @@ class EtcdKV:
 
     async def ping(self) -> None:
         """A linearizable read: raises `EtcdUnavailable` unless a member with a leader answers."""
-        request = rpc.RangeRequest(key=self._prefix or b"\0", count_only=True)
-        await self._rpc(lambda c: c.kv.Range(request, timeout=self.timeout, metadata=c.metadata), idempotent=True)
+        await self._range(rpc.RangeRequest(key=self._prefix or b"\0", count_only=True))
 
     async def close(self) -> None:
         if self._closed:
@@ -475,9 +498,10 @@ class EtcdKV:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
-        for task in list(self._retiring):
-            task.cancel()
-        for task in list(self._retiring):
+        retiring = list(self._retiring.items())
+        for _, old in retiring:
+            await old.close()  # no more grace: cancels what is left on it
+        for task, _ in retiring:
             try:
                 await task
             except (asyncio.CancelledError, Exception):
@@ -513,10 +537,19 @@ class _EtcdWatch:
                 create = rpc.WatchCreateRequest(key=self._key, range_end=self._range_end, start_revision=self._next)
                 await call.write(rpc.WatchRequest(create_request=create))
                 resp = await asyncio.wait_for(call.read(), kv.timeout)
-            except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            except asyncio.CancelledError:
+                if not _cancelled_under_us():
+                    raise
+                if self._closed or kv._closed:
+                    return
+                tries += 1  # the channel was retired under us: go again on the current one
+                if tries >= max_tries:
+                    raise EtcdUnavailable("cannot open an etcd watch: the stream was cut off") from None
+                continue
+            except (TimeoutError, grpc.aio.AioRpcError) as exc:
                 if call is not None:
                     call.cancel()
-                if isinstance(exc, asyncio.TimeoutError):
+                if isinstance(exc, TimeoutError):
                     kind = "ambiguous"
                 else:
                     kind = _classify(exc)
@@ -557,23 +590,37 @@ class _EtcdWatch:
             try:
                 resp = await call.read()
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self._closed and (task is None or not task.cancelling()):
-                    return  # close() cancelled the stream under us
-                raise
+                if not _cancelled_under_us():
+                    raise  # the consumer is being cancelled
+                if self._closed or kv._closed:
+                    return  # close() cancelled the stream
+                # The stream's channel was retired after a failover: resume on the current one.
+                await self._open()
+                continue
             except grpc.aio.AioRpcError as exc:
                 if self._closed:
                     return
-                if _classify(exc) not in ("unreached", "ambiguous", "auth"):
+                kind = _classify(exc)
+                if kind not in ("unreached", "ambiguous", "auth"):
                     raise _translate(exc, conn.endpoint.url) from exc
-                log.warning("etcd watch stream at %s broke (%s); resuming from revision %d", conn.endpoint.url, _brief(exc), self._next)
-                kv._failover(conn, exc)
+                log.warning(
+                    "etcd watch stream at %s broke (%s); resuming from revision %d",
+                    conn.endpoint.url,
+                    _brief(exc),
+                    self._next,
+                )
+                if kind == "auth":
+                    conn.forget_token()
+                else:
+                    kv._failover(conn, exc)
                 await self._open()
                 continue
             if self._closed:
                 return
             if resp is grpc.aio.EOF:
-                log.warning("etcd closed a watch stream at %s; resuming from revision %d", conn.endpoint.url, self._next)
+                log.warning(
+                    "etcd closed a watch stream at %s; resuming from revision %d", conn.endpoint.url, self._next
+                )
                 call.cancel()
                 await self._open()
                 continue
@@ -610,6 +657,13 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as f:
         return f.read()
+
+
+def _cancelled_under_us() -> bool:
+    """True when a CancelledError came from a gRPC call cancelled locally (its channel closed),
+    not from a cancellation of the task we run in."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() == 0
 
 
 def _brief(exc: BaseException | None) -> str:

@@ -152,6 +152,20 @@ class KV(Protocol):
     async def close(self) -> None: ...
 
 
+# etcd's default --max-txn-ops; the embedded backend holds to it too, so code that works on
+# one backend works on the other.
+MAX_TXN_OPS = 128
+
+
+def check_txn_branch(ops: Sequence[Op]) -> None:
+    """Refuse what etcd refuses: a key written twice in one branch, or too many operations."""
+    if len(ops) > MAX_TXN_OPS:
+        raise ValueError(f"a transaction branch holds at most {MAX_TXN_OPS} operations, not {len(ops)}")
+    written = [op.key for op in ops if isinstance(op, (Put, Delete))]
+    if len(written) != len(set(written)):
+        raise ValueError("a transaction may write each key only once")
+
+
 def prefix_end(prefix: str) -> str:
     """The smallest key greater than every key starting with `prefix`."""
     raw = bytearray(prefix.encode())

@@ -7,6 +7,7 @@ deadline instead of sleeping for a guessed time.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -51,6 +52,46 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str =
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+_ROOT_PREFIX = "wharf-etcd-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_clusters(parent: str | None = None) -> None:
+    """Remove what a killed test run left behind: its etcd processes and their data dirs.
+
+    Each cluster's directory names its owner's pid and its members' pids; a directory whose owner
+    is gone is cleaned (a member pid is killed only if that process still runs from that directory).
+    """
+    parent = parent or tempfile.gettempdir()
+    for root in glob.glob(os.path.join(parent, _ROOT_PREFIX + "*")):
+        try:
+            with open(os.path.join(root, "owner")) as f:
+                owner = int(f.read())
+        except (OSError, ValueError):
+            continue  # being created right now, or not ours
+        if _pid_alive(owner):
+            continue
+        for pid_file in glob.glob(os.path.join(root, "*.pid")):
+            try:
+                with open(pid_file) as f:
+                    pid = int(f.read())
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if root.encode() in f.read():
+                        os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _scratch_root() -> str | None:
@@ -117,7 +158,11 @@ class EtcdCluster:
     def start(self) -> EtcdCluster:
         if not os.access(self.binary, os.X_OK):
             raise FileNotFoundError(f"etcd binary not found or not executable: {self.binary}")
-        self.root = tempfile.mkdtemp(prefix="wharf-etcd-", dir=_scratch_root())
+        scratch = _scratch_root()
+        sweep_stale_clusters(scratch)
+        self.root = tempfile.mkdtemp(prefix=_ROOT_PREFIX, dir=scratch)
+        with open(os.path.join(self.root, "owner"), "w") as f:
+            f.write(str(os.getpid()))
         try:
             # A free port can be taken by someone else between choosing and binding it:
             # start the whole cluster again on new ports if a member could not bind.
@@ -251,13 +296,10 @@ class EtcdCluster:
         self._close_log(member)
         log_file = open(member.log_path, "ab")
         member.log_file = log_file
-        member.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, which then cleans up
-        )
+        # Same process group as the test run: whatever ends the run's group ends etcd too.
+        member.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        with open(os.path.join(self.root or "", f"{member.name}.pid"), "w") as f:
+            f.write(str(member.process.pid))
 
     def _healthy(self, member: _Member) -> bool:
         proc = member.process
