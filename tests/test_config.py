@@ -56,7 +56,9 @@ def test_environment_overrides_nested_keys_like_distribution(tmp_path):
     config = load(_write(tmp_path, REGISTRY2_FILE), environ=env)
     assert config.http.tls.certificate == "/certs/domain.crt"
     assert config.http.tls.key == "/certs/domain.key"
-    assert config.auth == {"htpasswd": {"realm": "Registry Realm", "path": "/auth/htpasswd"}}
+    assert config.auth.mode == "htpasswd"
+    assert config.auth.htpasswd is not None
+    assert (config.auth.htpasswd.realm, config.auth.htpasswd.path) == ("Registry Realm", "/auth/htpasswd")
     assert config.storage.delete.enabled is False
     assert config.http.addr == "0.0.0.0:5001"
 
@@ -101,3 +103,13 @@ def test_durations_parse_like_go():
     assert parse_duration("12") == 12
     with pytest.raises(ConfigError):
         parse_duration("5 parsecs")
+
+
+def test_example_cluster_config_in_deploy_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "cluster" / "config.yml"
+    config = load(str(path), environ={})
+    assert config.storage.s3 is not None and config.storage.s3.bucket == "wharf"
+    assert config.coordinator.etcd is not None and len(config.coordinator.etcd.endpoints) == 3
+    assert config.storage.redirect.disable is False
