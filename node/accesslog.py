@@ -48,6 +48,15 @@ def configure_logging(level: str = "info") -> logging.handlers.QueueListener:
     return listener
 
 
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
 class AccessLog:
     """ASGI middleware: request id, API version header, and the access line."""
 
@@ -73,12 +82,15 @@ class AccessLog:
         status = 0
         sent = 0
         received = 0
+        body_pending = _has_body(scope)
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_pending
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body_pending = False
             return message
 
         async def tagging_send(message: Message) -> None:
@@ -88,6 +100,10 @@ class AccessLog:
                 headers = list(message.get("headers", []))
                 headers.append(API_VERSION_HEADER)
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                if body_pending:
+                    # Answered before the body was read (a refused chunk): the server will drop
+                    # the connection, so say so rather than let the client reuse it and fail.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))

@@ -11,13 +11,16 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from coordinator.election import Election
 from coordinator.kv import KV
 
 from .accesslog import AccessLog
 from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
+from .audit import AuditLog, AuditMiddleware
+from .auth.middleware import AuthMiddleware
+from .auth.services import AuthServices
 from .config import Config
 from .errors import RegistryError, Unsupported, error_response, handle_registry_error
 from .maintenance import Maintenance
@@ -92,7 +95,15 @@ def open_storage(config: Config) -> StorageDriver:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        error: RegistryError = Unsupported({"method": request.method}, message="method not allowed on this endpoint")
+        # Each method has its own Route, so the allowed set is every route matching the path.
+        allowed = sorted(
+            {m for r in ROUTES + PROBE_ROUTES if r.matches(request.scope)[0] != Match.NONE for m in r.methods or ()}
+        )
+        error: RegistryError = Unsupported(
+            {"method": request.method},
+            message="method not allowed on this endpoint",
+            headers={"Allow": ", ".join(allowed)},
+        )
     else:
         error = Unsupported({"path": request.url.path[:200]}, message="unknown endpoint")
         error.status = exc.status_code
@@ -103,6 +114,9 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     """The registry app. With `services`, use them (tests); otherwise open them at start-up."""
 
     metrics = services.metrics if services is not None else Metrics()
+    audit = AuditLog.open(config.audit)
+    auth = AuthServices.build(config, audit)
+    token_routes = auth.routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -122,14 +136,23 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
                 await campaign
             if owned:
                 await svc.close()
+            auth.close()
+            if audit is not None:
+                audit.close()
 
     app = Starlette(
-        routes=ROUTES + PROBE_ROUTES,
+        routes=ROUTES + PROBE_ROUTES + token_routes,
         lifespan=lifespan,
         exception_handlers={RegistryError: handle_registry_error, HTTPException: _http_error},
     )
     if services is not None:
         app.state.services = services
     app.state.metrics = metrics
+    # Outermost last: access log, then authentication, then the audit log around the handlers.
+    if audit is not None:
+        app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes)
+    if auth.enabled:
+        public = PROBE_ROUTES + token_routes
+        app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)
     app.add_middleware(AccessLog, enabled=not config.log.accesslog.get("disabled", False), metrics=metrics)
     return app

@@ -71,8 +71,8 @@ class SizeInvalid(RegistryError):
 
 
 class TagInvalid(RegistryError):
-    # Not in the spec's table; Distribution answers an invalid tag with MANIFEST_INVALID's status.
-    code, status, message = "TAG_INVALID", 400, "manifest tag did not match URI"
+    # The spec's table has no tag code; a tag that breaks the grammar makes the manifest PUT invalid.
+    code, status, message = "MANIFEST_INVALID", 400, "invalid tag"
 
 
 class Unauthorized(RegistryError):

@@ -58,7 +58,7 @@ def parse(body: bytes, content_type: str | None) -> ParsedManifest:
     """Check a manifest body and list what it references; MANIFEST_INVALID on anything wrong."""
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestInvalid({"reason": f"not valid JSON: {exc}"}) from exc
     if not isinstance(doc, dict):
         raise ManifestInvalid({"reason": "a manifest is a JSON object"})

@@ -10,7 +10,7 @@ import rehashes
 from coordinator.metadata import Metadata
 from coordinator.uploads import SessionChanged, UploadSession, UploadSessions
 
-from .errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid, Unsupported
+from .errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid
 from .reference import Digest
 from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
@@ -39,6 +39,12 @@ class _Counted:
 def _hasher(state: bytes) -> rehashes.PySha256:
     # deserialize() returns a new hasher; calling it on an instance would restart from empty.
     return rehashes.PySha256.deserialize(state) if state else rehashes.PySha256()
+
+
+def check_algorithm(algorithm: str) -> None:
+    """Uploads are hashed as they stream, with a resumable SHA-256 only."""
+    if algorithm != "sha256":
+        raise DigestInvalid({"algorithm": algorithm[:50]}, message="only sha256 digests are supported for blob uploads")
 
 
 class Uploader:
@@ -120,8 +126,7 @@ class Uploader:
     @staticmethod
     def _verified_key(digest: Digest, hasher: rehashes.PySha256) -> str:
         """The blob key for `digest` if the hashed bytes match it; DIGEST_INVALID otherwise."""
-        if digest.algorithm != "sha256":
-            raise Unsupported({"digest": str(digest)}, message="only sha256 blob digests are supported for uploads")
+        check_algorithm(digest.algorithm)
         actual = "sha256:" + hasher.finalize()
         if actual != str(digest):
             raise DigestInvalid({"expected": str(digest), "actual": actual})

@@ -11,6 +11,7 @@ from coordinator.uploads import UploadSession
 
 from ..errors import BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid
 from ..reference import parse_digest, validate_name
+from ..upload import check_algorithm
 from .common import repository, services, url
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -71,8 +72,11 @@ async def start_upload(request: Request) -> Response:
         # Not mountable: an ordinary upload session instead, as the spec allows.
     elif params.get("digest") is not None:
         digest_param = parse_digest(params["digest"])
+        check_algorithm(digest_param.algorithm)
         await svc.uploader.monolithic(name, digest_param, request.stream(), _content_length(request))
         return _committed(request, name, str(digest_param))
+    if "digest-algorithm" in params:
+        check_algorithm(params["digest-algorithm"])
     session = await svc.uploader.start(name)
     return Response(status_code=202, headers=_progress_headers(request, session))
 
@@ -112,6 +116,7 @@ async def finish_upload(request: Request) -> Response:
     if not raw_digest:
         raise DigestInvalid({"reason": "the digest query parameter is required to finish an upload"})
     digest = parse_digest(raw_digest)
+    check_algorithm(digest.algorithm)
     length = _content_length(request)
     if length != 0:
         length = _check_range(request, session, length)
