@@ -18,3 +18,32 @@ def etcd() -> Iterator[EtcdCluster]:
     """
     with EtcdCluster(1, heartbeat_ms=50, election_ms=500) as cluster:
         yield cluster
+
+
+@pytest.fixture()
+def wharf(tmp_path):
+    """A real `wharf serve` process on embedded defaults (filesystem + embedded coordinator)."""
+    from wharf_process import WharfProcess
+
+    with WharfProcess(tmp_path / "wharf") as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One `moto_server` with one bucket for the whole session (moto keeps every object in memory).
+
+    Tests share it, so each works under its own `rootdirectory` and removes it afterwards
+    (`s3_server.remove_prefix`). Loopback is added to NO_PROXY for the session, so boto3 in this
+    process and in the registry processes it starts never sends the server's traffic to a proxy
+    (and an AWS profile named in the environment is ignored: tests pass the server's keys).
+    """
+    from s3_server import AWS_PROFILE_VARS, S3Server, no_proxy_for_loopback
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in no_proxy_for_loopback().items():
+            patch.setenv(name, value)
+        for name in AWS_PROFILE_VARS:
+            patch.delenv(name, raising=False)
+        with S3Server() as server:
+            yield server

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,14 +13,25 @@ import pytest
 from node.storage import layout
 from node.storage.driver import StorageDriver, UploadInterrupted
 from node.storage.filesystem import FilesystemDriver
+from node.storage.s3 import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, S3Driver, part_size
+
+MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["filesystem"])
+@pytest.fixture(params=["filesystem", "s3"])
 async def driver(request, tmp_path) -> AsyncIterator[StorageDriver]:
     if request.param == "filesystem":
         store: StorageDriver = FilesystemDriver(str(tmp_path / "root"))
+        yield store
+        await store.close()
+        return
+    # The smallest part size S3 allows, so small test blobs exercise multipart uploads.
+    server = request.getfixturevalue("s3_server")
+    config = server.storage_config(chunksize=MIN_PART_SIZE)
+    store = S3Driver(config)
     yield store
     await store.close()
+    server.remove_prefix(config.rootdirectory.strip("/") + "/")
 
 
 async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
@@ -67,10 +80,9 @@ async def test_chunked_upload_commits_to_blob_key(driver):
         written, state = await driver.upload_write(upload, state, offset, _chunks(part[:3], part[3:]))
         assert written == len(part)
         offset += written
-    key = layout.blob_key(_digest(data))
-    await driver.upload_commit(upload, state, offset, key)
-    assert await driver.stat(key) == len(data)
-    assert await _read_all(driver, key) == data
+    stored = await driver.upload_commit(upload, state, offset, layout.blob_key(_digest(data)))
+    assert await driver.stat(stored) == len(data)
+    assert await _read_all(driver, stored) == data
 
 
 async def test_write_after_broken_request_drops_bytes_past_recorded_offset(driver):
@@ -80,9 +92,8 @@ async def test_write_after_broken_request_drops_bytes_past_recorded_offset(drive
     # A later request wrote bytes that were never recorded; the session still says offset 3.
     _, state = await driver.upload_write(upload, state, 3, _chunks(b"garbage"))
     written, state = await driver.upload_write(upload, state, 3, _chunks(b"def"))
-    key = layout.blob_key(_digest(b"abcdef"))
-    await driver.upload_commit(upload, state, 6, key)
-    assert await driver.read_bytes(key) == b"abcdef"
+    stored = await driver.upload_commit(upload, state, 6, layout.blob_key(_digest(b"abcdef")))
+    assert await driver.read_bytes(stored) == b"abcdef"
 
 
 async def test_broken_stream_keeps_what_arrived_and_reports_it(driver):
@@ -99,19 +110,26 @@ async def test_broken_stream_keeps_what_arrived_and_reports_it(driver):
     assert caught.value.written == 1024
     written, state = await driver.upload_write(upload, caught.value.state, 1024, _chunks(b"z"))
     data = b"x" * 1000 + b"y" * 24 + b"z"
-    key = layout.blob_key(_digest(data))
-    await driver.upload_commit(upload, state, len(data), key)
-    assert await driver.read_bytes(key) == data
+    stored = await driver.upload_commit(upload, state, len(data), layout.blob_key(_digest(data)))
+    assert await driver.read_bytes(stored) == data
 
 
 async def test_uncommitted_upload_is_never_visible_at_the_blob_key(driver):
-    data = b"partial"
+    # Big enough for an S3 multipart upload with a part done and a tail pending.
+    data = os.urandom(6 * MiB + 5)
     key = layout.blob_key(_digest(data))
     upload = layout.upload_key("team/app", "41111111-2222-3333-4444-555555555555")
     state = await driver.upload_start(upload)
-    await driver.upload_write(upload, state, 0, _chunks(data))
+    written, state = await driver.upload_write(upload, state, 0, _chunks(data[: 3 * MiB]))
+    written, state = await driver.upload_write(upload, state, 3 * MiB, _chunks(data[3 * MiB :]))
     assert await driver.stat(key) is None
-    assert key not in [k async for k in driver.list(layout.BLOBS)]
+    assert [k async for k in driver.list(layout.BLOBS)] == []
+    # Committed, the object is where upload_commit says (an S3 multipart upload is completed
+    # where it began, outside BLOBS; the blob record names that key).
+    stored = await driver.upload_commit(upload, state, len(data), key)
+    assert await driver.stat(stored) == len(data)
+    assert await _read_all(driver, stored) == data
+    assert stored == key or await driver.stat(key) is None
 
 
 async def test_abort_removes_upload_data(driver):
@@ -148,3 +166,305 @@ async def test_layout_uses_distribution_blob_keys():
     digest = "sha256:" + "ab" * 32
     assert layout.blob_key(digest) == f"docker/registry/v2/blobs/sha256/ab/{'ab' * 32}/data"
     assert layout.digest_from_blob_key(layout.blob_key(digest)) == digest
+
+
+# -- S3: parts from chunks of any size, state that any node can continue ------------------------
+
+
+@pytest.fixture()
+def s3_config(s3_server):
+    """A `storage.s3` section with 5 MiB parts under a root directory of its own, removed afterwards."""
+    config = s3_server.storage_config(chunksize=MIN_PART_SIZE)
+    yield config
+    s3_server.remove_prefix(config.rootdirectory.strip("/") + "/")
+
+
+def _recorded(state: dict) -> dict:  # type: ignore[type-arg]
+    """The state as the next request gets it: through JSON in the coordinator's session record."""
+    return json.loads(json.dumps(state))
+
+
+def _odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 65_521, 7, 300_001)) -> AsyncIterator[bytes]:
+    """`data` cut into chunks of awkward, varying sizes, as clients and HTTP servers do."""
+
+    async def gen() -> AsyncIterator[bytes]:
+        position, n = 0, 0
+        while position < len(data):
+            size = sizes[n % len(sizes)]
+            yield data[position : position + size]
+            position += size
+            n += 1
+
+    return gen()
+
+
+def _bucket_keys(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def]
+    client = s3_server.client()
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=config.bucket, Prefix=config.rootdirectory.strip("/") + "/"
+        )
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+    finally:
+        client.close()
+
+
+def _multipart_uploads(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def]
+    client = s3_server.client()
+    try:
+        response = client.list_multipart_uploads(Bucket=config.bucket, Prefix=config.rootdirectory.strip("/") + "/")
+        return [upload["Key"] for upload in response.get("Uploads", [])]
+    finally:
+        client.close()
+
+
+async def test_s3_parts_are_composed_from_chunks_of_any_size(s3_server, s3_config):
+    data = os.urandom(7 * MiB + 1)
+    upload = layout.upload_key("team/app", "a1111111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    try:
+        state = _recorded(await store.upload_start(upload))
+        offset = 0
+        # 3 MiB (a tail), 4 MiB (one 5 MiB part and a 2 MiB tail), 1 byte (a bigger tail).
+        for length, parts, tail in ((3 * MiB, 0, 3 * MiB), (4 * MiB, 1, 2 * MiB), (1, 1, 2 * MiB + 1)):
+            written, state = await store.upload_write(
+                upload, state, offset, _odd_chunks(data[offset : offset + length])
+            )
+            state = _recorded(state)
+            assert written == length
+            offset += written
+            assert [size for _, _, size in state["parts"]] == [5 * MiB] * parts
+            assert state["tailsize"] == tail
+        # At most the current tail and the one it superseded exist at a time.
+        assert len([k for k in _bucket_keys(s3_server, s3_config) if ".tail-" in k]) <= 2
+        key = layout.blob_key(_digest(data))
+        stored = await store.upload_commit(upload, state, len(data), key)
+        # Completed where it began; the blob key stays empty (no server-side copy).
+        assert stored == upload
+        assert await store.stat(key) is None
+        assert await store.stat(stored) == len(data)
+        assert await _read_all(store, stored) == data
+        # Ranged reads across the part boundary.
+        assert await _read_all(store, stored, 5 * MiB - 3, 7) == data[5 * MiB - 3 : 5 * MiB + 4]
+        assert await _read_all(store, stored, len(data) - 1) == data[-1:]
+        # Nothing else is left: no tails, no multipart upload in progress.
+        assert [k async for k in store.list(layout.REPOSITORIES)] == [upload]
+        assert _multipart_uploads(s3_server, s3_config) == []
+    finally:
+        await store.close()
+
+
+async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3_server, s3_config):
+    data = os.urandom(2 * MiB + 3)
+    upload = layout.upload_key("team/app", "a2111111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    try:
+        state = await store.upload_start(upload)
+        _, state = await store.upload_write(upload, _recorded(state), 0, _odd_chunks(data[:MiB]))
+        _, state = await store.upload_write(upload, _recorded(state), MiB, _odd_chunks(data[MiB:]))
+        key = layout.blob_key(_digest(data))
+        assert await store.upload_commit(upload, _recorded(state), len(data), key) == key
+        assert await _read_all(store, key) == data
+        assert [k async for k in store.list(layout.REPOSITORIES)] == []
+        assert _multipart_uploads(s3_server, s3_config) == []
+    finally:
+        await store.close()
+
+
+async def test_s3_upload_continues_on_another_node(s3_config):
+    """Each request on a fresh driver, as if every PATCH and the PUT landed on a different node."""
+    data = os.urandom(11 * MiB + 12_345)
+    upload = layout.upload_key("team/app", "a3111111-2222-3333-4444-555555555555")
+    cuts = [0, 4 * MiB, 6 * MiB + 1, 6 * MiB + 2, 10 * MiB + 7, len(data)]
+    node = S3Driver(s3_config)
+    state = _recorded(await node.upload_start(upload))
+    await node.close()
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        node = S3Driver(s3_config)
+        try:
+            written, new_state = await node.upload_write(upload, state, start, _odd_chunks(data[start:end]))
+        finally:
+            await node.close()
+        assert written == end - start
+        state = _recorded(new_state)
+    assert len(state["parts"]) == 2
+    node = S3Driver(s3_config)
+    try:
+        stored = await node.upload_commit(upload, state, len(data), layout.blob_key(_digest(data)))
+        assert await _read_all(node, stored) == data
+    finally:
+        await node.close()
+
+
+async def test_s3_broken_stream_mid_part_resumes_on_another_node(s3_server, s3_config):
+    data = os.urandom(10 * MiB + 99)
+    upload = layout.upload_key("team/app", "a4111111-2222-3333-4444-555555555555")
+
+    async def breaking() -> AsyncIterator[bytes]:
+        yield data[: 3 * MiB]
+        yield data[3 * MiB : 7 * MiB]  # completes part 1 (5 MiB) and starts part 2
+        yield data[7 * MiB : 8 * MiB]
+        raise ConnectionResetError("client went away")
+
+    first = S3Driver(s3_config)
+    try:
+        state = _recorded(await first.upload_start(upload))
+        with pytest.raises(UploadInterrupted) as caught:
+            await first.upload_write(upload, state, 0, breaking())
+    finally:
+        await first.close()
+    assert caught.value.written == 8 * MiB
+    assert isinstance(caught.value.cause, ConnectionResetError)
+    state = _recorded(caught.value.state)
+    assert [size for _, _, size in state["parts"]] == [5 * MiB]
+    assert state["tailsize"] == 3 * MiB
+
+    second = S3Driver(s3_config)
+    try:
+        written, state = await second.upload_write(upload, state, 8 * MiB, _odd_chunks(data[8 * MiB :]))
+        assert written == len(data) - 8 * MiB
+        stored = await second.upload_commit(upload, _recorded(state), len(data), layout.blob_key(_digest(data)))
+        assert await _read_all(second, stored) == data
+        assert _multipart_uploads(s3_server, s3_config) == []
+    finally:
+        await second.close()
+
+
+async def test_s3_parts_of_an_unrecorded_request_are_replaced(s3_server, s3_config):
+    """A request that uploaded a part and a tail but whose state was never recorded leaves no trace."""
+    good = os.urandom(9 * MiB)
+    upload = layout.upload_key("team/app", "a5111111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    try:
+        state = await store.upload_start(upload)
+        _, recorded = await store.upload_write(upload, _recorded(state), 0, _chunks(good[: 3 * MiB]))
+        recorded = _recorded(recorded)
+
+        async def wrong_then_broken() -> AsyncIterator[bytes]:
+            yield os.urandom(4 * MiB)  # fills part 1 with other bytes
+            yield os.urandom(MiB)
+            raise ConnectionResetError("node died before recording")
+
+        with pytest.raises(UploadInterrupted):
+            await store.upload_write(upload, recorded, 3 * MiB, wrong_then_broken())
+        # The session still holds `recorded`; the client resumes from its offset with the right bytes.
+        written, state = await store.upload_write(upload, recorded, 3 * MiB, _odd_chunks(good[3 * MiB :]))
+        assert written == 6 * MiB
+        stored = await store.upload_commit(upload, _recorded(state), len(good), layout.blob_key(_digest(good)))
+        assert await _read_all(store, stored) == good
+        assert [k for k in _bucket_keys(s3_server, s3_config) if ".tail-" in k] == []
+    finally:
+        await store.close()
+
+
+async def test_s3_commit_retried_after_it_completed_returns_the_same_object(s3_config):
+    """A node may die after completing the upload but before the blob record was written."""
+    data = os.urandom(6 * MiB + 1)
+    upload = layout.upload_key("team/app", "a6111111-2222-3333-4444-555555555555")
+    key = layout.blob_key(_digest(data))
+    store = S3Driver(s3_config)
+    try:
+        state = await store.upload_start(upload)
+        _, state = await store.upload_write(upload, state, 0, _chunks(data))
+        state = _recorded(state)
+        stored = await store.upload_commit(upload, state, len(data), key)
+        assert await store.upload_commit(upload, state, len(data), key) == stored
+        assert await _read_all(store, stored) == data
+        with pytest.raises(ValueError):
+            await store.upload_commit(upload, state, len(data) - 1, key)
+    finally:
+        await store.close()
+
+
+async def test_s3_abort_removes_parts_and_tails(s3_server, s3_config):
+    upload = layout.upload_key("team/app", "a7111111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    try:
+        state = await store.upload_start(upload)
+        _, state = await store.upload_write(upload, state, 0, _chunks(os.urandom(6 * MiB)))
+        assert _multipart_uploads(s3_server, s3_config) == [s3_config.rootdirectory.strip("/") + "/" + upload]
+        await store.upload_abort(upload, _recorded(state))
+        await store.upload_abort(upload, _recorded(state))  # twice is fine
+        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _bucket_keys(s3_server, s3_config) == []
+    finally:
+        await store.close()
+
+
+async def test_s3_write_below_completed_parts_is_refused(s3_config):
+    upload = layout.upload_key("team/app", "a8111111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    try:
+        state = await store.upload_start(upload)
+        _, state = await store.upload_write(upload, state, 0, _chunks(os.urandom(6 * MiB)))
+        with pytest.raises(ValueError):
+            await store.upload_write(upload, state, 4 * MiB, _chunks(b"x"))
+        with pytest.raises(ValueError):
+            await store.upload_write(upload, state, 6 * MiB + 1, _chunks(b"x"))
+        await store.upload_abort(upload, state)
+    finally:
+        await store.close()
+
+
+def test_s3_part_sizes_reach_the_largest_object_within_10000_parts():
+    for base in (MIN_PART_SIZE, 10 * MiB, 64 * MiB):
+        sizes = [part_size(base, n) for n in range(1, MAX_PARTS + 1)]
+        assert sizes == sorted(sizes)
+        assert min(sizes) == base and max(sizes) <= MAX_PART_SIZE
+        # 4.88 TiB with the 5 MiB minimum, past S3's 5 TiB object limit from 10 MiB on.
+        assert sum(sizes) >= (4.8 if base == MIN_PART_SIZE else 5) * 1024**4
+        # A part is never more than a few thousandths of what came before it.
+        before = 0
+        for size in sizes:
+            assert size <= max(base, before // 500)
+            before += size
+    assert part_size(10 * MiB, 1000) == 10 * MiB and part_size(10 * MiB, 1001) == 20 * MiB
+
+
+async def test_s3_growing_part_sizes_commit_byte_identical(s3_config):
+    data = os.urandom(17 * MiB + 3)
+    upload = layout.upload_key("team/app", "a9111111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    store._parts_per_step = 1  # part sizes 5, 10, 20 MiB ... instead of after every 1000 parts
+    try:
+        state = await store.upload_start(upload)
+        _, state = await store.upload_write(upload, state, 0, _odd_chunks(data[: 9 * MiB]))
+        _, state = await store.upload_write(upload, _recorded(state), 9 * MiB, _odd_chunks(data[9 * MiB :]))
+        assert [size for _, _, size in state["parts"]] == [5 * MiB, 10 * MiB]
+        assert state["tailsize"] == 2 * MiB + 3
+        stored = await store.upload_commit(upload, _recorded(state), len(data), layout.blob_key(_digest(data)))
+        assert await _read_all(store, stored) == data
+    finally:
+        await store.close()
+
+
+async def test_s3_redirect_url_serves_the_object(s3_config):
+    store = S3Driver(s3_config)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        data = os.urandom(100_000)
+        key = layout.blob_key(_digest(data))
+        await store.write_bytes(key, data)
+        url = await store.redirect_url(key)
+        assert url is not None and "X-Amz-Signature=" in url
+        with direct.open(url, timeout=10) as response:
+            assert response.read() == data
+        assert store.local_path(key) is None
+    finally:
+        await store.close()
+
+
+async def test_s3_failures_other_than_not_found_are_raised(s3_server):
+    from botocore.exceptions import ClientError
+
+    store = S3Driver(s3_server.storage_config(bucket="no-such-bucket"))
+    try:
+        with pytest.raises(ClientError) as caught:
+            await store.read_bytes("a/b")
+        assert not isinstance(caught.value, FileNotFoundError)
+        with pytest.raises(ClientError):
+            await store.write_bytes("a/b", b"x")
+        with pytest.raises(ClientError):
+            [k async for k in store.list("a")]
+    finally:
+        await store.close()

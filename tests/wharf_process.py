@@ -31,6 +31,9 @@ def default_config(data_dir: Path, port: int, **sections: Any) -> dict[str, Any]
             config[key] = {**config[key], **value}
         else:
             config[key] = value
+    if "s3" in config["storage"]:
+        config["storage"].pop("filesystem", None)
+    config.setdefault("coordinator", {"embedded": {"path": str(data_dir / "coordinator.db")}})
     return config
 
 

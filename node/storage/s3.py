@@ -1,0 +1,523 @@
+"""S3 storage driver (AWS S3, MinIO, Ceph RGW ...): boto3, its blocking calls on a bounded thread pool.
+
+Committed objects are plain S3 objects under `rootdirectory`. Uploads are where S3 differs from a
+file: clients send chunks of any size over many requests, possibly to different nodes, while S3
+multipart parts must be at least 5 MiB (except the last) and number at most 10,000. So a chunked
+upload is kept as
+
+- an S3 multipart upload begun at the upload key (created when the first full part is ready), whose
+  completed parts are all exactly `part_size(partsize, n)` bytes, and
+- a "tail": the bytes after the last part, fewer than a part, kept as a small object of its own
+  beside the upload key (`<upload key>.tail-<token>`). Each request that leaves a tail writes it
+  under a new random token and never overwrites or deletes the tail of the state it started from,
+  because until the node records the new state in the coordinator the old state is the one a retry
+  continues from.
+
+Everything needed to continue is in the JSON UploadState that the coordinator keeps in the upload
+session, so any node may take the next request:
+
+    {"v": 1,
+     "partsize": 10485760,             # base part size, fixed when the upload began
+     "upload": "<UploadId>" | None,    # the S3 multipart upload at the upload key
+     "parts": [[1, "<etag>", 10485760], ...],   # completed parts: number, ETag, size
+     "tail": "<token>" | None,         # tail object: <upload key>.tail-<token>
+     "tailsize": 123,                  # bytes of it that belong to the upload (a prefix of it)
+     "stale": ["<token>", ...]}        # tails that this state superseded
+
+A request starts from the session's recorded state, so the tails in its `stale` list are referenced
+by nothing and are deleted then. Tails and parts written by a request whose new state was never
+recorded are harmless: their tokens are never reused, a part is overwritten when the next request
+uploads the same part number, and the commit names each part with its recorded ETag (S3 refuses a
+part whose ETag differs, so a late write from an abandoned request cannot slip into a blob).
+Commit and abort remove every tail object by listing `<upload key>.tail-`.
+
+Committing: an upload smaller than one part is PUT at the blob's content-addressed key. A
+multipart upload is completed where it began, at the upload key, and that key is returned for the
+blob record: copying it to the blob key would be a server-side copy of every byte, and S3's
+copy-source limit of 5 GiB is where Distribution's driver broke. So a committed blob may live at
+`.../_uploads/<id>/data`; `upload_abort` therefore never deletes the upload key itself, only the
+multipart upload and the tails. A multipart upload begun by a request whose state was never
+recorded is left behind: give the bucket a lifecycle rule that aborts incomplete multipart uploads
+after a few days (AWS bills their parts until then).
+
+Part sizes: part n is `partsize * 2 ** ((n - 1) // 1000)` (capped at 5 GiB): 1000 parts of the base
+size, then 1000 of twice it, and so on. A part is therefore never more than 1/500 of the bytes
+uploaded before it, and 10,000 parts reach ~4.9 TiB with the 5 MiB minimum (~9.8 TiB with
+the default 10 MiB; S3 objects end at 5 TiB). Memory per request is about two parts (one being
+received, one in flight to S3): 20 MiB with the default until an upload passes ~9.8 GiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+
+from .driver import UploadInterrupted, UploadState
+
+if TYPE_CHECKING:
+    from ..config import S3Storage
+
+log = logging.getLogger("wharf.storage.s3")
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+# Part sizes double after every this many parts (see the module docstring).
+PARTS_PER_STEP = 1000
+_READ_CHUNK = 1 * MiB
+# Presigned GET URLs handed to clients in blob redirects.
+REDIRECT_EXPIRY_SECONDS = 20 * 60
+_STATE_VERSION = 1
+_NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
+_NO_UPLOAD = frozenset({"NoSuchUpload", "404"})
+
+
+# Aliases: inside S3Driver, `list` is the method.
+_Keys = list[str]
+_Parts = list[tuple[int, str, int]]
+
+
+def part_size(base: int, number: int, parts_per_step: int = PARTS_PER_STEP) -> int:
+    """Size of multipart part `number` (1-based) for an upload with base part size `base`."""
+    return min(base << ((number - 1) // parts_per_step), MAX_PART_SIZE)
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _forget(future: asyncio.Future[Any]) -> None:
+    """Let a future we no longer wait for finish without a "never retrieved" warning."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+def _tail_key(upload_key: str, token: str) -> str:
+    return f"{upload_key}.tail-{token}"
+
+
+@dataclass
+class _Upload:
+    """The parsed UploadState."""
+
+    partsize: int
+    upload: str | None = None
+    parts: list[tuple[int, str, int]] = field(default_factory=list)
+    tail: str | None = None
+    tailsize: int = 0
+    stale: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, state: UploadState, default_partsize: int) -> _Upload:
+        return cls(
+            partsize=int(state.get("partsize") or default_partsize),
+            upload=state.get("upload"),
+            parts=[(int(n), str(etag), int(size)) for n, etag, size in state.get("parts", [])],
+            tail=state.get("tail"),
+            tailsize=int(state.get("tailsize", 0)),
+            stale=[str(t) for t in state.get("stale", [])],
+        )
+
+    def dump(self) -> UploadState:
+        return {
+            "v": _STATE_VERSION,
+            "partsize": self.partsize,
+            "upload": self.upload,
+            "parts": [[n, etag, size] for n, etag, size in self.parts],
+            "tail": self.tail,
+            "tailsize": self.tailsize,
+            "stale": list(self.stale),
+        }
+
+    @property
+    def parts_bytes(self) -> int:
+        return sum(size for _, _, size in self.parts)
+
+    @property
+    def size(self) -> int:
+        return self.parts_bytes + self.tailsize
+
+
+class S3Driver:
+    name = "s3"
+
+    def __init__(self, config: S3Storage, *, max_threads: int = 32) -> None:
+        if not config.bucket:
+            raise ValueError("storage.s3.bucket is required")
+        self.bucket = config.bucket
+        root = config.rootdirectory.strip("/")
+        self._root = f"{root}/" if root else ""
+        self._part_base = min(max(int(config.chunksize or 0), MIN_PART_SIZE), MAX_PART_SIZE)
+        self._parts_per_step = PARTS_PER_STEP
+        self._put_args: dict[str, str] = {}
+        if config.encrypt:
+            self._put_args["ServerSideEncryption"] = "AES256"
+        # STANDARD is what S3 does without the header; some S3-compatible servers refuse the header.
+        self._storage_class: dict[str, str] = {}
+        if config.storageclass.upper() not in ("", "NONE", "STANDARD"):
+            self._storage_class["StorageClass"] = config.storageclass
+        endpoint = config.regionendpoint or None
+        if endpoint is not None and "://" not in endpoint:
+            endpoint = ("https://" if config.secure else "http://") + endpoint
+        boto_config = BotoConfig(
+            region_name=config.region or "us-east-1",
+            signature_version="s3v4" if config.v4auth else "s3",
+            max_pool_connections=max_threads,
+            retries={"max_attempts": 5, "mode": "standard"},
+            s3={"addressing_style": "path" if config.forcepathstyle else "auto"},
+            # Checksum headers and aws-chunked bodies only where S3 requires them: several
+            # S3-compatible servers (older MinIO, Ceph RGW) refuse them.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        self._client: Any = session.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=config.accesskey or None,
+            aws_secret_access_key=config.secretkey or None,
+            use_ssl=config.secure,
+            verify=False if config.skipverify else None,
+            config=boto_config,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="wharf-s3")
+
+    def _key(self, key: str) -> str:
+        # Keys come from layout.py out of validated names and digests; refuse anything odd anyway.
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad storage key {key!r}")
+        return self._root + key
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- committed objects ------------------------------------------------------------------
+
+    async def stat(self, key: str) -> int | None:
+        return await self._run(self._head, self._key(key))
+
+    async def read(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        if length is not None and length <= 0:
+            return
+        if offset or length is not None:
+            last = "" if length is None else str(offset + length - 1)
+            byte_range: str | None = f"bytes={offset}-{last}"
+        else:
+            byte_range = None
+        body = await self._run(self._open, self._key(key), byte_range)
+        if body is None:
+            return
+        try:
+            while True:
+                data: bytes = await self._run(body.read, _READ_CHUNK)
+                if not data:
+                    break
+                yield data
+        finally:
+            body.close()
+
+    async def read_bytes(self, key: str) -> bytes:
+        return await self._run(self._get_bytes, self._key(key), None)
+
+    async def write_bytes(self, key: str, data: bytes) -> None:
+        # A PUT is atomic: readers see the old object, or none, or all of the new one.
+        await self._run(self._put, self._key(key), data, True)
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+        # Like the filesystem driver, a prefix names a directory.
+        stripped = prefix.strip("/")
+        full = self._root + (stripped + "/" if stripped else "")
+        token: str | None = None
+        while True:
+            keys, token = await self._run(self._list_page, full, token)
+            for key in keys:
+                yield key[len(self._root) :]
+            if token is None:
+                return
+
+    async def redirect_url(self, key: str) -> str | None:
+        return await self._run(
+            self._client.generate_presigned_url,
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=REDIRECT_EXPIRY_SECONDS,
+        )
+
+    def local_path(self, key: str) -> str | None:
+        return None
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    async def upload_start(self, upload_key: str) -> UploadState:
+        self._key(upload_key)
+        # Nothing in S3 yet: the multipart upload begins with the first full part.
+        return _Upload(partsize=self._part_base).dump()
+
+    async def upload_write(
+        self, upload_key: str, state: UploadState, offset: int, chunks: AsyncIterator[bytes]
+    ) -> tuple[int, UploadState]:
+        up = _Upload.load(state, self._part_base)
+        key = self._key(upload_key)
+        if not up.parts_bytes <= offset <= up.size:
+            raise ValueError(
+                f"cannot write at offset {offset}: the upload holds {up.size} bytes, "
+                f"{up.parts_bytes} of them in completed parts"
+            )
+        # The state we were given is the recorded one, so the tails it superseded are garbage now.
+        cleanup = self._submit(self._delete_quietly, [_tail_key(key, t) for t in up.stale]) if up.stale else None
+        # Bytes past `offset` belong to a request that broke before it was recorded: drop them.
+        keep = offset - up.parts_bytes
+        buf = bytearray()
+        if keep:
+            assert up.tail is not None
+            buf += await self._run(self._get_bytes, _tail_key(key, up.tail), keep)
+        parts = list(up.parts)
+        upload_id = up.upload
+        number = len(parts) + 1  # the next part to cut from `buf`
+        pending: asyncio.Future[tuple[int, str, int]] | None = None
+        received = 0
+
+        async def settle() -> UploadState:
+            """Wait for the part in flight, keep the rest as a new tail, and describe the result."""
+            nonlocal pending
+            if pending is not None:
+                parts.append(await pending)
+                pending = None
+            if received == 0:
+                # Nothing new: the old tail (if any) still holds the `keep` bytes.
+                return _Upload(up.partsize, upload_id, parts, up.tail, keep, up.stale).dump()
+            new = _Upload(up.partsize, upload_id, parts, stale=[up.tail] if up.tail is not None else [])
+            if buf:
+                token = uuid.uuid4().hex
+                await self._run(self._put, _tail_key(key, token), bytes(buf), False)
+                new.tail, new.tailsize = token, len(buf)
+            return new.dump()
+
+        iterator = chunks.__aiter__()
+        try:
+            while True:
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (asyncio.CancelledError, GeneratorExit):
+                    raise
+                except Exception as exc:
+                    # The stream broke: keep every byte that arrived so the client can resume.
+                    # (Storage errors below are not caught: they leave the recorded state as it was.)
+                    raise UploadInterrupted(received, await settle(), exc) from exc
+                if not chunk:
+                    continue
+                buf += chunk
+                received += len(chunk)
+                while len(buf) >= (size := part_size(up.partsize, number, self._parts_per_step)):
+                    if number > MAX_PARTS:
+                        raise ValueError(f"upload is larger than {MAX_PARTS} S3 multipart parts")
+                    if pending is not None:
+                        # One part in flight to S3 while the next one is received.
+                        parts.append(await pending)
+                        pending = None
+                    if upload_id is None:
+                        upload_id = await self._run(self._create_multipart, key)
+                    with memoryview(buf) as view:
+                        data = bytes(view[:size])
+                    del buf[:size]
+                    pending = self._submit(self._upload_part, key, upload_id, number, data)
+                    del data
+                    number += 1
+            new_state = await settle()
+        finally:
+            if pending is not None:
+                _forget(pending)
+            if cleanup is not None:
+                _forget(cleanup)
+        if cleanup is not None:
+            await cleanup
+        return received, new_state
+
+    async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
+        up = _Upload.load(state, self._part_base)
+        source = self._key(upload_key)
+        target = self._key(key)
+        if up.size != size:
+            raise ValueError(f"upload holds {up.size} bytes, commit asked for {size}")
+        if await self._run(self._head, target) is not None:
+            # Content-addressed: the same digest already stands for the same bytes.
+            await self.upload_abort(upload_key, state)
+            return key
+        if not up.parts:
+            # Smaller than a part: one PUT at the blob key.
+            data = await self._read_tail(source, up)
+            await self._run(self._put, target, data, True)
+            del data
+            await self.upload_abort(upload_key, state)
+            return key
+        assert up.upload is not None
+        parts = list(up.parts)
+        if len(parts) + (1 if up.tailsize else 0) > MAX_PARTS:
+            raise ValueError(f"upload is larger than {MAX_PARTS} S3 multipart parts")
+        try:
+            if up.tailsize:
+                # The tail is the last part, which may be smaller than 5 MiB.
+                data = await self._read_tail(source, up)
+                parts.append(await self._run(self._upload_part, source, up.upload, len(parts) + 1, data))
+                del data
+            await self._run(self._complete_multipart, source, up.upload, parts)
+        except (ClientError, FileNotFoundError) as exc:
+            # A commit that completed (and removed the tail) before its node died leaves no
+            # multipart upload behind; the size check below tells that from a lost upload.
+            if isinstance(exc, ClientError) and _error_code(exc) not in _NO_UPLOAD:
+                raise
+            if await self._run(self._head, source) != size:
+                raise
+        stored = await self._run(self._head, source)
+        if stored != size:
+            raise RuntimeError(f"multipart upload {upload_key!r} completed with {stored} bytes, expected {size}")
+        await self._run(self._delete_tails, source)
+        return upload_key
+
+    async def upload_abort(self, upload_key: str, state: UploadState) -> None:
+        # The upload key itself is left alone: once completed, it is a committed blob.
+        up = _Upload.load(state, self._part_base)
+        source = self._key(upload_key)
+        if up.upload is not None:
+            await self._run(self._abort_multipart, source, up.upload)
+        await self._run(self._delete_tails, source)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    async def _read_tail(self, source: str, up: _Upload) -> bytes:
+        if not up.tailsize:
+            return b""
+        assert up.tail is not None
+        return await self._run(self._get_bytes, _tail_key(source, up.tail), up.tailsize)
+
+    # -- blocking helpers, run on the driver's thread pool ----------------------------------
+
+    def _head(self, full_key: str) -> int | None:
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=full_key)
+        except ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND:
+                return None
+            raise
+        return int(response["ContentLength"])
+
+    def _open(self, full_key: str, byte_range: str | None) -> Any:
+        args: dict[str, str] = {"Bucket": self.bucket, "Key": full_key}
+        if byte_range is not None:
+            args["Range"] = byte_range
+        try:
+            return self._client.get_object(**args)["Body"]
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _NOT_FOUND:
+                raise FileNotFoundError(f"no object {full_key!r} in bucket {self.bucket!r}") from exc
+            if code == "InvalidRange":
+                return None  # an offset at or past the end: nothing to read
+            raise
+
+    def _get_bytes(self, full_key: str, length: int | None) -> bytes:
+        body = self._open(full_key, None if length is None else f"bytes=0-{length - 1}")
+        if body is None:
+            return b""
+        try:
+            data: bytes = body.read()
+        finally:
+            body.close()
+        if length is not None and len(data) != length:
+            raise RuntimeError(f"{full_key!r} holds {len(data)} bytes, expected {length}")
+        return data
+
+    def _put(self, full_key: str, data: bytes, committed: bool) -> None:
+        extra = {**self._put_args, **(self._storage_class if committed else {})}
+        self._client.put_object(
+            Bucket=self.bucket, Key=full_key, Body=data, ContentType="application/octet-stream", **extra
+        )
+
+    def _list_page(self, full_prefix: str, token: str | None) -> tuple[_Keys, str | None]:
+        args: dict[str, str] = {"Bucket": self.bucket, "Prefix": full_prefix}
+        if token is not None:
+            args["ContinuationToken"] = token
+        response = self._client.list_objects_v2(**args)
+        keys = [item["Key"] for item in response.get("Contents", [])]
+        return keys, (response.get("NextContinuationToken") if response.get("IsTruncated") else None)
+
+    def _delete_keys(self, full_keys: _Keys) -> None:
+        for start in range(0, len(full_keys), 1000):
+            batch = full_keys[start : start + 1000]
+            response = self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+            errors = response.get("Errors") or []
+            if errors:
+                raise RuntimeError(f"S3 refused to delete {len(errors)} objects, first: {errors[0]}")
+
+    def _delete_quietly(self, full_keys: _Keys) -> None:
+        try:
+            self._delete_keys(full_keys)
+        except Exception:
+            # Commit and abort remove every tail anyway.
+            log.warning("could not delete superseded upload tails", exc_info=True)
+
+    def _delete_tails(self, full_upload_key: str) -> None:
+        keys: _Keys = []
+        token: str | None = None
+        while True:
+            page, token = self._list_page(f"{full_upload_key}.tail-", token)
+            keys.extend(page)
+            if token is None:
+                break
+        if keys:
+            self._delete_keys(keys)
+
+    def _create_multipart(self, full_key: str) -> str:
+        response = self._client.create_multipart_upload(
+            Bucket=self.bucket,
+            Key=full_key,
+            ContentType="application/octet-stream",
+            **self._put_args,
+            **self._storage_class,
+        )
+        return str(response["UploadId"])
+
+    def _upload_part(self, full_key: str, upload_id: str, number: int, data: bytes) -> tuple[int, str, int]:
+        response = self._client.upload_part(
+            Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=number, Body=data
+        )
+        return number, str(response["ETag"]), len(data)
+
+    def _complete_multipart(self, full_key: str, upload_id: str, parts: _Parts) -> None:
+        self._client.complete_multipart_upload(
+            Bucket=self.bucket,
+            Key=full_key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag, _ in parts]},
+        )
+
+    def _abort_multipart(self, full_key: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except ClientError as exc:
+            if _error_code(exc) not in _NO_UPLOAD:
+                raise
