@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.handlers
@@ -46,6 +47,23 @@ def configure_logging(level: str = "info") -> logging.handlers.QueueListener:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     listener.start()
     return listener
+
+
+_DRAIN_SECONDS = 10.0
+
+
+async def _discard_body(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def _finish_drain(drain: asyncio.Future[None]) -> None:
+    try:
+        await asyncio.wait_for(drain, _DRAIN_SECONDS)
+    except Exception:  # timed out, or the receive channel broke
+        drain.cancel()
 
 
 def _has_body(scope: Scope) -> bool:
@@ -107,6 +125,16 @@ class AccessLog:
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+                if body_pending and not message.get("more_body", False):
+                    # The server may still be queueing the unread body; with its queue full it
+                    # would block this last send for ever and leak the connection. Reading on
+                    # until it says the client is gone lets it finish and close.
+                    drain = asyncio.ensure_future(_discard_body(receive))
+                    try:
+                        await send(message)
+                    finally:
+                        await _finish_drain(drain)
+                    return
             await send(message)
 
         try:
