@@ -14,6 +14,11 @@ BLOBS = "blob/"
 REFERRERS = "referrer/"
 UPLOADS = "upload/"
 LEADER = "leader/"
+TOUCHES = "touch/"
+PENDING_BLOBS = "gc/pending-blob/"
+PENDING_MANIFESTS = "gc/pending-manifest/"
+DELETING = "gc/deleting/"
+GC_LAST_RUN = "gc/last-run"
 
 
 def after(key: str) -> str:
@@ -67,3 +72,22 @@ def upload(upload_id: str) -> str:
 
 def leader(job: str) -> str:
     return f"{LEADER}{job}"
+
+
+def touch(digest: str) -> str:
+    """When a client was last told this blob exists (garbage collection spares it a while)."""
+    return f"{TOUCHES}{digest}"
+
+
+def pending_blob(digest: str) -> str:
+    """Garbage collection means to delete this blob; a push that uses it removes the mark."""
+    return f"{PENDING_BLOBS}{digest}"
+
+
+def pending_manifest(repo: str, digest: str) -> str:
+    return f"{PENDING_MANIFESTS}{repo}@{digest}"
+
+
+def deleting(digest: str) -> str:
+    """The blob's records are gone and its storage object is being deleted."""
+    return f"{DELETING}{digest}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -81,6 +82,18 @@ class Conflict(Exception):
     """A record kept changing under an optimistic transaction."""
 
 
+class BeingCollected(Exception):
+    """Garbage collection is deleting this digest's storage object right now.
+
+    A writer whose bytes may have just been deleted with it must wait until the deletion is
+    over (`Metadata.wait_collected`) and then store them again.
+    """
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"{digest} is being garbage collected")
+        self.digest = digest
+
+
 class Metadata:
     """The registry's source of truth, written only through single KV transactions."""
 
@@ -132,18 +145,45 @@ class Metadata:
         """
         now = time.time()
         link = Put(keys.link(repo, digest), _dump(LinkRecord(size, now)))
-        common: list[Op] = [link, Put(keys.repository(repo), b"{}")]
+        # Using a blob that garbage collection marked wins over the collection.
+        common: list[Op] = [link, Put(keys.repository(repo), b"{}"), Delete(keys.pending_blob(digest))]
         if upload_id is not None:
             common.append(Delete(keys.upload(upload_id)))
         record = BlobRecord(size, key, now)
-        blob = Put(keys.blob(digest), _dump(record))
-        result = await self.kv.txn(
-            [Compare.absent(keys.blob(digest))], [blob, *common], [*common, Get(keys.blob(digest))]
-        )
-        if result.succeeded or result.gets[0] is None:
-            return record
-        existing: BlobRecord = _load(BlobRecord, result.gets[0])
-        return existing
+        blob_key = keys.blob(digest)
+        not_deleting = Compare.absent(keys.deleting(digest))
+        for _ in range(_MAX_ATTEMPTS):
+            result = await self.kv.txn(
+                [Compare.absent(blob_key), not_deleting],
+                [Put(blob_key, _dump(record)), *common],
+                [Get(blob_key), Get(keys.deleting(digest))],
+            )
+            if result.succeeded:
+                return record
+            existing, deleting = result.gets
+            if deleting is not None:
+                raise BeingCollected(digest)
+            if existing is None:
+                continue
+            again = await self.kv.txn([Compare.unchanged(blob_key, existing.mod_revision), not_deleting], common)
+            if again.succeeded:
+                found: BlobRecord = _load(BlobRecord, existing)
+                return found
+        raise Conflict(f"commit of {digest} kept racing")
+
+    async def wait_collected(self, digest: str, *, timeout: float = 30.0) -> None:
+        """Return once garbage collection has finished deleting `digest` (or it never was)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while await self.kv.get(keys.deleting(digest)) is not None:
+            if time.monotonic() > deadline:
+                raise Conflict(f"{digest} is still being collected")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def touch(self, digest: str) -> None:
+        """Note that a client was just told this blob exists: garbage collection spares it a while."""
+        await self.kv.put(keys.touch(digest), json.dumps({"at": time.time()}).encode())
 
     async def mount_blob(self, repo: str, digest: str, source: str) -> LinkRecord | None:
         """Link a blob of `source` into `repo`; None if `source` does not have it."""
@@ -154,8 +194,16 @@ class Metadata:
             record: LinkRecord = _load(LinkRecord, found)
             linked = LinkRecord(record.size, time.time())
             result = await self.kv.txn(
-                [Compare.unchanged(found.key, found.mod_revision)],
-                [Put(keys.link(repo, digest), _dump(linked)), Put(keys.repository(repo), b"{}")],
+                [
+                    Compare.unchanged(found.key, found.mod_revision),
+                    Compare.present(keys.blob(digest)),
+                    Compare.absent(keys.deleting(digest)),
+                ],
+                [
+                    Put(keys.link(repo, digest), _dump(linked)),
+                    Put(keys.repository(repo), b"{}"),
+                    Delete(keys.pending_blob(digest)),
+                ],
             )
             if result.succeeded:
                 return linked
@@ -177,9 +225,15 @@ class Metadata:
         """
         guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
         guards += [Compare.present(keys.manifest(repo, d)) for d in record.manifests]
+        guards.append(Compare.absent(keys.deleting(record.digest)))
         ops: list[Op] = [
             Put(keys.manifest(repo, record.digest), _dump(record)),
             Put(keys.repository(repo), b"{}"),
+            # Whatever this manifest uses is no longer garbage: the push wins over collection.
+            Delete(keys.pending_blob(record.digest)),
+            Delete(keys.pending_manifest(repo, record.digest)),
+            *(Delete(keys.pending_blob(d)) for d in record.blobs),
+            *(Delete(keys.pending_manifest(repo, d)) for d in record.manifests),
         ]
         if tag is not None:
             ops.append(
@@ -197,6 +251,8 @@ class Metadata:
         result = await self.kv.txn([*guards, Compare.present(blob_key)], ops)
         if result.succeeded:
             return
+        if await self.kv.get(keys.deleting(record.digest)) is not None:
+            raise BeingCollected(record.digest)
         await self._raise_missing(repo, record)
         raise Conflict("manifest references kept changing")
 

@@ -14,6 +14,7 @@ import tempfile
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from . import admin
 from .config import Config, ConfigError, load
 from .metrics import MULTIPROC_ENV
 
@@ -61,6 +62,9 @@ def _start_debug_listener(config: Config, registry: CollectorRegistry | None) ->
 
 
 def serve(config: Config) -> int:
+    from .tls import check_listener
+
+    check_listener(config)
     if config.source is None:
         print(
             '{"level":"warning","msg":"no configuration file: serving on defaults (embedded coordinator, '
@@ -134,15 +138,105 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run a registry node")
     serve_cmd.add_argument("config", nargs="?", help="configuration file (Distribution config.yml superset)")
+    _add_htpasswd_parser(commands)
+    _add_cert_parser(commands)
+    admin.add_commands(commands)
     args = parser.parse_args(argv)
-    if args.command == "serve":
+    if hasattr(args, "run"):
         try:
-            config = load(args.config or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)
+            config = load(getattr(args, "config", None) or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)
         except ConfigError as exc:
             print(f"wharf: {exc}", file=sys.stderr)
             return 2
-        return serve(config)
+        return int(args.run(args, config))
+    if args.command == "serve":
+        try:
+            config = load(args.config or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)
+            return serve(config)
+        except ConfigError as exc:
+            print(f"wharf: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "htpasswd":
+        return _htpasswd(args)
+    if args.command == "cert":
+        return _cert(args)
     return 2
+
+
+def _add_htpasswd_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    htpasswd = commands.add_parser("htpasswd", help="manage users in an htpasswd file (bcrypt)")
+    actions = htpasswd.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add a user or change its password")
+    add.add_argument("file")
+    add.add_argument("user")
+    add.add_argument("password", nargs="?", help="the password (default: prompt, or one line from stdin)")
+    add.add_argument("--cost", type=int, default=10, help="bcrypt cost, 4-31 (default 10)")
+    remove = actions.add_parser("remove", help="remove a user")
+    remove.add_argument("file")
+    remove.add_argument("user")
+    listing = actions.add_parser("list", help="list user names")
+    listing.add_argument("file")
+
+
+def _read_password() -> str:
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    password = getpass.getpass("New password: ")
+    if getpass.getpass("Re-type new password: ") != password:
+        raise ValueError("the passwords do not match")
+    return password
+
+
+def _htpasswd(args: argparse.Namespace) -> int:
+    from .auth import htpasswd
+
+    try:
+        if args.action == "add":
+            if not 4 <= args.cost <= 31:
+                raise ValueError("--cost must be between 4 and 31")
+            password = args.password if args.password is not None else _read_password()
+            created = htpasswd.set_password(args.file, args.user, password, args.cost)
+            print(f"{'Adding' if created else 'Updating'} password for user {args.user}", file=sys.stderr)
+        elif args.action == "remove":
+            if not htpasswd.remove_user(args.file, args.user):
+                print(f"wharf: no user {args.user} in {args.file}", file=sys.stderr)
+                return 1
+            print(f"Deleting password for user {args.user}", file=sys.stderr)
+        else:
+            for user in htpasswd.list_users(args.file):
+                print(user)
+    except (OSError, ValueError) as exc:
+        print(f"wharf: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_cert_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cert = commands.add_parser("cert", help="make a self-signed TLS certificate and key for test set-ups")
+    cert.add_argument("hosts", nargs="+", metavar="HOST", help="host names or IP addresses it is valid for")
+    cert.add_argument("--dir", default="certs", help="where to write domain.crt and domain.key (default ./certs)")
+    cert.add_argument("--days", type=int, default=365)
+    cert.add_argument("--key-type", choices=["ec", "rsa"], default="ec")
+    cert.add_argument("--force", action="store_true", help="replace existing files")
+
+
+def _cert(args: argparse.Namespace) -> int:
+    from .tls import write_certificate
+
+    try:
+        cert, key = write_certificate(args.dir, args.hosts, days=args.days, key_type=args.key_type, force=args.force)
+    except (OSError, ValueError) as exc:
+        print(f"wharf: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {cert} and {key}\n"
+        f"serve with:  REGISTRY_HTTP_TLS_CERTIFICATE={cert} REGISTRY_HTTP_TLS_KEY={key} wharf serve\n"
+        f"trust with:  cp {cert} /etc/docker/certs.d/{args.hosts[0]}:5000/ca.crt  "
+        f"(skopeo: --dest-cert-dir / --src-cert-dir naming a directory holding it as ca.crt)"
+    )
+    return 0
 
 
 if __name__ == "__main__":

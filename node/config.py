@@ -124,6 +124,8 @@ class HTTPConfig:
     # Wharf: the ASGI server and its worker processes.
     server: str = "hypercorn"
     workers: int = 1
+    # Wharf: serve authentication over plain HTTP (only behind a TLS-terminating proxy).
+    insecure: bool = False
 
 
 @dataclass
@@ -155,11 +157,110 @@ class CoordinatorConfig:
 
 
 @dataclass
+class GCConfig:
+    """Online garbage collection, run by the cluster's leader on a schedule."""
+
+    enabled: bool = True
+    interval: str = "1h"
+    # Nothing uploaded, linked, pushed or shown to a client within this long is collected.
+    grace: str = "1h"
+    # Also collect manifests no tag reaches (Distribution's --delete-untagged); children of a
+    # tagged index and referrers of a live manifest are never untagged.
+    deleteuntagged: bool = False
+
+
+@dataclass
 class ClusterConfig:
     # A name for this node in leader records and logs; host:port:pid when empty.
     node: str = ""
     # Seconds a leader's lease lives without a refresh: how fast another node takes over.
     leasettl: int = 10
+
+
+@dataclass
+class HtpasswdAuth:
+    """Distribution's auth.htpasswd: users with bcrypt passwords in an Apache htpasswd file."""
+
+    realm: str = "wharf"
+    path: str = ""
+
+
+@dataclass
+class TokenAuth:
+    """Distribution's auth.token, plus Wharf's own token service (on when `signingkey` is set)."""
+
+    realm: str = ""  # where clients get tokens; empty with `signingkey`: this node's /auth/token
+    service: str = ""  # the audience tokens must name
+    issuer: str = ""
+    rootcertbundle: str = ""  # certificates (or public keys) whose keys sign valid tokens
+    autoredirect: bool = False
+    signingalgorithms: list[str] = field(default_factory=list)
+    # Wharf's token service: the private key it signs with (EC P-256/P-384 or RSA), its users
+    # (an htpasswd file), and how long access and refresh tokens live.
+    signingkey: str = ""
+    htpasswd: str = ""
+    expiration: str = "5m"
+    refreshexpiration: str = "24h"
+
+
+@dataclass
+class AuthConfig:
+    htpasswd: HtpasswdAuth | None = None
+    token: TokenAuth | None = None
+    silly: dict[str, Any] | None = None
+
+    @property
+    def mode(self) -> str | None:
+        """The auth mode: htpasswd, token, or None when the registry is open."""
+        if self.htpasswd is not None:
+            return "htpasswd"
+        return "token" if self.token is not None else None
+
+
+@dataclass
+class AccessRule:
+    """Who may do what to which repositories; `*` and `**` globs as in zot."""
+
+    repositories: list[str] = field(default_factory=lambda: ["**"])
+    users: list[str] = field(default_factory=list)  # "*": every signed-in user
+    groups: list[str] = field(default_factory=list)
+    anonymous: bool = False  # also callers without credentials (pull only)
+    actions: list[str] = field(default_factory=lambda: ["pull"])  # pull, push, delete or *
+
+
+@dataclass
+class AccessConfig:
+    """Without rules every signed-in user may do everything and anonymous callers nothing."""
+
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    rules: list[AccessRule] = field(default_factory=list)
+
+
+@dataclass
+class AuditConfig:
+    """One JSON line per push, pull, delete, failed sign-in and denial; off without path or stdout."""
+
+    path: str = ""
+    stdout: bool = False
+    maxsize: str = "100MB"  # rotate to path.1 ... beyond this size
+    maxbackups: int = 5
+    fsync: bool = False
+    pulls: bool = True
+
+
+@dataclass
+class AuthFailureLimits:
+    """Failed sign-ins allowed per window before a caller gets 429 for `backoff`; 0 turns a limit off."""
+
+    peraddress: int = 20
+    peruser: int = 10
+    window: str = "1m"
+    backoff: str = "1m"
+
+
+@dataclass
+class RateLimitConfig:
+    authfailures: AuthFailureLimits = field(default_factory=AuthFailureLimits)
 
 
 @dataclass
@@ -170,8 +271,12 @@ class Config:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    gc: GCConfig = field(default_factory=GCConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     # Sections parsed by later features; kept so that Distribution files load unchanged.
-    auth: dict[str, Any] = field(default_factory=dict)
     notifications: dict[str, Any] = field(default_factory=dict)
     redis: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
@@ -267,7 +372,7 @@ def _finish(config: Config, path: str | None) -> None:
             root = os.path.abspath(storage.filesystem.rootdirectory)
             coordinator.embedded.path = os.path.join(os.path.dirname(root), os.path.basename(root) + "-coordinator.db")
     purging = storage.maintenance.uploadpurging
-    for value in (purging.age, purging.interval):
+    for value in (purging.age, purging.interval, config.gc.interval, config.gc.grace):
         parse_duration(value)
     if config.cluster.leasettl < 2:
         raise ConfigError("cluster.leasettl must be at least 2 seconds")
@@ -275,6 +380,61 @@ def _finish(config: Config, path: str | None) -> None:
         raise ConfigError("http.workers must be at least 1")
     if config.http.server not in ("hypercorn", "granian"):
         raise ConfigError("http.server must be hypercorn or granian")
+    _check_security(config)
+
+
+_ACTIONS = ("pull", "push", "delete", "*")
+
+
+def _check_security(config: Config) -> None:
+    """The auth, access, audit and ratelimit sections: one auth mode, complete, rules that parse."""
+    auth = config.auth
+    if auth.silly is not None:
+        raise ConfigError("auth.silly is not supported; use htpasswd or token")
+    if auth.htpasswd is not None and auth.token is not None:
+        raise ConfigError("auth: configure exactly one of htpasswd or token")
+    if auth.htpasswd is not None and not auth.htpasswd.path:
+        raise ConfigError("auth.htpasswd.path is required")
+    token = auth.token
+    if token is not None:
+        for key in ("service", "issuer"):
+            if not getattr(token, key):
+                raise ConfigError(f"auth.token.{key} is required")
+        if not token.rootcertbundle and not token.signingkey:
+            raise ConfigError("auth.token: rootcertbundle (or signingkey, for the built-in token service) is required")
+        if not token.realm and not token.signingkey:
+            raise ConfigError("auth.token.realm is required when another service issues the tokens")
+        if token.htpasswd and not token.signingkey:
+            raise ConfigError("auth.token.htpasswd needs auth.token.signingkey (the built-in token service)")
+        for value in (token.expiration, token.refreshexpiration):
+            if parse_duration(value) <= 0:
+                raise ConfigError("auth.token: token lifetimes must be positive")
+    groups = config.access.groups
+    for group, members in groups.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"access.groups.{group}: expected a list of user names")
+    for i, rule in enumerate(config.access.rules):
+        where = f"access.rules[{i}]"
+        if not rule.repositories:
+            raise ConfigError(f"{where}.repositories: at least one pattern is required")
+        unknown = [a for a in rule.actions if a not in _ACTIONS]
+        if unknown or not rule.actions:
+            raise ConfigError(f"{where}.actions: each must be one of {', '.join(_ACTIONS)}")
+        if rule.anonymous and set(rule.actions) != {"pull"}:
+            raise ConfigError(f"{where}: anonymous callers may only be granted pull")
+        missing = [g for g in rule.groups if g not in groups]
+        if missing:
+            raise ConfigError(f"{where}.groups: no such group {missing[0]!r} in access.groups")
+    audit = config.audit
+    if parse_size(audit.maxsize) < 1000:
+        raise ConfigError("audit.maxsize must be at least 1KB")
+    if audit.maxbackups < 0:
+        raise ConfigError("audit.maxbackups must not be negative")
+    limits = config.ratelimit.authfailures
+    if limits.peraddress < 0 or limits.peruser < 0:
+        raise ConfigError("ratelimit.authfailures: limits must not be negative")
+    if parse_duration(limits.window) <= 0 or parse_duration(limits.backoff) <= 0:
+        raise ConfigError("ratelimit.authfailures: window and backoff must be positive")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -310,6 +470,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
+        item = (typing.get_args(hint) or (Any,))[0]
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]  # type: ignore[arg-type]
         return value
     if origin is dict:
         if value is None:
@@ -367,3 +530,19 @@ def parse_duration(text: str) -> float:
     if number:
         raise ConfigError(f"invalid duration {text!r}: missing unit")
     return total
+
+
+def parse_size(text: str) -> int:
+    """'100MB', '64KiB', '1G' or a bare number of bytes."""
+    text = str(text).strip()
+    units = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}
+    number = text.rstrip("bBkKmMgGiI ")
+    unit = text[len(number) :].strip().upper()
+    unit = unit[:-1] if unit.endswith("B") and unit != "B" else unit
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"invalid size {text!r}") from None
+    if unit not in units or value < 0:
+        raise ConfigError(f"invalid size {text!r}")
+    return int(value * units[unit])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from coordinator import keys
 from coordinator.kv import Compare, Delete
 from coordinator.uploads import UploadSession
 
+from . import gc
 from .config import parse_duration
 from .services import Services
 from .storage import layout
@@ -29,27 +31,41 @@ class Maintenance:
         self.dry_run = purging.dryrun
 
     async def lead(self) -> None:
-        """The leader's loop; cancelled when leadership ends."""
-        gauge = self.services.metrics.upload_sessions
-        next_purge = time.monotonic()
+        """The leader's jobs, each on its own schedule; all cancelled when leadership ends."""
+        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads)]
+        if self.enabled:
+            jobs.append(self._every(self.interval, self._purge))
+        if self.services.config.gc.enabled:
+            jobs.append(self._every(parse_duration(self.services.config.gc.interval), self._collect))
         try:
-            while True:
-                try:
-                    gauge.set(await self.services.kv.count(keys.UPLOADS))
-                    if self.enabled and time.monotonic() >= next_purge:
-                        next_purge = time.monotonic() + self.interval
-                        self.services.metrics.uploads_purged.inc(await self.purge_uploads())
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("maintenance cycle failed")
-                delay = _GAUGE_SECONDS
-                if self.enabled:
-                    delay = min(delay, max(next_purge - time.monotonic(), 0.05))
-                await asyncio.sleep(delay)
+            await asyncio.gather(*jobs)
         finally:
             # Only the leader reports the cluster-wide figure, so a sum over nodes stays right.
-            gauge.set(0)
+            self.services.metrics.upload_sessions.set(0)
+
+    @staticmethod
+    async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("maintenance job %s failed", getattr(job, "__name__", job))
+            await asyncio.sleep(max(seconds - (time.monotonic() - started), 0.05))
+
+    async def _count_uploads(self) -> None:
+        self.services.metrics.upload_sessions.set(await self.services.kv.count(keys.UPLOADS))
+
+    async def _purge(self) -> None:
+        self.services.metrics.uploads_purged.inc(await self.purge_uploads())
+
+    async def _collect(self) -> None:
+        try:
+            await gc.collect(self.services)
+        except gc.CycleRunning as exc:
+            log.info("garbage collection skipped: a cycle is running on %s", exc)
 
     async def purge_uploads(self, *, now: float | None = None) -> int:
         """Remove sessions idle for longer than `age`, record first so nobody continues them."""

@@ -64,6 +64,19 @@ class Metrics:
         self.cache_hits = Counter("wharf_cache_hits_total", "Cache hits", ["cache"], registry=r)
         self.cache_misses = Counter("wharf_cache_misses_total", "Cache misses", ["cache"], registry=r)
         self.uploads_purged = Counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed", registry=r)
+        self.gc_runs = Counter("wharf_gc_runs_total", "Garbage collection cycles", ["result"], registry=r)
+        self.gc_duration = Histogram(
+            "wharf_gc_duration_seconds",
+            "Garbage collection cycle duration",
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+            registry=r,
+        )
+        self.gc_blobs_deleted = Counter("wharf_gc_blobs_deleted_total", "Blobs deleted by GC", registry=r)
+        self.gc_manifests_deleted = Counter("wharf_gc_manifests_deleted_total", "Manifests deleted by GC", registry=r)
+        self.gc_bytes_freed = Counter("wharf_gc_bytes_freed_total", "Bytes freed by GC", registry=r)
+        self.gc_reclaimable_bytes = Gauge(
+            "wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable", registry=r, multiprocess_mode="max"
+        )
 
     def observe_request(self, method: str, route: str, status: int, received: int, sent: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

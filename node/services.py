@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import socket
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coordinator.kv import KV
 from coordinator.metadata import Metadata
 from coordinator.uploads import UploadSessions
 
 from .config import Config
+from .gc import Touches
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .storage import layout
 from .storage.driver import StorageDriver
@@ -86,6 +87,10 @@ class Services:
     blobs: BlobLocations
     metrics: Metrics
     node_id: str
+    touches: Touches = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.touches = Touches(self)
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:

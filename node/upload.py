@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import rehashes
 
-from coordinator.metadata import Metadata
+from coordinator.metadata import BeingCollected, Metadata
 from coordinator.uploads import SessionChanged, UploadSession, UploadSessions
 
 from .errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid
@@ -118,7 +118,19 @@ class Uploader:
         return session.offset
 
     async def _record(self, repository: str, digest: str, size: int, stored: str, upload_id: str | None) -> None:
-        record = await self.metadata.commit_blob(repository, digest, size, stored, upload_id=upload_id)
+        try:
+            record = await self.metadata.commit_blob(repository, digest, size, stored, upload_id=upload_id)
+        except BeingCollected:
+            # Garbage collection was deleting this very digest; its storage delete may have
+            # taken our freshly committed bytes too. Wait it out and keep them only if intact.
+            await self.metadata.wait_collected(digest)
+            if await self.storage.stat(stored) != size:
+                if upload_id is not None:
+                    await self.sessions.delete(upload_id)
+                raise BlobUploadInvalid(
+                    {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
+                ) from None
+            record = await self.metadata.commit_blob(repository, digest, size, stored, upload_id=upload_id)
         if record.key != stored:
             # The digest was already stored elsewhere; this copy is redundant.
             await self.storage.delete(stored)

@@ -43,9 +43,12 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
 async def _linked_size(request: Request) -> tuple[str, str, int]:
     name = repository(request)
     digest = str(parse_digest(request.path_params["digest"]))
-    link = await services(request).metadata.get_link(name, digest)
+    svc = services(request)
+    link = await svc.metadata.get_link(name, digest)
     if link is None:
         raise BlobUnknown({"digest": digest})
+    # A client told that a blob exists will not upload it again: keep it past the next GC.
+    await svc.touches.touch(digest)
     return name, digest, link.size
 
 

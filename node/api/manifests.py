@@ -7,7 +7,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from coordinator.metadata import ManifestRecord, MissingReferences
+from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences
 
 from .. import manifest as manifests
 from ..errors import DigestInvalid, ManifestBlobUnknown, ManifestTooLarge, ManifestUnknown, TagInvalid, Unsupported
@@ -112,10 +112,16 @@ async def put_manifest(request: Request) -> Response:
     key = layout.blob_key(digest)
     # Content first, then the records that make it visible: a reader never finds a record
     # whose bytes are missing.
-    if await svc.storage.stat(key) is None:
+    if await svc.storage.stat(key) != len(body):
         await svc.storage.write_bytes(key, body)
     try:
-        await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key)
+        try:
+            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key)
+        except BeingCollected:
+            # Garbage collection was deleting these very bytes: wait, store them again, retry.
+            await svc.metadata.wait_collected(digest)
+            await svc.storage.write_bytes(key, body)
+            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key)
     except MissingReferences as exc:
         raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
     svc.manifests.put(digest, body)

@@ -66,8 +66,10 @@ async def start_upload(request: Request) -> Response:
         if source:
             validate_name(source)
             if source != name and await svc.metadata.mount_blob(name, digest, source) is not None:
+                await svc.touches.touch(digest)
                 return _committed(request, name, digest)
             if source == name and await svc.metadata.get_link(name, digest) is not None:
+                await svc.touches.touch(digest)
                 return _committed(request, name, digest)
         # Not mountable: an ordinary upload session instead, as the spec allows.
     elif params.get("digest") is not None:

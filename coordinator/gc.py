@@ -1,0 +1,414 @@
+"""Online mark-and-sweep garbage collection over the coordinator's metadata.
+
+Pushes and pulls go on while it runs. The rules that keep a tagged image whole:
+- Mark finds what nothing live uses and what is older than the grace period (by creation, link,
+  last touch and push time). Those become *pending* with a KV mark.
+- A push that uses a pending blob or manifest deletes the mark in its own transaction (the push
+  wins); a manifest PUT also guards that every blob it names is still linked (GC wins: the client
+  is told MANIFEST_BLOB_UNKNOWN). Manifests written since mark began are scanned again after the
+  marks are placed, so one that slipped in between also saves what it uses.
+- Deletion is one transaction per digest that compares the pending mark, the blob record, its
+  links and its touch record with what mark saw; only then is the storage object deleted, under a
+  `deleting` record that writers of the same digest wait out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import keys
+from .kv import KV, Compare, Delete, KeyValue, Op, Put
+
+log = logging.getLogger("wharf.gc")
+
+_PAGE = 1000
+_CONCURRENCY = 32
+
+
+@dataclass
+class Candidate:
+    digest: str
+    size: int
+    storage_key: str
+    blob_revision: int
+    touch_revision: int
+    links: dict[str, int] = field(default_factory=dict)  # link key -> mod_revision
+    pending_revision: int = 0
+
+
+@dataclass
+class ManifestCandidate:
+    repo: str
+    digest: str
+    revision: int
+    subject: str | None
+    pending_revision: int = 0
+
+
+@dataclass
+class Summary:
+    started: float = 0.0
+    finished: float = 0.0
+    dry_run: bool = False
+    manifests_seen: int = 0
+    blobs_seen: int = 0
+    manifests_deleted: int = 0
+    blobs_deleted: int = 0
+    bytes_freed: int = 0
+    blobs_saved_by_pushes: int = 0
+    reclaimable_bytes: int = 0
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        return self.finished - self.started
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
+class Collector:
+    def __init__(
+        self,
+        kv: KV,
+        *,
+        grace: float,
+        delete_untagged: bool = False,
+        dry_run: bool = False,
+        progress: Progress = _no_progress,
+    ) -> None:
+        self.kv = kv
+        self.grace = grace
+        self.delete_untagged = delete_untagged
+        self.dry_run = dry_run
+        self.progress = progress
+        self.summary = Summary()
+
+    async def _all(self, prefix: str) -> list[KeyValue]:
+        found: list[KeyValue] = []
+        start: str | None = None
+        while True:
+            page = await self.kv.range(prefix, start=start, limit=_PAGE)
+            found.extend(page)
+            if len(page) < _PAGE:
+                return found
+            start = keys.after(page[-1].key)
+
+    async def _revision(self) -> int:
+        return (await self.kv.txn([], [])).revision
+
+    # -- the cycle ------------------------------------------------------------------------
+
+    async def run(self, delete_object: Callable[[str], Awaitable[None]]) -> Summary:
+        """One whole cycle: untagged manifests (if asked), then blobs."""
+        summary = Summary(started=time.time(), dry_run=self.dry_run)
+        self.summary = summary  # readable while the cycle runs, for progress reports
+        cutoff = summary.started - self.grace
+        doomed = await self._collect_manifests(cutoff, summary)
+        await self._collect_blobs(cutoff, summary, delete_object, doomed)
+        summary.finished = time.time()
+        if not self.dry_run:
+            await self.kv.put(keys.GC_LAST_RUN, json.dumps(asdict(summary) | {"deleted": []}).encode())
+        return summary
+
+    # -- manifests --------------------------------------------------------------------------
+
+    async def _collect_manifests(self, cutoff: float, summary: Summary) -> set[str]:
+        """Delete manifests nothing keeps; returns their keys (what a dry run would delete)."""
+        since = await self._revision()
+        records = {kv.key: kv for kv in await self._all(keys.MANIFESTS)}
+        decoded = {key: json.loads(kv.value) for key, kv in records.items()}
+        live = await self._live_manifests(decoded, cutoff)
+        doomed = set(records) - live
+        if not self.delete_untagged:
+            # Only referrers (signatures, SBOMs) whose subject is gone, or going, follow it.
+            orphans: set[str] = set()
+            while True:
+                more = {
+                    key
+                    for key in doomed - orphans
+                    if decoded[key].get("subject")
+                    and (
+                        _sibling(key, decoded[key]["subject"]) not in records
+                        or _sibling(key, decoded[key]["subject"]) in orphans
+                    )
+                }
+                if not more:
+                    break
+                orphans |= more
+            doomed = orphans
+        candidates = []
+        for key in sorted(doomed):
+            repo, digest = key[len(keys.MANIFESTS) :].rsplit("@", 1)
+            candidates.append(ManifestCandidate(repo, digest, records[key].mod_revision, decoded[key].get("subject")))
+        if self.dry_run:
+            summary.manifests_deleted = len(candidates)
+            summary.deleted += [f"{c.repo}@{c.digest}" for c in candidates]
+            return doomed
+        await self._bounded([self._pend_manifest(c) for c in candidates])
+        candidates = [c for c in candidates if c.pending_revision]
+        # Manifests written since mark began may use a candidate (an index naming a child).
+        saved: set[str] = set()
+        for kv in await self._all(keys.MANIFESTS):
+            if kv.mod_revision > since:
+                repo = kv.key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
+                saved.update(f"{repo}@{d}" for d in json.loads(kv.value).get("manifests", []))
+        for c in candidates:
+            if f"{c.repo}@{c.digest}" in saved:
+                await self.kv.delete(keys.pending_manifest(c.repo, c.digest))
+        candidates = [c for c in candidates if f"{c.repo}@{c.digest}" not in saved]
+        results = await self._bounded([self._delete_manifest(c) for c in candidates])
+        for c, deleted in zip(candidates, results, strict=True):
+            if deleted:
+                summary.manifests_deleted += 1
+                summary.deleted.append(f"{c.repo}@{c.digest}")
+        return {keys.manifest(c.repo, c.digest) for c, ok in zip(candidates, results, strict=True) if ok}
+
+    async def _live_manifests(self, decoded: dict[str, dict[str, Any]], cutoff: float) -> set[str]:
+        """Manifest keys reachable from tags (children, referrers) or younger than the grace."""
+        by_subject: dict[str, list[str]] = {}
+        for key, record in decoded.items():
+            if record.get("subject"):
+                repo = key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
+                by_subject.setdefault(keys.manifest(repo, record["subject"]), []).append(key)
+        roots = [keys.manifest(*_split_tag(kv)) for kv in await self._all(keys.TAGS)]
+        roots += [key for key, record in decoded.items() if record.get("pushed", 0) >= cutoff]
+        live: set[str] = set()
+        stack = [r for r in roots if r in decoded]
+        while stack:
+            key = stack.pop()
+            if key in live:
+                continue
+            live.add(key)
+            repo = key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
+            for child in decoded[key].get("manifests", []):
+                child_key = keys.manifest(repo, child)
+                if child_key in decoded:
+                    stack.append(child_key)
+            stack.extend(by_subject.get(key, []))
+        return live
+
+    async def _pend_manifest(self, c: ManifestCandidate) -> None:
+        key = keys.manifest(c.repo, c.digest)
+        mark = keys.pending_manifest(c.repo, c.digest)
+        result = await self.kv.txn(
+            [Compare.unchanged(key, c.revision)], [Put(mark, json.dumps({"at": time.time()}).encode())]
+        )
+        if result.succeeded:
+            c.pending_revision = result.revision
+
+    async def _delete_manifest(self, c: ManifestCandidate) -> bool:
+        key = keys.manifest(c.repo, c.digest)
+        mark = keys.pending_manifest(c.repo, c.digest)
+        ops: list[Op] = [Delete(key), Delete(mark)]
+        if c.subject:
+            ops.append(Delete(keys.referrer(c.repo, c.subject, c.digest)))
+        guards = [Compare.unchanged(key, c.revision), Compare.unchanged(mark, c.pending_revision)]
+        # A tag moved onto it since mark makes it live again.
+        tagged = [kv for kv in await self._all(keys.tags_of(c.repo)) if json.loads(kv.value)["digest"] == c.digest]
+        if tagged:
+            await self.kv.delete(mark)
+            return False
+        result = await self.kv.txn(guards, ops)
+        if not result.succeeded:
+            await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
+        return result.succeeded
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    async def _collect_blobs(
+        self,
+        cutoff: float,
+        summary: Summary,
+        delete_object: Callable[[str], Awaitable[None]],
+        doomed: set[str],
+    ) -> None:
+        since = await self._revision()
+        manifests = await self._all(keys.MANIFESTS)
+        summary.manifests_seen = len(manifests)
+        used: set[str] = set()
+        for kv in manifests:
+            if kv.key in doomed:
+                continue  # a dry run still sees manifests that a real run would have deleted
+            record = json.loads(kv.value)
+            used.add(record["digest"])
+            used.update(record.get("blobs", []))
+        self.progress("mark", len(manifests), len(manifests))
+        links: dict[str, dict[str, int]] = {}
+        young: set[str] = set()
+        for kv in await self._all(keys.LINKS):
+            digest = kv.key.rsplit("@", 1)[1]
+            links.setdefault(digest, {})[kv.key] = kv.mod_revision
+            if json.loads(kv.value).get("linked", 0) >= cutoff:
+                young.add(digest)
+        touches = {kv.key[len(keys.TOUCHES) :]: kv for kv in await self._all(keys.TOUCHES)}
+        for digest, kv in touches.items():
+            if json.loads(kv.value).get("at", 0) >= cutoff:
+                young.add(digest)
+        blobs = await self._all(keys.BLOBS)
+        summary.blobs_seen = len(blobs)
+        candidates: list[Candidate] = []
+        for kv in blobs:
+            digest = kv.key[len(keys.BLOBS) :]
+            record = json.loads(kv.value)
+            if digest in used or digest in young or record.get("created", 0) >= cutoff:
+                continue
+            touch = touches.get(digest)
+            candidates.append(
+                Candidate(
+                    digest,
+                    record["size"],
+                    record["key"],
+                    kv.mod_revision,
+                    touch.mod_revision if touch else 0,
+                    links.get(digest, {}),
+                )
+            )
+        summary.reclaimable_bytes = sum(c.size for c in candidates)
+        self.progress("candidates", len(candidates), len(blobs))
+        if self.dry_run:
+            summary.blobs_deleted = len(candidates)
+            summary.bytes_freed = summary.reclaimable_bytes
+            summary.deleted += [c.digest for c in candidates]
+            return
+        await self._bounded([self._pend_blob(c) for c in candidates])
+        candidates = [c for c in candidates if c.pending_revision]
+        # A manifest written between mark and the pending marks did not see them: rescan.
+        saved: set[str] = set()
+        for kv in await self._all(keys.MANIFESTS):
+            if kv.mod_revision > since:
+                record = json.loads(kv.value)
+                saved.add(record["digest"])
+                saved.update(record.get("blobs", []))
+        for c in candidates:
+            if c.digest in saved:
+                await self.kv.txn(
+                    [Compare.unchanged(keys.pending_blob(c.digest), c.pending_revision)],
+                    [Delete(keys.pending_blob(c.digest))],
+                )
+        candidates = [c for c in candidates if c.digest not in saved]
+        done = 0
+
+        async def collect(c: Candidate) -> bool:
+            nonlocal done
+            deleted = await self._delete_blob(c, delete_object)
+            done += 1
+            self.progress("sweep", done, len(candidates))
+            return deleted
+
+        results = await self._bounded([collect(c) for c in candidates])
+        for c, deleted in zip(candidates, results, strict=True):
+            if deleted:
+                summary.blobs_deleted += 1
+                summary.bytes_freed += c.size
+                summary.deleted.append(c.digest)
+            else:
+                summary.blobs_saved_by_pushes += 1
+
+    async def _pend_blob(self, c: Candidate) -> None:
+        result = await self.kv.txn(
+            [Compare.unchanged(keys.blob(c.digest), c.blob_revision)],
+            [Put(keys.pending_blob(c.digest), json.dumps({"at": time.time()}).encode())],
+        )
+        if result.succeeded:
+            c.pending_revision = result.revision
+
+    async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
+        mark = keys.pending_blob(c.digest)
+        guards = [
+            Compare.unchanged(mark, c.pending_revision),
+            Compare.unchanged(keys.blob(c.digest), c.blob_revision),
+            Compare.unchanged(keys.touch(c.digest), c.touch_revision),
+            *(Compare.unchanged(link, revision) for link, revision in c.links.items()),
+        ]
+        deleting = keys.deleting(c.digest)
+        ops: list[Op] = [
+            Delete(mark),
+            Delete(keys.blob(c.digest)),
+            Delete(keys.touch(c.digest)),
+            *(Delete(link) for link in c.links),
+            Put(deleting, json.dumps({"key": c.storage_key, "at": time.time()}).encode()),
+        ]
+        result = await self.kv.txn(guards, ops)
+        if not result.succeeded:
+            # Something used or touched it since mark: it stays; drop our mark if still ours.
+            await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
+            return False
+        try:
+            await delete_object(c.storage_key)
+        finally:
+            # Writers of the same digest wait for this record to go before storing it again.
+            await self.kv.delete(deleting)
+        return True
+
+    async def _bounded(self, calls: list[Awaitable[Any]]) -> list[Any]:
+        gate = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one(call: Awaitable[Any]) -> Any:
+            async with gate:
+                return await call
+
+        return await asyncio.gather(*(one(c) for c in calls))
+
+    # -- explain ----------------------------------------------------------------------------
+
+    async def explain(self, repo: str | None, digest: str) -> dict[str, Any]:
+        """Why `digest` is kept (tags, manifests, referrers that use it) or when it may go."""
+        now = time.time()
+        tags = await self._all(keys.TAGS)
+        manifests = await self._all(keys.MANIFESTS)
+        users = []
+        for kv in manifests:
+            record = json.loads(kv.value)
+            if digest in record.get("blobs", []) or digest in record.get("manifests", []):
+                users.append(kv.key[len(keys.MANIFESTS) :])
+        own = [kv.key[len(keys.MANIFESTS) :] for kv in manifests if kv.key.endswith("@" + digest)]
+        tagged = [
+            f"{kv.key[len(keys.TAGS) :].replace('@', ':', 1)}"
+            for kv in tags
+            if json.loads(kv.value)["digest"] == digest
+        ]
+        blob = await self.kv.get(keys.blob(digest))
+        touch = await self.kv.get(keys.touch(digest))
+        reasons: list[str] = []
+        if tagged:
+            reasons.append("tagged as " + ", ".join(sorted(tagged)))
+        if users:
+            reasons.append("used by manifests " + ", ".join(sorted(users)))
+        if own and not self.delete_untagged:
+            reasons.append("it is a manifest; manifests stay until deleted (or --delete-untagged)")
+        young_until = 0.0
+        if blob is not None:
+            young_until = max(young_until, json.loads(blob.value).get("created", 0) + self.grace)
+        if touch is not None:
+            young_until = max(young_until, json.loads(touch.value).get("at", 0) + self.grace)
+        if young_until > now:
+            reasons.append(f"within the grace period for {young_until - now:.0f}s more")
+        return {
+            "digest": digest,
+            "repository": repo,
+            "known": blob is not None or bool(own),
+            "size": json.loads(blob.value)["size"] if blob else None,
+            "retained": bool(reasons),
+            "reasons": reasons or ["nothing uses it: the next collection deletes it"],
+        }
+
+
+def _sibling(manifest_key: str, digest: str) -> str:
+    """The key of manifest `digest` in the same repository as `manifest_key`."""
+    return manifest_key.rsplit("@", 1)[0] + "@" + digest
+
+
+def _split_tag(kv: KeyValue) -> tuple[str, str]:
+    repo = kv.key[len(keys.TAGS) :].rsplit("@", 1)[0]
+    return repo, json.loads(kv.value)["digest"]

@@ -1,0 +1,168 @@
+"""Operator commands that work on the coordinator and storage directly: `wharf gc`, `wharf rm`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from coordinator.gc import Collector
+
+from . import gc
+from .app import open_kv, open_storage
+from .config import Config, parse_duration
+from .errors import RegistryError
+from .reference import parse_digest, validate_name, validate_tag
+from .services import Services
+
+T = TypeVar("T")
+
+
+async def _with_services(config: Config, work: Callable[[Services], Awaitable[T]]) -> T:
+    services = Services.build(config, await open_kv(config), open_storage(config))
+    try:
+        return await work(services)
+    finally:
+        await services.close()
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    for name in ("gc", "garbage-collect"):
+        cmd = commands.add_parser(
+            name,
+            help="run one garbage collection cycle" + (" (alias of gc)" if name != "gc" else ""),
+            description="Run one online garbage collection cycle; pushes and pulls go on meanwhile.",
+        )
+        cmd.add_argument("config", nargs="?", help="configuration file")
+        cmd.add_argument("--dry-run", "-d", action="store_true", help="say what would go; change nothing")
+        cmd.add_argument(
+            "--delete-untagged", "-m", action="store_true", help="also delete manifests that no tag reaches"
+        )
+        cmd.add_argument("--explain", metavar="REPO@DIGEST|DIGEST", help="say why something is kept, then exit")
+        cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
+        cmd.set_defaults(run=run_gc)
+    rm = commands.add_parser("rm", help="delete images by tag or digest", description="Delete images.")
+    rm.add_argument("references", nargs="+", metavar="REPO:TAG|REPO@DIGEST")
+    rm.add_argument("--config", "-c", help="configuration file")
+    rm.add_argument("--tag-only", action="store_true", help="remove the tag, keep the manifest")
+    rm.set_defaults(run=run_rm)
+
+
+def _progress(phase: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        end = "\n" if done >= total else ""
+        print(f"\r{phase}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    elif done >= total:
+        print(f"{phase}: {done}/{total}", file=sys.stderr)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def run_gc(args: argparse.Namespace, config: Config) -> int:
+    if args.explain:
+        return asyncio.run(_with_services(config, lambda svc: _explain(svc, args)))
+
+    async def cycle(services: Services) -> int:
+        try:
+            summary = await gc.collect(
+                services, dry_run=args.dry_run, delete_untagged=args.delete_untagged or None, progress=_progress
+            )
+        except gc.CycleRunning as exc:
+            print(f"wharf gc: a cycle is already running on {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(summary.__dict__, indent=2))
+            return 0
+        verb = "would delete" if summary.dry_run else "deleted"
+        print(f"manifests seen: {summary.manifests_seen}   blobs seen: {summary.blobs_seen}")
+        print(
+            f"{verb}: {summary.manifests_deleted} manifests, {summary.blobs_deleted} blobs, {_size(summary.bytes_freed)}"
+        )
+        if summary.blobs_saved_by_pushes:
+            print(f"kept because pushes used them meanwhile: {summary.blobs_saved_by_pushes} blobs")
+        print(f"duration: {summary.duration:.2f}s")
+        if summary.dry_run:
+            for item in summary.deleted:
+                print(f"  {item}")
+        return 0
+
+    return asyncio.run(_with_services(config, cycle))
+
+
+async def _explain(services: Services, args: argparse.Namespace) -> int:
+    target = args.explain
+    repo, _, digest = target.rpartition("@")
+    try:
+        parse_digest(digest)
+        if repo:
+            validate_name(repo)
+    except RegistryError as exc:
+        print(f"wharf gc --explain: {exc.message}: {target}", file=sys.stderr)
+        return 2
+    collector = Collector(
+        services.kv, grace=parse_duration(services.config.gc.grace), delete_untagged=args.delete_untagged
+    )
+    report = await collector.explain(repo or None, digest)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{digest}: {'kept' if report['retained'] else 'not kept'}" + ("" if report["known"] else " (unknown here)"))
+    for reason in report["reasons"]:
+        print(f"  - {reason}")
+    return 0
+
+
+def run_rm(args: argparse.Namespace, config: Config) -> int:
+    if not config.storage.delete.enabled:
+        print("wharf rm: deletion is disabled (storage.delete.enabled)", file=sys.stderr)
+        return 2
+
+    async def remove(services: Services) -> int:
+        failures = 0
+        for reference in args.references:
+            try:
+                message = await _remove_one(services, reference, tag_only=args.tag_only)
+            except (RegistryError, ValueError) as exc:
+                print(f"wharf rm: {reference}: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            print(message)
+        return 1 if failures else 0
+
+    return asyncio.run(_with_services(config, remove))
+
+
+async def _remove_one(services: Services, reference: str, *, tag_only: bool) -> str:
+    metadata = services.metadata
+    if "@" in reference:
+        repo, digest = reference.split("@", 1)
+        validate_name(repo)
+        parse_digest(digest)
+        if not await metadata.delete_manifest(repo, digest):
+            raise ValueError("no such manifest")
+        return f"deleted {repo}@{digest}"
+    repo, sep, tag = reference.rpartition(":")
+    if not sep or "/" in tag:
+        raise ValueError("expected REPO:TAG or REPO@DIGEST")
+    validate_name(repo)
+    validate_tag(tag)
+    record = await metadata.get_tag(repo, tag)
+    if record is None:
+        raise ValueError("no such tag")
+    if tag_only:
+        await metadata.delete_tag(repo, tag)
+        return f"untagged {repo}:{tag} (manifest {record.digest} kept)"
+    others = [t for t, r in (await metadata.tag_records(repo)).items() if r.digest == record.digest and t != tag]
+    await metadata.delete_manifest(repo, record.digest)
+    also = f" and its other tags {', '.join(sorted(others))}" if others else ""
+    return f"deleted {repo}:{tag} ({record.digest}){also}"

@@ -1,0 +1,117 @@
+"""Garbage collection from a node: the coordinator decides, this deletes from storage and reports."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from coordinator import keys
+from coordinator.gc import Collector, Progress, Summary
+from coordinator.kv import Compare, Put
+from coordinator.lease import KeptLease
+
+from .config import parse_duration
+
+if TYPE_CHECKING:
+    from .services import Services
+
+log = logging.getLogger("wharf.gc")
+
+_RUN_LOCK = keys.leader("gc-run")
+
+
+class CycleRunning(Exception):
+    """Another process is running a collection cycle right now."""
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
+class Touches:
+    """Mark blobs a client was just told exist, at most once per half grace period per node."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._half_grace = parse_duration(services.config.gc.grace) / 2
+        self._written: dict[str, float] = {}
+
+    async def touch(self, digest: str) -> None:
+        now = time.monotonic()
+        last = self._written.get(digest)
+        if last is not None and now - last < self._half_grace:
+            return
+        await self._services.metadata.touch(digest)
+        self._written[digest] = now
+        if len(self._written) > 200_000:
+            cutoff = now - self._half_grace
+            self._written = {d: t for d, t in self._written.items() if t >= cutoff}
+
+
+async def collect(
+    services: Services,
+    *,
+    dry_run: bool = False,
+    delete_untagged: bool | None = None,
+    progress: Progress = _no_progress,
+) -> Summary:
+    """One cycle, holding a cluster-wide lock so cycles never overlap."""
+    config = services.config.gc
+    collector = Collector(
+        services.kv,
+        grace=parse_duration(config.grace),
+        delete_untagged=config.deleteuntagged if delete_untagged is None else delete_untagged,
+        dry_run=dry_run,
+        progress=progress,
+    )
+    metrics = services.metrics
+
+    def report(phase: str, done: int, total: int) -> None:
+        metrics.gc_reclaimable_bytes.set(collector.summary.reclaimable_bytes)
+        if phase != "sweep" or done == total or done % 1000 == 0:
+            log.info(
+                "garbage collection %s: %d/%d",
+                phase,
+                done,
+                total,
+                extra={
+                    "fields": {
+                        "phase": phase,
+                        "done": done,
+                        "total": total,
+                        "reclaimable_bytes": collector.summary.reclaimable_bytes,
+                    }
+                },
+            )
+        progress(phase, done, total)
+
+    collector.progress = report
+    async with KeptLease(services.kv, max(services.config.cluster.leasettl, 5)) as lease:
+        taken = await services.kv.txn(
+            [Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)]
+        )
+        if not taken.succeeded:
+            holder = await services.kv.get(_RUN_LOCK)
+            raise CycleRunning(holder.value.decode() if holder else "another process")
+
+        async def delete_object(key: str) -> None:
+            await services.storage.delete(key)
+
+        started = time.perf_counter()
+        try:
+            summary = await collector.run(delete_object)
+        except Exception:
+            metrics.gc_runs.labels("failed").inc()
+            raise
+        metrics.gc_runs.labels("dry-run" if dry_run else "ok").inc()
+        metrics.gc_duration.observe(time.perf_counter() - started)
+        if not dry_run:
+            metrics.gc_blobs_deleted.inc(summary.blobs_deleted)
+            metrics.gc_manifests_deleted.inc(summary.manifests_deleted)
+            metrics.gc_bytes_freed.inc(summary.bytes_freed)
+        metrics.gc_reclaimable_bytes.set(0 if not dry_run else summary.reclaimable_bytes)
+        fields = {k: v for k, v in asdict(summary).items() if k != "deleted"}
+        log.info("garbage collection %s", "dry run" if dry_run else "cycle", extra={"fields": fields})
+        return summary

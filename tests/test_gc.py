@@ -1,0 +1,305 @@
+"""Online garbage collection: what goes, what stays, and pushes that race a cycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
+
+from coordinator import keys
+from coordinator.embedded import EmbeddedKV
+from coordinator.gc import Collector
+from node import gc
+from node.app import create_app
+from node.config import load
+from node.services import Services
+from node.storage.filesystem import FilesystemDriver
+
+ANY = {"Accept": "*/*"}
+
+
+class Registry:
+    """An in-process app on embedded KV and filesystem storage, with an async OCI client."""
+
+    def __init__(self, root: Path, grace: str = "0s", delete_untagged: bool = False) -> None:
+        self.root = root
+        config_path = root / "config.yml"
+        config_path.write_text(
+            json.dumps(
+                {
+                    "storage": {"filesystem": {"rootdirectory": str(root / "registry")}, "delete": {"enabled": True}},
+                    "gc": {"grace": grace, "deleteuntagged": delete_untagged},
+                    "http": {"debug": {"addr": ""}},
+                }
+            )
+        )
+        self.config = load(str(config_path), environ={})
+        self.kv = EmbeddedKV(str(root / "kv.db"))
+        self.services = Services.build(self.config, self.kv, FilesystemDriver(str(root / "registry")))
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(self.config, services=self.services)), base_url="http://wharf"
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.services.close()
+
+    async def blob(self, repo: str, data: bytes) -> str:
+        digest = digest_of(data)
+        r = await self.http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data)
+        assert r.status_code == 201, r.text
+        return digest
+
+    async def image(self, repo: str, tag: str | None, layers: list[bytes], **fields) -> tuple[str, bytes]:
+        config = json.dumps(
+            {"architecture": "amd64", "os": "linux", "n": [digest_of(layer) for layer in layers]}
+        ).encode()
+        descs = []
+        for blob in [config, *layers]:
+            descs.append(
+                {"mediaType": "application/octet-stream", "digest": await self.blob(repo, blob), "size": len(blob)}
+            )
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {**descs[0], "mediaType": "application/vnd.oci.image.config.v1+json"},
+            "layers": descs[1:],
+            **fields,
+        }
+        return await self.manifest(repo, tag, doc)
+
+    async def manifest(self, repo: str, tag: str | None, doc: dict) -> tuple[str, bytes]:
+        body = json.dumps(doc).encode()
+        digest = digest_of(body)
+        r = await self.http.put(
+            f"/v2/{repo}/manifests/{tag or digest}", content=body, headers={"Content-Type": doc["mediaType"]}
+        )
+        assert r.status_code == 201, r.text
+        return digest, body
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for directory, _, files in os.walk(self.root / "registry"):
+            total += sum(os.path.getsize(os.path.join(directory, f)) for f in files)
+        return total
+
+    async def blob_status(self, repo: str, digest: str) -> int:
+        return (await self.http.head(f"/v2/{repo}/blobs/{digest}")).status_code
+
+
+@pytest.fixture()
+async def registry(tmp_path):
+    reg = Registry(tmp_path)
+    yield reg
+    await reg.close()
+
+
+async def _snapshot(reg: Registry) -> tuple[list, list]:
+    kv = [(k.key, k.value) for k in await reg.kv.range("")]
+    files = sorted(str(p.relative_to(reg.root)) for p in (reg.root / "registry").rglob("*") if p.is_file())
+    return kv, files
+
+
+async def test_deleting_half_the_images_reclaims_their_bytes_and_keeps_shared_layers(registry):
+    base = os.urandom(50_000)
+    own = {n: os.urandom(20_000 + n) for n in range(4)}
+    digests = {}
+    for n in range(4):
+        digests[n], _ = await registry.image("team/app", f"v{n}", [base, own[n]])
+    before = registry.stored_bytes()
+    for n in (0, 1):
+        assert (await registry.http.delete(f"/v2/team/app/manifests/{digests[n]}")).status_code == 202
+    summary = await gc.collect(registry.services)
+    assert summary.manifests_deleted == 0
+    assert summary.blobs_deleted == 2 + 2 + 2  # own layers, configs and manifest blobs of v0, v1
+    assert before - registry.stored_bytes() == summary.bytes_freed
+    assert summary.bytes_freed >= len(own[0]) + len(own[1])
+    for n in (2, 3):
+        r = await registry.http.get(f"/v2/team/app/manifests/v{n}", headers=ANY)
+        assert r.status_code == 200
+        for layer in json.loads(r.content)["layers"]:
+            assert await registry.blob_status("team/app", layer["digest"]) == 200
+    assert await registry.blob_status("team/app", digest_of(base)) == 200
+    assert await registry.blob_status("team/app", digest_of(own[0])) == 404
+
+
+async def test_dry_run_changes_nothing_and_reports_what_a_real_run_deletes(registry):
+    digest, _ = await registry.image("team/app", "v1", [os.urandom(1000)])
+    await registry.image("team/app", "v2", [os.urandom(1000)])
+    await registry.http.delete(f"/v2/team/app/manifests/{digest}")
+    await registry.blob("team/app", os.urandom(500))  # linked, never used
+    before = await _snapshot(registry)
+    dry = await gc.collect(registry.services, dry_run=True)
+    assert await _snapshot(registry) == before
+    real = await gc.collect(registry.services)
+    assert sorted(dry.deleted) == sorted(real.deleted)
+    assert dry.bytes_freed == real.bytes_freed
+
+
+async def test_blobs_within_the_grace_period_are_kept(tmp_path):
+    reg = Registry(tmp_path, grace="1h")
+    try:
+        digest = await reg.blob("team/app", b"just uploaded, no manifest yet")
+        summary = await gc.collect(reg.services)
+        assert summary.blobs_deleted == 0
+        assert await reg.blob_status("team/app", digest) == 200
+    finally:
+        await reg.close()
+
+
+async def test_a_manifest_push_that_uses_a_pending_blob_wins_over_the_collection(registry):
+    layer = os.urandom(1000)
+    digest = await registry.blob("team/app", layer)
+    collector = Collector(registry.kv, grace=0)
+    pushed = False
+
+    async def delete_object(key: str) -> None:
+        raise AssertionError(f"deleted {key} that a push used")
+
+    original = collector._delete_blob
+
+    async def push_then_delete(candidate, delete):
+        nonlocal pushed
+        if not pushed:
+            pushed = True
+            await registry.image("team/app", "v1", [layer])
+        return await original(candidate, delete)
+
+    collector._delete_blob = push_then_delete  # type: ignore[method-assign]
+    summary = await collector.run(delete_object)
+    assert pushed and summary.blobs_saved_by_pushes >= 1
+    assert await registry.blob_status("team/app", digest) == 200
+    assert await registry.kv.get(keys.pending_blob(digest)) is None
+
+
+async def test_a_blob_head_after_mark_saves_it_from_deletion(registry):
+    digest = await registry.blob("team/app", os.urandom(1000))
+    collector = Collector(registry.kv, grace=0)
+    original = collector._delete_blob
+
+    async def head_then_delete(candidate, delete):
+        await registry.services.metadata.touch(candidate.digest)
+        return await original(candidate, delete)
+
+    collector._delete_blob = head_then_delete  # type: ignore[method-assign]
+
+    async def delete_object(key: str) -> None:
+        raise AssertionError("a touched blob was deleted")
+
+    await collector.run(delete_object)
+    assert await registry.blob_status("team/app", digest) == 200
+
+
+async def test_a_manifest_written_between_mark_and_pending_marks_is_seen_by_the_rescan(registry):
+    layer = os.urandom(1000)
+    digest = await registry.blob("team/app", layer)
+    collector = Collector(registry.kv, grace=0)
+    original = collector._pend_blob
+
+    async def push_then_pend(candidate):
+        await registry.image("team/app", "v1", [layer])  # before the mark exists: nothing to delete
+        await original(candidate)
+
+    collector._pend_blob = push_then_pend  # type: ignore[method-assign]
+
+    async def delete_object(key: str) -> None:
+        raise AssertionError("a blob used by a new manifest was deleted")
+
+    await collector.run(delete_object)
+    assert await registry.blob_status("team/app", digest) == 200
+
+
+async def test_untagged_manifests_go_only_with_delete_untagged_and_index_children_stay(tmp_path):
+    reg = Registry(tmp_path, delete_untagged=True)
+    try:
+        amd, amd_body = await reg.image("team/app", None, [os.urandom(100)])
+        arm, arm_body = await reg.image("team/app", None, [os.urandom(100)])
+        index = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": amd,
+                    "size": len(amd_body),
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                },
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": arm,
+                    "size": len(arm_body),
+                    "platform": {"architecture": "arm64", "os": "linux"},
+                },
+            ],
+        }
+        await reg.manifest("team/app", "multi", index)
+        loose, _ = await reg.image("team/app", None, [os.urandom(100)])
+        summary = await gc.collect(reg.services)
+        assert summary.manifests_deleted == 1
+        assert (await reg.http.head(f"/v2/team/app/manifests/{loose}", headers=ANY)).status_code == 404
+        for child in (amd, arm):
+            assert (await reg.http.head(f"/v2/team/app/manifests/{child}", headers=ANY)).status_code == 200
+    finally:
+        await reg.close()
+
+
+async def test_referrers_follow_their_subject_unless_tagged(registry):
+    subject, subject_body = await registry.image("team/app", "v1", [os.urandom(100)])
+    subject_desc = {"mediaType": OCI_MANIFEST, "digest": subject, "size": len(subject_body)}
+    signature, _ = await registry.image(
+        "team/app", None, [os.urandom(100)], subject=subject_desc, artifactType="application/vnd.dev.sigstore"
+    )
+    sbom, _ = await registry.image("team/app", None, [os.urandom(100)], subject=subject_desc, artifactType="x/sbom")
+    await registry.http.put(
+        "/v2/team/app/manifests/sbom-keep",
+        content=(await registry.http.get(f"/v2/team/app/manifests/{sbom}", headers=ANY)).content,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    summary = await gc.collect(registry.services)
+    assert summary.manifests_deleted == 0, "referrers of a live subject stay"
+    await registry.http.delete(f"/v2/team/app/manifests/{subject}")
+    summary = await gc.collect(registry.services)
+    assert f"team/app@{signature}" in summary.deleted
+    assert f"team/app@{sbom}" not in summary.deleted, "a tagged referrer stays"
+
+
+async def test_explain_names_the_tags_that_keep_a_blob(registry):
+    layer = os.urandom(100)
+    await registry.image("team/app", "v1", [layer])
+    collector = Collector(registry.kv, grace=3600)
+    report = await collector.explain("team/app", digest_of(layer))
+    assert report["retained"]
+    assert any("team/app@" in reason for reason in report["reasons"])
+
+
+def test_gc_command_runs_a_cycle_with_dry_run_and_explain(tmp_path):
+    root = tmp_path / "registry"
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
+        "gc:\n  grace: 0s\nhttp:\n  debug:\n    addr: ''\n"
+    )
+
+    def wharf(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    dry = wharf("gc", "--dry-run", str(config))
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete" in dry.stdout
+    real = wharf("garbage-collect", "-m", str(config))
+    assert real.returncode == 0, real.stderr
+    assert "deleted: 0 manifests, 0 blobs" in real.stdout
+    explained = wharf("gc", "--explain", "team/app@sha256:" + "a" * 64, str(config))
+    assert explained.returncode == 0 and "unknown here" in explained.stdout
