@@ -62,6 +62,8 @@ class Summary:
     blobs_deleted: int = 0
     bytes_freed: int = 0
     blobs_saved_by_pushes: int = 0
+    # Storage objects no record names (a writer died, or a refused manifest left its bytes).
+    orphans_deleted: int = 0
     reclaimable_bytes: int = 0
     deleted: list[str] = field(default_factory=list)
 
@@ -359,6 +361,22 @@ class Collector:
                 return await call
 
         return await asyncio.gather(*(one(c) for c in calls))
+
+    # -- orphans ----------------------------------------------------------------------------
+
+    async def recorded_blobs(self) -> set[str]:
+        return {kv.key[len(keys.BLOBS) :] for kv in await self._all(keys.BLOBS)}
+
+    async def claim_orphan(self, digest: str, storage_key: str) -> bool:
+        """Take a storage object that no blob record names, for deletion; writers wait it out."""
+        result = await self.kv.txn(
+            [Compare.absent(keys.blob(digest)), Compare.absent(keys.deleting(digest))],
+            [Put(keys.deleting(digest), json.dumps({"key": storage_key, "at": time.time()}).encode())],
+        )
+        return result.succeeded
+
+    async def release_orphan(self, digest: str) -> None:
+        await self.kv.delete(keys.deleting(digest))
 
     # -- explain ----------------------------------------------------------------------------
 

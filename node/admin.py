@@ -86,7 +86,8 @@ def run_gc(args: argparse.Namespace, config: Config) -> int:
         verb = "would delete" if summary.dry_run else "deleted"
         print(f"manifests seen: {summary.manifests_seen}   blobs seen: {summary.blobs_seen}")
         print(
-            f"{verb}: {summary.manifests_deleted} manifests, {summary.blobs_deleted} blobs, {_size(summary.bytes_freed)}"
+            f"{verb}: {summary.manifests_deleted} manifests, {summary.blobs_deleted} blobs, "
+            f"{summary.orphans_deleted} orphaned objects, {_size(summary.bytes_freed)}"
         )
         if summary.blobs_saved_by_pushes:
             print(f"kept because pushes used them meanwhile: {summary.blobs_saved_by_pushes} blobs")

@@ -13,6 +13,7 @@ from coordinator.kv import Compare, Put
 from coordinator.lease import KeptLease
 
 from .config import parse_duration
+from .storage import layout
 
 if TYPE_CHECKING:
     from .services import Services
@@ -28,6 +29,35 @@ class CycleRunning(Exception):
 
 def _no_progress(phase: str, done: int, total: int) -> None:
     pass
+
+
+async def _sweep_orphans(services: Services, collector: Collector, summary: Summary) -> None:
+    """Delete blob objects in storage that no record names and that are older than the grace."""
+    storage = services.storage
+    recorded = await collector.recorded_blobs()
+    cutoff = time.time() - collector.grace
+    async for key in storage.list(layout.BLOBS):
+        digest = layout.digest_from_blob_key(key)
+        if digest is None or digest in recorded:
+            continue
+        written = await storage.modified(key)
+        if written is None or written > cutoff:
+            continue
+        size = await storage.stat(key) or 0
+        if collector.dry_run:
+            summary.orphans_deleted += 1
+            summary.bytes_freed += size
+            summary.deleted.append(f"orphan {digest}")
+            continue
+        if not await collector.claim_orphan(digest, key):
+            continue
+        try:
+            await storage.delete(key)
+        finally:
+            await collector.release_orphan(digest)
+        summary.orphans_deleted += 1
+        summary.bytes_freed += size
+        summary.deleted.append(f"orphan {digest}")
 
 
 class Touches:
@@ -102,6 +132,7 @@ async def collect(
         started = time.perf_counter()
         try:
             summary = await collector.run(delete_object)
+            await _sweep_orphans(services, collector, summary)
         except Exception:
             metrics.gc_runs.labels("failed").inc()
             raise

@@ -184,6 +184,9 @@ class InstrumentedStorage:
         finally:
             self._metrics.storage_duration.labels(self.name, "read").observe(time.perf_counter() - started)
 
+    async def modified(self, key: str) -> float | None:
+        return await self._timed("modified").run(self.inner.modified(key))
+
     async def read_bytes(self, key: str) -> bytes:
         return await self._timed("read_bytes").run(self.inner.read_bytes(key))
 

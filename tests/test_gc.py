@@ -269,6 +269,23 @@ async def test_referrers_follow_their_subject_unless_tagged(registry):
     assert f"team/app@{sbom}" not in summary.deleted, "a tagged referrer stays"
 
 
+async def test_bytes_of_a_refused_manifest_are_collected_as_an_orphan(registry):
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(b"nope"), "size": 4},
+        "layers": [],
+    }
+    r = await registry.http.put(
+        "/v2/team/app/manifests/v1", content=json.dumps(doc).encode(), headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert r.status_code == 400
+    assert registry.stored_bytes() > 0, "the manifest bytes were written before the refusal"
+    summary = await gc.collect(registry.services)
+    assert summary.orphans_deleted == 1
+    assert registry.stored_bytes() == 0
+
+
 async def test_explain_names_the_tags_that_keep_a_blob(registry):
     layer = os.urandom(100)
     await registry.image("team/app", "v1", [layer])
@@ -300,6 +317,6 @@ def test_gc_command_runs_a_cycle_with_dry_run_and_explain(tmp_path):
     assert "would delete" in dry.stdout
     real = wharf("garbage-collect", "-m", str(config))
     assert real.returncode == 0, real.stderr
-    assert "deleted: 0 manifests, 0 blobs" in real.stdout
+    assert "deleted: 0 manifests, 0 blobs, 0 orphaned objects" in real.stdout
     explained = wharf("gc", "--explain", "team/app@sha256:" + "a" * 64, str(config))
     assert explained.returncode == 0 and "unknown here" in explained.stdout

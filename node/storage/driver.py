@@ -33,6 +33,10 @@ class StorageDriver(Protocol):
         """Stream `length` bytes (to the end if None) of an object from `offset`."""
         ...
 
+    async def modified(self, key: str) -> float | None:
+        """When a committed object was last written (seconds since the epoch), or None."""
+        ...
+
     async def read_bytes(self, key: str) -> bytes:
         """A whole small object (manifests); FileNotFoundError if absent."""
         ...

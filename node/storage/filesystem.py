@@ -16,6 +16,8 @@ T = TypeVar("T")
 _READ_CHUNK = 1 << 20
 # Incoming bytes are gathered to this size before one write call leaves the event loop.
 _WRITE_BATCH = 1 << 20
+# Empty directories are pruned as blobs and uploads go; a writer retries if one vanishes under it.
+_DIR_RACE_ATTEMPTS = 5
 
 
 class FilesystemDriver:
@@ -40,6 +42,12 @@ class FilesystemDriver:
     async def stat(self, key: str) -> int | None:
         try:
             return (await self._run(os.stat, self._path(key))).st_size
+        except FileNotFoundError:
+            return None
+
+    async def modified(self, key: str) -> float | None:
+        try:
+            return (await self._run(os.stat, self._path(key))).st_mtime
         except FileNotFoundError:
             return None
 
@@ -160,10 +168,9 @@ def _fsync_dir(path: str) -> None:
 
 def _write_atomic(path: str, data: bytes) -> None:
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "wb") as handle:
+        with _in_new_dir(tmp, lambda: open(tmp, "wb")) as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -181,18 +188,18 @@ def _silent_remove(path: str) -> None:
         pass
 
 
-def _prune_empty_dirs(directory: str, root: str) -> None:
-    while directory.startswith(root + os.sep):
+def _remove_empty_dir(directory: str, root: str) -> None:
+    """Remove an object's own directory if empty; shared parents stay, so writers rarely race."""
+    if directory.startswith(root + os.sep):
         try:
             os.rmdir(directory)
         except OSError:
-            return
-        directory = os.path.dirname(directory)
+            pass
 
 
 def _remove_and_prune(path: str, root: str) -> None:
     _silent_remove(path)
-    _prune_empty_dirs(os.path.dirname(path), root)
+    _remove_empty_dir(os.path.dirname(path), root)
 
 
 def _walk_files(base: str) -> list[str]:
@@ -202,10 +209,24 @@ def _walk_files(base: str) -> list[str]:
     return found
 
 
-def _create_empty(path: str) -> None:
+def _in_new_dir(path: str, make: Callable[[], T]) -> T:
+    """Create `path`'s directory and run `make`, again if a concurrent prune removed the directory."""
+    for _ in range(_DIR_RACE_ATTEMPTS - 1):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return make()
+        except FileNotFoundError:
+            continue  # another request removed the emptied directory between the two calls
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb"):
-        pass
+    return make()
+
+
+def _create_empty(path: str) -> None:
+    def create() -> None:
+        with open(path, "wb"):
+            pass
+
+    _in_new_dir(path, create)
 
 
 def _open_at(path: str, offset: int):  # type: ignore[no-untyped-def]
@@ -230,10 +251,8 @@ def _commit(upload_path: str, size: int, path: str, root: str) -> None:
         handle.truncate(size)
         handle.flush()
         os.fsync(handle.fileno())
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    os.replace(upload_path, path)
-    _fsync_dir(directory)
+    _in_new_dir(path, lambda: os.replace(upload_path, path))
+    _fsync_dir(os.path.dirname(path))
     _remove_upload_dir(upload_path, root)
 
 
@@ -244,4 +263,4 @@ def _remove_upload_dir(upload_path: str, root: str) -> None:
             _silent_remove(os.path.join(directory, name))
     except FileNotFoundError:
         return
-    _prune_empty_dirs(directory, root)
+    _remove_empty_dir(directory, root)

@@ -238,6 +238,18 @@ class S3Driver:
         # A PUT is atomic: readers see the old object, or none, or all of the new one.
         await self._run(self._put, self._key(key), data, True)
 
+    async def modified(self, key: str) -> float | None:
+        return await self._run(self._modified, self._key(key))
+
+    def _modified(self, full_key: str) -> float | None:
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=full_key)
+        except ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND:
+                return None
+            raise
+        return float(response["LastModified"].timestamp())
+
     async def delete(self, key: str) -> None:
         await self._run(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
