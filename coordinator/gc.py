@@ -64,6 +64,8 @@ class Summary:
     blobs_saved_by_pushes: int = 0
     # Storage objects no record names (a writer died, or a refused manifest left its bytes).
     orphans_deleted: int = 0
+    # Links to blobs that live on in other repositories but that nothing here uses any more.
+    links_deleted: int = 0
     reclaimable_bytes: int = 0
     deleted: list[str] = field(default_factory=list)
 
@@ -236,23 +238,31 @@ class Collector:
         doomed: set[str],
     ) -> None:
         since = await self._revision()
+        # Read before the manifests: every manifest push rewrites its repository's record, so an
+        # unchanged record later proves no manifest arrived there since this scan.
+        repositories = {kv.key[len(keys.REPOSITORIES) :]: kv.mod_revision for kv in await self._all(keys.REPOSITORIES)}
         manifests = await self._all(keys.MANIFESTS)
         summary.manifests_seen = len(manifests)
         used: set[str] = set()
+        used_in: dict[str, set[str]] = {}
         for kv in manifests:
             if kv.key in doomed:
                 continue  # a dry run still sees manifests that a real run would have deleted
             record = json.loads(kv.value)
             used.add(record["digest"])
             used.update(record.get("blobs", []))
+            repo = kv.key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
+            used_in.setdefault(repo, set()).update(record.get("blobs", []))
         self.progress("mark", len(manifests), len(manifests))
         links: dict[str, dict[str, int]] = {}
         young: set[str] = set()
+        young_links: set[str] = set()
         for kv in await self._all(keys.LINKS):
             digest = kv.key.rsplit("@", 1)[1]
             links.setdefault(digest, {})[kv.key] = kv.mod_revision
             if json.loads(kv.value).get("linked", 0) >= cutoff:
                 young.add(digest)
+                young_links.add(kv.key)
         touches = {kv.key[len(keys.TOUCHES) :]: kv for kv in await self._all(keys.TOUCHES)}
         for digest, kv in touches.items():
             if json.loads(kv.value).get("at", 0) >= cutoff:
@@ -316,6 +326,55 @@ class Collector:
                 summary.deleted.append(c.digest)
             else:
                 summary.blobs_saved_by_pushes += 1
+        await self._collect_links(links, young_links, used_in, repositories, touches, cutoff, summary)
+
+    async def _collect_links(
+        self,
+        links: dict[str, dict[str, int]],
+        young_links: set[str],
+        used_in: dict[str, set[str]],
+        repositories: dict[str, int],
+        touches: dict[str, KeyValue],
+        cutoff: float,
+        summary: Summary,
+    ) -> None:
+        """Unlink blobs that no manifest of their repository uses (they still live elsewhere).
+
+        Quotas count what a repository links, so this is what makes deleting images lower its
+        usage. A link goes only if its repository saw no manifest push since the scan.
+        """
+        collected = set(summary.deleted)
+        stale: list[tuple[str, str, int]] = []
+        for digest, by_key in links.items():
+            if digest in collected:
+                continue
+            touch = touches.get(digest)
+            if touch is not None and json.loads(touch.value).get("at", 0) >= cutoff:
+                continue
+            for link_key, revision in by_key.items():
+                repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
+                if link_key in young_links or digest in used_in.get(repo, set()) or repo not in repositories:
+                    continue
+                stale.append((link_key, digest, revision))
+        if self.dry_run:
+            summary.links_deleted = len(stale)
+            return
+
+        async def unlink(link_key: str, digest: str, revision: int) -> bool:
+            repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
+            touch = touches.get(digest)
+            result = await self.kv.txn(
+                [
+                    Compare.unchanged(keys.repository(repo), repositories[repo]),
+                    Compare.unchanged(link_key, revision),
+                    Compare.unchanged(keys.touch(digest), touch.mod_revision if touch else 0),
+                ],
+                [Delete(link_key)],
+            )
+            return result.succeeded
+
+        results = await self._bounded([unlink(*item) for item in stale])
+        summary.links_deleted = sum(1 for ok in results if ok)
 
     async def _pend_blob(self, c: Candidate) -> None:
         result = await self.kv.txn(

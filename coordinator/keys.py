@@ -19,6 +19,7 @@ PENDING_BLOBS = "gc/pending-blob/"
 PENDING_MANIFESTS = "gc/pending-manifest/"
 DELETING = "gc/deleting/"
 GC_LAST_RUN = "gc/last-run"
+QUOTAS = "quota/"
 
 
 def after(key: str) -> str:
@@ -91,3 +92,8 @@ def pending_manifest(repo: str, digest: str) -> str:
 def deleting(digest: str) -> str:
     """The blob's records are gone and its storage object is being deleted."""
     return f"{DELETING}{digest}"
+
+
+def quota_guard(scope: str) -> str:
+    """Rewritten by every new link under a quota scope, so concurrent admissions serialise."""
+    return f"{QUOTAS}{scope}"

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+from .quota import QuotaScope, admit
 
 # Optimistic transactions retry this often when another writer keeps winning.
 _MAX_ATTEMPTS = 20
@@ -82,6 +83,15 @@ class Conflict(Exception):
     """A record kept changing under an optimistic transaction."""
 
 
+class TagFrozen(Exception):
+    """An immutable tag already points at other content."""
+
+    def __init__(self, tag: str, digest: str) -> None:
+        super().__init__(f"tag {tag} is immutable and points at {digest}")
+        self.tag = tag
+        self.digest = digest
+
+
 class BeingCollected(Exception):
     """Garbage collection is deleting this digest's storage object right now.
 
@@ -136,26 +146,39 @@ class Metadata:
         return _load(BlobRecord, await self.kv.get(keys.blob(digest)))
 
     async def commit_blob(
-        self, repo: str, digest: str, size: int, key: str, *, upload_id: str | None = None
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        key: str,
+        *,
+        upload_id: str | None = None,
+        quotas: Sequence[QuotaScope] = (),
     ) -> BlobRecord:
         """Record a blob now in storage and link it into `repo`, ending its upload session.
 
         Returns the blob record in force: if the digest was already recorded, the earlier
-        record stands and the caller's copy at `key` is redundant.
+        record stands and the caller's copy at `key` is redundant. A new link must fit every
+        quota in `quotas` (QuotaExceeded otherwise, and nothing changes).
         """
         now = time.time()
-        link = Put(keys.link(repo, digest), _dump(LinkRecord(size, now)))
+        link_key = keys.link(repo, digest)
         # Using a blob that garbage collection marked wins over the collection.
-        common: list[Op] = [link, Put(keys.repository(repo), b"{}"), Delete(keys.pending_blob(digest))]
+        common: list[Op] = [
+            Put(link_key, _dump(LinkRecord(size, now))),
+            Put(keys.repository(repo), b"{}"),
+            Delete(keys.pending_blob(digest)),
+        ]
         if upload_id is not None:
             common.append(Delete(keys.upload(upload_id)))
         record = BlobRecord(size, key, now)
         blob_key = keys.blob(digest)
         not_deleting = Compare.absent(keys.deleting(digest))
         for _ in range(_MAX_ATTEMPTS):
+            admission, guard_writes = await self._admit(link_key, quotas, size)
             result = await self.kv.txn(
-                [Compare.absent(blob_key), not_deleting],
-                [Put(blob_key, _dump(record)), *common],
+                [Compare.absent(blob_key), not_deleting, *admission],
+                [Put(blob_key, _dump(record)), *common, *guard_writes],
                 [Get(blob_key), Get(keys.deleting(digest))],
             )
             if result.succeeded:
@@ -164,12 +187,25 @@ class Metadata:
             if deleting is not None:
                 raise BeingCollected(digest)
             if existing is None:
-                continue
-            again = await self.kv.txn([Compare.unchanged(blob_key, existing.mod_revision), not_deleting], common)
+                continue  # a quota guard moved, or the blob came and went: measure again
+            again = await self.kv.txn(
+                [Compare.unchanged(blob_key, existing.mod_revision), not_deleting, *admission],
+                [*common, *guard_writes],
+            )
             if again.succeeded:
                 found: BlobRecord = _load(BlobRecord, existing)
                 return found
         raise Conflict(f"commit of {digest} kept racing")
+
+    async def _admit(self, link_key: str, quotas: Sequence[QuotaScope], size: int) -> tuple[list[Compare], list[Op]]:
+        """Quota guards for making `link_key`; none when there are no quotas or it already exists."""
+        if not quotas:
+            return [], []
+        existing = await self.kv.get(link_key)
+        if existing is not None:
+            return [Compare.unchanged(link_key, existing.mod_revision)], []
+        compares, writes = await admit(self.kv, list(quotas), size)
+        return [Compare.absent(link_key), *compares], list(writes)
 
     async def wait_collected(self, digest: str, *, timeout: float = 30.0) -> None:
         """Return once garbage collection has finished deleting `digest` (or it never was)."""
@@ -185,7 +221,9 @@ class Metadata:
         """Note that a client was just told this blob exists: garbage collection spares it a while."""
         await self.kv.put(keys.touch(digest), json.dumps({"at": time.time()}).encode())
 
-    async def mount_blob(self, repo: str, digest: str, source: str) -> LinkRecord | None:
+    async def mount_blob(
+        self, repo: str, digest: str, source: str, *, quotas: Sequence[QuotaScope] = ()
+    ) -> LinkRecord | None:
         """Link a blob of `source` into `repo`; None if `source` does not have it."""
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.link(source, digest))
@@ -193,16 +231,19 @@ class Metadata:
                 return None
             record: LinkRecord = _load(LinkRecord, found)
             linked = LinkRecord(record.size, time.time())
+            admission, guard_writes = await self._admit(keys.link(repo, digest), quotas, record.size)
             result = await self.kv.txn(
                 [
                     Compare.unchanged(found.key, found.mod_revision),
                     Compare.present(keys.blob(digest)),
                     Compare.absent(keys.deleting(digest)),
+                    *admission,
                 ],
                 [
                     Put(keys.link(repo, digest), _dump(linked)),
                     Put(keys.repository(repo), b"{}"),
                     Delete(keys.pending_blob(digest)),
+                    *guard_writes,
                 ],
             )
             if result.succeeded:
@@ -217,13 +258,22 @@ class Metadata:
     async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
         return _load(ManifestRecord, await self.kv.get(keys.manifest(repo, digest)))
 
-    async def put_manifest(self, repo: str, record: ManifestRecord, *, tag: str | None, storage_key: str) -> None:
+    async def put_manifest(
+        self, repo: str, record: ManifestRecord, *, tag: str | None, storage_key: str, frozen_tag: bool = False
+    ) -> None:
         """Record a manifest (already in storage) and point `tag` at it, in one transaction.
 
         Every referenced blob and child manifest must be linked in `repo` at the moment of the
-        write; otherwise nothing changes and MissingReferences says what is missing.
+        write; otherwise nothing changes and MissingReferences says what is missing. A
+        `frozen_tag` may be created or pushed again with the same content, never moved:
+        TagFrozen says it points elsewhere.
         """
         guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
+        if frozen_tag and tag is not None:
+            current = await self.kv.get(keys.tag(repo, tag))
+            if current is not None and json.loads(current.value)["digest"] != record.digest:
+                raise TagFrozen(tag, json.loads(current.value)["digest"])
+            guards.append(Compare.unchanged(keys.tag(repo, tag), current.mod_revision if current else 0))
         guards += [Compare.present(keys.manifest(repo, d)) for d in record.manifests]
         guards.append(Compare.absent(keys.deleting(record.digest)))
         ops: list[Op] = [
@@ -253,6 +303,10 @@ class Metadata:
             return
         if await self.kv.get(keys.deleting(record.digest)) is not None:
             raise BeingCollected(record.digest)
+        if frozen_tag and tag is not None:
+            moved = await self.get_tag(repo, tag)
+            if moved is not None and moved.digest != record.digest:
+                raise TagFrozen(tag, moved.digest)
         await self._raise_missing(repo, record)
         raise Conflict("manifest references kept changing")
 

@@ -7,15 +7,18 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from coordinator.gc import Collector
+from coordinator.quota import QuotaScope
+from coordinator.quota import usage as quota_usage
 
 from . import gc
+from .api.manifests import check_deletable
 from .app import open_kv, open_storage
 from .config import Config, parse_duration
 from .errors import RegistryError
-from .reference import parse_digest, validate_name, validate_tag
+from .reference import Reference, parse_digest, validate_name, validate_tag
 from .services import Services
 
 T = TypeVar("T")
@@ -44,6 +47,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         cmd.add_argument("--explain", metavar="REPO@DIGEST|DIGEST", help="say why something is kept, then exit")
         cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
         cmd.set_defaults(run=run_gc)
+    quota_cmd = commands.add_parser("quota", help="show quota usage and limits")
+    quota_actions = quota_cmd.add_subparsers(dest="quota_action", required=True)
+    quota_ls = quota_actions.add_parser("ls", help="list every quota with its usage")
+    quota_ls.add_argument("config", nargs="?", help="configuration file")
+    quota_ls.add_argument("--json", action="store_true", help="machine-readable output")
+    quota_ls.set_defaults(run=run_quota_ls)
     rm = commands.add_parser("rm", help="delete images by tag or digest", description="Delete images.")
     rm.add_argument("references", nargs="+", metavar="REPO:TAG|REPO@DIGEST")
     rm.add_argument("--config", "-c", help="configuration file")
@@ -148,7 +157,7 @@ async def _remove_one(services: Services, reference: str, *, tag_only: bool) -> 
     if "@" in reference:
         repo, digest = reference.split("@", 1)
         validate_name(repo)
-        parse_digest(digest)
+        await check_deletable(services, repo, Reference(digest=parse_digest(digest)))
         if not await metadata.delete_manifest(repo, digest):
             raise ValueError("no such manifest")
         return f"deleted {repo}@{digest}"
@@ -160,6 +169,9 @@ async def _remove_one(services: Services, reference: str, *, tag_only: bool) -> 
     record = await metadata.get_tag(repo, tag)
     if record is None:
         raise ValueError("no such tag")
+    await check_deletable(
+        services, repo, Reference(tag=tag) if tag_only else Reference(digest=parse_digest(record.digest))
+    )
     if tag_only:
         await metadata.delete_tag(repo, tag)
         return f"untagged {repo}:{tag} (manifest {record.digest} kept)"
@@ -167,3 +179,34 @@ async def _remove_one(services: Services, reference: str, *, tag_only: bool) -> 
     await metadata.delete_manifest(repo, record.digest)
     also = f" and its other tags {', '.join(sorted(others))}" if others else ""
     return f"deleted {repo}:{tag} ({record.digest}){also}"
+
+
+def run_quota_ls(args: argparse.Namespace, config: Config) -> int:
+    async def listing(services: Services) -> int:
+        rows: list[dict[str, Any]] = []
+        for q in services.policies.quotas:
+            used = await quota_usage(services.kv, QuotaScope(q.scope, q.limit, q.label))
+            rows.append(
+                {
+                    "scope": q.scope,
+                    "kind": "namespace" if q.namespace else "repository",
+                    "used": used,
+                    "limit": q.limit,
+                    "percent": round(100 * used / q.limit, 1) if q.limit else 100.0,
+                }
+            )
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print("no quotas configured")
+            return 0
+        width = max(len(r["scope"]) for r in rows)
+        print(f"{'SCOPE':<{width}}  {'KIND':<10}  {'USED':>12}  {'LIMIT':>12}  {'USE%':>6}")
+        for r in rows:
+            print(
+                f"{r['scope']:<{width}}  {r['kind']:<10}  {_size(r['used']):>12}  {_size(r['limit']):>12}  {r['percent']:>5.1f}%"
+            )
+        return 0
+
+    return asyncio.run(_with_services(config, listing))

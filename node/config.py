@@ -170,6 +170,48 @@ class GCConfig:
 
 
 @dataclass
+class ImmutabilityRule:
+    """Tags matching `tags` (regular expressions, whole tag) in matching repositories never move."""
+
+    repositories: list[str] = field(default_factory=lambda: ["**"])  # globs: * one segment, ** any
+    tags: list[str] = field(default_factory=list)
+    name: str = ""
+
+
+@dataclass
+class RetentionPolicy:
+    """Which tags a repository keeps; the rest are deleted and GC reclaims what they freed.
+
+    A tag is kept if it matches `keeptags`, is among the `keeplast` most recently pushed, or was
+    pushed within `olderthan`. Signature and attestation tags (`sha256-<hex>.sig`, `.att`,
+    `.sbom`) follow their subject. `untaggedafter` deletes manifests no tag reaches once older.
+    """
+
+    repositories: list[str] = field(default_factory=lambda: ["**"])
+    keeplast: int | None = None
+    keeptags: list[str] = field(default_factory=list)
+    olderthan: str = ""
+    untaggedafter: str = ""
+    name: str = ""
+
+
+@dataclass
+class RetentionConfig:
+    enabled: bool = True
+    interval: str = "1h"
+    policies: list[RetentionPolicy] = field(default_factory=list)
+
+
+@dataclass
+class QuotaRule:
+    """A byte limit on what one repository, or every repository under a namespace, links."""
+
+    repository: str = ""  # an exact repository name
+    namespace: str = ""  # a prefix such as "team/" (every repository under it, together)
+    limit: str = ""  # bytes, or with a unit: 500MiB, 10GiB, 1TB
+
+
+@dataclass
 class ClusterConfig:
     # A name for this node in leader records and logs; host:port:pid when empty.
     node: str = ""
@@ -272,6 +314,9 @@ class Config:
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     gc: GCConfig = field(default_factory=GCConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    quotas: list[QuotaRule] = field(default_factory=list)
+    immutability: list[ImmutabilityRule] = field(default_factory=list)
     auth: AuthConfig = field(default_factory=AuthConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)

@@ -14,6 +14,7 @@ from coordinator.uploads import UploadSessions
 from .config import Config
 from .gc import Touches
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
+from .policies import Policies
 from .storage import layout
 from .storage.driver import StorageDriver
 from .upload import Uploader
@@ -88,9 +89,12 @@ class Services:
     metrics: Metrics
     node_id: str
     touches: Touches = field(init=False)
+    policies: Policies = field(init=False)
 
     def __post_init__(self) -> None:
         self.touches = Touches(self)
+        self.policies = Policies.from_config(self.config)
+        self.uploader.quotas_for = self.policies.quota_scopes
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import rehashes
 
+from coordinator import quota
 from coordinator.metadata import BeingCollected, Metadata
+from coordinator.quota import QuotaScope
 from coordinator.uploads import SessionChanged, UploadSession, UploadSessions
 
-from .errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid
+from .errors import BlobUploadInvalid, BlobUploadUnknown, Denied, DigestInvalid, SizeInvalid
 from .reference import Digest
 from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
@@ -41,6 +43,14 @@ def _hasher(state: bytes) -> rehashes.PySha256:
     return rehashes.PySha256.deserialize(state) if state else rehashes.PySha256()
 
 
+def _denied(exc: quota.QuotaExceeded) -> Denied:
+    scope = exc.scope
+    return Denied(
+        {"quota": scope.name, "limit": scope.limit, "used": exc.usage, "requested": exc.size},
+        message=f"quota exceeded: {scope.label}: {exc.usage} of {scope.limit} bytes used, {exc.size} more requested",
+    )
+
+
 def check_algorithm(algorithm: str) -> None:
     """Uploads are hashed as they stream, with a resumable SHA-256 only."""
     if algorithm != "sha256":
@@ -52,6 +62,20 @@ class Uploader:
         self.storage = storage
         self.sessions = sessions
         self.metadata = metadata
+        self.quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: []
+
+    async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
+        """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
+
+        A blob already linked in the repository takes no more room.
+        """
+        scopes = self.quotas_for(repository)
+        if not scopes or (digest is not None and await self.metadata.get_link(repository, digest) is not None):
+            return
+        for scope in scopes:
+            used = await quota.usage(self.metadata.kv, scope)
+            if used + size > scope.limit or (size == 0 and used >= scope.limit):
+                raise _denied(quota.QuotaExceeded(scope, used, size))
 
     async def start(self, repository: str) -> UploadSession:
         upload_id = self.sessions.new_id()
@@ -110,6 +134,7 @@ class Uploader:
         upload = layout.upload_key(session.repository, session.id)
         try:
             key = self._verified_key(digest, _hasher(session.hash_state))
+            await self.check_room(session.repository, session.offset, str(digest))
         except BaseException:
             await self.cancel(session)
             raise
@@ -118,8 +143,16 @@ class Uploader:
         return session.offset
 
     async def _record(self, repository: str, digest: str, size: int, stored: str, upload_id: str | None) -> None:
+        quotas = self.quotas_for(repository)
         try:
-            record = await self.metadata.commit_blob(repository, digest, size, stored, upload_id=upload_id)
+            record = await self.metadata.commit_blob(
+                repository, digest, size, stored, upload_id=upload_id, quotas=quotas
+            )
+        except quota.QuotaExceeded as exc:
+            # Nothing was linked; the stored bytes, if no record names them, go with GC's orphans.
+            if upload_id is not None:
+                await self.sessions.delete(upload_id)
+            raise _denied(exc) from None
         except BeingCollected:
             # Garbage collection was deleting this very digest; its storage delete may have
             # taken our freshly committed bytes too. Wait it out and keep them only if intact.
@@ -130,7 +163,9 @@ class Uploader:
                 raise BlobUploadInvalid(
                     {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
                 ) from None
-            record = await self.metadata.commit_blob(repository, digest, size, stored, upload_id=upload_id)
+            record = await self.metadata.commit_blob(
+                repository, digest, size, stored, upload_id=upload_id, quotas=quotas
+            )
         if record.key != stored:
             # The digest was already stored elsewhere; this copy is redundant.
             await self.storage.delete(stored)
@@ -144,6 +179,14 @@ class Uploader:
             raise DigestInvalid({"expected": str(digest), "actual": actual})
         return layout.blob_key(actual)
 
+    async def mount(self, repository: str, digest: str, source: str) -> bool:
+        """Link a blob of `source` into `repository`, within its quotas; False if `source` lacks it."""
+        try:
+            linked = await self.metadata.mount_blob(repository, digest, source, quotas=self.quotas_for(repository))
+        except quota.QuotaExceeded as exc:
+            raise _denied(exc) from None
+        return linked is not None
+
     async def cancel(self, session: UploadSession) -> None:
         await self.storage.upload_abort(layout.upload_key(session.repository, session.id), session.driver_state)
         await self.sessions.delete(session.id)
@@ -155,6 +198,8 @@ class Uploader:
 
         Partial data left by a crash mid-request is collected with expired uploads.
         """
+        if length is not None:
+            await self.check_room(repository, length, str(digest))
         upload = layout.upload_key(repository, self.sessions.new_id())
         state = await self.storage.upload_start(upload)
         counted = _Counted(chunks, rehashes.PySha256(), length)

@@ -7,11 +7,20 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences
+from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
 
 from .. import manifest as manifests
-from ..errors import DigestInvalid, ManifestBlobUnknown, ManifestTooLarge, ManifestUnknown, TagInvalid, Unsupported
+from ..errors import (
+    Denied,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestTooLarge,
+    ManifestUnknown,
+    TagInvalid,
+    Unsupported,
+)
 from ..reference import Reference, parse_reference
+from ..services import Services
 from ..storage import layout
 from .common import repository, services, url
 
@@ -109,6 +118,7 @@ async def put_manifest(request: Request) -> Response:
         annotations=parsed.annotations,
         pushed=time.time(),
     )
+    frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
     key = layout.blob_key(digest)
     # Content first, then the records that make it visible: a reader never finds a record
     # whose bytes are missing.
@@ -116,14 +126,19 @@ async def put_manifest(request: Request) -> Response:
         await svc.storage.write_bytes(key, body)
     try:
         try:
-            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key)
+            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key, frozen_tag=frozen is not None)
         except BeingCollected:
             # Garbage collection was deleting these very bytes: wait, store them again, retry.
             await svc.metadata.wait_collected(digest)
             await svc.storage.write_bytes(key, body)
-            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key)
+            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key, frozen_tag=frozen is not None)
     except MissingReferences as exc:
         raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
+    except TagFrozen as exc:
+        raise Denied(
+            {"tag": exc.tag, "digest": exc.digest, "rule": frozen},
+            message=f"tag {exc.tag} is immutable (rule: {frozen}) and cannot be moved",
+        ) from None
     svc.manifests.put(digest, body)
     headers = {
         "Location": url(request, f"/v2/{name}/manifests/{digest}"),
@@ -135,12 +150,30 @@ async def put_manifest(request: Request) -> Response:
     return Response(status_code=201, headers=headers)
 
 
+async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
+    """DENIED if the deletion would remove an immutable tag."""
+    immutability = svc.policies.immutability
+    if not immutability:
+        return
+    if ref.tag is not None:
+        tags = [ref.tag]
+    else:
+        tags = [t for t, r in (await svc.metadata.tag_records(name)).items() if r.digest == str(ref.digest)]
+    for tag in tags:
+        rule = immutability.rule_for(name, tag)
+        if rule is not None:
+            raise Denied(
+                {"tag": tag, "rule": rule}, message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted"
+            )
+
+
 async def delete_manifest(request: Request) -> Response:
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
+    await check_deletable(svc, name, ref)
     if ref.tag is not None:
         if not await svc.metadata.delete_tag(name, ref.tag):
             raise ManifestUnknown({"tag": ref.tag})

@@ -65,7 +65,7 @@ async def start_upload(request: Request) -> Response:
         source = params.get("from")
         if source:
             validate_name(source)
-            if source != name and await svc.metadata.mount_blob(name, digest, source) is not None:
+            if source != name and await svc.uploader.mount(name, digest, source):
                 await svc.touches.touch(digest)
                 return _committed(request, name, digest)
             if source == name and await svc.metadata.get_link(name, digest) is not None:
@@ -79,6 +79,7 @@ async def start_upload(request: Request) -> Response:
         return _committed(request, name, str(digest_param))
     if "digest-algorithm" in params:
         check_algorithm(params["digest-algorithm"])
+    await svc.uploader.check_room(name)
     session = await svc.uploader.start(name)
     return Response(status_code=202, headers=_progress_headers(request, session))
 
