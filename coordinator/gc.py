@@ -108,6 +108,10 @@ class Collector:
                 return found
             start = keys.after(page[-1].key)
 
+    async def _next_epoch(self) -> None:
+        """Fail any very large manifest write that checked its references before this point."""
+        await self.kv.put(keys.GC_EPOCH, json.dumps({"at": time.time()}).encode())
+
     async def _revision(self) -> int:
         return (await self.kv.txn([], [])).revision
 
@@ -160,6 +164,7 @@ class Collector:
             summary.deleted += [f"{c.repo}@{c.digest}" for c in candidates]
             return doomed
         await self._bounded([self._pend_manifest(c) for c in candidates])
+        await self._next_epoch()
         candidates = [c for c in candidates if c.pending_revision]
         # Manifests written since mark began may use a candidate (an index naming a child).
         saved: set[str] = set()
@@ -294,6 +299,7 @@ class Collector:
             summary.deleted += [c.digest for c in candidates]
             return
         await self._bounded([self._pend_blob(c) for c in candidates])
+        await self._next_epoch()
         candidates = [c for c in candidates if c.pending_revision]
         # A manifest written between mark and the pending marks did not see them: rescan.
         saved: set[str] = set()
@@ -359,6 +365,8 @@ class Collector:
         if self.dry_run:
             summary.links_deleted = len(stale)
             return
+        if stale:
+            await self._next_epoch()
 
         async def unlink(link_key: str, digest: str, revision: int) -> bool:
             repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]

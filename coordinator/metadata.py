@@ -15,6 +15,9 @@ from .quota import QuotaScope, admit
 
 # Optimistic transactions retry this often when another writer keeps winning.
 _MAX_ATTEMPTS = 20
+# Room left in one transaction (etcd allows 128 compares and 128 operations) for references.
+_TXN_BUDGET = 120
+_BATCH = 100
 
 
 def _dump(record: Any) -> bytes:
@@ -268,47 +271,67 @@ class Metadata:
         `frozen_tag` may be created or pushed again with the same content, never moved:
         TagFrozen says it points elsewhere.
         """
-        guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
+        head_guards = [Compare.absent(keys.deleting(record.digest))]
         if frozen_tag and tag is not None:
             current = await self.kv.get(keys.tag(repo, tag))
             if current is not None and json.loads(current.value)["digest"] != record.digest:
                 raise TagFrozen(tag, json.loads(current.value)["digest"])
-            guards.append(Compare.unchanged(keys.tag(repo, tag), current.mod_revision if current else 0))
-        guards += [Compare.present(keys.manifest(repo, d)) for d in record.manifests]
-        guards.append(Compare.absent(keys.deleting(record.digest)))
-        ops: list[Op] = [
+            head_guards.append(Compare.unchanged(keys.tag(repo, tag), current.mod_revision if current else 0))
+        head_ops: list[Op] = [
             Put(keys.manifest(repo, record.digest), _dump(record)),
             Put(keys.repository(repo), b"{}"),
-            # Whatever this manifest uses is no longer garbage: the push wins over collection.
             Delete(keys.pending_blob(record.digest)),
             Delete(keys.pending_manifest(repo, record.digest)),
-            *(Delete(keys.pending_blob(d)) for d in record.blobs),
-            *(Delete(keys.pending_manifest(repo, d)) for d in record.manifests),
         ]
         if tag is not None:
-            ops.append(
+            head_ops.append(
                 Put(keys.tag(repo, tag), _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed)))
             )
         if record.subject:
-            ops.append(
+            head_ops.append(
                 Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
             )
+        # Everything it names must be there, and whatever it names is no longer garbage: the
+        # push wins over a collection that marked it.
+        ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
+        ref_guards += [Compare.present(keys.manifest(repo, d)) for d in record.manifests]
+        ref_ops: list[Op] = [Delete(keys.pending_blob(d)) for d in record.blobs]
+        ref_ops += [Delete(keys.pending_manifest(repo, d)) for d in record.manifests]
         blob_key = keys.blob(record.digest)
         blob = Put(blob_key, _dump(BlobRecord(record.size, storage_key, record.pushed)))
-        result = await self.kv.txn([*guards, Compare.absent(blob_key)], [*ops, blob])
-        if result.succeeded:
-            return
-        result = await self.kv.txn([*guards, Compare.present(blob_key)], ops)
-        if result.succeeded:
-            return
-        if await self.kv.get(keys.deleting(record.digest)) is not None:
-            raise BeingCollected(record.digest)
-        if frozen_tag and tag is not None:
-            moved = await self.get_tag(repo, tag)
-            if moved is not None and moved.digest != record.digest:
-                raise TagFrozen(tag, moved.digest)
-        await self._raise_missing(repo, record)
+        for _ in range(_MAX_ATTEMPTS):
+            if len(ref_guards) + len(head_guards) < _TXN_BUDGET and len(ref_ops) + len(head_ops) < _TXN_BUDGET:
+                guards, ops = [*head_guards, *ref_guards], [*head_ops, *ref_ops]
+            else:
+                # Too many references for one transaction: claim them in batches, then commit
+                # under the GC epoch, which a collection moves before it deletes anything.
+                guards, ops = [*head_guards, await self._claim_references(repo, record, ref_guards, ref_ops)], head_ops
+            if (await self.kv.txn([*guards, Compare.absent(blob_key)], [*ops, blob])).succeeded:
+                return
+            if (await self.kv.txn([*guards, Compare.present(blob_key)], ops)).succeeded:
+                return
+            if await self.kv.get(keys.deleting(record.digest)) is not None:
+                raise BeingCollected(record.digest)
+            if frozen_tag and tag is not None:
+                moved = await self.get_tag(repo, tag)
+                if moved is not None and moved.digest != record.digest:
+                    raise TagFrozen(tag, moved.digest)
+            await self._raise_missing(repo, record)
         raise Conflict("manifest references kept changing")
+
+    async def _claim_references(
+        self, repo: str, record: ManifestRecord, ref_guards: list[Compare], ref_ops: list[Op]
+    ) -> Compare:
+        """Check and un-mark references in batches; returns the guard the final write needs."""
+        epoch = await self.kv.get(keys.GC_EPOCH)
+        for start in range(0, len(ref_guards), _BATCH):
+            batch_guards = ref_guards[start : start + _BATCH]
+            batch_ops = ref_ops[start : start + _BATCH]
+            # Rewriting the repository record also stops a collection unlinking blobs here.
+            result = await self.kv.txn(batch_guards, [*batch_ops, Put(keys.repository(repo), b"{}")])
+            if not result.succeeded:
+                await self._raise_missing(repo, record)
+        return Compare.unchanged(keys.GC_EPOCH, epoch.mod_revision if epoch else 0)
 
     async def _raise_missing(self, repo: str, record: ManifestRecord) -> None:
         missing_blobs = [d for d in record.blobs if await self.kv.get(keys.link(repo, d)) is None]

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import Metrics
@@ -139,6 +140,25 @@ class AccessLog:
 
         try:
             await self.app(scope, counting_receive, tagging_send)
+        except ClientDisconnect:
+            pass  # logged as 499: nobody is left to answer
+        except Exception:
+            # A bug or a storage failure: the client still gets an OCI error body and the
+            # request id to quote, and the log gets the traceback in JSON.
+            self.log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            if status:
+                raise
+            body = json.dumps(
+                {"errors": [{"code": "UNKNOWN", "message": "internal server error", "detail": {"request_id": request_id}}]}
+            ).encode()
+            await tagging_send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await tagging_send({"type": "http.response.body", "body": body})
         finally:
             route_path = getattr(scope.get("route"), "path", None) or "unmatched"
             duration = time.perf_counter() - started

@@ -1,0 +1,554 @@
+"""Retention: plan which tags and untagged manifests the policies delete, then apply that plan with guards.
+
+Planning reads the KV once and decides, per repository, under the first rule that covers it:
+- A tag is kept if it is immutable, matches `keep_tags` (whole tag), is among the `keep_last` most
+  recently pushed, or was pushed within `older_than`. A rule that sets none of these keeps every tag.
+- Signature and attestation tags (cosign's `sha256-<hex>.sig`, `.att`, `.sbom`) follow their subject
+  unless immutable or matching `keep_tags`, and take no place among the most recently pushed: they
+  go iff, once the plan's tags are gone, no remaining tag reaches the subject (in this repository,
+  or in another one when the subject is not stored here).
+- With `untagged_after`, manifests no remaining tag reaches and pushed longer ago than that go too;
+  children of a staying index and referrers of a staying manifest always stay.
+
+Applying never trusts the plan blindly: a tag goes only if it is unchanged since planning, a manifest
+only if it is unchanged, still untagged and nothing that stays uses it (the garbage collector's
+pending marks make a concurrent push win). Every step is idempotent, so a new leader that plans
+again from the current state finishes an interrupted run without deleting anything twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import heapq
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import keys
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+
+# Retention's own records. TODO(keys.py): move beside the GC's records.
+LAST_RUN = "retention/last-run"
+PROGRESS = "retention/progress"
+
+_PAGE = 1000
+_PROGRESS_EVERY = 100
+_COSIGN_TAG = re.compile(r"sha256-(?P<hex>[0-9a-f]{64})\.(?:sig|att|sbom)")
+
+Frozen = Callable[[str, str], str | None]
+"""(repository, tag) -> the name of the immutability rule that protects the tag, or None."""
+
+
+def _nothing_frozen(repository: str, tag: str) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One retention policy, already parsed; `covers` says which repositories it applies to."""
+
+    name: str
+    covers: Callable[[str], bool]
+    keep_last: int | None = None
+    keep_tags: tuple[re.Pattern[str], ...] = ()
+    older_than: float | None = None  # seconds
+    untagged_after: float | None = None  # seconds
+
+    @property
+    def prunes_tags(self) -> bool:
+        return self.keep_last is not None or bool(self.keep_tags) or self.older_than is not None
+
+
+@dataclass(frozen=True)
+class TagDeletion:
+    repository: str
+    tag: str
+    digest: str
+    mod_revision: int
+    reason: str
+    pushed: float
+
+
+@dataclass(frozen=True)
+class ManifestDeletion:
+    repository: str
+    digest: str
+    mod_revision: int
+    reason: str
+    pushed: float
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class KeptTag:
+    repository: str
+    tag: str
+    digest: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    """What the policies delete, in the order to apply: tags, then manifests parents-first."""
+
+    now: float
+    revision: int  # the KV revision planning began at
+    tags: list[TagDeletion] = field(default_factory=list)
+    manifests: list[ManifestDeletion] = field(default_factory=list)
+    kept: list[KeptTag] = field(default_factory=list)  # tags of covered repositories that stay, and why
+
+    def rows(self) -> list[dict[str, str]]:
+        return [_tag_row(t) for t in self.tags] + [_manifest_row(m) for m in self.manifests]
+
+
+def _pushed(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _tag_row(t: TagDeletion) -> dict[str, str]:
+    return {
+        "repository": t.repository,
+        "reference": t.tag,
+        "digest": t.digest,
+        "action": "delete tag",
+        "reason": t.reason,
+        "pushed": _pushed(t.pushed),
+    }
+
+
+def _manifest_row(m: ManifestDeletion) -> dict[str, str]:
+    return {
+        "repository": m.repository,
+        "reference": m.digest,
+        "digest": m.digest,
+        "action": "delete manifest",
+        "reason": m.reason,
+        "pushed": _pushed(m.pushed),
+    }
+
+
+@dataclass
+class Skipped:
+    repository: str
+    reference: str
+    why: str
+
+
+@dataclass
+class Result:
+    """What one application of a plan did."""
+
+    node: str
+    started: float = 0.0
+    finished: float = 0.0
+    planned: int = 0
+    tags_deleted: list[TagDeletion] = field(default_factory=list)
+    manifests_deleted: list[ManifestDeletion] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    # The progress record of a run that never finished (its leader went away), if one was found.
+    interrupted: dict[str, Any] | None = None
+
+    def rows(self) -> list[dict[str, str]]:
+        return [_tag_row(t) for t in self.tags_deleted] + [_manifest_row(m) for m in self.manifests_deleted]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "started": self.started,
+            "finished": self.finished,
+            "planned": self.planned,
+            "tags_deleted": len(self.tags_deleted),
+            "manifests_deleted": len(self.manifests_deleted),
+            "skipped": len(self.skipped),
+            "resumed_interrupted_run": self.interrupted is not None,
+        }
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tag:
+    name: str
+    digest: str
+    pushed: float
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    digest: str
+    children: tuple[str, ...]
+    subject: str | None
+    pushed: float
+    mod_revision: int
+
+
+async def _all(kv: KV, prefix: str) -> list[KeyValue]:
+    found: list[KeyValue] = []
+    start: str | None = None
+    while True:
+        page = await kv.range(prefix, start=start, limit=_PAGE)
+        found.extend(page)
+        if len(page) < _PAGE:
+            return found
+        start = keys.after(page[-1].key)
+
+
+def _split(key: str, prefix: str) -> tuple[str, str]:
+    repo, _, rest = key[len(prefix) :].rpartition("@")
+    return repo, rest
+
+
+def cosign_subject(tag: str) -> str | None:
+    """The digest a cosign-style signature, attestation or SBOM tag is about, or None."""
+    match = _COSIGN_TAG.fullmatch(tag)
+    return f"sha256:{match['hex']}" if match else None
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f}d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds:g}s"
+
+
+def _closure(roots: Iterable[str], manifests: dict[str, _Manifest], referrers: dict[str, list[str]]) -> set[str]:
+    """Digests reachable from `roots` through index children and referrers."""
+    live: set[str] = set()
+    stack = [r for r in roots if r in manifests]
+    while stack:
+        digest = stack.pop()
+        if digest in live:
+            continue
+        live.add(digest)
+        stack.extend(c for c in manifests[digest].children if c in manifests)
+        stack.extend(referrers.get(digest, []))
+    return live
+
+
+class _Repository:
+    def __init__(self, name: str, rule: Rule | None) -> None:
+        self.name = name
+        self.rule = rule
+        self.tags: list[_Tag] = []
+        self.manifests: dict[str, _Manifest] = {}
+        self.referrers: dict[str, list[str]] = {}
+        self.roots: set[str] = set()  # digests of the tags that remain
+        self.live: set[str] = set()
+
+    def relive(self) -> None:
+        self.live = _closure(self.roots, self.manifests, self.referrers)
+
+
+async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: Frozen = _nothing_frozen) -> Plan:
+    """Decide what `rules` delete from the current state; changes nothing."""
+    now = time.time() if now is None else now
+    revision = (await kv.txn([], [])).revision
+    repos: dict[str, _Repository] = {}
+
+    def repository(name: str) -> _Repository:
+        if name not in repos:
+            repos[name] = _Repository(name, next((r for r in rules if r.covers(name)), None))
+        return repos[name]
+
+    for item in await _all(kv, keys.TAGS):
+        name, tag_name = _split(item.key, keys.TAGS)
+        record = json.loads(item.value)
+        repository(name).tags.append(
+            _Tag(tag_name, record["digest"], float(record.get("pushed", 0)), item.mod_revision)
+        )
+    for item in await _all(kv, keys.MANIFESTS):
+        name, digest = _split(item.key, keys.MANIFESTS)
+        record = json.loads(item.value)
+        repo = repository(name)
+        repo.manifests[digest] = _Manifest(
+            digest,
+            tuple(record.get("manifests", [])),
+            record.get("subject"),
+            float(record.get("pushed", 0)),
+            item.mod_revision,
+        )
+        if record.get("subject"):
+            repo.referrers.setdefault(record["subject"], []).append(digest)
+
+    result = Plan(now=now, revision=revision)
+    # Signature tags of covered repositories wait until we know which subjects stay.
+    followers: list[tuple[_Repository, _Tag, str]] = []
+    for name in sorted(repos):
+        repo = repos[name]
+        for tag, verdict, why in _judge_tags(repo, now, frozen):
+            if verdict == _FOLLOW:
+                followers.append((repo, tag, why))
+                continue
+            if verdict == _DELETE:
+                result.tags.append(TagDeletion(name, tag.name, tag.digest, tag.mod_revision, why, tag.pushed))
+                continue
+            repo.roots.add(tag.digest)
+            if why:
+                result.kept.append(KeptTag(name, tag.name, tag.digest, why))
+        repo.relive()
+
+    # A kept signature tag keeps its own manifest, which may be the subject of another: repeat.
+    while followers:
+        live_anywhere = set().union(*(repo.live for repo in repos.values()))
+        stay = [f for f in followers if _subject_live(f[0], f[2], live_anywhere)]
+        if not stay:
+            break
+        for repo, tag, subject in stay:
+            repo.roots.add(tag.digest)
+            result.kept.append(KeptTag(repo.name, tag.name, tag.digest, f"its subject {subject} stays"))
+        for repo in {id(f[0]): f[0] for f in stay}.values():
+            repo.relive()
+        followers = [f for f in followers if f not in stay]
+    for repo, tag, subject in followers:
+        assert repo.rule is not None
+        result.tags.append(
+            TagDeletion(
+                repo.name,
+                tag.name,
+                tag.digest,
+                tag.mod_revision,
+                f"{repo.rule.name}: follows its subject {_short(subject)}, which no remaining tag reaches",
+                tag.pushed,
+            )
+        )
+
+    for name in sorted(repos):
+        repo = repos[name]
+        if repo.rule is not None and repo.rule.untagged_after is not None:
+            result.manifests += _untagged(repo, repo.rule, repo.rule.untagged_after, now)
+    result.tags.sort(key=lambda t: (t.repository, t.tag))
+    result.kept.sort(key=lambda t: (t.repository, t.tag))
+    return result
+
+
+_KEEP, _DELETE, _FOLLOW = "keep", "delete", "follow"
+
+
+def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Tag, str, str]]:
+    """(tag, verdict, why) for every tag of a repository.
+
+    keep: why it stays ("" when no policy covers the repository or the policy prunes no tags);
+    delete: the reason, naming the rule; follow: a signature tag's subject digest, decided later.
+    """
+    rule = repo.rule
+    if rule is None:
+        return [(t, _KEEP, "") for t in repo.tags]
+    # Signature tags are not images: they take no place among the most recently pushed.
+    images = [t for t in repo.tags if cosign_subject(t.name) is None]
+    ranked = sorted(images, key=lambda t: (-t.pushed, t.name))
+    recent = {t.name for t in ranked[: rule.keep_last]} if rule.keep_last is not None else set()
+    cutoff = now - rule.older_than if rule.older_than is not None else None
+    judged: list[tuple[_Tag, str, str]] = []
+    for tag in repo.tags:
+        protected = frozen(repo.name, tag.name)
+        subject = cosign_subject(tag.name)
+        pattern = next((p for p in rule.keep_tags if p.fullmatch(tag.name)), None)
+        if protected is not None:
+            judged.append((tag, _KEEP, f"immutable (rule: {protected})"))
+        elif pattern is not None:
+            judged.append((tag, _KEEP, f"matches keeptags {pattern.pattern!r}"))
+        elif subject is not None:
+            judged.append((tag, _FOLLOW, subject))
+        elif not rule.prunes_tags:
+            judged.append((tag, _KEEP, ""))
+        elif tag.name in recent:
+            judged.append((tag, _KEEP, f"among the {rule.keep_last} most recently pushed"))
+        elif cutoff is not None and tag.pushed >= cutoff:
+            judged.append((tag, _KEEP, f"pushed within {format_duration(rule.older_than or 0)}"))
+        else:
+            why = []
+            if rule.keep_last is not None:
+                why.append(f"not among the {rule.keep_last} most recently pushed")
+            if rule.keep_tags:
+                why.append("matches no keeptags")
+            if rule.older_than is not None:
+                why.append(f"older than {format_duration(rule.older_than)}")
+            judged.append((tag, _DELETE, f"{rule.name}: {', '.join(why)}"))
+    return judged
+
+
+def _subject_live(repo: _Repository, subject: str, live_anywhere: set[str]) -> bool:
+    if subject in repo.manifests:
+        return subject in repo.live
+    # Signatures stored apart from their image (COSIGN_REPOSITORY) follow it wherever it is.
+    return subject in live_anywhere
+
+
+def _untagged(repo: _Repository, rule: Rule, after: float, now: float) -> list[ManifestDeletion]:
+    """Manifests no remaining tag reaches, pushed before `now - after`, parents and subjects first."""
+    cutoff = now - after
+    young = [d for d, m in repo.manifests.items() if m.pushed >= cutoff]
+    staying = _closure([*repo.live, *young], repo.manifests, repo.referrers)
+    doomed = {d: m for d, m in repo.manifests.items() if d not in staying}
+    # Parents go before their children and subjects before their referrers, so a run cut short
+    # never leaves a staying index without a child or a staying subject without its referrer.
+    # Kahn's algorithm, smallest digest first among those ready, keeps the order deterministic.
+    successors: dict[str, list[str]] = {d: [] for d in doomed}
+    waiting: dict[str, int] = dict.fromkeys(doomed, 0)
+    for m in doomed.values():
+        edges = [(m.digest, child) for child in m.children]
+        if m.subject:
+            edges.append((m.subject, m.digest))
+        for first, then in edges:
+            if first in doomed and then in doomed and first != then:
+                successors[first].append(then)
+                waiting[then] += 1
+    ready = [d for d, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        digest = heapq.heappop(ready)
+        order.append(digest)
+        for then in successors[digest]:
+            waiting[then] -= 1
+            if waiting[then] == 0:
+                heapq.heappush(ready, then)
+    # Content addressing rules out cycles; keep any leftover anyway rather than lose it.
+    order += sorted(set(doomed) - set(order))
+    deletions = []
+    for digest in order:
+        m = doomed[digest]
+        deletions.append(
+            ManifestDeletion(
+                repo.name,
+                digest,
+                m.mod_revision,
+                f"{rule.name}: no tag reaches it and it is older than {format_duration(after)}",
+                m.pushed,
+                m.subject,
+            )
+        )
+    return deletions
+
+
+def _short(digest: str) -> str:
+    algorithm, _, hex_ = digest.partition(":")
+    return f"{algorithm}:{hex_[:12]}"
+
+
+# -- applying ---------------------------------------------------------------------------------
+
+
+class Applier:
+    """Apply a plan with compare-and-swap guards, recording progress and a summary in the KV."""
+
+    def __init__(self, kv: KV, *, node: str, progress: Callable[[int, int], None] | None = None) -> None:
+        self.kv = kv
+        self.node = node
+        self.progress = progress
+
+    async def apply(self, plan: Plan) -> Result:
+        result = Result(node=self.node, started=time.time(), planned=len(plan.tags) + len(plan.manifests))
+        previous = await self.kv.get(PROGRESS)
+        if previous is not None:
+            result.interrupted = json.loads(previous.value)
+        await self._record_progress(result, 0)
+        done = 0
+        for tag in plan.tags:
+            await self._delete_tag(tag, result)
+            done += 1
+            await self._step(result, done)
+        by_repo: dict[str, list[ManifestDeletion]] = {}
+        for m in plan.manifests:
+            by_repo.setdefault(m.repository, []).append(m)
+        for name in sorted(by_repo):
+            await self._delete_manifests(name, by_repo[name], result)
+            done += len(by_repo[name])
+            await self._step(result, done)
+        result.finished = time.time()
+        await self.kv.txn([], [Put(LAST_RUN, json.dumps(result.summary()).encode()), Delete(PROGRESS)])
+        return result
+
+    async def _step(self, result: Result, done: int) -> None:
+        if self.progress is not None:
+            self.progress(done, result.planned)
+        if done % _PROGRESS_EVERY == 0 or done == result.planned:
+            await self._record_progress(result, done)
+
+    async def _record_progress(self, result: Result, done: int) -> None:
+        record = {"node": self.node, "started": result.started, "planned": result.planned, "done": done}
+        await self.kv.put(PROGRESS, json.dumps(record).encode())
+
+    async def _delete_tag(self, tag: TagDeletion, result: Result) -> None:
+        key = keys.tag(tag.repository, tag.tag)
+        outcome = await self.kv.txn([Compare.unchanged(key, tag.mod_revision)], [Delete(key)], [Get(key)])
+        if outcome.succeeded:
+            result.tags_deleted.append(tag)
+            return
+        current = outcome.gets[0]
+        if current is None:
+            why = "already deleted"
+        else:
+            why = f"pushed again since planning (now {_short(json.loads(current.value)['digest'])})"
+        result.skipped.append(Skipped(tag.repository, tag.tag, why))
+
+    async def _delete_manifests(self, repo: str, planned: list[ManifestDeletion], result: Result) -> None:
+        """Mark, re-read what uses them, then delete parents and subjects before what they use."""
+        marks: dict[str, int] = {}
+        for m in planned:
+            key = keys.manifest(repo, m.digest)
+            outcome = await self.kv.txn(
+                [Compare.unchanged(key, m.mod_revision)],
+                [
+                    Put(
+                        keys.pending_manifest(repo, m.digest),
+                        json.dumps({"at": time.time(), "by": "retention"}).encode(),
+                    )
+                ],
+                [Get(key)],
+            )
+            if outcome.succeeded:
+                marks[m.digest] = outcome.revision
+            else:
+                why = "already deleted" if outcome.gets[0] is None else "pushed or tagged again since planning"
+                result.skipped.append(Skipped(repo, m.digest, why))
+        if not marks:
+            return
+        # From here on a push that tags or uses a marked manifest removes the mark (the push wins);
+        # what was written before the marks is seen by this re-read.
+        tagged = {json.loads(kv.value)["digest"] for kv in await _all(self.kv, keys.tags_of(repo))}
+        present: set[str] = set()
+        parents: dict[str, set[str]] = {}
+        for kv in await _all(self.kv, keys.manifests_of(repo)):
+            record = json.loads(kv.value)
+            present.add(record["digest"])
+            for child in record.get("manifests", []):
+                parents.setdefault(child, set()).add(record["digest"])
+        deleted: set[str] = set()
+        for m in planned:
+            if m.digest not in marks:
+                continue
+            mark = keys.pending_manifest(repo, m.digest)
+            staying_parents = sorted(parents.get(m.digest, set()) - deleted)
+            if m.digest in tagged:
+                why = "tagged again since planning"
+            elif staying_parents:
+                why = f"used by index {_short(staying_parents[0])}, which stays"
+            elif m.subject and m.subject in present and m.subject not in deleted:
+                why = f"its subject {_short(m.subject)} stays"
+            else:
+                why = ""
+            if not why:
+                ops: list[Op] = [Delete(keys.manifest(repo, m.digest)), Delete(mark)]
+                if m.subject:
+                    ops.append(Delete(keys.referrer(repo, m.subject, m.digest)))
+                guards = [
+                    Compare.unchanged(keys.manifest(repo, m.digest), m.mod_revision),
+                    Compare.unchanged(mark, marks[m.digest]),
+                ]
+                if (await self.kv.txn(guards, ops)).succeeded:
+                    deleted.add(m.digest)
+                    result.manifests_deleted.append(m)
+                    continue
+                why = "used by a push since planning"
+            await self.kv.txn([Compare.unchanged(mark, marks[m.digest])], [Delete(mark)])
+            result.skipped.append(Skipped(repo, m.digest, why))
