@@ -37,8 +37,11 @@ test: install-test
 	$(PY) -m mypy node coordinator
 	$(PY) -m pytest -q -ra --durations=15
 
+# Extra flags for the comparison, e.g. `make bench BENCH_ARGS=--quick` (see loadtests/README.md).
+BENCH_ARGS ?=
+
 bench: install-test
-	$(PY) loadtests/bench.py
+	$(PY) loadtests/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) wharf-data
