@@ -37,8 +37,9 @@ ROUTES = [
     Route("/v2/", base.version_check, methods=["GET"]),
     Route("/v2/_catalog", catalog.list_repositories, methods=["GET"]),
     Route(NAME + "/tags/list", tags.list_tags, methods=["GET"]),
-    Route(NAME + "/manifests/{reference}", manifests.get_manifest, methods=["GET"]),
+    # HEAD before GET: a GET route also answers HEAD, and these HEADs have handlers of their own.
     Route(NAME + "/manifests/{reference}", manifests.head_manifest, methods=["HEAD"]),
+    Route(NAME + "/manifests/{reference}", manifests.get_manifest, methods=["GET"]),
     Route(NAME + "/manifests/{reference}", manifests.put_manifest, methods=["PUT"]),
     Route(NAME + "/manifests/{reference}", manifests.delete_manifest, methods=["DELETE"]),
     Route(NAME + "/blobs/uploads/", uploads.start_upload, methods=["POST"]),
@@ -46,8 +47,8 @@ ROUTES = [
     Route(NAME + "/blobs/uploads/{uuid}", uploads.patch_upload, methods=["PATCH"]),
     Route(NAME + "/blobs/uploads/{uuid}", uploads.finish_upload, methods=["PUT"]),
     Route(NAME + "/blobs/uploads/{uuid}", uploads.cancel_upload, methods=["DELETE"]),
-    Route(NAME + "/blobs/{digest}", blobs.get_blob, methods=["GET"]),
     Route(NAME + "/blobs/{digest}", blobs.head_blob, methods=["HEAD"]),
+    Route(NAME + "/blobs/{digest}", blobs.get_blob, methods=["GET"]),
     Route(NAME + "/blobs/{digest}", blobs.delete_blob, methods=["DELETE"]),
     Route(NAME + "/referrers/{digest}", referrers.list_referrers, methods=["GET"]),
 ]

@@ -62,9 +62,11 @@ def _start_debug_listener(config: Config, registry: CollectorRegistry | None) ->
 
 
 def serve(config: Config) -> int:
+    from .auth.services import check_security
     from .tls import check_listener
 
     check_listener(config)
+    check_security(config)
     if config.source is None:
         print(
             '{"level":"warning","msg":"no configuration file: serving on defaults (embedded coordinator, '
