@@ -22,6 +22,9 @@ GC_LAST_RUN = "gc/last-run"
 # Moved by a collection after it marks and before it deletes; very large manifest writes guard on it.
 GC_EPOCH = "gc/epoch"
 QUOTAS = "quota/"
+RETENTION_LAST_RUN = "retention/last-run"
+# Present while a retention run is under way; left behind, it shows the next run one was cut short.
+RETENTION_PROGRESS = "retention/progress"
 
 
 def after(key: str) -> str:

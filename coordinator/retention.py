@@ -30,9 +30,8 @@ from typing import Any
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 
-# Retention's own records. TODO(keys.py): move beside the GC's records.
-LAST_RUN = "retention/last-run"
-PROGRESS = "retention/progress"
+LAST_RUN = keys.RETENTION_LAST_RUN
+PROGRESS = keys.RETENTION_PROGRESS
 
 _PAGE = 1000
 _PROGRESS_EVERY = 100
@@ -514,7 +513,10 @@ class Applier:
         if not marks:
             return
         # From here on a push that tags or uses a marked manifest removes the mark (the push wins);
-        # what was written before the marks is seen by this re-read.
+        # what was written before the marks is seen by this re-read. An index too large for one
+        # transaction claims its children first and commits under the GC epoch: moving it fails
+        # such a commit that claimed before our marks, so it claims again (and removes them).
+        await self.kv.put(keys.GC_EPOCH, json.dumps({"at": time.time(), "by": "retention"}).encode())
         tagged = {json.loads(kv.value)["digest"] for kv in await _all(self.kv, keys.tags_of(repo))}
         present: set[str] = set()
         parents: dict[str, set[str]] = {}

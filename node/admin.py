@@ -1,4 +1,4 @@
-"""Operator commands that work on the coordinator and storage directly: `wharf gc`, `wharf rm`."""
+"""Operator commands that work on the coordinator and storage directly: gc, retention, quota, rm."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from coordinator.gc import Collector
 from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
 
-from . import gc
+from . import gc, retention
 from .api.manifests import check_deletable
 from .app import open_kv, open_storage
-from .config import Config, parse_duration
+from .config import Config, ConfigError, parse_duration
 from .errors import RegistryError
 from .reference import Reference, parse_digest, validate_name, validate_tag
 from .services import Services
@@ -53,6 +53,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     quota_ls.add_argument("config", nargs="?", help="configuration file")
     quota_ls.add_argument("--json", action="store_true", help="machine-readable output")
     quota_ls.set_defaults(run=run_quota_ls)
+    _add_retention(commands)
     rm = commands.add_parser("rm", help="delete images by tag or digest", description="Delete images.")
     rm.add_argument("references", nargs="+", metavar="REPO:TAG|REPO@DIGEST")
     rm.add_argument("--config", "-c", help="configuration file")
@@ -210,3 +211,77 @@ def run_quota_ls(args: argparse.Namespace, config: Config) -> int:
         return 0
 
     return asyncio.run(_with_services(config, listing))
+
+
+def _add_retention(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cmd = commands.add_parser("retention", help="apply retention policies")
+    actions = cmd.add_subparsers(dest="retention_action", required=True)
+    apply = actions.add_parser(
+        "apply",
+        help="delete the tags and untagged manifests the policies say go",
+        description="Apply the retention policies once (whether or not retention.enabled schedules them); "
+        "garbage collection then reclaims the freed blobs.",
+    )
+    apply.add_argument("config", nargs="?", help="configuration file")
+    apply.add_argument("--dry-run", "-d", action="store_true", help="say what would go; change nothing")
+    apply.add_argument("--json", action="store_true", help="machine-readable output")
+    apply.set_defaults(run=run_retention_apply)
+
+
+def _table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> list[str]:
+    widths = [max([len(title), *(len(r[key]) for r in rows)]) for key, title in columns]
+    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(r[key].ljust(w) for (key, _), w in zip(columns, widths, strict=True)).rstrip())
+    return lines
+
+
+def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
+    if not config.retention.policies and not args.json:
+        print("no retention policies configured")
+        return 0
+
+    async def once(services: Services) -> int:
+        try:
+            run = await retention.apply(services, dry_run=args.dry_run)
+        except ConfigError as exc:
+            print(f"wharf retention: {exc}", file=sys.stderr)
+            return 2
+        except retention.RunInProgress as exc:
+            print(f"wharf retention: a run is already in progress on {exc}", file=sys.stderr)
+            return 1
+        rows = run.plan.rows() if run.result is None else run.result.rows()
+        skipped = [] if run.result is None else [s.__dict__ for s in run.result.skipped]
+        if args.json:
+            report = {
+                "dry_run": run.result is None,
+                "delete": rows,
+                "skipped": skipped,
+                "kept": [k.__dict__ for k in run.plan.kept],
+                "summary": None if run.result is None else run.result.summary(),
+            }
+            print(json.dumps(report, indent=2))
+            return 0
+        columns = [
+            ("repository", "REPOSITORY"),
+            ("reference", "TAG/DIGEST"),
+            ("action", "ACTION"),
+            ("pushed", "PUSHED"),
+            ("reason", "REASON"),
+        ]
+        if rows:
+            print("\n".join(_table(rows, columns)))
+        tags = sum(1 for r in rows if r["action"] == "delete tag")
+        verb = "would delete" if run.result is None else "deleted"
+        print(f"{verb}: {tags} tags, {len(rows) - tags} manifests; kept {len(run.plan.kept)} tags by policy")
+        if skipped:
+            print(f"left alone because they changed meanwhile: {len(skipped)}")
+            for s in skipped:
+                print(f"  {s['repository']} {s['reference']}: {s['why']}")
+        if run.result is None:
+            print("dry run: nothing was changed")
+        elif rows:
+            print("run `wharf gc` (or wait for the scheduled cycle) to reclaim the freed blobs")
+        return 0
+
+    return asyncio.run(_with_services(config, once))

@@ -421,6 +421,9 @@ def _finish(config: Config, path: str | None) -> None:
         parse_duration(value)
     if config.cluster.leasettl < 2:
         raise ConfigError("cluster.leasettl must be at least 2 seconds")
+    from .retention import rules_from  # the rules live with retention; checked here so a bad file fails at start
+
+    rules_from(config.retention)
     if config.http.workers < 1:
         raise ConfigError("http.workers must be at least 1")
     if config.http.server not in ("hypercorn", "granian"):

@@ -1,4 +1,4 @@
-"""Cluster-wide housekeeping that the elected leader runs: abandoned upload sessions."""
+"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from coordinator import keys
 from coordinator.kv import Compare, Delete
 from coordinator.uploads import UploadSession
 
-from . import gc
+from . import gc, retention
 from .config import parse_duration
 from .services import Services
 from .storage import layout
@@ -37,6 +37,9 @@ class Maintenance:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
             jobs.append(self._every(parse_duration(self.services.config.gc.interval), self._collect))
+        policies = self.services.config.retention
+        if policies.enabled and policies.policies:
+            jobs.append(self._every(parse_duration(policies.interval), self._retain))
         try:
             await asyncio.gather(*jobs)
         finally:
@@ -66,6 +69,12 @@ class Maintenance:
             await gc.collect(self.services)
         except gc.CycleRunning as exc:
             log.info("garbage collection skipped: a cycle is running on %s", exc)
+
+    async def _retain(self) -> None:
+        try:
+            await retention.apply(self.services)
+        except retention.RunInProgress as exc:
+            log.info("retention skipped: a run is in progress on %s", exc)
 
     async def purge_uploads(self, *, now: float | None = None) -> int:
         """Remove sessions idle for longer than `age`, record first so nobody continues them."""

@@ -1,0 +1,127 @@
+"""Retention policies from a node: rules from the config, one planned and guarded run, a logged summary.
+
+The coordinator decides and deletes tags and manifest records; the garbage collector then reclaims
+the blobs they freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from coordinator import keys
+from coordinator.kv import Compare, Put
+from coordinator.lease import KeptLease
+from coordinator.retention import Applier, Plan, Result, Rule, plan
+
+from .config import ConfigError, RetentionConfig, RetentionPolicy, parse_duration
+from .policies import repository_matches
+
+if TYPE_CHECKING:
+    from .services import Services
+
+log = logging.getLogger("wharf.retention")
+
+_RUN_LOCK = keys.leader("retention-run")
+
+
+class RunInProgress(Exception):
+    """Another process is applying retention right now."""
+
+
+def _label(index: int, policy: RetentionPolicy) -> str:
+    return policy.name or f"policy {index + 1} ({', '.join(policy.repositories)})"
+
+
+def _rule(index: int, policy: RetentionPolicy) -> Rule:
+    label = _label(index, policy)
+    where = f"retention.policies[{index}]"
+    if policy.keeplast is not None and policy.keeplast < 0:
+        raise ConfigError(f"{where}.keeplast must not be negative")
+    try:
+        keep_tags = tuple(re.compile(pattern) for pattern in policy.keeptags)
+    except re.error as exc:
+        raise ConfigError(f"{where}.keeptags: bad pattern: {exc}") from exc
+    older_than = parse_duration(policy.olderthan) if policy.olderthan else None
+    untagged_after = parse_duration(policy.untaggedafter) if policy.untaggedafter else None
+    globs = list(policy.repositories)
+
+    def covers(repository: str) -> bool:
+        return repository_matches(globs, repository)
+
+    return Rule(label, covers, policy.keeplast, keep_tags, older_than, untagged_after)
+
+
+def rules_from(config: RetentionConfig) -> list[Rule]:
+    """The configured policies as planner rules, in order (the first that covers a repository applies)."""
+    parse_duration(config.interval)
+    return [_rule(i, policy) for i, policy in enumerate(config.policies)]
+
+
+@dataclass
+class Run:
+    plan: Plan
+    result: Result | None  # None for a dry run
+
+
+async def make_plan(services: Services, *, now: float | None = None) -> Plan:
+    rules = rules_from(services.config.retention)
+    return await plan(services.kv, rules, now=now, frozen=services.policies.immutability.rule_for)
+
+
+async def apply(
+    services: Services,
+    *,
+    dry_run: bool = False,
+    now: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Run:
+    """Plan from the current state and, unless a dry run, apply the plan under a cluster-wide lock.
+
+    A run cut short (the leader went away) leaves its progress record; the next run plans again
+    from what is there now, so nothing is deleted twice and no policy is skipped.
+    """
+    if dry_run:
+        found = await make_plan(services, now=now)
+        log.info(
+            "retention dry run",
+            extra={"fields": {"tags": len(found.tags), "manifests": len(found.manifests), "kept": len(found.kept)}},
+        )
+        return Run(found, None)
+    kv = services.kv
+    async with KeptLease(kv, max(services.config.cluster.leasettl, 5)) as lease:
+        taken = await kv.txn([Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)])
+        if not taken.succeeded:
+            holder = await kv.get(_RUN_LOCK)
+            raise RunInProgress(holder.value.decode() if holder else "another process")
+        started = time.perf_counter()
+        found = await make_plan(services, now=now)
+        result = await Applier(kv, node=services.node_id, progress=progress).apply(found)
+    if result.interrupted is not None:
+        log.info(
+            "retention: an earlier run did not finish; this run planned again and completed it",
+            extra={"fields": {"interrupted": result.interrupted}},
+        )
+    for row in result.rows():
+        log.info(
+            "retention: %s %s %s",
+            row["action"],
+            row["repository"],
+            row["reference"],
+            extra={"fields": row},
+        )
+    for skipped in result.skipped:
+        log.info(
+            "retention: kept %s %s: %s",
+            skipped.repository,
+            skipped.reference,
+            skipped.why,
+            extra={"fields": {"repository": skipped.repository, "reference": skipped.reference, "why": skipped.why}},
+        )
+    summary = result.summary() | {"duration": round(time.perf_counter() - started, 3)}
+    log.info("retention run", extra={"fields": summary})
+    return Run(found, result)
