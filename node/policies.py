@@ -34,7 +34,8 @@ def parse_size(text: str | int) -> int:
 
 
 @lru_cache(maxsize=1024)
-def _glob(pattern: str) -> re.Pattern[str]:
+def repository_pattern(pattern: str) -> re.Pattern[str]:
+    """`*` and `?` stay within one path segment, `**` crosses them (zot's and doublestar's meaning)."""
     parts = []
     i = 0
     while i < len(pattern):
@@ -44,6 +45,9 @@ def _glob(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "*":
             parts.append("[^/]*")
             i += 1
+        elif pattern[i] == "?":
+            parts.append("[^/]")
+            i += 1
         else:
             parts.append(re.escape(pattern[i]))
             i += 1
@@ -52,7 +56,7 @@ def _glob(pattern: str) -> re.Pattern[str]:
 
 def repository_matches(patterns: list[str], name: str) -> bool:
     """Globs over repository names: `*` within one path segment, `**` across segments."""
-    return any(_glob(p).fullmatch(name) for p in patterns)
+    return any(repository_pattern(p).fullmatch(name) for p in patterns)
 
 
 @dataclass(frozen=True)

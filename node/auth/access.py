@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import AccessConfig
 from ..errors import NameInvalid
+from ..policies import repository_pattern
 from ..reference import validate_name
 
 PULL, PUSH, DELETE = "pull", "push", "delete"
@@ -93,26 +94,6 @@ def valid_name(name: str) -> bool:
     return True
 
 
-def _glob(pattern: str) -> re.Pattern[str]:
-    """`*` and `?` stay within one path component, `**` crosses them (zot's and doublestar's meaning)."""
-    parts: list[str] = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            parts.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            parts.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            parts.append("[^/]")
-            i += 1
-        else:
-            parts.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(parts))
-
-
 @dataclass(frozen=True)
 class _Rule:
     patterns: tuple[re.Pattern[str], ...]
@@ -132,7 +113,7 @@ class AccessControl:
     def __init__(self, config: AccessConfig) -> None:
         self._rules = [
             _Rule(
-                tuple(_glob(p) for p in rule.repositories),
+                tuple(repository_pattern(p) for p in rule.repositories),
                 frozenset(rule.users),
                 frozenset(rule.groups),
                 rule.anonymous,
