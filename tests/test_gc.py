@@ -8,53 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
+from inprocess import InProcessRegistry
 from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
 
 from coordinator import keys
-from coordinator.embedded import EmbeddedKV
 from coordinator.gc import Collector
 from node import gc
-from node.app import create_app
-from node.config import load
-from node.services import Services
-from node.storage.filesystem import FilesystemDriver
 
 ANY = {"Accept": "*/*"}
 
 
-class Registry:
-    """An in-process app on embedded KV and filesystem storage, with an async OCI client."""
-
+class Registry(InProcessRegistry):
     def __init__(self, root: Path, grace: str = "0s", delete_untagged: bool = False) -> None:
-        self.root = root
-        config_path = root / "config.yml"
-        config_path.write_text(
-            json.dumps(
-                {
-                    "storage": {"filesystem": {"rootdirectory": str(root / "registry")}, "delete": {"enabled": True}},
-                    "gc": {"grace": grace, "deleteuntagged": delete_untagged},
-                    "http": {"debug": {"addr": ""}},
-                }
-            )
-        )
-        self.config = load(str(config_path), environ={})
-        self.kv = EmbeddedKV(str(root / "kv.db"))
-        self.services = Services.build(self.config, self.kv, FilesystemDriver(str(root / "registry")))
-        self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(self.config, services=self.services)), base_url="http://wharf"
-        )
-
-    async def close(self) -> None:
-        await self.http.aclose()
-        await self.services.close()
-
-    async def blob(self, repo: str, data: bytes) -> str:
-        digest = digest_of(data)
-        r = await self.http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data)
-        assert r.status_code == 201, r.text
-        return digest
+        super().__init__(root, gc={"grace": grace, "deleteuntagged": delete_untagged})
 
     async def image(self, repo: str, tag: str | None, layers: list[bytes], **fields) -> tuple[str, bytes]:
         config = json.dumps(
@@ -75,19 +42,7 @@ class Registry:
         return await self.manifest(repo, tag, doc)
 
     async def manifest(self, repo: str, tag: str | None, doc: dict) -> tuple[str, bytes]:
-        body = json.dumps(doc).encode()
-        digest = digest_of(body)
-        r = await self.http.put(
-            f"/v2/{repo}/manifests/{tag or digest}", content=body, headers={"Content-Type": doc["mediaType"]}
-        )
-        assert r.status_code == 201, r.text
-        return digest, body
-
-    def stored_bytes(self) -> int:
-        total = 0
-        for directory, _, files in os.walk(self.root / "registry"):
-            total += sum(os.path.getsize(os.path.join(directory, f)) for f in files)
-        return total
+        return await self.put_manifest(repo, tag, doc)
 
     async def blob_status(self, repo: str, digest: str) -> int:
         return (await self.http.head(f"/v2/{repo}/blobs/{digest}")).status_code

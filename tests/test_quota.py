@@ -12,47 +12,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from inprocess import InProcessRegistry
 from oci_client import OCI_MANIFEST, assert_error, digest_of
 from wharf_process import WharfProcess
 
-from coordinator.embedded import EmbeddedKV
 from coordinator.quota import QuotaScope, usage
 from node import gc
-from node.app import create_app
-from node.config import load
-from node.services import Services
-from node.storage.filesystem import FilesystemDriver
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Registry:
+class Registry(InProcessRegistry):
     def __init__(self, root: Path, quotas: list[dict]) -> None:
-        path = root / "config.yml"
-        path.write_text(
-            json.dumps(
-                {
-                    "storage": {"filesystem": {"rootdirectory": str(root / "registry")}, "delete": {"enabled": True}},
-                    "gc": {"grace": "0s"},
-                    "http": {"debug": {"addr": ""}},
-                    "quotas": quotas,
-                }
-            )
-        )
-        self.config_path = path
-        self.config = load(str(path), environ={})
-        self.kv = EmbeddedKV(str(root / "kv.db"))
-        self.services = Services.build(self.config, self.kv, FilesystemDriver(str(root / "registry")))
-        self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(self.config, services=self.services)), base_url="http://w"
-        )
-
-    async def close(self) -> None:
-        await self.http.aclose()
-        await self.services.close()
-
-    async def push_blob(self, repo: str, data: bytes) -> httpx.Response:
-        return await self.http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest_of(data)}, content=data)
+        super().__init__(root, quotas=quotas)
 
     async def used(self, scope: str) -> int:
         return await usage(self.kv, QuotaScope(scope, 0, scope))

@@ -14,52 +14,22 @@ from typing import Any
 
 import httpx
 import pytest
+from inprocess import InProcessRegistry
 from oci_client import OCI_INDEX, OCI_MANIFEST, OCIClient, digest_of
 from services import EtcdCluster, wait_until
 from wharf_process import WharfProcess
 
 from coordinator import retention as planner
-from coordinator.embedded import EmbeddedKV
 from node import retention
-from node.app import create_app
-from node.config import ConfigError, RetentionConfig, RetentionPolicy, load
-from node.services import Services
-from node.storage.filesystem import FilesystemDriver
+from node.config import ConfigError, RetentionConfig, RetentionPolicy
 
 ANY = {"Accept": "*/*"}
 HOUR = 3600.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Registry:
+class Registry(InProcessRegistry):
     """An in-process app on embedded KV and filesystem storage, configured by extra sections."""
-
-    def __init__(self, root: Path, **sections: Any) -> None:
-        self.root = root
-        config_path = root / "config.yml"
-        config = {
-            "storage": {"filesystem": {"rootdirectory": str(root / "registry")}, "delete": {"enabled": True}},
-            "gc": {"grace": "0s"},
-            "http": {"debug": {"addr": ""}},
-            **sections,
-        }
-        config_path.write_text(json.dumps(config))
-        self.config = load(str(config_path), environ={})
-        self.kv = EmbeddedKV(str(root / "kv.db"))
-        self.services = Services.build(self.config, self.kv, FilesystemDriver(str(root / "registry")))
-        self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(self.config, services=self.services)), base_url="http://wharf"
-        )
-
-    async def close(self) -> None:
-        await self.http.aclose()
-        await self.services.close()
-
-    async def blob(self, repo: str, data: bytes) -> str:
-        digest = digest_of(data)
-        r = await self.http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data)
-        assert r.status_code == 201, r.text
-        return digest
 
     async def image(self, repo: str, tag: str | None, **fields: Any) -> str:
         """A small image of its own (random layer); pushed by tag, or by digest when `tag` is None."""
@@ -95,13 +65,7 @@ class Registry:
         return await self.manifest(repo, tag, {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors})
 
     async def manifest(self, repo: str, tag: str | None, doc: dict[str, Any]) -> str:
-        body = json.dumps(doc).encode()
-        digest = digest_of(body)
-        r = await self.http.put(
-            f"/v2/{repo}/manifests/{tag or digest}", content=body, headers={"Content-Type": doc["mediaType"]}
-        )
-        assert r.status_code == 201, r.text
-        return digest
+        return (await self.put_manifest(repo, tag, doc))[0]
 
     async def retag(self, repo: str, digest: str, tag: str) -> None:
         """Point `tag` at an existing manifest, as `crane tag` does."""
