@@ -1,11 +1,15 @@
 """The OCI Distribution API over real HTTP, endpoint by endpoint, as the conformance suite sees it.
 
-One `wharf serve` process (embedded defaults) serves the whole module; every test works in
-repositories of its own, named at random, so tests neither see nor disturb each other.
+One `wharf serve` process serves the whole module, once per backend: embedded defaults (filesystem
+storage, embedded coordinator), then S3 (the session's moto server) with the session's etcd. Every
+test works in repositories of its own, named at random, so tests neither see nor disturb each other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import dataclasses
 import json
 import re
 import socket
@@ -44,10 +48,73 @@ UNKNOWN_DIGEST = digest_of(b"never pushed anywhere")
 LINK = re.compile(r'^<([^>]+)>;\s*rel="next"$')
 
 
+class Backend:
+    """Where a test's `wharf serve` keeps its content and metadata: the settings for WharfProcess.
+
+    "embedded+filesystem" is the default configuration (storage and coordinator under the process's
+    data dir). "etcd+s3" puts content in the session's S3 server and metadata in the session's etcd,
+    each process under a root directory and key prefix of its own, removed when the module is done.
+    """
+
+    def __init__(self, name: str, s3_server: Any = None, etcd: Any = None) -> None:
+        self.name = name
+        self.s3_server = s3_server
+        self.etcd = etcd
+        self._roots: list[str] = []
+        self._prefixes: list[str] = []
+
+    def settings(self, **storage: Any) -> dict[str, Any]:
+        """WharfProcess keyword arguments for one process on this backend (`storage` keys override)."""
+        if self.name == "embedded+filesystem":
+            return {"storage": storage} if storage else {}
+        token = uuid.uuid4().hex[:12]
+        root, prefix = f"/api-{token}", f"/wharf-api-{token}/"
+        self._roots.append(root)
+        self._prefixes.append(prefix)
+        s3 = dataclasses.asdict(self.s3_server.storage_config(root))
+        return {
+            # Blob GETs are served by the node, not redirected to a presigned URL: the suite checks
+            # the registry's own answers (Docker-Content-Digest, ranges, 206/416) and a redirect
+            # would hand those to the S3 server. test_cluster_haproxy.py covers redirects.
+            "storage": {"s3": s3, "delete": {"enabled": True}, "redirect": {"disable": True}, **storage},
+            "coordinator": {"etcd": {"endpoints": self.etcd.endpoints, "prefix": prefix}},
+        }
+
+    def cleanup(self) -> None:
+        for root in self._roots:
+            self.s3_server.remove_prefix(root.strip("/") + "/")
+        if self._prefixes:
+            from coordinator.etcd import EtcdKV
+
+            endpoints = self.etcd.endpoints
+
+            async def remove(prefix: str) -> None:
+                kv = await EtcdKV.open(endpoints, prefix=prefix)
+                try:
+                    await kv.delete("", prefix=True)
+                finally:
+                    await kv.close()
+
+            for prefix in self._prefixes:
+                asyncio.run(remove(prefix))
+
+
+@pytest.fixture(scope="module", params=["embedded+filesystem", "etcd+s3"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if request.param == "etcd+s3":
+        chosen = Backend(request.param, request.getfixturevalue("s3_server"), request.getfixturevalue("etcd"))
+    else:
+        chosen = Backend(request.param)
+    try:
+        yield chosen
+    finally:
+        chosen.cleanup()
+
+
 @pytest.fixture(scope="module")
-def wharf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WharfProcess]:
+def wharf(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[WharfProcess]:
     """Overrides conftest's per-test process: one process for this module is enough and faster."""
-    with WharfProcess(tmp_path_factory.mktemp("wharf")) as process:
+    with WharfProcess(tmp_path_factory.mktemp("wharf"), **backend.settings()) as process:
         yield process
 
 
@@ -371,10 +438,10 @@ def test_large_blob_in_mebibyte_chunks_reads_back_whole_and_by_range(
     assert ranged.content == data[first : last + 1]
 
 
-def test_upload_continues_after_a_restart(tmp_path: Path) -> None:
+def test_upload_continues_after_a_restart(tmp_path: Path, backend: Backend) -> None:
     """Nothing an upload needs lives in one process's memory."""
     data = b"before restart|after restart"
-    with WharfProcess(tmp_path / "restart") as process:
+    with WharfProcess(tmp_path / "restart", **backend.settings()) as process:
         with client_for(process) as client:
             location = OCIClient(client).start_upload("restart/repo")
             assert client.patch(location, content=data[:15], headers={"Content-Range": "0-14"}).status_code == 202
@@ -776,6 +843,18 @@ def test_manifest_of_4_mib_is_accepted(http: httpx.Client, oci: OCIClient, repo:
     assert http.get(f"/v2/{repo}/manifests/big").content == body
 
 
+def test_image_with_130_layers_is_accepted(http: httpx.Client, oci: OCIClient, repo: str) -> None:
+    """The spec sets no limit on layers (artifacts often carry many files): a manifest is one record
+    however many blobs it references, whatever the coordinator's limits on one transaction."""
+    config = oci.push_blob(repo, b"{}")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        layers = list(pool.map(lambda i: oci.push_blob(repo, f"layer {i} of many".encode()), range(130)))
+    body = manifest_bytes(image_doc(config, layers))
+    response = oci.put_manifest(repo, "many", body, OCI_MANIFEST)
+    assert response.status_code == 201, response.text
+    assert http.get(f"/v2/{repo}/manifests/many").content == body
+
+
 def test_manifest_over_4_mib_is_413(http: httpx.Client, oci: OCIClient, repo: str) -> None:
     config = oci.push_blob(repo, b"{}")
     body = padded_manifest(config, 4 * MIB + 1)
@@ -895,8 +974,8 @@ def test_deleted_manifest_can_be_pushed_again(http: httpx.Client, oci: OCIClient
 # -- deletion disabled --------------------------------------------------------------------------
 
 
-def test_deletes_are_refused_when_deletion_is_disabled(tmp_path: Path) -> None:
-    with WharfProcess(tmp_path / "nodelete", storage={"delete": {"enabled": False}}) as process:
+def test_deletes_are_refused_when_deletion_is_disabled(tmp_path: Path, backend: Backend) -> None:
+    with WharfProcess(tmp_path / "nodelete", **backend.settings(delete={"enabled": False})) as process:
         with client_for(process) as client:
             oci = OCIClient(client)
             image = oci.push_image("locked/repo", "v1")
