@@ -20,6 +20,10 @@ _TXN_BUDGET = 120
 _BATCH = 100
 
 
+# Marks a referrer descriptor whose annotations must be read from the manifest itself.
+ANNOTATIONS_IN_MANIFEST = "wharf.annotationsInManifest"
+
+
 def _dump(record: Any) -> bytes:
     return json.dumps(asdict(record), separators=(",", ":")).encode()
 
@@ -58,6 +62,8 @@ class ManifestRecord:
     artifact_type: str | None = None
     annotations: dict[str, str] | None = None
     pushed: float = 0.0
+    # Annotations too large for a KV record (etcd takes 1.5 MiB a request) stay in the manifest.
+    annotations_in_manifest: bool = False
 
     def descriptor(self) -> dict[str, Any]:
         """The descriptor the referrers API lists for this manifest."""
@@ -66,6 +72,8 @@ class ManifestRecord:
             desc["artifactType"] = self.artifact_type
         if self.annotations:
             desc["annotations"] = self.annotations
+        if self.annotations_in_manifest:
+            desc[ANNOTATIONS_IN_MANIFEST] = True
         return desc
 
 

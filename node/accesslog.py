@@ -149,7 +149,11 @@ class AccessLog:
             if status:
                 raise
             body = json.dumps(
-                {"errors": [{"code": "UNKNOWN", "message": "internal server error", "detail": {"request_id": request_id}}]}
+                {
+                    "errors": [
+                        {"code": "UNKNOWN", "message": "internal server error", "detail": {"request_id": request_id}}
+                    ]
+                }
             ).encode()
             await tagging_send(
                 {

@@ -34,6 +34,7 @@ backend wharf
     default-server inter 500ms fall 2 rise 2
     retry-on conn-failure empty-response
     retries 2
+    option redispatch 1
 {servers}
 """
 

@@ -1167,6 +1167,19 @@ def test_referrers_list_manifests_with_a_subject(http: httpx.Client, oci: OCICli
     assert len(body["manifests"]) == 3
 
 
+def test_referrer_with_megabytes_of_annotations_is_listed_with_them(
+    http: httpx.Client, oci: OCIClient, repo: str
+) -> None:
+    """Annotations too big for a coordinator record are read back from the manifest itself."""
+    subject = oci.push_image(repo, "app")
+    large = {"org.example.blob": "z" * (2 * MIB)}
+    sbom = push_artifact(oci, repo, subject, artifactType=SBOM, annotations=large)
+    listed = http.get(f"/v2/{repo}/referrers/{subject.digest}").json()["manifests"]
+    assert [d["digest"] for d in listed] == [sbom.digest]
+    assert listed[0]["annotations"] == large
+    assert "wharf.annotationsInManifest" not in listed[0]
+
+
 def test_referrers_filter_by_artifact_type(http: httpx.Client, oci: OCIClient, repo: str) -> None:
     subject = oci.push_image(repo, "app")
     sbom = push_artifact(oci, repo, subject, artifactType=SBOM)

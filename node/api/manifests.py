@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from starlette.requests import Request
@@ -34,6 +35,22 @@ def _existing_reference(request: Request) -> Reference:
         raise ManifestUnknown({"reference": raw[:300]}) from None
 
 
+# Larger annotations are left in the manifest bytes instead of the coordinator's record.
+MAX_RECORD_ANNOTATIONS = 16 * 1024
+
+
+async def manifest_bytes(svc: Services, digest: str) -> bytes:
+    """A manifest's bytes by digest, from the cache or storage; MANIFEST_UNKNOWN if gone."""
+    body = svc.manifests.get(digest)
+    if body is None:
+        try:
+            body = await svc.storage.read_bytes(layout.blob_key(digest))
+        except FileNotFoundError:
+            raise ManifestUnknown({"digest": digest, "reason": "manifest content missing from storage"}) from None
+        svc.manifests.put(digest, body)
+    return body
+
+
 async def _load(request: Request) -> tuple[str, str, bytes]:
     """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN."""
     svc = services(request)
@@ -54,14 +71,7 @@ async def _load(request: Request) -> tuple[str, str, bytes]:
         if record is None:
             raise ManifestUnknown({"digest": digest})
         media_type = record.media_type
-    body = svc.manifests.get(digest)
-    if body is None:
-        try:
-            body = await svc.storage.read_bytes(layout.blob_key(digest))
-        except FileNotFoundError:
-            raise ManifestUnknown({"digest": digest, "reason": "manifest content missing from storage"}) from None
-        svc.manifests.put(digest, body)
-    return digest, media_type, body
+    return digest, media_type, await manifest_bytes(svc, digest)
 
 
 def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
@@ -107,6 +117,7 @@ async def put_manifest(request: Request) -> Response:
     digest = manifests.compute_digest(body, algorithm)
     if ref.digest is not None and digest != str(ref.digest):
         raise DigestInvalid({"expected": str(ref.digest), "actual": digest})
+    large_annotations = len(json.dumps(parsed.annotations or {})) > MAX_RECORD_ANNOTATIONS
     record = ManifestRecord(
         digest=digest,
         media_type=parsed.media_type,
@@ -115,7 +126,8 @@ async def put_manifest(request: Request) -> Response:
         manifests=parsed.manifests,
         subject=parsed.subject,
         artifact_type=parsed.artifact_type,
-        annotations=parsed.annotations,
+        annotations=parsed.annotations if not large_annotations else None,
+        annotations_in_manifest=large_annotations,
         pushed=time.time(),
     )
     frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
