@@ -14,13 +14,14 @@ from coordinator.embedded import EmbeddedKV
 from node.app import create_app
 from node.config import load
 from node.services import Services
+from node.storage.driver import StorageDriver
 from node.storage.filesystem import FilesystemDriver
 
 
 class InProcessRegistry:
     """Configured like a real node by extra config sections; GC grace is 0 unless a section says."""
 
-    def __init__(self, root: Path, **sections: Any) -> None:
+    def __init__(self, root: Path, *, storage: StorageDriver | None = None, **sections: Any) -> None:
         self.root = root
         config: dict[str, Any] = {
             "storage": {"filesystem": {"rootdirectory": str(root / "registry")}, "delete": {"enabled": True}},
@@ -32,7 +33,7 @@ class InProcessRegistry:
         self.config_path.write_text(json.dumps(config))
         self.config = load(str(self.config_path), environ={})
         self.kv = EmbeddedKV(str(root / "kv.db"))
-        self.services = Services.build(self.config, self.kv, FilesystemDriver(str(root / "registry")))
+        self.services = Services.build(self.config, self.kv, storage or FilesystemDriver(str(root / "registry")))
         self.http = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=create_app(self.config, services=self.services)), base_url="http://wharf"
         )

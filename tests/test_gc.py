@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from inprocess import InProcessRegistry
@@ -15,13 +16,14 @@ from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
 from coordinator import keys
 from coordinator.gc import Collector
 from node import gc
+from node.storage.s3 import S3Driver
 
 ANY = {"Accept": "*/*"}
 
 
 class Registry(InProcessRegistry):
-    def __init__(self, root: Path, grace: str = "0s", delete_untagged: bool = False) -> None:
-        super().__init__(root, gc={"grace": grace, "deleteuntagged": delete_untagged})
+    def __init__(self, root: Path, grace: str = "0s", delete_untagged: bool = False, **kwargs: Any) -> None:
+        super().__init__(root, gc={"grace": grace, "deleteuntagged": delete_untagged}, **kwargs)
 
     async def image(self, repo: str, tag: str | None, layers: list[bytes], **fields) -> tuple[str, bytes]:
         config = json.dumps(
@@ -82,6 +84,39 @@ async def test_deleting_half_the_images_reclaims_their_bytes_and_keeps_shared_la
             assert await registry.blob_status("team/app", layer["digest"]) == 200
     assert await registry.blob_status("team/app", digest_of(base)) == 200
     assert await registry.blob_status("team/app", digest_of(own[0])) == 404
+
+
+async def test_deleting_half_the_images_on_s3_drops_the_bucket_bytes_and_keeps_shared_layers(tmp_path, s3_server):
+    storage = s3_server.storage_config()
+    reg = Registry(tmp_path, storage=S3Driver(storage))
+    client = s3_server.client()
+
+    def bucket_bytes() -> int:
+        total = 0
+        prefix = storage.rootdirectory.strip("/") + "/"
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix):
+            total += sum(item["Size"] for item in page.get("Contents", []))
+        return total
+
+    try:
+        base = os.urandom(60_000)
+        own = {n: os.urandom(30_000 + n) for n in range(4)}
+        digests = {n: (await reg.image("team/app", f"v{n}", [base, own[n]]))[0] for n in range(4)}
+        before = bucket_bytes()
+        expected = 0
+        for n in (0, 1):
+            manifest = await reg.http.get(f"/v2/team/app/manifests/{digests[n]}", headers=ANY)
+            doc = json.loads(manifest.content)
+            expected += len(manifest.content) + doc["config"]["size"] + len(own[n])
+            assert (await reg.http.delete(f"/v2/team/app/manifests/{digests[n]}")).status_code == 202
+        summary = await gc.collect(reg.services)
+        assert before - bucket_bytes() == expected == summary.bytes_freed
+        for n in (2, 3):
+            assert (await reg.http.get(f"/v2/team/app/manifests/v{n}", headers=ANY)).status_code == 200
+        assert (await reg.http.get(f"/v2/team/app/blobs/{digest_of(base)}")).status_code in (200, 307)
+    finally:
+        await reg.close()
+        s3_server.remove_prefix(storage.rootdirectory)
 
 
 async def test_dry_run_changes_nothing_and_reports_what_a_real_run_deletes(registry):
