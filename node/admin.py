@@ -47,6 +47,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         cmd.add_argument("--explain", metavar="REPO@DIGEST|DIGEST", help="say why something is kept, then exit")
         cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
         cmd.set_defaults(run=run_gc)
+    frozen = commands.add_parser("immutability", help="show immutable-tag rules and the tags they protect")
+    frozen_actions = frozen.add_subparsers(dest="immutability_action", required=True)
+    frozen_ls = frozen_actions.add_parser("ls", help="list protected tags, by rule")
+    frozen_ls.add_argument("config", nargs="?", help="configuration file")
+    frozen_ls.add_argument("--json", action="store_true", help="machine-readable output")
+    frozen_ls.set_defaults(run=run_immutability_ls)
     quota_cmd = commands.add_parser("quota", help="show quota usage and limits")
     quota_actions = quota_cmd.add_subparsers(dest="quota_action", required=True)
     quota_ls = quota_actions.add_parser("ls", help="list every quota with its usage")
@@ -285,3 +291,31 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
         return 0
 
     return asyncio.run(_with_services(config, once))
+
+
+def run_immutability_ls(args: argparse.Namespace, config: Config) -> int:
+    async def listing(services: Services) -> int:
+        immutability = services.policies.immutability
+        rows: list[dict[str, str]] = []
+        for repository in await services.metadata.list_repositories():
+            for tag, record in (await services.metadata.tag_records(repository)).items():
+                rule = immutability.rule_for(repository, tag)
+                if rule is not None:
+                    rows.append({"repository": repository, "tag": tag, "digest": record.digest, "rule": rule})
+        if args.json:
+            print(json.dumps({"rules": immutability.labels, "protected": rows}, indent=2))
+            return 0
+        if not immutability:
+            print("no immutability rules configured")
+            return 0
+        print("rules: " + "; ".join(immutability.labels))
+        if not rows:
+            print("no tag is protected yet")
+            return 0
+        width = max(len(r["repository"]) + len(r["tag"]) + 1 for r in rows)
+        print(f"{'TAG':<{width}}  {'DIGEST':<71}  RULE")
+        for r in rows:
+            print(f"{r['repository'] + ':' + r['tag']:<{width}}  {r['digest']:<71}  {r['rule']}")
+        return 0
+
+    return asyncio.run(_with_services(config, listing))

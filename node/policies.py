@@ -84,6 +84,10 @@ class Immutability:
     def __bool__(self) -> bool:
         return bool(self._rules)
 
+    @property
+    def labels(self) -> list[str]:
+        return [entry.label for entry in self._rules]
+
     def rule_for(self, repository: str, tag: str) -> str | None:
         """The name of the rule that freezes this tag, or None."""
         for entry in self._rules:

@@ -166,3 +166,36 @@ async def test_retention_never_removes_an_immutable_tag(tmp_path):
         assert kept[("team/app", sig_tag(release))].startswith("its subject")
     finally:
         await reg.close()
+
+
+def test_immutability_ls_lists_protected_tags_as_a_table_and_as_json(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    node = WharfProcess(
+        tmp_path / "w", immutability=[{"repositories": ["prod/**"], "tags": [r"v\d+"], "name": "releases"}]
+    )
+    with node, httpx.Client(base_url=node.url, timeout=30) as http:
+        oci = OCIClient(http)
+        image = oci.push_image("prod/app", "v1")
+        oci.push_image("prod/app", "latest")
+
+    def wharf(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", "immutability", "ls", *args, str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    listed = wharf("--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == {
+        "rules": ["releases"],
+        "protected": [{"repository": "prod/app", "tag": "v1", "digest": image.digest, "rule": "releases"}],
+    }
+    table = wharf()
+    assert "prod/app:v1" in table.stdout and "releases" in table.stdout and "latest" not in table.stdout
