@@ -23,6 +23,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 class Metrics:
     def __init__(self) -> None:
+        if os.environ.get(MULTIPROC_ENV):
+            # prometheus_client picks its value store when first imported; a worker forked from a
+            # parent that imported it earlier must pick again to share figures through the files.
+            from prometheus_client import values
+
+            values.ValueClass = values.get_value_class()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("wharf_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=r)

@@ -24,7 +24,12 @@ def default_config(data_dir: Path, port: int, **sections: Any) -> dict[str, Any]
         "version": 0.1,
         "log": {"level": "info"},
         "storage": {"filesystem": {"rootdirectory": str(data_dir / "registry")}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "debug": {"addr": f"127.0.0.1:{free_port()}"}},
+        "http": {
+            "addr": f"127.0.0.1:{port}",
+            "debug": {"addr": f"127.0.0.1:{free_port()}"},
+            # The whole suite can run under the other ASGI server too.
+            "server": os.environ.get("WHARF_TEST_SERVER", "hypercorn"),
+        },
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -118,12 +123,22 @@ class WharfProcess:
         return self.log_path.read_text(errors="replace")
 
     def rss_peak_kib(self) -> int:
-        """VmHWM of the server process: its peak resident set size."""
+        """The largest VmHWM (peak resident set) of the server and its worker processes."""
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmHWM")
+        peaks = []
+        pending = [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pending += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            peaks += [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
+        if not peaks:
+            raise RuntimeError("no VmHWM")
+        return max(peaks)
 
     def __enter__(self) -> WharfProcess:
         return self.start()
