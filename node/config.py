@@ -424,6 +424,8 @@ def _finish(config: Config, path: str | None) -> None:
     from .retention import rules_from  # the rules live with retention; checked here so a bad file fails at start
 
     rules_from(config.retention)
+    if config.http.debug.addr and config.http.debug.addr == config.http.addr:
+        raise ConfigError("http.debug.addr must differ from http.addr")
     if config.http.workers < 1:
         raise ConfigError("http.workers must be at least 1")
     if config.http.server not in ("hypercorn", "granian"):

@@ -31,14 +31,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+# Ports already handed out in this test session: a port chosen for one process is never chosen
+# again for another that starts before the first has bound it.
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free ports (all sockets are held until every port is chosen)."""
+    """`count` distinct free ports, none handed out before (sockets held until all are chosen)."""
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        while len(ports) < count:
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind((host, 0))
-            ports.append(sock.getsockname()[1])
+            port = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                ports.append(port)
+                _HANDED_OUT.add(port)
         return ports
 
 

@@ -88,9 +88,9 @@ class WharfProcess:
             raise RuntimeError(f"wharf exited with {self.proc.returncode}:\n{self.log_tail()}")
         try:
             with _DIRECT.open(self.url + "/v2/", timeout=1) as response:
-                return bool(response.status == 200)
+                return bool(response.status == 200 and response.headers.get("Docker-Distribution-Api-Version"))
         except urllib.error.HTTPError as exc:
-            return exc.code == 401  # up, with auth on
+            return exc.code == 401 and bool(exc.headers.get("Docker-Distribution-Api-Version"))  # up, with auth on
         except OSError:
             return False
 
