@@ -74,6 +74,7 @@ def serve(config: Config) -> int:
             flush=True,
         )
     os.environ["WHARF_CONFIG"] = config.source or ""
+    os.environ["WHARF_SERVE_PID"] = str(os.getpid())
     if config.http.server == "granian" or config.http.workers > 1:
         # Workers are separate processes: they share their figures through a directory and
         # this process answers scrapes for all of them.
