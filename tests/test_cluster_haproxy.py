@@ -101,19 +101,6 @@ def fetch_blob(url: str, repo: str, digest: str) -> bytes:
     return response.content
 
 
-def access_entries(node: WharfProcess, since: int = 0) -> list[dict[str, Any]]:
-    """The access lines (method, route, status ...) written to `node`'s log after byte `since`."""
-    entries = []
-    for line in node.log_text()[since:].splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and "method" in entry and "route" in entry:
-            entries.append(entry)
-    return entries
-
-
 def access_entry(node: WharfProcess, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
     """The access line of one request (written just after its response: wait for it a little)."""
 
@@ -240,7 +227,7 @@ def test_twenty_images_pushed_through_haproxy_pull_back_byte_identical(cluster: 
 
     def blob_gets() -> list[list[dict[str, Any]]]:
         return [
-            [e for e in access_entries(node, mark) if e["method"] == "GET" and e["route"].endswith("/blobs/{digest}")]
+            [e for e in node.access_log(mark) if e["method"] == "GET" and e["route"].endswith("/blobs/{digest}")]
             for node, mark in zip(cluster.nodes, marks, strict=True)
         ]
 

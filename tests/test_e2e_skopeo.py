@@ -35,19 +35,6 @@ def client(wharf: Any) -> httpx.Client:
     return httpx.Client(base_url=wharf.url, trust_env=False, timeout=30.0)
 
 
-def access_log(wharf: Any, since: int = 0) -> list[dict[str, Any]]:
-    """The access lines (JSON with method/route/status) written after byte `since` of the log."""
-    entries = []
-    for line in wharf.log_text()[since:].splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and "method" in entry and "route" in entry:
-            entries.append(entry)
-    return entries
-
-
 def error_codes(response: httpx.Response) -> list[str]:
     return [error["code"] for error in response.json()["errors"]]
 
@@ -188,7 +175,7 @@ def test_copy_between_repositories_mounts_layers_instead_of_uploading_them(wharf
 
     # skopeo finds team/app as a mount source in its blob info cache, which the push above filled
     # (as root: /var/lib/containers/cache; without a writable cache it would upload instead).
-    entries = [e for e in access_log(wharf, before) if e.get("repository") == "other/app"]
+    entries = [e for e in wharf.access_log(before) if e.get("repository") == "other/app"]
     mounts = [
         e for e in entries if e["method"] == "POST" and e["route"].endswith("/blobs/uploads/") and e["status"] == 201
     ]

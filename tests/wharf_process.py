@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,18 @@ class WharfProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_log(self, since: int = 0) -> list[dict[str, Any]]:
+        """The access lines (JSON with method, route, status ...) written after byte `since`."""
+        entries = []
+        for line in self.log_text()[since:].splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and "method" in entry and "route" in entry:
+                entries.append(entry)
+        return entries
 
     def rss_peak_kib(self) -> int:
         """The largest VmHWM (peak resident set) of the server and its worker processes."""
