@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -129,8 +130,8 @@ def _serve_granian(config: Config) -> int:
         workers=config.http.workers,
         loop=Loops.uvloop,
         log_access=False,
-        ssl_cert=config.http.tls.certificate or None,  # type: ignore[arg-type]
-        ssl_key=config.http.tls.key or None,  # type: ignore[arg-type]
+        ssl_cert=Path(config.http.tls.certificate) if config.http.tls.certificate else None,
+        ssl_key=Path(config.http.tls.key) if config.http.tls.key else None,
     )
     server.serve()
     return 0
