@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk
 CONFIG ?=
 
-.PHONY: run test bench install install-test deb-test lint clean
+.PHONY: run test bench bench-s3 bench-gc install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ BENCH_ARGS ?=
 
 bench: install-test
 	$(PY) loadtests/bench.py $(BENCH_ARGS)
+
+# The same loads on S3 (moto) + etcd, and one node against three behind HAProxy (needs haproxy).
+bench-s3: install-test
+	$(PY) loadtests/bench_s3.py $(BENCH_ARGS)
+
+# One GC cycle over 10,000 manifests / 50,000 blobs, and pushes with and without GC running.
+bench-gc: install-test
+	$(PY) loadtests/bench_gc.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) wharf-data

@@ -19,6 +19,7 @@ PENDING_BLOBS = "gc/pending-blob/"
 PENDING_MANIFESTS = "gc/pending-manifest/"
 DELETING = "gc/deleting/"
 GC_LAST_RUN = "gc/last-run"
+GC_ORPHANS_LAST = "gc/orphans-last"
 # Moved by a collection after it marks and before it deletes; very large manifest writes guard on it.
 GC_EPOCH = "gc/epoch"
 QUOTAS = "quota/"

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,12 +131,19 @@ class Server:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def config_yaml(self, debug_port: int) -> str:
+        """The registry's config file (subclasses put other storage in it)."""
+        return _config_yaml(self.target, self.workdir, self.port, debug_port, self.accesslog)
+
+    def environment(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_") and k != "WHARF_CONFIG"}
+
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         config = self.workdir / "config.yml"
-        config.write_text(_config_yaml(self.target, self.workdir, self.port, free_port(), self.accesslog))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_") and k != "WHARF_CONFIG"}
+        config.write_text(self.config_yaml(free_port()))
+        env = self.environment()
         if self.target.kind == "distribution":
             argv = ["docker-registry", "serve", str(config)]
         else:
@@ -185,20 +192,7 @@ class Server:
         """user+system CPU of every live process in the server's process group."""
         if self.proc is None:
             return 0.0
-        pgid = self.proc.pid
-        ticks = 0
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    raw = handle.read()
-            except OSError:
-                continue
-            rest = raw[raw.rfind(b")") + 2 :].split()
-            if int(rest[2]) == pgid:
-                ticks += int(rest[11]) + int(rest[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return cpu_of(pgids=(self.proc.pid,))
 
     def stop(self) -> None:
         if self.proc is None:
@@ -223,6 +217,24 @@ class Server:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def cpu_of(*, pids: Iterable[int] = (), pgids: Iterable[int] = ()) -> float:
+    """user+system CPU-seconds of the live processes `pids` and of every process in the groups `pgids`."""
+    wanted, groups = set(pids), set(pgids)
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                raw = handle.read()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(b")") + 2 :].split()
+        if int(entry) in wanted or int(rest[2]) in groups:
+            ticks += int(rest[11]) + int(rest[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> float:
@@ -978,10 +990,37 @@ def _per_cpu(amount: float | None, cpu: float) -> float | None:
     return amount / cpu
 
 
+Row = Callable[[dict[str, Any]], tuple[list[str], list[float | None]]]
+
+
+def comparison_table(
+    title: str,
+    note: str,
+    headers: list[str],
+    row: Row,
+    ratio_headers: list[str],
+    results: dict[str, dict[str, Any]],
+    targets: list[Target],
+    ref_key: str,
+) -> None:
+    """One table: a row per target (cells, then each figure divided by the reference target's)."""
+    ref = results.get(ref_key)
+    reference = row(ref)[1] if ref is not None and "error" not in ref else []
+    rows = []
+    for t in targets:
+        if t.key not in results or "error" in results[t.key]:
+            continue
+        cells, figures = row(results[t.key])
+        if t.key == ref_key:
+            ratios = ["ref"] * len(figures)
+        else:
+            ratios = [_ratio(f, reference[i] if reference else None, is_ref=False) for i, f in enumerate(figures)]
+        rows.append([t.label, *cells, *ratios])
+    print_table(title, note, [*headers, *ratio_headers], rows)
+
+
 def report(results: dict[str, dict[str, Any]], targets: list[Target], s: Settings) -> None:
     done = [t for t in targets if t.key in results and "error" not in results[t.key]]
-    ref = results.get("distribution")
-    ref = ref if ref is not None and "error" not in ref else None
 
     def table(
         title: str,
@@ -990,16 +1029,7 @@ def report(results: dict[str, dict[str, Any]], targets: list[Target], s: Setting
         row: Callable[[dict[str, Any]], tuple[list[str], list[float | None]]],
         ratio_headers: list[str],
     ) -> None:
-        reference = row(ref)[1] if ref is not None else []
-        rows = []
-        for t in done:
-            cells, figures = row(results[t.key])
-            if t.key == "distribution":
-                ratios = ["ref"] * len(figures)
-            else:
-                ratios = [_ratio(f, reference[i] if reference else None, is_ref=False) for i, f in enumerate(figures)]
-            rows.append([t.label, *cells, *ratios])
-        print_table(title, note, [*headers, *ratio_headers], rows)
+        comparison_table(title, note, headers, row, ratio_headers, results, done, "distribution")
 
     # 1. manifest GET
     def manifest_row(r: dict[str, Any]) -> tuple[list[str], list[float | None]]:

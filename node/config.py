@@ -167,6 +167,9 @@ class GCConfig:
     # Also collect manifests no tag reaches (Distribution's --delete-untagged); children of a
     # tagged index and referrers of a live manifest are never untagged.
     deleteuntagged: bool = False
+    # Sweeping storage for objects no record names lists the whole bucket: scheduled cycles do it
+    # this often; `wharf gc` always does.
+    orphaninterval: str = "24h"
 
 
 @dataclass
@@ -417,7 +420,7 @@ def _finish(config: Config, path: str | None) -> None:
             root = os.path.abspath(storage.filesystem.rootdirectory)
             coordinator.embedded.path = os.path.join(os.path.dirname(root), os.path.basename(root) + "-coordinator.db")
     purging = storage.maintenance.uploadpurging
-    for value in (purging.age, purging.interval, config.gc.interval, config.gc.grace):
+    for value in (purging.age, purging.interval, config.gc.interval, config.gc.grace, config.gc.orphaninterval):
         parse_duration(value)
     if config.cluster.leasettl < 2:
         raise ConfigError("cluster.leasettl must be at least 2 seconds")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -60,6 +61,12 @@ async def _sweep_orphans(services: Services, collector: Collector, summary: Summ
         summary.deleted.append(f"orphan {digest}")
 
 
+async def orphan_sweep_due(services: Services) -> bool:
+    last = await services.kv.get(keys.GC_ORPHANS_LAST)
+    interval = parse_duration(services.config.gc.orphaninterval)
+    return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
+
+
 class Touches:
     """Mark blobs a client was just told exist, at most once per half grace period per node."""
 
@@ -86,6 +93,7 @@ async def collect(
     dry_run: bool = False,
     delete_untagged: bool | None = None,
     progress: Progress = _no_progress,
+    orphans: bool = True,
 ) -> Summary:
     """One cycle, holding a cluster-wide lock so cycles never overlap."""
     config = services.config.gc
@@ -132,7 +140,10 @@ async def collect(
         started = time.perf_counter()
         try:
             summary = await collector.run(delete_object)
-            await _sweep_orphans(services, collector, summary)
+            if orphans:
+                await _sweep_orphans(services, collector, summary)
+                if not dry_run:
+                    await services.kv.put(keys.GC_ORPHANS_LAST, json.dumps({"at": time.time()}).encode())
         except Exception:
             metrics.gc_runs.labels("failed").inc()
             raise

@@ -66,7 +66,7 @@ class Maintenance:
 
     async def _collect(self) -> None:
         try:
-            await gc.collect(self.services)
+            await gc.collect(self.services, orphans=await gc.orphan_sweep_due(self.services))
         except gc.CycleRunning as exc:
             log.info("garbage collection skipped: a cycle is running on %s", exc)
 

@@ -373,14 +373,14 @@ class S3Driver:
             raise ValueError(f"upload holds {up.size} bytes, commit asked for {size}")
         if await self._run(self._head, target) is not None:
             # Content-addressed: the same digest already stands for the same bytes.
-            await self.upload_abort(upload_key, state)
+            await self._tidy(upload_key, state)
             return key
         if not up.parts:
             # Smaller than a part: one PUT at the blob key.
             data = await self._read_tail(source, up)
             await self._run(self._put, target, data, True)
             del data
-            await self.upload_abort(upload_key, state)
+            await self._tidy(upload_key, state)
             return key
         assert up.upload is not None
         parts = list(up.parts)
@@ -403,8 +403,18 @@ class S3Driver:
         stored = await self._run(self._head, source)
         if stored != size:
             raise RuntimeError(f"multipart upload {upload_key!r} completed with {stored} bytes, expected {size}")
-        await self._run(self._delete_tails, source)
+        await self._tidy(upload_key, state, multipart=False)
         return upload_key
+
+    async def _tidy(self, upload_key: str, state: UploadState, *, multipart: bool = True) -> None:
+        """Clean up after a commit that already stored the blob: a failure here must not undo it."""
+        try:
+            if multipart:
+                await self.upload_abort(upload_key, state)
+            else:
+                await self._run(self._delete_tails, self._key(upload_key))
+        except Exception as exc:  # left-over tails are small and under the upload's own prefix
+            log.warning("cleaning up upload %s after commit failed: %s", upload_key, exc)
 
     async def upload_abort(self, upload_key: str, state: UploadState) -> None:
         # The upload key itself is left alone: once completed, it is a committed blob.
