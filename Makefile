@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk
+DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy
 CONFIG ?=
 
 .PHONY: run test bench bench-s3 bench-gc install install-test deb-test lint clean
