@@ -297,7 +297,8 @@ class EtcdKV:
 
     async def _rpc(self, fn: Callable[[_Connection], Awaitable[T]], *, idempotent: bool) -> T:
         """Run `fn` on the current connection, failing over between endpoints as described above."""
-        max_tries = max(2, len(self._endpoints))
+        # Every endpoint once, and a couple more for a lone endpoint coming back from a restart.
+        max_tries = max(3, len(self._endpoints) + 1)
         tries = 0
         reauthenticated = False
         while True:
@@ -325,6 +326,9 @@ class EtcdKV:
                     self._failover(conn, exc)
                     tries += 1
                     if tries < max_tries and (kind == "unreached" or idempotent):
+                        if tries >= len(self._endpoints):
+                            # Every endpoint failed once: give a restarting member a moment.
+                            await asyncio.sleep(min(0.1 * 2 ** (tries - len(self._endpoints)), 1.0))
                         continue
                 raise _translate(exc, conn.endpoint.url) from exc
 
