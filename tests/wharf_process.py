@@ -28,8 +28,8 @@ def default_config(data_dir: Path, port: int, **sections: Any) -> dict[str, Any]
         "http": {
             "addr": f"127.0.0.1:{port}",
             "debug": {"addr": f"127.0.0.1:{free_port()}"},
-            # The whole suite can run under the other ASGI server too.
-            "server": os.environ.get("WHARF_TEST_SERVER", "hypercorn"),
+            # The whole suite runs under either ASGI server (the default is granian).
+            "server": os.environ.get("WHARF_TEST_SERVER", "granian"),
         },
     }
     for key, value in sections.items():
