@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -158,18 +157,3 @@ class WharfProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_port_free(port: int, timeout: float = 10.0) -> None:
-    import socket
-
-    def free() -> bool:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-
-    wait_until(free, timeout=timeout, what=f"port {port} to be released")
-    time.sleep(0)
