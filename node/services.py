@@ -50,7 +50,12 @@ class ManifestCache:
 
 
 class BlobLocations:
-    """Storage key of each blob by digest, from its blob record; immutable while the blob lives."""
+    """Storage key of each blob by digest, from its blob record.
+
+    Only content-addressed keys are cached: they never change for a digest. A blob stored where
+    its upload began (a large S3 upload) gets a new key if it is collected and pushed again, so
+    its record is read each time.
+    """
 
     def __init__(self, metadata: Metadata, metrics: Metrics, max_entries: int = 100_000) -> None:
         self._metadata = metadata
@@ -66,14 +71,13 @@ class BlobLocations:
             return key
         self._misses.inc()
         record = await self._metadata.get_blob(digest)
-        key = record.key if record is not None else layout.blob_key(digest)
-        self._keys[digest] = key
+        addressed = layout.blob_key(digest)
+        if record is not None and record.key != addressed:
+            return record.key
+        self._keys[digest] = addressed
         if len(self._keys) > self._max:
             self._keys.popitem(last=False)
-        return key
-
-    def forget(self, digest: str) -> None:
-        self._keys.pop(digest, None)
+        return addressed
 
 
 @dataclass
