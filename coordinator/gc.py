@@ -29,6 +29,8 @@ log = logging.getLogger("wharf.gc")
 
 _PAGE = 1000
 _CONCURRENCY = 32
+# How long a storage delete waits for others to share its request.
+_BATCH_WAIT = 0.01
 
 
 @dataclass
@@ -117,8 +119,17 @@ class Collector:
 
     # -- the cycle ------------------------------------------------------------------------
 
-    async def run(self, delete_object: Callable[[str], Awaitable[None]]) -> Summary:
-        """One whole cycle: untagged manifests (if asked), then blobs."""
+    async def run(
+        self,
+        delete_object: Callable[[str], Awaitable[None]],
+        delete_many: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> Summary:
+        """One whole cycle: untagged manifests (if asked), then blobs.
+
+        With `delete_many`, the storage deletes of concurrent sweeps go out together.
+        """
+        if delete_many is not None:
+            delete_object = _DeleteBatcher(delete_many).delete
         summary = Summary(started=time.time(), dry_run=self.dry_run)
         self.summary = summary  # readable while the cycle runs, for progress reports
         cutoff = summary.started - self.grace
@@ -487,6 +498,52 @@ class Collector:
             "retained": bool(reasons),
             "reasons": reasons or ["nothing uses it: the next collection deletes it"],
         }
+
+
+class _DeleteBatcher:
+    """Gathers the storage deletes of concurrent sweeps into few requests (S3 takes 1000 a call).
+
+    Each caller still waits for its own object to be gone before it drops its `deleting` record.
+    """
+
+    def __init__(self, delete_many: Callable[[list[str]], Awaitable[None]], *, size: int = _CONCURRENCY) -> None:
+        self._delete_many = delete_many
+        self._size = size
+        self._waiting: list[tuple[str, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def delete(self, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((key, done))
+        if len(self._waiting) >= self._size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(_BATCH_WAIT, self._flush)
+        await done
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._waiting = self._waiting, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _send(self, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
+        try:
+            await self._delete_many([key for key, _ in batch])
+        except Exception as exc:
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
 
 
 def _sibling(manifest_key: str, digest: str) -> str:

@@ -139,7 +139,7 @@ async def collect(
 
         started = time.perf_counter()
         try:
-            summary = await collector.run(delete_object)
+            summary = await collector.run(delete_object, services.storage.delete_many)
             if orphans:
                 await _sweep_orphans(services, collector, summary)
                 if not dry_run:

@@ -202,6 +202,9 @@ class InstrumentedStorage:
     async def delete(self, key: str) -> None:
         await self._timed("delete").run(self.inner.delete(key))
 
+    async def delete_many(self, keys: list[str]) -> None:
+        await self._timed("delete_many").run(self.inner.delete_many(keys))
+
     def list(self, prefix: str) -> AsyncIterator[str]:
         return self.inner.list(prefix)
 

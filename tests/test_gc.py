@@ -119,6 +119,22 @@ async def test_deleting_half_the_images_on_s3_drops_the_bucket_bytes_and_keeps_s
         s3_server.remove_prefix(storage.rootdirectory)
 
 
+async def test_sweep_sends_storage_deletes_in_batches(registry):
+    for n in range(40):
+        await registry.blob("team/app", os.urandom(100 + n))
+    batches: list[int] = []
+    storage = registry.services.storage
+
+    async def counting(keys: list[str]) -> None:
+        batches.append(len(keys))
+        await storage.delete_many(keys)
+
+    summary = await Collector(registry.kv, grace=0).run(storage.delete, counting)
+    assert summary.blobs_deleted == 40 and sum(batches) == 40
+    assert len(batches) < 10, batches
+    assert registry.stored_bytes() == 0
+
+
 async def test_dry_run_changes_nothing_and_reports_what_a_real_run_deletes(registry):
     digest, _ = await registry.image("team/app", "v1", [os.urandom(1000)])
     await registry.image("team/app", "v2", [os.urandom(1000)])

@@ -162,6 +162,15 @@ async def test_list_and_delete(driver):
     assert sorted([k async for k in driver.list(layout.BLOBS)]) == sorted(keys[1:])
 
 
+async def test_delete_many_removes_every_named_object_and_ignores_absent_ones(driver):
+    keys = [layout.blob_key(_digest(f"many {n}".encode())) for n in range(5)]
+    for n, key in enumerate(keys):
+        await driver.write_bytes(key, f"many {n}".encode())
+    await driver.delete_many(keys[:3] + [layout.blob_key(_digest(b"never stored"))])
+    await driver.delete_many([])
+    assert sorted([k async for k in driver.list(layout.BLOBS)]) == sorted(keys[3:])
+
+
 async def test_layout_uses_distribution_blob_keys():
     digest = "sha256:" + "ab" * 32
     assert layout.blob_key(digest) == f"docker/registry/v2/blobs/sha256/ab/{'ab' * 32}/data"

@@ -49,6 +49,10 @@ class StorageDriver(Protocol):
         """Remove an object; absent is fine."""
         ...
 
+    async def delete_many(self, keys: list[str]) -> None:
+        """Remove several objects, in as few storage requests as the store allows."""
+        ...
+
     def list(self, prefix: str) -> AsyncIterator[str]:
         """Every committed object key under `prefix`, in no particular order."""
         ...

@@ -76,6 +76,9 @@ class FilesystemDriver:
     async def delete(self, key: str) -> None:
         await self._run(_remove_and_prune, self._path(key), self.root)
 
+    async def delete_many(self, keys: list[str]) -> None:
+        await self._run(_remove_all, [self._path(key) for key in keys], self.root)
+
     async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
         base = self._path(prefix.rstrip("/"))
         found: list[str] = await self._run(_walk_files, base)
@@ -200,6 +203,11 @@ def _remove_empty_dir(directory: str, root: str) -> None:
 def _remove_and_prune(path: str, root: str) -> None:
     _silent_remove(path)
     _remove_empty_dir(os.path.dirname(path), root)
+
+
+def _remove_all(paths: list[str], root: str) -> None:
+    for path in paths:
+        _remove_and_prune(path, root)
 
 
 def _walk_files(base: str) -> list[str]:

@@ -238,6 +238,10 @@ class S3Driver:
         # A PUT is atomic: readers see the old object, or none, or all of the new one.
         await self._run(self._put, self._key(key), data, True)
 
+    async def delete_many(self, keys: list[str]) -> None:
+        if keys:
+            await self._run(self._delete_keys, [self._key(key) for key in keys])
+
     async def modified(self, key: str) -> float | None:
         return await self._run(self._modified, self._key(key))
 
