@@ -24,6 +24,7 @@ from typing import Any
 
 from . import keys
 from .kv import KV, Compare, Delete, KeyValue, Op, Put
+from .metadata import reachable
 
 log = logging.getLogger("wharf.gc")
 
@@ -203,20 +204,12 @@ class Collector:
                 by_subject.setdefault(keys.manifest(repo, record["subject"]), []).append(key)
         roots = [keys.manifest(*_split_tag(kv)) for kv in await self._all(keys.TAGS)]
         roots += [key for key, record in decoded.items() if record.get("pushed", 0) >= cutoff]
-        live: set[str] = set()
-        stack = [r for r in roots if r in decoded]
-        while stack:
-            key = stack.pop()
-            if key in live:
-                continue
-            live.add(key)
-            repo = key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
-            for child in decoded[key].get("manifests", []):
-                child_key = keys.manifest(repo, child)
-                if child_key in decoded:
-                    stack.append(child_key)
-            stack.extend(by_subject.get(key, []))
-        return live
+
+        def successors(key: str) -> list[str]:
+            children = (_sibling(key, child) for child in decoded[key].get("manifests", []))
+            return [c for c in children if c in decoded] + by_subject.get(key, [])
+
+        return reachable((r for r in roots if r in decoded), successors)
 
     async def _pend_manifest(self, c: ManifestCandidate) -> None:
         key = keys.manifest(c.repo, c.digest)

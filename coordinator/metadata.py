@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -366,3 +366,20 @@ class Metadata:
 
     async def list_referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
         return [json.loads(kv.value) for kv in await self.kv.range(keys.referrers_of(repo, subject))]
+
+
+def reachable(roots: Iterable[str], successors: Callable[[str], Iterable[str]]) -> set[str]:
+    """Every node reachable from `roots` (themselves included) by following `successors`.
+
+    Garbage collection and retention both walk manifests this way: tags to index children and to
+    the referrers of what is reached.
+    """
+    found: set[str] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in found:
+            continue
+        found.add(node)
+        stack.extend(successors(node))
+    return found

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+from .metadata import reachable
 
 LAST_RUN = keys.RETENTION_LAST_RUN
 PROGRESS = keys.RETENTION_PROGRESS
@@ -221,16 +222,11 @@ def format_duration(seconds: float) -> str:
 
 def _closure(roots: Iterable[str], manifests: dict[str, _Manifest], referrers: dict[str, list[str]]) -> set[str]:
     """Digests reachable from `roots` through index children and referrers."""
-    live: set[str] = set()
-    stack = [r for r in roots if r in manifests]
-    while stack:
-        digest = stack.pop()
-        if digest in live:
-            continue
-        live.add(digest)
-        stack.extend(c for c in manifests[digest].children if c in manifests)
-        stack.extend(referrers.get(digest, []))
-    return live
+
+    def successors(digest: str) -> list[str]:
+        return [c for c in manifests[digest].children if c in manifests] + referrers.get(digest, [])
+
+    return reachable((r for r in roots if r in manifests), successors)
 
 
 class _Repository:

@@ -47,24 +47,36 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         cmd.add_argument("--explain", metavar="REPO@DIGEST|DIGEST", help="say why something is kept, then exit")
         cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
         cmd.set_defaults(run=run_gc)
-    frozen = commands.add_parser("immutability", help="show immutable-tag rules and the tags they protect")
-    frozen_actions = frozen.add_subparsers(dest="immutability_action", required=True)
-    frozen_ls = frozen_actions.add_parser("ls", help="list protected tags, by rule")
-    frozen_ls.add_argument("config", nargs="?", help="configuration file")
-    frozen_ls.add_argument("--json", action="store_true", help="machine-readable output")
-    frozen_ls.set_defaults(run=run_immutability_ls)
-    quota_cmd = commands.add_parser("quota", help="show quota usage and limits")
-    quota_actions = quota_cmd.add_subparsers(dest="quota_action", required=True)
-    quota_ls = quota_actions.add_parser("ls", help="list every quota with its usage")
-    quota_ls.add_argument("config", nargs="?", help="configuration file")
-    quota_ls.add_argument("--json", action="store_true", help="machine-readable output")
-    quota_ls.set_defaults(run=run_quota_ls)
+    _add_listing(
+        commands,
+        "immutability",
+        "show immutable-tag rules and the tags they protect",
+        "list protected tags, by rule",
+        run_immutability_ls,
+    )
+    _add_listing(commands, "quota", "show quota usage and limits", "list every quota with its usage", run_quota_ls)
     _add_retention(commands)
     rm = commands.add_parser("rm", help="delete images by tag or digest", description="Delete images.")
     rm.add_argument("references", nargs="+", metavar="REPO:TAG|REPO@DIGEST")
     rm.add_argument("--config", "-c", help="configuration file")
     rm.add_argument("--tag-only", action="store_true", help="remove the tag, keep the manifest")
     rm.set_defaults(run=run_rm)
+
+
+def _add_listing(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    help: str,
+    ls_help: str,
+    run: Callable[[argparse.Namespace, Config], int],
+) -> None:
+    """`wharf NAME ls [--json] [CONFIG]`."""
+    group = commands.add_parser(name, help=help)
+    actions = group.add_subparsers(dest=f"{name}_action", required=True)
+    listing = actions.add_parser("ls", help=ls_help)
+    listing.add_argument("config", nargs="?", help="configuration file")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=run)
 
 
 def _progress(phase: str, done: int, total: int) -> None:
