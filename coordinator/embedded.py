@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import pathlib
 import sqlite3
 import threading
 import time
@@ -85,24 +86,38 @@ class EmbeddedKV:
     writers in this process wake them at once.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        """Open (and create, unless `readonly`) the file at `path`.
+
+        Read-only opens create nothing: no file, no directory, no WAL or lock file, so dry runs and
+        listings leave a store exactly as they found it. FileNotFoundError if there is no file.
+        """
+        self.path = os.path.abspath(path)
+        self.readonly = readonly
+        if readonly:
+            if not os.path.isfile(self.path):
+                raise FileNotFoundError(f"no coordinator file at {self.path}")
+        else:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wharf-kv")
         self._local = threading.local()
         self._watchers: set[_EmbeddedWatch] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
-        self._call_sync(self._init_db)
+        if not readonly:
+            self._call_sync(self._init_db)
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            if self.readonly:
+                conn = sqlite3.connect(_readonly_uri(self.path), uri=True, isolation_level=None, timeout=30)
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
 
@@ -128,6 +143,8 @@ class EmbeddedKV:
         return await asyncio.wrap_future(self._executor.submit(fn))
 
     def _ensure_sweeper(self) -> None:
+        if self.readonly:
+            return
         if self._sweeper is None or self._sweeper.done():
             try:
                 loop = asyncio.get_running_loop()
@@ -136,6 +153,8 @@ class EmbeddedKV:
             self._sweeper = loop.create_task(self._sweep_leases_forever())
 
     def _write(self, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T:
+        if self.readonly:
+            raise PermissionError(f"the coordinator {self.path} was opened read-only")
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -208,7 +227,21 @@ class EmbeddedKV:
                     gets.append(_get(conn, op.key))
             return TxnResult(ok, gets, w.rev if w.changed else w.rev - 1)
 
+        if all(isinstance(op, Get) for op in (*success, *failure)):
+            return await self._call(lambda: self._read_txn(compares, success, failure))
         return await self._call(lambda: self._write(run))
+
+    def _read_txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> TxnResult:
+        """A transaction that writes nothing: one read snapshot, no write lock (works read-only too)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            ok = all(_holds(conn, c) for c in compares)
+            gets = [_get(conn, op.key) for op in (success if ok else failure) if isinstance(op, Get)]
+            rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+        finally:
+            conn.execute("COMMIT")
+        return TxnResult(ok, gets, rev)
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -285,6 +318,18 @@ class EmbeddedKV:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _readonly_uri(path: str) -> str:
+    """A URI that opens `path` without writing anything next to it.
+
+    With no WAL file present nobody has the database open for writing, so it is opened immutable
+    (SQLite then makes no -wal or -shm file); otherwise read-only, sharing the writers' WAL.
+    """
+    uri = pathlib.Path(path).as_uri() + "?mode=ro"
+    if not os.path.exists(path + "-wal"):
+        uri += "&immutable=1"
+    return uri
 
 
 class _Writer:

@@ -13,17 +13,24 @@ LINKS = "link/"
 BLOBS = "blob/"
 REFERRERS = "referrer/"
 UPLOADS = "upload/"
+UPLOAD_CLAIMS = "upload-claim/"
 LEADER = "leader/"
 TOUCHES = "touch/"
 PENDING_BLOBS = "gc/pending-blob/"
 PENDING_MANIFESTS = "gc/pending-manifest/"
 DELETING = "gc/deleting/"
+# What a deleted manifest (or tag) let go of, and when: GC need not wait out its grace for those.
+RELEASED = "gc/released/"
 GC_LAST_RUN = "gc/last-run"
 GC_ORPHANS_LAST = "gc/orphans-last"
 # Moved by a collection after it marks and before it deletes; very large manifest writes guard on it.
 GC_EPOCH = "gc/epoch"
 QUOTAS = "quota/"
 RETENTION_LAST_RUN = "retention/last-run"
+# Which store this coordinator belongs to; the storage holds the same id (node/store.py).
+STORE_IDENTITY = "store/identity"
+# Adoption of a registry:2 store: pending, running (with its progress) or done.
+IMPORT_STATE = "store/import"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
 
@@ -77,6 +84,11 @@ def upload(upload_id: str) -> str:
     return f"{UPLOADS}{upload_id}"
 
 
+def upload_claim(upload_id: str) -> str:
+    """Held (with its node's lease) by the one request writing to an upload session."""
+    return f"{UPLOAD_CLAIMS}{upload_id}"
+
+
 def leader(job: str) -> str:
     return f"{LEADER}{job}"
 
@@ -98,6 +110,17 @@ def pending_manifest(repo: str, digest: str) -> str:
 def deleting(digest: str) -> str:
     """The blob's records are gone and its storage object is being deleted."""
     return f"{DELETING}{digest}"
+
+
+def released(repo: str, digest: str) -> str:
+    """Manifest `digest` of `repo` was deleted (or untagged): what it used is not a push in flight."""
+    return f"{RELEASED}{repo}@{digest}"
+
+
+def split_repo_key(key: str, prefix: str) -> tuple[str, str]:
+    """(repository, rest) of a `<prefix><repo>@<rest>` key (tags, manifests, links, released)."""
+    repo, _, rest = key[len(prefix) :].rpartition("@")
+    return repo, rest
 
 
 def quota_guard(scope: str) -> str:

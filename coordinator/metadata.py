@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 from .quota import QuotaScope, admit
+from .uploads import SessionChanged
+
+T = TypeVar("T")
 
 # Optimistic transactions retry this often when another writer keeps winning.
 _MAX_ATTEMPTS = 20
@@ -49,6 +52,28 @@ class BlobRecord:
     size: int
     key: str
     created: float
+    # Adopted from a registry:2 store rather than pushed through Wharf: "used" when an imported
+    # manifest referenced it, "unused" when only a layer link named it (GC keeps those unless asked).
+    imported: str | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a deleted or untagged manifest stopped keeping, for garbage collection's grace rule."""
+
+    at: float
+    blobs: list[str] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+
+
+def release(repo: str, digest: str, *, blobs: Iterable[str] = (), manifests: Iterable[str] = ()) -> Put:
+    """The op that records a release; written in the same transaction as the delete."""
+    return Put(keys.released(repo, digest), _dump(Release(time.time(), list(blobs), list(manifests))))
+
+
+def decode(cls: type[T], raw: bytes) -> T:
+    """A record from its stored JSON."""
+    return cls(**json.loads(raw))
 
 
 @dataclass(frozen=True)
@@ -146,7 +171,16 @@ class Metadata:
         return {kv.key[len(prefix) :]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
 
     async def delete_tag(self, repo: str, tag: str) -> bool:
-        return await self.kv.delete(keys.tag(repo, tag)) > 0
+        """Remove a tag; garbage collection may then take its manifest at once (if untagged ones go)."""
+        for _ in range(_MAX_ATTEMPTS):
+            found = await self.kv.get(keys.tag(repo, tag))
+            if found is None:
+                return False
+            digest = json.loads(found.value)["digest"]
+            ops: list[Op] = [Delete(found.key), release(repo, digest, manifests=[digest])]
+            if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
+                return True
+        raise Conflict(f"delete of tag {tag} kept racing")
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -163,13 +197,15 @@ class Metadata:
         size: int,
         key: str,
         *,
-        upload_id: str | None = None,
+        upload: tuple[str, int] | None = None,
         quotas: Sequence[QuotaScope] = (),
     ) -> BlobRecord:
         """Record a blob now in storage and link it into `repo`, ending its upload session.
 
-        Returns the blob record in force: if the digest was already recorded, the earlier
-        record stands and the caller's copy at `key` is redundant. A new link must fit every
+        `upload` is the session (id, revision) whose commit this is: it must be unchanged (not
+        cancelled or purged meanwhile, SessionChanged otherwise), and it goes in the same
+        transaction. Returns the blob record in force: if the digest was already recorded, the
+        earlier record stands and the caller's copy at `key` is redundant. A new link must fit every
         quota in `quotas` (QuotaExceeded otherwise, and nothing changes).
         """
         now = time.time()
@@ -180,33 +216,54 @@ class Metadata:
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(digest)),
         ]
-        if upload_id is not None:
-            common.append(Delete(keys.upload(upload_id)))
+        session_guard: list[Compare] = []
+        if upload is not None:
+            common.append(Delete(keys.upload(upload[0])))
+            session_guard.append(Compare.unchanged(keys.upload(upload[0]), upload[1]))
         record = BlobRecord(size, key, now)
         blob_key = keys.blob(digest)
         not_deleting = Compare.absent(keys.deleting(digest))
         for _ in range(_MAX_ATTEMPTS):
             admission, guard_writes = await self._admit(link_key, quotas, size)
             result = await self.kv.txn(
-                [Compare.absent(blob_key), not_deleting, *admission],
+                [Compare.absent(blob_key), not_deleting, *session_guard, *admission],
                 [Put(blob_key, _dump(record)), *common, *guard_writes],
-                [Get(blob_key), Get(keys.deleting(digest))],
+                [Get(blob_key), Get(keys.deleting(digest)), *(Get(g.key) for g in session_guard)],
             )
             if result.succeeded:
                 return record
-            existing, deleting = result.gets
+            existing, deleting, *session = result.gets
+            if session_guard and (session[0] is None or session[0].mod_revision != upload[1]):  # type: ignore[index]
+                raise SessionChanged(upload[0])  # type: ignore[index]
             if deleting is not None:
                 raise BeingCollected(digest)
             if existing is None:
                 continue  # a quota guard moved, or the blob came and went: measure again
             again = await self.kv.txn(
-                [Compare.unchanged(blob_key, existing.mod_revision), not_deleting, *admission],
+                [Compare.unchanged(blob_key, existing.mod_revision), not_deleting, *session_guard, *admission],
                 [*common, *guard_writes],
             )
             if again.succeeded:
                 found: BlobRecord = _load(BlobRecord, existing)
                 return found
         raise Conflict(f"commit of {digest} kept racing")
+
+    async def remove_unrecorded(self, digest: str, key: str, delete: Callable[[str], Awaitable[None]]) -> bool:
+        """Delete a storage object for `digest` that no blob record names, as writers of it wait.
+
+        The `deleting` record makes a concurrent commit of the same digest wait and check its bytes.
+        """
+        claimed = await self.kv.txn(
+            [Compare.absent(keys.blob(digest)), Compare.absent(keys.deleting(digest))],
+            [Put(keys.deleting(digest), json.dumps({"key": key, "at": time.time()}).encode())],
+        )
+        if not claimed.succeeded:
+            return False
+        try:
+            await delete(key)
+        finally:
+            await self.kv.delete(keys.deleting(digest))
+        return True
 
     async def _admit(self, link_key: str, quotas: Sequence[QuotaScope], size: int) -> tuple[list[Compare], list[Op]]:
         """Quota guards for making `link_key`; none when there are no quotas or it already exists."""
@@ -270,9 +327,18 @@ class Metadata:
         return _load(ManifestRecord, await self.kv.get(keys.manifest(repo, digest)))
 
     async def put_manifest(
-        self, repo: str, record: ManifestRecord, *, tag: str | None, storage_key: str, frozen_tag: bool = False
+        self,
+        repo: str,
+        record: ManifestRecord,
+        *,
+        tag: str | None,
+        storage_key: str,
+        frozen_tag: bool = False,
+        intent: str | None = None,
     ) -> None:
         """Record a manifest (already in storage) and point `tag` at it, in one transaction.
+
+        `intent` is the upload session that recorded the write of its bytes; it ends here.
 
         Every referenced blob and child manifest must be linked in `repo` at the moment of the
         write; otherwise nothing changes and MissingReferences says what is missing. A
@@ -299,6 +365,8 @@ class Metadata:
             head_ops.append(
                 Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
             )
+        if intent is not None:
+            head_ops.append(Delete(keys.upload(intent)))
         # Everything it names must be there, and whatever it names is no longer garbage: the
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
@@ -360,6 +428,7 @@ class Metadata:
             ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged)]
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
+            ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
             if (await self.kv.txn(guards, ops)).succeeded:
                 return True
         raise Conflict(f"delete of {digest} kept racing")

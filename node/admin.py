@@ -6,26 +6,32 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from coordinator.gc import Collector
+from coordinator.gc import Collector, Summary
 from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
 
 from . import gc, retention
 from .api.manifests import check_deletable
-from .app import open_kv, open_storage
 from .config import Config, ConfigError, parse_duration
 from .errors import RegistryError
 from .reference import Reference, parse_digest, validate_name, validate_tag
 from .services import Services
+from .store import open_store
 
 T = TypeVar("T")
 
 
-async def _with_services(config: Config, work: Callable[[Services], Awaitable[T]]) -> T:
-    services = Services.build(config, await open_kv(config), open_storage(config))
+async def _with_services(config: Config, work: Callable[[Services], Awaitable[T]], *, readonly: bool = False) -> T:
+    """Open the store as `wharf serve` does (StoreRefused if it is not there or not one store).
+
+    `readonly` (dry runs, listings) creates and changes nothing anywhere.
+    """
+    store = await open_store(config, "read" if readonly else "write")
+    services = Services.build(config, store.kv, store.storage)
     try:
         return await work(services)
     finally:
@@ -45,6 +51,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
             "--delete-untagged", "-m", action="store_true", help="also delete manifests that no tag reaches"
         )
         cmd.add_argument("--explain", metavar="REPO@DIGEST|DIGEST", help="say why something is kept, then exit")
+        cmd.add_argument(
+            "--reclaim-imported",
+            action="store_true",
+            help="also delete blobs adopted from registry:2 that no manifest ever used",
+        )
+        cmd.add_argument(
+            "--delete-unaccounted",
+            action="store_true",
+            help="also delete storage objects that no Wharf record names (Wharf cannot prove it wrote them)",
+        )
         cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
         cmd.set_defaults(run=run_gc)
     _add_listing(
@@ -87,6 +103,29 @@ def _progress(phase: str, done: int, total: int) -> None:
         print(f"{phase}: {done}/{total}", file=sys.stderr)
 
 
+def _gc_lines(summary: Summary) -> list[str]:
+    """The human summary of a cycle: what went, and what was held back, why and until when."""
+    verb = "would delete" if summary.dry_run else "deleted"
+    lines = [
+        f"manifests seen: {summary.manifests_seen}   blobs seen: {summary.blobs_seen}",
+        f"{verb}: {summary.manifests_deleted} manifests, {summary.blobs_deleted} blobs, "
+        f"{summary.orphans_deleted} unaccounted objects, {_size(summary.bytes_freed)}",
+    ]
+    if summary.held_back:
+        lines.append("held back:")
+        for held in summary.held_back.values():
+            until = ""
+            if held.until is not None:
+                until = f", until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(held.until))}"
+            lines.append(f"  {held.count} ({_size(held.bytes)}): {held.reason}{until}")
+    else:
+        lines.append("held back: nothing")
+    lines.append(f"duration: {summary.duration:.2f}s")
+    if summary.dry_run:
+        lines.append("dry run: nothing was changed")
+    return lines
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -98,34 +137,38 @@ def _size(n: int) -> str:
 
 def run_gc(args: argparse.Namespace, config: Config) -> int:
     if args.explain:
-        return asyncio.run(_with_services(config, lambda svc: _explain(svc, args)))
+        return asyncio.run(_with_services(config, lambda svc: _explain(svc, args), readonly=True))
 
     async def cycle(services: Services) -> int:
         try:
             summary = await gc.collect(
-                services, dry_run=args.dry_run, delete_untagged=args.delete_untagged or None, progress=_progress
+                services,
+                dry_run=args.dry_run,
+                delete_untagged=args.delete_untagged or None,
+                progress=_progress,
+                reclaim_imported=args.reclaim_imported,
+                delete_unaccounted=args.delete_unaccounted,
             )
         except gc.CycleRunning as exc:
             print(f"wharf gc: a cycle is already running on {exc}", file=sys.stderr)
             return 1
+        except gc.ImportRunning as exc:
+            print(
+                f"wharf gc: a registry:2 store is being adopted (import {exc}); collect once it is done "
+                "(`wharf import --status CONFIG`)",
+                file=sys.stderr,
+            )
+            return 1
         if args.json:
-            print(json.dumps(summary.__dict__, indent=2))
+            print(json.dumps(summary.report(), indent=2))
             return 0
-        verb = "would delete" if summary.dry_run else "deleted"
-        print(f"manifests seen: {summary.manifests_seen}   blobs seen: {summary.blobs_seen}")
-        print(
-            f"{verb}: {summary.manifests_deleted} manifests, {summary.blobs_deleted} blobs, "
-            f"{summary.orphans_deleted} orphaned objects, {_size(summary.bytes_freed)}"
-        )
-        if summary.blobs_saved_by_pushes:
-            print(f"kept because pushes used them meanwhile: {summary.blobs_saved_by_pushes} blobs")
-        print(f"duration: {summary.duration:.2f}s")
+        print("\n".join(_gc_lines(summary)))
         if summary.dry_run:
             for item in summary.deleted:
                 print(f"  {item}")
         return 0
 
-    return asyncio.run(_with_services(config, cycle))
+    return asyncio.run(_with_services(config, cycle, readonly=args.dry_run))
 
 
 async def _explain(services: Services, args: argparse.Namespace) -> int:
@@ -228,7 +271,7 @@ def run_quota_ls(args: argparse.Namespace, config: Config) -> int:
             )
         return 0
 
-    return asyncio.run(_with_services(config, listing))
+    return asyncio.run(_with_services(config, listing, readonly=True))
 
 
 def _add_retention(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -302,7 +345,7 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
             print("run `wharf gc` (or wait for the scheduled cycle) to reclaim the freed blobs")
         return 0
 
-    return asyncio.run(_with_services(config, once))
+    return asyncio.run(_with_services(config, once, readonly=args.dry_run))
 
 
 def run_immutability_ls(args: argparse.Namespace, config: Config) -> int:
@@ -330,4 +373,4 @@ def run_immutability_ls(args: argparse.Namespace, config: Config) -> int:
             print(f"{r['repository'] + ':' + r['tag']:<{width}}  {r['digest']:<71}  {r['rule']}")
         return 0
 
-    return asyncio.run(_with_services(config, listing))
+    return asyncio.run(_with_services(config, listing, readonly=True))

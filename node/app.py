@@ -14,7 +14,6 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from coordinator.election import Election
-from coordinator.kv import KV
 
 from .accesslog import AccessLog
 from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
@@ -26,7 +25,7 @@ from .errors import RegistryError, Unsupported, error_response, handle_registry_
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .services import Services
-from .storage.driver import StorageDriver
+from .store import open_kv, open_storage
 
 log = logging.getLogger("wharf")
 
@@ -58,39 +57,6 @@ PROBE_ROUTES = [
     Route("/debug/health", health.health, methods=["GET", "HEAD"]),
     Route("/debug/ready", health.ready, methods=["GET", "HEAD"]),
 ]
-
-
-async def open_kv(config: Config) -> KV:
-    coordinator = config.coordinator
-    if coordinator.etcd is not None:
-        from coordinator.etcd import EtcdKV
-
-        etcd = coordinator.etcd
-        return await EtcdKV.open(
-            etcd.endpoints,
-            prefix=etcd.prefix,
-            username=etcd.username or None,
-            password=etcd.password or None,
-            ca=etcd.tls.ca or None,
-            cert=etcd.tls.cert or None,
-            key=etcd.tls.key or None,
-            timeout=etcd.timeout,
-        )
-    from coordinator.embedded import EmbeddedKV
-
-    assert coordinator.embedded is not None
-    return EmbeddedKV(coordinator.embedded.path)
-
-
-def open_storage(config: Config) -> StorageDriver:
-    if config.storage.s3 is not None:
-        from .storage.s3 import S3Driver  # type: ignore[import-not-found]
-
-        return S3Driver(config.storage.s3)  # type: ignore[no-any-return]
-    from .storage.filesystem import FilesystemDriver
-
-    assert config.storage.filesystem is not None
-    return FilesystemDriver(config.storage.filesystem.rootdirectory, max_threads=config.storage.filesystem.maxthreads)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

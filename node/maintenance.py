@@ -14,7 +14,6 @@ from coordinator.uploads import UploadSession
 from . import gc, retention
 from .config import parse_duration
 from .services import Services
-from .storage import layout
 
 log = logging.getLogger("wharf.maintenance")
 
@@ -69,6 +68,8 @@ class Maintenance:
             await gc.collect(self.services, orphans=await gc.orphan_sweep_due(self.services))
         except gc.CycleRunning as exc:
             log.info("garbage collection skipped: a cycle is running on %s", exc)
+        except gc.ImportRunning as exc:
+            log.info("garbage collection waits: a registry:2 store is being adopted (import %s)", exc)
 
     async def _retain(self) -> None:
         try:
@@ -77,7 +78,11 @@ class Maintenance:
             log.info("retention skipped: a run is in progress on %s", exc)
 
     async def purge_uploads(self, *, now: float | None = None) -> int:
-        """Remove sessions idle for longer than `age`, record first so nobody continues them."""
+        """Remove sessions idle for longer than `age`, record first so nobody continues them.
+
+        A session left committing (its node died mid-commit) names what it was writing: those bytes
+        go too, unless a blob record names them or an object was there before.
+        """
         kv = self.services.kv
         cutoff = (now or time.time()) - self.age
         purged = 0
@@ -92,12 +97,13 @@ class Maintenance:
                     log.info("would purge upload %s of %s", session.id, session.repository)
                     purged += 1
                     continue
-                result = await kv.txn([Compare.unchanged(item.key, item.mod_revision)], [Delete(item.key)])
-                if not result.succeeded:
-                    continue  # it moved on meanwhile: not abandoned
-                await self.services.storage.upload_abort(
-                    layout.upload_key(session.repository, session.id), session.driver_state
+                result = await kv.txn(
+                    [Compare.unchanged(item.key, item.mod_revision), Compare.absent(keys.upload_claim(session.id))],
+                    [Delete(item.key)],
                 )
+                if not result.succeeded:
+                    continue  # it moved on meanwhile, or a request is writing to it: not abandoned
+                await self.services.uploader.reclaim(session)
                 purged += 1
             if len(page) < 500:
                 break

@@ -80,6 +80,25 @@ class Metrics:
         self.gc_blobs_deleted = Counter("wharf_gc_blobs_deleted_total", "Blobs deleted by GC", registry=r)
         self.gc_manifests_deleted = Counter("wharf_gc_manifests_deleted_total", "Manifests deleted by GC", registry=r)
         self.gc_bytes_freed = Counter("wharf_gc_bytes_freed_total", "Bytes freed by GC", registry=r)
+        self.gc_unaccounted_objects = Gauge(
+            "wharf_gc_unaccounted_objects",
+            "Storage objects no Wharf record names (never deleted unless asked), at the last sweep",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.gc_unaccounted_bytes = Gauge(
+            "wharf_gc_unaccounted_bytes",
+            "Bytes of storage objects no Wharf record names, at the last sweep",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.gc_held_back_bytes = Gauge(
+            "wharf_gc_held_back_bytes",
+            "Bytes the last cycle kept although nothing used them, by reason",
+            ["reason"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.gc_reclaimable_bytes = Gauge(
             "wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable", registry=r, multiprocess_mode="max"
         )

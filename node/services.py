@@ -8,6 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from coordinator.kv import KV
+from coordinator.lease import NodeLease
 from coordinator.metadata import Metadata
 from coordinator.uploads import UploadSessions
 
@@ -107,13 +108,14 @@ class Services:
         storage = InstrumentedStorage(storage, metrics)
         metadata = Metadata(kv)
         sessions = UploadSessions(kv)
+        lease = NodeLease(kv, max(config.cluster.leasettl, 2))
         return cls(
             config,
             kv,
             storage,
             metadata,
             sessions,
-            Uploader(storage, sessions, metadata),
+            Uploader(storage, sessions, metadata, lease),
             ManifestCache(metrics),
             BlobLocations(metadata, metrics),
             metrics,
@@ -121,5 +123,6 @@ class Services:
         )
 
     async def close(self) -> None:
+        await self.uploader.lease.close()
         await self.storage.close()
         await self.kv.close()

@@ -126,6 +126,17 @@ class S3Server:
             config=Config(proxies={}, s3={"addressing_style": "path"}),
         )
 
+    def keys(self, prefix: str = "") -> dict[str, str]:
+        """Every object under `prefix` with its ETag: a cheap fingerprint of what the bucket holds."""
+        client = self.client()
+        try:
+            found = {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found.update({item["Key"]: item["ETag"] for item in page.get("Contents", [])})
+            return found
+        finally:
+            client.close()
+
     def remove_prefix(self, prefix: str) -> None:
         """Delete every object and abort every multipart upload under `prefix` (frees moto's memory)."""
         client = self.client()

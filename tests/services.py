@@ -212,6 +212,24 @@ class EtcdCluster:
     def endpoint(self, i: int) -> str:
         return self.members[i].client_url
 
+    def _etcdctl(self, *args: str) -> str:
+        result = subprocess.run(
+            ["etcdctl", "--endpoints", ",".join(self.endpoints), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "ETCDCTL_API": "3"},
+            check=True,
+        )
+        return result.stdout
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (with the prefix), straight from etcd."""
+        return [line for line in self._etcdctl("get", "--prefix", "--keys-only", prefix).splitlines() if line]
+
+    def delete_prefix(self, prefix: str) -> None:
+        self._etcdctl("del", "--prefix", prefix)
+
     def running(self, i: int) -> bool:
         proc = self.members[i].process
         return proc is not None and proc.poll() is None

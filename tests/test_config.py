@@ -24,7 +24,7 @@ def _write(tmp_path, text: str) -> str:
     return str(path)
 
 
-def test_registry2_minimal_file_loads_with_embedded_coordinator_beside_storage_root(tmp_path):
+def test_registry2_minimal_file_loads_with_embedded_coordinator_inside_storage_root(tmp_path):
     config = load(_write(tmp_path, REGISTRY2_FILE), environ={})
     assert config.storage.filesystem is not None
     assert config.storage.filesystem.rootdirectory == "/var/lib/registry"
@@ -32,7 +32,7 @@ def test_registry2_minimal_file_loads_with_embedded_coordinator_beside_storage_r
     assert config.http.addr == "127.0.0.1:5000"
     assert config.coordinator.etcd is None
     assert config.coordinator.embedded is not None
-    assert config.coordinator.embedded.path == "/var/lib/registry-coordinator.db"
+    assert config.coordinator.embedded.path == "/var/lib/registry/wharf/coordinator.db"
 
 
 def test_no_file_serves_loopback_with_embedded_defaults():

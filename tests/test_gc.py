@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,7 +17,9 @@ from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
 from coordinator import keys
 from coordinator.gc import Collector
 from node import gc
+from node.config import load
 from node.storage.s3 import S3Driver
+from node.store import open_store
 
 ANY = {"Accept": "*/*"}
 
@@ -275,7 +278,7 @@ async def test_referrers_follow_their_subject_unless_tagged(registry):
     assert f"team/app@{sbom}" not in summary.deleted, "a tagged referrer stays"
 
 
-async def test_bytes_of_a_refused_manifest_are_collected_as_an_orphan(registry):
+async def test_bytes_of_a_refused_manifest_are_reclaimed_at_once_through_their_intent(registry):
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -286,10 +289,10 @@ async def test_bytes_of_a_refused_manifest_are_collected_as_an_orphan(registry):
         "/v2/team/app/manifests/v1", content=json.dumps(doc).encode(), headers={"Content-Type": OCI_MANIFEST}
     )
     assert r.status_code == 400
-    assert registry.stored_bytes() > 0, "the manifest bytes were written before the refusal"
+    assert registry.stored_bytes() == 0, "the refused manifest's bytes went with its intent record"
+    assert await registry.kv.range(keys.UPLOADS) == [], "and so did the intent"
     summary = await gc.collect(registry.services)
-    assert summary.orphans_deleted == 1
-    assert registry.stored_bytes() == 0
+    assert summary.unaccounted_objects == 0
 
 
 async def test_explain_names_the_tags_that_keep_a_blob(registry):
@@ -318,11 +321,20 @@ def test_gc_command_runs_a_cycle_with_dry_run_and_explain(tmp_path):
             cwd=Path(__file__).resolve().parent.parent,
         )
 
+    nothing = wharf("gc", "--dry-run", str(config))
+    assert nothing.returncode == 2 and "no Wharf store" in nothing.stderr
+    assert not root.exists(), "a dry run on nothing creates nothing"
+    asyncio.run(_create_store(config))
     dry = wharf("gc", "--dry-run", str(config))
     assert dry.returncode == 0, dry.stderr
-    assert "would delete" in dry.stdout
+    assert "would delete" in dry.stdout and "dry run: nothing was changed" in dry.stdout
     real = wharf("garbage-collect", "-m", str(config))
     assert real.returncode == 0, real.stderr
-    assert "deleted: 0 manifests, 0 blobs, 0 orphaned objects" in real.stdout
+    assert "deleted: 0 manifests, 0 blobs, 0 unaccounted objects" in real.stdout
     explained = wharf("gc", "--explain", "team/app@sha256:" + "a" * 64, str(config))
     assert explained.returncode == 0 and "unknown here" in explained.stdout
+
+
+async def _create_store(config: Path) -> None:
+    store = await open_store(load(str(config), environ={}), "serve")
+    await store.close()

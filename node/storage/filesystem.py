@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, TypeVar
 
@@ -18,14 +19,17 @@ _READ_CHUNK = 1 << 20
 _WRITE_BATCH = 1 << 20
 # Empty directories are pruned as blobs and uploads go; a writer retries if one vanishes under it.
 _DIR_RACE_ATTEMPTS = 5
+_LIST_BATCH = 1000
 
 
 class FilesystemDriver:
     name = "filesystem"
 
-    def __init__(self, root: str, *, max_threads: int = 16) -> None:
+    def __init__(self, root: str, *, max_threads: int = 16, create: bool = True) -> None:
+        """`create=False` (read-only commands, dry runs) leaves a missing root missing."""
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="wharf-fs")
 
     def _path(self, key: str) -> str:
@@ -80,12 +84,16 @@ class FilesystemDriver:
         await self._run(_remove_all, [self._path(key) for key in keys], self.root)
 
     async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
-        base = self._path(prefix.rstrip("/"))
-        found: list[str] = await self._run(_walk_files, base)
-        for path in found:
-            key = os.path.relpath(path, self.root).replace(os.sep, "/")
-            if ".tmp-" not in key:
-                yield key
+        # Walked a batch at a time on the pool: memory stays bounded and the first key comes at once.
+        walk = _walk_files(self._path(prefix.rstrip("/")))
+        while True:
+            batch: list[str] = await self._run(_next_batch, walk)
+            for path in batch:
+                key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if ".tmp-" not in key:
+                    yield key
+            if len(batch) < _LIST_BATCH:
+                return
 
     async def redirect_url(self, key: str) -> str | None:
         return None
@@ -96,7 +104,8 @@ class FilesystemDriver:
     # -- uploads ----------------------------------------------------------------------------
 
     async def upload_start(self, upload_key: str) -> UploadState:
-        await self._run(_create_empty, self._path(upload_key))
+        # Nothing on disk yet: the first write creates the file, after its session is recorded.
+        self._path(upload_key)
         return {}
 
     async def upload_write(
@@ -210,11 +219,15 @@ def _remove_all(paths: list[str], root: str) -> None:
         _remove_and_prune(path, root)
 
 
-def _walk_files(base: str) -> list[str]:
-    found: list[str] = []
-    for directory, _dirs, files in os.walk(base):
-        found.extend(os.path.join(directory, name) for name in files)
-    return found
+def _walk_files(base: str) -> Iterator[str]:
+    for directory, dirs, files in os.walk(base):
+        dirs.sort()
+        for name in sorted(files):
+            yield os.path.join(directory, name)
+
+
+def _next_batch(walk: Iterator[str]) -> list[str]:
+    return list(itertools.islice(walk, _LIST_BATCH))
 
 
 def _in_new_dir(path: str, make: Callable[[], T]) -> T:
@@ -255,6 +268,8 @@ def _commit(upload_path: str, size: int, path: str, root: str) -> None:
         # Content-addressed: the same digest already stands for the same bytes.
         _remove_upload_dir(upload_path, root)
         return
+    if size == 0 and not os.path.exists(upload_path):
+        _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
     with open(upload_path, "r+b") as handle:
         handle.truncate(size)
         handle.flush()
