@@ -177,6 +177,38 @@ async def test_layout_uses_distribution_blob_keys():
     assert layout.digest_from_blob_key(layout.blob_key(digest)) == digest
 
 
+def test_layout_builds_and_parses_distribution_repository_links():
+    digest = "sha256:" + "cd" * 32
+    repo = "docker/registry/v2/repositories/team/sub/app"
+    cases = {
+        layout.layer_link_key("team/sub/app", digest): (f"{repo}/_layers/sha256/{'cd' * 32}/link", "layer", None),
+        layout.revision_link_key("team/sub/app", digest): (
+            f"{repo}/_manifests/revisions/sha256/{'cd' * 32}/link",
+            "revision",
+            None,
+        ),
+        layout.tag_current_key("team/sub/app", "v1.0"): (f"{repo}/_manifests/tags/v1.0/current/link", "tag", "v1.0"),
+        layout.tag_index_key("team/sub/app", "v1.0", digest): (
+            f"{repo}/_manifests/tags/v1.0/index/sha256/{'cd' * 32}/link",
+            "tag_index",
+            "v1.0",
+        ),
+    }
+    for key, (expected, kind, tag) in cases.items():
+        assert key == expected
+        parsed = layout.parse_repository_key(key)
+        assert parsed is not None and (parsed.repository, parsed.kind, parsed.tag) == ("team/sub/app", kind, tag)
+        assert parsed.digest == (None if kind == "tag" else digest)
+    assert layout.repository_prefix("team/sub/app") == repo + "/"
+    upload = layout.parse_repository_key(layout.upload_key("team/app", "1234"))
+    assert upload is not None and (upload.repository, upload.area, upload.kind) == ("team/app", "_uploads", "other")
+    # Left-overs of older Distribution versions belong to the repository but are no link it serves.
+    signature = layout.parse_repository_key(f"{repo}/_manifests/revisions/sha256/{'cd' * 32}/signatures/sha256/ab/link")
+    assert signature is not None and signature.kind == "other"
+    assert layout.parse_repository_key(f"{repo}/README") is None
+    assert layout.parse_repository_key(layout.blob_key(digest)) is None
+
+
 # -- S3: parts from chunks of any size, state that any node can continue ------------------------
 
 

@@ -1,9 +1,12 @@
 """The one place that maps digests, repositories and upload ids to storage keys.
 
-Blob keys are the ones CNCF Distribution uses, so a Distribution storage tree can be read as is.
+Every key is the one CNCF Distribution uses (its `registry/storage/paths.go`), so a Distribution
+storage tree can be read as is and written back for Distribution to serve.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 ROOT = "docker/registry/v2"
 BLOBS = f"{ROOT}/blobs/"
@@ -30,6 +33,67 @@ def digest_from_blob_key(key: str) -> str | None:
 def upload_key(repository: str, upload_id: str) -> str:
     """`repository` and `upload_id` must already be validated."""
     return f"{REPOSITORIES}{repository}/_uploads/{upload_id}/data"
+
+
+# -- a repository's links: small objects whose content is one digest ---------------------------
+# Names, tags and digests must already be validated. A repository name's components never start
+# with "_", so the first component that does ends the name.
+
+
+def repository_prefix(repository: str) -> str:
+    return f"{REPOSITORIES}{repository}/"
+
+
+def _digest_path(digest: str) -> str:
+    return digest.replace(":", "/", 1)
+
+
+def layer_link_key(repository: str, digest: str) -> str:
+    """A blob is visible in the repository while this link exists (Distribution links every blob here)."""
+    return f"{REPOSITORIES}{repository}/_layers/{_digest_path(digest)}/link"
+
+
+def revision_link_key(repository: str, digest: str) -> str:
+    """A manifest is visible in the repository while this link exists."""
+    return f"{REPOSITORIES}{repository}/_manifests/revisions/{_digest_path(digest)}/link"
+
+
+def tag_current_key(repository: str, tag: str) -> str:
+    return f"{REPOSITORIES}{repository}/_manifests/tags/{tag}/current/link"
+
+
+def tag_index_key(repository: str, tag: str, digest: str) -> str:
+    """Every manifest the tag has named: Distribution adds one when it tags, and reads it to untag."""
+    return f"{REPOSITORIES}{repository}/_manifests/tags/{tag}/index/{_digest_path(digest)}/link"
+
+
+@dataclass(frozen=True)
+class RepositoryKey:
+    """A parsed key under REPOSITORIES; names, tags and digests are as found, not yet validated."""
+
+    repository: str
+    area: str  # the first component starting with "_": "_layers", "_manifests", "_uploads" ...
+    kind: str  # "layer", "revision", "tag", "tag_index", or "other" (upload data, older layouts)
+    digest: str | None = None
+    tag: str | None = None
+
+
+def parse_repository_key(key: str) -> RepositoryKey | None:
+    """What a key under REPOSITORIES is, or None when it lies in no repository's area."""
+    parts = key[len(REPOSITORIES) :].split("/") if key.startswith(REPOSITORIES) else []
+    split = next((i for i, part in enumerate(parts) if part.startswith("_")), 0)
+    if split == 0:
+        return None
+    name, area, rest = "/".join(parts[:split]), parts[split], parts[split + 1 :]
+    if area == "_layers" and len(rest) == 3 and rest[2] == "link":
+        return RepositoryKey(name, area, "layer", digest=f"{rest[0]}:{rest[1]}")
+    if area == "_manifests" and len(rest) == 4 and rest[0] == "revisions" and rest[3] == "link":
+        return RepositoryKey(name, area, "revision", digest=f"{rest[1]}:{rest[2]}")
+    if area == "_manifests" and len(rest) == 4 and rest[0] == "tags" and rest[2:] == ["current", "link"]:
+        return RepositoryKey(name, area, "tag", tag=rest[1])
+    if area == "_manifests" and len(rest) == 6 and rest[0] == "tags" and rest[2] == "index" and rest[5] == "link":
+        return RepositoryKey(name, area, "tag_index", digest=f"{rest[3]}:{rest[4]}", tag=rest[1])
+    return RepositoryKey(name, area, "other")
 
 
 def upload_of_key(key: str) -> str | None:
