@@ -12,7 +12,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator.kv import KV, Compare, KeyValue, Op, TxnResult, Watch
 
-from .storage.driver import StorageDriver, UploadState
+from .storage.driver import StorageDriver, StoredObject, UploadState
 
 T = TypeVar("T")
 
@@ -226,6 +226,9 @@ class InstrumentedStorage:
 
     def list(self, prefix: str) -> AsyncIterator[str]:
         return self.inner.list(prefix)
+
+    def list_objects(self, prefix: str) -> AsyncIterator[StoredObject]:
+        return self.inner.list_objects(prefix)
 
     async def redirect_url(self, key: str) -> str | None:
         return await self._timed("redirect_url").run(self.inner.redirect_url(key))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -169,6 +171,30 @@ async def test_delete_many_removes_every_named_object_and_ignores_absent_ones(dr
     await driver.delete_many(keys[:3] + [layout.blob_key(_digest(b"never stored"))])
     await driver.delete_many([])
     assert sorted([k async for k in driver.list(layout.BLOBS)]) == sorted(keys[3:])
+
+
+async def test_list_objects_gives_each_object_its_size_and_modification_time(driver):
+    before = time.time()
+    keys = {layout.blob_key(_digest(b"x" * n)): n for n in (0, 1, 70_000)}
+    for key, size in keys.items():
+        await driver.write_bytes(key, b"x" * size)
+    await driver.write_bytes(layout.tag_current_key("team/app", "v1"), b"elsewhere")
+    found = [item async for item in driver.list_objects(layout.BLOBS)]
+    assert sorted((item.key, item.size) for item in found) == sorted(keys.items())
+    for item in found:
+        # The listing's time is the object's own (S3 keeps whole seconds).
+        assert item.modified == pytest.approx(await driver.modified(item.key), abs=1.0)
+        assert before - 2 <= item.modified <= time.time() + 2
+    assert [item async for item in driver.list_objects(layout.BLOBS + "sha256/00/")] == []
+
+
+async def test_list_objects_pages_through_more_than_one_listing_request(driver):
+    keys = sorted(layout.layer_link_key("team/app", _digest(str(n).encode())) for n in range(1005))
+    for start in range(0, len(keys), 100):
+        await asyncio.gather(*(driver.write_bytes(key, key.encode()) for key in keys[start : start + 100]))
+    found = [item async for item in driver.list_objects(layout.repository_prefix("team/app"))]
+    assert sorted(item.key for item in found) == keys
+    assert {item.size for item in found} == {len(keys[0])}
 
 
 async def test_layout_uses_distribution_blob_keys():

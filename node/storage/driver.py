@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 # Opaque, JSON-serialisable state a driver keeps for an upload between requests. It travels in the
@@ -18,6 +19,15 @@ class UploadInterrupted(Exception):
         self.written = written
         self.state = state
         self.cause = cause
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A committed object as a listing sees it."""
+
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
 
 
 class StorageDriver(Protocol):
@@ -55,6 +65,10 @@ class StorageDriver(Protocol):
 
     def list(self, prefix: str) -> AsyncIterator[str]:
         """Every committed object key under `prefix`, in no particular order."""
+        ...
+
+    def list_objects(self, prefix: str) -> AsyncIterator[StoredObject]:
+        """Like `list`, with each object's size and modification time from the same listing."""
         ...
 
     async def redirect_url(self, key: str) -> str | None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, TypeVar
 
-from .driver import UploadInterrupted, UploadState
+from .driver import StoredObject, UploadInterrupted, UploadState
 
 T = TypeVar("T")
 
@@ -94,6 +94,13 @@ class FilesystemDriver:
                     yield key
             if len(batch) < _LIST_BATCH:
                 return
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[StoredObject]:  # type: ignore[override]
+        found: list[tuple[str, int, float]] = await self._run(_walk_stat, self._path(prefix.rstrip("/")))
+        for path, size, modified in found:
+            key = os.path.relpath(path, self.root).replace(os.sep, "/")
+            if ".tmp-" not in key:
+                yield StoredObject(key, size, modified)
 
     async def redirect_url(self, key: str) -> str | None:
         return None
@@ -228,6 +235,19 @@ def _walk_files(base: str) -> Iterator[str]:
 
 def _next_batch(walk: Iterator[str]) -> list[str]:
     return list(itertools.islice(walk, _LIST_BATCH))
+
+
+def _walk_stat(base: str) -> list[tuple[str, int, float]]:
+    found: list[tuple[str, int, float]] = []
+    for directory, _dirs, files in os.walk(base):
+        for name in files:
+            path = os.path.join(directory, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed since the directory was read
+            found.append((path, st.st_size, st.st_mtime))
+    return found
 
 
 def _in_new_dir(path: str, make: Callable[[], T]) -> T:

@@ -62,7 +62,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from .driver import UploadInterrupted, UploadState
+from .driver import StoredObject, UploadInterrupted, UploadState
 
 if TYPE_CHECKING:
     from ..config import S3Storage
@@ -88,6 +88,7 @@ _NO_UPLOAD = frozenset({"NoSuchUpload", "404"})
 # Aliases: inside S3Driver, `list` is the method.
 _Keys = list[str]
 _Parts = list[tuple[int, str, int]]
+_Listed = list[tuple[str, int, float]]
 
 
 def part_size(base: int, number: int, parts_per_step: int = PARTS_PER_STEP) -> int:
@@ -258,14 +259,18 @@ class S3Driver:
         await self._run(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
     async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
-        # Like the filesystem driver, a prefix names a directory.
+        async for found in self.list_objects(prefix):
+            yield found.key
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[StoredObject]:  # type: ignore[override]
+        # Like the filesystem driver, a prefix names a directory. One request per 1,000 objects.
         stripped = prefix.strip("/")
         full = self._root + (stripped + "/" if stripped else "")
         token: str | None = None
         while True:
-            keys, token = await self._run(self._list_page, full, token)
-            for key in keys:
-                yield key[len(self._root) :]
+            page, token = await self._run(self._list_page, full, token)
+            for key, size, modified in page:
+                yield StoredObject(key[len(self._root) :], size, modified)
             if token is None:
                 return
 
@@ -481,13 +486,16 @@ class S3Driver:
             Bucket=self.bucket, Key=full_key, Body=data, ContentType="application/octet-stream", **extra
         )
 
-    def _list_page(self, full_prefix: str, token: str | None) -> tuple[_Keys, str | None]:
+    def _list_page(self, full_prefix: str, token: str | None) -> tuple[_Listed, str | None]:
         args: dict[str, str] = {"Bucket": self.bucket, "Prefix": full_prefix}
         if token is not None:
             args["ContinuationToken"] = token
         response = self._client.list_objects_v2(**args)
-        keys = [item["Key"] for item in response.get("Contents", [])]
-        return keys, (response.get("NextContinuationToken") if response.get("IsTruncated") else None)
+        page = [
+            (item["Key"], int(item["Size"]), float(item["LastModified"].timestamp()))
+            for item in response.get("Contents", [])
+        ]
+        return page, (response.get("NextContinuationToken") if response.get("IsTruncated") else None)
 
     def _delete_keys(self, full_keys: _Keys) -> None:
         for start in range(0, len(full_keys), 1000):
@@ -511,7 +519,7 @@ class S3Driver:
         token: str | None = None
         while True:
             page, token = self._list_page(f"{full_upload_key}.tail-", token)
-            keys.extend(page)
+            keys.extend(key for key, _, _ in page)
             if token is None:
                 break
         if keys:
