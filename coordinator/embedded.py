@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import pathlib
@@ -113,13 +114,19 @@ class EmbeddedKV:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             if self.readonly:
-                conn = sqlite3.connect(_readonly_uri(self.path), uri=True, isolation_level=None, timeout=30)
+                conn = self._connect_reader()
             else:
                 conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        """A connection for reads only (snapshots, read-only opens); the file is in WAL mode already."""
+        if self.readonly:
+            return sqlite3.connect(_readonly_uri(self.path), uri=True, isolation_level=None, timeout=30)
+        return sqlite3.connect(self.path, isolation_level=None, timeout=30)
 
     def _init_db(self) -> None:
         conn = self._conn()
@@ -180,24 +187,21 @@ class EmbeddedKV:
         return await self._call(lambda: _get(self._conn(), key))
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
-        low = prefix if start is None or start < prefix else start
-        where, bounds = _under(prefix, low)
-
-        def run() -> list[KeyValue]:
-            sql = f"SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE {where} ORDER BY key"
-            args: tuple[object, ...] = bounds
-            if limit > 0:
-                sql += " LIMIT ?"
-                args += (limit,)
-            return [KeyValue(*row) for row in self._conn().execute(sql, args)]
-
-        return await self._call(run)
+        return await self._call(lambda: _range(self._conn(), prefix, start, limit))
 
     async def count(self, prefix: str) -> int:
-        where, bounds = _under(prefix)
-        return await self._call(
-            lambda: self._conn().execute(f"SELECT count(*) FROM kv WHERE {where}", bounds).fetchone()[0]
-        )
+        return await self._call(lambda: _count(self._conn(), prefix))
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[_EmbeddedSnapshot]:
+        if self._closed:
+            raise RuntimeError("embedded KV is closed")
+        snapshot = _EmbeddedSnapshot(self._connect_reader)
+        await snapshot.open()
+        try:
+            yield snapshot
+        finally:
+            await snapshot.close()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -321,15 +325,71 @@ class EmbeddedKV:
 
 
 def _readonly_uri(path: str) -> str:
-    """A URI that opens `path` without writing anything next to it.
+    """A URI that opens `path` without writing anything beside it.
 
-    With no WAL file present nobody has the database open for writing, so it is opened immutable
-    (SQLite then makes no -wal or -shm file); otherwise read-only, sharing the writers' WAL.
+    With no WAL file nobody has the database open for writing, so it is opened immutable (SQLite
+    then makes no -wal or -shm file); otherwise read-only, sharing the writers' WAL.
     """
-    uri = pathlib.Path(path).as_uri() + "?mode=ro"
+    uri = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro"
     if not os.path.exists(path + "-wal"):
         uri += "&immutable=1"
     return uri
+
+
+class _EmbeddedSnapshot:
+    """One SQLite read transaction on a connection and thread of its own.
+
+    In WAL mode a reader sees the database as of its transaction's first read and never blocks
+    the writer, so the store's one writer thread goes on while pages are read here.
+    """
+
+    backend = "embedded"
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wharf-kv-snapshot")
+        self._connection: sqlite3.Connection | None = None
+        self.revision = 0
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            if self._connection is None:
+                raise RuntimeError("the snapshot is closed")
+            return fn(self._connection)
+
+        return await asyncio.wrap_future(self._executor.submit(run))
+
+    async def open(self) -> None:
+        def begin() -> int:
+            self._connection = self._connect()
+            self._connection.execute("BEGIN")
+            # The first read fixes what the transaction sees.
+            return int(self._connection.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
+
+        try:
+            self.revision = await asyncio.wrap_future(self._executor.submit(begin))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
+        return await self._call(lambda conn: _range(conn, prefix, start, limit))
+
+    async def count(self, prefix: str) -> int:
+        return await self._call(lambda conn: _count(conn, prefix))
+
+    async def close(self) -> None:
+        def end() -> None:
+            conn, self._connection = self._connection, None
+            if conn is not None:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                conn.close()
+
+        await asyncio.wrap_future(self._executor.submit(end))
+        self._executor.shutdown(wait=True)
 
 
 class _Writer:
@@ -367,6 +427,22 @@ class _Writer:
             self.conn.execute("DELETE FROM kv WHERE key = ?", (k,))
             self._log(k, "delete", b"")
         return len(keys)
+
+
+def _range(conn: sqlite3.Connection, prefix: str, start: str | None, limit: int) -> list[KeyValue]:
+    low = prefix if start is None or start < prefix else start
+    where, bounds = _under(prefix, low)
+    sql = f"SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE {where} ORDER BY key"
+    args: tuple[object, ...] = bounds
+    if limit > 0:
+        sql += " LIMIT ?"
+        args += (limit,)
+    return [KeyValue(*row) for row in conn.execute(sql, args)]
+
+
+def _count(conn: sqlite3.Connection, prefix: str) -> int:
+    where, bounds = _under(prefix)
+    return int(conn.execute(f"SELECT count(*) FROM kv WHERE {where}", bounds).fetchone()[0])
 
 
 def _get(conn: sqlite3.Connection, key: str) -> KeyValue | None:

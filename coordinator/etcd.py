@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -30,7 +31,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent
+from .kv import Compare, Delete, Get, KeyValue, Op, Put, SnapshotLost, TxnResult, WatchEvent
 
 log = logging.getLogger("wharf.coordinator")
 
@@ -368,6 +369,16 @@ class EtcdKV:
         resp = await self._range(rpc.RangeRequest(key=low, range_end=_range_end(low), count_only=True))
         return int(resp.count)
 
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[_EtcdSnapshot]:
+        # Any linearizable read gives the store's current revision; reads at it stay consistent.
+        resp = await self._range(rpc.RangeRequest(key=self._prefix or b"\0", count_only=True))
+        snapshot = _EtcdSnapshot(self, int(resp.header.revision))
+        try:
+            yield snapshot
+        finally:
+            snapshot.closed = True
+
     async def _range(self, request: Any) -> Any:
         """A linearizable Range (reads are idempotent: retried on the next endpoint)."""
         return await self._rpc(
@@ -510,6 +521,46 @@ class EtcdKV:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+
+
+class _EtcdSnapshot:
+    """Ranges at one fixed revision: etcd serves them from its history until it is compacted."""
+
+    backend = "etcd"
+
+    def __init__(self, kv: EtcdKV, revision: int) -> None:
+        self._kv = kv
+        self.revision = revision
+        self.closed = False
+
+    async def _at_revision(self, request: Any) -> Any:
+        if self.closed:
+            raise RuntimeError("the snapshot is closed")
+        request.revision = self.revision
+        try:
+            return await self._kv._range(request)
+        except EtcdError as exc:
+            if exc.code == grpc.StatusCode.OUT_OF_RANGE:
+                raise SnapshotLost(
+                    f"etcd compacted its history past revision {self.revision} while the snapshot was read"
+                ) from exc
+            raise
+
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
+        kv = self._kv
+        low = kv._k(prefix)
+        high = _range_end(low)
+        if start is not None:
+            low = max(low, kv._k(start))
+            if high != b"\0" and low >= high:
+                return []
+        resp = await self._at_revision(rpc.RangeRequest(key=low, range_end=high, limit=max(limit, 0)))
+        return [kv._kv(item) for item in resp.kvs]
+
+    async def count(self, prefix: str) -> int:
+        low = self._kv._k(prefix)
+        resp = await self._at_revision(rpc.RangeRequest(key=low, range_end=_range_end(low), count_only=True))
+        return int(resp.count)
 
 
 class _EtcdWatch:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from coordinator.kv import KV, Compare, KeyValue, Op, TxnResult, Watch
+from coordinator.kv import KV, Compare, KeyValue, Op, Snapshot, TxnResult, Watch
 
 from .storage.driver import StorageDriver, StoredObject, UploadState
 
@@ -176,6 +177,9 @@ class InstrumentedKV:
 
     async def watch(self, prefix: str, *, start_revision: int = 0) -> Watch:
         return await self.inner.watch(prefix, start_revision=start_revision)
+
+    def snapshot(self) -> AbstractAsyncContextManager[Snapshot]:
+        return self.inner.snapshot()
 
     async def ping(self) -> None:
         await self._timed("ping").run(self.inner.ping())
