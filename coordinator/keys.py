@@ -35,6 +35,18 @@ IMPORT_STATE = "store/import"
 RETENTION_PROGRESS = "retention/progress"
 
 
+# Written first and removed last by a restore (coordinator/snapshot.py): while it is present the
+# coordinator holds part of a snapshot, and the same snapshot may be restored again to finish.
+RESTORING = "restore/in-progress"
+# Records of processes at work, not of the registry: snapshots leave them out (with every key
+# attached to a lease), and a restore leaves the coordinator's own alone.
+EPHEMERAL = (LEADER, DELETING, RESTORING)
+
+
+def ephemeral(key: str) -> bool:
+    return key.startswith(EPHEMERAL)
+
+
 def after(key: str) -> str:
     """The smallest key that sorts after `key` (for exclusive pagination starts)."""
     return key + "\0"
