@@ -222,6 +222,9 @@ class InstrumentedStorage:
     async def write_bytes(self, key: str, data: bytes) -> None:
         await self._timed("write_bytes").run(self.inner.write_bytes(key, data))
 
+    async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        return await self._timed("write_stream").run(self.inner.write_stream(key, chunks))
+
     async def delete(self, key: str) -> None:
         await self._timed("delete").run(self.inner.delete(key))
 

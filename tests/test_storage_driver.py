@@ -195,6 +195,39 @@ async def test_list_objects_pages_through_more_than_one_listing_request(driver):
     found = [item async for item in driver.list_objects(layout.repository_prefix("team/app"))]
     assert sorted(item.key for item in found) == keys
     assert {item.size for item in found} == {len(keys[0])}
+@pytest.mark.parametrize("size", [0, 5, 3 * MiB + 1, 11 * MiB + 3])
+async def test_a_streamed_object_of_any_size_round_trips(driver, size):
+    data = os.urandom(size)
+    key = layout.snapshot_key(1_700_000_000.5, size)
+    assert await driver.write_stream(key, _odd_chunks(data)) == size
+    assert await driver.stat(key) == size
+    assert await _read_all(driver, key) == data
+    assert [k async for k in driver.list(layout.SNAPSHOTS)] == [key]
+
+
+async def test_a_streamed_object_replaces_an_older_one_whole(driver):
+    key = layout.snapshot_key(1_700_000_000, 1)
+    await driver.write_bytes(key, b"old")
+    await driver.write_stream(key, _chunks(b"new ", b"bytes"))
+    assert await driver.read_bytes(key) == b"new bytes"
+
+
+async def test_a_stream_that_breaks_leaves_nothing_behind(driver):
+    async def breaking(total: int) -> AsyncIterator[bytes]:
+        sent = 0
+        while sent < total:
+            yield b"x" * MiB
+            sent += MiB
+        raise ConnectionError("the source went away")
+
+    for total in (MiB, 7 * MiB):  # within one part, and after a part went out
+        key = layout.snapshot_key(1_700_000_000, total)
+        with pytest.raises(ConnectionError):
+            await driver.write_stream(key, breaking(total))
+        assert await driver.stat(key) is None
+        assert [k async for k in driver.list("wharf/")] == []
+    if isinstance(driver, FilesystemDriver):
+        assert not any(name.startswith(".tmp-") for _, _, files in os.walk(driver.root) for name in files)
 
 
 async def test_layout_uses_distribution_blob_keys():
@@ -535,3 +568,40 @@ async def test_s3_failures_other_than_not_found_are_raised(s3_server):
             [k async for k in store.list("a")]
     finally:
         await store.close()
+
+
+async def test_s3_a_stream_that_breaks_after_a_part_aborts_its_multipart_upload(s3_server, s3_config):
+    store = S3Driver(s3_config)
+
+    async def breaking() -> AsyncIterator[bytes]:
+        for _ in range(7):
+            yield b"y" * MiB
+        raise ConnectionError("the source went away")
+
+    try:
+        with pytest.raises(ConnectionError):
+            await store.write_stream(layout.snapshot_key(1_700_000_000, 7), breaking())
+        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _bucket_keys(s3_server, s3_config) == []
+    finally:
+        await store.close()
+
+
+def test_snapshot_names_sort_by_time_and_parse_back_exactly():
+    times = [1_700_000_000.0, 1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.0, 1_800_000_000.25]
+    keys = [layout.snapshot_key(t, 10 ** (5 - i)) for i, t in enumerate(times)]
+    assert sorted(keys) == keys
+    assert keys[0] == "wharf/snapshots/wharf-coordinator-20231114T221320.000Z-r100000.jsonl.gz"
+    for t, key in zip(times, keys, strict=True):
+        created, revision = layout.snapshot_from_key(key)  # type: ignore[misc]
+        assert abs(created - t) < 0.001 and layout.snapshot_key(created, revision) == key
+    assert layout.snapshot_from_key(layout.snapshot_key(1.5, 7, prefix=""), prefix="") == (1.5, 7)
+    others = [
+        "wharf/snapshots/notes.txt",
+        "wharf/snapshots/wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz.tail-abc",
+        "wharf/snapshots/old/wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz",
+        "wharf/snapshots/wharf-coordinator-20231314T221320.000Z-r1.jsonl.gz",  # month 13
+        "wharf/snapshots/.tmp-wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz",
+        "docker/registry/v2/wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz",
+    ]
+    assert [layout.snapshot_from_key(key) for key in others] == [None] * len(others)

@@ -55,6 +55,14 @@ class StorageDriver(Protocol):
         """Store a small object atomically: readers see all of it or nothing."""
         ...
 
+    async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        """Store an object of any size from a stream, atomically; returns its size.
+
+        Readers see the old object (or none) until all of the new one is there; a stream that
+        breaks leaves no trace. Memory stays within about one S3 part, whatever the size.
+        """
+        ...
+
     async def delete(self, key: str) -> None:
         """Remove an object; absent is fine."""
         ...

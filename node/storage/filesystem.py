@@ -77,6 +77,33 @@ class FilesystemDriver:
     async def write_bytes(self, key: str, data: bytes) -> None:
         await self._run(_write_atomic, self._path(key), data)
 
+    async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        path = self._path(key)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+        handle: BinaryIO = await self._run(_open_new, tmp)
+        size = 0
+        try:
+            batch: list[bytes] = []
+            batched = 0
+            async for chunk in chunks:
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    await self._run(handle.write, b"".join(batch))
+                    size += batched
+                    batch, batched = [], 0
+            if batch:
+                await self._run(handle.write, b"".join(batch))
+                size += batched
+            await self._run(_flush_sync, handle)
+            await self._run(handle.close)
+            await self._run(_replace_durably, tmp, path)
+        except BaseException:
+            await self._run(handle.close)
+            await self._run(_silent_remove, tmp)
+            raise
+        return size
+
     async def delete(self, key: str) -> None:
         await self._run(_remove_and_prune, self._path(key), self.root)
 
@@ -198,6 +225,15 @@ def _write_atomic(path: str, data: bytes) -> None:
         _silent_remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def _open_new(path: str) -> BinaryIO:
+    return _in_new_dir(path, lambda: open(path, "wb"))
+
+
+def _replace_durably(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
 
 
 def _silent_remove(path: str) -> None:

@@ -6,6 +6,9 @@ storage tree can be read as is and written back for Distribution to serve.
 
 from __future__ import annotations
 
+import calendar
+import re
+import time
 from dataclasses import dataclass
 
 ROOT = "docker/registry/v2"
@@ -103,3 +106,29 @@ def upload_of_key(key: str) -> str | None:
     head, sep, tail = key.partition("/_uploads/")
     upload = tail.split("/", 1)[0]
     return upload if sep and upload and head != REPOSITORIES.rstrip("/") else None
+
+
+# Coordinator snapshots (coordinator/snapshot.py) the leader keeps in the storage, beside
+# Distribution's tree. A target of `wharf backup` holds the same names at its top (prefix "").
+SNAPSHOTS = "wharf/snapshots/"
+_SNAPSHOT_NAME = re.compile(r"wharf-coordinator-(\d{8}T\d{6})\.(\d{3})Z-r(\d+)\.jsonl\.gz")
+
+
+def snapshot_key(created: float, revision: int, prefix: str = SNAPSHOTS) -> str:
+    """Names sort as the snapshots' times do (UTC, to the millisecond)."""
+    whole, millis = divmod(round(created * 1000), 1000)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(whole))
+    return f"{prefix}wharf-coordinator-{stamp}.{millis:03d}Z-r{revision}.jsonl.gz"
+
+
+def snapshot_from_key(key: str, prefix: str = SNAPSHOTS) -> tuple[float, int] | None:
+    """(created, revision) of a key `snapshot_key` made directly under `prefix`; None for any other key."""
+    match = _SNAPSHOT_NAME.fullmatch(key[len(prefix) :]) if key.startswith(prefix) else None
+    if match is None:
+        return None
+    stamp, millis, revision = match.groups()
+    try:
+        seconds = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%S"))
+    except ValueError:
+        return None
+    return seconds + int(millis) / 1000, int(revision)

@@ -239,6 +239,42 @@ class S3Driver:
         # A PUT is atomic: readers see the old object, or none, or all of the new one.
         await self._run(self._put, self._key(key), data, True)
 
+    async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        # One PUT if the stream ends within a part; else a multipart upload, which S3 shows only
+        # once it is completed (and which is aborted if the stream breaks).
+        full = self._key(key)
+        buf = bytearray()
+        size = 0
+        upload_id: str | None = None
+        parts: _Parts = []
+        try:
+            async for chunk in chunks:
+                buf += chunk
+                size += len(chunk)
+                while len(buf) >= (part := part_size(self._part_base, len(parts) + 1, self._parts_per_step)):
+                    if len(parts) >= MAX_PARTS:
+                        raise ValueError(f"object is larger than {MAX_PARTS} S3 multipart parts")
+                    if upload_id is None:
+                        upload_id = await self._run(self._create_multipart, full)
+                    data = bytes(buf[:part])
+                    del buf[:part]
+                    parts.append(await self._run(self._upload_part, full, upload_id, len(parts) + 1, data))
+                    del data
+            if upload_id is None:
+                await self._run(self._put, full, bytes(buf), True)
+                return size
+            if buf:
+                parts.append(await self._run(self._upload_part, full, upload_id, len(parts) + 1, bytes(buf)))
+            await self._run(self._complete_multipart, full, upload_id, parts)
+        except BaseException:
+            if upload_id is not None:
+                try:
+                    await self._run(self._abort_multipart, full, upload_id)
+                except Exception as exc:
+                    log.warning("could not abort the multipart upload of %s: %s", key, exc)
+            raise
+        return size
+
     async def delete_many(self, keys: list[str]) -> None:
         if keys:
             await self._run(self._delete_keys, [self._key(key) for key in keys])
