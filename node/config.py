@@ -177,6 +177,27 @@ class GCConfig:
 
 
 @dataclass
+class BackupConfig:
+    """Coordinator snapshots the leader writes into the storage (`wharf/snapshots/`), for
+    `wharf restore --from-storage`. Durations are parsed here, at load."""
+
+    enabled: bool = True
+    interval: str = "1h"
+    # How many of the newest snapshots stay; older ones Wharf wrote there are deleted.
+    keep: int = 24
+
+    def __post_init__(self) -> None:
+        try:
+            self.interval_seconds = parse_duration(self.interval)
+        except ConfigError as exc:
+            raise ConfigError(f"backup.interval: {exc}") from None
+        if self.interval_seconds < 1:
+            raise ConfigError("backup.interval must be at least 1s")
+        if self.keep < 1:
+            raise ConfigError("backup.keep must be at least 1")
+
+
+@dataclass
 class ImmutabilityRule:
     """Tags matching `tags` (regular expressions, whole tag) in matching repositories never move."""
 
@@ -322,6 +343,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     gc: GCConfig = field(default_factory=GCConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     quotas: list[QuotaRule] = field(default_factory=list)
     immutability: list[ImmutabilityRule] = field(default_factory=list)
     auth: AuthConfig = field(default_factory=AuthConfig)
