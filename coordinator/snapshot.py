@@ -450,10 +450,14 @@ async def restore(
     force: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    verified: tuple[Header, Trailer] | None = None,
 ) -> RestoreResult:
-    """Rebuild `kv` from a snapshot; see the module docstring. A dry run reads and writes nothing."""
+    """Rebuild `kv` from a snapshot; see the module docstring. A dry run reads and writes nothing.
+
+    `verified` is what `verify(source)` said, for a caller that checked the snapshot already.
+    """
     started = time.monotonic()
-    header, trailer = await verify(source)
+    header, trailer = verified or await verify(source)
     result = RestoreResult(header, trailer, dry_run)
     result.found = await durable_keys(kv)
     marker = await kv.get(keys.RESTORING)

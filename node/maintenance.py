@@ -1,4 +1,4 @@
-"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC."""
+"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC, backups."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from coordinator import keys
 from coordinator.kv import Compare, Delete
 from coordinator.uploads import UploadSession
 
-from . import gc, retention
+from . import backup, gc, retention
 from .config import parse_duration
 from .services import Services
 
@@ -39,6 +39,9 @@ class Maintenance:
         policies = self.services.config.retention
         if policies.enabled and policies.policies:
             jobs.append(self._every(parse_duration(policies.interval), self._retain))
+        # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
+        if self.services.config.backup.enabled:
+            jobs.append(backup.scheduled(self.services))
         try:
             await asyncio.gather(*jobs)
         finally:

@@ -104,6 +104,35 @@ class Metrics:
             "wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable", registry=r, multiprocess_mode="max"
         )
 
+        # Coordinator snapshots the leader writes into the storage (node/backup.py).
+        self.backup_last_timestamp = Gauge(
+            "wharf_backup_last_snapshot_timestamp_seconds",
+            "When the last coordinator snapshot in the storage was taken",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_last_bytes = Gauge(
+            "wharf_backup_last_snapshot_bytes",
+            "Compressed size of the last coordinator snapshot",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_last_keys = Gauge(
+            "wharf_backup_last_snapshot_keys",
+            "Keys in the last coordinator snapshot",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_last_duration = Gauge(
+            "wharf_backup_last_snapshot_duration_seconds",
+            "How long the last coordinator snapshot took to write",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_snapshots = Counter(
+            "wharf_backup_snapshots_total", "Coordinator snapshots written into the storage", ["result"], registry=r
+        )
+
     def observe_request(self, method: str, route: str, status: int, received: int, sent: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.request_duration.labels(method, route).observe(seconds)
