@@ -40,8 +40,8 @@ SNAPSHOTS = "wharf/snapshots/"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def wharf_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+def wharf_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "AWS_"))} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "node.cli", *args],
         cwd=str(REPO_ROOT),
@@ -509,3 +509,29 @@ def test_backup_and_restore_failures_are_one_line_with_an_exit_code(tmp_path):
     result = wharf_cli("backup", str(unreachable.config_path), "--to", str(tmp_path / "b"), timeout=60)
     assert_one_line_failure(result, 1)
     assert result.stderr.count("\n") == 1
+
+
+def test_an_s3_target_elsewhere_takes_its_endpoint_by_flag_and_credentials_from_the_environment(tmp_path, s3_server):
+    node = WharfProcess(tmp_path / "node", backup={"enabled": False})
+    prefix = f"elsewhere-{uuid.uuid4().hex[:12]}"
+    target = f"s3://{s3_server.bucket}/{prefix}"
+    flags = ["--s3-endpoint", s3_server.endpoint, "--s3-region", s3_server.region]
+    credentials = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
+    try:
+        with node:
+            with PushLoop(node.url, limit=8) as loop:
+                loop.wait_for(8)
+            pushed = loop.stop()
+            without = wharf_cli("backup", str(node.config_path), "--to", target, *flags)
+            assert_one_line_failure(without, 1, "credentials")
+            backup = wharf_cli("backup", str(node.config_path), "--to", target, *flags, env=credentials)
+            assert backup.returncode == 0, backup.stderr
+        (key,) = Deployment("etcd+s3", tmp_path, s3=s3_server).objects(prefix + "/")
+        name = key.rsplit("/", 1)[-1]
+        Path(load(str(node.config_path), environ={}).coordinator.embedded.path).unlink()  # type: ignore[union-attr]
+        restored = wharf_cli("restore", str(node.config_path), "--from", f"{target}/{name}", *flags, env=credentials)
+        assert restored.returncode == 0, restored.stderr
+        with node:
+            assert_pulls_identical(node.url, pushed)
+    finally:
+        s3_server.remove_prefix(prefix + "/")
