@@ -450,6 +450,11 @@ async def _backup_dry_run(config: Config, kv: KV, target: Target, args: argparse
             raise BackupError(f"{target.path} is not writable")
         where = os.path.join(target.path, name)
     else:
+        ancestor = target.path
+        while not os.path.isdir(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise BackupError(f"cannot create {target.path}: {ancestor} is not writable")
         where = f"{os.path.join(target.path, name)} (creating {target.path})"
     print(
         f"dry run: would write {where}: {info.keys} keys at revision {info.header.revision} "
