@@ -36,12 +36,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from coordinator import snapshot
-from coordinator.embedded import EmbeddedKV
 from coordinator.kv import KV, SnapshotLost
 
 from .config import Config, S3Storage
 from .storage import layout
 from .storage.driver import StorageDriver
+from .store import (
+    StoreRefused,
+    adopt_identity_after_restore,
+    describe_coordinator,
+    embedded_file,
+    open_kv,
+    open_storage,
+)
 
 if TYPE_CHECKING:
     from .services import Services
@@ -225,33 +232,21 @@ def storage_snapshots(storage: StorageDriver, *, owned: bool = False) -> Snapsho
 
 
 async def _open_coordinator(config: Config, *, readonly: bool) -> KV | None:
-    """The configured coordinator; `readonly` creates nothing and gives None where there is none yet."""
-    from .app import open_kv
-
-    embedded = config.coordinator.embedded
-    if readonly and embedded is not None:
-        try:
-            return EmbeddedKV(embedded.path, readonly=True)
-        except FileNotFoundError:
+    """The configured coordinator, found as `wharf serve` finds it; `readonly` creates nothing and
+    gives None where there is none yet."""
+    path = None
+    if config.coordinator.embedded is not None:
+        path = embedded_file(config, "read" if readonly else "restore")
+        if path is None or (readonly and not os.path.isfile(path)):
             return None
-    return await open_kv(config)
-
-
-def _describe_coordinator(config: Config) -> str:
-    if config.coordinator.etcd is not None:
-        etcd = config.coordinator.etcd
-        return f"etcd {','.join(etcd.endpoints)} prefix {etcd.prefix}"
-    assert config.coordinator.embedded is not None
-    return f"embedded {config.coordinator.embedded.path}"
+    return await open_kv(config, readonly=readonly, path=path)
 
 
 def _open_registry_storage(config: Config) -> StorageDriver:
-    from .app import open_storage
-
     filesystem = config.storage.filesystem
     if filesystem is not None and not os.path.isdir(filesystem.rootdirectory):
         raise BackupError(f"no snapshots: the storage root {filesystem.rootdirectory} does not exist")
-    return open_storage(config)
+    return open_storage(config, create=False)
 
 
 # -- the leader's schedule -----------------------------------------------------------------------
@@ -410,7 +405,7 @@ def run_backup(args: argparse.Namespace, config: Config) -> int:
         target = parse_target(args.to, reading=False)
         kv = await _open_coordinator(config, readonly=True)
         if kv is None:
-            raise BackupError(f"no coordinator at {_describe_coordinator(config)}: nothing to back up")
+            raise BackupError(f"no coordinator at {describe_coordinator(config)}: nothing to back up")
         try:
             if args.dry_run:
                 return await _backup_dry_run(config, kv, target, args)
@@ -510,7 +505,7 @@ async def _restore_into(
     source: snapshot.Source,
     verified: tuple[snapshot.Header, snapshot.Trailer],
 ) -> int:
-    where = _describe_coordinator(config)
+    where = describe_coordinator(config)
     kv = await _open_coordinator(config, readonly=args.dry_run)
     if kv is None:
         # Dry run on an embedded coordinator that does not exist yet: nothing to compare with.
@@ -523,6 +518,17 @@ async def _restore_into(
     finally:
         await kv.close()
     counts = f"{result.written} keys written, {result.deleted} deleted, {result.unchanged} already so"
+    if not result.dry_run:
+        kv = await _open_coordinator(config, readonly=False)
+        assert kv is not None
+        storage = open_storage(config, create=False)
+        try:
+            print(await adopt_identity_after_restore(kv, storage, config), file=sys.stderr)
+        except StoreRefused as exc:
+            raise BackupError(str(exc), EXIT_REFUSED) from None
+        finally:
+            await storage.close()
+            await kv.close()
     if result.dry_run:
         print(f"dry run: would restore {result.trailer.keys} keys into {where}: {counts}; nothing was written")
         return 0

@@ -117,7 +117,7 @@ def open_storage(config: Config, *, create: bool = True) -> StorageDriver:
     return FilesystemDriver(fs.rootdirectory, max_threads=fs.maxthreads, create=create)
 
 
-def _embedded_file(config: Config, mode: Mode) -> str | None:
+def embedded_file(config: Config, mode: Mode) -> str | None:
     """The embedded coordinator file to open, moving an earlier Wharf's file in where allowed.
 
     None when there is no file and this mode may not create one.
@@ -306,7 +306,7 @@ def _when(ts: float) -> str:
 async def open_store(config: Config, mode: Mode) -> Store:
     """Open storage and coordinator as `mode` allows and check that they belong together."""
     readonly = mode == "read"
-    path = _embedded_file(config, mode) if config.coordinator.embedded is not None else None
+    path = embedded_file(config, mode) if config.coordinator.embedded is not None else None
     storage = open_storage(config, create=mode in ("serve", "import", "restore"))
     if config.coordinator.embedded is not None and mode != "restore" and (path is None or not os.path.isfile(path)):
         # No coordinator file: a store that has an identity lost it; creating one would be a write.
@@ -343,3 +343,27 @@ async def open_store(config: Config, mode: Mode) -> Store:
         await kv.close()
         raise
     return Store(kv, storage, identity, found)
+
+
+async def adopt_identity_after_restore(kv: KV, storage: StorageDriver, config: Config) -> str:
+    """Make a restored coordinator carry the storage's identity; raise StoreRefused if it is another's.
+
+    A snapshot from before store identities (or of a store never identified) restores no identity:
+    the storage's is written then, so `wharf serve` finds the two agree.
+    """
+    ours, _ = await _coordinator_identity(kv)
+    theirs = await _storage_identity(storage, describe_storage(config))
+    if theirs is None:
+        if ours is not None:
+            await _bind(kv, storage, ours)
+            return f"store identity {ours.id} written to the storage too"
+        return "no store identity yet: the first `wharf serve` gives it one"
+    if ours is None:
+        await _bind(kv, storage, theirs)
+        return f"the snapshot had no store identity: took the storage's, {theirs.id}"
+    if ours.id != theirs.id:
+        raise StoreRefused(
+            f"the restored snapshot is of store {ours.id}, but storage {describe_storage(config)} is store "
+            f"{theirs.id}: nodes will refuse to start on them. Restore a snapshot of this store (--force)."
+        )
+    return f"store {ours.id}"
