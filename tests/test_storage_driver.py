@@ -20,7 +20,11 @@ from node.storage.s3 import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, S3Driver, p
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+# Every S3 case runs on moto and on a real Ceph RADOS Gateway, which differ from AWS in places.
+S3_SERVERS = {"s3-moto": "s3_server", "s3-rgw": "rgw_server"}
+
+
+@pytest.fixture(params=["filesystem", *S3_SERVERS])
 async def driver(request, tmp_path) -> AsyncIterator[StorageDriver]:
     if request.param == "filesystem":
         store: StorageDriver = FilesystemDriver(str(tmp_path / "root"))
@@ -28,7 +32,7 @@ async def driver(request, tmp_path) -> AsyncIterator[StorageDriver]:
         await store.close()
         return
     # The smallest part size S3 allows, so small test blobs exercise multipart uploads.
-    server = request.getfixturevalue("s3_server")
+    server = request.getfixturevalue(S3_SERVERS[request.param])
     config = server.storage_config(chunksize=MIN_PART_SIZE)
     store = S3Driver(config)
     yield store
@@ -271,12 +275,18 @@ def test_layout_builds_and_parses_distribution_repository_links():
 # -- S3: parts from chunks of any size, state that any node can continue ------------------------
 
 
+@pytest.fixture(params=list(S3_SERVERS))
+def s3(request):
+    """The S3 server a case runs on: moto, then Ceph RGW."""
+    return request.getfixturevalue(S3_SERVERS[request.param])
+
+
 @pytest.fixture()
-def s3_config(s3_server):
+def s3_config(s3):
     """A `storage.s3` section with 5 MiB parts under a root directory of its own, removed afterwards."""
-    config = s3_server.storage_config(chunksize=MIN_PART_SIZE)
+    config = s3.storage_config(chunksize=MIN_PART_SIZE)
     yield config
-    s3_server.remove_prefix(config.rootdirectory.strip("/") + "/")
+    s3.remove_prefix(config.rootdirectory.strip("/") + "/")
 
 
 def _recorded(state: dict) -> dict:  # type: ignore[type-arg]
@@ -298,8 +308,8 @@ def _odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 65_521, 7, 300_001)) -
     return gen()
 
 
-def _bucket_keys(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def]
-    client = s3_server.client()
+def _bucket_keys(s3, config) -> list[str]:  # type: ignore[no-untyped-def]
+    client = s3.client()
     try:
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=config.bucket, Prefix=config.rootdirectory.strip("/") + "/"
@@ -309,8 +319,8 @@ def _bucket_keys(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def
         client.close()
 
 
-def _multipart_uploads(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def]
-    client = s3_server.client()
+def _multipart_uploads(s3, config) -> list[str]:  # type: ignore[no-untyped-def]
+    client = s3.client()
     try:
         response = client.list_multipart_uploads(Bucket=config.bucket, Prefix=config.rootdirectory.strip("/") + "/")
         return [upload["Key"] for upload in response.get("Uploads", [])]
@@ -318,7 +328,7 @@ def _multipart_uploads(s3_server, config) -> list[str]:  # type: ignore[no-untyp
         client.close()
 
 
-async def test_s3_parts_are_composed_from_chunks_of_any_size(s3_server, s3_config):
+async def test_s3_parts_are_composed_from_chunks_of_any_size(s3, s3_config):
     data = os.urandom(7 * MiB + 1)
     upload = layout.upload_key("team/app", "a1111111-2222-3333-4444-555555555555")
     store = S3Driver(s3_config)
@@ -336,7 +346,7 @@ async def test_s3_parts_are_composed_from_chunks_of_any_size(s3_server, s3_confi
             assert [size for _, _, size in state["parts"]] == [5 * MiB] * parts
             assert state["tailsize"] == tail
         # At most the current tail and the one it superseded exist at a time.
-        assert len([k for k in _bucket_keys(s3_server, s3_config) if ".tail-" in k]) <= 2
+        assert len([k for k in _bucket_keys(s3, s3_config) if ".tail-" in k]) <= 2
         key = layout.blob_key(_digest(data))
         stored = await store.upload_commit(upload, state, len(data), key)
         # Completed where it began; the blob key stays empty (no server-side copy).
@@ -349,12 +359,12 @@ async def test_s3_parts_are_composed_from_chunks_of_any_size(s3_server, s3_confi
         assert await _read_all(store, stored, len(data) - 1) == data[-1:]
         # Nothing else is left: no tails, no multipart upload in progress.
         assert [k async for k in store.list(layout.REPOSITORIES)] == [upload]
-        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
     finally:
         await store.close()
 
 
-async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3_server, s3_config):
+async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3, s3_config):
     data = os.urandom(2 * MiB + 3)
     upload = layout.upload_key("team/app", "a2111111-2222-3333-4444-555555555555")
     store = S3Driver(s3_config)
@@ -366,7 +376,7 @@ async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3_server, s
         assert await store.upload_commit(upload, _recorded(state), len(data), key) == key
         assert await _read_all(store, key) == data
         assert [k async for k in store.list(layout.REPOSITORIES)] == []
-        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
     finally:
         await store.close()
 
@@ -396,7 +406,7 @@ async def test_s3_upload_continues_on_another_node(s3_config):
         await node.close()
 
 
-async def test_s3_broken_stream_mid_part_resumes_on_another_node(s3_server, s3_config):
+async def test_s3_broken_stream_mid_part_resumes_on_another_node(s3, s3_config):
     data = os.urandom(10 * MiB + 99)
     upload = layout.upload_key("team/app", "a4111111-2222-3333-4444-555555555555")
 
@@ -425,12 +435,12 @@ async def test_s3_broken_stream_mid_part_resumes_on_another_node(s3_server, s3_c
         assert written == len(data) - 8 * MiB
         stored = await second.upload_commit(upload, _recorded(state), len(data), layout.blob_key(_digest(data)))
         assert await _read_all(second, stored) == data
-        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
     finally:
         await second.close()
 
 
-async def test_s3_parts_of_an_unrecorded_request_are_replaced(s3_server, s3_config):
+async def test_s3_parts_of_an_unrecorded_request_are_replaced(s3, s3_config):
     """A request that uploaded a part and a tail but whose state was never recorded leaves no trace."""
     good = os.urandom(9 * MiB)
     upload = layout.upload_key("team/app", "a5111111-2222-3333-4444-555555555555")
@@ -452,7 +462,7 @@ async def test_s3_parts_of_an_unrecorded_request_are_replaced(s3_server, s3_conf
         assert written == 6 * MiB
         stored = await store.upload_commit(upload, _recorded(state), len(good), layout.blob_key(_digest(good)))
         assert await _read_all(store, stored) == good
-        assert [k for k in _bucket_keys(s3_server, s3_config) if ".tail-" in k] == []
+        assert [k for k in _bucket_keys(s3, s3_config) if ".tail-" in k] == []
     finally:
         await store.close()
 
@@ -476,17 +486,17 @@ async def test_s3_commit_retried_after_it_completed_returns_the_same_object(s3_c
         await store.close()
 
 
-async def test_s3_abort_removes_parts_and_tails(s3_server, s3_config):
+async def test_s3_abort_removes_parts_and_tails(s3, s3_config):
     upload = layout.upload_key("team/app", "a7111111-2222-3333-4444-555555555555")
     store = S3Driver(s3_config)
     try:
         state = await store.upload_start(upload)
         _, state = await store.upload_write(upload, state, 0, _chunks(os.urandom(6 * MiB)))
-        assert _multipart_uploads(s3_server, s3_config) == [s3_config.rootdirectory.strip("/") + "/" + upload]
+        assert _multipart_uploads(s3, s3_config) == [s3_config.rootdirectory.strip("/") + "/" + upload]
         await store.upload_abort(upload, _recorded(state))
         await store.upload_abort(upload, _recorded(state))  # twice is fine
-        assert _multipart_uploads(s3_server, s3_config) == []
-        assert _bucket_keys(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
+        assert _bucket_keys(s3, s3_config) == []
     finally:
         await store.close()
 
@@ -554,10 +564,10 @@ async def test_s3_redirect_url_serves_the_object(s3_config):
         await store.close()
 
 
-async def test_s3_failures_other_than_not_found_are_raised(s3_server):
+async def test_s3_failures_other_than_not_found_are_raised(s3):
     from botocore.exceptions import ClientError
 
-    store = S3Driver(s3_server.storage_config(bucket="no-such-bucket"))
+    store = S3Driver(s3.storage_config(bucket="no-such-bucket"))
     try:
         with pytest.raises(ClientError) as caught:
             await store.read_bytes("a/b")
