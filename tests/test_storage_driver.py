@@ -486,6 +486,40 @@ async def test_s3_commit_retried_after_it_completed_returns_the_same_object(s3_c
         await store.close()
 
 
+async def test_s3_part_rewritten_after_its_state_was_recorded_is_refused_at_commit(s3, s3_config):
+    """A late write from an abandoned request cannot slip other bytes into a blob.
+
+    The commit names each part by the ETag recorded in the upload state, and S3 (moto and Ceph RGW
+    alike) refuses a part whose stored ETag differs; nothing appears at the upload or blob key.
+    """
+    from botocore.exceptions import ClientError
+
+    data = os.urandom(6 * MiB)
+    upload = layout.upload_key("team/app", "a6311111-2222-3333-4444-555555555555")
+    key = layout.blob_key(_digest(data))
+    store = S3Driver(s3_config)
+    client = s3.client()
+    try:
+        _, state = await store.upload_write(upload, await store.upload_start(upload), 0, _chunks(data))
+        state = _recorded(state)
+        client.upload_part(
+            Bucket=s3_config.bucket,
+            Key=s3_config.rootdirectory.strip("/") + "/" + upload,
+            UploadId=state["upload"],
+            PartNumber=1,
+            Body=os.urandom(5 * MiB),
+        )
+        with pytest.raises(ClientError) as refused:
+            await store.upload_commit(upload, state, len(data), key)
+        assert refused.value.response["Error"]["Code"] == "InvalidPart"
+        assert await store.stat(upload) is None
+        assert await store.stat(key) is None
+        await store.upload_abort(upload, state)
+    finally:
+        client.close()
+        await store.close()
+
+
 async def test_s3_abort_removes_parts_and_tails(s3, s3_config):
     upload = layout.upload_key("team/app", "a7111111-2222-3333-4444-555555555555")
     store = S3Driver(s3_config)
