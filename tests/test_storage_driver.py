@@ -486,6 +486,31 @@ async def test_s3_commit_retried_after_it_completed_returns_the_same_object(s3_c
         await store.close()
 
 
+async def test_s3_commit_retried_after_completing_but_before_removing_the_tail_returns_the_same_object(s3, s3_config):
+    """A node may die between completing the multipart upload and deleting the tail object.
+
+    The retry then finds the tail still there and a multipart upload that no longer exists, which
+    servers report differently (NoSuchUpload from AWS and Ceph RGW, a bare 500 from moto).
+    """
+    data = os.urandom(6 * MiB + 1)
+    upload = layout.upload_key("team/app", "a6211111-2222-3333-4444-555555555555")
+    key = layout.blob_key(_digest(data))
+    store = S3Driver(s3_config)
+    try:
+        _, state = await store.upload_write(upload, await store.upload_start(upload), 0, _chunks(data))
+        state = _recorded(state)
+        assert len(state["parts"]) == 1 and state["tailsize"] == MiB + 1
+        stored = await store.upload_commit(upload, state, len(data), key)
+        # What the dead node would have left: the tail object the commit had not yet removed.
+        tail = f"{upload}.tail-{state['tail']}"
+        await store.write_bytes(tail, data[5 * MiB :])
+        assert await store.upload_commit(upload, state, len(data), key) == stored
+        assert await _read_all(store, stored) == data
+        assert await store.stat(tail) is None
+    finally:
+        await store.close()
+
+
 async def test_s3_part_rewritten_after_its_state_was_recorded_is_refused_at_commit(s3, s3_config):
     """A late write from an abandoned request cannot slip other bytes into a blob.
 
