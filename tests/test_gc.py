@@ -89,7 +89,9 @@ async def test_deleting_half_the_images_reclaims_their_bytes_and_keeps_shared_la
     assert await registry.blob_status("team/app", digest_of(own[0])) == 404
 
 
-async def test_deleting_half_the_images_on_s3_drops_the_bucket_bytes_and_keeps_shared_layers(tmp_path, s3_server):
+@pytest.mark.parametrize("server", ["s3_server", "rgw_server"], ids=["moto", "rgw"])
+async def test_deleting_half_the_images_on_s3_drops_the_bucket_bytes_and_keeps_shared_layers(tmp_path, request, server):
+    s3_server = request.getfixturevalue(server)
     storage = s3_server.storage_config()
     reg = Registry(tmp_path, storage=S3Driver(storage))
     client = s3_server.client()
