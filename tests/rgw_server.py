@@ -145,9 +145,9 @@ class RGWServer(S3Endpoint):
         deadline = began + self.start_timeout
         try:
             # A free port can be taken between choosing and binding it: start again on new ones.
-            for attempt in range(3):
+            for _attempt in range(3):
                 try:
-                    self._start_cluster(attempt, deadline)
+                    self._start_cluster(deadline)
                 except _PortTaken:
                     self._kill_all()
                     continue
@@ -190,7 +190,7 @@ class RGWServer(S3Endpoint):
 
     # -- the start sequence ---------------------------------------------------------------
 
-    def _start_cluster(self, attempt: int, deadline: float) -> None:
+    def _start_cluster(self, deadline: float) -> None:
         assert self.root is not None
         for entry in os.scandir(self.root):  # what an attempt on other ports left
             if entry.is_dir():
