@@ -369,6 +369,7 @@ class Collector:
         blobs = await self._all(keys.BLOBS)
         summary.blobs_seen = len(blobs)
         candidates: list[Candidate] = []
+        kept_imported: set[str] = set()
         for kv in blobs:
             digest = kv.key[len(keys.BLOBS) :]
             if digest in used:
@@ -380,6 +381,7 @@ class Collector:
                 continue
             if record.imported == "unused" and not self.reclaim_imported:
                 summary.hold(HELD_IMPORTED, record.size)
+                kept_imported.add(digest)
                 continue
             touch = touches.get(digest)
             candidates.append(
@@ -434,6 +436,8 @@ class Collector:
             else:
                 summary.blobs_saved_by_pushes += 1
                 summary.hold(HELD_PUSHED, c.size)
+        # Links of adopted blobs that GC keeps stay too: registry:2 served them, so does Wharf.
+        links = {digest: by_key for digest, by_key in links.items() if digest not in kept_imported}
         await self._collect_links(links, young_links, used_in, repositories, touches, cutoff, summary)
 
     async def _collect_links(

@@ -21,6 +21,7 @@ _MAX_ATTEMPTS = 20
 # Room left in one transaction (etcd allows 128 compares and 128 operations) for references.
 _TXN_BUDGET = 120
 _BATCH = 100
+_PAGE = 1000
 
 
 # Marks a referrer descriptor whose annotations must be read from the manifest itself.
@@ -169,6 +170,35 @@ class Metadata:
     async def tag_records(self, repo: str) -> dict[str, TagRecord]:
         prefix = keys.tags_of(repo)
         return {kv.key[len(prefix) :]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
+
+    async def repository_contents(self, repo: str) -> tuple[dict[str, str], list[str], list[str]]:
+        """(tag -> digest, manifest digests, linked blob digests) of one repository."""
+        tags = {tag: record.digest for tag, record in (await self.tag_records(repo)).items()}
+        found: list[list[str]] = []
+        for prefix in (keys.manifests_of(repo), keys.links_of(repo)):
+            digests: list[str] = []
+            start: str | None = None
+            while True:
+                page = await self.kv.range(prefix, start=start, limit=_PAGE)
+                digests += [kv.key[len(prefix) :] for kv in page]
+                if len(page) < _PAGE:
+                    break
+                start = keys.after(page[-1].key)
+            found.append(digests)
+        return tags, found[0], found[1]
+
+    async def move_blob(self, digest: str, old_key: str, new_key: str) -> bool:
+        """Point a blob record at another copy of its bytes, if it still names `old_key`."""
+        found = await self.kv.get(keys.blob(digest))
+        if found is None:
+            return False
+        record = decode(BlobRecord, found.value)
+        if record.key != old_key:
+            return False
+        moved = BlobRecord(record.size, new_key, record.created, record.imported)
+        return (
+            await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], [Put(found.key, _dump(moved))])
+        ).succeeded
 
     async def delete_tag(self, repo: str, tag: str) -> bool:
         """Remove a tag; garbage collection may then take its manifest at once (if untagged ones go)."""
@@ -433,8 +463,113 @@ class Metadata:
                 return True
         raise Conflict(f"delete of {digest} kept racing")
 
+    # -- adopting a registry:2 store ---------------------------------------------------------
+
+    async def import_state(self) -> ImportState | None:
+        found = await self.kv.get(keys.IMPORT_STATE)
+        return None if found is None else decode(ImportState, found.value)
+
+    async def set_import_state(self, state: ImportState) -> None:
+        await self.kv.put(keys.IMPORT_STATE, _dump(state))
+
+    async def adopt(self, adoption: Adoption) -> Adopted:
+        """Write one repository's records where none is there yet: idempotent, and what Wharf has
+        since written (a tag moved by a push, a blob pushed again) always wins.
+
+        A blob adopted as unused becomes used once an adopted manifest names it.
+        """
+        repo = adoption.repo
+        writes: list[tuple[str, bytes]] = [(keys.repository(repo), b"{}")]
+        writes += [(keys.link(repo, digest), _dump(link)) for digest, link in sorted(adoption.links.items())]
+        for record in adoption.manifests:
+            writes.append((keys.manifest(repo, record.digest), _dump(record)))
+            if record.subject:
+                writes.append(
+                    (keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
+                )
+        writes += [(keys.tag(repo, tag), _dump(record)) for tag, record in sorted(adoption.tags.items())]
+        done = Adopted()
+        # Blobs first and tags last: a reader never meets a tag whose records are not there yet.
+        for digest, blob in sorted(adoption.blobs.items()):
+            await self._adopt_blob(digest, blob, done)
+        for start in range(0, len(writes), _ADOPT_BATCH):
+            batch = writes[start : start + _ADOPT_BATCH]
+            result = await self.kv.txn([Compare.absent(k) for k, _ in batch], [Put(k, v) for k, v in batch])
+            if result.succeeded:
+                done.written += len(batch)
+                continue
+            for key, value in batch:  # some are there already: one at a time
+                if (await self.kv.txn([Compare.absent(key)], [Put(key, value)])).succeeded:
+                    done.written += 1
+                else:
+                    done.kept += 1
+        return done
+
+    async def _adopt_blob(self, digest: str, blob: BlobRecord, done: Adopted) -> None:
+        key = keys.blob(digest)
+        for _ in range(_MAX_ATTEMPTS):
+            existing = await self.kv.get(key)
+            if existing is None:
+                if (await self.kv.txn([Compare.absent(key)], [Put(key, _dump(blob))])).succeeded:
+                    done.written += 1
+                    return
+                continue
+            current = decode(BlobRecord, existing.value)
+            if current.imported == "unused" and blob.imported == "used":
+                upgraded = BlobRecord(current.size, current.key, current.created, "used")
+                if (
+                    await self.kv.txn([Compare.unchanged(key, existing.mod_revision)], [Put(key, _dump(upgraded))])
+                ).succeeded:
+                    done.written += 1
+                    return
+                continue
+            done.kept += 1
+            return
+        raise Conflict(f"adoption of blob {digest} kept racing")
+
     async def list_referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
         return [json.loads(kv.value) for kv in await self.kv.range(keys.referrers_of(repo, subject))]
+
+
+@dataclass
+class Adoption:
+    """One repository of a registry:2 store, as records: what `Metadata.adopt` writes."""
+
+    repo: str
+    blobs: dict[str, BlobRecord] = field(default_factory=dict)
+    links: dict[str, LinkRecord] = field(default_factory=dict)
+    manifests: list[ManifestRecord] = field(default_factory=list)
+    tags: dict[str, TagRecord] = field(default_factory=dict)
+
+
+@dataclass
+class Adopted:
+    """What an adoption wrote, and what it found already there (written earlier, or pushed since)."""
+
+    written: int = 0
+    kept: int = 0
+
+
+@dataclass(frozen=True)
+class ImportState:
+    """The adoption of a registry:2 store: pending, running (from `cursor` on) or done."""
+
+    state: str
+    requested: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    node: str = ""
+    cursor: str = ""  # the last repository imported whole, in name order
+    repositories_total: int = 0
+    repositories_done: int = 0
+    tags: int = 0
+    manifests: int = 0
+    blobs: int = 0
+    links: int = 0
+    problems: int = 0
+
+
+_ADOPT_BATCH = 60
 
 
 def reachable(roots: Iterable[str], successors: Callable[[str], Iterable[str]]) -> set[str]:

@@ -100,6 +100,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.import_repositories = Gauge(
+            "wharf_import_repositories",
+            "Repositories of an adopted registry:2 store: done and total",
+            ["state"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.gc_reclaimable_bytes = Gauge(
             "wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable", registry=r, multiprocess_mode="max"
         )
@@ -253,6 +260,9 @@ class InstrumentedStorage:
 
     async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
         return await self._timed("write_stream").run(self.inner.write_stream(key, chunks))
+
+    async def copy(self, source: str, key: str) -> int:
+        return await self._timed("copy").run(self.inner.copy(source, key))
 
     async def delete(self, key: str) -> None:
         await self._timed("delete").run(self.inner.delete(key))
