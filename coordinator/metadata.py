@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -46,6 +46,8 @@ class LinkRecord:
 
     size: int
     linked: float
+    # A scrub found the stored bytes do not hash to the digest: not served until pushed again here.
+    corrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class BlobRecord:
     # Adopted from a registry:2 store rather than pushed through Wharf: "used" when an imported
     # manifest referenced it, "unused" when only a layer link named it (GC keeps those unless asked).
     imported: str | None = None
+    # A scrub found these bytes do not hash to the digest; the next upload of it replaces them.
+    corrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,47 @@ class Metadata:
             found.append(digests)
         return tags, found[0], found[1]
 
+    async def mark_corrupt(self, digest: str, link_keys: Iterable[str]) -> None:
+        """Record that `digest`'s stored bytes do not hash to it: its links stop serving it."""
+        targets = [keys.blob(digest), *link_keys]
+        for key in targets:
+            for _ in range(_MAX_ATTEMPTS):
+                found = await self.kv.get(key)
+                if found is None:
+                    break
+                data = json.loads(found.value)
+                if data.get("corrupt"):
+                    break
+                data["corrupt"] = True
+                marked = json.dumps(data, separators=(",", ":")).encode()
+                if (await self.kv.txn([Compare.unchanged(key, found.mod_revision)], [Put(key, marked)])).succeeded:
+                    break
+
+    async def blob_records(self) -> AsyncIterator[tuple[str, BlobRecord]]:
+        """Every blob record, a page at a time."""
+        start: str | None = None
+        while True:
+            page = await self.kv.range(keys.BLOBS, start=start, limit=_PAGE)
+            for kv in page:
+                yield kv.key[len(keys.BLOBS) :], decode(BlobRecord, kv.value)
+            if len(page) < _PAGE:
+                return
+            start = keys.after(page[-1].key)
+
+    async def links_by_digest(self, digests: set[str]) -> dict[str, list[str]]:
+        """The link keys (every repository) of each of `digests`, from one scan of the links."""
+        found: dict[str, list[str]] = {}
+        start: str | None = None
+        while True:
+            page = await self.kv.range(keys.LINKS, start=start, limit=_PAGE)
+            for kv in page:
+                _, digest = keys.split_repo_key(kv.key, keys.LINKS)
+                if digest in digests:
+                    found.setdefault(digest, []).append(kv.key)
+            if len(page) < _PAGE:
+                return found
+            start = keys.after(page[-1].key)
+
     async def move_blob(self, digest: str, old_key: str, new_key: str) -> bool:
         """Point a blob record at another copy of its bytes, if it still names `old_key`."""
         found = await self.kv.get(keys.blob(digest))
@@ -269,13 +314,15 @@ class Metadata:
                 raise BeingCollected(digest)
             if existing is None:
                 continue  # a quota guard moved, or the blob came and went: measure again
+            found: BlobRecord = _load(BlobRecord, existing)
+            # Bytes a scrub found corrupt give way to these freshly verified ones.
+            replace = [Put(blob_key, _dump(record))] if found.corrupt else []
             again = await self.kv.txn(
                 [Compare.unchanged(blob_key, existing.mod_revision), not_deleting, *session_guard, *admission],
-                [*common, *guard_writes],
+                [*replace, *common, *guard_writes],
             )
             if again.succeeded:
-                found: BlobRecord = _load(BlobRecord, existing)
-                return found
+                return record if found.corrupt else found
         raise Conflict(f"commit of {digest} kept racing")
 
     async def remove_unrecorded(self, digest: str, key: str, delete: Callable[[str], Awaitable[None]]) -> bool:

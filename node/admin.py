@@ -16,7 +16,7 @@ from coordinator.metadata import ImportState
 from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
 
-from . import exporter, gc, importer, retention
+from . import exporter, gc, importer, retention, scrub
 from .api.manifests import check_deletable
 from .config import Config, ConfigError, parse_duration
 from .errors import RegistryError
@@ -403,6 +403,16 @@ def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     exp.add_argument("--dry-run", "-d", action="store_true", help="say what would be written; change nothing")
     exp.add_argument("--json", action="store_true", help="machine-readable output")
     exp.set_defaults(run=run_export)
+    scrub_cmd = commands.add_parser(
+        "scrub",
+        help="read every blob back and check it against its digest",
+        description="Hash every stored blob; mark those whose bytes do not match so they are no longer served "
+        "(clients then push them again, which repairs them). Deletes nothing.",
+    )
+    scrub_cmd.add_argument("config", nargs="?", help="configuration file")
+    scrub_cmd.add_argument("--dry-run", "-d", action="store_true", help="report only; mark nothing")
+    scrub_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    scrub_cmd.set_defaults(run=run_scrub)
 
 
 def _import_line(state: ImportState) -> str:
@@ -485,5 +495,21 @@ def run_export(args: argparse.Namespace, config: Config) -> int:
         if args.dry_run:
             print("dry run: nothing was changed")
         return 1 if report.missing else 0
+
+    return asyncio.run(_with_services(config, once, readonly=args.dry_run))
+
+
+def run_scrub(args: argparse.Namespace, config: Config) -> int:
+    async def once(services: Services) -> int:
+        report = await scrub.run_scrub(services, dry_run=args.dry_run)
+        if args.json:
+            print(json.dumps(dataclasses.asdict(report), indent=2))
+        else:
+            print(f"checked {report.checked} blobs ({_size(report.bytes_read)}): {len(report.corrupt)} corrupt")
+            for bad in report.corrupt:
+                print(f"  {bad['digest']}: {bad['problem']} ({bad['key']})")
+            if report.corrupt:
+                print("dry run: nothing was marked" if args.dry_run else "marked: no longer served until pushed again")
+        return 1 if report.corrupt else 0
 
     return asyncio.run(_with_services(config, once, readonly=args.dry_run))

@@ -68,6 +68,12 @@ class Metrics:
         self.leader = Gauge(
             "wharf_leader", "1 while this node leads a cluster job", ["job"], registry=r, multiprocess_mode="max"
         )
+        self.storage_corrupt = Counter(
+            "wharf_storage_corrupt_objects_total",
+            "Stored objects found not to match their digest (on read, or by wharf scrub)",
+            ["kind"],
+            registry=r,
+        )
         self.cache_hits = Counter("wharf_cache_hits_total", "Cache hits", ["cache"], registry=r)
         self.cache_misses = Counter("wharf_cache_misses_total", "Cache misses", ["cache"], registry=r)
         self.uploads_purged = Counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed", registry=r)

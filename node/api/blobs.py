@@ -47,6 +47,9 @@ async def _linked_size(request: Request) -> tuple[str, str, int]:
     link = await svc.metadata.get_link(name, digest)
     if link is None:
         raise BlobUnknown({"digest": digest})
+    if link.corrupt:
+        # Never served as valid: a client told it is unknown uploads it again, which repairs it.
+        raise BlobUnknown({"digest": digest, "reason": "the stored bytes do not match the digest; push it again"})
     # A client told that a blob exists will not upload it again: keep it past the next GC.
     await svc.touches.touch(digest)
     return name, digest, link.size
