@@ -30,9 +30,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import keys
-from .kv import KV, Compare, Delete, KeyValue, Op, Put
-from .metadata import BlobRecord, Release, decode, reachable
+from . import keys, quota
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+from .metadata import BlobRecord, Metadata, Release, decode, reachable
 
 log = logging.getLogger("wharf.gc")
 
@@ -40,6 +40,8 @@ _PAGE = 1000
 _CONCURRENCY = 32
 # How long a storage delete waits for others to share its request.
 _BATCH_WAIT = 0.01
+# Deletes retried when only a quota counter moved under them (pushes elsewhere in the scope).
+_QUOTA_ATTEMPTS = 10
 
 
 @dataclass
@@ -138,6 +140,7 @@ class Collector:
         delete_untagged: bool = False,
         dry_run: bool = False,
         reclaim_imported: bool = False,
+        quotas: quota.QuotaScopes | None = None,
         progress: Progress = _no_progress,
     ) -> None:
         self.kv = kv
@@ -145,6 +148,7 @@ class Collector:
         self.delete_untagged = delete_untagged
         self.dry_run = dry_run
         self.reclaim_imported = reclaim_imported
+        self.quotas = quotas or quota.QuotaScopes()
         # When each blob and manifest was last let go of by a deleted or untagged manifest.
         self.released_blobs: dict[str, float] = {}
         self.released_manifests: dict[str, float] = {}
@@ -313,7 +317,7 @@ class Collector:
             ops.append(Delete(keys.referrer(c.repo, c.subject, c.digest)))
         guards = [Compare.unchanged(key, c.revision), Compare.unchanged(mark, c.pending_revision)]
         # A tag moved onto it since mark makes it live again.
-        tagged = [kv for kv in await self._all(keys.tags_of(c.repo)) if json.loads(kv.value)["digest"] == c.digest]
+        tagged = await Metadata(self.kv).tags_of_digest(c.repo, c.digest)
         if tagged:
             await self.kv.delete(mark)
             return False
@@ -354,15 +358,21 @@ class Collector:
             for digest in [*record.get("blobs", []), record["digest"]]:
                 self.released_blobs[digest] = now
         links: dict[str, dict[str, int]] = {}
+        link_sizes: dict[str, int] = {}
         last_active: dict[str, float] = {}
         young_links: set[str] = set()
+        # Counters first: one unchanged after the scan proves no link under its scope moved meanwhile.
+        counters = {} if self.dry_run else {s: await quota.counter(self.kv, s) for s in self.quotas.scopes}
         for kv in await self._all(keys.LINKS):
             digest = kv.key.rsplit("@", 1)[1]
             links.setdefault(digest, {})[kv.key] = kv.mod_revision
-            linked = json.loads(kv.value).get("linked", 0)
+            record = json.loads(kv.value)
+            link_sizes[kv.key] = record.get("size", 0)
+            linked = record.get("linked", 0)
             last_active[digest] = max(last_active.get(digest, 0.0), linked)
             if self._young(linked, cutoff, self.released_blobs.get(digest, 0.0)):
                 young_links.add(kv.key)
+        await self._repair_counters(counters, link_sizes)
         touches = {kv.key[len(keys.TOUCHES) :]: kv for kv in await self._all(keys.TOUCHES)}
         for digest, kv in touches.items():
             last_active[digest] = max(last_active.get(digest, 0.0), json.loads(kv.value).get("at", 0))
@@ -438,11 +448,25 @@ class Collector:
                 summary.hold(HELD_PUSHED, c.size)
         # Links of adopted blobs that GC keeps stay too: registry:2 served them, so does Wharf.
         links = {digest: by_key for digest, by_key in links.items() if digest not in kept_imported}
-        await self._collect_links(links, young_links, used_in, repositories, touches, cutoff, summary)
+        await self._collect_links(links, link_sizes, young_links, used_in, repositories, touches, cutoff, summary)
+
+    async def _repair_counters(self, counters: dict[quota.QuotaScope, tuple[int, int]], sizes: dict[str, int]) -> None:
+        """Set every quota counter that drifted from its links (an adopted store, a crash) right."""
+        for scope, (used, revision) in counters.items():
+            exact = sum(size for key, size in sizes.items() if scope.covers(keys.split_repo_key(key, keys.LINKS)[0]))
+            if exact != used and await quota.repair(self.kv, scope, exact, revision):
+                log.info(
+                    "quota %s: counted %d bytes, its links hold %d: repaired",
+                    scope.label,
+                    used,
+                    exact,
+                    extra={"fields": {"quota": scope.name, "counted": used, "exact": exact}},
+                )
 
     async def _collect_links(
         self,
         links: dict[str, dict[str, int]],
+        link_sizes: dict[str, int],
         young_links: set[str],
         used_in: dict[str, set[str]],
         repositories: dict[str, int],
@@ -478,15 +502,23 @@ class Collector:
         async def unlink(link_key: str, digest: str, revision: int) -> bool:
             repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
             touch = touches.get(digest)
-            result = await self.kv.txn(
-                [
-                    Compare.unchanged(keys.repository(repo), repositories[repo]),
-                    Compare.unchanged(link_key, revision),
-                    Compare.unchanged(keys.touch(digest), touch.mod_revision if touch else 0),
-                ],
-                [Delete(link_key)],
-            )
-            return result.succeeded
+            guards = [
+                Compare.unchanged(keys.repository(repo), repositories[repo]),
+                Compare.unchanged(link_key, revision),
+                Compare.unchanged(keys.touch(digest), touch.mod_revision if touch else 0),
+            ]
+            freed = quota.freed_by([(repo, link_sizes.get(link_key, 0))], self.quotas)
+            for _ in range(_QUOTA_ATTEMPTS):
+                counters, releases = await quota.release(self.kv, freed)
+                result = await self.kv.txn(
+                    [*guards, *counters], [Delete(link_key), *releases], [Get(g.key) for g in guards]
+                )
+                if result.succeeded:
+                    return True
+                now = [kv.mod_revision if kv else 0 for kv in result.gets]
+                if now != [g.operand for g in guards] or not freed:
+                    return False
+            return False
 
         results = await self._bounded([unlink(*item) for item in stale])
         summary.links_deleted = sum(1 for ok in results if ok)
@@ -501,12 +533,12 @@ class Collector:
 
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
         mark = keys.pending_blob(c.digest)
-        guards = [
-            Compare.unchanged(mark, c.pending_revision),
-            Compare.unchanged(keys.blob(c.digest), c.blob_revision),
-            Compare.unchanged(keys.touch(c.digest), c.touch_revision),
-            *(Compare.unchanged(link, revision) for link, revision in c.links.items()),
-        ]
+        expected = {
+            mark: c.pending_revision,
+            keys.blob(c.digest): c.blob_revision,
+            keys.touch(c.digest): c.touch_revision,
+            **c.links,
+        }
         deleting = keys.deleting(c.digest)
         ops: list[Op] = [
             Delete(mark),
@@ -515,9 +547,21 @@ class Collector:
             *(Delete(link) for link in c.links),
             Put(deleting, json.dumps({"key": c.storage_key, "at": time.time()}).encode()),
         ]
-        result = await self.kv.txn(guards, ops)
-        if not result.succeeded:
-            # Something used or touched it since mark: it stays; drop our mark if still ours.
+        # The links' bytes leave the quotas that counted them, in the same transaction.
+        freed = quota.freed_by(((keys.split_repo_key(link, keys.LINKS)[0], c.size) for link in c.links), self.quotas)
+        for _ in range(_QUOTA_ATTEMPTS):
+            counters, releases = await quota.release(self.kv, freed)
+            guards = [Compare.unchanged(key, revision) for key, revision in expected.items()]
+            result = await self.kv.txn([*guards, *counters], [*ops, *releases], [Get(key) for key in expected])
+            if result.succeeded:
+                break
+            now = {key: kv.mod_revision if kv else 0 for key, kv in zip(expected, result.gets, strict=True)}
+            if now != expected or not freed:
+                # Something used or touched it since mark: it stays; drop our mark if still ours.
+                await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
+                return False
+            # Only a quota counter moved (a push elsewhere under the same scope): count again.
+        else:
             await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
             return False
         try:

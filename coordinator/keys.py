@@ -8,6 +8,9 @@ from __future__ import annotations
 
 REPOSITORIES = "repo/"
 TAGS = "tag/"
+# Every tag again, under its digest, so a manifest's tags are found without reading the others.
+TAGGED = "tagged/"
+TAG_INDEX_BUILT = "store/tag-index"
 MANIFESTS = "manifest/"
 LINKS = "link/"
 BLOBS = "blob/"
@@ -62,6 +65,14 @@ def tag(repo: str, tag: str) -> str:
 
 def tags_of(repo: str) -> str:
     return f"{TAGS}{repo}@"
+
+
+def tagged(repo: str, digest: str, tag: str) -> str:
+    return f"{TAGGED}{repo}@{digest}/{tag}"
+
+
+def tags_of_digest(repo: str, digest: str) -> str:
+    return f"{TAGGED}{repo}@{digest}/"
 
 
 def manifest(repo: str, digest: str) -> str:

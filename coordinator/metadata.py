@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 from .quota import QuotaScope, admit
+from .quota import release as release_quota
 from .uploads import SessionChanged
 
 T = TypeVar("T")
@@ -150,6 +151,7 @@ class Metadata:
 
     def __init__(self, kv: KV) -> None:
         self.kv = kv
+        self._tag_index_ready = False
 
     # -- repositories -----------------------------------------------------------------------
 
@@ -252,7 +254,11 @@ class Metadata:
             if found is None:
                 return False
             digest = json.loads(found.value)["digest"]
-            ops: list[Op] = [Delete(found.key), release(repo, digest, manifests=[digest])]
+            ops: list[Op] = [
+                Delete(found.key),
+                Delete(keys.tagged(repo, digest, tag)),
+                release(repo, digest, manifests=[digest]),
+            ]
             if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
                 return True
         raise Conflict(f"delete of tag {tag} kept racing")
@@ -395,8 +401,20 @@ class Metadata:
                 return linked
         raise Conflict(f"mount of {digest} kept racing")
 
-    async def unlink_blob(self, repo: str, digest: str) -> bool:
-        return await self.kv.delete(keys.link(repo, digest)) > 0
+    async def unlink_blob(self, repo: str, digest: str, *, quotas: Sequence[QuotaScope] = ()) -> bool:
+        """Remove a blob's link from `repo`, giving its bytes back to the quotas that counted them."""
+        key = keys.link(repo, digest)
+        for _ in range(_MAX_ATTEMPTS):
+            found = await self.kv.get(key)
+            if found is None:
+                return False
+            link: LinkRecord = _load(LinkRecord, found)
+            compares, writes = await release_quota(self.kv, {scope: link.size for scope in quotas})
+            if (
+                await self.kv.txn([Compare.unchanged(key, found.mod_revision), *compares], [Delete(key), *writes])
+            ).succeeded:
+                return True
+        raise Conflict(f"unlink of {digest} kept racing")
 
     # -- manifests --------------------------------------------------------------------------
 
@@ -422,28 +440,19 @@ class Metadata:
         `frozen_tag` may be created or pushed again with the same content, never moved:
         TagFrozen says it points elsewhere.
         """
-        head_guards = [Compare.absent(keys.deleting(record.digest))]
-        if frozen_tag and tag is not None:
-            current = await self.kv.get(keys.tag(repo, tag))
-            if current is not None and json.loads(current.value)["digest"] != record.digest:
-                raise TagFrozen(tag, json.loads(current.value)["digest"])
-            head_guards.append(Compare.unchanged(keys.tag(repo, tag), current.mod_revision if current else 0))
-        head_ops: list[Op] = [
+        base_guards = [Compare.absent(keys.deleting(record.digest))]
+        base_ops: list[Op] = [
             Put(keys.manifest(repo, record.digest), _dump(record)),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(record.digest)),
             Delete(keys.pending_manifest(repo, record.digest)),
         ]
-        if tag is not None:
-            head_ops.append(
-                Put(keys.tag(repo, tag), _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed)))
-            )
         if record.subject:
-            head_ops.append(
+            base_ops.append(
                 Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
             )
         if intent is not None:
-            head_ops.append(Delete(keys.upload(intent)))
+            base_ops.append(Delete(keys.upload(intent)))
         # Everything it names must be there, and whatever it names is no longer garbage: the
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
@@ -453,6 +462,8 @@ class Metadata:
         blob_key = keys.blob(record.digest)
         blob = Put(blob_key, _dump(BlobRecord(record.size, storage_key, record.pushed)))
         for _ in range(_MAX_ATTEMPTS):
+            tag_guards, tag_ops = await self._tag_move(repo, tag, record, frozen_tag)
+            head_guards, head_ops = [*base_guards, *tag_guards], [*base_ops, *tag_ops]
             if len(ref_guards) + len(head_guards) < _TXN_BUDGET and len(ref_ops) + len(head_ops) < _TXN_BUDGET:
                 guards, ops = [*head_guards, *ref_guards], [*head_ops, *ref_ops]
             else:
@@ -465,12 +476,72 @@ class Metadata:
                 return
             if await self.kv.get(keys.deleting(record.digest)) is not None:
                 raise BeingCollected(record.digest)
-            if frozen_tag and tag is not None:
-                moved = await self.get_tag(repo, tag)
-                if moved is not None and moved.digest != record.digest:
-                    raise TagFrozen(tag, moved.digest)
             await self._raise_missing(repo, record)
         raise Conflict("manifest references kept changing")
+
+    async def _tag_move(
+        self, repo: str, tag: str | None, record: ManifestRecord, frozen: bool
+    ) -> tuple[list[Compare], list[Op]]:
+        """Guards and writes that point `tag` at `record`, keeping the digest -> tags index right."""
+        if tag is None:
+            return [], []
+        key = keys.tag(repo, tag)
+        current = await self.kv.get(key)
+        old = json.loads(current.value)["digest"] if current is not None else None
+        if frozen and old is not None and old != record.digest:
+            raise TagFrozen(tag, old)
+        ops: list[Op] = [
+            Put(key, _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed))),
+            Put(keys.tagged(repo, record.digest, tag), b""),
+        ]
+        if old is not None and old != record.digest:
+            ops.append(Delete(keys.tagged(repo, old, tag)))
+        return [Compare.unchanged(key, current.mod_revision if current else 0)], ops
+
+    async def tags_of_digest(self, repo: str, digest: str) -> dict[str, KeyValue]:
+        """The tags of `repo` that point at `digest`, with their records: from the index, in O(those tags)."""
+        if not self._tag_index_ready:
+            marker = await self.kv.get(keys.TAG_INDEX_BUILT)
+            self._tag_index_ready = marker is not None
+        prefix = keys.tags_of(repo)
+        if not self._tag_index_ready:
+            # A store from before the index, until the leader has built it: read every tag.
+            every = await self._range_all(prefix)
+            return {kv.key[len(prefix) :]: kv for kv in every if json.loads(kv.value)["digest"] == digest}
+        index = keys.tags_of_digest(repo, digest)
+        found = {}
+        for entry in await self._range_all(index):
+            tag = entry.key[len(index) :]
+            record = await self.kv.get(keys.tag(repo, tag))
+            if record is not None and json.loads(record.value)["digest"] == digest:
+                found[tag] = record
+        return found
+
+    async def build_tag_index(self) -> int:
+        """Index every tag by its digest (stores from before the index); returns the entries written."""
+        if await self.kv.get(keys.TAG_INDEX_BUILT) is not None:
+            return 0
+        written = 0
+        for kv in await self._range_all(keys.TAGS):
+            repo, tag = keys.split_repo_key(kv.key, keys.TAGS)
+            digest = json.loads(kv.value)["digest"]
+            entry = keys.tagged(repo, digest, tag)
+            # Only if the tag is still there: a move since writes the index itself.
+            if (await self.kv.txn([Compare.unchanged(kv.key, kv.mod_revision)], [Put(entry, b"")])).succeeded:
+                written += 1
+        await self.kv.put(keys.TAG_INDEX_BUILT, json.dumps({"at": time.time(), "entries": written}).encode())
+        self._tag_index_ready = True
+        return written
+
+    async def _range_all(self, prefix: str) -> list[KeyValue]:
+        found: list[KeyValue] = []
+        start: str | None = None
+        while True:
+            page = await self.kv.range(prefix, start=start, limit=_PAGE)
+            found += page
+            if len(page) < _PAGE:
+                return found
+            start = keys.after(page[-1].key)
 
     async def _claim_references(
         self, repo: str, record: ManifestRecord, ref_guards: list[Compare], ref_ops: list[Op]
@@ -499,10 +570,11 @@ class Metadata:
             if found is None:
                 return False
             record: ManifestRecord = _load(ManifestRecord, found)
-            tagged = [kv for kv in await self.kv.range(keys.tags_of(repo)) if json.loads(kv.value)["digest"] == digest]
+            tagged = await self.tags_of_digest(repo, digest)
             guards = [Compare.unchanged(found.key, found.mod_revision)]
-            guards += [Compare.unchanged(kv.key, kv.mod_revision) for kv in tagged]
-            ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged)]
+            guards += [Compare.unchanged(kv.key, kv.mod_revision) for kv in tagged.values()]
+            ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged.values())]
+            ops += [Delete(keys.tagged(repo, digest, tag)) for tag in tagged]
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
@@ -534,6 +606,7 @@ class Metadata:
                 writes.append(
                     (keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
                 )
+        writes += [(keys.tagged(repo, record.digest, tag), b"") for tag, record in sorted(adoption.tags.items())]
         writes += [(keys.tag(repo, tag), _dump(record)) for tag, record in sorted(adoption.tags.items())]
         done = Adopted()
         # Blobs first and tags last: a reader never meets a tag whose records are not there yet.

@@ -242,7 +242,7 @@ async def _remove_one(services: Services, reference: str, *, tag_only: bool) -> 
     if tag_only:
         await metadata.delete_tag(repo, tag)
         return f"untagged {repo}:{tag} (manifest {record.digest} kept)"
-    others = [t for t, r in (await metadata.tag_records(repo)).items() if r.digest == record.digest and t != tag]
+    others = [t for t in await metadata.tags_of_digest(repo, record.digest) if t != tag]
     await metadata.delete_manifest(repo, record.digest)
     also = f" and its other tags {', '.join(sorted(others))}" if others else ""
     return f"deleted {repo}:{tag} ({record.digest}){also}"

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from coordinator.election import Election
+from coordinator.metadata import Conflict
 
 from .accesslog import AccessLog
 from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
@@ -21,7 +22,7 @@ from .audit import AuditLog, AuditMiddleware
 from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
 from .config import Config
-from .errors import RegistryError, Unsupported, error_response, handle_registry_error
+from .errors import RegistryError, Unsupported, error_response, handle_contention, handle_registry_error
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .services import Services
@@ -110,7 +111,11 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     app = Starlette(
         routes=ROUTES + PROBE_ROUTES + token_routes,
         lifespan=lifespan,
-        exception_handlers={RegistryError: handle_registry_error, HTTPException: _http_error},
+        exception_handlers={
+            RegistryError: handle_registry_error,
+            HTTPException: _http_error,
+            Conflict: handle_contention,
+        },
     )
     if services is not None:
         app.state.services = services

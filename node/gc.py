@@ -144,6 +144,7 @@ async def collect(
         delete_untagged=config.deleteuntagged if delete_untagged is None else delete_untagged,
         dry_run=dry_run,
         reclaim_imported=reclaim_imported,
+        quotas=services.policies.scopes,
         progress=progress,
     )
     metrics = services.metrics

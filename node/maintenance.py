@@ -32,6 +32,9 @@ class Maintenance:
 
     async def lead(self) -> None:
         """The leader's jobs, each on its own schedule; all cancelled when leadership ends."""
+        built = await self.services.metadata.build_tag_index()
+        if built:
+            log.info("indexed %d tags by digest (a store from before the index)", built)
         jobs = [self._every(_GAUGE_SECONDS, self._count_uploads), self._every(_IMPORT_CHECK_SECONDS, self._import)]
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))

@@ -106,6 +106,6 @@ async def delete_blob(request: Request) -> Response:
     digest = str(parse_digest(request.path_params["digest"]))
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
-    if not await svc.metadata.unlink_blob(name, digest):
+    if not await svc.metadata.unlink_blob(name, digest, quotas=svc.policies.quota_scopes(name)):
         raise BlobUnknown({"digest": digest})
     return Response(status_code=202, headers={"Content-Length": "0"})

@@ -233,7 +233,7 @@ async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
     if ref.tag is not None:
         tags = [ref.tag]
     else:
-        tags = [t for t, r in (await svc.metadata.tag_records(name)).items() if r.digest == str(ref.digest)]
+        tags = list(await svc.metadata.tags_of_digest(name, str(ref.digest)))
     for tag in tags:
         rule = immutability.rule_for(name, tag)
         if rule is not None:
