@@ -11,6 +11,10 @@ TAGS = "tag/"
 # Every tag again, under its digest, so a manifest's tags are found without reading the others.
 TAGGED = "tagged/"
 TAG_INDEX_BUILT = "store/tag-index"
+# Rewritten in every transaction that changes a repository's tags, or adds a repository: nodes keep
+# tag lists and the catalog in memory and check one of these per request to know they are current.
+TAG_VERSIONS = "tagver/"
+CATALOG_VERSION = "store/catalog-version"
 MANIFESTS = "manifest/"
 LINKS = "link/"
 BLOBS = "blob/"
@@ -61,6 +65,10 @@ def repository(name: str) -> str:
 
 def tag(repo: str, tag: str) -> str:
     return f"{TAGS}{repo}@{tag}"
+
+
+def tag_version(repo: str) -> str:
+    return f"{TAG_VERSIONS}{repo}"
 
 
 def tags_of(repo: str) -> str:

@@ -77,6 +77,14 @@ def release(repo: str, digest: str, *, blobs: Iterable[str] = (), manifests: Ite
     return Put(keys.released(repo, digest), _dump(Release(time.time(), list(blobs), list(manifests))))
 
 
+def TAGS_CHANGED(repo: str) -> Put:  # noqa: N802 - reads as the event it records
+    """The op every transaction that changes `repo`'s tags carries (see keys.TAG_VERSIONS)."""
+    return Put(keys.tag_version(repo), b"")
+
+
+CATALOG_CHANGED = Put(keys.CATALOG_VERSION, b"")
+
+
 def decode(cls: type[T], raw: bytes) -> T:
     """A record from its stored JSON."""
     return cls(**json.loads(raw))
@@ -152,6 +160,8 @@ class Metadata:
     def __init__(self, kv: KV) -> None:
         self.kv = kv
         self._tag_index_ready = False
+        # Repositories this process has seen exist: writing to them cannot change the catalog.
+        self._known_repositories: set[str] = set()
 
     # -- repositories -----------------------------------------------------------------------
 
@@ -172,6 +182,28 @@ class Metadata:
         prefix = keys.tags_of(repo)
         start = keys.after(keys.tag(repo, last)) if last else None
         return [kv.key[len(prefix) :] for kv in await self.kv.range(prefix, start=start, limit=limit)]
+
+    async def tag_list(self, repo: str, known: int | None = None) -> tuple[int, list[str] | None]:
+        """(version, every tag of `repo` in order), the list None when it is still `known`'s.
+
+        The version is the revision of the repository's tag version record, rewritten by every
+        transaction that changes its tags: a list read at version V is current while it stays V.
+        Version 0: no record yet (a store from before them), so nothing may be kept.
+        """
+        found = await self.kv.get(keys.tag_version(repo))
+        version = found.mod_revision if found is not None else 0
+        if version and version == known:
+            return version, None
+        prefix = keys.tags_of(repo)
+        return version, [kv.key[len(prefix) :] for kv in await self._range_all(prefix)]
+
+    async def repository_list(self, known: int | None = None) -> tuple[int, list[str] | None]:
+        """(version, every repository in order), the list None when it is still `known`'s (as tag_list)."""
+        found = await self.kv.get(keys.CATALOG_VERSION)
+        version = found.mod_revision if found is not None else 0
+        if version and version == known:
+            return version, None
+        return version, [kv.key[len(keys.REPOSITORIES) :] for kv in await self._range_all(keys.REPOSITORIES)]
 
     async def tag_records(self, repo: str) -> dict[str, TagRecord]:
         prefix = keys.tags_of(repo)
@@ -258,6 +290,7 @@ class Metadata:
                 Delete(found.key),
                 Delete(keys.tagged(repo, digest, tag)),
                 release(repo, digest, manifests=[digest]),
+                TAGS_CHANGED(repo),
             ]
             if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
                 return True
@@ -304,6 +337,7 @@ class Metadata:
         record = BlobRecord(size, key, now)
         blob_key = keys.blob(digest)
         not_deleting = Compare.absent(keys.deleting(digest))
+        common += await self._catalog_ops(repo)
         for _ in range(_MAX_ATTEMPTS):
             admission, guard_writes = await self._admit(link_key, quotas, size)
             result = await self.kv.txn(
@@ -312,6 +346,7 @@ class Metadata:
                 [Get(blob_key), Get(keys.deleting(digest)), *(Get(g.key) for g in session_guard)],
             )
             if result.succeeded:
+                self._known_repositories.add(repo)
                 return record
             existing, deleting, *session = result.gets
             if session_guard and (session[0] is None or session[0].mod_revision != upload[1]):  # type: ignore[index]
@@ -328,6 +363,7 @@ class Metadata:
                 [*replace, *common, *guard_writes],
             )
             if again.succeeded:
+                self._known_repositories.add(repo)
                 return record if found.corrupt else found
         raise Conflict(f"commit of {digest} kept racing")
 
@@ -395,9 +431,11 @@ class Metadata:
                     Put(keys.repository(repo), b"{}"),
                     Delete(keys.pending_blob(digest)),
                     *guard_writes,
+                    *await self._catalog_ops(repo),
                 ],
             )
             if result.succeeded:
+                self._known_repositories.add(repo)
                 return linked
         raise Conflict(f"mount of {digest} kept racing")
 
@@ -463,7 +501,8 @@ class Metadata:
         blob = Put(blob_key, _dump(BlobRecord(record.size, storage_key, record.pushed)))
         for _ in range(_MAX_ATTEMPTS):
             tag_guards, tag_ops = await self._tag_move(repo, tag, record, frozen_tag)
-            head_guards, head_ops = [*base_guards, *tag_guards], [*base_ops, *tag_ops]
+            head_guards = [*base_guards, *tag_guards]
+            head_ops = [*base_ops, *tag_ops, *await self._catalog_ops(repo)]
             if len(ref_guards) + len(head_guards) < _TXN_BUDGET and len(ref_ops) + len(head_ops) < _TXN_BUDGET:
                 guards, ops = [*head_guards, *ref_guards], [*head_ops, *ref_ops]
             else:
@@ -471,8 +510,10 @@ class Metadata:
                 # under the GC epoch, which a collection moves before it deletes anything.
                 guards, ops = [*head_guards, await self._claim_references(repo, record, ref_guards, ref_ops)], head_ops
             if (await self.kv.txn([*guards, Compare.absent(blob_key)], [*ops, blob])).succeeded:
+                self._known_repositories.add(repo)
                 return
             if (await self.kv.txn([*guards, Compare.present(blob_key)], ops)).succeeded:
+                self._known_repositories.add(repo)
                 return
             if await self.kv.get(keys.deleting(record.digest)) is not None:
                 raise BeingCollected(record.digest)
@@ -493,10 +534,20 @@ class Metadata:
         ops: list[Op] = [
             Put(key, _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed))),
             Put(keys.tagged(repo, record.digest, tag), b""),
+            TAGS_CHANGED(repo),
         ]
         if old is not None and old != record.digest:
             ops.append(Delete(keys.tagged(repo, old, tag)))
         return [Compare.unchanged(key, current.mod_revision if current else 0)], ops
+
+    async def _catalog_ops(self, repo: str) -> list[Op]:
+        """[CATALOG_CHANGED] when this write may create `repo` (nodes cache the catalog), else []."""
+        if repo in self._known_repositories:
+            return []
+        if await self.kv.get(keys.repository(repo)) is not None:
+            self._known_repositories.add(repo)
+            return []
+        return [CATALOG_CHANGED]
 
     async def tags_of_digest(self, repo: str, digest: str) -> dict[str, KeyValue]:
         """The tags of `repo` that point at `digest`, with their records: from the index, in O(those tags)."""
@@ -529,6 +580,10 @@ class Metadata:
             # Only if the tag is still there: a move since writes the index itself.
             if (await self.kv.txn([Compare.unchanged(kv.key, kv.mod_revision)], [Put(entry, b"")])).succeeded:
                 written += 1
+        # Tag lists and the catalog become cacheable from here on.
+        for repo in [kv.key[len(keys.REPOSITORIES) :] for kv in await self._range_all(keys.REPOSITORIES)]:
+            await self.kv.txn([], [TAGS_CHANGED(repo)])
+        await self.kv.txn([], [CATALOG_CHANGED])
         await self.kv.put(keys.TAG_INDEX_BUILT, json.dumps({"at": time.time(), "entries": written}).encode())
         self._tag_index_ready = True
         return written
@@ -575,6 +630,8 @@ class Metadata:
             guards += [Compare.unchanged(kv.key, kv.mod_revision) for kv in tagged.values()]
             ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged.values())]
             ops += [Delete(keys.tagged(repo, digest, tag)) for tag in tagged]
+            if tagged:
+                ops.append(TAGS_CHANGED(repo))
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
@@ -623,6 +680,8 @@ class Metadata:
                     done.written += 1
                 else:
                     done.kept += 1
+        # Nodes holding this repository's tags, or the catalog, in memory read them again.
+        await self.kv.txn([], [TAGS_CHANGED(repo), CATALOG_CHANGED])
         return done
 
     async def _adopt_blob(self, digest: str, blob: BlobRecord, done: Adopted) -> None:
