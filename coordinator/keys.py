@@ -26,6 +26,8 @@ QUOTAS = "quota/"
 RETENTION_LAST_RUN = "retention/last-run"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
+# The newest line (number and hash) an audit log is known to have had, one record per chain.
+AUDIT_HEADS = "audit/head/"
 
 
 def after(key: str) -> str:
@@ -103,3 +105,8 @@ def deleting(digest: str) -> str:
 def quota_guard(scope: str) -> str:
     """Rewritten by every new link under a quota scope, so concurrent admissions serialise."""
     return f"{QUOTAS}{scope}"
+
+
+def audit_head(chain: str) -> str:
+    """Where the audit chain `chain` records its newest line, so a truncated tail is noticed."""
+    return f"{AUDIT_HEADS}{chain}"
