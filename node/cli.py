@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import admin
+from . import admin, audit_cli
 from .config import Config, ConfigError, load
 from .metrics import MULTIPROC_ENV
 
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_htpasswd_parser(commands)
     _add_cert_parser(commands)
     admin.add_commands(commands)
+    audit_cli.add_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
         try:
