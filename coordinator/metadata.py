@@ -145,8 +145,16 @@ class Metadata:
         prefix = keys.tags_of(repo)
         return {kv.key[len(prefix) :]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
 
-    async def delete_tag(self, repo: str, tag: str) -> bool:
-        return await self.kv.delete(keys.tag(repo, tag)) > 0
+    async def delete_tag(self, repo: str, tag: str) -> TagRecord | None:
+        """Remove a tag; the record it had when it went (None if there was none)."""
+        key = keys.tag(repo, tag)
+        for _ in range(_MAX_ATTEMPTS):
+            item = await self.kv.get(key)
+            if item is None:
+                return None
+            if (await self.kv.txn([Compare.unchanged(key, item.mod_revision)], [Delete(key)])).succeeded:
+                return _load(TagRecord, item)
+        raise Conflict(f"tag {repo}:{tag} kept changing while it was being deleted")
 
     # -- blobs ------------------------------------------------------------------------------
 
