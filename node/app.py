@@ -128,7 +128,7 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     """The registry app. With `services`, use them (tests); otherwise open them at start-up."""
 
     metrics = services.metrics if services is not None else Metrics()
-    audit = AuditLog.open(config.audit)
+    audit = AuditLog.open(config.audit, shared=config.http.workers > 1)
     auth = AuthServices.build(config)
     token_routes = auth.routes()
 
@@ -169,7 +169,7 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     # Outermost last: access log, the audit line of each decision (authentication refuses some),
     # authentication, then the `started` line of a change just before its handler.
     if audit is not None:
-        app.add_middleware(AuditIntent, audit=audit)
+        app.add_middleware(AuditIntent, audit=audit, routes=app.router.routes, decisions=AUDITED)
     if auth.enabled:
         public = PROBE_ROUTES + token_routes
         app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)

@@ -4,11 +4,12 @@ A request's line is built as it goes: `AuditMiddleware` (outside authentication)
 the route, handlers add what they learn with `note`, and an error that refuses the request
 carries `refused_by`, `rule` and its own facts (node/errors.py); the middleware writes the line
 when the response starts. Which requests are decisions is the app's table (node/app.py); any
-other request gets a line only when a check refuses it. A push or delete that passed
-authentication first gets a `started` line (`AuditIntent`, inside authentication), so a change is
-never made that the file does not show: if that line cannot be written the request is refused with
-503 before anything changes, and if the outcome line cannot be written the client gets 500 instead
-of a success nobody recorded.
+other request gets a line only when a check refuses it. A manifest or tag push and a delete that
+passed authentication first get a `started` line (`AuditIntent`, inside authentication), so what
+is pulled by name never changes without the file showing it: if that line cannot be written the
+request is refused with 503 before anything changes, and if the outcome line cannot be written the
+client gets 500 instead of a success nobody recorded. A blob upload or mount only adds content
+behind names; its one line is written before the client hears of it, or the client gets 503.
 
 The file rotates by size; each line carries the hash of the one before (node/auditchain.py), and
 the newest line's number and hash go to the coordinator now and then, so `wharf audit verify`
@@ -19,17 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import fcntl
 import json
 import logging
 import os
+import queue
 import secrets
 import stat
+import threading
+import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,7 +41,7 @@ from coordinator.kv import KV
 
 from .auditchain import GENESIS, Head, find_line, head_of, last_line, line_hash, log_files, tail_head
 from .auth.access import CATALOG, DELETE, PULL, PUSH
-from .auth.target import STATE_KEY, Target, resolve
+from .auth.target import STATE_KEY, Target, resolve, routed
 from .config import AuditConfig, ConfigError, parse_duration, parse_size
 from .errors import ERROR_KEY, RegistryError, Unavailable, send_error
 
@@ -51,37 +53,66 @@ DECISION_KEY = "wharf.audit"
 FIELDS = ("object", "user", "remote", "repository", "reference", "digest", "status", "refused_by", "rule")
 # A writer that keeps finding the file replaced under it (rotations by other workers) gives up.
 _LOCK_ATTEMPTS = 8
+# How often a writer alone on its path looks whether the file is still there and still its own.
+RECHECK_SECONDS = 1.0
+# One encoder for every line (json.dumps with options builds a new one each call). ASCII only.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 class AuditUnavailable(Unavailable):
     message = "the audit log cannot be written"
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def _now() -> str:
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    """UTC now, to the millisecond (the second's text is formatted once per second)."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole)))
+    return f"{_second[1]}{int((now - whole) * 1000):03d}Z"
+
+
+class _State(NamedTuple):
+    """The live file as a writer sees it (size 0 for a device or pipe)."""
+
+    regular: bool
+    dev: int
+    ino: int
+    size: int
 
 
 class _ChainedFile:
     """Appends chained lines; past `max_bytes` moves the file to .1 (.1 to .2, ...) and starts anew.
 
-    Several worker processes may append to one path. Each append holds an exclusive flock on the
-    live file, so lines stay whole and form one chain: a writer that finds the file other than it
-    left it (another worker wrote or rotated) reads the newest line back and goes on from it. If
-    the file went backwards (lines removed), it goes on from the newest line it knows of instead
-    and says why in the line (`resumed`), so the gap stays visible to `wharf audit verify`.
+    A writer alone on its path (one worker process) keeps the file's state itself and spends one
+    system call per write; it looks at the path again every RECHECK_SECONDS, in case something
+    else moved the file. Several worker processes may share one path (`shared`): each append then
+    holds an exclusive flock on the live file, so lines stay whole and form one chain, and a writer
+    that finds the file other than it left it (another worker wrote or rotated) reads the newest
+    line back and goes on from it. Either way, if the file went backwards (lines removed), the
+    writer goes on from the newest line it knows of and says why in the line (`resumed`), so the gap
+    stays visible to `wharf audit verify`. A lock on PATH.lock, shared or exclusive, keeps two
+    processes that both think they are alone off one path.
     """
 
-    def __init__(self, path: str, max_bytes: int, backups: int, fsync: bool) -> None:
+    def __init__(self, path: str, max_bytes: int, backups: int, fsync: bool, *, shared: bool = False) -> None:
         self.path = path
         self._max = max_bytes
         self._backups = backups
         self._fsync = fsync
+        self._shared = shared
         self._fd = self._open()
+        self._claim: int | None = None  # the descriptor holding PATH.lock, once writing began
         self.head: Head | None = None  # the newest line known: written here, read back, or the coordinator's
         self.rotations = 0
-        self._left: tuple[int, int, int] | None = None  # (dev, inode, size) as the last append here left it
+        self._left: _State | None = None  # the file as the last write here left it
+        self._recheck = 0.0  # when a writer alone next looks at the path
         self._resume: str | None = None  # why the next line goes on from `head` rather than from the disk
+        self._mutex = threading.Lock()  # the event loop and the writer thread may both write
 
     def _open(self) -> int:
         # Read too: a writer reads the last line back when another worker wrote it.
@@ -91,67 +122,106 @@ class _ChainedFile:
         os.close(self._fd)
         self._fd = self._open()
 
-    def _is_current(self, st: os.stat_result) -> bool:
-        """Whether our descriptor is still the file at `path` (not rotated or removed by another)."""
-        if not stat.S_ISREG(st.st_mode):
-            return True  # a device or pipe (tests, /dev/stdout): nothing rotates it
+    def _take_claim(self) -> None:
+        if self._claim is not None or not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            return
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            current = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        return (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self._shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(
+                f"{self.path} is being written by another process: give each node its own audit.path"
+            ) from None
+        self._claim = fd
 
-    def _locked(self, work: Callable[[os.stat_result], Any]) -> Any:
-        """Run `work` holding the live file's lock; it returns None to be run again (after a rotation)."""
-        for _ in range(_LOCK_ATTEMPTS):
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                st = os.fstat(self._fd)
-                if self._is_current(st):
-                    result = work(st)
-                    if result is not None:
-                        return result
-                    continue
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._reopen()
-        raise OSError(f"{self.path} keeps being replaced while it is written")
-
-    def append(self, entry: dict[str, Any]) -> bytes:
-        """Write one line for `entry`; returns the line (without its newline)."""
-        return self._locked(lambda st: self._append(st, entry))  # type: ignore[no-any-return]
-
-    def _append(self, st: os.stat_result, entry: dict[str, Any]) -> bytes | None:
+    def _current(self) -> _State | None:
+        """The live file now; None if our descriptor is no longer it (rotated or removed by another)."""
+        if not self._shared and self._left is not None and time.monotonic() < self._recheck:
+            return self._left  # alone on the path: the file is as the last write left it
+        st = os.fstat(self._fd)
         regular = stat.S_ISREG(st.st_mode)
-        size = st.st_size if regular else 0
-        lead = b""
-        if regular and self._left != (st.st_dev, st.st_ino, size):
-            lead = self._catch_up(size)
-        head = self.head
-        fields: dict[str, Any] = {
-            "seq": head.seq + 1 if head else 1,
-            "chain": head.chain if head else secrets.token_hex(8),
-            "prev": head.hash if head else GENESIS,
-            **entry,
-        }
-        if self._resume:
-            fields["resumed"] = self._resume
-        line = json.dumps(fields, separators=(",", ":"), default=str).encode()
-        data = lead + line + b"\n"
-        if regular and size > 0 and size + len(data) > self._max:
-            self._rotate(st)
-            return None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        if self._fsync:
-            os.fsync(self._fd)
-        self.head = Head(fields["seq"], line_hash(line), fields["chain"], fields["prev"])
-        self._resume = None
         if regular:
-            self._left = (st.st_dev, st.st_ino, size + len(data))
-        return line
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                return None
+            if (current.st_dev, current.st_ino) != (st.st_dev, st.st_ino):
+                return None
+        self._recheck = time.monotonic() + RECHECK_SECONDS
+        return _State(regular, st.st_dev, st.st_ino, st.st_size if regular else 0)
+
+    def _locked(self, work: Callable[[_State], Any], *, rounds: int = 1) -> Any:
+        """Run `work` on the live file (locked when shared); it returns None to be run again (it rotated)."""
+        with self._mutex:
+            self._take_claim()
+            for _ in range(_LOCK_ATTEMPTS + 2 * rounds):
+                if self._shared:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX)
+                try:
+                    state = self._current()
+                    if state is not None:
+                        result = work(state)
+                        if result is not None:
+                            return result
+                        continue
+                finally:
+                    if self._shared:
+                        fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._reopen()
+            raise OSError(f"{self.path} keeps being replaced while it is written")
+
+    def append(self, entries: list[dict[str, Any]]) -> None:
+        """Write one line per entry, in order, in as few writes as rotation allows."""
+        pending = entries
+
+        def work(state: _State) -> bool | None:
+            nonlocal pending
+            pending = self._append(state, pending)
+            return None if pending else True
+
+        self._locked(work, rounds=len(entries))
+
+    def _append(self, state: _State, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write the lines that fit in the live file; the entries left once it has rotated ([] when none)."""
+        data = bytearray()
+        if state.regular and self._left != state:
+            data += self._catch_up(state.size)
+        head, resume = self.head, self._resume
+        size = state.size
+        for done, entry in enumerate(entries):
+            fields: dict[str, Any] = {
+                "seq": head.seq + 1 if head else 1,
+                "chain": head.chain if head else secrets.token_hex(8),
+                "prev": head.hash if head else GENESIS,
+                **entry,
+            }
+            if resume:
+                fields["resumed"] = resume
+            line = _ENCODER.encode(fields).encode()
+            if state.regular and size + len(data) > 0 and size + len(data) + len(line) + 1 > self._max:
+                self._write(state, data, head, resume)
+                self._rotate()
+                return entries[done:]
+            data += line + b"\n"
+            head, resume = Head(fields["seq"], line_hash(line), fields["chain"], fields["prev"]), None
+        self._write(state, data, head, resume)
+        return []
+
+    def _write(self, state: _State, data: bytearray, head: Head | None, resume: str | None) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if data and self._fsync:
+                os.fsync(self._fd)
+        except OSError:
+            self._left = None  # maybe half written: look at the file again next time
+            raise
+        self.head, self._resume = head, resume
+        if state.regular:
+            self._left = state._replace(size=state.size + len(data))
 
     def _disk_head(self, size: int) -> tuple[Head | None, bytes | None]:
         """The newest line on disk: the live file's last, or (when it is empty) the last rotated one's."""
@@ -183,40 +253,40 @@ class _ChainedFile:
             return b"\n"
         return b""
 
-    def _rotate(self, st: os.stat_result) -> None:
+    def _rotate(self) -> None:
         """Start a new live file, holding the old one's lock until the new one is locked too."""
         self.rotations += 1
         if self._backups == 0:
             os.ftruncate(self._fd, 0)
-            self._left = (st.st_dev, st.st_ino, 0)
-            return
-        for i in range(self._backups - 1, 0, -1):
-            older = f"{self.path}.{i}"
-            if os.path.exists(older):
-                os.replace(older, f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
-        old = self._fd
-        self._fd = self._open()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.close(old)
+        else:
+            for i in range(self._backups - 1, 0, -1):
+                older = f"{self.path}.{i}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+            old = self._fd
+            self._fd = self._open()
+            if self._shared:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            os.close(old)
         new = os.fstat(self._fd)
-        self._left = (new.st_dev, new.st_ino, 0)
+        self._left = _State(True, new.st_dev, new.st_ino, 0)
 
     def disk_head(self) -> Head | None:
         """The newest line on disk now (for finding the coordinator's record of this log)."""
 
-        def read(st: os.stat_result) -> tuple[Head | None]:
-            return (self._disk_head(st.st_size if stat.S_ISREG(st.st_mode) else 0)[0],)
+        def read(state: _State) -> tuple[Head | None]:
+            return (self._disk_head(state.size)[0],)
 
         return self._locked(read)[0]  # type: ignore[no-any-return]
 
     def anchor(self, recorded: Head) -> str | None:
         """At start: go on from the coordinator's record of the newest line; why the disk disagrees, if it does."""
 
-        def check(st: os.stat_result) -> tuple[str | None]:
-            if not stat.S_ISREG(st.st_mode):
+        def check(state: _State) -> tuple[str | None]:
+            if not state.regular:
                 return (None,)
-            disk, _ = self._disk_head(st.st_size)
+            disk, _ = self._disk_head(state.size)
             problem = None
             if disk is None:
                 problem = f"the log is empty, but the coordinator recorded line {recorded.seq}: its files were removed"
@@ -238,21 +308,86 @@ class _ChainedFile:
                 seq = max(disk.seq if disk is not None and disk.chain == recorded.chain else 0, recorded.seq)
                 self.head = Head(seq, recorded.hash, recorded.chain)
                 self._resume = problem + "; lines were removed or changed while no node was writing"
-            self._left = (st.st_dev, st.st_ino, st.st_size)
+            self._left = state
             return (problem,)
 
         return self._locked(check)[0]  # type: ignore[no-any-return]
 
     def close(self) -> None:
         os.close(self._fd)
+        if self._claim is not None:
+            os.close(self._claim)
+            self._claim = None
+
+
+class _Writer:
+    """One thread that runs the audit file's work in order, off the event loop.
+
+    Lighter than an executor round trip: a queue put there, one call_soon_threadsafe back.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """Run `work` in the thread; `done(result, error)` then runs on the calling event loop."""
+        if self._thread is None:
+            # Started at first use: a server that forks its workers after importing the app must
+            # not leave the thread behind in the parent.
+            self._thread = threading.Thread(target=self._serve, name="wharf-audit", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+
+        def reply(result: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(done, result, error)
+
+        self._jobs.put((work, reply))
+
+    async def run(self, work: Callable[[], Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self.submit(work, done)
+        return await future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, reply = job
+            try:
+                result, error = work(), None
+            except BaseException as exc:  # handed back to the loop, which decides
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                reply(result, error)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 class AuditLog:
-    def __init__(self, config: AuditConfig) -> None:
-        # One thread: lines keep their order and rotation never races a write.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="wharf-audit")
+    def __init__(self, config: AuditConfig, *, shared: bool = False) -> None:
+        # The file's work off the event loop: the reads at start-up, and the lines when fsync is on.
+        self._writer = _Writer()
         self._file = (
-            _ChainedFile(os.path.abspath(config.path), parse_size(config.maxsize), config.maxbackups, config.fsync)
+            _ChainedFile(
+                os.path.abspath(config.path),
+                parse_size(config.maxsize),
+                config.maxbackups,
+                config.fsync,
+                shared=shared,
+            )
             if config.path
             else None
         )
@@ -263,39 +398,94 @@ class AuditLog:
         self._node = ""
         self._anchored: Head | None = None
         self._rotations = 0
+        # Lines wait here for the next write, one for all the lines that came in meanwhile.
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._writing = False
+        # Lines go into the page cache from the event loop (keep the file on a local filesystem);
+        # with fsync each waits for the disk, so the writer thread writes them.
+        self._inline = not config.fsync
         self._wake = asyncio.Event()
         self._anchoring: asyncio.Task[None] | None = None
 
     @classmethod
-    def open(cls, config: AuditConfig) -> AuditLog | None:
-        """The configured audit log (its file opened now, so a bad path stops start-up); None when off."""
+    def open(cls, config: AuditConfig, *, shared: bool = False) -> AuditLog | None:
+        """The configured audit log (its file opened now, so a bad path stops start-up); None when off.
+
+        `shared`: several worker processes write the file (http.workers > 1).
+        """
         if not config.path and not config.stdout:
             return None
         try:
-            return cls(config)
+            return cls(config, shared=shared)
         except OSError as exc:
             raise ConfigError(f"audit.path {config.path}: {exc.strerror or exc}") from None
 
     async def _run(self, work: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        return await self._writer.run(lambda: work(*args))
 
     async def record(self, action: str, result: str, **fields: Any) -> None:
-        """Write one line; AuditUnavailable (503) when it cannot be written."""
+        """Write one line (returns once it is in the file); AuditUnavailable (503) when it cannot be."""
         entry: dict[str, Any] = {"time": _now(), "action": action, "result": result}
         for name in FIELDS:
             entry[name] = fields.pop(name, None)
         entry.update(fields)
         if self._file is not None:
-            try:
-                await self._run(self._file.append, entry)
-            except OSError as exc:
-                log.error("audit log %s cannot be written: %s", self._file.path, exc)
-                raise AuditUnavailable({"reason": "the audit log cannot be written"}) from None
-            if self._file.rotations != self._rotations:
-                self._rotations = self._file.rotations
-                self._wake.set()  # a rotated file's last line goes to the coordinator at once
+            written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue.append((entry, written))
+            if not self._writing:
+                self._write_queued()
+            await written
         if self._stdout:
             log.info("audit", extra={"fields": entry})
+
+    def _write_queued(self) -> None:
+        """Write every queued line in one batch, then the lines queued meanwhile.
+
+        Without fsync the batch is written on the event loop, once the requests that are ready
+        have queued their lines: a line into the page cache takes microseconds, while each write
+        hands the GIL to any other thread that wants it, which the loop then waits to get back;
+        one write for every line of a loop turn keeps that to once. With fsync each write waits for
+        the disk, and the writer thread does it.
+        """
+        assert self._file is not None
+        self._writing = True
+        loop = asyncio.get_running_loop()
+        file = self._file
+
+        def done(_: Any, error: BaseException | None) -> None:
+            self._writing = False
+            if error is not None:
+                log.error("audit log %s cannot be written: %s", file.path, error)
+            for _, written in batch:
+                if written.done():
+                    continue  # its request went away; the line was written all the same
+                if error is not None:
+                    written.set_exception(AuditUnavailable({"reason": "the audit log cannot be written"}))
+                else:
+                    written.set_result(None)
+            if file.rotations != self._rotations:
+                self._rotations = file.rotations
+                self._wake.set()  # a rotated file's last line goes to the coordinator at once
+            if self._queue:
+                self._write_queued()
+
+        batch: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+
+        def write() -> None:
+            nonlocal batch
+            batch, self._queue = self._queue, []
+            try:
+                file.append([entry for entry, _ in batch])
+            except Exception as exc:  # whatever it is, the lines were not written: their requests fail
+                done(None, exc)
+            else:
+                done(None, None)
+
+        if self._inline:
+            loop.call_soon(write)
+        else:
+            batch, self._queue = self._queue, []
+            self._writer.submit(lambda: file.append([entry for entry, _ in batch]), done)
 
     # -- the coordinator's record of the newest line ---------------------------------------------
 
@@ -356,7 +546,7 @@ class AuditLog:
         await self._anchor()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._writer.close()
         if self._file is not None:
             self._file.close()
 
@@ -366,13 +556,18 @@ class AuditLog:
 
 @dataclass
 class Decision:
-    """One request's audit line in the making."""
+    """One request's audit line in the making: described from its route once known, plus notes."""
 
-    action: str  # what the request asks to do: push, pull, delete, catalog, login, token ...
-    fields: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # what handlers add (see `note`)
+    described: bool = False
+    action: str | None = None  # what the request asks to do: push, pull, delete, catalog, login, token ...
+    fields: dict[str, Any] = field(default_factory=dict)  # object, remote, repository, reference, digest
     due: bool = False  # a line even when nothing refuses the request (a decision endpoint, or noted)
-    change: bool = False  # a push or delete: a `started` line before the handler runs
+    change: bool = False  # a tag or manifest push, or a delete: a `started` line before the handler runs
     started: bool = False  # that line was written
+
+    def line(self) -> dict[str, Any]:
+        return {**self.fields, **self.notes}
 
 
 def note(scope: Scope, *, record: bool = False, **facts: Any) -> None:
@@ -382,7 +577,7 @@ def note(scope: Scope, *, record: bool = False, **facts: Any) -> None:
     """
     decision = (scope.get("state") or {}).get(DECISION_KEY)
     if isinstance(decision, Decision):
-        decision.fields.update(facts)
+        decision.notes.update(facts)
         decision.due = decision.due or record
 
 
@@ -406,25 +601,38 @@ def _header(message: Message, name: bytes) -> str | None:
     return None
 
 
-class AuditMiddleware:
-    """ASGI middleware, outside authentication: the one line of each decision, written before the response."""
+# The action of a decision endpoint, by method (what `_action` finds for them, without asking).
+_METHOD_ACTIONS = {"GET": PULL, "HEAD": PULL, "PUT": PUSH, "POST": PUSH, "DELETE": DELETE}
+# What only changes the content behind names (a blob linked, or mounted) gets no `started` line:
+# tags and deletions do, as they change what is pulled by name.
+_INTENT_OBJECTS = frozenset({"manifest", "tag"})
 
-    def __init__(
-        self, app: ASGIApp, *, audit: AuditLog, routes: list[Any], decisions: Mapping[Callable[..., Any], str]
-    ) -> None:
-        self.app = app
+
+class _Describer:
+    """Fills a request's Decision from its route: which endpoint, what it decides on, which digest."""
+
+    def __init__(self, audit: AuditLog, routes: list[Any], decisions: Mapping[Callable[..., Any], str]) -> None:
         self.audit = audit
         self.routes = routes
         self.decisions = decisions  # endpoint -> what it decides on (the line's `object`)
 
-    def _decision(self, scope: Scope, target: Target) -> Decision:
-        params = target.params
+    def describe(self, scope: Scope, decision: Decision) -> None:
+        """From the route the request was given (by the router, or by authentication): no matching here."""
+        if decision.described:
+            return
+        decision.described = True
+        target = (scope.get("state") or {}).get(STATE_KEY)
+        if isinstance(target, Target):
+            endpoint, params = target.endpoint, target.params
+        else:
+            endpoint = getattr(scope.get("route"), "endpoint", None)
+            params = scope.get("path_params") or {}
         query = scope.get("query_string", b"")
         reference = params.get("reference")
         digest = params.get("digest")
         if digest is None and isinstance(reference, str) and ":" in reference:
             digest = reference
-        obj = self.decisions.get(target.endpoint) if target.endpoint is not None else None  # type: ignore[call-overload]
+        obj = self.decisions.get(endpoint) if endpoint is not None else None  # type: ignore[call-overload]
         if obj == "manifest" and digest is None and reference is not None:
             obj = "tag"
         elif obj == "upload":
@@ -436,26 +644,50 @@ class AuditMiddleware:
         elif obj == "blob" and digest is None and query:
             digest = QueryParams(query).get("digest")
         client = scope.get("client")
-        action = _action(target)
-        # HEAD reaches the GET handler too (Starlette adds it), but only checks: no pull.
-        due = obj is not None and scope["method"] != "HEAD" and (action != PULL or self.audit.pulls)
-        fields = {
+        method = scope["method"]
+        name = params.get("name")
+        decision.fields = {
             "object": obj,
             "remote": client[0] if client else None,
-            "repository": target.repository,
+            "repository": name if isinstance(name, str) else None,
             "reference": reference if reference is not None else digest,
             "digest": digest,
         }
-        return Decision(action, fields, due=due, change=due and action in (PUSH, DELETE))
+        if obj is None:
+            return  # audited only if refused; its action is found then (see `action`)
+        decision.action = _METHOD_ACTIONS.get(method, "request")
+        # HEAD reaches the GET handler too (Starlette adds it), but only checks: no pull.
+        decision.due = decision.due or (method != "HEAD" and (decision.action != PULL or self.audit.pulls))
+        decision.change = decision.due and decision.action in (PUSH, DELETE)
+        decision.change = decision.change and (obj in _INTENT_OBJECTS or decision.action == DELETE)
+
+    def action(self, scope: Scope, decision: Decision) -> str:
+        """What the request asked to do, for one that is no decision endpoint: found by its route's needs."""
+        if decision.action is None:
+            decision.action = _action(routed(self.routes, scope))
+        return decision.action
+
+
+class AuditMiddleware:
+    """ASGI middleware, outside authentication: the one line of each decision, written before the response.
+
+    It matches no route itself: by the time the response starts, the router (or authentication,
+    which refused the request) has said which route it was.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, audit: AuditLog, routes: list[Any], decisions: Mapping[Callable[..., Any], str]
+    ) -> None:
+        self.app = app
+        self.audit = audit
+        self.describer = _Describer(audit, routes, decisions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        target = resolve(self.routes, scope)
-        state[STATE_KEY] = target
-        decision = state[DECISION_KEY] = self._decision(scope, target)
+        decision = state[DECISION_KEY] = Decision()
         replaced = False
         recorded = False
 
@@ -483,47 +715,61 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, audited_send)
         except Exception:
-            if not recorded and decision.due:
+            if not recorded:
                 with contextlib.suppress(AuditUnavailable):
                     await self._record(scope, decision, 500, None)
             raise
 
     async def _record(self, scope: Scope, decision: Decision, status: int, digest: str | None) -> None:
         state = scope.get("state") or {}
+        self.describer.describe(scope, decision)
         error = state.get(ERROR_KEY)
         refused_by = error.refused_by if isinstance(error, RegistryError) else None
         if refused_by is None and (not decision.due or status == 401):
             return  # not a decision, or a challenge to sign in (no credentials were given)
         if isinstance(error, AuditUnavailable) and not decision.started:
             return  # the `started` line could not be written: neither will this one
-        fields: dict[str, Any] = {**decision.fields}
+        fields = decision.line()
         fields.setdefault("user", state.get("user"))
         if digest and status < 300:
             fields["digest"] = digest
         if isinstance(error, RegistryError):
             fields.update(error.audit)
             fields["refused_by"], fields["rule"] = refused_by, error.rule
-        action = fields.pop("action", decision.action)
+        action = fields.pop("action", None) or self.describer.action(scope, decision)
         result = "denied" if refused_by else "success" if status < 400 else "failure"
         await self.audit.record(action, result, status=status, request_id=state.get("request_id"), **fields)
 
 
-class AuditIntent:
-    """ASGI middleware, inside authentication: the `started` line of a push or delete, before it is made."""
+# A change with a `started` line comes by one of these (a tag pushed, anything deleted).
+_CHANGING_METHODS = frozenset({"PUT", "DELETE"})
 
-    def __init__(self, app: ASGIApp, *, audit: AuditLog) -> None:
+
+class AuditIntent:
+    """ASGI middleware, inside authentication: the `started` line of a change, before it is made."""
+
+    def __init__(
+        self, app: ASGIApp, *, audit: AuditLog, routes: list[Any], decisions: Mapping[Callable[..., Any], str]
+    ) -> None:
         self.app = app
         self.audit = audit
+        self.routes = routes
+        self.describer = _Describer(audit, routes, decisions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state") or {}
         decision = state.get(DECISION_KEY)
-        if scope["type"] == "http" and isinstance(decision, Decision) and decision.change:
-            fields = {**decision.fields, "user": state.get("user"), "request_id": state.get("request_id")}
-            try:
-                await self.audit.record(decision.action, "started", **fields)
-            except RegistryError as exc:
-                await send_error(exc, scope, receive, send)
-                return
-            decision.started = True
+        if scope["type"] == "http" and isinstance(decision, Decision) and scope["method"] in _CHANGING_METHODS:
+            if STATE_KEY not in state:
+                state[STATE_KEY] = resolve(self.routes, scope)  # the router has not matched it yet
+            self.describer.describe(scope, decision)
+            if decision.change:
+                line = {**decision.line(), "user": state.get("user"), "request_id": state.get("request_id")}
+                action = line.pop("action", None) or self.describer.action(scope, decision)
+                try:
+                    await self.audit.record(action, "started", **line)
+                except RegistryError as exc:
+                    await send_error(exc, scope, receive, send)
+                    return
+                decision.started = True
         await self.app(scope, receive, send)

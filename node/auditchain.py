@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 GENESIS = "0" * 64
 # Audit lines are a few hundred bytes; the tail of a file is read this far back for its last line.
@@ -27,8 +28,7 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
     """A line as the chain sees it: its number, its own hash and the hash it names before it."""
 
     seq: int

@@ -190,7 +190,8 @@ def test_each_decision_is_one_line_with_its_action_rule_and_digest(tmp_path):
     ]
     assert got == expected
     assert decisions[-2]["blocked"] == ["user dev"]  # the failure that blocked says so
-    # Each push or delete that got past authentication announced itself first, in a line of its own.
+    # Each tag or manifest push and each delete that got past authentication announced itself first,
+    # in a line of its own (blobs only change content behind names, and have no such line).
     started = [line for line in lines if line["result"] == "started"]
     by_request = {d["request_id"]: d for d in decisions}
     assert len({s["request_id"] for s in started}) == len(started)
@@ -198,7 +199,7 @@ def test_each_decision_is_one_line_with_its_action_rule_and_digest(tmp_path):
         outcome = by_request[line["request_id"]]
         assert lines.index(line) < lines.index(outcome) and outcome["action"] == line["action"]
         assert outcome["refused_by"] not in ("access", "signin", "ratelimit")
-    changes = [d for d in decisions if d["action"] in ("push", "delete")]
+    changes = [d for d in decisions if d["action"] == "delete" or (d["action"] == "push" and d["object"] == "tag")]
     assert len(started) == len([d for d in changes if d["refused_by"] not in ("access", "signin", "ratelimit")])
     code, output = _verify("-c", str(process.config_path), str(audit))
     assert code == 0, output
@@ -212,7 +213,9 @@ def test_the_audit_file_rotates_by_size(tmp_path):
             for _ in range(40):
                 assert http.get("/v2/team/app/manifests/v1", headers={"Accept": image.media_type}).status_code == 200
     files = sorted(tmp_path.glob("audit.log*"))
-    assert [f.name for f in files] == ["audit.log", "audit.log.1", "audit.log.2"]
+    # PATH.lock keeps a second process off the path while this one writes.
+    assert [f.name for f in files] == ["audit.log", "audit.log.1", "audit.log.2", "audit.log.lock"]
+    files = files[:-1]
     for path in files:
         assert 0 < path.stat().st_size <= 2000
         for line in _lines(path):
@@ -236,7 +239,8 @@ def _make_rotated_log(tmp_path: Path, **audit: Any) -> tuple[SecureWharf, Path]:
                 break
             assert http.get("/v2/team/app/manifests/v1", headers={"Accept": image.media_type}).status_code == 200
     process.stop()
-    assert sorted(p.name for p in log.parent.iterdir()) == ["audit.log", "audit.log.1", "audit.log.2"]
+    names = sorted(p.name for p in log.parent.iterdir())
+    assert names == ["audit.log", "audit.log.1", "audit.log.2", "audit.log.lock"]
     return process, log
 
 
@@ -335,9 +339,9 @@ def test_lines_cut_while_no_node_was_writing_stay_visible_after_a_restart(tmp_pa
 def test_writers_sharing_one_file_keep_one_chain_through_rotations(tmp_path):
     """What several worker processes do: each append re-reads what another wrote or rotated."""
     path = str(tmp_path / "audit.log")
-    writers = [_ChainedFile(path, 1500, 3, False) for _ in range(2)]
+    writers = [_ChainedFile(path, 1500, 3, False, shared=True) for _ in range(2)]
     for i in range(30):
-        writers[i % 3 % 2].append({"action": "pull", "n": i, "padding": "x" * 100})
+        writers[i % 3 % 2].append([{"action": "pull", "n": i, "padding": "x" * 100}])
     for writer in writers:
         writer.close()
     files = log_files([path])
@@ -346,6 +350,17 @@ def test_writers_sharing_one_file_keep_one_chain_through_rotations(tmp_path):
     assert report.ok, report.problem
     seqs = [line["n"] for name in files for line in _lines(Path(name))]
     assert seqs == list(range(30 - len(seqs), 30))
+    # Lines that came in together go out in one write, rotating as often as they need.
+    batch = _ChainedFile(path, 1500, 3, False)
+    batch.append([{"action": "pull", "n": 30 + i, "padding": "x" * 100} for i in range(20)])
+    assert verify(log_files([path])).ok
+    assert _lines(Path(path))[-1]["n"] == 49 and all(Path(f).stat().st_size <= 1500 for f in log_files([path]))
+    # A second process that also thinks it is alone on the path is refused, not let in to break the chain.
+    other = _ChainedFile(path, 1500, 3, False)
+    with pytest.raises(OSError, match="being written by another process"):
+        other.append([{"action": "pull"}])
+    other.close()
+    batch.close()
 
 
 def test_a_restarted_writer_checks_the_coordinators_record_against_the_file(tmp_path):
@@ -353,20 +368,28 @@ def test_a_restarted_writer_checks_the_coordinators_record_against_the_file(tmp_
     first = _ChainedFile(path, 1500, 2, False)
     heads = []
     for i in range(40):  # rotates: line 1 ends up in no file
-        first.append({"action": "pull", "n": i, "padding": "x" * 100})
+        first.append([{"action": "pull", "n": i, "padding": "x" * 100}])
         heads.append(first.head)
     first.close()
     assert _lines(Path(log_files([path])[0]))[0]["seq"] > 1
     assert heads[0] is not None and heads[5] is not None and heads[-1] is not None
+
+    def anchored(head: Head) -> str | None:
+        writer = _ChainedFile(path, 1500, 2, False)
+        try:
+            return writer.anchor(head)
+        finally:
+            writer.close()
+
     # A record a few lines behind the file (the node crashed before recording the rest): fine.
-    assert _ChainedFile(path, 1500, 2, False).anchor(heads[-3]) is None
+    assert anchored(heads[-3]) is None
     # A record older than every file cannot be compared: fine too.
-    assert _ChainedFile(path, 1500, 2, False).anchor(heads[0]) is None
+    assert anchored(heads[0]) is None
     # A record the file does not hold: the next line goes on from the record and says why.
     forged = _ChainedFile(path, 1500, 2, False)
     wrong = Head(heads[-3].seq, "0" * 64, heads[-3].chain)
     assert forged.anchor(wrong) == f"line {wrong.seq} is not the line the coordinator recorded"
-    forged.append({"action": "pull"})
+    forged.append([{"action": "pull"}])
     forged.close()
     newest = _lines(Path(path))[-1]
     assert newest["seq"] == heads[-1].seq + 1 and newest["prev"] == "0" * 64 and "resumed" in newest
@@ -397,16 +420,17 @@ def test_worker_processes_share_one_chain_in_one_file(tmp_path):
     assert [line["seq"] for line in lines] == list(range(1, len(lines) + 1))
 
 
-def test_an_audit_log_that_cannot_be_written_fails_the_operation_and_changes_nothing(tmp_path):
+def test_an_audit_log_that_cannot_be_written_fails_the_operation_and_changes_no_name(tmp_path):
     layer = b"layer"
     with SecureWharf(tmp_path / "wharf") as process, process.client() as http:
         image = OCIClient(http).push_image("team/app", "v1", layers=[layer])
     full = SecureWharf(tmp_path / "wharf", port=process.port, audit={"path": "/dev/full"})
     with full, full.client() as http:
+        # A blob's one line is written before the client hears of the upload: it hears 503.
         blob = b"another layer"
         pushed = http.post("/v2/team/app/blobs/uploads/", params={"digest": digest_of(blob)}, content=blob)
         assert_refused(pushed, 503, "UNAVAILABLE")
-        assert http.head(f"/v2/team/app/blobs/{digest_of(blob)}").status_code == 404
+        # A tag push or a delete is refused before it is made, as its `started` line is.
         response = OCIClient(http).put_manifest("team/app", "v2", image.body, image.media_type)
         assert_refused(response, 503, "UNAVAILABLE")
         assert http.get("/v2/team/app/tags/list").json()["tags"] == ["v1"]
@@ -414,6 +438,8 @@ def test_an_audit_log_that_cannot_be_written_fails_the_operation_and_changes_not
         assert http.head(f"/v2/team/app/blobs/{digest_of(layer)}").status_code == 200
         assert_refused(http.delete(f"/v2/team/app/blobs/{digest_of(layer)}"), 503, "UNAVAILABLE")
         assert http.head(f"/v2/team/app/blobs/{digest_of(layer)}").status_code == 200
+        assert_refused(http.delete("/v2/team/app/manifests/v1"), 503, "UNAVAILABLE")
+        assert http.get("/v2/team/app/tags/list").json()["tags"] == ["v1"]
     assert "audit log /dev/full cannot be written" in full.log_text()
 
 
@@ -442,7 +468,8 @@ def test_a_change_whose_outcome_cannot_be_recorded_is_reported_as_a_failure():
 
     async def scenario() -> httpx.Response:
         audit = SecondWriteFails()
-        app = AuditMiddleware(AuditIntent(handler, audit=audit), audit=audit, routes=ROUTES, decisions=AUDITED)
+        inner = AuditIntent(handler, audit=audit, routes=ROUTES, decisions=AUDITED)
+        app = AuditMiddleware(inner, audit=audit, routes=ROUTES, decisions=AUDITED)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://wharf") as http:
             response = await http.put("/v2/team/app/manifests/v1", content=b"{}")
