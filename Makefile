@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy
+# Ceph RADOS Gateway for the S3 tests (mon, OSD, radosgw), installed without the packages they recommend.
+DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
 .PHONY: run test bench bench-s3 bench-gc install install-test deb-test lint clean
@@ -21,12 +23,15 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test deb-test
 
-# Debian packages the tests start for real: etcd, skopeo, the reference registry, wrk.
+# Debian packages the tests start for real: etcd, skopeo, the reference registry, wrk, Ceph RGW.
 deb-test:
 	@missing=""; for p in $(DEB_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	bare=""; for p in $(DEB_TEST_PACKAGES_NO_RECOMMENDS); do dpkg -s $$p >/dev/null 2>&1 || bare="$$bare $$p"; done; \
+	if [ -n "$$missing$$bare" ]; then \
+		echo "installing Debian packages:$$missing$$bare"; \
+		apt-get update -qq || exit 1; \
+		if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; fi; \
+		if [ -n "$$bare" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$bare >/dev/null || exit 1; fi; \
 	fi
 
 run: install

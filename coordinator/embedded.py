@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import pathlib
 import sqlite3
 import threading
 import time
@@ -85,26 +87,46 @@ class EmbeddedKV:
     writers in this process wake them at once.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        """Open (and create, unless `readonly`) the file at `path`.
+
+        Read-only opens create nothing: no file, no directory, no WAL or lock file, so dry runs and
+        listings leave a store exactly as they found it. FileNotFoundError if there is no file.
+        """
+        self.path = os.path.abspath(path)
+        self.readonly = readonly
+        if readonly:
+            if not os.path.isfile(self.path):
+                raise FileNotFoundError(f"no coordinator file at {self.path}")
+        else:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wharf-kv")
         self._local = threading.local()
         self._watchers: set[_EmbeddedWatch] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
-        self._call_sync(self._init_db)
+        if not readonly:
+            self._call_sync(self._init_db)
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            if self.readonly:
+                conn = self._connect_reader()
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        """A connection for reads only (snapshots, read-only opens); the file is in WAL mode already."""
+        if self.readonly:
+            return sqlite3.connect(_readonly_uri(self.path), uri=True, isolation_level=None, timeout=30)
+        return sqlite3.connect(self.path, isolation_level=None, timeout=30)
 
     def _init_db(self) -> None:
         conn = self._conn()
@@ -128,6 +150,8 @@ class EmbeddedKV:
         return await asyncio.wrap_future(self._executor.submit(fn))
 
     def _ensure_sweeper(self) -> None:
+        if self.readonly:
+            return
         if self._sweeper is None or self._sweeper.done():
             try:
                 loop = asyncio.get_running_loop()
@@ -136,6 +160,8 @@ class EmbeddedKV:
             self._sweeper = loop.create_task(self._sweep_leases_forever())
 
     def _write(self, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T:
+        if self.readonly:
+            raise PermissionError(f"the coordinator {self.path} was opened read-only")
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -161,24 +187,21 @@ class EmbeddedKV:
         return await self._call(lambda: _get(self._conn(), key))
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
-        low = prefix if start is None or start < prefix else start
-        where, bounds = _under(prefix, low)
-
-        def run() -> list[KeyValue]:
-            sql = f"SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE {where} ORDER BY key"
-            args: tuple[object, ...] = bounds
-            if limit > 0:
-                sql += " LIMIT ?"
-                args += (limit,)
-            return [KeyValue(*row) for row in self._conn().execute(sql, args)]
-
-        return await self._call(run)
+        return await self._call(lambda: _range(self._conn(), prefix, start, limit))
 
     async def count(self, prefix: str) -> int:
-        where, bounds = _under(prefix)
-        return await self._call(
-            lambda: self._conn().execute(f"SELECT count(*) FROM kv WHERE {where}", bounds).fetchone()[0]
-        )
+        return await self._call(lambda: _count(self._conn(), prefix))
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[_EmbeddedSnapshot]:
+        if self._closed:
+            raise RuntimeError("embedded KV is closed")
+        snapshot = _EmbeddedSnapshot(self._connect_reader)
+        await snapshot.open()
+        try:
+            yield snapshot
+        finally:
+            await snapshot.close()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -208,7 +231,21 @@ class EmbeddedKV:
                     gets.append(_get(conn, op.key))
             return TxnResult(ok, gets, w.rev if w.changed else w.rev - 1)
 
+        if all(isinstance(op, Get) for op in (*success, *failure)):
+            return await self._call(lambda: self._read_txn(compares, success, failure))
         return await self._call(lambda: self._write(run))
+
+    def _read_txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> TxnResult:
+        """A transaction that writes nothing: one read snapshot, no write lock (works read-only too)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            ok = all(_holds(conn, c) for c in compares)
+            gets = [_get(conn, op.key) for op in (success if ok else failure) if isinstance(op, Get)]
+            rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+        finally:
+            conn.execute("COMMIT")
+        return TxnResult(ok, gets, rev)
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -287,6 +324,74 @@ class EmbeddedKV:
             self._local.conn = None
 
 
+def _readonly_uri(path: str) -> str:
+    """A URI that opens `path` without writing anything beside it.
+
+    With no WAL file nobody has the database open for writing, so it is opened immutable (SQLite
+    then makes no -wal or -shm file); otherwise read-only, sharing the writers' WAL.
+    """
+    uri = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+    if not os.path.exists(path + "-wal"):
+        uri += "&immutable=1"
+    return uri
+
+
+class _EmbeddedSnapshot:
+    """One SQLite read transaction on a connection and thread of its own.
+
+    In WAL mode a reader sees the database as of its transaction's first read and never blocks
+    the writer, so the store's one writer thread goes on while pages are read here.
+    """
+
+    backend = "embedded"
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wharf-kv-snapshot")
+        self._connection: sqlite3.Connection | None = None
+        self.revision = 0
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            if self._connection is None:
+                raise RuntimeError("the snapshot is closed")
+            return fn(self._connection)
+
+        return await asyncio.wrap_future(self._executor.submit(run))
+
+    async def open(self) -> None:
+        def begin() -> int:
+            self._connection = self._connect()
+            self._connection.execute("BEGIN")
+            # The first read fixes what the transaction sees.
+            return int(self._connection.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
+
+        try:
+            self.revision = await asyncio.wrap_future(self._executor.submit(begin))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
+        return await self._call(lambda conn: _range(conn, prefix, start, limit))
+
+    async def count(self, prefix: str) -> int:
+        return await self._call(lambda conn: _count(conn, prefix))
+
+    async def close(self) -> None:
+        def end() -> None:
+            conn, self._connection = self._connection, None
+            if conn is not None:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                conn.close()
+
+        await asyncio.wrap_future(self._executor.submit(end))
+        self._executor.shutdown(wait=True)
+
+
 class _Writer:
     """Applies puts and deletes inside one SQLite transaction at one new revision."""
 
@@ -322,6 +427,22 @@ class _Writer:
             self.conn.execute("DELETE FROM kv WHERE key = ?", (k,))
             self._log(k, "delete", b"")
         return len(keys)
+
+
+def _range(conn: sqlite3.Connection, prefix: str, start: str | None, limit: int) -> list[KeyValue]:
+    low = prefix if start is None or start < prefix else start
+    where, bounds = _under(prefix, low)
+    sql = f"SELECT key, value, version, create_rev, mod_rev, lease FROM kv WHERE {where} ORDER BY key"
+    args: tuple[object, ...] = bounds
+    if limit > 0:
+        sql += " LIMIT ?"
+        args += (limit,)
+    return [KeyValue(*row) for row in conn.execute(sql, args)]
+
+
+def _count(conn: sqlite3.Connection, prefix: str) -> int:
+    where, bounds = _under(prefix)
+    return int(conn.execute(f"SELECT count(*) FROM kv WHERE {where}", bounds).fetchone()[0])
 
 
 def _get(conn: sqlite3.Connection, key: str) -> KeyValue | None:

@@ -10,6 +10,14 @@ Pushes and pulls go on while it runs. The rules that keep a tagged image whole:
 - Deletion is one transaction per digest that compares the pending mark, the blob record, its
   links and its touch record with what mark saw; only then is the storage object deleted, under a
   `deleting` record that writers of the same digest wait out.
+
+Only what a blob record names is ever deleted: a record proves Wharf wrote the object (or adopted
+it from a registry:2 store). Objects no record names are counted by the node's storage sweep and
+left alone. The grace period is not a safety argument; it spares pushes in flight (blobs uploaded,
+manifest not yet written) from having to upload again. What a deleted or untagged manifest let go
+of carries a release record with the time, so activity from before the release (the push and the
+pulls of the deleted image) does not hold it back: deleted images' space comes back at the next
+collection.
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import keys
-from .kv import KV, Compare, Delete, KeyValue, Op, Put
-from .metadata import reachable
+from . import keys, quota
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+from .metadata import BlobRecord, Metadata, Release, decode, reachable
 
 log = logging.getLogger("wharf.gc")
 
@@ -32,6 +40,8 @@ _PAGE = 1000
 _CONCURRENCY = 32
 # How long a storage delete waits for others to share its request.
 _BATCH_WAIT = 0.01
+# Deletes retried when only a quota counter moved under them (pushes elsewhere in the scope).
+_QUOTA_ATTEMPTS = 10
 
 
 @dataclass
@@ -55,6 +65,30 @@ class ManifestCandidate:
 
 
 @dataclass
+class HeldBack:
+    """Blobs or manifests a cycle kept although nothing uses them, and why."""
+
+    reason: str
+    count: int = 0
+    bytes: int = 0
+    until: float | None = None  # when the reason lapses; None: until an operator acts
+
+    def add(self, size: int, until: float | None = None) -> None:
+        self.count += 1
+        self.bytes += size
+        if until is not None:
+            self.until = max(self.until or 0.0, until)
+
+
+# Why a blob or manifest that nothing uses is kept anyway.
+HELD_YOUNG = "uploaded, linked or shown to a client within gc.grace and no manifest uses it yet (a push in flight?)"
+HELD_YOUNG_MANIFEST = "untagged manifest pushed within gc.grace"
+HELD_IMPORTED = "adopted from registry:2 with no manifest using it; `wharf gc --reclaim-imported` deletes it"
+HELD_PUSHED = "used by a push while this cycle ran"
+HELD_UNACCOUNTED = "in storage but in no Wharf record; `wharf gc --delete-unaccounted` deletes it"
+
+
+@dataclass
 class Summary:
     started: float = 0.0
     finished: float = 0.0
@@ -70,7 +104,20 @@ class Summary:
     # Links to blobs that live on in other repositories but that nothing here uses any more.
     links_deleted: int = 0
     reclaimable_bytes: int = 0
+    # Objects in storage that no record names: never deleted unless asked by name.
+    unaccounted_objects: int = 0
+    unaccounted_bytes: int = 0
+    held_back: dict[str, HeldBack] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
+
+    def hold(self, reason: str, size: int, until: float | None = None) -> None:
+        self.held_back.setdefault(reason, HeldBack(reason)).add(size, until)
+
+    def report(self) -> dict[str, Any]:
+        """The summary as plain data (for JSON output and the last-run record)."""
+        data = asdict(self)
+        data["held_back"] = [asdict(h) for h in self.held_back.values()]
+        return data
 
     @property
     def duration(self) -> float:
@@ -92,12 +139,19 @@ class Collector:
         grace: float,
         delete_untagged: bool = False,
         dry_run: bool = False,
+        reclaim_imported: bool = False,
+        quotas: quota.QuotaScopes | None = None,
         progress: Progress = _no_progress,
     ) -> None:
         self.kv = kv
         self.grace = grace
         self.delete_untagged = delete_untagged
         self.dry_run = dry_run
+        self.reclaim_imported = reclaim_imported
+        self.quotas = quotas or quota.QuotaScopes()
+        # When each blob and manifest was last let go of by a deleted or untagged manifest.
+        self.released_blobs: dict[str, float] = {}
+        self.released_manifests: dict[str, float] = {}
         self.progress = progress
         self.summary = Summary()
 
@@ -134,17 +188,41 @@ class Collector:
         summary = Summary(started=time.time(), dry_run=self.dry_run)
         self.summary = summary  # readable while the cycle runs, for progress reports
         cutoff = summary.started - self.grace
+        releases = await self._read_releases()
         doomed = await self._collect_manifests(cutoff, summary)
         await self._collect_blobs(cutoff, summary, delete_object, doomed)
         summary.finished = time.time()
         if not self.dry_run:
-            await self.kv.put(keys.GC_LAST_RUN, json.dumps(asdict(summary) | {"deleted": []}).encode())
+            await self._drop_releases(releases, cutoff)
+            await self.kv.put(keys.GC_LAST_RUN, json.dumps(summary.report() | {"deleted": []}).encode())
         return summary
+
+    async def _read_releases(self) -> list[KeyValue]:
+        found = await self._all(keys.RELEASED)
+        for kv in found:
+            repo, digest = keys.split_repo_key(kv.key, keys.RELEASED)
+            note = decode(Release, kv.value)
+            for blob in [digest, *note.blobs]:
+                self.released_blobs[blob] = max(self.released_blobs.get(blob, 0.0), note.at)
+            for child in note.manifests:
+                manifest = keys.manifest(repo, child)
+                self.released_manifests[manifest] = max(self.released_manifests.get(manifest, 0.0), note.at)
+        return found
+
+    async def _drop_releases(self, releases: list[KeyValue], cutoff: float) -> None:
+        """Releases older than the grace say nothing the grace does not: they go."""
+        for kv in releases:
+            if decode(Release, kv.value).at < cutoff:
+                await self.kv.txn([Compare.unchanged(kv.key, kv.mod_revision)], [Delete(kv.key)])
+
+    def _young(self, last_active: float, cutoff: float, released: float) -> bool:
+        """Active within the grace, and not only before a release of it (a deleted image's pulls)."""
+        return last_active >= cutoff and last_active > released
 
     # -- manifests --------------------------------------------------------------------------
 
-    async def _collect_manifests(self, cutoff: float, summary: Summary) -> set[str]:
-        """Delete manifests nothing keeps; returns their keys (what a dry run would delete)."""
+    async def _collect_manifests(self, cutoff: float, summary: Summary) -> dict[str, dict[str, Any]]:
+        """Delete manifests nothing keeps; returns their keys and records (what a dry run would delete)."""
         since = await self._revision()
         records = {kv.key: kv for kv in await self._all(keys.MANIFESTS)}
         decoded = {key: json.loads(kv.value) for key, kv in records.items()}
@@ -174,7 +252,7 @@ class Collector:
         if self.dry_run:
             summary.manifests_deleted = len(candidates)
             summary.deleted += [f"{c.repo}@{c.digest}" for c in candidates]
-            return doomed
+            return {key: decoded[key] for key in doomed}
         await self._bounded([self._pend_manifest(c) for c in candidates])
         await self._next_epoch()
         candidates = [c for c in candidates if c.pending_revision]
@@ -193,7 +271,8 @@ class Collector:
             if deleted:
                 summary.manifests_deleted += 1
                 summary.deleted.append(f"{c.repo}@{c.digest}")
-        return {keys.manifest(c.repo, c.digest) for c, ok in zip(candidates, results, strict=True) if ok}
+        gone = (keys.manifest(c.repo, c.digest) for c, ok in zip(candidates, results, strict=True) if ok)
+        return {key: decoded[key] for key in gone}
 
     async def _live_manifests(self, decoded: dict[str, dict[str, Any]], cutoff: float) -> set[str]:
         """Manifest keys reachable from tags (children, referrers) or younger than the grace."""
@@ -202,14 +281,24 @@ class Collector:
             if record.get("subject"):
                 repo = key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
                 by_subject.setdefault(keys.manifest(repo, record["subject"]), []).append(key)
-        roots = [keys.manifest(*_split_tag(kv)) for kv in await self._all(keys.TAGS)]
-        roots += [key for key, record in decoded.items() if record.get("pushed", 0) >= cutoff]
+        tagged = [keys.manifest(*_split_tag(kv)) for kv in await self._all(keys.TAGS)]
+        young = [
+            key
+            for key, record in decoded.items()
+            if self._young(record.get("pushed", 0), cutoff, self.released_manifests.get(key, 0.0))
+        ]
 
         def successors(key: str) -> list[str]:
             children = (_sibling(key, child) for child in decoded[key].get("manifests", []))
             return [c for c in children if c in decoded] + by_subject.get(key, [])
 
-        return reachable((r for r in roots if r in decoded), successors)
+        live = reachable((r for r in tagged + young if r in decoded), successors)
+        if self.delete_untagged:
+            by_tags = reachable((r for r in tagged if r in decoded), successors)
+            for key in live - by_tags:
+                record = decoded[key]
+                self.summary.hold(HELD_YOUNG_MANIFEST, record.get("size", 0), record.get("pushed", 0) + self.grace)
+        return live
 
     async def _pend_manifest(self, c: ManifestCandidate) -> None:
         key = keys.manifest(c.repo, c.digest)
@@ -228,7 +317,7 @@ class Collector:
             ops.append(Delete(keys.referrer(c.repo, c.subject, c.digest)))
         guards = [Compare.unchanged(key, c.revision), Compare.unchanged(mark, c.pending_revision)]
         # A tag moved onto it since mark makes it live again.
-        tagged = [kv for kv in await self._all(keys.tags_of(c.repo)) if json.loads(kv.value)["digest"] == c.digest]
+        tagged = await Metadata(self.kv).tags_of_digest(c.repo, c.digest)
         if tagged:
             await self.kv.delete(mark)
             return False
@@ -244,7 +333,7 @@ class Collector:
         cutoff: float,
         summary: Summary,
         delete_object: Callable[[str], Awaitable[None]],
-        doomed: set[str],
+        doomed: dict[str, dict[str, Any]],
     ) -> None:
         since = await self._revision()
         # Read before the manifests: every manifest push rewrites its repository's record, so an
@@ -263,33 +352,53 @@ class Collector:
             repo = kv.key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
             used_in.setdefault(repo, set()).update(record.get("blobs", []))
         self.progress("mark", len(manifests), len(manifests))
+        # Doomed manifests are deleted now: what only they used is released this instant.
+        now = time.time()
+        for record in doomed.values():
+            for digest in [*record.get("blobs", []), record["digest"]]:
+                self.released_blobs[digest] = now
         links: dict[str, dict[str, int]] = {}
-        young: set[str] = set()
+        link_sizes: dict[str, int] = {}
+        last_active: dict[str, float] = {}
         young_links: set[str] = set()
+        # Counters first: one unchanged after the scan proves no link under its scope moved meanwhile.
+        counters = {} if self.dry_run else {s: await quota.counter(self.kv, s) for s in self.quotas.scopes}
         for kv in await self._all(keys.LINKS):
             digest = kv.key.rsplit("@", 1)[1]
             links.setdefault(digest, {})[kv.key] = kv.mod_revision
-            if json.loads(kv.value).get("linked", 0) >= cutoff:
-                young.add(digest)
+            record = json.loads(kv.value)
+            link_sizes[kv.key] = record.get("size", 0)
+            linked = record.get("linked", 0)
+            last_active[digest] = max(last_active.get(digest, 0.0), linked)
+            if self._young(linked, cutoff, self.released_blobs.get(digest, 0.0)):
                 young_links.add(kv.key)
+        await self._repair_counters(counters, link_sizes)
         touches = {kv.key[len(keys.TOUCHES) :]: kv for kv in await self._all(keys.TOUCHES)}
         for digest, kv in touches.items():
-            if json.loads(kv.value).get("at", 0) >= cutoff:
-                young.add(digest)
+            last_active[digest] = max(last_active.get(digest, 0.0), json.loads(kv.value).get("at", 0))
         blobs = await self._all(keys.BLOBS)
         summary.blobs_seen = len(blobs)
         candidates: list[Candidate] = []
+        kept_imported: set[str] = set()
         for kv in blobs:
             digest = kv.key[len(keys.BLOBS) :]
-            record = json.loads(kv.value)
-            if digest in used or digest in young or record.get("created", 0) >= cutoff:
+            if digest in used:
+                continue
+            record = decode(BlobRecord, kv.value)
+            active = max(record.created, last_active.get(digest, 0.0))
+            if self._young(active, cutoff, self.released_blobs.get(digest, 0.0)):
+                summary.hold(HELD_YOUNG, record.size, active + self.grace)
+                continue
+            if record.imported == "unused" and not self.reclaim_imported:
+                summary.hold(HELD_IMPORTED, record.size)
+                kept_imported.add(digest)
                 continue
             touch = touches.get(digest)
             candidates.append(
                 Candidate(
                     digest,
-                    record["size"],
-                    record["key"],
+                    record.size,
+                    record.key,
                     kv.mod_revision,
                     touch.mod_revision if touch else 0,
                     links.get(digest, {}),
@@ -336,11 +445,28 @@ class Collector:
                 summary.deleted.append(c.digest)
             else:
                 summary.blobs_saved_by_pushes += 1
-        await self._collect_links(links, young_links, used_in, repositories, touches, cutoff, summary)
+                summary.hold(HELD_PUSHED, c.size)
+        # Links of adopted blobs that GC keeps stay too: registry:2 served them, so does Wharf.
+        links = {digest: by_key for digest, by_key in links.items() if digest not in kept_imported}
+        await self._collect_links(links, link_sizes, young_links, used_in, repositories, touches, cutoff, summary)
+
+    async def _repair_counters(self, counters: dict[quota.QuotaScope, tuple[int, int]], sizes: dict[str, int]) -> None:
+        """Set every quota counter that drifted from its links (an adopted store, a crash) right."""
+        for scope, (used, revision) in counters.items():
+            exact = sum(size for key, size in sizes.items() if scope.covers(keys.split_repo_key(key, keys.LINKS)[0]))
+            if exact != used and await quota.repair(self.kv, scope, exact, revision):
+                log.info(
+                    "quota %s: counted %d bytes, its links hold %d: repaired",
+                    scope.label,
+                    used,
+                    exact,
+                    extra={"fields": {"quota": scope.name, "counted": used, "exact": exact}},
+                )
 
     async def _collect_links(
         self,
         links: dict[str, dict[str, int]],
+        link_sizes: dict[str, int],
         young_links: set[str],
         used_in: dict[str, set[str]],
         repositories: dict[str, int],
@@ -359,7 +485,8 @@ class Collector:
             if digest in collected:
                 continue
             touch = touches.get(digest)
-            if touch is not None and json.loads(touch.value).get("at", 0) >= cutoff:
+            touched = json.loads(touch.value).get("at", 0) if touch is not None else 0.0
+            if self._young(touched, cutoff, self.released_blobs.get(digest, 0.0)):
                 continue
             for link_key, revision in by_key.items():
                 repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
@@ -375,15 +502,23 @@ class Collector:
         async def unlink(link_key: str, digest: str, revision: int) -> bool:
             repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
             touch = touches.get(digest)
-            result = await self.kv.txn(
-                [
-                    Compare.unchanged(keys.repository(repo), repositories[repo]),
-                    Compare.unchanged(link_key, revision),
-                    Compare.unchanged(keys.touch(digest), touch.mod_revision if touch else 0),
-                ],
-                [Delete(link_key)],
-            )
-            return result.succeeded
+            guards = [
+                Compare.unchanged(keys.repository(repo), repositories[repo]),
+                Compare.unchanged(link_key, revision),
+                Compare.unchanged(keys.touch(digest), touch.mod_revision if touch else 0),
+            ]
+            freed = quota.freed_by([(repo, link_sizes.get(link_key, 0))], self.quotas)
+            for _ in range(_QUOTA_ATTEMPTS):
+                counters, releases = await quota.release(self.kv, freed)
+                result = await self.kv.txn(
+                    [*guards, *counters], [Delete(link_key), *releases], [Get(g.key) for g in guards]
+                )
+                if result.succeeded:
+                    return True
+                now = [kv.mod_revision if kv else 0 for kv in result.gets]
+                if now != [g.operand for g in guards] or not freed:
+                    return False
+            return False
 
         results = await self._bounded([unlink(*item) for item in stale])
         summary.links_deleted = sum(1 for ok in results if ok)
@@ -398,12 +533,12 @@ class Collector:
 
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
         mark = keys.pending_blob(c.digest)
-        guards = [
-            Compare.unchanged(mark, c.pending_revision),
-            Compare.unchanged(keys.blob(c.digest), c.blob_revision),
-            Compare.unchanged(keys.touch(c.digest), c.touch_revision),
-            *(Compare.unchanged(link, revision) for link, revision in c.links.items()),
-        ]
+        expected = {
+            mark: c.pending_revision,
+            keys.blob(c.digest): c.blob_revision,
+            keys.touch(c.digest): c.touch_revision,
+            **c.links,
+        }
         deleting = keys.deleting(c.digest)
         ops: list[Op] = [
             Delete(mark),
@@ -412,9 +547,21 @@ class Collector:
             *(Delete(link) for link in c.links),
             Put(deleting, json.dumps({"key": c.storage_key, "at": time.time()}).encode()),
         ]
-        result = await self.kv.txn(guards, ops)
-        if not result.succeeded:
-            # Something used or touched it since mark: it stays; drop our mark if still ours.
+        # The links' bytes leave the quotas that counted them, in the same transaction.
+        freed = quota.freed_by(((keys.split_repo_key(link, keys.LINKS)[0], c.size) for link in c.links), self.quotas)
+        for _ in range(_QUOTA_ATTEMPTS):
+            counters, releases = await quota.release(self.kv, freed)
+            guards = [Compare.unchanged(key, revision) for key, revision in expected.items()]
+            result = await self.kv.txn([*guards, *counters], [*ops, *releases], [Get(key) for key in expected])
+            if result.succeeded:
+                break
+            now = {key: kv.mod_revision if kv else 0 for key, kv in zip(expected, result.gets, strict=True)}
+            if now != expected or not freed:
+                # Something used or touched it since mark: it stays; drop our mark if still ours.
+                await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
+                return False
+            # Only a quota counter moved (a push elsewhere under the same scope): count again.
+        else:
             await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
             return False
         try:
@@ -435,19 +582,18 @@ class Collector:
 
     # -- orphans ----------------------------------------------------------------------------
 
-    async def recorded_blobs(self) -> set[str]:
-        return {kv.key[len(keys.BLOBS) :] for kv in await self._all(keys.BLOBS)}
+    async def recorded_blobs(self) -> tuple[set[str], set[str]]:
+        """Digests with a blob record, and the storage keys those records name."""
+        digests: set[str] = set()
+        stored: set[str] = set()
+        for kv in await self._all(keys.BLOBS):
+            digests.add(kv.key[len(keys.BLOBS) :])
+            stored.add(decode(BlobRecord, kv.value).key)
+        return digests, stored
 
-    async def claim_orphan(self, digest: str, storage_key: str) -> bool:
-        """Take a storage object that no blob record names, for deletion; writers wait it out."""
-        result = await self.kv.txn(
-            [Compare.absent(keys.blob(digest)), Compare.absent(keys.deleting(digest))],
-            [Put(keys.deleting(digest), json.dumps({"key": storage_key, "at": time.time()}).encode())],
-        )
-        return result.succeeded
-
-    async def release_orphan(self, digest: str) -> None:
-        await self.kv.delete(keys.deleting(digest))
+    async def open_upload_ids(self) -> set[str]:
+        """Upload sessions in the coordinator: their storage objects are accounted for."""
+        return {kv.key[len(keys.UPLOADS) :] for kv in await self._all(keys.UPLOADS)}
 
     # -- explain ----------------------------------------------------------------------------
 
@@ -469,6 +615,9 @@ class Collector:
         ]
         blob = await self.kv.get(keys.blob(digest))
         touch = await self.kv.get(keys.touch(digest))
+        await self._read_releases()
+        released = self.released_blobs.get(digest, 0.0)
+        record = decode(BlobRecord, blob.value) if blob is not None else None
         reasons: list[str] = []
         if tagged:
             reasons.append("tagged as " + ", ".join(sorted(tagged)))
@@ -476,18 +625,30 @@ class Collector:
             reasons.append("used by manifests " + ", ".join(sorted(users)))
         if own and not self.delete_untagged:
             reasons.append("it is a manifest; manifests stay until deleted (or --delete-untagged)")
-        young_until = 0.0
-        if blob is not None:
-            young_until = max(young_until, json.loads(blob.value).get("created", 0) + self.grace)
+        active = 0.0
+        if record is not None:
+            active = max(active, record.created)
+        for link in await self._all(keys.LINKS):
+            if link.key.endswith("@" + digest):
+                active = max(active, json.loads(link.value).get("linked", 0))
         if touch is not None:
-            young_until = max(young_until, json.loads(touch.value).get("at", 0) + self.grace)
-        if young_until > now:
-            reasons.append(f"within the grace period for {young_until - now:.0f}s more")
+            active = max(active, json.loads(touch.value).get("at", 0))
+        if not users and not tagged and self._young(active, now - self.grace, released):
+            reasons.append(f"{HELD_YOUNG}: for {active + self.grace - now:.0f}s more")
+        if record is not None and record.imported == "unused" and not users and not self.reclaim_imported:
+            reasons.append(HELD_IMPORTED)
+        if record is None and not own:
+            reasons.append(
+                "no Wharf record names it: if it is in storage, Wharf did not write it (or lost track of it) "
+                "and never deletes it; `wharf gc --delete-unaccounted` does"
+            )
         return {
             "digest": digest,
             "repository": repo,
-            "known": blob is not None or bool(own),
-            "size": json.loads(blob.value)["size"] if blob else None,
+            "known": record is not None or bool(own),
+            "size": record.size if record else None,
+            "imported": record.imported if record else None,
+            "released": released or None,
             "retained": bool(reasons),
             "reasons": reasons or ["nothing uses it: the next collection deletes it"],
         }

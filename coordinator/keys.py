@@ -8,26 +8,52 @@ from __future__ import annotations
 
 REPOSITORIES = "repo/"
 TAGS = "tag/"
+# Every tag again, under its digest, so a manifest's tags are found without reading the others.
+TAGGED = "tagged/"
+TAG_INDEX_BUILT = "store/tag-index"
+# Rewritten in every transaction that changes a repository's tags, or adds a repository: nodes keep
+# tag lists and the catalog in memory and check one of these per request to know they are current.
+TAG_VERSIONS = "tagver/"
+CATALOG_VERSION = "store/catalog-version"
 MANIFESTS = "manifest/"
 LINKS = "link/"
 BLOBS = "blob/"
 REFERRERS = "referrer/"
 UPLOADS = "upload/"
+UPLOAD_CLAIMS = "upload-claim/"
 LEADER = "leader/"
 TOUCHES = "touch/"
 PENDING_BLOBS = "gc/pending-blob/"
 PENDING_MANIFESTS = "gc/pending-manifest/"
 DELETING = "gc/deleting/"
+# What a deleted manifest (or tag) let go of, and when: GC need not wait out its grace for those.
+RELEASED = "gc/released/"
 GC_LAST_RUN = "gc/last-run"
 GC_ORPHANS_LAST = "gc/orphans-last"
 # Moved by a collection after it marks and before it deletes; very large manifest writes guard on it.
 GC_EPOCH = "gc/epoch"
 QUOTAS = "quota/"
 RETENTION_LAST_RUN = "retention/last-run"
+# Which store this coordinator belongs to; the storage holds the same id (node/store.py).
+STORE_IDENTITY = "store/identity"
+# Adoption of a registry:2 store: pending, running (with its progress) or done.
+IMPORT_STATE = "store/import"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
 # The newest line (number and hash) an audit log is known to have had, one record per chain.
 AUDIT_HEADS = "audit/head/"
+
+
+# Written first and removed last by a restore (coordinator/snapshot.py): while it is present the
+# coordinator holds part of a snapshot, and the same snapshot may be restored again to finish.
+RESTORING = "restore/in-progress"
+# Records of processes at work, not of the registry: snapshots leave them out (with every key
+# attached to a lease), and a restore leaves the coordinator's own alone.
+EPHEMERAL = (LEADER, DELETING, RESTORING)
+
+
+def ephemeral(key: str) -> bool:
+    return key.startswith(EPHEMERAL)
 
 
 def after(key: str) -> str:
@@ -43,8 +69,20 @@ def tag(repo: str, tag: str) -> str:
     return f"{TAGS}{repo}@{tag}"
 
 
+def tag_version(repo: str) -> str:
+    return f"{TAG_VERSIONS}{repo}"
+
+
 def tags_of(repo: str) -> str:
     return f"{TAGS}{repo}@"
+
+
+def tagged(repo: str, digest: str, tag: str) -> str:
+    return f"{TAGGED}{repo}@{digest}/{tag}"
+
+
+def tags_of_digest(repo: str, digest: str) -> str:
+    return f"{TAGGED}{repo}@{digest}/"
 
 
 def manifest(repo: str, digest: str) -> str:
@@ -79,6 +117,11 @@ def upload(upload_id: str) -> str:
     return f"{UPLOADS}{upload_id}"
 
 
+def upload_claim(upload_id: str) -> str:
+    """Held (with its node's lease) by the one request writing to an upload session."""
+    return f"{UPLOAD_CLAIMS}{upload_id}"
+
+
 def leader(job: str) -> str:
     return f"{LEADER}{job}"
 
@@ -100,6 +143,17 @@ def pending_manifest(repo: str, digest: str) -> str:
 def deleting(digest: str) -> str:
     """The blob's records are gone and its storage object is being deleted."""
     return f"{DELETING}{digest}"
+
+
+def released(repo: str, digest: str) -> str:
+    """Manifest `digest` of `repo` was deleted (or untagged): what it used is not a push in flight."""
+    return f"{RELEASED}{repo}@{digest}"
+
+
+def split_repo_key(key: str, prefix: str) -> tuple[str, str]:
+    """(repository, rest) of a `<prefix><repo>@<rest>` key (tags, manifests, links, released)."""
+    repo, _, rest = key[len(prefix) :].rpartition("@")
+    return repo, rest
 
 
 def quota_guard(scope: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -95,6 +96,27 @@ class Watch(Protocol):
     async def close(self) -> None: ...
 
 
+class SnapshotLost(Exception):
+    """The store no longer holds the revision a snapshot reads (etcd compacted it meanwhile)."""
+
+
+class Snapshot(Protocol):
+    """Every key of the store as of one revision, read in pages while writes go on.
+
+    Reads answer as the store stood at `revision`, however much it has changed since; a page is
+    the most a read holds in memory. Valid until the context that opened it ends.
+    """
+
+    revision: int
+    backend: str  # "embedded" or "etcd", for the snapshot's header
+
+    async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
+        """As `KV.range`, at the snapshot's revision."""
+        ...
+
+    async def count(self, prefix: str) -> int: ...
+
+
 class KV(Protocol):
     """The small store all coordinator logic is written against."""
 
@@ -142,6 +164,15 @@ class KV(Protocol):
         """Events for keys under `prefix` after the watch opens.
 
         With `start_revision`, events from that revision on (as far as history allows).
+        """
+        ...
+
+    def snapshot(self) -> AbstractAsyncContextManager[Snapshot]:
+        """`async with kv.snapshot() as snap:` a consistent view as of the current revision.
+
+        Writers are not held up while it is open (etcd: reads at a fixed revision; embedded: one
+        read transaction on a connection of its own). Reads may raise `SnapshotLost` if the store
+        discards the revision meanwhile.
         """
         ...
 

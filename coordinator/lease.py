@@ -67,3 +67,41 @@ class KeptLease:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class NodeLease:
+    """One lease for a whole process, started on first use and renewed if it is ever lost.
+
+    Records that must vanish when their node dies (a claim on an upload being written) attach to it.
+    """
+
+    def __init__(self, kv: KV, ttl: int) -> None:
+        self.kv = kv
+        self.ttl = ttl
+        self._lease: KeptLease | None = None
+        self._starting: asyncio.Lock | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lease is not None and self._lease.lost.is_set()
+
+    async def id(self) -> int:
+        if self._lease is not None and not self._lease.lost.is_set():
+            return self._lease.id
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._lease is None or self._lease.lost.is_set():
+                if self._lease is not None:
+                    await self._lease.close(revoke=False)
+                self._lease = await KeptLease(self.kv, self.ttl).start()
+            return self._lease.id
+
+    def holds(self, lease: int) -> bool:
+        """Whether `lease` is still this process's live lease (a writer checks before each write)."""
+        return self._lease is not None and self._lease.id == lease and not self._lease.lost.is_set()
+
+    async def close(self) -> None:
+        if self._lease is not None:
+            await self._lease.close()
+            self._lease = None

@@ -1,4 +1,15 @@
-"""Upload sessions in the KV, so that any node can continue an upload another node began."""
+"""Upload sessions in the KV, so that any node can continue an upload another node began.
+
+One request at a time writes to a session. A writer first claims it (a claim key bound to its
+node's lease, created only if the session is unchanged and unclaimed), then writes bytes, then
+records the new offset and drops the claim in one transaction. A second request racing the first
+fails its claim before it writes a byte, so bytes in storage always belong to the recorded state;
+a node that dies mid-write loses its claim with its lease.
+
+A session is also the record written before a blob's bytes go to their final place: `commit` names
+the digest, the key it is being committed to and whether an object was already there. A session
+left in that state (its node died mid-commit) tells the purge exactly what to reclaim.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +21,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import keys
-from .kv import KV, Compare, Put
+from .kv import KV, Compare, Delete, Get, Put
+
+
+@dataclass(frozen=True)
+class CommitIntent:
+    """A blob being committed: where its bytes go, and whether an object was there before."""
+
+    digest: str
+    key: str
+    existed: bool
 
 
 @dataclass(frozen=True)
@@ -24,25 +44,27 @@ class UploadSession:
     driver_state: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0
     updated: float = 0.0
+    commit: CommitIntent | None = None
     # The KV revision this copy was read at; writes compare against it.
     mod_revision: int = 0
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "repository": self.repository,
-                "offset": self.offset,
-                "hash_state": base64.b64encode(self.hash_state).decode(),
-                "driver_state": self.driver_state,
-                "started": self.started,
-                "updated": self.updated,
-            },
-            separators=(",", ":"),
-        ).encode()
+        data: dict[str, Any] = {
+            "repository": self.repository,
+            "offset": self.offset,
+            "hash_state": base64.b64encode(self.hash_state).decode(),
+            "driver_state": self.driver_state,
+            "started": self.started,
+            "updated": self.updated,
+        }
+        if self.commit is not None:
+            data["commit"] = {"digest": self.commit.digest, "key": self.commit.key, "existed": self.commit.existed}
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, upload_id: str, raw: bytes, mod_revision: int) -> UploadSession:
         data = json.loads(raw)
+        commit = data.get("commit")
         return cls(
             id=upload_id,
             repository=data["repository"],
@@ -51,12 +73,25 @@ class UploadSession:
             driver_state=data["driver_state"],
             started=data["started"],
             updated=data["updated"],
+            commit=CommitIntent(commit["digest"], commit["key"], bool(commit["existed"])) if commit else None,
             mod_revision=mod_revision,
         )
 
 
 class SessionChanged(Exception):
-    """Another request moved the session on since it was read."""
+    """Another request moved the session on since it was read (or it is gone)."""
+
+
+class SessionBusy(Exception):
+    """Another request is writing to (or committing) the session right now."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The right to write to one session, until recorded or released."""
+
+    session: UploadSession
+    token: bytes
 
 
 class UploadSessions:
@@ -67,9 +102,13 @@ class UploadSessions:
     def new_id() -> str:
         return str(uuid.uuid4())
 
-    async def create(self, upload_id: str, repository: str, driver_state: dict[str, Any]) -> UploadSession:
+    async def create(
+        self, upload_id: str, repository: str, driver_state: dict[str, Any], *, commit: CommitIntent | None = None
+    ) -> UploadSession:
         now = time.time()
-        session = UploadSession(upload_id, repository, driver_state=driver_state, started=now, updated=now)
+        session = UploadSession(
+            upload_id, repository, driver_state=driver_state, started=now, updated=now, commit=commit
+        )
         key = keys.upload(upload_id)
         result = await self.kv.txn([Compare.absent(key)], [Put(key, session.to_json())])
         if not result.succeeded:
@@ -80,16 +119,92 @@ class UploadSessions:
         found = await self.kv.get(keys.upload(upload_id))
         return None if found is None else UploadSession.from_json(upload_id, found.value, found.mod_revision)
 
-    async def advance(
-        self, session: UploadSession, offset: int, hash_state: bytes, driver_state: dict[str, Any]
-    ) -> UploadSession:
-        """Record progress, only if nobody else has moved the session on since it was read."""
-        moved = replace(session, offset=offset, hash_state=hash_state, driver_state=driver_state, updated=time.time())
+    async def claim(self, session: UploadSession, lease: int) -> Claim:
+        """Take the session for one writing request; SessionChanged or SessionBusy if another has it."""
+        if session.commit is not None:
+            raise SessionBusy(session.id)
         key = keys.upload(session.id)
-        result = await self.kv.txn([Compare.unchanged(key, session.mod_revision)], [Put(key, moved.to_json())])
+        claim = keys.upload_claim(session.id)
+        token = uuid.uuid4().hex.encode()
+        result = await self.kv.txn(
+            [Compare.unchanged(key, session.mod_revision), Compare.absent(claim)],
+            [Put(claim, token, lease=lease)],
+            [Get(key), Get(claim)],
+        )
+        if result.succeeded:
+            return Claim(session, token)
+        current, holder = result.gets
+        if current is None or current.mod_revision != session.mod_revision:
+            raise SessionChanged(session.id)
+        raise SessionBusy(session.id)
+
+    async def advance(
+        self,
+        session: UploadSession,
+        offset: int,
+        hash_state: bytes,
+        driver_state: dict[str, Any],
+        *,
+        claim: Claim | None = None,
+        commit: CommitIntent | None = None,
+    ) -> UploadSession:
+        """Record progress (and maybe a commit intent), only if the session is as it was read.
+
+        With `claim`, the claim must still be held, and it is dropped in the same transaction.
+        """
+        moved = replace(
+            session,
+            offset=offset,
+            hash_state=hash_state,
+            driver_state=driver_state,
+            updated=time.time(),
+            commit=commit,
+        )
+        key = keys.upload(session.id)
+        guards = [Compare.unchanged(key, session.mod_revision)]
+        ops: list[Put | Delete] = [Put(key, moved.to_json())]
+        if claim is not None:
+            guards.append(Compare(keys.upload_claim(session.id), "value", "==", claim.token))
+            ops.append(Delete(keys.upload_claim(session.id)))
+        else:
+            guards.append(Compare.absent(keys.upload_claim(session.id)))
+        result = await self.kv.txn(guards, ops)
         if not result.succeeded:
             raise SessionChanged(session.id)
         return replace(moved, mod_revision=result.revision)
+
+    async def release(self, claim: Claim) -> None:
+        """Drop a claim that recorded nothing (its request failed before writing)."""
+        key = keys.upload_claim(claim.session.id)
+        await self.kv.txn([Compare(key, "value", "==", claim.token)], [Delete(key)])
+
+    async def end(self, session: UploadSession, claim: Claim | None = None) -> bool:
+        """Delete a session that can never succeed, only if it is as read (and the claim still ours)."""
+        key = keys.upload(session.id)
+        claim_key = keys.upload_claim(session.id)
+        guards = [Compare.unchanged(key, session.mod_revision)]
+        ops: list[Put | Delete] = [Delete(key)]
+        if claim is not None:
+            guards.append(Compare(claim_key, "value", "==", claim.token))
+            ops.append(Delete(claim_key))
+        else:
+            guards.append(Compare.absent(claim_key))
+        return (await self.kv.txn(guards, ops)).succeeded
+
+    async def cancel(self, session: UploadSession) -> None:
+        """Delete a session nobody is writing to; SessionBusy or SessionChanged otherwise."""
+        if session.commit is not None:
+            raise SessionBusy(session.id)
+        key = keys.upload(session.id)
+        claim = keys.upload_claim(session.id)
+        result = await self.kv.txn(
+            [Compare.unchanged(key, session.mod_revision), Compare.absent(claim)], [Delete(key)], [Get(key)]
+        )
+        if not result.succeeded:
+            current = result.gets[0]
+            if current is None or current.mod_revision != session.mod_revision:
+                raise SessionChanged(session.id)
+            raise SessionBusy(session.id)
 
     async def delete(self, upload_id: str) -> bool:
         return await self.kv.delete(keys.upload(upload_id)) > 0

@@ -121,9 +121,9 @@ def write_config(
 
 
 async def open_services(config_path: Path) -> Any:
-    from node.app import open_kv, open_storage
     from node.config import load
     from node.services import Services
+    from node.store import open_kv, open_storage
 
     config = load(str(config_path), environ={})
     return Services.build(config, await open_kv(config), open_storage(config))

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from coordinator.election import Election
-from coordinator.kv import KV
+from coordinator.metadata import Conflict
 
 from .accesslog import AccessLog
 from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
@@ -23,11 +23,11 @@ from .audit import AuditIntent, AuditLog, AuditMiddleware
 from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
 from .config import Config
-from .errors import RegistryError, Unsupported, error_response, handle_registry_error
+from .errors import RegistryError, Unsupported, error_response, handle_contention, handle_registry_error
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .services import Services
-from .storage.driver import StorageDriver
+from .store import open_kv, open_storage
 
 log = logging.getLogger("wharf")
 
@@ -71,39 +71,6 @@ PROBE_ROUTES = [
     Route("/debug/health", health.health, methods=["GET", "HEAD"]),
     Route("/debug/ready", health.ready, methods=["GET", "HEAD"]),
 ]
-
-
-async def open_kv(config: Config) -> KV:
-    coordinator = config.coordinator
-    if coordinator.etcd is not None:
-        from coordinator.etcd import EtcdKV
-
-        etcd = coordinator.etcd
-        return await EtcdKV.open(
-            etcd.endpoints,
-            prefix=etcd.prefix,
-            username=etcd.username or None,
-            password=etcd.password or None,
-            ca=etcd.tls.ca or None,
-            cert=etcd.tls.cert or None,
-            key=etcd.tls.key or None,
-            timeout=etcd.timeout,
-        )
-    from coordinator.embedded import EmbeddedKV
-
-    assert coordinator.embedded is not None
-    return EmbeddedKV(coordinator.embedded.path)
-
-
-def open_storage(config: Config) -> StorageDriver:
-    if config.storage.s3 is not None:
-        from .storage.s3 import S3Driver  # type: ignore[import-not-found]
-
-        return S3Driver(config.storage.s3)  # type: ignore[no-any-return]
-    from .storage.filesystem import FilesystemDriver
-
-    assert config.storage.filesystem is not None
-    return FilesystemDriver(config.storage.filesystem.rootdirectory, max_threads=config.storage.filesystem.maxthreads)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -161,7 +128,11 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     app = Starlette(
         routes=ROUTES + PROBE_ROUTES + token_routes,
         lifespan=lifespan,
-        exception_handlers={RegistryError: handle_registry_error, HTTPException: _http_error},
+        exception_handlers={
+            RegistryError: handle_registry_error,
+            HTTPException: _http_error,
+            Conflict: handle_contention,
+        },
     )
     if services is not None:
         app.state.services = services

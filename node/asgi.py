@@ -19,7 +19,9 @@ def _die_with_parent() -> None:
     if not parent:
         return
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # SIGKILL, not SIGTERM: a worker winding down gracefully would finish (and keep claims and
+        # leases for) requests the dead node's clients are already retrying elsewhere.
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return  # not Linux: the supervisor has to stop the whole process group
     if os.getppid() != int(parent):

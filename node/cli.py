@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -15,9 +16,12 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import admin, audit_cli
+from coordinator import keys
+
+from . import admin, audit_cli, backup
 from .config import Config, ConfigError, load
 from .metrics import MULTIPROC_ENV
+from .store import StoreRefused, describe_coordinator, describe_storage, open_store
 
 log = logging.getLogger("wharf")
 
@@ -63,17 +67,90 @@ def _start_debug_listener(config: Config, registry: CollectorRegistry | None) ->
 
 
 def serve(config: Config) -> int:
+    from .accesslog import configure_logging
     from .auth.services import check_security
     from .tls import check_listener
 
     check_listener(config)
     check_security(config)
+    listener = configure_logging(config.log.level)
+    try:
+        try:
+            store = asyncio.run(_prepare_store(config))
+        except StoreRefused as exc:
+            log.error("refusing to start: %s", exc)
+            print(f"wharf: {exc}", file=sys.stderr)
+            return 2
+        _log_startup(config, store)
+        return _run_server(config)
+    finally:
+        listener.stop()
+
+
+async def _prepare_store(config: Config) -> dict[str, object]:
+    """Open the store once before any worker starts: refuse a mismatch, claim or adopt a new one."""
+    store = await open_store(config, "serve")
+    try:
+        found = await store.kv.get(keys.IMPORT_STATE)
+        state = json.loads(found.value).get("state") if found else None
+        return {"identity": store.identity.id if store.identity else None, "found": store.found, "import": state}
+    finally:
+        await store.close()
+
+
+def _log_startup(config: Config, store: dict[str, object]) -> None:
+    """What this node serves and how, in one line an operator can trust."""
+    host, port = _split_addr(config.http.addr)
+    auth = config.auth.mode or "none"
+    if config.auth.token is not None and config.auth.token.signingkey:
+        auth = "token (built-in token service)"
+    fields = {
+        "listen": f"{host}:{port}",
+        "tls": config.http.tls.certificate or "off",
+        "auth": auth,
+        "storage": describe_storage(config),
+        "coordinator": describe_coordinator(config),
+        "store": store["identity"],
+        "store_found": store["found"],
+        "import": store["import"] or "none",
+        "metrics": (config.http.debug.addr + "/metrics") if config.http.debug.addr else "off",
+        "config": config.source or "none (defaults)",
+        "server": f"{config.http.server}, {config.http.workers} worker(s)",
+    }
+    log.info(
+        "wharf serving %s on %s (%s, auth %s) with %s and %s",
+        store["identity"],
+        fields["listen"],
+        "TLS" if config.http.tls.certificate else "plain HTTP",
+        auth,
+        fields["storage"],
+        fields["coordinator"],
+        extra={"fields": fields},
+    )
     if config.source is None:
-        print(
-            '{"level":"warning","msg":"no configuration file: serving on defaults (embedded coordinator, '
-            'filesystem storage under ./wharf-data, no authentication)"}',
-            flush=True,
+        log.warning(
+            "no configuration file: serving on defaults (%s, %s, auth %s)",
+            fields["storage"],
+            fields["coordinator"],
+            auth,
         )
+    if store["import"] in ("pending", "running"):
+        log.warning(
+            "adopting a registry:2 store: its repositories appear as the import records them; "
+            "`wharf import --status CONFIG` shows progress"
+        )
+    embedded = config.coordinator.embedded
+    fs = config.storage.filesystem
+    if embedded is not None and fs is not None and not embedded.path.startswith(fs.rootdirectory + os.sep):
+        log.warning(
+            "coordinator.embedded.path %s is outside the storage root %s: a copy or backup of the root "
+            "alone will not carry the tags",
+            embedded.path,
+            fs.rootdirectory,
+        )
+
+
+def _run_server(config: Config) -> int:
     os.environ["WHARF_CONFIG"] = config.source or ""
     os.environ["WHARF_SERVE_PID"] = str(os.getpid())
     if config.http.server == "granian" or config.http.workers > 1:
@@ -96,10 +173,8 @@ def serve(config: Config) -> int:
     import uvloop
     from hypercorn.asyncio import serve as hypercorn_serve
 
-    from .accesslog import configure_logging
     from .app import create_app
 
-    listener = configure_logging(config.log.level)
     app = create_app(config)
     _start_debug_listener(config, app.state.metrics.registry)
 
@@ -110,10 +185,7 @@ def serve(config: Config) -> int:
             loop.add_signal_handler(sig, stop.set)
         await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
-    try:
-        uvloop.run(main())
-    finally:
-        listener.stop()
+    uvloop.run(main())
     return 0
 
 
@@ -145,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_htpasswd_parser(commands)
     _add_cert_parser(commands)
     admin.add_commands(commands)
+    backup.add_commands(commands)
     audit_cli.add_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
@@ -153,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"wharf: {exc}", file=sys.stderr)
             return 2
-        return int(args.run(args, config))
+        try:
+            return int(args.run(args, config))
+        except StoreRefused as exc:
+            print(f"wharf: {exc}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         try:
             config = load(args.config or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)

@@ -12,7 +12,10 @@ from typing import Any
 
 import yaml
 
+from .storage import layout
+
 DEFAULT_DATA_DIR = "./wharf-data"
+DEFAULT_ROOT = os.path.join(DEFAULT_DATA_DIR, "registry")
 
 
 class ConfigError(ValueError):
@@ -174,6 +177,27 @@ class GCConfig:
 
 
 @dataclass
+class BackupConfig:
+    """Coordinator snapshots the leader writes into the storage (`wharf/snapshots/`), for
+    `wharf restore --from-storage`. Durations are parsed here, at load."""
+
+    enabled: bool = True
+    interval: str = "1h"
+    # How many of the newest snapshots stay; older ones Wharf wrote there are deleted.
+    keep: int = 24
+
+    def __post_init__(self) -> None:
+        try:
+            self.interval_seconds = parse_duration(self.interval)
+        except ConfigError as exc:
+            raise ConfigError(f"backup.interval: {exc}") from None
+        if self.interval_seconds < 1:
+            raise ConfigError("backup.interval must be at least 1s")
+        if self.keep < 1:
+            raise ConfigError("backup.keep must be at least 1")
+
+
+@dataclass
 class ImmutabilityRule:
     """Tags matching `tags` (regular expressions, whole tag) in matching repositories never move."""
 
@@ -322,6 +346,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     gc: GCConfig = field(default_factory=GCConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     quotas: list[QuotaRule] = field(default_factory=list)
     immutability: list[ImmutabilityRule] = field(default_factory=list)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -374,12 +399,12 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
 
 
 def _no_file_defaults() -> dict[str, Any]:
+    # The coordinator is not named here: it follows the root, wherever a REGISTRY_* variable puts it.
     return {
         "storage": {
-            "filesystem": {"rootdirectory": os.path.join(DEFAULT_DATA_DIR, "registry")},
+            "filesystem": {"rootdirectory": DEFAULT_ROOT},
             "delete": {"enabled": True},
         },
-        "coordinator": {"embedded": {"path": os.path.join(DEFAULT_DATA_DIR, "coordinator.db")}},
     }
 
 
@@ -410,7 +435,12 @@ def _finish(config: Config, path: str | None) -> None:
     if storage.inmemory is not None:
         raise ConfigError("storage.inmemory is not supported; use filesystem")
     if storage.s3 is None and storage.filesystem is None:
-        storage.filesystem = FilesystemStorage(os.path.join(DEFAULT_DATA_DIR, "registry"))
+        storage.filesystem = FilesystemStorage(DEFAULT_ROOT)
+    if storage.filesystem is not None:
+        if not storage.filesystem.rootdirectory:
+            raise ConfigError("storage.filesystem.rootdirectory must not be empty")
+        # One meaning wherever a command runs from: the start-up line and every CLI name the same root.
+        storage.filesystem.rootdirectory = os.path.abspath(storage.filesystem.rootdirectory)
     coordinator = config.coordinator
     if coordinator.embedded is not None and coordinator.etcd is not None:
         raise ConfigError("coordinator: configure exactly one backend (embedded or etcd)")
@@ -420,9 +450,9 @@ def _finish(config: Config, path: str | None) -> None:
         if not coordinator.embedded.path:
             if storage.filesystem is None:
                 raise ConfigError("coordinator.embedded.path is required with non-filesystem storage")
-            # Beside the storage root, so a registry:2 file needs nothing new.
-            root = os.path.abspath(storage.filesystem.rootdirectory)
-            coordinator.embedded.path = os.path.join(os.path.dirname(root), os.path.basename(root) + "-coordinator.db")
+            # Inside the storage root, outside Distribution's tree: the root alone is the whole registry.
+            coordinator.embedded.path = embedded_path_in(storage.filesystem.rootdirectory)
+        coordinator.embedded.path = os.path.abspath(coordinator.embedded.path)
     purging = storage.maintenance.uploadpurging
     for value in (purging.age, purging.interval, config.gc.interval, config.gc.grace, config.gc.orphaninterval):
         parse_duration(value)
@@ -438,6 +468,20 @@ def _finish(config: Config, path: str | None) -> None:
     if config.http.server not in ("hypercorn", "granian"):
         raise ConfigError("http.server must be hypercorn or granian")
     _check_security(config)
+
+
+def embedded_path_in(root: str) -> str:
+    """Where the embedded coordinator lives in a filesystem root: `<root>/wharf/coordinator.db`."""
+    return os.path.join(os.path.abspath(root), layout.WHARF_DIR, "coordinator.db")
+
+
+def legacy_embedded_paths(root: str) -> list[str]:
+    """Where earlier Wharf versions kept the embedded coordinator of this root (beside it)."""
+    root = os.path.abspath(root)
+    found = [os.path.join(os.path.dirname(root), os.path.basename(root) + "-coordinator.db")]
+    if root == os.path.abspath(DEFAULT_ROOT):
+        found.append(os.path.join(os.path.dirname(root), "coordinator.db"))
+    return found
 
 
 _ACTIONS = ("pull", "push", "delete", "*")

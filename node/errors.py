@@ -155,3 +155,13 @@ async def handle_registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RegistryError)
     request.scope.setdefault("state", {})[ERROR_KEY] = exc
     return error_response(exc, request.method)
+
+
+async def handle_contention(request: Request, exc: Exception) -> Response:
+    """Records that kept changing under an optimistic transaction: nothing was half-written, retry."""
+    error = TooManyRequests(
+        {"reason": "concurrent changes to the same records kept winning; nothing was changed, retry"},
+        message="the registry is busy with concurrent changes",
+        headers={"Retry-After": "1"},
+    )
+    return error_response(error, request.method)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from coordinator import keys
-from coordinator.gc import Collector, Progress, Summary
+from coordinator.gc import (
+    HELD_IMPORTED,
+    HELD_PUSHED,
+    HELD_UNACCOUNTED,
+    HELD_YOUNG,
+    HELD_YOUNG_MANIFEST,
+    Collector,
+    Progress,
+    Summary,
+)
 from coordinator.kv import Compare, Put
 from coordinator.lease import KeptLease
 
@@ -28,37 +37,63 @@ class CycleRunning(Exception):
     """Another process is running a collection cycle right now."""
 
 
+class ImportRunning(Exception):
+    """A registry:2 store is being adopted: collecting now could judge half-imported records."""
+
+
 def _no_progress(phase: str, done: int, total: int) -> None:
     pass
 
 
-async def _sweep_orphans(services: Services, collector: Collector, summary: Summary) -> None:
-    """Delete blob objects in storage that no record names and that are older than the grace."""
+async def _sweep_unaccounted(services: Services, collector: Collector, summary: Summary, *, delete: bool) -> None:
+    """Count storage objects no record names; delete them only when the operator asked by name.
+
+    Such an object may be a registry:2 store's leftover, a copied-in file or another cluster's data:
+    Wharf cannot prove it wrote it, so by default it is only reported (`wharf gc` summary, the
+    `wharf_gc_unaccounted_*` gauges, `wharf gc --explain`). Bytes a crashed Wharf writer left are
+    reclaimed through the upload session record written before them, not here.
+    """
     storage = services.storage
-    recorded = await collector.recorded_blobs()
-    cutoff = time.time() - collector.grace
-    async for key in storage.list(layout.BLOBS):
+    recorded, recorded_keys = await collector.recorded_blobs()
+    sessions = await collector.open_upload_ids()
+    async for key in storage.list(layout.ROOT):
         digest = layout.digest_from_blob_key(key)
-        if digest is None or digest in recorded:
-            continue
-        written = await storage.modified(key)
-        if written is None or written > cutoff:
-            continue
+        if digest is not None:
+            if digest in recorded:
+                continue
+        else:
+            upload = layout.upload_of_key(key)
+            if upload is None or upload in sessions or key in recorded_keys:
+                continue  # a link file of Distribution's tree, a live upload, or a recorded blob
         size = await storage.stat(key) or 0
+        if not delete:
+            summary.unaccounted_objects += 1
+            summary.unaccounted_bytes += size
+            summary.hold(HELD_UNACCOUNTED, size)
+            continue
         if collector.dry_run:
             summary.orphans_deleted += 1
             summary.bytes_freed += size
-            summary.deleted.append(f"orphan {digest}")
+            summary.deleted.append(f"unaccounted {key}")
             continue
-        if not await collector.claim_orphan(digest, key):
-            continue
-        try:
+        if digest is not None:
+            if not await services.metadata.remove_unrecorded(digest, key, storage.delete):
+                continue  # recorded (or being collected) meanwhile
+        else:
             await storage.delete(key)
-        finally:
-            await collector.release_orphan(digest)
         summary.orphans_deleted += 1
         summary.bytes_freed += size
-        summary.deleted.append(f"orphan {digest}")
+        summary.deleted.append(f"unaccounted {key}")
+        log.warning("deleted unaccounted storage object %s as asked", key, extra={"fields": {"key": key}})
+
+
+async def import_in_progress(services: Services) -> str | None:
+    """The import state while a registry:2 store is being adopted (GC waits for it)."""
+    found = await services.kv.get(keys.IMPORT_STATE)
+    if found is None:
+        return None
+    state = json.loads(found.value).get("state")
+    return state if state in ("pending", "running") else None
 
 
 async def orphan_sweep_due(services: Services) -> bool:
@@ -94,17 +129,28 @@ async def collect(
     delete_untagged: bool | None = None,
     progress: Progress = _no_progress,
     orphans: bool = True,
+    reclaim_imported: bool = False,
+    delete_unaccounted: bool = False,
 ) -> Summary:
-    """One cycle, holding a cluster-wide lock so cycles never overlap."""
+    """One cycle, holding a cluster-wide lock so cycles never overlap (a dry run writes nothing).
+
+    `orphans` also sweeps storage for objects no record names, to report them (and to delete them
+    with `delete_unaccounted`).
+    """
     config = services.config.gc
     collector = Collector(
         services.kv,
         grace=parse_duration(config.grace),
         delete_untagged=config.deleteuntagged if delete_untagged is None else delete_untagged,
         dry_run=dry_run,
+        reclaim_imported=reclaim_imported,
+        quotas=services.policies.scopes,
         progress=progress,
     )
     metrics = services.metrics
+    importing = await import_in_progress(services)
+    if importing is not None:
+        raise ImportRunning(importing)
 
     def report(phase: str, done: int, total: int) -> None:
         metrics.gc_reclaimable_bytes.set(collector.summary.reclaimable_bytes)
@@ -126,13 +172,15 @@ async def collect(
         progress(phase, done, total)
 
     collector.progress = report
-    async with KeptLease(services.kv, max(services.config.cluster.leasettl, 5)) as lease:
-        taken = await services.kv.txn(
-            [Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)]
-        )
-        if not taken.succeeded:
-            holder = await services.kv.get(_RUN_LOCK)
-            raise CycleRunning(holder.value.decode() if holder else "another process")
+    async with contextlib.AsyncExitStack() as stack:
+        if not dry_run:
+            lease = await stack.enter_async_context(KeptLease(services.kv, max(services.config.cluster.leasettl, 5)))
+            taken = await services.kv.txn(
+                [Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)]
+            )
+            if not taken.succeeded:
+                holder = await services.kv.get(_RUN_LOCK)
+                raise CycleRunning(holder.value.decode() if holder else "another process")
 
         async def delete_object(key: str) -> None:
             await services.storage.delete(key)
@@ -141,7 +189,9 @@ async def collect(
         try:
             summary = await collector.run(delete_object, services.storage.delete_many)
             if orphans:
-                await _sweep_orphans(services, collector, summary)
+                await _sweep_unaccounted(services, collector, summary, delete=delete_unaccounted)
+                metrics.gc_unaccounted_objects.set(summary.unaccounted_objects)
+                metrics.gc_unaccounted_bytes.set(summary.unaccounted_bytes)
                 if not dry_run:
                     await services.kv.put(keys.GC_ORPHANS_LAST, json.dumps({"at": time.time()}).encode())
         except Exception:
@@ -154,6 +204,17 @@ async def collect(
             metrics.gc_manifests_deleted.inc(summary.manifests_deleted)
             metrics.gc_bytes_freed.inc(summary.bytes_freed)
         metrics.gc_reclaimable_bytes.set(0 if not dry_run else summary.reclaimable_bytes)
-        fields = {k: v for k, v in asdict(summary).items() if k != "deleted"}
+        for held in summary.held_back.values():
+            metrics.gc_held_back_bytes.labels(_HELD_LABELS.get(held.reason, "other")).set(held.bytes)
+        fields = {k: v for k, v in summary.report().items() if k != "deleted"}
         log.info("garbage collection %s", "dry run" if dry_run else "cycle", extra={"fields": fields})
         return summary
+
+
+_HELD_LABELS = {
+    HELD_YOUNG: "grace",
+    HELD_YOUNG_MANIFEST: "grace",
+    HELD_IMPORTED: "imported",
+    HELD_PUSHED: "pushed",
+    HELD_UNACCOUNTED: "unaccounted",
+}

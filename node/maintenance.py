@@ -1,4 +1,4 @@
-"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC."""
+"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC, backups."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from coordinator import keys
 from coordinator.kv import Compare, Delete
 from coordinator.uploads import UploadSession
 
-from . import gc, retention
+from . import backup, gc, importer, retention
 from .config import parse_duration
 from .services import Services
-from .storage import layout
 
 log = logging.getLogger("wharf.maintenance")
 
 _GAUGE_SECONDS = 15.0
+_IMPORT_CHECK_SECONDS = 2.0
 
 
 class Maintenance:
@@ -32,7 +32,10 @@ class Maintenance:
 
     async def lead(self) -> None:
         """The leader's jobs, each on its own schedule; all cancelled when leadership ends."""
-        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads)]
+        built = await self.services.metadata.build_tag_index()
+        if built:
+            log.info("indexed %d tags by digest (a store from before the index)", built)
+        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads), self._every(_IMPORT_CHECK_SECONDS, self._import)]
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
@@ -40,6 +43,9 @@ class Maintenance:
         policies = self.services.config.retention
         if policies.enabled and policies.policies:
             jobs.append(self._every(parse_duration(policies.interval), self._retain))
+        # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
+        if self.services.config.backup.enabled:
+            jobs.append(backup.scheduled(self.services))
         try:
             await asyncio.gather(*jobs)
         finally:
@@ -61,6 +67,9 @@ class Maintenance:
     async def _count_uploads(self) -> None:
         self.services.metrics.upload_sessions.set(await self.services.kv.count(keys.UPLOADS))
 
+    async def _import(self) -> None:
+        await importer.import_if_pending(self.services)
+
     async def _purge(self) -> None:
         self.services.metrics.uploads_purged.inc(await self.purge_uploads())
 
@@ -69,6 +78,8 @@ class Maintenance:
             await gc.collect(self.services, orphans=await gc.orphan_sweep_due(self.services))
         except gc.CycleRunning as exc:
             log.info("garbage collection skipped: a cycle is running on %s", exc)
+        except gc.ImportRunning as exc:
+            log.info("garbage collection waits: a registry:2 store is being adopted (import %s)", exc)
 
     async def _retain(self) -> None:
         try:
@@ -77,7 +88,11 @@ class Maintenance:
             log.info("retention skipped: a run is in progress on %s", exc)
 
     async def purge_uploads(self, *, now: float | None = None) -> int:
-        """Remove sessions idle for longer than `age`, record first so nobody continues them."""
+        """Remove sessions idle for longer than `age`, record first so nobody continues them.
+
+        A session left committing (its node died mid-commit) names what it was writing: those bytes
+        go too, unless a blob record names them or an object was there before.
+        """
         kv = self.services.kv
         cutoff = (now or time.time()) - self.age
         purged = 0
@@ -92,12 +107,13 @@ class Maintenance:
                     log.info("would purge upload %s of %s", session.id, session.repository)
                     purged += 1
                     continue
-                result = await kv.txn([Compare.unchanged(item.key, item.mod_revision)], [Delete(item.key)])
-                if not result.succeeded:
-                    continue  # it moved on meanwhile: not abandoned
-                await self.services.storage.upload_abort(
-                    layout.upload_key(session.repository, session.id), session.driver_state
+                result = await kv.txn(
+                    [Compare.unchanged(item.key, item.mod_revision), Compare.absent(keys.upload_claim(session.id))],
+                    [Delete(item.key)],
                 )
+                if not result.succeeded:
+                    continue  # it moved on meanwhile, or a request is writing to it: not abandoned
+                await self.services.uploader.reclaim(session)
                 purged += 1
             if len(page) < 500:
                 break

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from coordinator.kv import KV, Compare, KeyValue, Op, TxnResult, Watch
+from coordinator.kv import KV, Compare, KeyValue, Op, Snapshot, TxnResult, Watch
 
-from .storage.driver import StorageDriver, UploadState
+from .storage.driver import StorageDriver, StoredObject, UploadState
 
 T = TypeVar("T")
 
@@ -67,6 +68,12 @@ class Metrics:
         self.leader = Gauge(
             "wharf_leader", "1 while this node leads a cluster job", ["job"], registry=r, multiprocess_mode="max"
         )
+        self.storage_corrupt = Counter(
+            "wharf_storage_corrupt_objects_total",
+            "Stored objects found not to match their digest (on read, or by wharf scrub)",
+            ["kind"],
+            registry=r,
+        )
         self.cache_hits = Counter("wharf_cache_hits_total", "Cache hits", ["cache"], registry=r)
         self.cache_misses = Counter("wharf_cache_misses_total", "Cache misses", ["cache"], registry=r)
         self.uploads_purged = Counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed", registry=r)
@@ -80,8 +87,63 @@ class Metrics:
         self.gc_blobs_deleted = Counter("wharf_gc_blobs_deleted_total", "Blobs deleted by GC", registry=r)
         self.gc_manifests_deleted = Counter("wharf_gc_manifests_deleted_total", "Manifests deleted by GC", registry=r)
         self.gc_bytes_freed = Counter("wharf_gc_bytes_freed_total", "Bytes freed by GC", registry=r)
+        self.gc_unaccounted_objects = Gauge(
+            "wharf_gc_unaccounted_objects",
+            "Storage objects no Wharf record names (never deleted unless asked), at the last sweep",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.gc_unaccounted_bytes = Gauge(
+            "wharf_gc_unaccounted_bytes",
+            "Bytes of storage objects no Wharf record names, at the last sweep",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.gc_held_back_bytes = Gauge(
+            "wharf_gc_held_back_bytes",
+            "Bytes the last cycle kept although nothing used them, by reason",
+            ["reason"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.import_repositories = Gauge(
+            "wharf_import_repositories",
+            "Repositories of an adopted registry:2 store: done and total",
+            ["state"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.gc_reclaimable_bytes = Gauge(
             "wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable", registry=r, multiprocess_mode="max"
+        )
+
+        # Coordinator snapshots the leader writes into the storage (node/backup.py).
+        self.backup_last_timestamp = Gauge(
+            "wharf_backup_last_snapshot_timestamp_seconds",
+            "When the last coordinator snapshot in the storage was taken",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_last_bytes = Gauge(
+            "wharf_backup_last_snapshot_bytes",
+            "Compressed size of the last coordinator snapshot",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_last_keys = Gauge(
+            "wharf_backup_last_snapshot_keys",
+            "Keys in the last coordinator snapshot",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_last_duration = Gauge(
+            "wharf_backup_last_snapshot_duration_seconds",
+            "How long the last coordinator snapshot took to write",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backup_snapshots = Counter(
+            "wharf_backup_snapshots_total", "Coordinator snapshots written into the storage", ["result"], registry=r
         )
 
     def observe_request(self, method: str, route: str, status: int, received: int, sent: int, seconds: float) -> None:
@@ -158,6 +220,9 @@ class InstrumentedKV:
     async def watch(self, prefix: str, *, start_revision: int = 0) -> Watch:
         return await self.inner.watch(prefix, start_revision=start_revision)
 
+    def snapshot(self) -> AbstractAsyncContextManager[Snapshot]:
+        return self.inner.snapshot()
+
     async def ping(self) -> None:
         await self._timed("ping").run(self.inner.ping())
 
@@ -199,6 +264,12 @@ class InstrumentedStorage:
     async def write_bytes(self, key: str, data: bytes) -> None:
         await self._timed("write_bytes").run(self.inner.write_bytes(key, data))
 
+    async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        return await self._timed("write_stream").run(self.inner.write_stream(key, chunks))
+
+    async def copy(self, source: str, key: str) -> int:
+        return await self._timed("copy").run(self.inner.copy(source, key))
+
     async def delete(self, key: str) -> None:
         await self._timed("delete").run(self.inner.delete(key))
 
@@ -207,6 +278,9 @@ class InstrumentedStorage:
 
     def list(self, prefix: str) -> AsyncIterator[str]:
         return self.inner.list(prefix)
+
+    def list_objects(self, prefix: str) -> AsyncIterator[StoredObject]:
+        return self.inner.list_objects(prefix)
 
     async def redirect_url(self, key: str) -> str | None:
         return await self._timed("redirect_url").run(self.inner.redirect_url(key))

@@ -1,16 +1,26 @@
-"""Blob uploads: stream bytes into storage, carry the SHA-256 state in the session, commit by digest."""
+"""Blob uploads: stream bytes into storage, carry the SHA-256 state in the session, commit by digest.
+
+Every byte a request writes is covered by a record written before it: a session (claimed by the one
+request writing to it) while bytes arrive, and a commit intent in that session while they move to
+their final key. So bytes in storage always match the session's recorded hash state, and whatever
+a crash leaves behind is named by a record that the purge of expired sessions acts on.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import rehashes
 
 from coordinator import quota
+from coordinator.lease import NodeLease
 from coordinator.metadata import BeingCollected, Metadata
 from coordinator.quota import QuotaScope
-from coordinator.uploads import SessionChanged, UploadSession, UploadSessions
+from coordinator.uploads import Claim, CommitIntent, SessionBusy, SessionChanged, UploadSession, UploadSessions
 
 from .errors import BlobUploadInvalid, BlobUploadUnknown, Denied, DigestInvalid, SizeInvalid
 from .reference import Digest
@@ -20,19 +30,37 @@ from .storage.driver import StorageDriver, UploadInterrupted
 log = logging.getLogger("wharf.upload")
 
 
+class UploadMoved(Exception):
+    """The session moved on since the request read it: the client must resume from its offset."""
+
+    def __init__(self, session: UploadSession) -> None:
+        super().__init__(f"upload {session.id} is at offset {session.offset}")
+        self.session = session
+
+
 class _Counted:
     """Hashes and counts the bytes of a stream as the driver pulls them."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], hasher: rehashes.PySha256, limit: int | None) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        hasher: rehashes.PySha256,
+        limit: int | None,
+        still_ours: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._chunks = chunks
         self.hasher = hasher
         self.count = 0
         self._limit = limit
+        self._still_ours = still_ours
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._chunks:
             if self._limit is not None and self.count + len(chunk) > self._limit:
                 raise SizeInvalid({"reason": "body is longer than its Content-Length or Content-Range"})
+            if not self._still_ours():
+                # The node's lease lapsed: another request may claim the session; stop writing.
+                raise BlobUploadInvalid({"reason": "this node lost its claim on the upload; resume from its offset"})
             self.hasher.update(chunk)
             self.count += len(chunk)
             yield chunk
@@ -53,6 +81,11 @@ def _denied(exc: quota.QuotaExceeded) -> Denied:
     )
 
 
+def _busy(session: UploadSession) -> BlobUploadInvalid:
+    what = "being committed" if session.commit is not None else "being written by another request"
+    return BlobUploadInvalid({"upload": session.id, "reason": f"the upload is {what} right now"})
+
+
 def check_algorithm(algorithm: str) -> None:
     """Uploads are hashed as they stream, with a resumable SHA-256 only."""
     if algorithm != "sha256":
@@ -60,10 +93,11 @@ def check_algorithm(algorithm: str) -> None:
 
 
 class Uploader:
-    def __init__(self, storage: StorageDriver, sessions: UploadSessions, metadata: Metadata) -> None:
+    def __init__(self, storage: StorageDriver, sessions: UploadSessions, metadata: Metadata, lease: NodeLease) -> None:
         self.storage = storage
         self.sessions = sessions
         self.metadata = metadata
+        self.lease = lease
         self.quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: []
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
@@ -90,6 +124,79 @@ class Uploader:
             raise BlobUploadUnknown({"upload": upload_id})
         return session
 
+    async def _claim(self, session: UploadSession) -> Claim:
+        """Claim the session for this request, waiting out a claim whose node may have died.
+
+        A claim held by a dead node lapses with its lease (`cluster.leasettl`), so a client that
+        resumes on another node at once waits that long at most instead of being refused.
+        """
+        deadline = time.monotonic() + self.lease.ttl + 2
+        delay = 0.05
+        while True:
+            try:
+                return await self.sessions.claim(session, await self.lease.id())
+            except SessionBusy:
+                if session.commit is not None or time.monotonic() > deadline:
+                    raise _busy(session) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except SessionChanged:
+                pass
+            current = await self.sessions.get(session.id)
+            if current is None:
+                raise BlobUploadUnknown({"upload": session.id}) from None
+            if current.commit is not None:
+                raise _busy(current) from None
+            if current.offset != session.offset:
+                raise UploadMoved(current)
+            session = current  # only its record moved (a claim came and went): try again
+
+    async def _write(
+        self, claim: Claim, chunks: AsyncIterator[bytes], length: int | None
+    ) -> tuple[int, rehashes.PySha256, dict]:  # type: ignore[type-arg]
+        """Stream a request body at the claimed session's offset; on a broken stream keep what arrived."""
+        session = claim.session
+        lease = await self.lease.id()
+        counted = _Counted(chunks, _hasher(session.hash_state), length, lambda: self.lease.holds(lease))
+        key = layout.upload_key(session.repository, session.id)
+        try:
+            written, state = await self.storage.upload_write(
+                key, session.driver_state, session.offset, counted.__aiter__()
+            )
+        except UploadInterrupted as exc:
+            recorded = False
+            if exc.written == counted.count:
+                try:
+                    await self.sessions.advance(
+                        session, session.offset + exc.written, counted.hasher.serialize(), exc.state, claim=claim
+                    )
+                    recorded = True
+                except SessionChanged:
+                    pass
+            if not recorded:
+                await self.sessions.release(claim)
+            if isinstance(exc.cause, (SizeInvalid, BlobUploadInvalid)):
+                raise exc.cause from None
+            raise exc.cause from exc
+        except BaseException:
+            await self.sessions.release(claim)
+            raise
+        if written != counted.count:
+            await self.sessions.release(claim)
+            raise BlobUploadInvalid({"reason": "storage kept fewer bytes than were sent"})
+        return written, counted.hasher, state
+
+    async def _record_progress(
+        self, claim: Claim, written: int, hasher: rehashes.PySha256, state: dict, commit: CommitIntent | None = None
+    ) -> UploadSession:  # type: ignore[type-arg]
+        session = claim.session
+        try:
+            return await self.sessions.advance(
+                session, session.offset + written, hasher.serialize(), state, claim=claim, commit=commit
+            )
+        except SessionChanged:
+            raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
+
     async def append(
         self, session: UploadSession, chunks: AsyncIterator[bytes], *, length: int | None = None
     ) -> UploadSession:
@@ -98,88 +205,132 @@ class Uploader:
         If the stream breaks, whatever arrived is recorded too, so the client can ask for the
         offset and resume; then the error goes on up.
         """
-        counted = _Counted(chunks, _hasher(session.hash_state), length)
-        key = layout.upload_key(session.repository, session.id)
-        try:
-            written, state = await self.storage.upload_write(
-                key, session.driver_state, session.offset, counted.__aiter__()
-            )
-        except UploadInterrupted as exc:
-            if exc.written == counted.count:
-                try:
-                    await self.sessions.advance(
-                        session, session.offset + exc.written, counted.hasher.serialize(), exc.state
-                    )
-                except SessionChanged:
-                    pass
-            if isinstance(exc.cause, SizeInvalid):
-                raise exc.cause from None
-            raise exc.cause from exc
-        if written == 0 and length in (None, 0):
-            return session
-        if written != counted.count:
-            raise BlobUploadInvalid({"reason": "storage kept fewer bytes than were sent"})
+        claim = await self._claim(session)
+        written, hasher, state = await self._write(claim, chunks, length)
         if length is not None and written != length:
-            # Keep what arrived (it is recorded below) but tell the client its range was short.
-            session = await self._advance(session, written, counted.hasher.serialize(), state)
+            # Keep what arrived but tell the client its range was short.
+            await self._record_progress(claim, written, hasher, state)
             raise SizeInvalid({"reason": f"expected {length} bytes, received {written}"})
-        return await self._advance(session, written, counted.hasher.serialize(), state)
+        return await self._record_progress(claim, written, hasher, state)
 
-    async def _advance(self, session: UploadSession, written: int, hash_state: bytes, state: dict) -> UploadSession:  # type: ignore[type-arg]
+    async def finish(
+        self,
+        session: UploadSession,
+        digest: Digest,
+        chunks: AsyncIterator[bytes] | None = None,
+        *,
+        length: int | None = None,
+    ) -> int:
+        """The closing PUT: append its body if any, check the digest, commit and link; returns the size."""
+        check_algorithm(digest.algorithm)
+        key = layout.blob_key(str(digest))
+        if chunks is None:
+            if session.commit is not None:
+                raise _busy(session)
+            hasher, state, size, claim = _hasher(session.hash_state), session.driver_state, session.offset, None
+        else:
+            claim = await self._claim(session)
+            written, hasher, state = await self._write(claim, chunks, length)
+            size = session.offset + written
+            if length is not None and written != length:
+                await self._record_progress(claim, written, hasher, state)
+                raise SizeInvalid({"reason": f"expected {length} bytes, received {written}"})
+        # Finalising ends a hasher: finalise a copy, the state may still be recorded below.
+        actual = "sha256:" + _hasher(hasher.serialize()).finalize()
+        if actual != str(digest):
+            await self._discard(session, claim, state)
+            raise DigestInvalid({"expected": str(digest), "actual": actual})
         try:
-            return await self.sessions.advance(session, session.offset + written, hash_state, state)
+            await self.check_room(session.repository, size, str(digest))
+        except BaseException:
+            await self._discard(session, claim, state)
+            raise
+        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        try:
+            if claim is not None:
+                committing = await self._record_progress(claim, size - session.offset, hasher, state, intent)
+            else:
+                committing = await self.sessions.advance(
+                    session, session.offset, session.hash_state, session.driver_state, commit=intent
+                )
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
+        await self._commit(committing)
+        return size
 
-    async def finish(self, session: UploadSession, digest: Digest) -> int:
-        """Check the digest, commit the bytes under it and link the blob; returns its size."""
+    async def _discard(self, session: UploadSession, claim: Claim | None, state: dict) -> None:  # type: ignore[type-arg]
+        """End a session whose upload can never succeed (wrong digest, no room): its bytes go too.
+
+        Only if nobody moved it on meanwhile: a racing request's commit is left alone.
+        """
+        if await self.sessions.end(session, claim):
+            await self.storage.upload_abort(layout.upload_key(session.repository, session.id), state)
+        elif claim is not None:
+            await self.sessions.release(claim)
+
+    async def _commit(self, session: UploadSession) -> None:
+        """Move a committing session's bytes to their key and record the blob; reclaim them on refusal."""
+        intent = session.commit
+        assert intent is not None
         upload = layout.upload_key(session.repository, session.id)
+        if intent.existed:
+            current = await self.metadata.get_blob(intent.digest)
+            if current is not None and current.corrupt and current.key == intent.key:
+                # A scrub found those bytes bad: these verified ones take their place.
+                await self.storage.delete(intent.key)
+        stored = await self.storage.upload_commit(upload, session.driver_state, session.offset, intent.key)
         try:
-            key = self._verified_key(digest, _hasher(session.hash_state))
-            await self.check_room(session.repository, session.offset, str(digest))
-        except BaseException:
-            await self.cancel(session)
+            await self._record(session, stored)
+        except (Denied, BlobUploadInvalid, BlobUploadUnknown):
+            await self.reclaim(session, stored)
             raise
-        stored = await self.storage.upload_commit(upload, session.driver_state, session.offset, key)
-        await self._record(session.repository, str(digest), session.offset, stored, session.id)
-        return session.offset
 
-    async def _record(self, repository: str, digest: str, size: int, stored: str, upload_id: str | None) -> None:
+    async def _record(self, session: UploadSession, stored: str) -> None:
+        assert session.commit is not None
+        repository, digest, size = session.repository, session.commit.digest, session.offset
         quotas = self.quotas_for(repository)
         try:
-            record = await self.metadata.commit_blob(
-                repository, digest, size, stored, upload_id=upload_id, quotas=quotas
-            )
+            try:
+                record = await self.metadata.commit_blob(
+                    repository, digest, size, stored, upload=(session.id, session.mod_revision), quotas=quotas
+                )
+            except BeingCollected:
+                # Garbage collection was deleting this very digest; its storage delete may have
+                # taken our freshly committed bytes too. Wait it out and keep them only if intact.
+                await self.metadata.wait_collected(digest)
+                if await self.storage.stat(stored) != size:
+                    raise BlobUploadInvalid(
+                        {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
+                    ) from None
+                record = await self.metadata.commit_blob(
+                    repository, digest, size, stored, upload=(session.id, session.mod_revision), quotas=quotas
+                )
         except quota.QuotaExceeded as exc:
-            # Nothing was linked; the stored bytes, if no record names them, go with GC's orphans.
-            if upload_id is not None:
-                await self.sessions.delete(upload_id)
             raise _denied(exc) from None
-        except BeingCollected:
-            # Garbage collection was deleting this very digest; its storage delete may have
-            # taken our freshly committed bytes too. Wait it out and keep them only if intact.
-            await self.metadata.wait_collected(digest)
-            if await self.storage.stat(stored) != size:
-                if upload_id is not None:
-                    await self.sessions.delete(upload_id)
-                raise BlobUploadInvalid(
-                    {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
-                ) from None
-            record = await self.metadata.commit_blob(
-                repository, digest, size, stored, upload_id=upload_id, quotas=quotas
-            )
+        except SessionChanged:
+            raise BlobUploadUnknown({"upload": session.id, "reason": "the upload was cancelled or expired"}) from None
         if record.key != stored:
-            # The digest was already stored elsewhere; this copy is redundant.
+            # The digest was already stored elsewhere; this copy (at this upload's own key) is redundant.
             await self.storage.delete(stored)
 
-    @staticmethod
-    def _verified_key(digest: Digest, hasher: rehashes.PySha256) -> str:
-        """The blob key for `digest` if the hashed bytes match it; DIGEST_INVALID otherwise."""
-        check_algorithm(digest.algorithm)
-        actual = "sha256:" + hasher.finalize()
-        if actual != str(digest):
-            raise DigestInvalid({"expected": str(digest), "actual": actual})
-        return layout.blob_key(actual)
+    async def reclaim(self, session: UploadSession, stored: str | None = None) -> None:
+        """Remove what a committing session wrote that no blob record names, then the session.
+
+        The commit intent proves these bytes are this upload's: the upload's own key always, and
+        the blob's key unless an object was there before the commit began.
+        """
+        intent = session.commit
+        upload = layout.upload_key(session.repository, session.id)
+        if intent is not None:
+            record = await self.metadata.get_blob(intent.digest)
+            named = record.key if record is not None else None
+            for key in {stored or upload, upload}:
+                if key != intent.key and key != named and await self.storage.stat(key) is not None:
+                    await self.storage.delete(key)  # under this upload's own prefix
+            if record is None and not intent.existed:
+                await self.metadata.remove_unrecorded(intent.digest, intent.key, self.storage.delete)
+        await self.storage.upload_abort(upload, session.driver_state)
+        await self.sessions.delete(session.id)
 
     async def mount(self, repository: str, digest: str, source: str) -> bool:
         """Link a blob of `source` into `repository`, within its quotas; False if `source` lacks it."""
@@ -190,20 +341,38 @@ class Uploader:
         return linked is not None
 
     async def cancel(self, session: UploadSession) -> None:
-        await self.storage.upload_abort(layout.upload_key(session.repository, session.id), session.driver_state)
-        await self.sessions.delete(session.id)
+        """DELETE on an upload: gone with its bytes, unless a request is writing to it right now."""
+        deadline = time.monotonic() + self.lease.ttl + 2
+        while time.monotonic() <= deadline:
+            try:
+                await self.sessions.cancel(session)
+            except SessionBusy:
+                if session.commit is not None:
+                    raise _busy(session) from None
+                await asyncio.sleep(0.1)
+                continue
+            except SessionChanged:
+                current = await self.sessions.get(session.id)
+                if current is None:
+                    raise BlobUploadUnknown({"upload": session.id}) from None
+                session = current
+                continue
+            await self.storage.upload_abort(layout.upload_key(session.repository, session.id), session.driver_state)
+            return
+        raise _busy(session)
 
     async def monolithic(
         self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None
     ) -> int:
-        """A whole blob in one request, with no session record: a failure leaves nothing to resume.
-
-        Partial data left by a crash mid-request is collected with expired uploads.
-        """
+        """A whole blob in one request. Its session is created committing: nobody else can write to it."""
         if length is not None:
             await self.check_room(repository, length, str(digest))
-        upload = layout.upload_key(repository, self.sessions.new_id())
+        key = layout.blob_key(str(digest))
+        upload_id = self.sessions.new_id()
+        upload = layout.upload_key(repository, upload_id)
         state = await self.storage.upload_start(upload)
+        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        session = await self.sessions.create(upload_id, repository, state, commit=intent)
         counted = _Counted(chunks, rehashes.PySha256(), length)
         try:
             try:
@@ -213,10 +382,14 @@ class Uploader:
                 raise exc.cause from None
             if length is not None and written != length:
                 raise SizeInvalid({"reason": f"expected {length} bytes, received {written}"})
-            key = self._verified_key(digest, counted.hasher)
+            actual = "sha256:" + counted.hasher.finalize()
+            if actual != str(digest):
+                raise DigestInvalid({"expected": str(digest), "actual": actual})
         except BaseException:
             await self.storage.upload_abort(upload, state)
+            await self.sessions.delete(upload_id)
             raise
-        stored = await self.storage.upload_commit(upload, state, written, key)
-        await self._record(repository, str(digest), written, stored, None)
+        # The driver state and size are known only now; the intent already stood.
+        session = replace(session, offset=written, driver_state=state)
+        await self._commit(session)
         return written

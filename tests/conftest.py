@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -38,12 +39,32 @@ def s3_server():
     process and in the registry processes it starts never sends the server's traffic to a proxy
     (and an AWS profile named in the environment is ignored: tests pass the server's keys).
     """
-    from s3_server import AWS_PROFILE_VARS, S3Server, no_proxy_for_loopback
+    from s3_server import S3Server
+
+    with _s3_environment(), S3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rgw_server():
+    """One Ceph RADOS Gateway (monitor, in-memory OSD, radosgw) with one bucket for the whole session.
+
+    Used like `s3_server` (each test under its own `rootdirectory`, removed afterwards), and never
+    skipped: `make test` installs Debian's ceph packages, and a missing one is a failure.
+    """
+    from rgw_server import RGWServer
+
+    with _s3_environment(), RGWServer() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _s3_environment() -> Iterator[None]:
+    from s3_server import AWS_PROFILE_VARS, no_proxy_for_loopback
 
     with pytest.MonkeyPatch.context() as patch:
         for name, value in no_proxy_for_loopback().items():
             patch.setenv(name, value)
         for name in AWS_PROFILE_VARS:
             patch.delenv(name, raising=False)
-        with S3Server() as server:
-            yield server
+        yield

@@ -45,55 +45,17 @@ def no_proxy_for_loopback(environ: Any = os.environ) -> dict[str, str]:
     return values
 
 
-class S3Server:
-    """One `moto_server` process with one bucket; a context manager, or `start()` and `close()`."""
+class S3Endpoint:
+    """What tests need from any S3 server they start: its address, keys and bucket, and a client."""
 
     access_key = "wharf-test"
     secret_key = "wharf-test-secret"
     region = "us-east-1"
-
-    def __init__(self, *, bucket: str = "wharf-test", start_timeout: float = 30.0) -> None:
-        self.bucket = bucket
-        self.start_timeout = start_timeout
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log_dir: str | None = None
-        self._log_file: Any = None
+    bucket: str
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> S3Server:
-        self._log_dir = tempfile.mkdtemp(prefix="wharf-moto-")
-        try:
-            # A free port can be taken between choosing and binding it: try again on another.
-            for _attempt in range(3):
-                self._spawn()
-                try:
-                    wait_until(self._answers, timeout=self.start_timeout, what=f"moto_server on {self.endpoint}")
-                except _Exited:
-                    self._stop()
-                    continue
-                self._create_bucket()
-                return self
-            raise RuntimeError(f"moto_server did not start after 3 attempts: {self.log_tail()}")
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Stop the server (its objects go with it). Safe to call twice."""
-        self._stop()
-        if self._log_dir is not None:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            self._log_dir = None
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        raise NotImplementedError
 
     def storage_config(self, rootdirectory: str | None = None, **overrides: Any) -> Any:
         """A `storage.s3` config section for a driver on this server, under its own root directory."""
@@ -126,8 +88,19 @@ class S3Server:
             config=Config(proxies={}, s3={"addressing_style": "path"}),
         )
 
+    def keys(self, prefix: str = "") -> dict[str, str]:
+        """Every object under `prefix` with its ETag: a cheap fingerprint of what the bucket holds."""
+        client = self.client()
+        try:
+            found = {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                found.update({item["Key"]: item["ETag"] for item in page.get("Contents", [])})
+            return found
+        finally:
+            client.close()
+
     def remove_prefix(self, prefix: str) -> None:
-        """Delete every object and abort every multipart upload under `prefix` (frees moto's memory)."""
+        """Delete every object and abort every multipart upload under `prefix` (frees the server's memory)."""
         client = self.client()
         try:
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
@@ -139,6 +112,60 @@ class S3Server:
                     client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
         finally:
             client.close()
+
+    def create_bucket(self) -> None:
+        client = self.client()
+        try:
+            client.create_bucket(Bucket=self.bucket)
+        finally:
+            client.close()
+
+
+class S3Server(S3Endpoint):
+    """One `moto_server` process with one bucket; a context manager, or `start()` and `close()`."""
+
+    def __init__(self, *, bucket: str = "wharf-test", start_timeout: float = 30.0) -> None:
+        self.bucket = bucket
+        self.start_timeout = start_timeout
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_dir: str | None = None
+        self._log_file: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        self._log_dir = tempfile.mkdtemp(prefix="wharf-moto-")
+        try:
+            # A free port can be taken between choosing and binding it: try again on another.
+            for _attempt in range(3):
+                self._spawn()
+                try:
+                    wait_until(self._answers, timeout=self.start_timeout, what=f"moto_server on {self.endpoint}")
+                except _Exited:
+                    self._stop()
+                    continue
+                self.create_bucket()
+                return self
+            raise RuntimeError(f"moto_server did not start after 3 attempts: {self.log_tail()}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the server (its objects go with it). Safe to call twice."""
+        self._stop()
+        if self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = None
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def log_tail(self, lines: int = 20) -> str:
         if self._log_dir is None:
@@ -175,13 +202,6 @@ class S3Server:
             return True  # it answered
         except (urllib.error.URLError, OSError):
             return False
-
-    def _create_bucket(self) -> None:
-        client = self.client()
-        try:
-            client.create_bucket(Bucket=self.bucket)
-        finally:
-            client.close()
 
     def _stop(self) -> None:
         proc = self.process

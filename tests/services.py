@@ -75,14 +75,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_clusters(parent: str | None = None) -> None:
-    """Remove what a killed test run left behind: its etcd processes and their data dirs.
+def sweep_stale_clusters(parent: str | None = None, prefix: str = _ROOT_PREFIX) -> None:
+    """Remove what a killed test run left behind: its service processes and their data dirs.
 
-    Each cluster's directory names its owner's pid and its members' pids; a directory whose owner
-    is gone is cleaned (a member pid is killed only if that process still runs from that directory).
+    Each cluster's directory (named `prefix...` under `parent`) holds an `owner` file with the test
+    run's pid and one `*.pid` file per process; a directory whose owner is gone is cleaned (a pid is
+    killed only if that process still names the directory on its command line).
     """
     parent = parent or tempfile.gettempdir()
-    for root in glob.glob(os.path.join(parent, _ROOT_PREFIX + "*")):
+    for root in glob.glob(os.path.join(parent, prefix + "*")):
         try:
             with open(os.path.join(root, "owner")) as f:
                 owner = int(f.read())
@@ -102,7 +103,7 @@ def sweep_stale_clusters(parent: str | None = None) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _scratch_root() -> str | None:
+def scratch_root() -> str | None:
     """Where data dirs go: tmpfs if there is plenty (fsync is then nearly free), else the default."""
     shm = "/dev/shm"
     try:
@@ -166,7 +167,7 @@ class EtcdCluster:
     def start(self) -> EtcdCluster:
         if not os.access(self.binary, os.X_OK):
             raise FileNotFoundError(f"etcd binary not found or not executable: {self.binary}")
-        scratch = _scratch_root()
+        scratch = scratch_root()
         sweep_stale_clusters(scratch)
         self.root = tempfile.mkdtemp(prefix=_ROOT_PREFIX, dir=scratch)
         with open(os.path.join(self.root, "owner"), "w") as f:
@@ -211,6 +212,24 @@ class EtcdCluster:
 
     def endpoint(self, i: int) -> str:
         return self.members[i].client_url
+
+    def _etcdctl(self, *args: str) -> str:
+        result = subprocess.run(
+            ["etcdctl", "--endpoints", ",".join(self.endpoints), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "ETCDCTL_API": "3"},
+            check=True,
+        )
+        return result.stdout
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (with the prefix), straight from etcd."""
+        return [line for line in self._etcdctl("get", "--prefix", "--keys-only", prefix).splitlines() if line]
+
+    def delete_prefix(self, prefix: str) -> None:
+        self._etcdctl("del", "--prefix", prefix)
 
     def running(self, i: int) -> bool:
         proc = self.members[i].process

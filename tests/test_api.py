@@ -1,7 +1,7 @@
 """The OCI Distribution API over real HTTP, endpoint by endpoint, as the conformance suite sees it.
 
 One `wharf serve` process serves the whole module, once per backend: embedded defaults (filesystem
-storage, embedded coordinator), then S3 (the session's moto server) with the session's etcd. Every
+storage, embedded coordinator), then S3 with the session's etcd: on moto, then on Ceph RGW. Every
 test works in repositories of its own, named at random, so tests neither see nor disturb each other.
 """
 
@@ -52,8 +52,9 @@ class Backend:
     """Where a test's `wharf serve` keeps its content and metadata: the settings for WharfProcess.
 
     "embedded+filesystem" is the default configuration (storage and coordinator under the process's
-    data dir). "etcd+s3" puts content in the session's S3 server and metadata in the session's etcd,
-    each process under a root directory and key prefix of its own, removed when the module is done.
+    data dir). "etcd+s3" puts content in the session's S3 server (moto) and metadata in the session's
+    etcd, each process under a root directory and key prefix of its own, removed when the module is
+    done; "etcd+rgw" does the same on the session's Ceph RADOS Gateway.
     """
 
     def __init__(self, name: str, s3_server: Any = None, etcd: Any = None) -> None:
@@ -99,10 +100,15 @@ class Backend:
                 asyncio.run(remove(prefix))
 
 
-@pytest.fixture(scope="module", params=["embedded+filesystem", "etcd+s3"])
+# Each S3 variant's server: moto, and a real Ceph RADOS Gateway.
+S3_SERVERS = {"etcd+s3": "s3_server", "etcd+rgw": "rgw_server"}
+
+
+@pytest.fixture(scope="module", params=["embedded+filesystem", *S3_SERVERS])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    if request.param == "etcd+s3":
-        chosen = Backend(request.param, request.getfixturevalue("s3_server"), request.getfixturevalue("etcd"))
+    if request.param in S3_SERVERS:
+        s3_server = request.getfixturevalue(S3_SERVERS[request.param])
+        chosen = Backend(request.param, s3_server, request.getfixturevalue("etcd"))
     else:
         chosen = Backend(request.param)
     try:

@@ -24,7 +24,7 @@ def _write(tmp_path, text: str) -> str:
     return str(path)
 
 
-def test_registry2_minimal_file_loads_with_embedded_coordinator_beside_storage_root(tmp_path):
+def test_registry2_minimal_file_loads_with_embedded_coordinator_inside_storage_root(tmp_path):
     config = load(_write(tmp_path, REGISTRY2_FILE), environ={})
     assert config.storage.filesystem is not None
     assert config.storage.filesystem.rootdirectory == "/var/lib/registry"
@@ -32,7 +32,7 @@ def test_registry2_minimal_file_loads_with_embedded_coordinator_beside_storage_r
     assert config.http.addr == "127.0.0.1:5000"
     assert config.coordinator.etcd is None
     assert config.coordinator.embedded is not None
-    assert config.coordinator.embedded.path == "/var/lib/registry-coordinator.db"
+    assert config.coordinator.embedded.path == "/var/lib/registry/wharf/coordinator.db"
 
 
 def test_no_file_serves_loopback_with_embedded_defaults():
@@ -113,3 +113,32 @@ def test_example_cluster_config_in_deploy_loads():
     assert config.storage.s3 is not None and config.storage.s3.bucket == "wharf"
     assert config.coordinator.etcd is not None and len(config.coordinator.etcd.endpoints) == 3
     assert config.storage.redirect.disable is False
+
+
+def test_backup_section_defaults_to_hourly_snapshots_kept_a_day():
+    backup = load(None, environ={}).backup
+    assert (backup.enabled, backup.interval_seconds, backup.keep) == (True, 3600, 24)
+
+
+def test_backup_section_parses_its_interval_at_load(tmp_path):
+    text = REGISTRY2_FILE + "backup:\n  interval: 15m\n  keep: 4\n"
+    backup = load(_write(tmp_path, text), environ={"REGISTRY_BACKUP_ENABLED": "false"}).backup
+    assert (backup.enabled, backup.interval_seconds, backup.keep) == (False, 900, 4)
+    assert (
+        load(_write(tmp_path, REGISTRY2_FILE), environ={"REGISTRY_BACKUP_INTERVAL": "90"}).backup.interval_seconds == 90
+    )
+
+
+@pytest.mark.parametrize(
+    "section, complaint",
+    [
+        ("interval: soon", "backup.interval: invalid duration"),
+        ("interval: 0s", "backup.interval must be at least 1s"),
+        ("keep: 0", "backup.keep must be at least 1"),
+        ("keep: all", "backup.keep: expected a whole number"),
+        ("every: 1h", "unknown configuration key backup.every"),
+    ],
+)
+def test_a_bad_backup_section_stops_start_up_naming_the_key(tmp_path, section, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        load(_write(tmp_path, REGISTRY2_FILE + f"backup:\n  {section}\n"), environ={})

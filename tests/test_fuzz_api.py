@@ -48,14 +48,14 @@ class Registry:
     def snapshot(self) -> tuple[list[tuple[Any, ...]], list[tuple[str, int]]]:
         """Coordinator records (but leader leases, which tick on their own) and stored files."""
         embedded = self.process.config.get("coordinator", {}).get("embedded", {})
-        database = embedded.get("path") or str(self.root / "registry-coordinator.db")
+        database = embedded.get("path") or str(self.root / "registry" / "wharf" / "coordinator.db")
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
             records = connection.execute(
                 "SELECT key, value, version, mod_rev FROM kv WHERE key NOT LIKE 'leader/%' ORDER BY key"
             ).fetchall()
         connection.close()
         files = []
-        for folder, _, names in os.walk(self.root / "registry"):
+        for folder, _, names in os.walk(self.root / "registry" / "docker"):
             for name in names:
                 path = Path(folder) / name
                 files.append((str(path.relative_to(self.root)), path.stat().st_size))

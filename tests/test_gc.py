@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,16 @@ import pytest
 from inprocess import InProcessRegistry
 from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
 
+from coordinator import gc as coordinator_gc
 from coordinator import keys
 from coordinator.gc import Collector
+from coordinator.uploads import CommitIntent
 from node import gc
+from node.config import load
+from node.maintenance import Maintenance
+from node.storage import layout
 from node.storage.s3 import S3Driver
+from node.store import open_store
 
 ANY = {"Accept": "*/*"}
 
@@ -86,7 +94,9 @@ async def test_deleting_half_the_images_reclaims_their_bytes_and_keeps_shared_la
     assert await registry.blob_status("team/app", digest_of(own[0])) == 404
 
 
-async def test_deleting_half_the_images_on_s3_drops_the_bucket_bytes_and_keeps_shared_layers(tmp_path, s3_server):
+@pytest.mark.parametrize("server", ["s3_server", "rgw_server"], ids=["moto", "rgw"])
+async def test_deleting_half_the_images_on_s3_drops_the_bucket_bytes_and_keeps_shared_layers(tmp_path, request, server):
+    s3_server = request.getfixturevalue(server)
     storage = s3_server.storage_config()
     reg = Registry(tmp_path, storage=S3Driver(storage))
     client = s3_server.client()
@@ -275,7 +285,7 @@ async def test_referrers_follow_their_subject_unless_tagged(registry):
     assert f"team/app@{sbom}" not in summary.deleted, "a tagged referrer stays"
 
 
-async def test_bytes_of_a_refused_manifest_are_collected_as_an_orphan(registry):
+async def test_bytes_of_a_refused_manifest_are_reclaimed_at_once_through_their_intent(registry):
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -286,10 +296,10 @@ async def test_bytes_of_a_refused_manifest_are_collected_as_an_orphan(registry):
         "/v2/team/app/manifests/v1", content=json.dumps(doc).encode(), headers={"Content-Type": OCI_MANIFEST}
     )
     assert r.status_code == 400
-    assert registry.stored_bytes() > 0, "the manifest bytes were written before the refusal"
+    assert registry.stored_bytes() == 0, "the refused manifest's bytes went with its intent record"
+    assert await registry.kv.range(keys.UPLOADS) == [], "and so did the intent"
     summary = await gc.collect(registry.services)
-    assert summary.orphans_deleted == 1
-    assert registry.stored_bytes() == 0
+    assert summary.unaccounted_objects == 0
 
 
 async def test_explain_names_the_tags_that_keep_a_blob(registry):
@@ -318,11 +328,82 @@ def test_gc_command_runs_a_cycle_with_dry_run_and_explain(tmp_path):
             cwd=Path(__file__).resolve().parent.parent,
         )
 
+    nothing = wharf("gc", "--dry-run", str(config))
+    assert nothing.returncode == 2 and "no Wharf store" in nothing.stderr
+    assert not root.exists(), "a dry run on nothing creates nothing"
+    asyncio.run(_create_store(config))
     dry = wharf("gc", "--dry-run", str(config))
     assert dry.returncode == 0, dry.stderr
-    assert "would delete" in dry.stdout
+    assert "would delete" in dry.stdout and "dry run: nothing was changed" in dry.stdout
     real = wharf("garbage-collect", "-m", str(config))
     assert real.returncode == 0, real.stderr
-    assert "deleted: 0 manifests, 0 blobs, 0 orphaned objects" in real.stdout
+    assert "deleted: 0 manifests, 0 blobs, 0 unaccounted objects" in real.stdout
     explained = wharf("gc", "--explain", "team/app@sha256:" + "a" * 64, str(config))
     assert explained.returncode == 0 and "unknown here" in explained.stdout
+
+
+async def _create_store(config: Path) -> None:
+    store = await open_store(load(str(config), environ={}), "serve")
+    await store.close()
+
+
+async def test_deleted_images_space_comes_back_at_the_next_cycle_despite_the_grace(tmp_path):
+    reg = Registry(tmp_path, grace="1h")
+    try:
+        base = os.urandom(40_000)
+        kept, _ = await reg.image("team/app", "keep", [base, os.urandom(1000)])
+        gone, _ = await reg.image("team/app", "gone", [base, os.urandom(30_000)])
+        in_flight = await reg.blob("team/app", os.urandom(5000))  # uploaded, no manifest yet
+        before = reg.stored_bytes()
+        assert (await reg.http.delete(f"/v2/team/app/manifests/{gone}")).status_code == 202
+        summary = await gc.collect(reg.services)
+        assert summary.blobs_deleted == 3, "the deleted image's own layer, config and manifest go at once"
+        assert before - reg.stored_bytes() == summary.bytes_freed > 30_000
+        held = {h.reason: h for h in summary.held_back.values()}
+        young = held[coordinator_gc.HELD_YOUNG]
+        assert young.count == 1 and young.bytes == 5000 and young.until is not None
+        assert young.until > summary.started + 3500, "held until the grace ends, and the summary says when"
+        assert await reg.blob_status("team/app", in_flight) == 200
+        assert (await reg.http.get("/v2/team/app/manifests/keep", headers=ANY)).status_code == 200
+        del kept
+    finally:
+        await reg.close()
+
+
+async def test_objects_no_record_names_are_reported_and_kept_unless_asked_by_name(registry):
+    await registry.image("team/app", "v1", [os.urandom(2000)])
+    stray = os.urandom(3000)
+    path = registry.root / "registry" / layout.blob_key(digest_of(stray))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(stray)
+    old = path.stat().st_mtime - 7 * 86400
+    os.utime(path, (old, old))
+    summary = await gc.collect(registry.services)
+    assert (summary.unaccounted_objects, summary.unaccounted_bytes) == (1, 3000)
+    assert path.read_bytes() == stray, "never deleted: Wharf cannot prove it wrote it"
+    report = await Collector(registry.kv, grace=0).explain(None, digest_of(stray))
+    assert any("no Wharf record names it" in reason for reason in report["reasons"])
+    dry = await gc.collect(registry.services, dry_run=True, delete_unaccounted=True)
+    assert dry.orphans_deleted == 1 and path.exists()
+    asked = await gc.collect(registry.services, delete_unaccounted=True)
+    assert asked.orphans_deleted == 1 and not path.exists()
+    assert (await registry.http.get("/v2/team/app/manifests/v1", headers=ANY)).status_code == 200
+
+
+async def test_a_commit_cut_short_is_reclaimed_through_its_intent_and_a_prior_object_is_kept(registry):
+    services = registry.services
+    mine, theirs = os.urandom(4000), os.urandom(4100)
+    for data, existed in ((mine, False), (theirs, True)):
+        digest = digest_of(data)
+        key = layout.blob_key(digest)
+        session = await services.sessions.create(
+            services.sessions.new_id(), "team/app", {}, commit=CommitIntent(digest, key, existed)
+        )
+        # The node died after the bytes reached their key and before the blob record was written.
+        await services.storage.write_bytes(key, data)
+        assert await services.sessions.get(session.id) is not None
+    purged = await Maintenance(services).purge_uploads(now=time.time() + 365 * 86400)
+    assert purged == 2
+    assert await services.storage.stat(layout.blob_key(digest_of(mine))) is None, "our own bytes went"
+    assert await services.storage.stat(layout.blob_key(digest_of(theirs))) == 4100, "an object from before stays"
+    assert await registry.kv.range(keys.UPLOADS) == []

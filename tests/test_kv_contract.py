@@ -8,6 +8,7 @@ prefix per test, removed afterwards. A few tests at the end exercise what only t
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from services import EtcdCluster
 
 from coordinator.embedded import EmbeddedKV
 from coordinator.etcd import EtcdKV, RevisionCompacted
-from coordinator.kv import KV, Compare, Delete, Get, Put, WatchEvent
+from coordinator.kv import KV, Compare, Delete, Get, Put, SnapshotLost, WatchEvent
 from coordinator.lease import KeptLease
 
 TTL = 1  # seconds; the session etcd is tuned so that a 1 s lease really lasts 1 s
@@ -205,6 +206,46 @@ async def test_range_start_key_is_inclusive_and_clamped_to_the_prefix(kv: KV) ->
     assert [k.key for k in await kv.range("p/", start="a")] == ["p/a", "p/b", "p/c"]  # before the prefix
     assert await kv.range("p/", start="p/d") == []
     assert await kv.range("p/", start="q/") == []  # beyond the prefix
+
+
+async def _page_through(kv: KV, prefix: str, limit: int) -> list[str]:
+    found: list[str] = []
+    start: str | None = None
+    for _ in range(10_000):
+        page = await kv.range(prefix, start=start, limit=limit)
+        found += [item.key for item in page]
+        if len(page) < limit:
+            return found
+        start = page[-1].key + "\0"
+    raise AssertionError("paging did not end")
+
+
+async def test_paging_through_uneven_keys_never_skips_or_repeats_one(kv: KV) -> None:
+    rng = random.Random(7)
+    prefix = "pages/"
+    # Dense runs, long shared stretches (a repository's links), sparse outliers, odd characters.
+    wanted = {f"{prefix}team/app@sha256:{rng.getrandbits(256):064x}" for _ in range(700)}
+    wanted |= {f"{prefix}a{n:05d}" for n in range(300)}
+    wanted |= {f"{prefix}{'z' * rng.randint(1, 90)}{n}" for n in range(40)}
+    wanted |= {f"{prefix}ü{n}" for n in range(5)} | {f"{prefix}\u00ff{n}" for n in range(5)}
+    ordered = sorted(wanted, key=lambda k: k.encode())
+    for start in range(0, len(ordered), 100):
+        await kv.txn([], [Put(k, b"v") for k in ordered[start : start + 100]])
+    for limit in (1, 7, 100, 1000):
+        assert await _page_through(kv, prefix, limit) == ordered
+    # Keys added between pages, before and after the position: those after it come, none twice.
+    first = await kv.range(prefix, limit=50)
+    assert [k.key for k in first] == ordered[:50]
+    extra = [f"{prefix}0first", f"{prefix}team/app@sha256:{'f' * 64}x", f"{prefix}zzzzzzzz-last"]
+    await kv.txn([], [Put(k, b"v") for k in extra])
+    seen = [k.key for k in first]
+    start: str | None = first[-1].key + "\0"
+    while start is not None:
+        page = await kv.range(prefix, start=start, limit=50)
+        seen += [k.key for k in page]
+        start = page[-1].key + "\0" if len(page) == 50 else None
+    after = [k for k in sorted(wanted | set(extra), key=lambda k: k.encode()) if k.encode() > first[-1].key.encode()]
+    assert seen == ordered[:50] + after
 
 
 async def test_range_paginates_with_start_key_and_limit(kv: KV) -> None:
@@ -586,6 +627,163 @@ async def test_data_and_revisions_survive_closing_and_reopening_the_store(backen
     await second.ping()
 
 
+# -- snapshots -------------------------------------------------------------------------------
+
+
+async def test_snapshot_reads_the_store_as_of_its_revision_while_writes_go_on(backend: Backend) -> None:
+    kv, writer = await backend.open(), await backend.open()
+    for i in range(20):
+        await kv.put(f"s/{i:02d}", b"old")
+    last = await kv.put("s/last", b"old")
+    async with kv.snapshot() as snap:
+        assert snap.revision == last
+        assert snap.backend == backend.name
+        await writer.put("s/00", b"new")
+        await writer.delete("s/01")
+        await writer.put("s/new", b"new")
+        await writer.txn([], [Put("s/02", b"new"), Delete("s/03")])
+        seen = await snap.range("s/")
+        assert [(k.key, k.value) for k in seen] == [(f"s/{i:02d}", b"old") for i in range(20)] + [("s/last", b"old")]
+        assert all(k.mod_revision <= last for k in seen)
+        assert await snap.count("s/") == 21
+    async with kv.snapshot() as later:
+        assert later.revision > last
+        assert (await later.range("s/00"))[0].value == b"new"
+        assert await later.count("s/") == 20
+
+
+async def test_snapshot_pages_in_byte_order_with_start_key_and_limit(kv: KV) -> None:
+    for key in reversed(NESTED):
+        await kv.put(key, key.encode())
+    async with kv.snapshot() as snap:
+        for prefix in ["", "a/", "\u043f"]:
+            seen: list[str] = []
+            start: str | None = None
+            while True:
+                page = await snap.range(prefix, start=start, limit=3)
+                assert len(page) <= 3
+                if not page:
+                    break
+                seen.extend(k.key for k in page)
+                start = page[-1].key + "\0"
+            assert seen == byte_order([k for k in NESTED if k.startswith(prefix)]), prefix
+            assert await snap.count(prefix) == len(seen)
+        assert await snap.range("p/", start="q/") == []
+
+
+async def test_a_transaction_is_never_seen_half_done_by_a_snapshot(backend: Backend) -> None:
+    kv, writer = await backend.open(), await backend.open()
+    await kv.txn([], [Put("pair/a", b"0"), Put("pair/b", b"0")])
+    stop = asyncio.Event()
+
+    async def write_pairs() -> int:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            n += 1
+            value = str(n).encode()
+            await writer.txn([], [Put("pair/a", value), Put("pair/b", value)])
+        return n
+
+    task = asyncio.create_task(write_pairs())
+    try:
+        for _ in range(5):
+            async with kv.snapshot() as snap:
+                (a,) = await snap.range("pair/", limit=1)
+                await asyncio.sleep(0.02)  # the writer moves on between the two pages
+                (b,) = await snap.range("pair/", start="pair/a\0", limit=1)
+                assert (a.key, b.key) == ("pair/a", "pair/b")
+                assert a.value == b.value
+                assert a.mod_revision == b.mod_revision <= snap.revision
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 60) > 0
+
+
+async def test_writes_are_not_held_up_while_a_snapshot_is_open(backend: Backend) -> None:
+    kv, writer = await backend.open(), await backend.open()
+    for i in range(50):
+        await kv.put(f"busy/{i:02d}", b"x")
+    async with kv.snapshot() as snap:
+        first = await snap.range("busy/", limit=10)
+        started = time.monotonic()
+        # The embedded writer would wait out SQLite's 30 s lock timeout if the snapshot held a lock.
+        await asyncio.wait_for(asyncio.gather(*(writer.put(f"busy/new{i}", b"y") for i in range(100))), 10)
+        assert (await writer.txn([Compare.present("busy/00")], [Put("busy/00", b"z")])).succeeded
+        await kv.put("busy/mine", b"from the snapshot's own client")
+        assert time.monotonic() - started < 10
+        rest = await snap.range("busy/", start=first[-1].key + "\0")
+        assert len(first) + len(rest) == 50
+
+
+async def test_snapshot_shows_which_keys_belong_to_a_lease(kv: KV) -> None:
+    lease = await kv.grant_lease(30)
+    await kv.put("l/leased", b"x", lease=lease)
+    await kv.put("l/durable", b"x")
+    async with kv.snapshot() as snap:
+        assert {k.key: k.lease for k in await snap.range("l/")} == {"l/durable": 0, "l/leased": lease}
+    await kv.revoke_lease(lease)
+
+
+async def test_snapshot_of_an_empty_store_holds_no_keys(kv: KV) -> None:
+    async with kv.snapshot() as snap:
+        assert await snap.range("") == []
+        assert await snap.count("") == 0
+        assert snap.revision >= 0
+
+
+async def test_a_snapshot_cannot_be_read_once_its_context_ends(kv: KV) -> None:
+    await kv.put("k", b"v")
+    async with kv.snapshot() as snap:
+        assert len(await snap.range("")) == 1
+    with pytest.raises(RuntimeError):
+        await snap.range("")
+
+
+# -- embedded backend: read-only opens -------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in [root, *root.rglob("*")]}
+
+
+async def test_embedded_read_only_open_creates_nothing_and_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "coordinator.db"
+    with pytest.raises(FileNotFoundError):
+        EmbeddedKV(str(path), readonly=True)
+    assert not (tmp_path / "data").exists()
+    writer = EmbeddedKV(str(path))
+    await writer.put("k", b"v")
+    await writer.close()
+    before = _tree(tmp_path)
+    reader = EmbeddedKV(str(path), readonly=True)
+    try:
+        assert (await reader.get("k")).value == b"v"  # type: ignore[union-attr]
+        async with reader.snapshot() as snap:
+            assert [k.key for k in await snap.range("")] == ["k"]
+        with pytest.raises(PermissionError):
+            await reader.put("k", b"w")
+    finally:
+        await reader.close()
+    assert _tree(tmp_path) == before
+
+
+async def test_embedded_read_only_open_sees_a_live_writer(tmp_path: Path) -> None:
+    path = str(tmp_path / "coordinator.db")
+    writer = EmbeddedKV(path)
+    try:
+        await writer.put("k", b"1")
+        reader = EmbeddedKV(path, readonly=True)
+        try:
+            async with reader.snapshot() as snap:
+                await writer.put("k", b"2")
+                assert (await snap.range("k"))[0].value == b"1"
+            assert (await reader.get("k")).value == b"2"  # type: ignore[union-attr]
+        finally:
+            await reader.close()
+    finally:
+        await writer.close()
+
+
 # -- etcd backend: endpoints and failover ----------------------------------------------------
 
 
@@ -669,6 +867,22 @@ async def test_etcd_watch_from_a_compacted_revision_fails_loudly(etcd: EtcdClust
             await next_events(aiter(watch), 1)
         assert info.value.compact_revision == latest
         await watch.close()
+        await kv.delete("", prefix=True)
+    finally:
+        await kv.close()
+
+
+async def test_etcd_snapshot_of_a_compacted_revision_is_reported_lost(etcd: EtcdCluster) -> None:
+    kv = await EtcdKV.open(etcd.endpoints, prefix=f"/wharf-test/{uuid.uuid4().hex}/")
+    try:
+        await kv.put("k", b"1")
+        async with kv.snapshot() as snap:
+            assert len(await snap.range("")) == 1
+            latest = await kv.put("k", b"2")
+            compact = rpc.CompactionRequest(revision=latest, physical=True)
+            await kv._rpc(lambda c: c.kv.Compact(compact, timeout=5, metadata=c.metadata), idempotent=True)
+            with pytest.raises(SnapshotLost):
+                await snap.range("")
         await kv.delete("", prefix=True)
     finally:
         await kv.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -18,16 +20,22 @@ from node.storage.s3 import MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, S3Driver, p
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+# Every S3 case runs on moto and on a real Ceph RADOS Gateway, which differ from AWS in places.
+S3_SERVERS = {"s3-moto": "s3_server", "s3-rgw": "rgw_server"}
+
+
+@pytest.fixture(params=["filesystem", *S3_SERVERS])
 async def driver(request, tmp_path) -> AsyncIterator[StorageDriver]:
     if request.param == "filesystem":
         store: StorageDriver = FilesystemDriver(str(tmp_path / "root"))
         yield store
         await store.close()
         return
-    # The smallest part size S3 allows, so small test blobs exercise multipart uploads.
-    server = request.getfixturevalue("s3_server")
-    config = server.storage_config(chunksize=MIN_PART_SIZE)
+    # The smallest part size S3 allows, so small test blobs exercise multipart uploads and copies.
+    server = request.getfixturevalue(S3_SERVERS[request.param])
+    config = server.storage_config(
+        chunksize=MIN_PART_SIZE, multipartcopythresholdsize=MIN_PART_SIZE, multipartcopychunksize=MIN_PART_SIZE
+    )
     store = S3Driver(config)
     yield store
     await store.close()
@@ -171,21 +179,116 @@ async def test_delete_many_removes_every_named_object_and_ignores_absent_ones(dr
     assert sorted([k async for k in driver.list(layout.BLOBS)]) == sorted(keys[3:])
 
 
+async def test_list_objects_gives_each_object_its_size_and_modification_time(driver):
+    before = time.time()
+    keys = {layout.blob_key(_digest(b"x" * n)): n for n in (0, 1, 70_000)}
+    for key, size in keys.items():
+        await driver.write_bytes(key, b"x" * size)
+    await driver.write_bytes(layout.tag_current_key("team/app", "v1"), b"elsewhere")
+    found = [item async for item in driver.list_objects(layout.BLOBS)]
+    assert sorted((item.key, item.size) for item in found) == sorted(keys.items())
+    for item in found:
+        # The listing's time is the object's own (S3 keeps whole seconds).
+        assert item.modified == pytest.approx(await driver.modified(item.key), abs=1.0)
+        assert before - 2 <= item.modified <= time.time() + 2
+    assert [item async for item in driver.list_objects(layout.BLOBS + "sha256/00/")] == []
+
+
+async def test_list_objects_pages_through_more_than_one_listing_request(driver):
+    keys = sorted(layout.layer_link_key("team/app", _digest(str(n).encode())) for n in range(1005))
+    for start in range(0, len(keys), 100):
+        await asyncio.gather(*(driver.write_bytes(key, key.encode()) for key in keys[start : start + 100]))
+    found = [item async for item in driver.list_objects(layout.repository_prefix("team/app"))]
+    assert sorted(item.key for item in found) == keys
+    assert {item.size for item in found} == {len(keys[0])}
+@pytest.mark.parametrize("size", [0, 5, 3 * MiB + 1, 11 * MiB + 3])
+async def test_a_streamed_object_of_any_size_round_trips(driver, size):
+    data = os.urandom(size)
+    key = layout.snapshot_key(1_700_000_000.5, size)
+    assert await driver.write_stream(key, _odd_chunks(data)) == size
+    assert await driver.stat(key) == size
+    assert await _read_all(driver, key) == data
+    assert [k async for k in driver.list(layout.SNAPSHOTS)] == [key]
+
+
+async def test_a_streamed_object_replaces_an_older_one_whole(driver):
+    key = layout.snapshot_key(1_700_000_000, 1)
+    await driver.write_bytes(key, b"old")
+    await driver.write_stream(key, _chunks(b"new ", b"bytes"))
+    assert await driver.read_bytes(key) == b"new bytes"
+
+
+async def test_a_stream_that_breaks_leaves_nothing_behind(driver):
+    async def breaking(total: int) -> AsyncIterator[bytes]:
+        sent = 0
+        while sent < total:
+            yield b"x" * MiB
+            sent += MiB
+        raise ConnectionError("the source went away")
+
+    for total in (MiB, 7 * MiB):  # within one part, and after a part went out
+        key = layout.snapshot_key(1_700_000_000, total)
+        with pytest.raises(ConnectionError):
+            await driver.write_stream(key, breaking(total))
+        assert await driver.stat(key) is None
+        assert [k async for k in driver.list("wharf/")] == []
+    if isinstance(driver, FilesystemDriver):
+        assert not any(name.startswith(".tmp-") for _, _, files in os.walk(driver.root) for name in files)
+
+
 async def test_layout_uses_distribution_blob_keys():
     digest = "sha256:" + "ab" * 32
     assert layout.blob_key(digest) == f"docker/registry/v2/blobs/sha256/ab/{'ab' * 32}/data"
     assert layout.digest_from_blob_key(layout.blob_key(digest)) == digest
 
 
+def test_layout_builds_and_parses_distribution_repository_links():
+    digest = "sha256:" + "cd" * 32
+    repo = "docker/registry/v2/repositories/team/sub/app"
+    cases = {
+        layout.layer_link_key("team/sub/app", digest): (f"{repo}/_layers/sha256/{'cd' * 32}/link", "layer", None),
+        layout.revision_link_key("team/sub/app", digest): (
+            f"{repo}/_manifests/revisions/sha256/{'cd' * 32}/link",
+            "revision",
+            None,
+        ),
+        layout.tag_current_key("team/sub/app", "v1.0"): (f"{repo}/_manifests/tags/v1.0/current/link", "tag", "v1.0"),
+        layout.tag_index_key("team/sub/app", "v1.0", digest): (
+            f"{repo}/_manifests/tags/v1.0/index/sha256/{'cd' * 32}/link",
+            "tag_index",
+            "v1.0",
+        ),
+    }
+    for key, (expected, kind, tag) in cases.items():
+        assert key == expected
+        parsed = layout.parse_repository_key(key)
+        assert parsed is not None and (parsed.repository, parsed.kind, parsed.tag) == ("team/sub/app", kind, tag)
+        assert parsed.digest == (None if kind == "tag" else digest)
+    assert layout.repository_prefix("team/sub/app") == repo + "/"
+    upload = layout.parse_repository_key(layout.upload_key("team/app", "1234"))
+    assert upload is not None and (upload.repository, upload.area, upload.kind) == ("team/app", "_uploads", "other")
+    # Left-overs of older Distribution versions belong to the repository but are no link it serves.
+    signature = layout.parse_repository_key(f"{repo}/_manifests/revisions/sha256/{'cd' * 32}/signatures/sha256/ab/link")
+    assert signature is not None and signature.kind == "other"
+    assert layout.parse_repository_key(f"{repo}/README") is None
+    assert layout.parse_repository_key(layout.blob_key(digest)) is None
+
+
 # -- S3: parts from chunks of any size, state that any node can continue ------------------------
 
 
+@pytest.fixture(params=list(S3_SERVERS))
+def s3(request):
+    """The S3 server a case runs on: moto, then Ceph RGW."""
+    return request.getfixturevalue(S3_SERVERS[request.param])
+
+
 @pytest.fixture()
-def s3_config(s3_server):
+def s3_config(s3):
     """A `storage.s3` section with 5 MiB parts under a root directory of its own, removed afterwards."""
-    config = s3_server.storage_config(chunksize=MIN_PART_SIZE)
+    config = s3.storage_config(chunksize=MIN_PART_SIZE)
     yield config
-    s3_server.remove_prefix(config.rootdirectory.strip("/") + "/")
+    s3.remove_prefix(config.rootdirectory.strip("/") + "/")
 
 
 def _recorded(state: dict) -> dict:  # type: ignore[type-arg]
@@ -207,8 +310,8 @@ def _odd_chunks(data: bytes, sizes: tuple[int, ...] = (1, 65_521, 7, 300_001)) -
     return gen()
 
 
-def _bucket_keys(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def]
-    client = s3_server.client()
+def _bucket_keys(s3, config) -> list[str]:  # type: ignore[no-untyped-def]
+    client = s3.client()
     try:
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=config.bucket, Prefix=config.rootdirectory.strip("/") + "/"
@@ -218,8 +321,8 @@ def _bucket_keys(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def
         client.close()
 
 
-def _multipart_uploads(s3_server, config) -> list[str]:  # type: ignore[no-untyped-def]
-    client = s3_server.client()
+def _multipart_uploads(s3, config) -> list[str]:  # type: ignore[no-untyped-def]
+    client = s3.client()
     try:
         response = client.list_multipart_uploads(Bucket=config.bucket, Prefix=config.rootdirectory.strip("/") + "/")
         return [upload["Key"] for upload in response.get("Uploads", [])]
@@ -227,7 +330,7 @@ def _multipart_uploads(s3_server, config) -> list[str]:  # type: ignore[no-untyp
         client.close()
 
 
-async def test_s3_parts_are_composed_from_chunks_of_any_size(s3_server, s3_config):
+async def test_s3_parts_are_composed_from_chunks_of_any_size(s3, s3_config):
     data = os.urandom(7 * MiB + 1)
     upload = layout.upload_key("team/app", "a1111111-2222-3333-4444-555555555555")
     store = S3Driver(s3_config)
@@ -245,7 +348,7 @@ async def test_s3_parts_are_composed_from_chunks_of_any_size(s3_server, s3_confi
             assert [size for _, _, size in state["parts"]] == [5 * MiB] * parts
             assert state["tailsize"] == tail
         # At most the current tail and the one it superseded exist at a time.
-        assert len([k for k in _bucket_keys(s3_server, s3_config) if ".tail-" in k]) <= 2
+        assert len([k for k in _bucket_keys(s3, s3_config) if ".tail-" in k]) <= 2
         key = layout.blob_key(_digest(data))
         stored = await store.upload_commit(upload, state, len(data), key)
         # Completed where it began; the blob key stays empty (no server-side copy).
@@ -258,12 +361,12 @@ async def test_s3_parts_are_composed_from_chunks_of_any_size(s3_server, s3_confi
         assert await _read_all(store, stored, len(data) - 1) == data[-1:]
         # Nothing else is left: no tails, no multipart upload in progress.
         assert [k async for k in store.list(layout.REPOSITORIES)] == [upload]
-        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
     finally:
         await store.close()
 
 
-async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3_server, s3_config):
+async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3, s3_config):
     data = os.urandom(2 * MiB + 3)
     upload = layout.upload_key("team/app", "a2111111-2222-3333-4444-555555555555")
     store = S3Driver(s3_config)
@@ -275,7 +378,7 @@ async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3_server, s
         assert await store.upload_commit(upload, _recorded(state), len(data), key) == key
         assert await _read_all(store, key) == data
         assert [k async for k in store.list(layout.REPOSITORIES)] == []
-        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
     finally:
         await store.close()
 
@@ -305,7 +408,7 @@ async def test_s3_upload_continues_on_another_node(s3_config):
         await node.close()
 
 
-async def test_s3_broken_stream_mid_part_resumes_on_another_node(s3_server, s3_config):
+async def test_s3_broken_stream_mid_part_resumes_on_another_node(s3, s3_config):
     data = os.urandom(10 * MiB + 99)
     upload = layout.upload_key("team/app", "a4111111-2222-3333-4444-555555555555")
 
@@ -334,12 +437,12 @@ async def test_s3_broken_stream_mid_part_resumes_on_another_node(s3_server, s3_c
         assert written == len(data) - 8 * MiB
         stored = await second.upload_commit(upload, _recorded(state), len(data), layout.blob_key(_digest(data)))
         assert await _read_all(second, stored) == data
-        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
     finally:
         await second.close()
 
 
-async def test_s3_parts_of_an_unrecorded_request_are_replaced(s3_server, s3_config):
+async def test_s3_parts_of_an_unrecorded_request_are_replaced(s3, s3_config):
     """A request that uploaded a part and a tail but whose state was never recorded leaves no trace."""
     good = os.urandom(9 * MiB)
     upload = layout.upload_key("team/app", "a5111111-2222-3333-4444-555555555555")
@@ -361,7 +464,7 @@ async def test_s3_parts_of_an_unrecorded_request_are_replaced(s3_server, s3_conf
         assert written == 6 * MiB
         stored = await store.upload_commit(upload, _recorded(state), len(good), layout.blob_key(_digest(good)))
         assert await _read_all(store, stored) == good
-        assert [k for k in _bucket_keys(s3_server, s3_config) if ".tail-" in k] == []
+        assert [k for k in _bucket_keys(s3, s3_config) if ".tail-" in k] == []
     finally:
         await store.close()
 
@@ -385,17 +488,76 @@ async def test_s3_commit_retried_after_it_completed_returns_the_same_object(s3_c
         await store.close()
 
 
-async def test_s3_abort_removes_parts_and_tails(s3_server, s3_config):
+async def test_s3_commit_retried_after_completing_but_before_removing_the_tail_returns_the_same_object(s3, s3_config):
+    """A node may die between completing the multipart upload and deleting the tail object.
+
+    The retry then finds the tail still there and a multipart upload that no longer exists, which
+    servers report differently (NoSuchUpload from AWS and Ceph RGW, a bare 500 from moto).
+    """
+    data = os.urandom(6 * MiB + 1)
+    upload = layout.upload_key("team/app", "a6211111-2222-3333-4444-555555555555")
+    key = layout.blob_key(_digest(data))
+    store = S3Driver(s3_config)
+    try:
+        _, state = await store.upload_write(upload, await store.upload_start(upload), 0, _chunks(data))
+        state = _recorded(state)
+        assert len(state["parts"]) == 1 and state["tailsize"] == MiB + 1
+        stored = await store.upload_commit(upload, state, len(data), key)
+        # What the dead node would have left: the tail object the commit had not yet removed.
+        tail = f"{upload}.tail-{state['tail']}"
+        await store.write_bytes(tail, data[5 * MiB :])
+        assert await store.upload_commit(upload, state, len(data), key) == stored
+        assert await _read_all(store, stored) == data
+        assert await store.stat(tail) is None
+    finally:
+        await store.close()
+
+
+async def test_s3_part_rewritten_after_its_state_was_recorded_is_refused_at_commit(s3, s3_config):
+    """A late write from an abandoned request cannot slip other bytes into a blob.
+
+    The commit names each part by the ETag recorded in the upload state, and S3 (moto and Ceph RGW
+    alike) refuses a part whose stored ETag differs; nothing appears at the upload or blob key.
+    """
+    from botocore.exceptions import ClientError
+
+    data = os.urandom(6 * MiB)
+    upload = layout.upload_key("team/app", "a6311111-2222-3333-4444-555555555555")
+    key = layout.blob_key(_digest(data))
+    store = S3Driver(s3_config)
+    client = s3.client()
+    try:
+        _, state = await store.upload_write(upload, await store.upload_start(upload), 0, _chunks(data))
+        state = _recorded(state)
+        client.upload_part(
+            Bucket=s3_config.bucket,
+            Key=s3_config.rootdirectory.strip("/") + "/" + upload,
+            UploadId=state["upload"],
+            PartNumber=1,
+            Body=os.urandom(5 * MiB),
+        )
+        with pytest.raises(ClientError) as refused:
+            await store.upload_commit(upload, state, len(data), key)
+        assert refused.value.response["Error"]["Code"] == "InvalidPart"
+        assert await store.stat(upload) is None
+        assert await store.stat(key) is None
+        await store.upload_abort(upload, state)
+    finally:
+        client.close()
+        await store.close()
+
+
+async def test_s3_abort_removes_parts_and_tails(s3, s3_config):
     upload = layout.upload_key("team/app", "a7111111-2222-3333-4444-555555555555")
     store = S3Driver(s3_config)
     try:
         state = await store.upload_start(upload)
         _, state = await store.upload_write(upload, state, 0, _chunks(os.urandom(6 * MiB)))
-        assert _multipart_uploads(s3_server, s3_config) == [s3_config.rootdirectory.strip("/") + "/" + upload]
+        assert _multipart_uploads(s3, s3_config) == [s3_config.rootdirectory.strip("/") + "/" + upload]
         await store.upload_abort(upload, _recorded(state))
         await store.upload_abort(upload, _recorded(state))  # twice is fine
-        assert _multipart_uploads(s3_server, s3_config) == []
-        assert _bucket_keys(s3_server, s3_config) == []
+        assert _multipart_uploads(s3, s3_config) == []
+        assert _bucket_keys(s3, s3_config) == []
     finally:
         await store.close()
 
@@ -463,10 +625,10 @@ async def test_s3_redirect_url_serves_the_object(s3_config):
         await store.close()
 
 
-async def test_s3_failures_other_than_not_found_are_raised(s3_server):
+async def test_s3_failures_other_than_not_found_are_raised(s3):
     from botocore.exceptions import ClientError
 
-    store = S3Driver(s3_server.storage_config(bucket="no-such-bucket"))
+    store = S3Driver(s3.storage_config(bucket="no-such-bucket"))
     try:
         with pytest.raises(ClientError) as caught:
             await store.read_bytes("a/b")
@@ -477,3 +639,56 @@ async def test_s3_failures_other_than_not_found_are_raised(s3_server):
             [k async for k in store.list("a")]
     finally:
         await store.close()
+
+
+async def test_s3_a_stream_that_breaks_after_a_part_aborts_its_multipart_upload(s3_server, s3_config):
+    store = S3Driver(s3_config)
+
+    async def breaking() -> AsyncIterator[bytes]:
+        for _ in range(7):
+            yield b"y" * MiB
+        raise ConnectionError("the source went away")
+
+    try:
+        with pytest.raises(ConnectionError):
+            await store.write_stream(layout.snapshot_key(1_700_000_000, 7), breaking())
+        assert _multipart_uploads(s3_server, s3_config) == []
+        assert _bucket_keys(s3_server, s3_config) == []
+    finally:
+        await store.close()
+
+
+def test_snapshot_names_sort_by_time_and_parse_back_exactly():
+    times = [1_700_000_000.0, 1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.0, 1_800_000_000.25]
+    keys = [layout.snapshot_key(t, 10 ** (5 - i)) for i, t in enumerate(times)]
+    assert sorted(keys) == keys
+    assert keys[0] == "wharf/snapshots/wharf-coordinator-20231114T221320.000Z-r100000.jsonl.gz"
+    for t, key in zip(times, keys, strict=True):
+        created, revision = layout.snapshot_from_key(key)  # type: ignore[misc]
+        assert abs(created - t) < 0.001 and layout.snapshot_key(created, revision) == key
+    assert layout.snapshot_from_key(layout.snapshot_key(1.5, 7, prefix=""), prefix="") == (1.5, 7)
+    others = [
+        "wharf/snapshots/notes.txt",
+        "wharf/snapshots/wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz.tail-abc",
+        "wharf/snapshots/old/wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz",
+        "wharf/snapshots/wharf-coordinator-20231314T221320.000Z-r1.jsonl.gz",  # month 13
+        "wharf/snapshots/.tmp-wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz",
+        "docker/registry/v2/wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz",
+    ]
+    assert [layout.snapshot_from_key(key) for key in others] == [None] * len(others)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 11 * MiB + 3])
+async def test_copy_makes_an_identical_object_and_leaves_the_source(driver, size):
+    data = os.urandom(size)
+    source = layout.upload_key("team/app", "11111111-2222-3333-4444-00000000c0b1")
+    await driver.write_stream(source, _chunks(data))
+    key = layout.blob_key(_digest(data))
+    assert await driver.copy(source, key) == size
+    assert await _read_all(driver, key) == data
+    assert await _read_all(driver, source) == data
+
+
+async def test_copy_of_a_missing_object_raises_file_not_found(driver):
+    with pytest.raises(FileNotFoundError):
+        await driver.copy(layout.blob_key(_digest(b"gone")), layout.blob_key(_digest(b"elsewhere")))

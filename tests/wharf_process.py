@@ -38,7 +38,9 @@ def default_config(data_dir: Path, port: int, **sections: Any) -> dict[str, Any]
             config[key] = value
     if "s3" in config["storage"]:
         config["storage"].pop("filesystem", None)
-    config.setdefault("coordinator", {"embedded": {"path": str(data_dir / "coordinator.db")}})
+    if "s3" in config["storage"]:
+        # Filesystem stores keep their coordinator inside the root, as users get it by default.
+        config.setdefault("coordinator", {"embedded": {"path": str(data_dir / "coordinator.db")}})
     return config
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Awaitable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
+from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import manifest as manifests
 from ..audit import note
@@ -25,6 +28,8 @@ from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
 from .common import repository, services, url
+
+log = logging.getLogger("wharf.manifests")
 
 
 def _existing_reference(request: Request) -> Reference:
@@ -48,8 +53,22 @@ async def manifest_bytes(svc: Services, digest: str) -> bytes:
             body = await svc.storage.read_bytes(layout.blob_key(digest))
         except FileNotFoundError:
             raise ManifestUnknown({"digest": digest, "reason": "manifest content missing from storage"}) from None
+        if manifests.compute_digest(body, digest.split(":", 1)[0]) != digest and not _schema1(body):
+            # Bit rot or a hand-edited file: never served as valid, and said loudly.
+            svc.metrics.storage_corrupt.labels("manifest").inc()
+            log.error("manifest %s in storage does not match its digest", digest, extra={"fields": {"digest": digest}})
+            raise ManifestUnknown({"digest": digest, "reason": "the stored manifest does not match its digest"})
         svc.manifests.put(digest, body)
     return body
+
+
+def _schema1(body: bytes) -> bool:
+    """Signed schema1 manifests (adopted from registry:2) are named by their payload, not their bytes."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
 async def _load(request: Request) -> tuple[str, str, bytes]:
@@ -133,28 +152,14 @@ async def put_manifest(request: Request) -> Response:
     )
     frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
     key = layout.blob_key(digest)
-    # Content first, then the records that make it visible: a reader never finds a record
-    # whose bytes are missing.
-    if await svc.storage.stat(key) != len(body):
-        await svc.storage.write_bytes(key, body)
+    content = _ManifestContent(svc, name, digest, key, body)
     try:
-        try:
-            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key, frozen_tag=frozen is not None)
-        except BeingCollected:
-            # Garbage collection was deleting these very bytes: wait, store them again, retry.
-            await svc.metadata.wait_collected(digest)
-            await svc.storage.write_bytes(key, body)
-            await svc.metadata.put_manifest(name, record, tag=ref.tag, storage_key=key, frozen_tag=frozen is not None)
-    except MissingReferences as exc:
-        raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
-    except TagFrozen as exc:
-        raise Denied(
-            {"tag": exc.tag, "digest": exc.digest, "rule": frozen},
-            message=f"tag {exc.tag} is immutable (rule: {frozen}) and cannot be moved",
-            refused_by="immutability",
-            rule=frozen,
-            audit={"digest": digest},  # the manifest refused; the tag keeps exc.digest
-        ) from None
+        if await svc.storage.stat(key) != len(body):
+            await content.write()
+        await _record_manifest(svc, name, record, ref.tag, content, frozen)
+    except BaseException:
+        await content.reclaim()
+        raise
     svc.manifests.put(digest, body)
     headers = {
         "Location": url(request, f"/v2/{name}/manifests/{digest}"),
@@ -166,6 +171,64 @@ async def put_manifest(request: Request) -> Response:
     return Response(status_code=201, headers=headers)
 
 
+class _ManifestContent:
+    """A manifest's bytes in storage, written only under an intent record.
+
+    Content goes first, then the records that make it visible, so a reader never finds a record
+    whose bytes are missing. The upload session written before the bytes names them, so bytes a
+    crash leaves unrecorded are reclaimed by the purge, and those of a refused manifest right here.
+    """
+
+    def __init__(self, svc: Services, repository: str, digest: str, key: str, body: bytes) -> None:
+        self.svc, self.repository, self.digest, self.key, self.body = svc, repository, digest, key, body
+        self.intent: UploadSession | None = None
+
+    async def write(self) -> None:
+        if self.intent is None:
+            existed = await self.svc.storage.stat(self.key) is not None
+            self.intent = await self.svc.sessions.create(
+                self.svc.sessions.new_id(), self.repository, {}, commit=CommitIntent(self.digest, self.key, existed)
+            )
+        await self.svc.storage.write_bytes(self.key, self.body)
+
+    async def reclaim(self) -> None:
+        if self.intent is not None:
+            await self.svc.uploader.reclaim(self.intent, self.key)
+
+
+async def _record_manifest(
+    svc: Services, name: str, record: ManifestRecord, tag: str | None, content: _ManifestContent, frozen: str | None
+) -> None:
+    def put() -> Awaitable[None]:
+        return svc.metadata.put_manifest(
+            name,
+            record,
+            tag=tag,
+            storage_key=content.key,
+            frozen_tag=frozen is not None,
+            intent=content.intent.id if content.intent else None,
+        )
+
+    try:
+        try:
+            await put()
+        except BeingCollected:
+            # Garbage collection was deleting these very bytes: wait, store them again, retry.
+            await svc.metadata.wait_collected(record.digest)
+            await content.write()
+            await put()
+    except MissingReferences as exc:
+        raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
+    except TagFrozen as exc:
+        raise Denied(
+            {"tag": exc.tag, "digest": exc.digest, "rule": frozen},
+            message=f"tag {exc.tag} is immutable (rule: {frozen}) and cannot be moved",
+            refused_by="immutability",
+            rule=frozen,
+            audit={"digest": record.digest},  # the manifest refused; the tag keeps exc.digest
+        ) from None
+
+
 async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
     """DENIED if the deletion would remove an immutable tag."""
     immutability = svc.policies.immutability
@@ -174,7 +237,7 @@ async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
     if ref.tag is not None:
         tags = [ref.tag]
     else:
-        tags = [t for t, r in (await svc.metadata.tag_records(name)).items() if r.digest == str(ref.digest)]
+        tags = list(await svc.metadata.tags_of_digest(name, str(ref.digest)))
     for tag in tags:
         rule = immutability.rule_for(name, tag)
         if rule is not None:

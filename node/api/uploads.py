@@ -11,7 +11,7 @@ from coordinator.uploads import UploadSession
 
 from ..errors import BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid
 from ..reference import parse_digest, validate_name
-from ..upload import check_algorithm
+from ..upload import UploadMoved, check_algorithm
 from .common import repository, services, url
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -104,11 +104,22 @@ def _check_range(request: Request, session: UploadSession, length: int | None) -
     return last - first + 1
 
 
+def _moved(request: Request, exc: UploadMoved) -> RangeInvalid:
+    """Another request moved the upload on: 416 with the offset to resume from."""
+    return RangeInvalid(
+        {"reason": "the upload moved on since this request began", "offset": exc.session.offset},
+        headers=_progress_headers(request, exc.session),
+    )
+
+
 async def patch_upload(request: Request) -> Response:
     svc = services(request)
     session = await _session(request)
     length = _check_range(request, session, _content_length(request))
-    session = await svc.uploader.append(session, request.stream(), length=length)
+    try:
+        session = await svc.uploader.append(session, request.stream(), length=length)
+    except UploadMoved as exc:
+        raise _moved(request, exc) from None
     return Response(status_code=202, headers=_progress_headers(request, session))
 
 
@@ -123,8 +134,10 @@ async def finish_upload(request: Request) -> Response:
     length = _content_length(request)
     if length != 0:
         length = _check_range(request, session, length)
-        session = await svc.uploader.append(session, request.stream(), length=length)
-    await svc.uploader.finish(session, digest)
+    try:
+        await svc.uploader.finish(session, digest, request.stream() if length != 0 else None, length=length)
+    except UploadMoved as exc:
+        raise _moved(request, exc) from None
     return _committed(request, session.repository, str(digest))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 # Opaque, JSON-serialisable state a driver keeps for an upload between requests. It travels in the
@@ -18,6 +19,15 @@ class UploadInterrupted(Exception):
         self.written = written
         self.state = state
         self.cause = cause
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A committed object as a listing sees it."""
+
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
 
 
 class StorageDriver(Protocol):
@@ -45,6 +55,19 @@ class StorageDriver(Protocol):
         """Store a small object atomically: readers see all of it or nothing."""
         ...
 
+    async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        """Store an object of any size from a stream, atomically; returns its size.
+
+        Readers see the old object (or none) until all of the new one is there; a stream that
+        breaks leaves no trace. Memory stays within about one S3 part, whatever the size.
+        """
+        ...
+
+    async def copy(self, source: str, key: str) -> int:
+        """Copy a committed object to `key` atomically, without the bytes passing through the node
+        where the store can copy by itself; returns the size."""
+        ...
+
     async def delete(self, key: str) -> None:
         """Remove an object; absent is fine."""
         ...
@@ -55,6 +78,10 @@ class StorageDriver(Protocol):
 
     def list(self, prefix: str) -> AsyncIterator[str]:
         """Every committed object key under `prefix`, in no particular order."""
+        ...
+
+    def list_objects(self, prefix: str) -> AsyncIterator[StoredObject]:
+        """Like `list`, with each object's size and modification time from the same listing."""
         ...
 
     async def redirect_url(self, key: str) -> str | None:

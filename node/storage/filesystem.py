@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, TypeVar
 
-from .driver import UploadInterrupted, UploadState
+from .driver import StoredObject, UploadInterrupted, UploadState
 
 T = TypeVar("T")
 
@@ -18,14 +19,17 @@ _READ_CHUNK = 1 << 20
 _WRITE_BATCH = 1 << 20
 # Empty directories are pruned as blobs and uploads go; a writer retries if one vanishes under it.
 _DIR_RACE_ATTEMPTS = 5
+_LIST_BATCH = 1000
 
 
 class FilesystemDriver:
     name = "filesystem"
 
-    def __init__(self, root: str, *, max_threads: int = 16) -> None:
+    def __init__(self, root: str, *, max_threads: int = 16, create: bool = True) -> None:
+        """`create=False` (read-only commands, dry runs) leaves a missing root missing."""
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="wharf-fs")
 
     def _path(self, key: str) -> str:
@@ -73,6 +77,36 @@ class FilesystemDriver:
     async def write_bytes(self, key: str, data: bytes) -> None:
         await self._run(_write_atomic, self._path(key), data)
 
+    async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
+        path = self._path(key)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+        handle: BinaryIO = await self._run(_open_new, tmp)
+        size = 0
+        try:
+            batch: list[bytes] = []
+            batched = 0
+            async for chunk in chunks:
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    await self._run(handle.write, b"".join(batch))
+                    size += batched
+                    batch, batched = [], 0
+            if batch:
+                await self._run(handle.write, b"".join(batch))
+                size += batched
+            await self._run(_flush_sync, handle)
+            await self._run(handle.close)
+            await self._run(_replace_durably, tmp, path)
+        except BaseException:
+            await self._run(handle.close)
+            await self._run(_silent_remove, tmp)
+            raise
+        return size
+
+    async def copy(self, source: str, key: str) -> int:
+        return await self.write_stream(key, self.read(source))
+
     async def delete(self, key: str) -> None:
         await self._run(_remove_and_prune, self._path(key), self.root)
 
@@ -80,12 +114,23 @@ class FilesystemDriver:
         await self._run(_remove_all, [self._path(key) for key in keys], self.root)
 
     async def list(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
-        base = self._path(prefix.rstrip("/"))
-        found: list[str] = await self._run(_walk_files, base)
-        for path in found:
+        # Walked a batch at a time on the pool: memory stays bounded and the first key comes at once.
+        walk = _walk_files(self._path(prefix.rstrip("/")))
+        while True:
+            batch: list[str] = await self._run(_next_batch, walk)
+            for path in batch:
+                key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if ".tmp-" not in key:
+                    yield key
+            if len(batch) < _LIST_BATCH:
+                return
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[StoredObject]:  # type: ignore[override]
+        found: list[tuple[str, int, float]] = await self._run(_walk_stat, self._path(prefix.rstrip("/")))
+        for path, size, modified in found:
             key = os.path.relpath(path, self.root).replace(os.sep, "/")
             if ".tmp-" not in key:
-                yield key
+                yield StoredObject(key, size, modified)
 
     async def redirect_url(self, key: str) -> str | None:
         return None
@@ -96,7 +141,8 @@ class FilesystemDriver:
     # -- uploads ----------------------------------------------------------------------------
 
     async def upload_start(self, upload_key: str) -> UploadState:
-        await self._run(_create_empty, self._path(upload_key))
+        # Nothing on disk yet: the first write creates the file, after its session is recorded.
+        self._path(upload_key)
         return {}
 
     async def upload_write(
@@ -184,6 +230,15 @@ def _write_atomic(path: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
+def _open_new(path: str) -> BinaryIO:
+    return _in_new_dir(path, lambda: open(path, "wb"))
+
+
+def _replace_durably(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
 def _silent_remove(path: str) -> None:
     try:
         os.remove(path)
@@ -210,10 +265,27 @@ def _remove_all(paths: list[str], root: str) -> None:
         _remove_and_prune(path, root)
 
 
-def _walk_files(base: str) -> list[str]:
-    found: list[str] = []
+def _walk_files(base: str) -> Iterator[str]:
+    for directory, dirs, files in os.walk(base):
+        dirs.sort()
+        for name in sorted(files):
+            yield os.path.join(directory, name)
+
+
+def _next_batch(walk: Iterator[str]) -> list[str]:
+    return list(itertools.islice(walk, _LIST_BATCH))
+
+
+def _walk_stat(base: str) -> list[tuple[str, int, float]]:
+    found: list[tuple[str, int, float]] = []
     for directory, _dirs, files in os.walk(base):
-        found.extend(os.path.join(directory, name) for name in files)
+        for name in files:
+            path = os.path.join(directory, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed since the directory was read
+            found.append((path, st.st_size, st.st_mtime))
     return found
 
 
@@ -255,6 +327,8 @@ def _commit(upload_path: str, size: int, path: str, root: str) -> None:
         # Content-addressed: the same digest already stands for the same bytes.
         _remove_upload_dir(upload_path, root)
         return
+    if size == 0 and not os.path.exists(upload_path):
+        _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
     with open(upload_path, "r+b") as handle:
         handle.truncate(size)
         handle.flush()

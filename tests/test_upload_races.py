@@ -1,0 +1,150 @@
+"""Whatever clients do to one upload session at once, a committed blob is exactly what its digest says."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from wharf_process import WharfProcess
+
+ROUNDS = {"filesystem": 12, "s3-moto": 6, "s3-rgw": 6}
+S3_SERVERS = {"s3-moto": "s3_server", "s3-rgw": "rgw_server"}
+RACERS = 8
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(params=["filesystem", *S3_SERVERS])
+def node(request, tmp_path) -> Iterator[tuple[str, WharfProcess]]:
+    sections: dict[str, Any] = {}
+    root = None
+    server = None
+    if request.param in S3_SERVERS:
+        server = request.getfixturevalue(S3_SERVERS[request.param])
+        s3 = server.storage_config(chunksize=5 * 1024 * 1024)
+        root = s3.rootdirectory
+        sections["storage"] = {"s3": dataclasses.asdict(s3), "delete": {"enabled": True}}
+    try:
+        with WharfProcess(tmp_path / "node", **sections) as process:
+            yield request.param, process
+    finally:
+        if server is not None and root is not None:
+            server.remove_prefix(root.strip("/") + "/")
+
+
+Call = Callable[[httpx.Client, str], httpx.Response]
+
+
+def _race(url: str, location: str, calls: list[Call]) -> list[httpx.Response]:
+    """Run every call on the upload at `location` at the same moment, each on its own connection."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Call) -> httpx.Response:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            client.get("/v2/")  # the connection is up before the start line
+            barrier.wait(10)
+            return call(client, location)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def _check_no_5xx(responses: list[httpx.Response]) -> None:
+    for r in responses:
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            codes = ("BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "RANGE_INVALID", "DIGEST_INVALID")
+            assert r.json()["errors"][0]["code"] in codes, r.text
+
+
+def _pulled(http: httpx.Client, digest: str) -> bytes:
+    response = http.get(f"/v2/team/race/blobs/{digest}", follow_redirects=True)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def test_racing_patches_and_closing_puts_commit_only_what_the_digest_says(node):
+    kind, process = node
+    size = 300_000 if kind == "filesystem" else 6 * 1024 * 1024 + 7  # S3: a multipart part and a tail
+    with httpx.Client(base_url=process.url, timeout=60) as http:
+        for _ in range(ROUNDS[kind]):
+            location = http.post("/v2/team/race/blobs/uploads/").headers["location"]
+            bodies = [os.urandom(size) for _ in range(RACERS)]
+            patches = _race(
+                process.url,
+                location,
+                [
+                    lambda c, at, body=body: c.patch(at, content=body, headers={"Content-Range": f"0-{size - 1}"})
+                    for body in bodies
+                ],
+            )
+            _check_no_5xx(patches)
+            winners = [body for body, r in zip(bodies, patches, strict=True) if r.status_code == 202]
+            assert len(winners) == 1, [r.status_code for r in patches]
+            status = http.get(location)
+            assert status.headers["range"] == f"0-{size - 1}"
+            # Closing PUTs racing: some with the right digest, some with a wrong one.
+            good = _digest(winners[0])
+            digests = [good if n % 2 == 0 else _digest(bodies[n]) for n in range(RACERS // 2)]
+            puts = _race(process.url, location, [lambda c, at, d=d: c.put(at, params={"digest": d}) for d in digests])
+            _check_no_5xx(puts)
+            committed = [d for d, r in zip(digests, puts, strict=True) if r.status_code == 201]
+            assert committed == [good] or committed == [], [r.status_code for r in puts]
+            if committed:
+                assert _pulled(http, good) == winners[0]
+            assert http.get(location).status_code == 404, "the session ended either way"
+
+
+def test_racing_closing_puts_with_bodies_each_commit_their_own_digest(node):
+    kind, process = node
+    with httpx.Client(base_url=process.url, timeout=60) as http:
+        for _ in range(ROUNDS[kind]):
+            location = http.post("/v2/team/race/blobs/uploads/").headers["location"]
+            bodies = [os.urandom(50_000 + n) for n in range(RACERS)]
+            puts = _race(
+                process.url,
+                location,
+                [lambda c, at, body=body: c.put(at, params={"digest": _digest(body)}, content=body) for body in bodies],
+            )
+            _check_no_5xx(puts)
+            won = [body for body, r in zip(bodies, puts, strict=True) if r.status_code == 201]
+            assert len(won) == 1, [r.status_code for r in puts]
+            assert _pulled(http, _digest(won[0])) == won[0]
+            for body, r in zip(bodies, puts, strict=True):
+                if r.status_code != 201:
+                    assert http.head(f"/v2/team/race/blobs/{_digest(body)}").status_code == 404
+
+
+def test_patch_racing_a_cancel_leaves_a_whole_session_or_none(node):
+    kind, process = node
+    with httpx.Client(base_url=process.url, timeout=60) as http:
+        for _ in range(ROUNDS[kind]):
+            location = http.post("/v2/team/race/blobs/uploads/").headers["location"]
+            body = os.urandom(200_000)
+            patch, cancel = _race(
+                process.url,
+                location,
+                [
+                    lambda c, at, body=body: c.patch(at, content=body, headers={"Content-Range": f"0-{len(body) - 1}"}),
+                    lambda c, at: c.delete(at),
+                ],
+            )
+            for r in (patch, cancel):
+                assert r.status_code < 500, r.text
+            status = http.get(location)
+            if status.status_code == 404:
+                continue  # the cancel won: gone, and stays gone
+            assert cancel.status_code >= 400 and patch.status_code == 202
+            assert status.headers["range"] == f"0-{len(body) - 1}"
+            done = http.put(location, params={"digest": _digest(body)})
+            assert done.status_code == 201, done.text
+            assert _pulled(http, _digest(body)) == body
