@@ -40,6 +40,8 @@ STORE_IDENTITY = "store/identity"
 IMPORT_STATE = "store/import"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
+# The newest line (number and hash) an audit log is known to have had, one record per chain.
+AUDIT_HEADS = "audit/head/"
 
 
 # Written first and removed last by a restore (coordinator/snapshot.py): while it is present the
@@ -157,3 +159,8 @@ def split_repo_key(key: str, prefix: str) -> tuple[str, str]:
 def quota_guard(scope: str) -> str:
     """Rewritten by every new link under a quota scope, so concurrent admissions serialise."""
     return f"{QUOTAS}{scope}"
+
+
+def audit_head(chain: str) -> str:
+    """Where the audit chain `chain` records its newest line, so a truncated tail is noticed."""
+    return f"{AUDIT_HEADS}{chain}"

@@ -279,12 +279,15 @@ class Metadata:
             await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], [Put(found.key, _dump(moved))])
         ).succeeded
 
-    async def delete_tag(self, repo: str, tag: str) -> bool:
-        """Remove a tag; garbage collection may then take its manifest at once (if untagged ones go)."""
+    async def delete_tag(self, repo: str, tag: str) -> TagRecord | None:
+        """Remove a tag; the record it had when it went (None if there was none).
+
+        Garbage collection may then take its manifest at once (if untagged ones go).
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.tag(repo, tag))
             if found is None:
-                return False
+                return None
             digest = json.loads(found.value)["digest"]
             ops: list[Op] = [
                 Delete(found.key),
@@ -293,7 +296,7 @@ class Metadata:
                 TAGS_CHANGED(repo),
             ]
             if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
-                return True
+                return _load(TagRecord, found)
         raise Conflict(f"delete of tag {tag} kept racing")
 
     # -- blobs ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, backup
+from . import admin, audit_cli, backup
 from .config import Config, ConfigError, load
 from .metrics import MULTIPROC_ENV
 from .store import StoreRefused, describe_coordinator, describe_storage, open_store
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_cert_parser(commands)
     admin.add_commands(commands)
     backup.add_commands(commands)
+    audit_cli.add_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
         try:

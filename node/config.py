@@ -308,7 +308,7 @@ class AccessConfig:
 
 @dataclass
 class AuditConfig:
-    """One JSON line per push, pull, delete, failed sign-in and denial; off without path or stdout."""
+    """One hash-chained JSON line per decision (push, pull, delete, refusal); off without path or stdout."""
 
     path: str = ""
     stdout: bool = False
@@ -316,6 +316,9 @@ class AuditConfig:
     maxbackups: int = 5
     fsync: bool = False
     pulls: bool = True
+    # How often the newest line's number and hash go to the coordinator (also at each rotation and
+    # at shutdown), so lines cut from the end of the log are noticed.
+    checkpoint: str = "10s"
 
 
 @dataclass
@@ -528,6 +531,8 @@ def _check_security(config: Config) -> None:
         raise ConfigError("audit.maxsize must be at least 1KB")
     if audit.maxbackups < 0:
         raise ConfigError("audit.maxbackups must not be negative")
+    if parse_duration(audit.checkpoint) <= 0:
+        raise ConfigError("audit.checkpoint must be positive")
     limits = config.ratelimit.authfailures
     if limits.peraddress < 0 or limits.peruser < 0:
         raise ConfigError("ratelimit.authfailures: limits must not be negative")

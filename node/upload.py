@@ -76,6 +76,8 @@ def _denied(exc: quota.QuotaExceeded) -> Denied:
     return Denied(
         {"quota": scope.name, "limit": scope.limit, "used": exc.usage, "requested": exc.size},
         message=f"quota exceeded: {scope.label}: {exc.usage} of {scope.limit} bytes used, {exc.size} more requested",
+        refused_by="quota",
+        rule=scope.label,
     )
 
 

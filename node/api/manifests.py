@@ -14,6 +14,7 @@ from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferenc
 from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import manifest as manifests
+from ..audit import note
 from ..errors import (
     Denied,
     DigestInvalid,
@@ -222,6 +223,9 @@ async def _record_manifest(
         raise Denied(
             {"tag": exc.tag, "digest": exc.digest, "rule": frozen},
             message=f"tag {exc.tag} is immutable (rule: {frozen}) and cannot be moved",
+            refused_by="immutability",
+            rule=frozen,
+            audit={"digest": record.digest},  # the manifest refused; the tag keeps exc.digest
         ) from None
 
 
@@ -237,8 +241,17 @@ async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
     for tag in tags:
         rule = immutability.rule_for(name, tag)
         if rule is not None:
+            if ref.digest is not None:
+                digest: str | None = str(ref.digest)
+            else:
+                record = await svc.metadata.get_tag(name, tag)
+                digest = record.digest if record is not None else None
             raise Denied(
-                {"tag": tag, "rule": rule}, message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted"
+                {"tag": tag, "rule": rule},
+                message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted",
+                refused_by="immutability",
+                rule=rule,
+                audit={"digest": digest},
             )
 
 
@@ -250,8 +263,10 @@ async def delete_manifest(request: Request) -> Response:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
     await check_deletable(svc, name, ref)
     if ref.tag is not None:
-        if not await svc.metadata.delete_tag(name, ref.tag):
+        deleted = await svc.metadata.delete_tag(name, ref.tag)
+        if deleted is None:
             raise ManifestUnknown({"tag": ref.tag})
+        note(request.scope, digest=deleted.digest)
     elif not await svc.metadata.delete_manifest(name, str(ref.digest)):
         raise ManifestUnknown({"digest": str(ref.digest)})
     return Response(status_code=202, headers={"Content-Length": "0"})
