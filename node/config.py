@@ -110,6 +110,16 @@ class DebugConfig:
 
 
 @dataclass
+class UploadsConfig:
+    """Wharf: bounds on open upload sessions."""
+
+    # Open sessions one user (or, unauthenticated, one address) may hold; 0: no bound.
+    maxsessions: int = 100
+    # A session with no request for this long is removed with its bytes (by the leader).
+    idletimeout: str = "1h"
+
+
+@dataclass
 class HTTPConfig:
     addr: str = "127.0.0.1:5000"
     net: str = "tcp"
@@ -130,6 +140,7 @@ class HTTPConfig:
     workers: int = 1
     # Wharf: serve authentication over plain HTTP (only behind a TLS-terminating proxy).
     insecure: bool = False
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
 
 
 @dataclass
@@ -456,6 +467,10 @@ def _finish(config: Config, path: str | None) -> None:
     purging = storage.maintenance.uploadpurging
     for value in (purging.age, purging.interval, config.gc.interval, config.gc.grace, config.gc.orphaninterval):
         parse_duration(value)
+    if parse_duration(config.http.uploads.idletimeout) < 10:
+        raise ConfigError("http.uploads.idletimeout must be at least 10s")
+    if config.http.uploads.maxsessions < 0:
+        raise ConfigError("http.uploads.maxsessions must not be negative (0: no bound)")
     if config.cluster.leasettl < 2:
         raise ConfigError("cluster.leasettl must be at least 2 seconds")
     from .retention import rules_from  # the rules live with retention; checked here so a bad file fails at start
