@@ -15,7 +15,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from .metrics import Metrics, distribution_handler
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 
@@ -76,6 +76,23 @@ def _has_body(scope: Scope) -> bool:
     return False
 
 
+def _request_size(scope: Scope) -> int:
+    """Distribution's approximate request size: URL, method, protocol, headers and declared body."""
+    size = len(scope["method"]) + len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b"")) + 8
+    for name, value in scope["headers"]:
+        size += len(name) + len(value)
+        if name == b"content-length" and value.isdigit():
+            size += int(value)
+    return size
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 class AccessLog:
     """ASGI middleware: request id, API version header, and the access line."""
 
@@ -101,7 +118,12 @@ class AccessLog:
         status = 0
         sent = 0
         received = 0
+        declared = 0
         body_pending = _has_body(scope)
+        handler = distribution_handler(scope["path"]) if self.metrics is not None else None
+        in_flight = self.metrics.in_flight(handler) if handler is not None and self.metrics is not None else None
+        if in_flight is not None:
+            in_flight.inc()
 
         async def counting_receive() -> Message:
             nonlocal received, body_pending
@@ -113,10 +135,11 @@ class AccessLog:
             return message
 
         async def tagging_send(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, declared
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
+                declared = _declared_length(headers)
                 headers.append(API_VERSION_HEADER)
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 if body_pending:
@@ -136,6 +159,9 @@ class AccessLog:
                     finally:
                         await _finish_drain(drain)
                     return
+            elif message["type"] == "http.response.pathsend":
+                # The server sends the file itself (zero copy): all of it, as the headers declared.
+                sent += declared
             await send(message)
 
         try:
@@ -167,7 +193,18 @@ class AccessLog:
             route_path = getattr(scope.get("route"), "path", None) or "unmatched"
             duration = time.perf_counter() - started
             if self.metrics is not None:
-                self.metrics.observe_request(scope["method"], route_path, status or 499, received, sent, duration)
+                if in_flight is not None:
+                    in_flight.dec()
+                self.metrics.observe_request(
+                    scope["method"],
+                    route_path,
+                    status or 499,
+                    received,
+                    sent,
+                    duration,
+                    handler=handler,
+                    request_size=_request_size(scope) if handler is not None else 0,
+                )
             if self.enabled:
                 client = scope.get("client")
                 self.log.info(

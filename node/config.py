@@ -103,10 +103,22 @@ class TLSConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    """Distribution's http.debug.prometheus; Wharf exports its metrics unless told not to."""
+
+    enabled: bool = True
+    path: str = "/metrics"
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ConfigError(f"http.debug.prometheus.path: expected a path starting with /, not {self.path!r}")
+
+
+@dataclass
 class DebugConfig:
     # Prometheus metrics at /metrics; empty turns the listener off.
     addr: str = "127.0.0.1:5001"
-    prometheus: dict[str, Any] = field(default_factory=dict)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
 
 
 @dataclass

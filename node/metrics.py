@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -18,6 +18,56 @@ from .storage.driver import StorageDriver, StoredObject, UploadState
 T = TypeVar("T")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# CNCF Distribution's own series (registry:2 with http.debug.prometheus.enabled), with its buckets, so
+# dashboards and alerts built on registry:2 keep working: seen on Debian's docker-registry 2.8.2.
+_DISTRIBUTION_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
+_DISTRIBUTION_SIZE_BUCKETS = tuple(1024 * 2**i for i in range(22))  # 1 KiB .. 2 GiB
+_DISTRIBUTION_STORAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Distribution's storage driver names and action names for Wharf's driver operations.
+_DISTRIBUTION_DRIVERS = {"s3": "s3aws"}
+_DISTRIBUTION_ACTIONS = {
+    "stat": "Stat",
+    "modified": "Stat",
+    "read": "Reader",
+    "read_bytes": "GetContent",
+    "write_bytes": "PutContent",
+    "write_stream": "Writer",
+    "delete": "Delete",
+    "delete_many": "Delete",
+    "redirect_url": "URLFor",
+    "upload_start": "Writer",
+    "upload_write": "Writer",
+    "upload_commit": "Move",
+    "upload_abort": "Delete",
+}
+
+
+def distribution_handler(path: str) -> str | None:
+    """Distribution's handler name for a request path (its metrics' `handler` label); None off the API.
+
+    Decided from the path alone, the way the route table decides, so it is known when a request starts.
+    """
+    if not path.startswith("/v2/"):
+        return None
+    if path == "/v2/":
+        return "base"
+    if path == "/v2/_catalog":
+        return "catalog"
+    if path.endswith("/tags/list"):
+        return "tags"
+    head, _, last = path.rpartition("/")
+    parent = head.rpartition("/")[2]
+    if parent == "manifests":
+        return "manifest"
+    if parent == "blobs":
+        return "blob"
+    if parent == "uploads" and head.endswith("/blobs/uploads"):
+        return "blob_upload_chunk" if last else "blob_upload"
+    if parent == "referrers":
+        return "referrers"
+    return None
+
+
 # Where worker processes of one `wharf serve` share their figures (prometheus multiprocess mode).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -42,6 +92,50 @@ class Metrics:
         )
         self.bytes_in = Counter("wharf_http_request_bytes_total", "Request body bytes received", ["route"], registry=r)
         self.bytes_out = Counter("wharf_http_response_bytes_total", "Response body bytes sent", ["route"], registry=r)
+        self.registry_requests = Counter(
+            "registry_http_requests_total",
+            "Total number of HTTP requests made.",
+            ["code", "handler", "method"],
+            registry=r,
+        )
+        self.registry_request_duration = Histogram(
+            "registry_http_request_duration_seconds",
+            "The HTTP request latencies in seconds.",
+            ["handler", "method"],
+            buckets=_DISTRIBUTION_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.registry_request_size = Histogram(
+            "registry_http_request_size_bytes",
+            "The HTTP request sizes in bytes.",
+            ["handler"],
+            buckets=_DISTRIBUTION_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.registry_response_size = Histogram(
+            "registry_http_response_size_bytes",
+            "The HTTP response sizes in bytes.",
+            ["handler"],
+            buckets=_DISTRIBUTION_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.registry_in_flight = Gauge(
+            "registry_http_in_flight_requests",
+            "The in-flight HTTP requests",
+            ["handler"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.registry_storage_action = Histogram(
+            "registry_storage_action_seconds",
+            "The number of seconds that the storage action takes",
+            ["action", "driver"],
+            buckets=_DISTRIBUTION_STORAGE_BUCKETS,
+            registry=r,
+        )
+        # Series children by label values, resolved once: `labels()` costs more than the update itself.
+        self._request_series: dict[tuple[str, str, int, str | None], _RequestSeries] = {}
+        self._in_flight: dict[str, Any] = {}
         self.storage_duration = Histogram(
             "wharf_storage_operation_duration_seconds",
             "Storage driver operation latency",
@@ -133,13 +227,40 @@ class Metrics:
             "wharf_backup_snapshots_total", "Coordinator snapshots written into the storage", ["result"], registry=r
         )
 
-    def observe_request(self, method: str, route: str, status: int, received: int, sent: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.request_duration.labels(method, route).observe(seconds)
+    def in_flight(self, handler: str) -> Any:
+        """The in-flight gauge of one of Distribution's handlers (inc at start, dec at the end)."""
+        gauge = self._in_flight.get(handler)
+        if gauge is None:
+            gauge = self._in_flight[handler] = self.registry_in_flight.labels(handler)
+        return gauge
+
+    def observe_request(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        received: int,
+        sent: int,
+        seconds: float,
+        *,
+        handler: str | None = None,
+        request_size: int = 0,
+    ) -> None:
+        key = (method, route, status, handler)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = _RequestSeries(self, method, route, status, handler)
+        series.requests.inc()
+        series.duration.observe(seconds)
         if received:
-            self.bytes_in.labels(route).inc(received)
+            series.bytes_in.inc(received)
         if sent:
-            self.bytes_out.labels(route).inc(sent)
+            series.bytes_out.inc(sent)
+        if series.registry_requests is not None:
+            series.registry_requests.inc()
+            series.registry_duration.observe(seconds)
+            series.registry_request_size.observe(request_size)
+            series.registry_response_size.observe(sent)
 
     def exposition(self) -> bytes:
         """The text format for a scrape; all workers' figures when they share a directory."""
@@ -150,21 +271,44 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _RequestSeries:
+    """The series one kind of request updates: Wharf's by route, Distribution's by handler."""
+
+    def __init__(self, metrics: Metrics, method: str, route: str, status: int, handler: str | None) -> None:
+        self.requests = metrics.requests.labels(method, route, str(status))
+        self.duration = metrics.request_duration.labels(method, route)
+        self.bytes_in = metrics.bytes_in.labels(route)
+        self.bytes_out = metrics.bytes_out.labels(route)
+        self.registry_requests: Any = None
+        if handler is not None:
+            self.registry_requests = metrics.registry_requests.labels(str(status), handler, method.lower())
+            self.registry_duration = metrics.registry_request_duration.labels(handler, method.lower())
+            self.registry_request_size = metrics.registry_request_size.labels(handler)
+            self.registry_response_size = metrics.registry_response_size.labels(handler)
+
+
 class _Timer:
-    def __init__(self, histogram: Histogram, errors: Counter, labels: Sequence[str]) -> None:
+    """Times calls into one histogram child (and Distribution's, for storage), counting failures."""
+
+    def __init__(self, histogram: Any, errors: Any, also: Any = None) -> None:
         self.histogram = histogram
         self.errors = errors
-        self.labels = labels
+        self.also = also
+
+    def observe(self, seconds: float) -> None:
+        self.histogram.observe(seconds)
+        if self.also is not None:
+            self.also.observe(seconds)
 
     async def run(self, call: Awaitable[T]) -> T:
         started = time.perf_counter()
         try:
             return await call
         except Exception:
-            self.errors.labels(*self.labels).inc()
+            self.errors.inc()
             raise
         finally:
-            self.histogram.labels(*self.labels).observe(time.perf_counter() - started)
+            self.observe(time.perf_counter() - started)
 
 
 class InstrumentedKV:
@@ -173,9 +317,14 @@ class InstrumentedKV:
     def __init__(self, kv: KV, metrics: Metrics) -> None:
         self.inner = kv
         self._metrics = metrics
+        self._timers: dict[str, _Timer] = {}
 
     def _timed(self, operation: str) -> _Timer:
-        return _Timer(self._metrics.kv_duration, self._metrics.kv_errors, (operation,))
+        timer = self._timers.get(operation)
+        if timer is None:
+            m = self._metrics
+            timer = self._timers[operation] = _Timer(m.kv_duration.labels(operation), m.kv_errors.labels(operation))
+        return timer
 
     async def get(self, key: str) -> KeyValue | None:
         return await self._timed("get").run(self.inner.get(key))
@@ -224,23 +373,35 @@ class InstrumentedStorage:
         self.inner = driver
         self.name = driver.name
         self._metrics = metrics
+        self._timers: dict[str, _Timer] = {}
 
     def _timed(self, operation: str) -> _Timer:
-        return _Timer(self._metrics.storage_duration, self._metrics.storage_errors, (self.name, operation))
+        timer = self._timers.get(operation)
+        if timer is None:
+            m = self._metrics
+            action = _DISTRIBUTION_ACTIONS.get(operation)
+            also = None
+            if action is not None:
+                also = m.registry_storage_action.labels(action, _DISTRIBUTION_DRIVERS.get(self.name, self.name))
+            timer = self._timers[operation] = _Timer(
+                m.storage_duration.labels(self.name, operation), m.storage_errors.labels(self.name, operation), also
+            )
+        return timer
 
     async def stat(self, key: str) -> int | None:
         return await self._timed("stat").run(self.inner.stat(key))
 
     async def read(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        timer = self._timed("read")
         started = time.perf_counter()
         try:
             async for chunk in self.inner.read(key, offset, length):
                 yield chunk
         except Exception:
-            self._metrics.storage_errors.labels(self.name, "read").inc()
+            timer.errors.inc()
             raise
         finally:
-            self._metrics.storage_duration.labels(self.name, "read").observe(time.perf_counter() - started)
+            timer.observe(time.perf_counter() - started)
 
     async def modified(self, key: str) -> float | None:
         return await self._timed("modified").run(self.inner.modified(key))
@@ -290,17 +451,36 @@ class InstrumentedStorage:
         await self.inner.close()
 
 
-def metrics_app(metrics: Metrics) -> Callable[..., Any]:
-    """A tiny ASGI app for the debug listener: /metrics and /debug/health."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
+def serve_debug_listener(host: str, port: int, registry: CollectorRegistry, path: str = "/metrics") -> None:
+    """Prometheus metrics at `path` and `/debug/health` on the debug listener, in a daemon thread.
 
-    async def scrape(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    Raises OSError if the address cannot be bound.
+    """
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    async def health(request: Request) -> Response:
-        return Response(b"{}", media_type="application/json")
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Starlette(routes=[Route("/metrics", scrape), Route("/debug/health", health)])
+    class _Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            route = self.path.split("?", 1)[0]
+            if route == path:
+                body, media_type, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+            elif route == "/debug/health":
+                body, media_type, status = b"{}", "application/json", 200
+            else:
+                body, media_type, status = b"404 page not found\n", "text/plain; charset=utf-8", 404
+            self.send_response(status)
+            self.send_header("Content-Type", media_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes are not worth a log line each
+
+    class _Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+    server = _Server((host, port), _Handler)
+    threading.Thread(target=server.serve_forever, name="wharf-debug-listener", daemon=True).start()
