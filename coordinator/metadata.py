@@ -433,8 +433,13 @@ class Metadata:
                 return True
         raise Conflict(f"delete of {digest} kept racing")
 
-    async def list_referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
-        return [json.loads(kv.value) for kv in await self.kv.range(keys.referrers_of(repo, subject))]
+    async def list_referrers(
+        self, repo: str, subject: str, *, after: str | None = None, limit: int = 0
+    ) -> list[dict[str, Any]]:
+        """Referrer descriptors of `subject` in digest order, from the one after digest `after`."""
+        start = keys.after(keys.referrer(repo, subject, after)) if after else None
+        found = await self.kv.range(keys.referrers_of(repo, subject), start=start, limit=limit)
+        return [json.loads(kv.value) for kv in found]
 
 
 def reachable(roots: Iterable[str], successors: Callable[[str], Iterable[str]]) -> set[str]:

@@ -93,6 +93,18 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
     return 0
 
 
+async def _send_error(send: Send, status: int, code: str, message: str, request_id: str) -> None:
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": {"request_id": request_id}}]}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class AccessLog:
     """ASGI middleware: request id, API version header, and the access line."""
 
@@ -167,28 +179,22 @@ class AccessLog:
         try:
             await self.app(scope, counting_receive, tagging_send)
         except ClientDisconnect:
-            pass  # logged as 499: nobody is left to answer
+            # The body ended before its Content-Length: the client closed its side (and may still
+            # read an answer) or went away. Logged as 499 if nobody is left to take the 400.
+            if not status:
+                try:
+                    await _send_error(
+                        tagging_send, 400, "SIZE_INVALID", "request body is shorter than its Content-Length", request_id
+                    )
+                except Exception:
+                    status = 0
         except Exception:
             # A bug or a storage failure: the client still gets an OCI error body and the
             # request id to quote, and the log gets the traceback in JSON.
             self.log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if status:
                 raise
-            body = json.dumps(
-                {
-                    "errors": [
-                        {"code": "UNKNOWN", "message": "internal server error", "detail": {"request_id": request_id}}
-                    ]
-                }
-            ).encode()
-            await tagging_send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await tagging_send({"type": "http.response.body", "body": body})
+            await _send_error(tagging_send, 500, "UNKNOWN", "internal server error", request_id)
         finally:
             route_path = getattr(scope.get("route"), "path", None) or "unmatched"
             duration = time.perf_counter() - started

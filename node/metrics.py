@@ -162,6 +162,11 @@ class Metrics:
         self.leader = Gauge(
             "wharf_leader", "1 while this node leads a cluster job", ["job"], registry=r, multiprocess_mode="max"
         )
+        self.blobs_missing = Counter(
+            "wharf_blobs_missing_total",
+            "Blob GETs whose content was missing from storage (answered BLOB_UNKNOWN; see the log to repair)",
+            registry=r,
+        )
         self.cache_hits = Counter("wharf_cache_hits_total", "Cache hits", ["cache"], registry=r)
         self.cache_misses = Counter("wharf_cache_misses_total", "Cache misses", ["cache"], registry=r)
         self.uploads_purged = Counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed", registry=r)

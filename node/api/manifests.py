@@ -25,7 +25,7 @@ from ..errors import (
 from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
-from .common import repository, services, url
+from .common import not_modified, repository, services, url
 
 
 def _existing_reference(request: Request) -> Reference:
@@ -53,8 +53,8 @@ async def manifest_bytes(svc: Services, digest: str) -> bytes:
     return body
 
 
-async def _load(request: Request) -> tuple[str, str, bytes]:
-    """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN."""
+async def _resolve(request: Request) -> tuple[str, str]:
+    """(digest, media type) of the manifest a URL names, or MANIFEST_UNKNOWN."""
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
@@ -73,7 +73,7 @@ async def _load(request: Request) -> tuple[str, str, bytes]:
         if record is None:
             raise ManifestUnknown({"digest": digest})
         media_type = record.media_type
-    return digest, media_type, await manifest_bytes(svc, digest)
+    return digest, media_type
 
 
 def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
@@ -85,13 +85,23 @@ def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
     }
 
 
+def _not_modified(digest: str) -> Response:
+    return Response(status_code=304, headers={"Docker-Content-Digest": digest, "ETag": f'"{digest}"'})
+
+
 async def head_manifest(request: Request) -> Response:
-    digest, media_type, body = await _load(request)
+    digest, media_type = await _resolve(request)
+    if not_modified(request, digest):
+        return _not_modified(digest)
+    body = await manifest_bytes(services(request), digest)
     return Response(headers=_headers(digest, media_type, len(body)))
 
 
 async def get_manifest(request: Request) -> Response:
-    digest, media_type, body = await _load(request)
+    digest, media_type = await _resolve(request)
+    if not_modified(request, digest):
+        return _not_modified(digest)
+    body = await manifest_bytes(services(request), digest)
     return Response(body, headers=_headers(digest, media_type, len(body)))
 
 
