@@ -33,6 +33,7 @@ from typing import Any
 from . import keys
 from .kv import KV, Compare, Delete, KeyValue, Op, Put
 from .metadata import BlobRecord, Release, decode, reachable
+from .readonly import Halted
 
 log = logging.getLogger("wharf.gc")
 
@@ -150,6 +151,12 @@ class Collector:
         self.released_manifests: dict[str, float] = {}
         self.progress = progress
         self.summary = Summary()
+        # Asked before each deletion; False stops the cycle there (Halted): the registry went read-only.
+        self.may_delete: Callable[[], bool] = lambda: True
+
+    def _check_may_delete(self) -> None:
+        if not self.may_delete():
+            raise Halted("read-only: garbage collection stopped before deleting more")
 
     async def _all(self, prefix: str) -> list[KeyValue]:
         found: list[KeyValue] = []
@@ -306,6 +313,7 @@ class Collector:
             c.pending_revision = result.revision
 
     async def _delete_manifest(self, c: ManifestCandidate) -> bool:
+        self._check_may_delete()
         key = keys.manifest(c.repo, c.digest)
         mark = keys.pending_manifest(c.repo, c.digest)
         ops: list[Op] = [Delete(key), Delete(mark)]
@@ -472,6 +480,7 @@ class Collector:
             await self._next_epoch()
 
         async def unlink(link_key: str, digest: str, revision: int) -> bool:
+            self._check_may_delete()
             repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
             touch = touches.get(digest)
             result = await self.kv.txn(
@@ -496,6 +505,7 @@ class Collector:
             c.pending_revision = result.revision
 
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
+        self._check_may_delete()
         mark = keys.pending_blob(c.digest)
         guards = [
             Compare.unchanged(mark, c.pending_revision),

@@ -31,6 +31,8 @@ RETENTION_LAST_RUN = "retention/last-run"
 STORE_IDENTITY = "store/identity"
 # Adoption of a registry:2 store: pending, running (with its progress) or done.
 IMPORT_STATE = "store/import"
+# The cluster-wide read-only switch (`wharf maintenance readonly on|off`), watched by every node.
+READONLY = "maintenance/readonly"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from coordinator.gc import Collector, Summary
 from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
+from coordinator.readonly import Halted
 
 from . import gc, retention
 from .api.manifests import check_deletable
@@ -25,7 +26,7 @@ from .store import open_store
 T = TypeVar("T")
 
 
-async def _with_services(config: Config, work: Callable[[Services], Awaitable[T]], *, readonly: bool = False) -> T:
+async def with_services(config: Config, work: Callable[[Services], Awaitable[T]], *, readonly: bool = False) -> T:
     """Open the store as `wharf serve` does (StoreRefused if it is not there or not one store).
 
     `readonly` (dry runs, listings) creates and changes nothing anywhere.
@@ -33,6 +34,7 @@ async def _with_services(config: Config, work: Callable[[Services], Awaitable[T]
     store = await open_store(config, "read" if readonly else "write")
     services = Services.build(config, store.kv, store.storage)
     try:
+        await services.readonly.switch.refresh()
         return await work(services)
     finally:
         await services.close()
@@ -137,7 +139,7 @@ def _size(n: int) -> str:
 
 def run_gc(args: argparse.Namespace, config: Config) -> int:
     if args.explain:
-        return asyncio.run(_with_services(config, lambda svc: _explain(svc, args), readonly=True))
+        return asyncio.run(with_services(config, lambda svc: _explain(svc, args), readonly=True))
 
     async def cycle(services: Services) -> int:
         try:
@@ -151,6 +153,9 @@ def run_gc(args: argparse.Namespace, config: Config) -> int:
             )
         except gc.CycleRunning as exc:
             print(f"wharf gc: a cycle is already running on {exc}", file=sys.stderr)
+            return 1
+        except Halted:
+            print(f"wharf gc: the registry is {services.readonly.describe()}; nothing was deleted", file=sys.stderr)
             return 1
         except gc.ImportRunning as exc:
             print(
@@ -168,7 +173,7 @@ def run_gc(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {item}")
         return 0
 
-    return asyncio.run(_with_services(config, cycle, readonly=args.dry_run))
+    return asyncio.run(with_services(config, cycle, readonly=args.dry_run))
 
 
 async def _explain(services: Services, args: argparse.Namespace) -> int:
@@ -200,6 +205,9 @@ def run_rm(args: argparse.Namespace, config: Config) -> int:
         return 2
 
     async def remove(services: Services) -> int:
+        if services.readonly.active:
+            print(f"wharf rm: the registry is {services.readonly.describe()}; nothing was deleted", file=sys.stderr)
+            return 1
         failures = 0
         for reference in args.references:
             try:
@@ -211,7 +219,7 @@ def run_rm(args: argparse.Namespace, config: Config) -> int:
             print(message)
         return 1 if failures else 0
 
-    return asyncio.run(_with_services(config, remove))
+    return asyncio.run(with_services(config, remove))
 
 
 async def _remove_one(services: Services, reference: str, *, tag_only: bool) -> str:
@@ -271,7 +279,7 @@ def run_quota_ls(args: argparse.Namespace, config: Config) -> int:
             )
         return 0
 
-    return asyncio.run(_with_services(config, listing, readonly=True))
+    return asyncio.run(with_services(config, listing, readonly=True))
 
 
 def _add_retention(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -311,6 +319,12 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
         except retention.RunInProgress as exc:
             print(f"wharf retention: a run is already in progress on {exc}", file=sys.stderr)
             return 1
+        except Halted:
+            print(
+                f"wharf retention: the registry is {services.readonly.describe()}; nothing more was deleted",
+                file=sys.stderr,
+            )
+            return 1
         rows = run.plan.rows() if run.result is None else run.result.rows()
         skipped = [] if run.result is None else [s.__dict__ for s in run.result.skipped]
         if args.json:
@@ -345,7 +359,7 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
             print("run `wharf gc` (or wait for the scheduled cycle) to reclaim the freed blobs")
         return 0
 
-    return asyncio.run(_with_services(config, once, readonly=args.dry_run))
+    return asyncio.run(with_services(config, once, readonly=args.dry_run))
 
 
 def run_immutability_ls(args: argparse.Namespace, config: Config) -> int:
@@ -373,4 +387,4 @@ def run_immutability_ls(args: argparse.Namespace, config: Config) -> int:
             print(f"{r['repository'] + ':' + r['tag']:<{width}}  {r['digest']:<71}  {r['rule']}")
         return 0
 
-    return asyncio.run(_with_services(config, listing, readonly=True))
+    return asyncio.run(with_services(config, listing, readonly=True))

@@ -77,9 +77,19 @@ class UploadPurging:
 
 
 @dataclass
+class ReadOnlyConfig:
+    """Distribution's storage.maintenance.readonly: pushes and deletes refused, pulls served.
+
+    The cluster-wide switch (`wharf maintenance readonly on|off`) does the same without a restart.
+    """
+
+    enabled: bool = False
+
+
+@dataclass
 class MaintenanceConfig:
     uploadpurging: UploadPurging = field(default_factory=UploadPurging)
-    readonly: dict[str, Any] = field(default_factory=dict)
+    readonly: ReadOnlyConfig = field(default_factory=ReadOnlyConfig)
 
 
 @dataclass

@@ -146,6 +146,9 @@ async def collect(
         reclaim_imported=reclaim_imported,
         progress=progress,
     )
+    if not dry_run:
+        services.readonly.check()
+        collector.may_delete = lambda: not services.readonly.active
     metrics = services.metrics
     importing = await import_in_progress(services)
     if importing is not None:

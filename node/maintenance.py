@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from coordinator import keys
 from coordinator.kv import Compare, Delete
+from coordinator.readonly import Halted
 from coordinator.uploads import UploadSession
 
 from . import backup, gc, retention
@@ -56,6 +57,8 @@ class Maintenance:
                 await job()
             except asyncio.CancelledError:
                 raise
+            except Halted as exc:
+                log.info("maintenance job %s waits: the registry is %s", getattr(job, "__name__", job), exc)
             except Exception:
                 log.exception("maintenance job %s failed", getattr(job, "__name__", job))
             await asyncio.sleep(max(seconds - (time.monotonic() - started), 0.05))
@@ -64,9 +67,11 @@ class Maintenance:
         self.services.metrics.upload_sessions.set(await self.services.kv.count(keys.UPLOADS))
 
     async def _purge(self) -> None:
+        self.services.readonly.check()
         self.services.metrics.uploads_purged.inc(await self.purge_uploads())
 
     async def _collect(self) -> None:
+        self.services.readonly.check()
         try:
             await gc.collect(self.services, orphans=await gc.orphan_sweep_due(self.services))
         except gc.CycleRunning as exc:
@@ -75,6 +80,7 @@ class Maintenance:
             log.info("garbage collection waits: a registry:2 store is being adopted (import %s)", exc)
 
     async def _retain(self) -> None:
+        self.services.readonly.check()
         try:
             await retention.apply(self.services)
         except retention.RunInProgress as exc:
@@ -100,6 +106,7 @@ class Maintenance:
                     log.info("would purge upload %s of %s", session.id, session.repository)
                     purged += 1
                     continue
+                self.services.readonly.check()
                 result = await kv.txn(
                     [Compare.unchanged(item.key, item.mod_revision), Compare.absent(keys.upload_claim(session.id))],
                     [Delete(item.key)],

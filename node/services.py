@@ -16,6 +16,7 @@ from .config import Config
 from .gc import Touches
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .policies import Policies
+from .readonly import ReadOnly
 from .storage import layout
 from .storage.driver import StorageDriver
 from .upload import Uploader
@@ -95,10 +96,12 @@ class Services:
     node_id: str
     touches: Touches = field(init=False)
     policies: Policies = field(init=False)
+    readonly: ReadOnly = field(init=False)
 
     def __post_init__(self) -> None:
         self.touches = Touches(self)
         self.policies = Policies.from_config(self.config)
+        self.readonly = ReadOnly(self.config.storage.maintenance.readonly.enabled, self.kv)
         self.uploader.quotas_for = self.policies.quota_scopes
 
     @classmethod
