@@ -170,14 +170,17 @@ class Metadata:
         prefix = keys.tags_of(repo)
         return {kv.key[len(prefix) :]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
 
-    async def delete_tag(self, repo: str, tag: str) -> bool:
-        """Remove a tag; garbage collection may then take its manifest at once (if untagged ones go)."""
+    async def delete_tag(self, repo: str, tag: str, *, events: Sequence[Op] = ()) -> bool:
+        """Remove a tag; garbage collection may then take its manifest at once (if untagged ones go).
+
+        `events` (notification records) are written in the same transaction, and only if it happens.
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.tag(repo, tag))
             if found is None:
                 return False
             digest = json.loads(found.value)["digest"]
-            ops: list[Op] = [Delete(found.key), release(repo, digest, manifests=[digest])]
+            ops: list[Op] = [Delete(found.key), release(repo, digest, manifests=[digest]), *events]
             if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
                 return True
         raise Conflict(f"delete of tag {tag} kept racing")
@@ -199,6 +202,7 @@ class Metadata:
         *,
         upload: tuple[str, int] | None = None,
         quotas: Sequence[QuotaScope] = (),
+        events: Sequence[Op] = (),
     ) -> BlobRecord:
         """Record a blob now in storage and link it into `repo`, ending its upload session.
 
@@ -206,7 +210,8 @@ class Metadata:
         cancelled or purged meanwhile, SessionChanged otherwise), and it goes in the same
         transaction. Returns the blob record in force: if the digest was already recorded, the
         earlier record stands and the caller's copy at `key` is redundant. A new link must fit every
-        quota in `quotas` (QuotaExceeded otherwise, and nothing changes).
+        quota in `quotas` (QuotaExceeded otherwise, and nothing changes). `events` (notification
+        records) are written with the link.
         """
         now = time.time()
         link_key = keys.link(repo, digest)
@@ -215,6 +220,7 @@ class Metadata:
             Put(link_key, _dump(LinkRecord(size, now))),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(digest)),
+            *events,
         ]
         session_guard: list[Compare] = []
         if upload is not None:
@@ -290,9 +296,18 @@ class Metadata:
         await self.kv.put(keys.touch(digest), json.dumps({"at": time.time()}).encode())
 
     async def mount_blob(
-        self, repo: str, digest: str, source: str, *, quotas: Sequence[QuotaScope] = ()
+        self,
+        repo: str,
+        digest: str,
+        source: str,
+        *,
+        quotas: Sequence[QuotaScope] = (),
+        events: Callable[[int], Sequence[Op]] = lambda size: (),
     ) -> LinkRecord | None:
-        """Link a blob of `source` into `repo`; None if `source` does not have it."""
+        """Link a blob of `source` into `repo`; None if `source` does not have it.
+
+        `events(size)` gives the notification records written with the link.
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.link(source, digest))
             if found is None:
@@ -312,14 +327,18 @@ class Metadata:
                     Put(keys.repository(repo), b"{}"),
                     Delete(keys.pending_blob(digest)),
                     *guard_writes,
+                    *events(record.size),
                 ],
             )
             if result.succeeded:
                 return linked
         raise Conflict(f"mount of {digest} kept racing")
 
-    async def unlink_blob(self, repo: str, digest: str) -> bool:
-        return await self.kv.delete(keys.link(repo, digest)) > 0
+    async def unlink_blob(self, repo: str, digest: str, *, events: Sequence[Op] = ()) -> bool:
+        if not events:
+            return await self.kv.delete(keys.link(repo, digest)) > 0
+        link = keys.link(repo, digest)
+        return (await self.kv.txn([Compare.present(link)], [Delete(link), *events])).succeeded
 
     # -- manifests --------------------------------------------------------------------------
 
@@ -335,10 +354,12 @@ class Metadata:
         storage_key: str,
         frozen_tag: bool = False,
         intent: str | None = None,
+        events: Sequence[Op] = (),
     ) -> None:
         """Record a manifest (already in storage) and point `tag` at it, in one transaction.
 
         `intent` is the upload session that recorded the write of its bytes; it ends here.
+        `events` (notification records) are written in the same transaction.
 
         Every referenced blob and child manifest must be linked in `repo` at the moment of the
         write; otherwise nothing changes and MissingReferences says what is missing. A
@@ -367,6 +388,7 @@ class Metadata:
             )
         if intent is not None:
             head_ops.append(Delete(keys.upload(intent)))
+        head_ops.extend(events)
         # Everything it names must be there, and whatever it names is no longer garbage: the
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
@@ -415,8 +437,13 @@ class Metadata:
         if missing_blobs or missing_manifests:
             raise MissingReferences(missing_blobs, missing_manifests)
 
-    async def delete_manifest(self, repo: str, digest: str) -> bool:
-        """Remove a manifest, every tag that points at it and its referrer entry, atomically."""
+    async def delete_manifest(
+        self, repo: str, digest: str, *, events: Callable[[list[str]], Sequence[Op]] = lambda tags: ()
+    ) -> bool:
+        """Remove a manifest, every tag that points at it and its referrer entry, atomically.
+
+        `events(tags)`, given the tags that go with it, gives notification records written with it.
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.manifest(repo, digest))
             if found is None:
@@ -429,6 +456,7 @@ class Metadata:
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
+            ops.extend(events([keys.split_repo_key(kv.key, keys.TAGS)[1] for kv in tagged]))
             if (await self.kv.txn(guards, ops)).succeeded:
                 return True
         raise Conflict(f"delete of {digest} kept racing")

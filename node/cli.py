@@ -18,7 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, backup, readonly
+from . import admin, backup, notifications, readonly
 from .config import Config, ConfigError, load
 from .metrics import MULTIPROC_ENV, serve_debug_listener
 from .store import StoreRefused, describe_coordinator, describe_storage, open_store
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     admin.add_commands(commands)
     backup.add_commands(commands)
     readonly.add_commands(commands)
+    notifications.add_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
         try:

@@ -14,6 +14,7 @@ from coordinator.uploads import UploadSession
 
 from . import backup, gc, retention
 from .config import parse_duration
+from .notifications import Dispatcher
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")
@@ -43,6 +44,9 @@ class Maintenance:
         # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
         if self.services.config.backup.enabled:
             jobs.append(backup.scheduled(self.services))
+        # Webhook delivery: the cluster's queues, wherever their events were recorded.
+        if self.services.notifier.enabled:
+            jobs.append(Dispatcher(self.services).run())
         try:
             await asyncio.gather(*jobs)
         finally:

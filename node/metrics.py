@@ -203,6 +203,49 @@ class Metrics:
             "wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable", registry=r, multiprocess_mode="max"
         )
 
+        # Webhook notifications (node/notifications.py): Distribution 3's series, then Wharf's.
+        self.notifications_events = Counter(
+            "registry_notifications_events_total",
+            "The number of total events",
+            ["type", "endpoint"],
+            registry=r,
+        )
+        self.notifications_status = Counter(
+            "registry_notifications_status_total", "The number of status code", ["code", "endpoint"], registry=r
+        )
+        self.notifications_pending = Gauge(
+            "registry_notifications_pending_total",
+            "The gauge of pending events in queue (the cluster's, reported by the leader)",
+            ["endpoint"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.notifications_oldest = Gauge(
+            "wharf_notifications_oldest_pending_seconds",
+            "Age of the oldest event still queued for an endpoint (reported by the leader)",
+            ["endpoint"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.notifications_inbox = Gauge(
+            "wharf_notifications_unsequenced_events",
+            "Events recorded but not yet queued per endpoint (reported by the leader)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.notifications_delivery = Histogram(
+            "wharf_notifications_delivery_seconds",
+            "Time to post one envelope of events to an endpoint",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.notifications_unrecorded = Counter(
+            "wharf_notifications_unrecorded_events_total",
+            "Pull events lost because the coordinator could not take them (the pull was served)",
+            registry=r,
+        )
+
         # Coordinator snapshots the leader writes into the storage (node/backup.py).
         self.backup_last_timestamp = Gauge(
             "wharf_backup_last_snapshot_timestamp_seconds",

@@ -15,6 +15,7 @@ from coordinator.uploads import UploadSessions
 from .config import Config
 from .gc import Touches
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
+from .notifications import Notifier
 from .policies import Policies
 from .readonly import ReadOnly
 from .storage import layout
@@ -97,11 +98,13 @@ class Services:
     touches: Touches = field(init=False)
     policies: Policies = field(init=False)
     readonly: ReadOnly = field(init=False)
+    notifier: Notifier = field(init=False)
 
     def __post_init__(self) -> None:
         self.touches = Touches(self)
         self.policies = Policies.from_config(self.config)
         self.readonly = ReadOnly(self.config.storage.maintenance.readonly.enabled, self.kv)
+        self.notifier = Notifier(self.config, self.kv, self.metrics)
         self.uploader.quotas_for = self.policies.quota_scopes
 
     @classmethod

@@ -13,6 +13,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response, Stream
 from starlette.types import Receive, Scope, Send
 
 from ..errors import BlobUnknown, RangeInvalid, Unsupported
+from ..notifications import BLOB_MEDIA_TYPE
 from ..reference import parse_digest
 from ..services import Services
 from .common import not_modified, repository, services
@@ -135,10 +136,18 @@ def _not_modified(digest: str) -> Response:
     )
 
 
+async def _pulled(request: Request, svc: Services, name: str, digest: str, size: int) -> None:
+    """Record the pull for notifications (as Distribution, for GET and HEAD alike)."""
+    notifier = svc.notifier
+    if notifier.enabled and notifier.wants("pull", BLOB_MEDIA_TYPE):
+        await notifier.record(notifier.blob(request, "pull", name, digest, size))
+
+
 async def head_blob(request: Request) -> Response:
-    _, digest, size = await _linked_size(request)
+    name, digest, size = await _linked_size(request)
     if not_modified(request, digest):
         return _not_modified(digest)
+    await _pulled(request, services(request), name, digest, size)
     return Response(status_code=200, headers=_headers(digest, size), media_type="application/octet-stream")
 
 
@@ -148,6 +157,7 @@ async def get_blob(request: Request) -> Response:
         return _not_modified(digest)
     svc = services(request)
     key = await svc.blobs.key(digest)
+    await _pulled(request, svc, name, digest, size)
     if not svc.config.storage.redirect.disable:
         target = await svc.storage.redirect_url(key)
         if target is not None:
@@ -180,6 +190,8 @@ async def delete_blob(request: Request) -> Response:
     digest = str(parse_digest(request.path_params["digest"]))
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
-    if not await svc.metadata.unlink_blob(name, digest):
+    notifier = svc.notifier
+    events = notifier.ops(notifier.deleted(request, name, digest=digest)) if notifier.wants("delete") else []
+    if not await svc.metadata.unlink_blob(name, digest, events=events):
         raise BlobUnknown({"digest": digest})
     return Response(status_code=202, headers={"Content-Length": "0"})
