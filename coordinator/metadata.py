@@ -456,8 +456,13 @@ class Metadata:
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
-            ops.extend(events([keys.split_repo_key(kv.key, keys.TAGS)[1] for kv in tagged]))
+            notes = list(events([keys.split_repo_key(kv.key, keys.TAGS)[1] for kv in tagged]))
+            room = max(_TXN_BUDGET - len(ops), 1)
+            ops.extend(notes[:room])
             if (await self.kv.txn(guards, ops)).succeeded:
+                # Records that did not fit (a manifest with very many tags) follow, still in order.
+                for start in range(room, len(notes), _TXN_BUDGET):
+                    await self.kv.txn([], notes[start : start + _TXN_BUDGET])
                 return True
         raise Conflict(f"delete of {digest} kept racing")
 

@@ -120,7 +120,12 @@ def test_request_counts_carry_distributions_code_handler_and_method_values(
     theirs = _values(_families(distribution_metrics)["registry_http_requests"], "_total")
     ours = _values(_families(wharf_metrics)["registry_http_requests"], "_total")
     assert set(ours) == set(theirs)
-    assert ours == theirs, "the same requests are counted the same way"
+
+    def counted(values: dict[Any, float]) -> dict[Any, float]:
+        # Readiness polls of `GET /v2/` before the workload differ in number from run to run.
+        return {labels: n for labels, n in values.items() if ("handler", "base") not in labels}
+
+    assert counted(ours) == counted(theirs), "the same requests are counted the same way"
 
 
 def test_storage_actions_use_distributions_action_and_driver_names(wharf_metrics: str) -> None:
