@@ -133,9 +133,8 @@ class AccessLog:
         declared = 0
         body_pending = _has_body(scope)
         handler = distribution_handler(scope["path"]) if self.metrics is not None else None
-        in_flight = self.metrics.in_flight(handler) if handler is not None and self.metrics is not None else None
-        if in_flight is not None:
-            in_flight.inc()
+        if self.metrics is not None:
+            self.metrics.request_started(handler)
 
         async def counting_receive() -> Message:
             nonlocal received, body_pending
@@ -199,8 +198,6 @@ class AccessLog:
             route_path = getattr(scope.get("route"), "path", None) or "unmatched"
             duration = time.perf_counter() - started
             if self.metrics is not None:
-                if in_flight is not None:
-                    in_flight.dec()
                 self.metrics.observe_request(
                     scope["method"],
                     route_path,
@@ -211,6 +208,7 @@ class AccessLog:
                     handler=handler,
                     request_size=_request_size(scope) if handler is not None else 0,
                 )
+                self.metrics.request_finished(handler)
             if self.enabled:
                 client = scope.get("client")
                 self.log.info(

@@ -30,16 +30,17 @@ class ManifestCache:
         self._entries: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
         self._max = max_bytes
+        self._metrics = metrics
         self._hits = metrics.cache_hits.labels("manifest")
         self._misses = metrics.cache_misses.labels("manifest")
 
     def get(self, digest: str) -> bytes | None:
         body = self._entries.get(digest)
         if body is None:
-            self._misses.inc()
+            self._metrics.add(self._misses)
             return None
         self._entries.move_to_end(digest)
-        self._hits.inc()
+        self._metrics.add(self._hits)
         return body
 
     def put(self, digest: str, body: bytes) -> None:
@@ -64,15 +65,16 @@ class BlobLocations:
         self._metadata = metadata
         self._keys: OrderedDict[str, str] = OrderedDict()
         self._max = max_entries
+        self._metrics = metrics
         self._hits = metrics.cache_hits.labels("blob_location")
         self._misses = metrics.cache_misses.labels("blob_location")
 
     async def key(self, digest: str) -> str:
         key = self._keys.get(digest)
         if key is not None:
-            self._hits.inc()
+            self._metrics.add(self._hits)
             return key
-        self._misses.inc()
+        self._metrics.add(self._misses)
         record = await self._metadata.get_blob(digest)
         addressed = layout.blob_key(digest)
         if record is not None and record.key != addressed:

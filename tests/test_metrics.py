@@ -7,6 +7,7 @@ family it exports, with the same type, label names and buckets, and the same req
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from registry2 import DockerRegistry, Registry2Client
 from services import free_port
 from wharf_process import WharfProcess
+
+from node.metrics import Metrics
 
 _ACCEPT = {"Accept": OCI_MANIFEST}
 # Storage actions Distribution's base driver times (registry/storage/driver/base).
@@ -177,3 +180,31 @@ def test_prometheus_path_and_switch_are_honoured(tmp_path: Path) -> None:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://{off['addr']}/metrics", timeout=5, trust_env=False)
         assert httpx.get(node.url + "/v2/", timeout=10, trust_env=False).status_code == 200
+
+
+async def test_request_path_figures_are_written_once_idle_or_within_50_ms_under_load() -> None:
+    """Updates on the request path are gathered and written together, never later than 50 ms."""
+    metrics = Metrics()
+    labels = {"method": "GET", "route": "/v2/", "status": "200"}
+
+    def count() -> float | None:
+        return metrics.registry.get_sample_value("wharf_http_requests_total", labels)
+
+    metrics.request_started("base")
+    metrics.request_started("base")
+    metrics.observe_request("GET", "/v2/", 200, 0, 2, 0.001, handler="base")
+    metrics.request_finished("base")
+    assert not count(), "another request is in flight: written a little later"
+    assert metrics.registry.get_sample_value("registry_http_in_flight_requests", {"handler": "base"}) is None
+    await asyncio.sleep(0.2)
+    assert count() == 1
+    assert metrics.registry.get_sample_value("registry_http_in_flight_requests", {"handler": "base"}) == 1
+    metrics.observe_request("GET", "/v2/", 200, 0, 2, 0.001, handler="base")
+    metrics.request_finished("base")
+    assert count() == 2, "nothing in flight: written at once"
+    assert (
+        metrics.registry.get_sample_value(
+            "registry_http_request_duration_seconds_bucket", {"handler": "base", "method": "get", "le": "0.005"}
+        )
+        == 2
+    )
