@@ -38,6 +38,7 @@ from oci_client import (
     raw_request,
     read_response,
 )
+from services import wait_until
 from wharf_process import WharfProcess
 
 # Codes a registry may answer with beyond the spec's table: Distribution's own, kept by Wharf.
@@ -619,8 +620,12 @@ def test_blob_whose_content_vanished_is_blob_unknown_and_reported(
     for headers in ({}, {"Range": "bytes=10-19"}):
         body = assert_error(http.get(f"/v2/{repo}/blobs/{digest}", headers=headers), 404, "BLOB_UNKNOWN")
         assert body["detail"]["digest"] == digest
-    reports = [line for line in wharf.log_text()[since:].splitlines() if "blob content missing" in line]
-    assert len(reports) == 2 and all(digest in line and repo in line for line in reports)
+
+    def reports() -> list[str]:
+        return [line for line in wharf.log_text()[since:].splitlines() if "blob content missing" in line]
+
+    wait_until(lambda: len(reports()) >= 2, timeout=10, what="two repair reports in the log")
+    assert all(digest in line and repo in line for line in reports())
     metrics = httpx.get(wharf.metrics_url, timeout=10, trust_env=False).text
     assert re.search(r"^wharf_blobs_missing_total [1-9]", metrics, re.MULTILINE)
     # Pushed again, it is whole again.
