@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,6 +30,8 @@ from secure_registry import make_users
 from services import EtcdCluster, free_port, wait_until
 from test_cluster_nodes import LEASE_TTL, _leading, _nodes
 from wharf_process import WharfProcess
+
+from node.config import ConfigError, load
 
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 _ACCEPT = {"Accept": OCI_MANIFEST}
@@ -329,3 +332,33 @@ def test_receiver_down_for_30s_gets_everything_afterwards_in_order_per_repositor
             got.append((event["action"], digest, target.get("tag")))
         assert got == events, repo
     assert _status(nodes[0])["endpoints"][0]["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ({"url": "http://127.0.0.1:1/"}, "every endpoint needs a name"),
+        ({"name": "a", "url": "ftp://example"}, "notifications.endpoints[a].url"),
+        ({"name": "a", "url": "http://x/", "timeout": "soon"}, "notifications.endpoints[a].timeout"),
+        ({"name": "a", "url": "http://x/", "ignore": {"actions": ["tag"]}}, "ignore.actions"),
+        ({"name": "a", "url": "http://x/", "headers": {"X-A": {"b": 1}}}, "headers.X-A"),
+    ],
+)
+def test_bad_endpoint_settings_are_refused_at_load_naming_the_key(
+    tmp_path: Path, endpoint: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"notifications": {"endpoints": [endpoint]}}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(str(path), environ={})
+
+
+def test_endpoint_defaults_are_distributions_and_names_are_unique(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"notifications": {"endpoints": [{"name": "a", "url": "http://x/"}]}}))
+    endpoint = load(str(path), environ={}).notifications.endpoints[0]
+    assert (endpoint.timeout_seconds, endpoint.threshold, endpoint.backoff_seconds) == (1.0, 10, 1.0)
+    twice = {"endpoints": [{"name": "a", "url": "http://x/"}, {"name": "a", "url": "http://y/"}]}
+    path.write_text(yaml.safe_dump({"notifications": twice}))
+    with pytest.raises(ConfigError, match="used twice"):
+        load(str(path), environ={})
