@@ -34,6 +34,7 @@ from . import keys, quota
 from .gcmark import Mark
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 from .metadata import BlobRecord, Metadata, Release, decode
+from .readonly import Halted
 
 log = logging.getLogger("wharf.gc")
 
@@ -158,6 +159,12 @@ class Collector:
         self.workdir = workdir
         self.progress = progress
         self.summary = Summary()
+        # Asked before each deletion; False stops the cycle there (Halted): the registry went read-only.
+        self.may_delete: Callable[[], bool] = lambda: True
+
+    def _check_may_delete(self) -> None:
+        if not self.may_delete():
+            raise Halted("read-only: garbage collection stopped before deleting more")
 
     async def _all(self, prefix: str) -> list[KeyValue]:
         """Every record under `prefix` (for `explain` and the storage sweep, which read few)."""
@@ -321,6 +328,7 @@ class Collector:
             c.pending_revision = result.revision
 
     async def _delete_manifest(self, c: ManifestCandidate) -> bool:
+        self._check_may_delete()
         key = keys.manifest(c.repo, c.digest)
         mark = keys.pending_manifest(c.repo, c.digest)
         ops: list[Op] = [Delete(key), Delete(mark)]
@@ -483,6 +491,7 @@ class Collector:
     async def _unlink(
         self, link_key: str, repo: str, digest: str, revision: int, touch_revision: int, repo_revision: int, size: int
     ) -> bool:
+        self._check_may_delete()
         guards = [
             Compare.unchanged(keys.repository(repo), repo_revision),
             Compare.unchanged(link_key, revision),
@@ -510,6 +519,7 @@ class Collector:
             c.pending_revision = result.revision
 
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
+        self._check_may_delete()
         mark = keys.pending_blob(c.digest)
         expected = {
             mark: c.pending_revision,

@@ -279,10 +279,11 @@ class Metadata:
             await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], [Put(found.key, _dump(moved))])
         ).succeeded
 
-    async def delete_tag(self, repo: str, tag: str) -> TagRecord | None:
+    async def delete_tag(self, repo: str, tag: str, *, events: Sequence[Op] = ()) -> TagRecord | None:
         """Remove a tag; the record it had when it went (None if there was none).
 
-        Garbage collection may then take its manifest at once (if untagged ones go).
+        Garbage collection may then take its manifest at once (if untagged ones go). `events`
+        (notification records) are written in the same transaction, and only if it happens.
         """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.tag(repo, tag))
@@ -294,6 +295,7 @@ class Metadata:
                 Delete(keys.tagged(repo, digest, tag)),
                 release(repo, digest, manifests=[digest]),
                 TAGS_CHANGED(repo),
+                *events,
             ]
             if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
                 return _load(TagRecord, found)
@@ -316,6 +318,7 @@ class Metadata:
         *,
         upload: UploadSession | None = None,
         quotas: Sequence[QuotaScope] = (),
+        events: Sequence[Op] = (),
     ) -> BlobRecord:
         """Record a blob now in storage and link it into `repo`, ending its upload session.
 
@@ -323,7 +326,8 @@ class Metadata:
         cancelled or purged meanwhile, SessionChanged otherwise), and it goes in the same
         transaction. Returns the blob record in force: if the digest was already recorded, the
         earlier record stands and the caller's copy at `key` is redundant. A new link must fit every
-        quota in `quotas` (QuotaExceeded otherwise, and nothing changes).
+        quota in `quotas` (QuotaExceeded otherwise, and nothing changes). `events` (notification
+        records) are written with the link.
         """
         now = time.time()
         link_key = keys.link(repo, digest)
@@ -332,6 +336,7 @@ class Metadata:
             Put(link_key, _dump(LinkRecord(size, now))),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(digest)),
+            *events,
         ]
         session_guard: list[Compare] = []
         if upload is not None:
@@ -412,9 +417,18 @@ class Metadata:
         await self.kv.put(keys.touch(digest), json.dumps({"at": time.time()}).encode())
 
     async def mount_blob(
-        self, repo: str, digest: str, source: str, *, quotas: Sequence[QuotaScope] = ()
+        self,
+        repo: str,
+        digest: str,
+        source: str,
+        *,
+        quotas: Sequence[QuotaScope] = (),
+        events: Callable[[int], Sequence[Op]] = lambda size: (),
     ) -> LinkRecord | None:
-        """Link a blob of `source` into `repo`; None if `source` does not have it."""
+        """Link a blob of `source` into `repo`; None if `source` does not have it.
+
+        `events(size)` gives the notification records written with the link.
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.link(source, digest))
             if found is None:
@@ -435,6 +449,7 @@ class Metadata:
                     Delete(keys.pending_blob(digest)),
                     *guard_writes,
                     *await self._catalog_ops(repo),
+                    *events(record.size),
                 ],
             )
             if result.succeeded:
@@ -442,8 +457,13 @@ class Metadata:
                 return linked
         raise Conflict(f"mount of {digest} kept racing")
 
-    async def unlink_blob(self, repo: str, digest: str, *, quotas: Sequence[QuotaScope] = ()) -> bool:
-        """Remove a blob's link from `repo`, giving its bytes back to the quotas that counted them."""
+    async def unlink_blob(
+        self, repo: str, digest: str, *, quotas: Sequence[QuotaScope] = (), events: Sequence[Op] = ()
+    ) -> bool:
+        """Remove a blob's link from `repo`, giving its bytes back to the quotas that counted them.
+
+        `events` (notification records) are written in the same transaction, and only if it happens.
+        """
         key = keys.link(repo, digest)
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(key)
@@ -451,9 +471,8 @@ class Metadata:
                 return False
             link: LinkRecord = _load(LinkRecord, found)
             compares, writes = await release_quota(self.kv, {scope: link.size for scope in quotas})
-            if (
-                await self.kv.txn([Compare.unchanged(key, found.mod_revision), *compares], [Delete(key), *writes])
-            ).succeeded:
+            ops: list[Op] = [Delete(key), *writes, *events]
+            if (await self.kv.txn([Compare.unchanged(key, found.mod_revision), *compares], ops)).succeeded:
                 return True
         raise Conflict(f"unlink of {digest} kept racing")
 
@@ -471,10 +490,12 @@ class Metadata:
         storage_key: str,
         frozen_tag: bool = False,
         intent: UploadSession | None = None,
+        events: Sequence[Op] = (),
     ) -> None:
         """Record a manifest (already in storage) and point `tag` at it, in one transaction.
 
         `intent` is the upload session that recorded the write of its bytes; it ends here.
+        `events` (notification records) are written in the same transaction.
 
         Every referenced blob and child manifest must be linked in `repo` at the moment of the
         write; otherwise nothing changes and MissingReferences says what is missing. A
@@ -494,6 +515,7 @@ class Metadata:
             )
         if intent is not None:
             base_ops += intent.ending()
+        base_ops.extend(events)
         # Everything it names must be there, and whatever it names is no longer garbage: the
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
@@ -621,8 +643,13 @@ class Metadata:
         if missing_blobs or missing_manifests:
             raise MissingReferences(missing_blobs, missing_manifests)
 
-    async def delete_manifest(self, repo: str, digest: str) -> bool:
-        """Remove a manifest, every tag that points at it and its referrer entry, atomically."""
+    async def delete_manifest(
+        self, repo: str, digest: str, *, events: Callable[[list[str]], Sequence[Op]] = lambda tags: ()
+    ) -> bool:
+        """Remove a manifest, every tag that points at it and its referrer entry, atomically.
+
+        `events(tags)`, given the tags that go with it, gives notification records written with it.
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.manifest(repo, digest))
             if found is None:
@@ -638,7 +665,13 @@ class Metadata:
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
+            notes = list(events(list(tagged)))
+            room = max(_TXN_BUDGET - len(ops), 1)
+            ops.extend(notes[:room])
             if (await self.kv.txn(guards, ops)).succeeded:
+                # Records that did not fit (a manifest with very many tags) follow, still in order.
+                for start in range(room, len(notes), _TXN_BUDGET):
+                    await self.kv.txn([], notes[start : start + _TXN_BUDGET])
                 return True
         raise Conflict(f"delete of {digest} kept racing")
 
@@ -709,8 +742,13 @@ class Metadata:
             return
         raise Conflict(f"adoption of blob {digest} kept racing")
 
-    async def list_referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
-        return [json.loads(kv.value) for kv in await self.kv.range(keys.referrers_of(repo, subject))]
+    async def list_referrers(
+        self, repo: str, subject: str, *, after: str | None = None, limit: int = 0
+    ) -> list[dict[str, Any]]:
+        """Referrer descriptors of `subject` in digest order, from the one after digest `after`."""
+        start = keys.after(keys.referrer(repo, subject, after)) if after else None
+        found = await self.kv.range(keys.referrers_of(repo, subject), start=start, limit=limit)
+        return [json.loads(kv.value) for kv in found]
 
 
 @dataclass

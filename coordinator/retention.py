@@ -30,6 +30,7 @@ from typing import Any
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 from .metadata import TAGS_CHANGED, reachable, release
+from .readonly import Halted
 
 LAST_RUN = keys.RETENTION_LAST_RUN
 PROGRESS = keys.RETENTION_PROGRESS
@@ -440,6 +441,12 @@ class Applier:
         self.kv = kv
         self.node = node
         self.progress = progress
+        # Asked before each deletion; False stops the run there (Halted): the registry went read-only.
+        self.may_delete: Callable[[], bool] = lambda: True
+
+    def _check_may_delete(self) -> None:
+        if not self.may_delete():
+            raise Halted("read-only: retention stopped before deleting more")
 
     async def apply(self, plan: Plan) -> Result:
         result = Result(node=self.node, started=time.time(), planned=len(plan.tags) + len(plan.manifests))
@@ -474,6 +481,7 @@ class Applier:
         await self.kv.put(PROGRESS, json.dumps(record).encode())
 
     async def _delete_tag(self, tag: TagDeletion, result: Result) -> None:
+        self._check_may_delete()
         key = keys.tag(tag.repository, tag.tag)
         ops: list[Op] = [
             Delete(key),
@@ -494,6 +502,7 @@ class Applier:
 
     async def _delete_manifests(self, repo: str, planned: list[ManifestDeletion], result: Result) -> None:
         """Mark, re-read what uses them, then delete parents and subjects before what they use."""
+        self._check_may_delete()
         marks: dict[str, int] = {}
         for m in planned:
             key = keys.manifest(repo, m.digest)

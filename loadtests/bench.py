@@ -802,6 +802,29 @@ async def bench_registry(server: Server, s: Settings, workdir: Path, progress: C
     progress(f"manifest GET: python client -c{s.connections} {s.sanity_duration:.0f}s (client check)")
     out["manifest_py"] = await run_load(server, s.connections, s.sanity_duration, get_manifest)
 
+    # -- 1b. tag lists ----------------------------------------------------------------------
+    # The same manifest under TAG_LIST_TAGS tags; the full list and a page of 100 from the middle.
+    tags_repo = "bench/tags"
+    for blob in (config, layer):
+        await upload_blob(setup, tags_repo, sha256_digest(blob), blob, single_post=True)
+    for n in range(TAG_LIST_TAGS):
+        reply = await setup.request(
+            "PUT", f"/v2/{tags_repo}/manifests/t{n:05d}", {"Content-Type": OCI_MANIFEST}, manifest
+        )
+        if reply.status != 201:
+            raise Unexpected("setup: PUT tag", reply)
+    for label, query in (("tags_full", ""), ("tags_page", f"?n=100&last=t{TAG_LIST_TAGS // 2:05d}")):
+        progress(f"tags/list {label}: wrk -c{s.connections} {s.duration:.0f}s")
+        out[label] = await run_wrk(
+            server,
+            f"{server.base}/v2/{tags_repo}/tags/list{query}",
+            threads=s.wrk_threads,
+            connections=s.connections,
+            duration=s.duration,
+            script=None,
+            latency=True,
+        )
+
     # -- 2. blob pull --------------------------------------------------------------------------
     repo = "bench/blob"
     big = os.urandom(s.blob_bytes)
@@ -971,6 +994,9 @@ def _pct(cpu: float, elapsed: float) -> str:
     return f"{100 * cpu / elapsed:.0f}%" if elapsed > 0 else "-"
 
 
+TAG_LIST_TAGS = 1000
+
+
 def print_table(title: str, note: str, headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     print(f"\n{title}")
@@ -1070,6 +1096,31 @@ def report(results: dict[str, dict[str, Any]], targets: list[Target], s: Setting
         manifest_row,
         ["ratio req/s", "ratio p99", "ratio /CPU"],
     )
+
+    # 1b. tag lists
+    for label, what in (("tags_full", f"all {TAG_LIST_TAGS} tags"), ("tags_page", "?n=100 from the middle")):
+
+        def tags_row(r: dict[str, Any], label: str = label) -> tuple[list[str], list[float | None]]:
+            w = r[label]
+            efficiency = _per_cpu(w.get("requests"), w["server_cpu"])
+            cells = [
+                _fmt_num(w.get("rps")),
+                _fmt_ms(w.get("p50")),
+                _fmt_ms(w.get("p99")),
+                str(w.get("non2xx", 0) + w.get("socket_errors", 0)),
+                _pct(w["server_cpu"], w["duration"]),
+                _fmt_num(efficiency),
+                _pct(w["client_cpu"], w["duration"]),
+            ]
+            return cells, [w.get("rps"), w.get("p99"), efficiency]
+
+        table(
+            f"1b. GET /v2/<name>/tags/list, {what} (wrk -t{s.wrk_threads} -c{s.connections} -d{s.duration:.0f}s)",
+            "The goal is 5x Distribution's req/s (issue: cost that does not grow with the registry).",
+            ["registry", "req/s", "p50 ms", "p99 ms", "errors", "srv CPU", "req/CPU-s", "wrk CPU"],
+            tags_row,
+            ["ratio req/s", "ratio p99", "ratio /CPU"],
+        )
 
     # 2. blob pull
     mib = s.blob_bytes // MIB

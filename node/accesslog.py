@@ -15,7 +15,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from .metrics import Metrics, distribution_handler
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 
@@ -76,6 +76,35 @@ def _has_body(scope: Scope) -> bool:
     return False
 
 
+def _request_size(scope: Scope) -> int:
+    """Distribution's approximate request size: URL, method, protocol, headers and declared body."""
+    size = len(scope["method"]) + len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b"")) + 8
+    for name, value in scope["headers"]:
+        size += len(name) + len(value)
+        if name == b"content-length" and value.isdigit():
+            size += int(value)
+    return size
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+async def _send_error(send: Send, status: int, code: str, message: str, request_id: str) -> None:
+    body = json.dumps({"errors": [{"code": code, "message": message, "detail": {"request_id": request_id}}]}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class AccessLog:
     """ASGI middleware: request id, API version header, and the access line."""
 
@@ -101,7 +130,11 @@ class AccessLog:
         status = 0
         sent = 0
         received = 0
+        declared = 0
         body_pending = _has_body(scope)
+        handler = distribution_handler(scope["path"]) if self.metrics is not None else None
+        if self.metrics is not None:
+            self.metrics.request_started(handler)
 
         async def counting_receive() -> Message:
             nonlocal received, body_pending
@@ -113,10 +146,11 @@ class AccessLog:
             return message
 
         async def tagging_send(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, declared
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
+                declared = _declared_length(headers)
                 headers.append(API_VERSION_HEADER)
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 if body_pending:
@@ -136,38 +170,45 @@ class AccessLog:
                     finally:
                         await _finish_drain(drain)
                     return
+            elif message["type"] == "http.response.pathsend":
+                # The server sends the file itself (zero copy): all of it, as the headers declared.
+                sent += declared
             await send(message)
 
         try:
             await self.app(scope, counting_receive, tagging_send)
         except ClientDisconnect:
-            pass  # logged as 499: nobody is left to answer
+            # The body ended before its Content-Length: the client closed its side (and may still
+            # read an answer) or went away. Logged as 499 if nobody is left to take the 400.
+            if not status:
+                try:
+                    await _send_error(
+                        tagging_send, 400, "SIZE_INVALID", "request body is shorter than its Content-Length", request_id
+                    )
+                except Exception:
+                    status = 0
         except Exception:
             # A bug or a storage failure: the client still gets an OCI error body and the
             # request id to quote, and the log gets the traceback in JSON.
             self.log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if status:
                 raise
-            body = json.dumps(
-                {
-                    "errors": [
-                        {"code": "UNKNOWN", "message": "internal server error", "detail": {"request_id": request_id}}
-                    ]
-                }
-            ).encode()
-            await tagging_send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await tagging_send({"type": "http.response.body", "body": body})
+            await _send_error(tagging_send, 500, "UNKNOWN", "internal server error", request_id)
         finally:
             route_path = getattr(scope.get("route"), "path", None) or "unmatched"
             duration = time.perf_counter() - started
             if self.metrics is not None:
-                self.metrics.observe_request(scope["method"], route_path, status or 499, received, sent, duration)
+                self.metrics.observe_request(
+                    scope["method"],
+                    route_path,
+                    status or 499,
+                    received,
+                    sent,
+                    duration,
+                    handler=handler,
+                    request_size=_request_size(scope) if handler is not None else 0,
+                )
+                self.metrics.request_finished(handler)
             if self.enabled:
                 client = scope.get("client")
                 self.log.info(

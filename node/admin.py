@@ -15,6 +15,7 @@ from coordinator.gc import Collector, Summary
 from coordinator.metadata import ImportState
 from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
+from coordinator.readonly import Halted
 
 from . import exporter, gc, importer, retention, scrub
 from .api.manifests import check_deletable
@@ -27,7 +28,7 @@ from .store import Mode, open_storage, open_store
 T = TypeVar("T")
 
 
-async def _with_services(
+async def with_services(
     config: Config, work: Callable[[Services], Awaitable[T]], *, readonly: bool = False, mode: Mode | None = None
 ) -> T:
     """Open the store as `wharf serve` does (StoreRefused if it is not there or not one store).
@@ -37,6 +38,7 @@ async def _with_services(
     store = await open_store(config, mode or ("read" if readonly else "write"))
     services = Services.build(config, store.kv, store.storage)
     try:
+        await services.readonly.switch.refresh()
         return await work(services)
     finally:
         await services.close()
@@ -142,7 +144,7 @@ def _size(n: int) -> str:
 
 def run_gc(args: argparse.Namespace, config: Config) -> int:
     if args.explain:
-        return asyncio.run(_with_services(config, lambda svc: _explain(svc, args), readonly=True))
+        return asyncio.run(with_services(config, lambda svc: _explain(svc, args), readonly=True))
 
     async def cycle(services: Services) -> int:
         try:
@@ -156,6 +158,9 @@ def run_gc(args: argparse.Namespace, config: Config) -> int:
             )
         except gc.CycleRunning as exc:
             print(f"wharf gc: a cycle is already running on {exc}", file=sys.stderr)
+            return 1
+        except Halted:
+            print(f"wharf gc: the registry is {services.readonly.describe()}; nothing was deleted", file=sys.stderr)
             return 1
         except gc.ImportRunning as exc:
             print(
@@ -173,7 +178,7 @@ def run_gc(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {item}")
         return 0
 
-    return asyncio.run(_with_services(config, cycle, readonly=args.dry_run))
+    return asyncio.run(with_services(config, cycle, readonly=args.dry_run))
 
 
 async def _explain(services: Services, args: argparse.Namespace) -> int:
@@ -205,6 +210,9 @@ def run_rm(args: argparse.Namespace, config: Config) -> int:
         return 2
 
     async def remove(services: Services) -> int:
+        if services.readonly.active:
+            print(f"wharf rm: the registry is {services.readonly.describe()}; nothing was deleted", file=sys.stderr)
+            return 1
         failures = 0
         for reference in args.references:
             try:
@@ -216,7 +224,7 @@ def run_rm(args: argparse.Namespace, config: Config) -> int:
             print(message)
         return 1 if failures else 0
 
-    return asyncio.run(_with_services(config, remove))
+    return asyncio.run(with_services(config, remove))
 
 
 async def _remove_one(services: Services, reference: str, *, tag_only: bool) -> str:
@@ -276,7 +284,7 @@ def run_quota_ls(args: argparse.Namespace, config: Config) -> int:
             )
         return 0
 
-    return asyncio.run(_with_services(config, listing, readonly=True))
+    return asyncio.run(with_services(config, listing, readonly=True))
 
 
 def _add_retention(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -316,6 +324,12 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
         except retention.RunInProgress as exc:
             print(f"wharf retention: a run is already in progress on {exc}", file=sys.stderr)
             return 1
+        except Halted:
+            print(
+                f"wharf retention: the registry is {services.readonly.describe()}; nothing more was deleted",
+                file=sys.stderr,
+            )
+            return 1
         rows = run.plan.rows() if run.result is None else run.result.rows()
         skipped = [] if run.result is None else [s.__dict__ for s in run.result.skipped]
         if args.json:
@@ -350,7 +364,7 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
             print("run `wharf gc` (or wait for the scheduled cycle) to reclaim the freed blobs")
         return 0
 
-    return asyncio.run(_with_services(config, once, readonly=args.dry_run))
+    return asyncio.run(with_services(config, once, readonly=args.dry_run))
 
 
 def run_immutability_ls(args: argparse.Namespace, config: Config) -> int:
@@ -378,7 +392,7 @@ def run_immutability_ls(args: argparse.Namespace, config: Config) -> int:
             print(f"{r['repository'] + ':' + r['tag']:<{width}}  {r['digest']:<71}  {r['rule']}")
         return 0
 
-    return asyncio.run(_with_services(config, listing, readonly=True))
+    return asyncio.run(with_services(config, listing, readonly=True))
 
 
 def _add_store_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -433,7 +447,7 @@ def run_import(args: argparse.Namespace, config: Config) -> int:
                 print(_import_line(state) if state else "no import: this store was not adopted from registry:2")
             return 0
 
-        return asyncio.run(_with_services(config, status, readonly=True))
+        return asyncio.run(with_services(config, status, readonly=True))
 
     def progress(state: ImportState) -> None:
         if sys.stderr.isatty():
@@ -462,7 +476,7 @@ def run_import(args: argparse.Namespace, config: Config) -> int:
 
     if args.dry_run:
         return asyncio.run(_import_dry_run(config))
-    return asyncio.run(_with_services(config, once, mode="import"))
+    return asyncio.run(with_services(config, once, mode="import"))
 
 
 async def _import_dry_run(config: Config) -> int:
@@ -496,7 +510,7 @@ def run_export(args: argparse.Namespace, config: Config) -> int:
             print("dry run: nothing was changed")
         return 1 if report.missing else 0
 
-    return asyncio.run(_with_services(config, once, readonly=args.dry_run))
+    return asyncio.run(with_services(config, once, readonly=args.dry_run))
 
 
 def run_scrub(args: argparse.Namespace, config: Config) -> int:
@@ -512,4 +526,4 @@ def run_scrub(args: argparse.Namespace, config: Config) -> int:
                 print("dry run: nothing was marked" if args.dry_run else "marked: no longer served until pushed again")
         return 1 if report.corrupt else 0
 
-    return asyncio.run(_with_services(config, once, readonly=args.dry_run))
+    return asyncio.run(with_services(config, once, readonly=args.dry_run))

@@ -26,6 +26,7 @@ from .config import Config
 from .errors import RegistryError, Unsupported, error_response, handle_contention, handle_registry_error
 from .maintenance import Maintenance
 from .metrics import Metrics
+from .readonly import ReadOnlyMiddleware
 from .services import Services
 from .store import open_kv, open_storage
 
@@ -109,14 +110,21 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         election = Election(svc.kv, "maintenance", svc.node_id, ttl=config.cluster.leasettl)
         election.on_change = lambda leading: metrics.leader.labels("maintenance").set(1 if leading else 0)
         app.state.election = election
-        campaign = asyncio.get_running_loop().create_task(election.run(Maintenance(svc).lead))
+        loop = asyncio.get_running_loop()
+        # The read-only switch is read before serving, then followed by a watch.
+        with contextlib.suppress(Exception):
+            await svc.readonly.switch.refresh()
+        background = [loop.create_task(svc.readonly.switch.run())]
+        campaign = loop.create_task(election.run(Maintenance(svc).lead))
         try:
             yield
         finally:
             election.stop()
-            campaign.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await campaign
+            for task in (campaign, *background):
+                task.cancel()
+            for task in (campaign, *background):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if audit is not None:
                 await audit.detach()
             if owned:
@@ -137,10 +145,12 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     if services is not None:
         app.state.services = services
     app.state.metrics = metrics
-    # Outermost last: access log, the audit line of each decision (authentication refuses some),
-    # authentication, then the `started` line of a change just before its handler.
+    # Outermost last: access log, the audit line of each decision (authentication and read-only
+    # mode refuse some), authentication, read-only refusals, then the `started` line of a change
+    # just before its handler.
     if audit is not None:
         app.add_middleware(AuditIntent, audit=audit, routes=app.router.routes, decisions=AUDITED)
+    app.add_middleware(ReadOnlyMiddleware)
     if auth.enabled:
         public = PROBE_ROUTES + token_routes
         app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)

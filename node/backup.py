@@ -259,7 +259,10 @@ async def scheduled(services: Services) -> None:
     while True:
         try:
             wait = await _due_in(store, settings.interval_seconds)
-            if wait <= 0:
+            if wait <= 0 and services.readonly.active:
+                # Nothing changes while read-only, and the storage is written to by nothing.
+                wait = min(settings.interval_seconds, _RETRY_SECONDS)
+            elif wait <= 0:
                 await take_scheduled(services, store)
                 wait = settings.interval_seconds
         except asyncio.CancelledError:

@@ -13,14 +13,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, audit_cli, backup
+from . import admin, audit_cli, backup, notifications, readonly
 from .config import Config, ConfigError, load
-from .metrics import MULTIPROC_ENV
+from .metrics import MULTIPROC_ENV, serve_debug_listener
 from .store import StoreRefused, describe_coordinator, describe_storage, open_store
 
 log = logging.getLogger("wharf")
@@ -53,14 +53,14 @@ def _hypercorn_config(config: Config):  # type: ignore[no-untyped-def]
 def _start_debug_listener(config: Config, registry: CollectorRegistry | None) -> None:
     """Prometheus metrics on `http.debug.addr` (like Distribution's :5001), in a thread."""
     addr = config.http.debug.addr
-    if not addr:
+    if not addr or not config.http.debug.prometheus.enabled:
         return
     if registry is None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
     host, port = _split_addr(addr)
     try:
-        start_http_server(port, host, registry=registry)
+        serve_debug_listener(host, port, registry, config.http.debug.prometheus.path)
     except OSError as exc:
         # Metrics matter less than serving images: say so loudly and go on.
         log.error("debug listener on %s failed: %s", addr, exc)
@@ -113,7 +113,9 @@ def _log_startup(config: Config, store: dict[str, object]) -> None:
         "store": store["identity"],
         "store_found": store["found"],
         "import": store["import"] or "none",
-        "metrics": (config.http.debug.addr + "/metrics") if config.http.debug.addr else "off",
+        "metrics": (config.http.debug.addr + config.http.debug.prometheus.path)
+        if config.http.debug.addr and config.http.debug.prometheus.enabled
+        else "off",
         "config": config.source or "none (defaults)",
         "server": f"{config.http.server}, {config.http.workers} worker(s)",
     }
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     admin.add_commands(commands)
     backup.add_commands(commands)
     audit_cli.add_commands(commands)
+    readonly.add_commands(commands)
+    notifications.add_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
         try:

@@ -77,9 +77,19 @@ class UploadPurging:
 
 
 @dataclass
+class ReadOnlyConfig:
+    """Distribution's storage.maintenance.readonly: pushes and deletes refused, pulls served.
+
+    The cluster-wide switch (`wharf maintenance readonly on|off`) does the same without a restart.
+    """
+
+    enabled: bool = False
+
+
+@dataclass
 class MaintenanceConfig:
     uploadpurging: UploadPurging = field(default_factory=UploadPurging)
-    readonly: dict[str, Any] = field(default_factory=dict)
+    readonly: ReadOnlyConfig = field(default_factory=ReadOnlyConfig)
 
 
 @dataclass
@@ -103,10 +113,22 @@ class TLSConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    """Distribution's http.debug.prometheus; Wharf exports its metrics unless told not to."""
+
+    enabled: bool = True
+    path: str = "/metrics"
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ConfigError(f"http.debug.prometheus.path: expected a path starting with /, not {self.path!r}")
+
+
+@dataclass
 class DebugConfig:
     # Prometheus metrics at /metrics; empty turns the listener off.
     addr: str = "127.0.0.1:5001"
-    prometheus: dict[str, Any] = field(default_factory=dict)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
 
 
 @dataclass
@@ -348,6 +370,86 @@ class RateLimitConfig:
 
 
 @dataclass
+class NotificationIgnore:
+    mediatypes: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+
+
+_NOTIFICATION_ACTIONS = ("pull", "push", "mount", "delete")
+
+
+@dataclass
+class NotificationEndpoint:
+    """One webhook, as in Distribution's notifications.endpoints (its defaults: 1s, 10, 1s)."""
+
+    name: str = ""
+    disabled: bool = False
+    url: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)  # name: [values]
+    timeout: str = "1s"
+    threshold: int = 10  # consecutive failures before waiting `backoff` between tries
+    backoff: str = "1s"
+    ignoredmediatypes: list[str] = field(default_factory=list)
+    ignore: NotificationIgnore = field(default_factory=NotificationIgnore)
+
+    def __post_init__(self) -> None:
+        where = f"notifications.endpoints[{self.name or '?'}]"
+        if not self.name:
+            raise ConfigError("notifications.endpoints: every endpoint needs a name")
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, not {self.url!r}")
+        for key, value in (("timeout", self.timeout), ("backoff", self.backoff)):
+            try:
+                parse_duration(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{key}: {exc}") from None
+        # As in Distribution, zero (or less) means the default.
+        self.timeout_seconds = parse_duration(self.timeout) if parse_duration(self.timeout) > 0 else 1.0
+        self.backoff_seconds = parse_duration(self.backoff) if parse_duration(self.backoff) > 0 else 1.0
+        if self.threshold <= 0:
+            self.threshold = 10
+        headers: dict[str, list[str]] = {}
+        for header, values in self.headers.items():
+            values = [values] if isinstance(values, str) else values
+            if not isinstance(values, list) or not all(isinstance(v, (str, int, float)) for v in values):
+                raise ConfigError(f"{where}.headers.{header}: expected a list of values")
+            headers[str(header)] = [str(v) for v in values]
+        self.headers = headers
+        unknown = [a for a in self.ignore.actions if a not in _NOTIFICATION_ACTIONS]
+        if unknown:
+            raise ConfigError(
+                f"{where}.ignore.actions: {unknown[0]!r} is not one of {', '.join(_NOTIFICATION_ACTIONS)}"
+            )
+
+    def accepts(self, action: str, media_type: str | None) -> bool:
+        if self.disabled or action in self.ignore.actions:
+            return False
+        return not media_type or (media_type not in self.ignoredmediatypes and media_type not in self.ignore.mediatypes)
+
+
+@dataclass
+class NotificationEvents:
+    includereferences: bool = False  # manifest events list the descriptors the manifest names
+
+
+@dataclass
+class NotificationsConfig:
+    """Distribution's notifications: webhooks for pushes, pulls, mounts and deletes.
+
+    Wharf queues events durably in the coordinator and the cluster's leader delivers them.
+    """
+
+    events: NotificationEvents = field(default_factory=NotificationEvents)
+    endpoints: list[NotificationEndpoint] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.endpoints]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ConfigError(f"notifications.endpoints: the name {duplicated[0]!r} is used twice")
+
+
+@dataclass
 class Config:
     version: str = "0.1"
     log: LogConfig = field(default_factory=LogConfig)
@@ -364,8 +466,8 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     # Sections parsed by later features; kept so that Distribution files load unchanged.
-    notifications: dict[str, Any] = field(default_factory=dict)
     redis: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     proxy: dict[str, Any] = field(default_factory=dict)

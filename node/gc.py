@@ -170,6 +170,9 @@ async def collect(
         quotas=services.policies.scopes,
         progress=progress,
     )
+    if not dry_run:
+        services.readonly.check()
+        collector.may_delete = lambda: not services.readonly.active
     metrics = services.metrics
     importing = await import_in_progress(services)
     if importing is not None:

@@ -9,10 +9,12 @@ from collections.abc import Awaitable, Callable
 
 from coordinator import keys
 from coordinator.kv import Compare
+from coordinator.readonly import Halted
 from coordinator.uploads import UploadSession
 
 from . import backup, gc, importer, retention
 from .config import parse_duration
+from .notifications import Dispatcher
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")
@@ -48,6 +50,9 @@ class Maintenance:
         # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
         if self.services.config.backup.enabled:
             jobs.append(backup.scheduled(self.services))
+        # Webhook delivery: the cluster's queues, wherever their events were recorded.
+        if self.services.notifier.enabled:
+            jobs.append(Dispatcher(self.services).run())
         try:
             await asyncio.gather(*jobs)
         finally:
@@ -62,6 +67,8 @@ class Maintenance:
                 await job()
             except asyncio.CancelledError:
                 raise
+            except Halted as exc:
+                log.info("maintenance job %s waits: the registry is %s", getattr(job, "__name__", job), exc)
             except Exception:
                 log.exception("maintenance job %s failed", getattr(job, "__name__", job))
             await asyncio.sleep(max(seconds - (time.monotonic() - started), 0.05))
@@ -73,9 +80,11 @@ class Maintenance:
         await importer.import_if_pending(self.services)
 
     async def _purge(self) -> None:
+        self.services.readonly.check()
         self.services.metrics.uploads_purged.inc(await self.purge_uploads())
 
     async def _collect(self) -> None:
+        self.services.readonly.check()
         try:
             await gc.collect(self.services, orphans=await gc.orphan_sweep_due(self.services))
         except gc.CycleRunning as exc:
@@ -84,6 +93,7 @@ class Maintenance:
             log.info("garbage collection waits: a registry:2 store is being adopted (import %s)", exc)
 
     async def _retain(self) -> None:
+        self.services.readonly.check()
         try:
             await retention.apply(self.services)
         except retention.RunInProgress as exc:
@@ -109,6 +119,7 @@ class Maintenance:
                     log.info("would purge upload %s of %s", session.id, session.repository)
                     purged += 1
                     continue
+                self.services.readonly.check()
                 result = await kv.txn(
                     [Compare.unchanged(item.key, item.mod_revision), Compare.absent(keys.upload_claim(session.id))],
                     session.ending(),

@@ -93,6 +93,7 @@ async def apply(
         )
         return Run(found, None)
     kv = services.kv
+    services.readonly.check()
     async with KeptLease(kv, max(services.config.cluster.leasettl, 5)) as lease:
         taken = await kv.txn([Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)])
         if not taken.succeeded:
@@ -100,7 +101,9 @@ async def apply(
             raise RunInProgress(holder.value.decode() if holder else "another process")
         started = time.perf_counter()
         found = await make_plan(services, now=now)
-        result = await Applier(kv, node=services.node_id, progress=progress).apply(found)
+        applier = Applier(kv, node=services.node_id, progress=progress)
+        applier.may_delete = lambda: not services.readonly.active
+        result = await applier.apply(found)
     if result.interrupted is not None:
         log.info(
             "retention: an earlier run did not finish; this run planned again and completed it",

@@ -16,7 +16,9 @@ from coordinator.uploads import UploadSessions
 from .config import Config
 from .gc import Touches
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
+from .notifications import Notifier
 from .policies import Policies
+from .readonly import ReadOnly
 from .storage import layout
 from .storage.driver import StorageDriver
 from .upload import Uploader
@@ -29,16 +31,17 @@ class ManifestCache:
         self._entries: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
         self._max = max_bytes
+        self._metrics = metrics
         self._hits = metrics.cache_hits.labels("manifest")
         self._misses = metrics.cache_misses.labels("manifest")
 
     def get(self, digest: str) -> bytes | None:
         body = self._entries.get(digest)
         if body is None:
-            self._misses.inc()
+            self._metrics.add(self._misses)
             return None
         self._entries.move_to_end(digest)
-        self._hits.inc()
+        self._metrics.add(self._hits)
         return body
 
     def put(self, digest: str, body: bytes) -> None:
@@ -63,15 +66,16 @@ class BlobLocations:
         self._metadata = metadata
         self._keys: OrderedDict[str, str] = OrderedDict()
         self._max = max_entries
+        self._metrics = metrics
         self._hits = metrics.cache_hits.labels("blob_location")
         self._misses = metrics.cache_misses.labels("blob_location")
 
     async def key(self, digest: str) -> str:
         key = self._keys.get(digest)
         if key is not None:
-            self._hits.inc()
+            self._metrics.add(self._hits)
             return key
-        self._misses.inc()
+        self._metrics.add(self._misses)
         record = await self._metadata.get_blob(digest)
         addressed = layout.blob_key(digest)
         if record is not None and record.key != addressed:
@@ -134,12 +138,16 @@ class Services:
     catalog: ListCache = field(init=False)
     touches: Touches = field(init=False)
     policies: Policies = field(init=False)
+    readonly: ReadOnly = field(init=False)
+    notifier: Notifier = field(init=False)
 
     def __post_init__(self) -> None:
         self.tag_lists = ListCache(self.metrics, "tag_list")
         self.catalog = ListCache(self.metrics, "catalog")
         self.touches = Touches(self)
         self.policies = Policies.from_config(self.config)
+        self.readonly = ReadOnly(self.config.storage.maintenance.readonly.enabled, self.kv)
+        self.notifier = Notifier(self.config, self.kv, self.metrics)
         self.uploader.quotas_for = self.policies.quota_scopes
         self.uploader.max_sessions = self.config.http.uploads.maxsessions
 

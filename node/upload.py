@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 import rehashes
 
 from coordinator import quota
+from coordinator.kv import Op
 from coordinator.lease import NodeLease
 from coordinator.metadata import BeingCollected, Metadata
 from coordinator.quota import QuotaScope
@@ -36,6 +37,13 @@ from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
 
 log = logging.getLogger("wharf.upload")
+
+# Notification records for a blob now in a repository, given its size; written with its link.
+Events = Callable[[int], Sequence[Op]]
+
+
+def _no_events(size: int) -> Sequence[Op]:
+    return ()
 
 
 class UploadMoved(Exception):
@@ -246,6 +254,7 @@ class Uploader:
         chunks: AsyncIterator[bytes] | None = None,
         *,
         length: int | None = None,
+        events: Events = _no_events,
     ) -> int:
         """The closing PUT: append its body if any, check the digest, commit and link; returns the size."""
         check_algorithm(digest.algorithm)
@@ -281,7 +290,7 @@ class Uploader:
                 )
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
-        await self._commit(committing)
+        await self._commit(committing, events)
         return size
 
     async def _discard(self, session: UploadSession, claim: Claim | None, state: dict) -> None:  # type: ignore[type-arg]
@@ -294,7 +303,7 @@ class Uploader:
         elif claim is not None:
             await self.sessions.release(claim)
 
-    async def _commit(self, session: UploadSession) -> None:
+    async def _commit(self, session: UploadSession, events: Events = _no_events) -> None:
         """Move a committing session's bytes to their key and record the blob; reclaim them on refusal."""
         intent = session.commit
         assert intent is not None
@@ -306,19 +315,19 @@ class Uploader:
                 await self.storage.delete(intent.key)
         stored = await self.storage.upload_commit(upload, session.driver_state, session.offset, intent.key)
         try:
-            await self._record(session, stored)
+            await self._record(session, stored, events)
         except (Denied, BlobUploadInvalid, BlobUploadUnknown):
             await self.reclaim(session, stored)
             raise
 
-    async def _record(self, session: UploadSession, stored: str) -> None:
+    async def _record(self, session: UploadSession, stored: str, events: Events = _no_events) -> None:
         assert session.commit is not None
         repository, digest, size = session.repository, session.commit.digest, session.offset
         quotas = self.quotas_for(repository)
         try:
             try:
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas
+                    repository, digest, size, stored, upload=session, quotas=quotas, events=events(size)
                 )
             except BeingCollected:
                 # Garbage collection was deleting this very digest; its storage delete may have
@@ -329,7 +338,7 @@ class Uploader:
                         {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
                     ) from None
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas
+                    repository, digest, size, stored, upload=session, quotas=quotas, events=events(size)
                 )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
@@ -358,10 +367,12 @@ class Uploader:
         await self.storage.upload_abort(upload, session.driver_state)
         await self.sessions.delete(session)
 
-    async def mount(self, repository: str, digest: str, source: str) -> bool:
+    async def mount(self, repository: str, digest: str, source: str, *, events: Events = _no_events) -> bool:
         """Link a blob of `source` into `repository`, within its quotas; False if `source` lacks it."""
         try:
-            linked = await self.metadata.mount_blob(repository, digest, source, quotas=self.quotas_for(repository))
+            linked = await self.metadata.mount_blob(
+                repository, digest, source, quotas=self.quotas_for(repository), events=events
+            )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
         return linked is not None
@@ -388,7 +399,14 @@ class Uploader:
         raise _busy(session)
 
     async def monolithic(
-        self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None, owner: str = ""
+        self,
+        repository: str,
+        digest: Digest,
+        chunks: AsyncIterator[bytes],
+        length: int | None,
+        owner: str = "",
+        *,
+        events: Events = _no_events,
     ) -> int:
         """A whole blob in one request. Its session is created committing: nobody else can write to it."""
         if length is not None:
@@ -417,5 +435,5 @@ class Uploader:
             raise
         # The driver state and size are known only now; the intent already stood.
         session = replace(session, offset=written, driver_state=state)
-        await self._commit(session)
+        await self._commit(session, events)
         return written

@@ -38,6 +38,7 @@ from oci_client import (
     raw_request,
     read_response,
 )
+from services import wait_until
 from wharf_process import WharfProcess
 
 # Codes a registry may answer with beyond the spec's table: Distribution's own, kept by Wharf.
@@ -543,6 +544,95 @@ def test_unsatisfiable_blob_range_is_416(http: httpx.Client, repo: str, blob2k: 
     assert response.headers["Content-Range"] == "bytes */2048"
 
 
+# Forms of If-None-Match that name the ETag Wharf sends ('"<digest>"'), as clients and caches write them.
+def _if_none_match_forms(digest: str) -> list[str]:
+    return [f'"{digest}"', f'W/"{digest}"', f'"sha256:{"0" * 64}", W/"{digest}"', "*", digest]
+
+
+def test_blob_get_and_head_with_its_etag_in_if_none_match_are_304(
+    http: httpx.Client, repo: str, blob2k: tuple[str, bytes]
+) -> None:
+    digest, _ = blob2k
+    etag = http.head(f"/v2/{repo}/blobs/{digest}").headers["ETag"]
+    assert etag == f'"{digest}"'
+    for header in _if_none_match_forms(digest):
+        for method in ("GET", "HEAD"):
+            response = http.request(method, f"/v2/{repo}/blobs/{digest}", headers={"If-None-Match": header})
+            assert response.status_code == 304, (method, header, response.status_code)
+            assert response.content == b""
+            assert response.headers["ETag"] == etag
+            assert response.headers["Docker-Content-Digest"] == digest
+
+
+def test_blob_get_with_another_etag_in_if_none_match_is_200(
+    http: httpx.Client, repo: str, blob2k: tuple[str, bytes]
+) -> None:
+    digest, data = blob2k
+    other = f'"sha256:{"0" * 64}", W/"{digest}x"'
+    response = http.get(f"/v2/{repo}/blobs/{digest}", headers={"If-None-Match": other})
+    assert response.status_code == 200 and response.content == data
+
+
+def test_if_none_match_star_of_an_unknown_blob_is_404(http: httpx.Client, repo: str) -> None:
+    assert_error(http.get(f"/v2/{repo}/blobs/{UNKNOWN_DIGEST}", headers={"If-None-Match": "*"}), 404, "BLOB_UNKNOWN")
+
+
+@pytest.mark.parametrize("header", ["items=0-9", "none", "lines=1-2", "bytes 0-9"])
+def test_range_in_another_unit_is_ignored_and_the_whole_blob_sent(
+    http: httpx.Client, repo: str, blob2k: tuple[str, bytes], header: str
+) -> None:
+    digest, data = blob2k
+    response = http.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": header})
+    assert response.status_code == 200, response.text
+    assert "Content-Range" not in response.headers
+    assert response.content == data
+
+
+def test_range_unit_is_case_insensitive(http: httpx.Client, repo: str, blob2k: tuple[str, bytes]) -> None:
+    digest, data = blob2k
+    response = http.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": "Bytes=10-19"})
+    assert response.status_code == 206 and response.content == data[10:20]
+
+
+def _remove_blob_content(wharf: WharfProcess, backend: Backend, digest: str) -> None:
+    """Delete a blob's bytes behind the registry's back, as a bad copy or a careless operator would."""
+    hex_digest = digest.split(":", 1)[1]
+    key = f"docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data"
+    storage = wharf.config["storage"]
+    if "filesystem" in storage:
+        Path(storage["filesystem"]["rootdirectory"], key).unlink()
+        return
+    client = backend.s3_server.client()
+    try:
+        root = storage["s3"]["rootdirectory"].strip("/")
+        client.delete_object(Bucket=backend.s3_server.bucket, Key=f"{root}/{key}")
+    finally:
+        client.close()
+
+
+def test_blob_whose_content_vanished_is_blob_unknown_and_reported(
+    http: httpx.Client, oci: OCIClient, wharf: WharfProcess, backend: Backend, repo: str
+) -> None:
+    data = b"soon gone " * 1000
+    digest = oci.push_blob(repo, data)
+    _remove_blob_content(wharf, backend, digest)
+    since = len(wharf.log_text())
+    for headers in ({}, {"Range": "bytes=10-19"}):
+        body = assert_error(http.get(f"/v2/{repo}/blobs/{digest}", headers=headers), 404, "BLOB_UNKNOWN")
+        assert body["detail"]["digest"] == digest
+
+    def reports() -> list[str]:
+        return [line for line in wharf.log_text()[since:].splitlines() if "blob content missing" in line]
+
+    wait_until(lambda: len(reports()) >= 2, timeout=10, what="two repair reports in the log")
+    assert all(digest in line and repo in line for line in reports())
+    metrics = httpx.get(wharf.metrics_url, timeout=10, trust_env=False).text
+    assert re.search(r"^wharf_blobs_missing_total [1-9]", metrics, re.MULTILINE)
+    # Pushed again, it is whole again.
+    oci.push_blob(repo, data)
+    assert http.get(f"/v2/{repo}/blobs/{digest}").content == data
+
+
 def test_unknown_blob_is_404_blob_unknown(http: httpx.Client, repo: str) -> None:
     assert_error(http.head(f"/v2/{repo}/blobs/{UNKNOWN_DIGEST}"), 404, "BLOB_UNKNOWN")
     assert_error(http.get(f"/v2/{repo}/blobs/{UNKNOWN_DIGEST}"), 404, "BLOB_UNKNOWN")
@@ -668,6 +758,24 @@ def test_manifest_put_by_digest_is_served_without_a_tag(
     image = push_kind(oci, repo, kind, None)
     assert_manifest_served(http, repo, image.digest, image)
     assert http.get(f"/v2/{repo}/tags/list").json()["tags"] in ([], None)
+
+
+def test_manifest_get_and_head_with_its_etag_in_if_none_match_are_304(
+    http: httpx.Client, oci: OCIClient, repo: str
+) -> None:
+    image = oci.push_image(repo, "v1")
+    for reference in ("v1", image.digest):
+        path = f"/v2/{repo}/manifests/{reference}"
+        etag = http.get(path, headers={"Accept": OCI_MANIFEST}).headers["ETag"]
+        assert etag == f'"{image.digest}"'
+        for header in _if_none_match_forms(image.digest):
+            for method in ("GET", "HEAD"):
+                response = http.request(method, path, headers={"Accept": OCI_MANIFEST, "If-None-Match": header})
+                assert response.status_code == 304, (method, reference, header, response.status_code)
+                assert response.content == b""
+                assert response.headers["ETag"] == etag
+        moved = http.get(path, headers={"Accept": OCI_MANIFEST, "If-None-Match": f'"{digest_of(b"old")}"'})
+        assert moved.status_code == 200 and moved.content == image.body
 
 
 def test_get_by_tag_honours_accept(http: httpx.Client, oci: OCIClient, repo: str) -> None:
@@ -1186,6 +1294,40 @@ def test_referrer_with_megabytes_of_annotations_is_listed_with_them(
     assert "wharf.annotationsInManifest" not in listed[0]
 
 
+def test_referrers_page_with_a_link_before_a_response_would_exceed_4_mib(
+    http: httpx.Client, oci: OCIClient, repo: str
+) -> None:
+    """230 referrers with 20 KiB of annotations each are 4.7 MB: more than one page, each under 4 MiB."""
+    subject = oci.push_image(repo, "app")
+    pushed = {}
+    for i in range(230):
+        kind = SBOM if i % 2 else "application/vnd.example.signature"
+        image = push_artifact(oci, repo, subject, artifactType=kind, annotations={"org.example.n": f"{i:0>20480}"})
+        pushed[image.digest] = kind
+    for wanted in (None, SBOM):
+        seen: list[str] = []
+        pages = 0
+        path: str | None = f"/v2/{repo}/referrers/{subject.digest}"
+        params = {"artifactType": wanted} if wanted else None
+        while path is not None:
+            response = http.get(path, params=params if pages == 0 else None)
+            assert response.status_code == 200, response.text
+            assert len(response.content) <= 4 * MIB
+            body = response.json()
+            assert body["mediaType"] == OCI_INDEX and body["manifests"]
+            seen += [d["digest"] for d in body["manifests"]]
+            if wanted:
+                assert response.headers["OCI-Filters-Applied"] == "artifactType"
+                assert {d["artifactType"] for d in body["manifests"]} == {wanted}
+            path = next_link(response)
+            pages += 1
+            assert pages <= 10
+        expected = [d for d, kind in pushed.items() if wanted is None or kind == wanted]
+        assert len(seen) == len(set(seen)) == len(expected)
+        assert set(seen) == set(expected)
+        assert pages == (2 if wanted is None else 1)
+
+
 def test_referrers_filter_by_artifact_type(http: httpx.Client, oci: OCIClient, repo: str) -> None:
     subject = oci.push_image(repo, "app")
     sbom = push_artifact(oci, repo, subject, artifactType=SBOM)
@@ -1483,6 +1625,36 @@ def test_undecodable_paths_and_queries_are_client_errors(wharf: WharfProcess, oc
     if status >= 400:
         assert headers["content-type"].startswith("application/json"), body
         assert json.loads(body)["errors"][0]["code"] in SPEC_ERROR_CODES | DISTRIBUTION_CODES
+
+
+def _short_body(wharf: WharfProcess, head: str, declared: int, sent: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    """Send a request whose body stops short of its Content-Length, close our side, read the answer."""
+    with socket.create_connection(("127.0.0.1", wharf.port), timeout=30) as sock:
+        request = f"{head} HTTP/1.1\r\nHost: {wharf.host}\r\nContent-Length: {declared}\r\n"
+        sock.sendall(request.encode() + b"Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n" + sent)
+        sock.shutdown(socket.SHUT_WR)
+        return read_response(sock)
+
+
+def test_body_shorter_than_its_content_length_is_400(
+    http: httpx.Client, oci: OCIClient, wharf: WharfProcess, repo: str
+) -> None:
+    location = urlsplit(oci.start_upload(repo)).path
+    cases = [
+        f"PUT /v2/{repo}/manifests/v1",
+        f"POST /v2/{repo}/blobs/uploads/?digest={digest_of(b'x' * 100)}",
+        f"PATCH {location}",
+    ]
+    for head in cases:
+        answer = _short_body(wharf, head, 100, b"x" * 40)
+        assert answer is not None, head
+        status, headers, body = answer
+        assert status == 400, (head, status, body)
+        assert json.loads(body)["errors"][0]["code"] == "SIZE_INVALID"
+    assert_error(http.get(f"/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST}), 404, "MANIFEST_UNKNOWN")
+    assert_error(http.head(f"/v2/{repo}/blobs/{digest_of(b'x' * 100)}"), 404, "BLOB_UNKNOWN")
+    # What did arrive of the chunk is kept: the client resumes from there.
+    assert http.get(location).headers["Range"] == "0-39"
 
 
 # -- unknown endpoints and methods --------------------------------------------------------------

@@ -24,6 +24,22 @@ def url(request: Request, path: str) -> str:
     return services(request).config.http.prefix.rstrip("/") + path
 
 
+def not_modified(request: Request, digest: str) -> bool:
+    """Whether If-None-Match names the ETag Wharf sends for `digest` (strong, weak, in a list, or `*`)."""
+    header = request.headers.get("if-none-match")
+    if header is None:
+        return False
+    quoted = f'"{digest}"'
+    for candidate in header.split(","):
+        tag = candidate.strip()
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        # Distribution also takes the bare digest.
+        if tag == "*" or tag == quoted or tag == digest:
+            return True
+    return False
+
+
 def page_size(request: Request, *, default: int | None, maximum: int) -> int | None:
     """The `n` query parameter: a non-negative whole number, clamped to `maximum`."""
     raw = request.query_params.get("n")

@@ -30,4 +30,6 @@ async def ready(request: Request) -> Response:
         except Exception as exc:
             checks[name] = f"{type(exc).__name__}: {exc}"[:200]
     status = 200 if all(v == "ok" for v in checks.values()) else 503
-    return Response(json.dumps(checks).encode(), status_code=status, media_type="application/json")
+    # Read-only nodes still serve pulls: ready, and saying so.
+    body = {**checks, "readonly": svc.readonly.describe()}
+    return Response(json.dumps(body).encode(), status_code=status, media_type="application/json")

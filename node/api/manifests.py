@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from coordinator.kv import Op
 from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
 from coordinator.uploads import CommitIntent, UploadSession
 
@@ -24,10 +25,11 @@ from ..errors import (
     TagInvalid,
     Unsupported,
 )
+from ..notifications import references
 from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
-from .common import repository, services, url
+from .common import not_modified, repository, services, url
 
 log = logging.getLogger("wharf.manifests")
 
@@ -71,8 +73,8 @@ def _schema1(body: bytes) -> bool:
     return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
-async def _load(request: Request) -> tuple[str, str, bytes]:
-    """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN."""
+async def _resolve(request: Request) -> tuple[str, str, str | None]:
+    """(digest, media type, tag if named by one) of the manifest a URL names, or MANIFEST_UNKNOWN."""
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
@@ -91,7 +93,7 @@ async def _load(request: Request) -> tuple[str, str, bytes]:
         if record is None:
             raise ManifestUnknown({"digest": digest})
         media_type = record.media_type
-    return digest, media_type, await manifest_bytes(svc, digest)
+    return digest, media_type, ref.tag
 
 
 def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
@@ -103,13 +105,38 @@ def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
     }
 
 
+def _not_modified(digest: str) -> Response:
+    return Response(status_code=304, headers={"Docker-Content-Digest": digest, "ETag": f'"{digest}"'})
+
+
+async def _pulled(request: Request, svc: Services, digest: str, media_type: str, tag: str | None, body: bytes) -> None:
+    """Record the pull for notifications (as Distribution, for GET and HEAD alike)."""
+    notifier = svc.notifier
+    if notifier.enabled and notifier.wants("pull", media_type):
+        refs = references(body) if notifier.include_references else ()
+        name = repository(request)
+        await notifier.record(
+            notifier.manifest(request, "pull", name, digest, media_type, len(body), tag=tag, references=refs)
+        )
+
+
 async def head_manifest(request: Request) -> Response:
-    digest, media_type, body = await _load(request)
+    digest, media_type, tag = await _resolve(request)
+    if not_modified(request, digest):
+        return _not_modified(digest)
+    svc = services(request)
+    body = await manifest_bytes(svc, digest)
+    await _pulled(request, svc, digest, media_type, tag, body)
     return Response(headers=_headers(digest, media_type, len(body)))
 
 
 async def get_manifest(request: Request) -> Response:
-    digest, media_type, body = await _load(request)
+    digest, media_type, tag = await _resolve(request)
+    if not_modified(request, digest):
+        return _not_modified(digest)
+    svc = services(request)
+    body = await manifest_bytes(svc, digest)
+    await _pulled(request, svc, digest, media_type, tag, body)
     return Response(body, headers=_headers(digest, media_type, len(body)))
 
 
@@ -153,10 +180,18 @@ async def put_manifest(request: Request) -> Response:
     frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
     key = layout.blob_key(digest)
     content = _ManifestContent(svc, name, digest, key, body)
+    notifier = svc.notifier
+    events = []
+    if notifier.wants("push", parsed.media_type):
+        refs = references(body) if notifier.include_references else ()
+        pushed = notifier.manifest(
+            request, "push", name, digest, parsed.media_type, len(body), tag=ref.tag, references=refs
+        )
+        events = notifier.ops(pushed)
     try:
         if await svc.storage.stat(key) != len(body):
             await content.write()
-        await _record_manifest(svc, name, record, ref.tag, content, frozen)
+        await _record_manifest(svc, name, record, ref.tag, content, frozen, events)
     except BaseException:
         await content.reclaim()
         raise
@@ -197,7 +232,13 @@ class _ManifestContent:
 
 
 async def _record_manifest(
-    svc: Services, name: str, record: ManifestRecord, tag: str | None, content: _ManifestContent, frozen: str | None
+    svc: Services,
+    name: str,
+    record: ManifestRecord,
+    tag: str | None,
+    content: _ManifestContent,
+    frozen: str | None,
+    events: Sequence[Op] = (),
 ) -> None:
     def put() -> Awaitable[None]:
         return svc.metadata.put_manifest(
@@ -207,6 +248,7 @@ async def _record_manifest(
             storage_key=content.key,
             frozen_tag=frozen is not None,
             intent=content.intent,
+            events=events,
         )
 
     try:
@@ -262,11 +304,15 @@ async def delete_manifest(request: Request) -> Response:
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
     await check_deletable(svc, name, ref)
+    notifier = svc.notifier
     if ref.tag is not None:
-        deleted = await svc.metadata.delete_tag(name, ref.tag)
+        events = notifier.ops(notifier.deleted(request, name, tag=ref.tag)) if notifier.wants("delete") else []
+        deleted = await svc.metadata.delete_tag(name, ref.tag, events=events)
         if deleted is None:
             raise ManifestUnknown({"tag": ref.tag})
         note(request.scope, digest=deleted.digest)
-    elif not await svc.metadata.delete_manifest(name, str(ref.digest)):
+    elif not await svc.metadata.delete_manifest(
+        name, str(ref.digest), events=notifier.delete_events(request, name, digest=str(ref.digest))
+    ):
         raise ManifestUnknown({"digest": str(ref.digest)})
     return Response(status_code=202, headers={"Content-Length": "0"})
