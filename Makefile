@@ -7,7 +7,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-s3 bench-gc install install-test deb-test lint clean
+.PHONY: run test bench bench-s3 bench-gc bench-scale install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,7 @@ bench-gc: install-test
 
 clean:
 	rm -rf $(VENV) wharf-data
+
+# Server CPU per push, tag list and delete at 0, 5,000 and 20,000 tags; embedded and etcd, quotas on and off.
+bench-scale: install-test
+	$(PY) loadtests/bench_scale.py $(BENCH_ARGS)
