@@ -170,10 +170,12 @@ class AuditMiddleware:
         action = None
         if target.endpoint is not None and scope["method"] != "HEAD":
             action = _ACTIONS.get(target.endpoint)  # type: ignore[call-overload]
-        if action is None or (action == "pull" and not self.audit.pulls):
+        if action is None:
             await self.app(scope, receive, send)
             return
-        state = scope.get("state") or {}
+        # With pull lines off, a pull a signature policy warned about or refused is still recorded.
+        decisions_only = action == "pull" and not self.audit.pulls
+        state = scope.setdefault("state", {})
         client = scope.get("client")
         reference = target.params.get("reference")
         digest = target.params.get("digest")
@@ -204,11 +206,17 @@ class AuditMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 recorded = True
+                # What a signature policy decided (node/trust.py): its rule, the decision and why.
+                decision = state.get("signature") or {}
+                if decisions_only and decision.get("decision") in (None, "allowed"):
+                    await send(message)
+                    return
                 try:
                     await self.audit.record(
                         action,
                         "success" if status < 400 else "failure",
                         **{**fields, "digest": _header(message, b"docker-content-digest") or fields["digest"]},
+                        **decision,
                         status=status,
                     )
                 except AuditUnavailable as unavailable:

@@ -18,7 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, backup
+from . import admin, backup, signing
 from .config import Config, ConfigError, load
 from .metrics import MULTIPROC_ENV
 from .store import StoreRefused, describe_coordinator, describe_storage, open_store
@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_cert_parser(commands)
     admin.add_commands(commands)
     backup.add_commands(commands)
+    signing.add_commands(commands)
     args = parser.parse_args(argv)
+    if hasattr(args, "signing"):
+        return signing.run(args)  # registry clients: no configuration file
     if hasattr(args, "run"):
         try:
             config = load(getattr(args, "config", None) or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)

@@ -18,6 +18,7 @@ from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .policies import Policies
 from .storage import layout
 from .storage.driver import StorageDriver
+from .trust import Trust
 from .upload import Uploader
 
 
@@ -95,10 +96,12 @@ class Services:
     node_id: str
     touches: Touches = field(init=False)
     policies: Policies = field(init=False)
+    trust: Trust = field(init=False)
 
     def __post_init__(self) -> None:
         self.touches = Touches(self)
         self.policies = Policies.from_config(self.config)
+        self.trust = Trust(self, self.config.signatures.policies)
         self.uploader.quotas_for = self.policies.quota_scopes
 
     @classmethod

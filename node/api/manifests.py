@@ -13,6 +13,7 @@ from starlette.responses import Response
 from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
 from coordinator.uploads import CommitIntent, UploadSession
 
+from .. import cosign
 from .. import manifest as manifests
 from ..errors import (
     Denied,
@@ -70,13 +71,21 @@ def _schema1(body: bytes) -> bool:
     return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
-async def _load(request: Request) -> tuple[str, str, bytes]:
-    """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN."""
+async def _load(request: Request, *, pull: bool = False) -> tuple[str, str, bytes]:
+    """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN.
+
+    A `pull` (GET) in a repository under a signature policy must also pass it (DENIED otherwise).
+    The marks of the verdict this node holds are checked in the same coordinator read as the tag or
+    record, so a verified pull makes no extra round trip and a deleted signature counts at once.
+    """
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
+    rule = svc.trust.rule_for(name) if pull else None
+    held = svc.trust.held(name, digest=str(ref.digest) if ref.digest else None, tag=ref.tag) if rule else None
+    marks = held.marks if held is not None else ()
     if ref.tag is not None:
-        tag = await svc.metadata.get_tag(name, ref.tag)
+        tag, unchanged = await svc.metadata.get_tag_checked(name, ref.tag, marks)
         if tag is None:
             raise ManifestUnknown({"tag": ref.tag})
         digest, media_type = tag.digest, tag.media_type
@@ -86,11 +95,28 @@ async def _load(request: Request) -> tuple[str, str, bytes]:
             )
     else:
         digest = str(ref.digest)
-        record = await svc.metadata.get_manifest(name, digest)
+        record, unchanged = await svc.metadata.get_manifest_checked(name, digest, marks)
         if record is None:
             raise ManifestUnknown({"digest": digest})
         media_type = record.media_type
-    return digest, media_type, await manifest_bytes(svc, digest)
+    body = await manifest_bytes(svc, digest)
+    if rule is not None:
+        decision = await svc.trust.decide(rule, name, digest, body, tag=ref.tag, held=held if unchanged else None)
+        request.state.signature = decision.audit_fields()
+        if decision.outcome == "refused":
+            raise Denied(
+                {"rule": rule.name, "repository": name, "digest": digest, "reason": decision.how},
+                message=f"pull of {name}@{digest} refused by signature policy {rule.name}: {decision.how}",
+            )
+        if decision.outcome == "warned":
+            log.warning(
+                "serving %s@%s without a valid signature (signature policy %s, mode warn)",
+                name,
+                digest,
+                rule.name,
+                extra={"fields": {"repository": name, "digest": digest, "rule": rule.name}},
+            )
+    return digest, media_type, body
 
 
 def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
@@ -108,7 +134,7 @@ async def head_manifest(request: Request) -> Response:
 
 
 async def get_manifest(request: Request) -> Response:
-    digest, media_type, body = await _load(request)
+    digest, media_type, body = await _load(request, pull=True)
     return Response(body, headers=_headers(digest, media_type, len(body)))
 
 
@@ -150,6 +176,8 @@ async def put_manifest(request: Request) -> Response:
         pushed=time.time(),
     )
     frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
+    if ref.tag is not None:
+        await _check_signed_tag(svc, name, ref.tag, digest, body)
     key = layout.blob_key(digest)
     content = _ManifestContent(svc, name, digest, key, body)
     try:
@@ -168,6 +196,20 @@ async def put_manifest(request: Request) -> Response:
     if parsed.subject:
         headers["OCI-Subject"] = parsed.subject
     return Response(status_code=201, headers=headers)
+
+
+async def _check_signed_tag(svc: Services, name: str, tag: str, digest: str, body: bytes) -> None:
+    """DENIED if a policy with `requiresignedtags` covers the repository and the image is unsigned."""
+    rule = svc.trust.rule_for(name)
+    if rule is None or not rule.requiresignedtags or cosign.is_artifact_tag(tag) or not svc.trust.image(digest, body):
+        return
+    verdict = await svc.trust.verify(rule, name, digest)
+    if not verdict.signed:
+        svc.metrics.signature_tags_refused.labels(rule.name).inc()
+        raise Denied(
+            {"rule": rule.name, "tag": tag, "digest": digest, "reason": verdict.how},
+            message=f"tag {tag} may point only at a signed image (signature policy {rule.name}): {verdict.how}",
+        )
 
 
 class _ManifestContent:
