@@ -303,7 +303,7 @@ def sign(args: argparse.Namespace) -> int:
     if not args.no_tag:
         tag = cosign.signature_tag(digest)
         layers = _existing_layers(client.get_manifest(ref.repository, tag))
-        if not any(_same_signature(existing, layer) for existing in layers):
+        if not _already_signed(layers, payload, key):
             layers.append(layer)
         manifest, config = cosign.tag_scheme_manifest(layers)
         client.push_blob(ref.repository, config, "sha256:" + _sha256(config))
@@ -341,12 +341,13 @@ def _existing_layers(manifest: bytes | None) -> list[dict[str, Any]]:
     return [layer for layer in layers if isinstance(layer, dict) and layer.get("mediaType") == cosign.SIMPLE_SIGNING]
 
 
-def _same_signature(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    annotation = cosign.SIGNATURE_ANNOTATION
-    return bool(
-        a.get("digest") == b.get("digest")
-        and (a.get("annotations") or {}).get(annotation) == b["annotations"][annotation]
-    )
+def _already_signed(layers: list[dict[str, Any]], payload: bytes, key: cosign.PrivateKey) -> bool:
+    """Whether a layer already holds a signature of this payload by this key (ECDSA signatures differ each time)."""
+    manifest, _ = cosign.tag_scheme_manifest(layers)
+    for existing in cosign.signature_layers(manifest):
+        if cosign.payload_matches(existing, payload) and cosign.verify(key.public_key(), existing.signature, payload):
+            return True
+    return False
 
 
 def _sha256(data: bytes) -> str:
