@@ -19,7 +19,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from coordinator.metadata import Mark
 
@@ -126,9 +126,8 @@ class Trust:
         self._images: _Bounded[str, bool] = _Bounded(100_000)
         # (rule, signature manifest, subject) -> whether it holds a valid signature: all immutable.
         self._checked: _Bounded[tuple[str, str, str], bool] = _Bounded(100_000)
-        metrics = svc.metrics
-        self._hits = metrics.cache_hits.labels("signature")
-        self._misses = metrics.cache_misses.labels("signature")
+        # The pull counters by (rule, decision), looked up once: the pull path is hot.
+        self._pulls: dict[tuple[str, str], Any] = {}
 
     def __bool__(self) -> bool:
         return bool(self.policies)
@@ -167,19 +166,20 @@ class Trust:
         if tag is not None:
             self._tags.put((repository, tag), digest)
         if held is not None and held.digest == digest:
-            self._hits.inc()
             verdict = held
         elif not self.image(digest, body):
             return self._decided(rule, "allowed", "not an image (a signature, attestation or other artifact)")
         else:
-            self._misses.inc()
             verdict = await self.verify(rule, repository, digest)
         if verdict.signed:
             return self._decided(rule, "allowed", verdict.how)
         return self._decided(rule, "warned" if rule.mode == "warn" else "refused", verdict.how)
 
     def _decided(self, rule: SignaturePolicy, outcome: str, how: str) -> Decision:
-        self._svc.metrics.signature_pulls.labels(rule.name, outcome).inc()
+        counter = self._pulls.get((rule.name, outcome))
+        if counter is None:
+            counter = self._pulls[(rule.name, outcome)] = self._svc.metrics.signature_pulls.labels(rule.name, outcome)
+        counter.inc()
         return Decision(rule.name, rule.mode, outcome, how)
 
     def image(self, digest: str, body: bytes) -> bool:
