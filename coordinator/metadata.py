@@ -192,9 +192,12 @@ class Metadata:
         return _load(TagRecord, found), holds
 
     async def _read_checked(self, key: str, marks: Sequence[Mark]) -> tuple[KeyValue | None, bool]:
-        result = await self.kv.txn([], [Get(key), *(Get(mark.key) for mark in marks)])
-        found, *current = result.gets
-        return found, all(mark.holds(now) for mark, now in zip(marks, current, strict=True))
+        result = await self.kv.txn([], [Get(key), *[Get(mark.key) for mark in marks]])
+        gets = result.gets
+        for mark, now in zip(marks, gets[1:], strict=True):
+            if not mark.holds(now):
+                return gets[0], False
+        return gets[0], True
 
     async def tags_with_prefix(self, repo: str, prefix: str) -> list[str]:
         """The repository's tags that start with `prefix`, in order."""

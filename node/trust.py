@@ -83,7 +83,9 @@ class Decision:
     outcome: str  # allowed | warned | refused
     how: str
 
+    @property
     def audit_fields(self) -> dict[str, str]:
+        """The audit line's fields: the rule, the decision and where the signature was (or why none counts)."""
         return {"rule": self.rule, "decision": self.outcome, "signature": self.how}
 
 
@@ -163,7 +165,7 @@ class Trust:
         held: Verdict | None = None,
     ) -> Decision:
         """The decision for one pull; `held` is a verdict whose marks the caller's read found unchanged."""
-        if tag is not None:
+        if tag is not None and self._tags.get((repository, tag)) != digest:
             self._tags.put((repository, tag), digest)
         if held is not None and held.digest == digest:
             verdict = held

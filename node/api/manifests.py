@@ -102,7 +102,7 @@ async def _load(request: Request, *, pull: bool = False) -> tuple[str, str, byte
     body = await manifest_bytes(svc, digest)
     if rule is not None:
         decision = await svc.trust.decide(rule, name, digest, body, tag=ref.tag, held=held if unchanged else None)
-        request.state.signature = decision.audit_fields()
+        request.scope.setdefault("state", {})["signature"] = decision.audit_fields  # for the audit line
         if decision.outcome == "refused":
             raise Denied(
                 {"rule": rule.name, "repository": name, "digest": digest, "reason": decision.how},
