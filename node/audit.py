@@ -207,16 +207,16 @@ class AuditMiddleware:
                 status = message["status"]
                 recorded = True
                 # What a signature policy decided (node/trust.py): its rule, the decision and why.
-                decision = state.get("signature") or {}
+                decision = dict(state.get("signature") or {})
                 if decisions_only and decision.get("decision") in (None, "allowed"):
                     await send(message)
                     return
+                digest = _header(message, b"docker-content-digest") or decision.pop("digest", None) or fields["digest"]
                 try:
                     await self.audit.record(
                         action,
                         "success" if status < 400 else "failure",
-                        **{**fields, "digest": _header(message, b"docker-content-digest") or fields["digest"]},
-                        **decision,
+                        **{**fields, **decision, "digest": digest},
                         status=status,
                     )
                 except AuditUnavailable as unavailable:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .services import Services
 
 log = logging.getLogger("wharf.trust")
+
+UNSIGNED_RECHECK_SECONDS = 30.0
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -72,6 +75,10 @@ class Verdict:
     signed: bool
     how: str  # where the signature was found, or why none counts
     marks: tuple[Mark, ...]
+    # "Unsigned" is also looked at again after a while: it rests on the repository record, and a
+    # path that adds records without rewriting it (the adoption of a registry:2 store) must not
+    # keep a signed image refused for long.
+    until: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,7 @@ class Trust:
         """The decision for one pull; `held` is a verdict whose marks the caller's read found unchanged."""
         if tag is not None and self._tags.get((repository, tag)) != digest:
             self._tags.put((repository, tag), digest)
-        if held is not None and held.digest == digest:
+        if held is not None and held.digest == digest and (held.signed or time.monotonic() < held.until):
             verdict = held
         elif not self.image(digest, body):
             return self._decided(rule, "allowed", "not an image (a signature, attestation or other artifact)")
@@ -203,7 +210,7 @@ class Trust:
             verdict = await self._signed_through_index(rule, repository, digest)
         if verdict is None:
             how = f"no valid signature by a key of rule {rule.name}"
-            verdict = Verdict(digest, False, how, (nothing_new,))
+            verdict = Verdict(digest, False, how, (nothing_new,), time.monotonic() + UNSIGNED_RECHECK_SECONDS)
         self._verdicts.put((repository, digest), verdict)
         self._svc.metrics.signature_verifications.labels(rule.name, "signed" if verdict.signed else "unsigned").inc()
         return verdict

@@ -342,7 +342,7 @@ def test_the_audit_log_names_the_rule_on_every_decision(nodes, clients, keys):
         ("allowed", "production", "success"),
         ("allowed", "production", "success"),
     ]
-    assert "no valid signature" in pulls[0]["signature"]
+    assert "no valid signature" in pulls[0]["signature"] and pulls[0]["digest"] == digest
     assert "signed (tag sha256-" in pulls[1]["signature"]
     assert "not an image" in pulls[2]["signature"]
     metrics = httpx.get(nodes[0].metrics_url).text

@@ -329,3 +329,24 @@ async def test_head_answers_without_any_signature_check(counted):
     response = await registry.http.head("/v2/prod/head/manifests/v1", headers=ANY)
     assert response.status_code == 200 and response.headers["docker-content-digest"] == digest
     assert _kv_calls_of(kv.calls, start) == ["get"]
+
+
+async def test_with_pull_lines_off_the_audit_log_still_records_refused_pulls(tmp_path):
+    key, pub = _public_key(tmp_path)
+    audit = tmp_path / "audit.log"
+    policies = [{"name": "production", "repositories": ["prod/**"], "keys": [str(pub)]}]
+    registry = InProcessRegistry(
+        tmp_path, signatures={"policies": policies}, audit={"path": str(audit), "pulls": False}
+    )
+    try:
+        refused = await _push_image(registry, "prod/unsigned", "v1")
+        signed = await _push_image(registry, "prod/signed", "v1")
+        await _sign(registry, "prod/signed", signed, key)
+        assert (await registry.http.get("/v2/prod/unsigned/manifests/v1", headers=ANY)).status_code == 403
+        assert (await registry.http.get("/v2/prod/signed/manifests/v1", headers=ANY)).status_code == 200
+    finally:
+        await registry.close()
+    pulls = [json.loads(line) for line in audit.read_text().splitlines() if json.loads(line)["action"] == "pull"]
+    assert [(p["repository"], p["decision"], p["rule"], p["digest"]) for p in pulls] == [
+        ("prod/unsigned", "refused", "production", refused)
+    ]

@@ -102,8 +102,10 @@ async def _load(request: Request, *, pull: bool = False) -> tuple[str, str, byte
     body = await manifest_bytes(svc, digest)
     if rule is not None:
         decision = await svc.trust.decide(rule, name, digest, body, tag=ref.tag, held=held if unchanged else None)
-        request.scope.setdefault("state", {})["signature"] = decision.audit_fields  # for the audit line
+        state = request.scope.setdefault("state", {})
+        state["signature"] = decision.audit_fields  # for the audit line
         if decision.outcome == "refused":
+            state["signature"] = {**decision.audit_fields, "digest": digest}  # no Docker-Content-Digest header
             raise Denied(
                 {"rule": rule.name, "repository": name, "digest": digest, "reason": decision.how},
                 message=f"pull of {name}@{digest} refused by signature policy {rule.name}: {decision.how}",
