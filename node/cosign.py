@@ -255,12 +255,6 @@ def key_kind(key: PublicKey | PrivateKey) -> str:
     return "Ed25519"
 
 
-def key_id(key: PublicKey) -> str:
-    """A short name for a public key in logs: the start of the SHA-256 of its DER encoding."""
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "sha256:" + hashlib.sha256(der).hexdigest()[:16]
-
-
 # -- key files -------------------------------------------------------------------------------------
 
 # cosign's own PEM types for a password-encrypted PKCS#8 key (the older name still reads).

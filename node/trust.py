@@ -63,9 +63,6 @@ class _Bounded(Generic[K, V]):
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
-    def drop(self, key: K) -> None:
-        self._entries.pop(key, None)
-
 
 @dataclass(frozen=True)
 class Verdict:

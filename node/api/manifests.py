@@ -15,6 +15,7 @@ from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import cosign
 from .. import manifest as manifests
+from ..config import SignaturePolicy
 from ..errors import (
     Denied,
     DigestInvalid,
@@ -27,6 +28,7 @@ from ..errors import (
 from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
+from ..trust import Verdict
 from .common import repository, services, url
 
 log = logging.getLogger("wharf.manifests")
@@ -101,24 +103,39 @@ async def _load(request: Request, *, pull: bool = False) -> tuple[str, str, byte
         media_type = record.media_type
     body = await manifest_bytes(svc, digest)
     if rule is not None:
-        decision = await svc.trust.decide(rule, name, digest, body, tag=ref.tag, held=held if unchanged else None)
-        state = request.scope.setdefault("state", {})
-        state["signature"] = decision.audit_fields  # for the audit line
-        if decision.outcome == "refused":
-            state["signature"] = {**decision.audit_fields, "digest": digest}  # no Docker-Content-Digest header
-            raise Denied(
-                {"rule": rule.name, "repository": name, "digest": digest, "reason": decision.how},
-                message=f"pull of {name}@{digest} refused by signature policy {rule.name}: {decision.how}",
-            )
-        if decision.outcome == "warned":
-            log.warning(
-                "serving %s@%s without a valid signature (signature policy %s, mode warn)",
-                name,
-                digest,
-                rule.name,
-                extra={"fields": {"repository": name, "digest": digest, "rule": rule.name}},
-            )
+        verdict = held if unchanged else None
+        await _check_pull(request, svc, rule, name, digest, body, ref.tag, verdict)
     return digest, media_type, body
+
+
+async def _check_pull(
+    request: Request,
+    svc: Services,
+    rule: SignaturePolicy,
+    name: str,
+    digest: str,
+    body: bytes,
+    tag: str | None,
+    held: Verdict | None,
+) -> None:
+    """Apply the repository's signature policy to one pull: DENIED if it refuses, a warning if it warns."""
+    decision = await svc.trust.decide(rule, name, digest, body, tag=tag, held=held)
+    state = request.scope.setdefault("state", {})
+    state["signature"] = decision.audit_fields  # for the audit line
+    if decision.outcome == "refused":
+        state["signature"] = {**decision.audit_fields, "digest": digest}  # no Docker-Content-Digest header
+        raise Denied(
+            {"rule": rule.name, "repository": name, "digest": digest, "reason": decision.how},
+            message=f"pull of {name}@{digest} refused by signature policy {rule.name}: {decision.how}",
+        )
+    if decision.outcome == "warned":
+        log.warning(
+            "serving %s@%s without a valid signature (signature policy %s, mode warn)",
+            name,
+            digest,
+            rule.name,
+            extra={"fields": {"repository": name, "digest": digest, "rule": rule.name}},
+        )
 
 
 def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
