@@ -7,7 +7,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-s3 bench-gc bench-scale install install-test deb-test lint clean
+.PHONY: run test bench bench-s3 bench-gc bench-scale bench-signatures install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-s3: install-test
 # One GC cycle over 10,000 manifests / 50,000 blobs, and pushes with and without GC running.
 bench-gc: install-test
 	$(PY) loadtests/bench_gc.py $(BENCH_ARGS)
+
+# Manifest GET with a signature policy against without, on one node, in the same run.
+bench-signatures: install-test
+	$(PY) loadtests/bench_signatures.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) wharf-data

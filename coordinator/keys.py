@@ -127,6 +127,18 @@ def referrers_of(repo: str, subject: str) -> str:
     return f"{REFERRERS}{repo}@{subject}/"
 
 
+def referrers_in(repo: str) -> str:
+    """Every referrer entry of one repository, whatever its subject."""
+    return f"{REFERRERS}{repo}@"
+
+
+def split_referrer_key(key: str) -> tuple[str, str, str]:
+    """(repository, subject, referrer digest) of a referrer entry's key."""
+    repo, _, rest = key[len(REFERRERS) :].rpartition("@")
+    subject, _, digest = rest.partition("/")
+    return repo, subject, digest
+
+
 def upload(upload_id: str) -> str:
     return f"{UPLOADS}{upload_id}"
 

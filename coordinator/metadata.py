@@ -116,6 +116,24 @@ class ManifestRecord:
         return desc
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A record as a read found it (mod_revision 0: absent), to check later that it has not changed.
+
+    A check rides along with a read the caller makes anyway, in the same round trip.
+    """
+
+    key: str
+    mod_revision: int
+
+    @classmethod
+    def of(cls, key: str, found: KeyValue | None) -> Mark:
+        return cls(key, found.mod_revision if found is not None else 0)
+
+    def holds(self, found: KeyValue | None) -> bool:
+        return (found.mod_revision if found is not None else 0) == self.mod_revision
+
+
 def _load(cls: type, kv: KeyValue | None) -> Any:
     return None if kv is None else cls(**json.loads(kv.value))
 
@@ -177,6 +195,41 @@ class Metadata:
 
     async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
         return _load(TagRecord, await self.kv.get(keys.tag(repo, tag)))
+
+    async def get_tag_checked(self, repo: str, tag: str, marks: Sequence[Mark]) -> tuple[TagRecord | None, bool]:
+        """A tag, and whether every one of `marks` still holds: one round trip, at one revision."""
+        if not marks:
+            return await self.get_tag(repo, tag), True
+        found, holds = await self._read_checked(keys.tag(repo, tag), marks)
+        return _load(TagRecord, found), holds
+
+    async def _read_checked(self, key: str, marks: Sequence[Mark]) -> tuple[KeyValue | None, bool]:
+        result = await self.kv.txn([], [Get(key), *[Get(mark.key) for mark in marks]])
+        gets = result.gets
+        for mark, now in zip(marks, gets[1:], strict=True):
+            if not mark.holds(now):
+                return gets[0], False
+        return gets[0], True
+
+    async def tags_with_prefix(self, repo: str, prefix: str) -> list[str]:
+        """The repository's tags that start with `prefix`, in order."""
+        start = keys.tag(repo, prefix)
+        return [tag async for tag in self._names_under(start, len(keys.tags_of(repo)))]
+
+    async def _names_under(self, prefix: str, cut: int) -> AsyncIterator[str]:
+        start: str | None = None
+        while True:
+            page = await self.kv.range(prefix, start=start, limit=_PAGE)
+            for kv in page:
+                yield kv.key[cut:]
+            if len(page) < _PAGE:
+                return
+            start = keys.after(page[-1].key)
+
+    async def repository_mark(self, repo: str) -> Mark:
+        """The repository record, rewritten by every manifest put and blob link in it: a mark of "nothing new"."""
+        key = keys.repository(repo)
+        return Mark.of(key, await self.kv.get(key))
 
     async def list_tags(self, repo: str, *, last: str | None = None, limit: int = 0) -> list[str]:
         prefix = keys.tags_of(repo)
@@ -480,6 +533,46 @@ class Metadata:
 
     async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
         return _load(ManifestRecord, await self.kv.get(keys.manifest(repo, digest)))
+
+    async def get_manifest_checked(
+        self, repo: str, digest: str, marks: Sequence[Mark]
+    ) -> tuple[ManifestRecord | None, bool]:
+        """A manifest record, and whether every one of `marks` still holds: one round trip, at one revision."""
+        if not marks:
+            return await self.get_manifest(repo, digest), True
+        found, holds = await self._read_checked(keys.manifest(repo, digest), marks)
+        return _load(ManifestRecord, found), holds
+
+    async def manifests_marked(self, repo: str, digests: Sequence[str]) -> dict[str, tuple[ManifestRecord, Mark]]:
+        """The records of those of `digests` that are manifests of `repo`, each with its mark."""
+        found: dict[str, tuple[ManifestRecord, Mark]] = {}
+        for start in range(0, len(digests), _BATCH):
+            batch = digests[start : start + _BATCH]
+            result = await self.kv.txn([], [Get(keys.manifest(repo, d)) for d in batch])
+            for digest, kv in zip(batch, result.gets, strict=True):
+                if kv is not None:
+                    found[digest] = (_load(ManifestRecord, kv), Mark(kv.key, kv.mod_revision))
+        return found
+
+    async def pointers_to(self, repo: str, tag: str, subject: str) -> list[tuple[Mark, str, str]]:
+        """What `tag` points at and every referrer of `subject`: (mark, manifest digest, "tag" or "referrer").
+
+        These are where signatures of `subject` are found (cosign's tag scheme and OCI 1.1 referrers).
+        """
+        found: list[tuple[Mark, str, str]] = []
+        tagged = await self.kv.get(keys.tag(repo, tag))
+        if tagged is not None:
+            found.append((Mark(tagged.key, tagged.mod_revision), json.loads(tagged.value)["digest"], "tag"))
+        for kv in await self.kv.range(keys.referrers_of(repo, subject)):
+            found.append((Mark(kv.key, kv.mod_revision), json.loads(kv.value)["digest"], "referrer"))
+        return found
+
+    async def referrer_subjects(self, repo: str) -> set[str]:
+        """Every digest in `repo` that has a referrer."""
+        subjects = set()
+        async for rest in self._names_under(keys.referrers_in(repo), 0):
+            subjects.add(keys.split_referrer_key(rest)[1])
+        return subjects
 
     async def put_manifest(
         self,

@@ -725,14 +725,22 @@ class AuditMiddleware:
         self.describer.describe(scope, decision)
         error = state.get(ERROR_KEY)
         refused_by = error.refused_by if isinstance(error, RegistryError) else None
-        if refused_by is None and (not decision.due or status == 401):
+        # What a signature policy decided (node/trust.py): its rule, the decision and why. A pull it
+        # warned about is a decision even with pull lines off.
+        signature = dict(state.get("signature") or {})
+        warned = signature.get("decision") == "warned"
+        if refused_by is None and not warned and (not decision.due or status == 401):
             return  # not a decision, or a challenge to sign in (no credentials were given)
         if isinstance(error, AuditUnavailable) and not decision.started:
             return  # the `started` line could not be written: neither will this one
         fields = decision.line()
         fields.setdefault("user", state.get("user"))
+        refused_digest = signature.pop("digest", None)
+        fields.update(signature)
         if digest and status < 300:
             fields["digest"] = digest
+        elif refused_digest:
+            fields["digest"] = refused_digest  # a refused pull sends no Docker-Content-Digest
         if isinstance(error, RegistryError):
             fields.update(error.audit)
             fields["refused_by"], fields["rule"] = refused_by, error.rule

@@ -18,7 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, audit_cli, backup, notifications, readonly
+from . import admin, audit_cli, backup, notifications, readonly, signing
 from .config import Config, ConfigError, load
 from .metrics import MULTIPROC_ENV, serve_debug_listener
 from .store import StoreRefused, describe_coordinator, describe_storage, open_store
@@ -223,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     audit_cli.add_commands(commands)
     readonly.add_commands(commands)
     notifications.add_commands(commands)
+    signing.add_commands(commands)
     args = parser.parse_args(argv)
+    if hasattr(args, "signing"):
+        return signing.run(args)  # registry clients: no configuration file
     if hasattr(args, "run"):
         try:
             config = load(getattr(args, "config", None) or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)

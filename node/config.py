@@ -273,6 +273,55 @@ class QuotaRule:
 
 
 @dataclass
+class SignaturePolicy:
+    """Pulls of images from matching repositories need a cosign signature by one of `keys`.
+
+    `enforce` refuses an unsigned pull with DENIED; `warn` serves it, logs and counts it.
+    `requiresignedtags` also refuses pointing a tag at an unsigned image. Keys are PEM public keys
+    (ECDSA, RSA, Ed25519), read and checked at load into `public_keys`; globs compile into `patterns`.
+    """
+
+    name: str = ""
+    repositories: list[str] = field(default_factory=lambda: ["**"])  # globs as in retention and immutability
+    keys: list[str] = field(default_factory=list)
+    mode: str = "enforce"
+    requiresignedtags: bool = False
+
+    def __post_init__(self) -> None:
+        from .cosign import KeyInvalid, load_public_key_file
+        from .policies import repository_pattern
+
+        if not self.repositories or not all(isinstance(p, str) and p for p in self.repositories):
+            raise ConfigError(f"signatures policy {self.name!r}: repositories needs at least one pattern")
+        self.name = self.name or ",".join(self.repositories)
+        where = f"signatures policy {self.name!r}"
+        if self.mode not in ("enforce", "warn"):
+            raise ConfigError(f"{where}: mode must be enforce or warn, not {self.mode!r}")
+        if not self.keys:
+            raise ConfigError(f"{where}: keys needs at least one public key file")
+        self.patterns = [repository_pattern(p) for p in self.repositories]
+        self.public_keys = []
+        for i, path in enumerate(self.keys):
+            try:
+                self.public_keys.append(load_public_key_file(str(path)))
+            except KeyInvalid as exc:
+                raise ConfigError(f"{where}, keys[{i}]: {exc}") from None
+
+
+@dataclass
+class SignaturesConfig:
+    """`signatures.policies`: the first policy whose repositories match a repository applies to it."""
+
+    policies: list[SignaturePolicy] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [policy.name for policy in self.policies]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"signatures.policies: two policies are named {name!r}; names must be unique")
+
+
+@dataclass
 class ClusterConfig:
     # A name for this node in leader records and logs; host:port:pid when empty.
     node: str = ""
@@ -467,6 +516,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    signatures: SignaturesConfig = field(default_factory=SignaturesConfig)
     # Sections parsed by later features; kept so that Distribution files load unchanged.
     redis: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)

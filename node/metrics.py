@@ -300,6 +300,26 @@ class Metrics:
             "wharf_backup_snapshots_total", "Coordinator snapshots written into the storage", ["result"], registry=r
         )
 
+        # Signature policies (node/trust.py): every pull they decide, and every verification they run.
+        self.signature_pulls = Counter(
+            "wharf_signature_pulls_total",
+            "Manifest pulls under a signature policy, by rule and decision (allowed, warned, refused)",
+            ["rule", "decision"],
+            registry=r,
+        )
+        self.signature_verifications = Counter(
+            "wharf_signature_verifications_total",
+            "Signature look-ups not answered from the verified cache, by rule and result",
+            ["rule", "result"],
+            registry=r,
+        )
+        self.signature_tags_refused = Counter(
+            "wharf_signature_tags_refused_total",
+            "Tag pushes refused because the image is unsigned (requiresignedtags), by rule",
+            ["rule"],
+            registry=r,
+        )
+
     # -- updates on the request path ------------------------------------------------------------
     #
     # With worker processes every update of a prometheus value is a write into a shared file under

@@ -21,6 +21,7 @@ from .policies import Policies
 from .readonly import ReadOnly
 from .storage import layout
 from .storage.driver import StorageDriver
+from .trust import Trust
 from .upload import Uploader
 
 
@@ -140,6 +141,7 @@ class Services:
     policies: Policies = field(init=False)
     readonly: ReadOnly = field(init=False)
     notifier: Notifier = field(init=False)
+    trust: Trust = field(init=False)
 
     def __post_init__(self) -> None:
         self.tag_lists = ListCache(self.metrics, "tag_list")
@@ -148,6 +150,7 @@ class Services:
         self.policies = Policies.from_config(self.config)
         self.readonly = ReadOnly(self.config.storage.maintenance.readonly.enabled, self.kv)
         self.notifier = Notifier(self.config, self.kv, self.metrics)
+        self.trust = Trust(self, self.config.signatures.policies)
         self.uploader.quotas_for = self.policies.quota_scopes
         self.uploader.max_sessions = self.config.http.uploads.maxsessions
 

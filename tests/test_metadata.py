@@ -27,7 +27,9 @@ async def metadata(tmp_path):
 
 
 def _record(digest: str, blobs: list[str], subject: str | None = None) -> ManifestRecord:
-    return ManifestRecord(digest=digest, media_type=IMAGE, size=100, blobs=blobs, subject=subject, artifact_type="x/y", pushed=1.0)
+    return ManifestRecord(
+        digest=digest, media_type=IMAGE, size=100, blobs=blobs, subject=subject, artifact_type="x/y", pushed=1.0
+    )
 
 
 async def _link(metadata: Metadata, repo: str, *digests: str) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,8 +15,10 @@ from coordinator.kv import Op
 from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
 from coordinator.uploads import CommitIntent, UploadSession
 
+from .. import cosign
 from .. import manifest as manifests
 from ..audit import note
+from ..config import SignaturePolicy
 from ..errors import (
     Denied,
     DigestInvalid,
@@ -29,6 +32,7 @@ from ..notifications import references
 from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
+from ..trust import Verdict
 from .common import not_modified, repository, services, url
 
 log = logging.getLogger("wharf.manifests")
@@ -73,13 +77,22 @@ def _schema1(body: bytes) -> bool:
     return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
-async def _resolve(request: Request) -> tuple[str, str, str | None]:
-    """(digest, media type, tag if named by one) of the manifest a URL names, or MANIFEST_UNKNOWN."""
+async def _resolve(request: Request, *, pull: bool = False) -> tuple[str, str, str | None, _Policy | None]:
+    """(digest, media type, tag if named by one, the signature policy a pull must pass) of the
+    manifest a URL names, or MANIFEST_UNKNOWN.
+
+    For a `pull` (GET) in a repository under a signature policy, the marks of the verdict this node
+    holds are checked in the same coordinator read as the tag or record, so a verified pull makes no
+    extra round trip and a deleted signature counts at once.
+    """
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
+    rule = svc.trust.rule_for(name) if pull else None
+    held = svc.trust.held(name, digest=str(ref.digest) if ref.digest else None, tag=ref.tag) if rule else None
+    marks = held.marks if held is not None else ()
     if ref.tag is not None:
-        tag = await svc.metadata.get_tag(name, ref.tag)
+        tag, unchanged = await svc.metadata.get_tag_checked(name, ref.tag, marks)
         if tag is None:
             raise ManifestUnknown({"tag": ref.tag})
         digest, media_type = tag.digest, tag.media_type
@@ -89,11 +102,52 @@ async def _resolve(request: Request) -> tuple[str, str, str | None]:
             )
     else:
         digest = str(ref.digest)
-        record = await svc.metadata.get_manifest(name, digest)
+        record, unchanged = await svc.metadata.get_manifest_checked(name, digest, marks)
         if record is None:
             raise ManifestUnknown({"digest": digest})
         media_type = record.media_type
-    return digest, media_type, ref.tag
+    policy = _Policy(rule, held if unchanged else None) if rule is not None else None
+    return digest, media_type, ref.tag, policy
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """The signature policy a pull must pass, and the verdict this node held (if still current)."""
+
+    rule: SignaturePolicy
+    held: Verdict | None
+
+
+async def _check_pull(
+    request: Request,
+    svc: Services,
+    rule: SignaturePolicy,
+    name: str,
+    digest: str,
+    body: bytes,
+    tag: str | None,
+    held: Verdict | None,
+) -> None:
+    """Apply the repository's signature policy to one pull: DENIED if it refuses, a warning if it warns."""
+    decision = await svc.trust.decide(rule, name, digest, body, tag=tag, held=held)
+    state = request.scope.setdefault("state", {})
+    state["signature"] = decision.audit_fields  # for the audit line
+    if decision.outcome == "refused":
+        state["signature"] = {**decision.audit_fields, "digest": digest}  # no Docker-Content-Digest header
+        raise Denied(
+            {"rule": rule.name, "repository": name, "digest": digest, "reason": decision.how},
+            message=f"pull of {name}@{digest} refused by signature policy {rule.name}: {decision.how}",
+            refused_by="signature",
+            rule=rule.name,
+        )
+    if decision.outcome == "warned":
+        log.warning(
+            "serving %s@%s without a valid signature (signature policy %s, mode warn)",
+            name,
+            digest,
+            rule.name,
+            extra={"fields": {"repository": name, "digest": digest, "rule": rule.name}},
+        )
 
 
 def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
@@ -121,7 +175,7 @@ async def _pulled(request: Request, svc: Services, digest: str, media_type: str,
 
 
 async def head_manifest(request: Request) -> Response:
-    digest, media_type, tag = await _resolve(request)
+    digest, media_type, tag, _ = await _resolve(request)
     if not_modified(request, digest):
         return _not_modified(digest)
     svc = services(request)
@@ -131,10 +185,14 @@ async def head_manifest(request: Request) -> Response:
 
 
 async def get_manifest(request: Request) -> Response:
-    digest, media_type, tag = await _resolve(request)
+    digest, media_type, tag, policy = await _resolve(request, pull=True)
+    svc = services(request)
+    if policy is not None:
+        # Refused whether or not the client holds the bytes already.
+        body = await manifest_bytes(svc, digest)
+        await _check_pull(request, svc, policy.rule, repository(request), digest, body, tag, policy.held)
     if not_modified(request, digest):
         return _not_modified(digest)
-    svc = services(request)
     body = await manifest_bytes(svc, digest)
     await _pulled(request, svc, digest, media_type, tag, body)
     return Response(body, headers=_headers(digest, media_type, len(body)))
@@ -178,6 +236,8 @@ async def put_manifest(request: Request) -> Response:
         pushed=time.time(),
     )
     frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
+    if ref.tag is not None:
+        await _check_signed_tag(svc, name, ref.tag, digest, body)
     key = layout.blob_key(digest)
     content = _ManifestContent(svc, name, digest, key, body)
     notifier = svc.notifier
@@ -204,6 +264,22 @@ async def put_manifest(request: Request) -> Response:
     if parsed.subject:
         headers["OCI-Subject"] = parsed.subject
     return Response(status_code=201, headers=headers)
+
+
+async def _check_signed_tag(svc: Services, name: str, tag: str, digest: str, body: bytes) -> None:
+    """DENIED if a policy with `requiresignedtags` covers the repository and the image is unsigned."""
+    rule = svc.trust.rule_for(name)
+    if rule is None or not rule.requiresignedtags or cosign.is_artifact_tag(tag) or not svc.trust.image(digest, body):
+        return
+    verdict = await svc.trust.verify(rule, name, digest)
+    if not verdict.signed:
+        svc.metrics.signature_tags_refused.labels(rule.name).inc()
+        raise Denied(
+            {"rule": rule.name, "tag": tag, "digest": digest, "reason": verdict.how},
+            message=f"tag {tag} may point only at a signed image (signature policy {rule.name}): {verdict.how}",
+            refused_by="signature",
+            rule=rule.name,
+        )
 
 
 class _ManifestContent:
