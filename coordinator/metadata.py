@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from . import keys
-from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
 from .quota import QuotaScope, admit
 from .quota import release as release_quota
 from .uploads import SessionChanged, UploadSession
@@ -22,7 +22,6 @@ _MAX_ATTEMPTS = 20
 # Room left in one transaction (etcd allows 128 compares and 128 operations) for references.
 _TXN_BUDGET = 120
 _BATCH = 100
-_PAGE = 1000
 
 
 # Marks a referrer descriptor whose annotations must be read from the manifest itself.
@@ -49,6 +48,13 @@ class LinkRecord:
     linked: float
     # A scrub found the stored bytes do not hash to the digest: not served until pushed again here.
     corrupt: bool = False
+
+
+@dataclass(frozen=True)
+class TouchRecord:
+    """When a client was last told a blob exists (a HEAD, a GET, a mount)."""
+
+    at: float
 
 
 @dataclass(frozen=True)
@@ -217,14 +223,9 @@ class Metadata:
         return [tag async for tag in self._names_under(start, len(keys.tags_of(repo)))]
 
     async def _names_under(self, prefix: str, cut: int) -> AsyncIterator[str]:
-        start: str | None = None
-        while True:
-            page = await self.kv.range(prefix, start=start, limit=_PAGE)
+        async for page in pages(self.kv, prefix):
             for kv in page:
                 yield kv.key[cut:]
-            if len(page) < _PAGE:
-                return
-            start = keys.after(page[-1].key)
 
     async def repository_mark(self, repo: str) -> Mark:
         """The repository record, rewritten by every manifest put and blob link in it: a mark of "nothing new"."""
@@ -267,15 +268,7 @@ class Metadata:
         tags = {tag: record.digest for tag, record in (await self.tag_records(repo)).items()}
         found: list[list[str]] = []
         for prefix in (keys.manifests_of(repo), keys.links_of(repo)):
-            digests: list[str] = []
-            start: str | None = None
-            while True:
-                page = await self.kv.range(prefix, start=start, limit=_PAGE)
-                digests += [kv.key[len(prefix) :] for kv in page]
-                if len(page) < _PAGE:
-                    break
-                start = keys.after(page[-1].key)
-            found.append(digests)
+            found.append([kv.key[len(prefix) :] async for page in pages(self.kv, prefix) for kv in page])
         return tags, found[0], found[1]
 
     async def mark_corrupt(self, digest: str, link_keys: Iterable[str]) -> None:
@@ -296,28 +289,19 @@ class Metadata:
 
     async def blob_records(self) -> AsyncIterator[tuple[str, BlobRecord]]:
         """Every blob record, a page at a time."""
-        start: str | None = None
-        while True:
-            page = await self.kv.range(keys.BLOBS, start=start, limit=_PAGE)
+        async for page in pages(self.kv, keys.BLOBS):
             for kv in page:
                 yield kv.key[len(keys.BLOBS) :], decode(BlobRecord, kv.value)
-            if len(page) < _PAGE:
-                return
-            start = keys.after(page[-1].key)
 
     async def links_by_digest(self, digests: set[str]) -> dict[str, list[str]]:
         """The link keys (every repository) of each of `digests`, from one scan of the links."""
         found: dict[str, list[str]] = {}
-        start: str | None = None
-        while True:
-            page = await self.kv.range(keys.LINKS, start=start, limit=_PAGE)
+        async for page in pages(self.kv, keys.LINKS):
             for kv in page:
                 _, digest = keys.split_repo_key(kv.key, keys.LINKS)
                 if digest in digests:
                     found.setdefault(digest, []).append(kv.key)
-            if len(page) < _PAGE:
-                return found
-            start = keys.after(page[-1].key)
+        return found
 
     async def move_blob(self, digest: str, old_key: str, new_key: str) -> bool:
         """Point a blob record at another copy of its bytes, if it still names `old_key`."""
@@ -467,7 +451,7 @@ class Metadata:
 
     async def touch(self, digest: str) -> None:
         """Note that a client was just told this blob exists: garbage collection spares it a while."""
-        await self.kv.put(keys.touch(digest), json.dumps({"at": time.time()}).encode())
+        await self.kv.put(keys.touch(digest), _dump(TouchRecord(time.time())))
 
     async def mount_blob(
         self,
@@ -707,14 +691,7 @@ class Metadata:
         return written
 
     async def _range_all(self, prefix: str) -> list[KeyValue]:
-        found: list[KeyValue] = []
-        start: str | None = None
-        while True:
-            page = await self.kv.range(prefix, start=start, limit=_PAGE)
-            found += page
-            if len(page) < _PAGE:
-                return found
-            start = keys.after(page[-1].key)
+        return await scan(self.kv, prefix)
 
     async def _claim_references(
         self, repo: str, record: ManifestRecord, ref_guards: list[Compare], ref_ops: list[Op]

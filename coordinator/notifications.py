@@ -20,14 +20,13 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import keys
-from .kv import KV, Compare, Delete, KeyValue, Op, Put, prefix_end
+from .kv import KV, Compare, Delete, KeyValue, Op, Put, prefix_end, scan
 
 # Repositories spread over this many queues per endpoint; one repository's events stay in one.
 PARTITIONS = 16
 # A sequencing transaction stays well inside etcd's limits (128 operations, 1.5 MiB a request).
 _TXN_OPS = 120
 _TXN_BYTES = 512 * 1024
-_PAGE = 500
 
 
 def partition(repository: str) -> int:
@@ -48,14 +47,7 @@ async def record(kv: KV, events: Sequence[tuple[str, bytes]]) -> None:
 
 
 async def _all(kv: KV, prefix: str) -> list[KeyValue]:
-    found: list[KeyValue] = []
-    start: str | None = None
-    while True:
-        page = await kv.range(prefix, start=start, limit=_PAGE)
-        found.extend(page)
-        if len(page) < _PAGE:
-            return found
-        start = keys.after(page[-1].key)
+    return await scan(kv, prefix)
 
 
 # Which endpoints want an event: `(event) -> endpoint names`.

@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import keys
-from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
-from .metadata import TAGS_CHANGED, reachable, release
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, scan
+from .metadata import TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
 from .readonly import Halted
 
 LAST_RUN = keys.RETENTION_LAST_RUN
 PROGRESS = keys.RETENTION_PROGRESS
 
-_PAGE = 1000
 _PROGRESS_EVERY = 100
 _COSIGN_TAG = re.compile(r"sha256-(?P<hex>[0-9a-f]{64})\.(?:sig|att|sbom)")
 
@@ -189,14 +188,7 @@ class _Manifest:
 
 
 async def _all(kv: KV, prefix: str) -> list[KeyValue]:
-    found: list[KeyValue] = []
-    start: str | None = None
-    while True:
-        page = await kv.range(prefix, start=start, limit=_PAGE)
-        found.extend(page)
-        if len(page) < _PAGE:
-            return found
-        start = keys.after(page[-1].key)
+    return await scan(kv, prefix)
 
 
 def _split(key: str, prefix: str) -> tuple[str, str]:
@@ -257,23 +249,17 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
 
     for item in await _all(kv, keys.TAGS):
         name, tag_name = _split(item.key, keys.TAGS)
-        record = json.loads(item.value)
-        repository(name).tags.append(
-            _Tag(tag_name, record["digest"], float(record.get("pushed", 0)), item.mod_revision)
-        )
+        record = decode(TagRecord, item.value)
+        repository(name).tags.append(_Tag(tag_name, record.digest, record.pushed, item.mod_revision))
     for item in await _all(kv, keys.MANIFESTS):
         name, digest = _split(item.key, keys.MANIFESTS)
-        record = json.loads(item.value)
+        manifest = decode(ManifestRecord, item.value)
         repo = repository(name)
         repo.manifests[digest] = _Manifest(
-            digest,
-            tuple(record.get("manifests", [])),
-            record.get("subject"),
-            float(record.get("pushed", 0)),
-            item.mod_revision,
+            digest, tuple(manifest.manifests), manifest.subject, manifest.pushed, item.mod_revision
         )
-        if record.get("subject"):
-            repo.referrers.setdefault(record["subject"], []).append(digest)
+        if manifest.subject:
+            repo.referrers.setdefault(manifest.subject, []).append(digest)
 
     result = Plan(now=now, revision=revision)
     # Signature tags of covered repositories wait until we know which subjects stay.
@@ -497,7 +483,7 @@ class Applier:
         if current is None:
             why = "already deleted"
         else:
-            why = f"pushed again since planning (now {_short(json.loads(current.value)['digest'])})"
+            why = f"pushed again since planning (now {_short(decode(TagRecord, current.value).digest)})"
         result.skipped.append(Skipped(tag.repository, tag.tag, why))
 
     async def _delete_manifests(self, repo: str, planned: list[ManifestDeletion], result: Result) -> None:
@@ -528,14 +514,14 @@ class Applier:
         # transaction claims its children first and commits under the GC epoch: moving it fails
         # such a commit that claimed before our marks, so it claims again (and removes them).
         await self.kv.put(keys.GC_EPOCH, json.dumps({"at": time.time(), "by": "retention"}).encode())
-        tagged = {json.loads(kv.value)["digest"] for kv in await _all(self.kv, keys.tags_of(repo))}
+        tagged = {decode(TagRecord, kv.value).digest for kv in await _all(self.kv, keys.tags_of(repo))}
         present: set[str] = set()
         parents: dict[str, set[str]] = {}
         for kv in await _all(self.kv, keys.manifests_of(repo)):
-            record = json.loads(kv.value)
-            present.add(record["digest"])
-            for child in record.get("manifests", []):
-                parents.setdefault(child, set()).add(record["digest"])
+            record = decode(ManifestRecord, kv.value)
+            present.add(record.digest)
+            for child in record.manifests:
+                parents.setdefault(child, set()).add(record.digest)
         deleted: set[str] = set()
         for m in planned:
             if m.digest not in marks:

@@ -20,8 +20,7 @@ from coordinator.gc import (
     Summary,
 )
 from coordinator.gcmark import Mark
-from coordinator.kv import Compare, Put
-from coordinator.lease import KeptLease
+from coordinator.runlock import run_lock
 
 from .config import parse_duration
 from .storage import layout
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
     from .services import Services
 
 log = logging.getLogger("wharf.gc")
-
-_RUN_LOCK = keys.leader("gc-run")
 
 
 class CycleRunning(Exception):
@@ -200,13 +197,9 @@ async def collect(
     collector.progress = report
     async with contextlib.AsyncExitStack() as stack:
         if not dry_run:
-            lease = await stack.enter_async_context(KeptLease(services.kv, max(services.config.cluster.leasettl, 5)))
-            taken = await services.kv.txn(
-                [Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)]
+            await stack.enter_async_context(
+                run_lock(services.kv, "gc", services.node_id, ttl=services.config.cluster.leasettl, busy=CycleRunning)
             )
-            if not taken.succeeded:
-                holder = await services.kv.get(_RUN_LOCK)
-                raise CycleRunning(holder.value.decode() if holder else "another process")
 
         async def delete_object(key: str) -> None:
             await services.storage.delete(key)

@@ -21,10 +21,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from coordinator import keys
-from coordinator.kv import Compare, Put
-from coordinator.lease import KeptLease
 from coordinator.metadata import Adoption, BlobRecord, ImportState, LinkRecord, ManifestRecord, TagRecord
+from coordinator.runlock import run_lock
 
 from . import manifest as manifests
 from .errors import RegistryError
@@ -36,7 +34,6 @@ log = logging.getLogger("wharf.import")
 
 T = TypeVar("T")
 
-_RUN_LOCK = keys.leader("import-run")
 _CONCURRENCY = 32
 # Larger annotations stay in the manifest bytes, as for pushed manifests.
 _MAX_RECORD_ANNOTATIONS = 16 * 1024
@@ -69,13 +66,7 @@ async def run_import(
     metadata = services.metadata
     if dry_run:
         return await scan(services.storage, await metadata.import_state(), progress=progress)
-    async with KeptLease(services.kv, max(services.config.cluster.leasettl, 5)) as lease:
-        taken = await services.kv.txn(
-            [Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)]
-        )
-        if not taken.succeeded:
-            holder = await services.kv.get(_RUN_LOCK)
-            raise ImportBusy(holder.value.decode() if holder else "another process")
+    async with run_lock(services.kv, "import", services.node_id, ttl=services.config.cluster.leasettl, busy=ImportBusy):
         current = await metadata.import_state()
         if current is None or current.state == "done" or again:
             current = ImportState("running", requested=time.time())

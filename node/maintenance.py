@@ -8,9 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from coordinator import keys
-from coordinator.kv import Compare
 from coordinator.readonly import Halted
-from coordinator.uploads import UploadSession
 
 from . import backup, gc, importer, retention
 from .config import parse_duration
@@ -105,32 +103,18 @@ class Maintenance:
         A session left committing (its node died mid-commit) names what it was writing: those bytes
         go too, unless a blob record names them or an object was there before.
         """
-        kv = self.services.kv
-        cutoff = (now or time.time()) - self.age
+        sessions = self.services.sessions
         purged = 0
-        start: str | None = None
-        while True:
-            page = await kv.range(keys.UPLOADS, start=start, limit=500)
-            for item in page:
-                session = UploadSession.from_json(item.key[len(keys.UPLOADS) :], item.value, item.mod_revision)
-                if session.updated >= cutoff:
-                    continue
-                if self.dry_run:
-                    log.info("would purge upload %s of %s", session.id, session.repository)
-                    purged += 1
-                    continue
-                self.services.readonly.check()
-                result = await kv.txn(
-                    [Compare.unchanged(item.key, item.mod_revision), Compare.absent(keys.upload_claim(session.id))],
-                    session.ending(),
-                )
-                if not result.succeeded:
-                    continue  # it moved on meanwhile, or a request is writing to it: not abandoned
-                await self.services.uploader.reclaim(session)
+        async for session in sessions.idle_since((now or time.time()) - self.age):
+            if self.dry_run:
+                log.info("would purge upload %s of %s", session.id, session.repository)
                 purged += 1
-            if len(page) < 500:
-                break
-            start = keys.after(page[-1].key)
+                continue
+            self.services.readonly.check()
+            if not await sessions.end_idle(session):
+                continue  # it moved on meanwhile, or a request is writing to it: not abandoned
+            await self.services.uploader.reclaim(session)
+            purged += 1
         if purged:
             log.info("purged %d abandoned upload sessions", purged, extra={"fields": {"purged": purged}})
         return purged

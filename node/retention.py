@@ -13,10 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from coordinator import keys
-from coordinator.kv import Compare, Put
-from coordinator.lease import KeptLease
 from coordinator.retention import Applier, Plan, Result, Rule, plan
+from coordinator.runlock import run_lock
 
 from .config import ConfigError, RetentionConfig, RetentionPolicy, parse_duration
 from .policies import repository_matches
@@ -25,8 +23,6 @@ if TYPE_CHECKING:
     from .services import Services
 
 log = logging.getLogger("wharf.retention")
-
-_RUN_LOCK = keys.leader("retention-run")
 
 
 class RunInProgress(Exception):
@@ -94,11 +90,7 @@ async def apply(
         return Run(found, None)
     kv = services.kv
     services.readonly.check()
-    async with KeptLease(kv, max(services.config.cluster.leasettl, 5)) as lease:
-        taken = await kv.txn([Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)])
-        if not taken.succeeded:
-            holder = await kv.get(_RUN_LOCK)
-            raise RunInProgress(holder.value.decode() if holder else "another process")
+    async with run_lock(kv, "retention", services.node_id, ttl=services.config.cluster.leasettl, busy=RunInProgress):
         started = time.perf_counter()
         found = await make_plan(services, now=now)
         applier = Applier(kv, node=services.node_id, progress=progress)
