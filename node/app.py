@@ -22,6 +22,8 @@ from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
 from .config import Config
 from .errors import RegistryError, Unsupported, error_response, handle_registry_error
+from .headers import ConfiguredHeaders, PathPrefix
+from .health import HealthChecks
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .services import Services
@@ -94,13 +96,16 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         election.on_change = lambda leading: metrics.leader.labels("maintenance").set(1 if leading else 0)
         app.state.election = election
         campaign = asyncio.get_running_loop().create_task(election.run(Maintenance(svc).lead))
+        health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
+        probing = asyncio.get_running_loop().create_task(health.run())
         try:
             yield
         finally:
             election.stop()
-            campaign.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await campaign
+            for task in (campaign, probing):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if owned:
                 await svc.close()
             auth.close()
@@ -121,5 +126,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     if auth.enabled:
         public = PROBE_ROUTES + token_routes
         app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)
-    app.add_middleware(AccessLog, enabled=not config.log.accesslog.get("disabled", False), metrics=metrics)
+    app.add_middleware(AccessLog, enabled=not config.log.accesslog.disabled, metrics=metrics)
+    app.add_middleware(ConfiguredHeaders, headers=config.http.headers)
+    if config.http.prefix:
+        app.add_middleware(PathPrefix, prefix=config.http.prefix)
     return app

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import blobs, manifests
 from .auth.target import resolve
-from .config import AuditConfig, ConfigError, parse_size
+from .config import AuditConfig, ConfigError
 from .errors import RegistryError, Unavailable, error_response
 
 log = logging.getLogger("wharf.audit")
@@ -99,9 +99,7 @@ class AuditLog:
         # One thread: lines keep their order and rotation never races a write.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="wharf-audit")
         self._file = (
-            _RotatingFile(config.path, parse_size(config.maxsize), config.maxbackups, config.fsync)
-            if config.path
-            else None
+            _RotatingFile(config.path, config.maxsize, config.maxbackups, config.fsync) if config.path else None
         )
         self._stdout = config.stdout
         self.pulls = config.pulls

@@ -12,7 +12,6 @@ from coordinator.kv import Compare, Delete
 from coordinator.uploads import UploadSession
 
 from . import backup, gc, retention
-from .config import parse_duration
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")
@@ -25,8 +24,8 @@ class Maintenance:
         self.services = services
         purging = services.config.storage.maintenance.uploadpurging
         self.enabled = purging.enabled
-        self.age = parse_duration(purging.age)
-        self.interval = parse_duration(purging.interval)
+        self.age = purging.age
+        self.interval = purging.interval
         self.dry_run = purging.dryrun
 
     async def lead(self) -> None:
@@ -35,10 +34,10 @@ class Maintenance:
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
-            jobs.append(self._every(parse_duration(self.services.config.gc.interval), self._collect))
+            jobs.append(self._every(self.services.config.gc.interval, self._collect))
         policies = self.services.config.retention
         if policies.enabled and policies.policies:
-            jobs.append(self._every(parse_duration(policies.interval), self._retain))
+            jobs.append(self._every(policies.interval, self._retain))
         # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
         if self.services.config.backup.enabled:
             jobs.append(backup.scheduled(self.services))
