@@ -203,32 +203,35 @@ class _GranianOnSocket(GranianServer):  # type: ignore[misc, valid-type]
         pass  # the socket is `wharf serve`'s; it closes with the process
 
 
-def run_granian(config: Config, sock: socket.socket, client_cas: str | None) -> int:
+def granian_options(config: Config, sock: socket.socket, client_cas: str | None) -> dict[str, Any]:
+    """granian's settings from the configuration: workers, HTTP/2, TLS, drain time, Wharf's log stream."""
     http = config.http
     listen = http.listen
     tls = http.tls
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {
+        "address": sock.getsockname()[0] if not listen.path else "127.0.0.1",
+        "port": listen.port,
+        "uds": Path(listen.path) if listen.path else None,
+        "interface": Interfaces.ASGI,
+        "workers": http.workers,
+        "loop": Loops.uvloop,
+        "http": HTTPModes.http1 if http.http2.disabled else HTTPModes.auto,
+        "log_access": False,
+        "log_dictconfig": granian_log_config(),
+        "log_level": _GRANIAN_LEVELS.get(config.log.level, LogLevels.info),
+        "ssl_cert": Path(tls.certificate) if tls.certificate else None,
+        "ssl_key": Path(tls.key) if tls.key else None,
+        "ssl_protocol_min": SSLProtocols.tls13 if tls.minimumtls == "tls1.3" else SSLProtocols.tls12,
+        "ssl_ca": Path(client_cas) if client_cas else None,
+        "ssl_client_verify": client_cas is not None,
+    }
     if http.draintimeout is not None:
         options["workers_kill_timeout"] = max(1, math.ceil(http.draintimeout))
-    server = _GranianOnSocket(
-        "node.asgi:app",
-        address=sock.getsockname()[0] if not listen.path else "127.0.0.1",
-        port=listen.port,
-        uds=Path(listen.path) if listen.path else None,
-        interface=Interfaces.ASGI,
-        workers=http.workers,
-        loop=Loops.uvloop,
-        http=HTTPModes.http1 if http.http2.disabled else HTTPModes.auto,
-        log_access=False,
-        log_dictconfig=granian_log_config(),
-        log_level=_GRANIAN_LEVELS.get(config.log.level, LogLevels.info),
-        ssl_cert=Path(tls.certificate) if tls.certificate else None,
-        ssl_key=Path(tls.key) if tls.key else None,
-        ssl_protocol_min=SSLProtocols.tls13 if tls.minimumtls == "tls1.3" else SSLProtocols.tls12,
-        ssl_ca=Path(client_cas) if client_cas else None,
-        ssl_client_verify=client_cas is not None,
-        **options,
-    )
+    return options
+
+
+def run_granian(config: Config, sock: socket.socket, client_cas: str | None) -> int:
+    server = _GranianOnSocket("node.asgi:app", **granian_options(config, sock, client_cas))
     server.bound = sock
     server.serve()
     return 0
