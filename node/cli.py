@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -207,6 +208,9 @@ def _run_server(config: Config, listeners: _Listeners) -> int:
         return _serve_hypercorn_here(config, listeners, client_cas)
     finally:
         shutil.rmtree(private, ignore_errors=True)
+        if config.http.listen.path:
+            with contextlib.suppress(OSError):
+                os.unlink(config.http.listen.path)  # the socket file this process made
 
 
 def _serve_hypercorn_here(config: Config, listeners: _Listeners, client_cas: str | None) -> int:

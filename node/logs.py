@@ -104,8 +104,10 @@ def configure_logging(log: LogConfig | str = "info") -> logging.handlers.QueueLi
     """
     if isinstance(log, str):
         log = LogConfig(level=log)
+    global _formatter
+    _formatter = formatter_for(log)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(formatter_for(log))
+    handler.setFormatter(_formatter)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler)
     root = logging.getLogger()
@@ -117,11 +119,16 @@ def configure_logging(log: LogConfig | str = "info") -> logging.handlers.QueueLi
     return listener
 
 
+_formatter: logging.Formatter = JSONFormatter()
+
+
 def _log_uncaught(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    """A crash as one line in the configured format, written at once (the log thread may be gone)."""
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, error, trace)
         return
-    logging.getLogger("wharf").critical("uncaught exception", exc_info=(kind, error, trace))
+    record = logging.LogRecord("wharf", logging.CRITICAL, __file__, 0, "uncaught exception", (), (kind, error, trace))
+    print(_formatter.format(record), file=sys.stderr, flush=True)
 
 
 def granian_log_config() -> dict[str, Any]:
