@@ -202,3 +202,52 @@ def test_the_images_command_serves_pushes_and_keeps_them_in_the_volume(tmp_path)
     serving = [e for e in entries if str(e["msg"]).startswith("wharf serving")]
     assert serving and all(f"on all interfaces (IPv4 and IPv6) port {port}" in str(e["msg"]) for e in serving)
     assert all(e.get("service") == "registry" for e in entries)
+
+
+@pytest.mark.skipif(not os.environ.get("WHARF_TEST_IMAGE"), reason="set WHARF_TEST_IMAGE to a built image to run it")
+def test_the_built_image_runs_the_registry2_guides_command(tmp_path):
+    """`docker run -d -p 5000:5000 -v /data/registry:/var/lib/registry IMAGE` with podman (or the command in
+    WHARF_TEST_PODMAN), on a free host port; then a new container on the same volume keeps the tags.
+
+    Opt-in: it needs a container engine and a built image (`podman build -f deploy/Dockerfile -t wharf .`).
+    """
+    engine = shlex.split(os.environ.get("WHARF_TEST_PODMAN", "podman"))
+    image = os.environ["WHARF_TEST_IMAGE"]
+    volume = tmp_path / "data" / "registry"
+    volume.mkdir(parents=True)
+    port = free_port()
+
+    def run() -> str:
+        started = subprocess.run(
+            [*engine, "run", "-d", "-p", f"{port}:5000", "-v", f"{volume}:/var/lib/registry", image],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return started.stdout.strip()
+
+    def remove(container: str) -> None:
+        subprocess.run([*engine, "rm", "-f", "-t", "10", container], capture_output=True, timeout=120)
+
+    def up(client: httpx.Client) -> bool:
+        try:
+            return client.get("/v2/").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as client:
+        container = run()
+        try:
+            wait_until(lambda: up(client), timeout=60, what="the container")
+            assert client.get("/v2/").headers["X-Content-Type-Options"] == "nosniff"
+            OCIClient(client).push_image("team/app", "v1")
+        finally:
+            remove(container)
+        assert (volume / "wharf" / "coordinator.db").is_file()
+        container = run()
+        try:
+            wait_until(lambda: up(client), timeout=60, what="a new container on the same volume")
+            assert client.get("/v2/team/app/tags/list").json()["tags"] == ["v1"]
+        finally:
+            remove(container)
