@@ -243,17 +243,18 @@ def parse_log_fields(value: Any) -> dict[str, object]:
 class _Grammar:
     """A value grammar attached to a field's type (`Duration`, `Size` ...): how text becomes a value."""
 
-    def __init__(self, parse: Callable[[Any], Any], expected: str) -> None:
+    def __init__(self, parse: Callable[[Any], Any], expected: str, empty: Callable[[], Any] | None = None) -> None:
         self.parse = parse
         self.expected = expected
+        self.empty = empty  # what an empty key (`headers:`) means, when it means something
 
 
 # Seconds. Wharf's keys: a bare number is seconds. Distribution's keys (GoDuration): a unit is required.
 Duration = Annotated[float, _Grammar(parse_duration, DURATION_EXPECTED)]
 GoDuration = Annotated[float, _Grammar(lambda v: parse_duration(v, unit_required=True), GO_DURATION_EXPECTED)]
 Size = Annotated[int, _Grammar(parse_size, SIZE_EXPECTED)]  # bytes
-Headers = Annotated[dict[str, list[str]], _Grammar(parse_headers, HEADERS_EXPECTED)]
-LogFields = Annotated[dict[str, object], _Grammar(parse_log_fields, "a mapping of field names to plain values")]
+Headers = Annotated[dict[str, list[str]], _Grammar(parse_headers, HEADERS_EXPECTED, dict)]
+LogFields = Annotated[dict[str, object], _Grammar(parse_log_fields, "a mapping of field names to plain values", dict)]
 
 
 class _Section:
@@ -281,6 +282,8 @@ def _parse(grammar: _Grammar, value: Any, optional: bool) -> Any:
     if value is None or value == "":
         if optional:
             return None
+        if grammar.empty is not None:
+            return grammar.empty()
         raise _FieldError(None, value, grammar.expected)
     return grammar.parse(value)
 
@@ -544,10 +547,10 @@ class HTTPConfig(_Section):
             self.listen = parse_address(self.addr, self.net)
         except _FieldError as exc:
             raise exc.under("addr") from None
-        if self.prefix:
-            if not re.fullmatch(r"/?([A-Za-z0-9._~-]+/?)+", self.prefix):
-                raise _FieldError("prefix", self.prefix, "a path such as /my/registry/")
-            self.prefix = "/" + self.prefix.strip("/") + "/"
+        segments = [segment for segment in self.prefix.split("/") if segment]
+        if any(not re.fullmatch(r"[A-Za-z0-9._~-]+", segment) or segment in (".", "..") for segment in segments):
+            raise _FieldError("prefix", self.prefix, "a path such as /my/registry/")
+        self.prefix = "/" + "/".join(segments) + "/" if segments else ""
         if self.host:
             parts = urlsplit(self.host)
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
