@@ -134,6 +134,83 @@ def _range_end(key: bytes) -> bytes:
     return b"\0"
 
 
+# -- pages that do not walk the rest of the range ----------------------------------------------
+#
+# etcd 3.4 collects every key of a range before it applies a limit, so a page of 100 keys from a
+# range of 100,000 costs as much as reading them all, and paging through a range is quadratic. A
+# page is therefore read through a bounded window [low, high) whose width, as a number over the
+# first _WINDOW_BYTES bytes after the range's prefix, is fitted to the density seen last time:
+# each request walks about as many keys as it returns.
+
+_WINDOW_BYTES = 48
+_SPACE = 1 << (8 * _WINDOW_BYTES)
+_MAX_FITS = 10_000
+_GROWTH = 16
+
+PageFetch = Callable[[bytes, bytes, int], Awaitable[tuple[list[Any], int]]]
+
+
+def _position(key: bytes, base: bytes) -> int:
+    """Where `key` lies in the space of keys under `base`, as a number."""
+    return int.from_bytes(key[len(base) :][:_WINDOW_BYTES].ljust(_WINDOW_BYTES, b"\0"), "big")
+
+
+def _at(base: bytes, position: int) -> bytes:
+    return base + position.to_bytes(_WINDOW_BYTES, "big")
+
+
+@dataclass
+class _Fit:
+    """What the last pages under one base taught: a window width that holds about a page, and
+    where the first key lies (windows from before it would be empty)."""
+
+    width: int
+    first: int
+
+
+async def bounded_page(
+    fetch: PageFetch, base: bytes, low: bytes, high: bytes, limit: int, fits: dict[bytes, _Fit]
+) -> list[Any]:
+    """The first `limit` keys of [low, high) under `base` (high b"\\0": no end), through fitted windows.
+
+    `fetch(low, high, limit)` reads one window and gives (its keys up to limit, how many it holds).
+    `fits` remembers what each base's pages showed, for the next page.
+    """
+    position = _position(low, base)
+    fit = fits.get(base)
+    if fit is None:
+        # First page under this base: one plain read, whose count fits the windows of the next ones.
+        kvs, count = await fetch(low, high, limit)
+        if len(fits) > _MAX_FITS:
+            fits.clear()
+        if kvs:
+            first = _position(bytes(kvs[0].key), base)
+            span = max(_position(bytes(kvs[-1].key), base) - first, 1)
+            width = _SPACE if count <= limit else max(1, span * limit // max(len(kvs), 1))
+            fits[base] = _Fit(width, first if low == base else 0)
+        return kvs
+    found: list[Any] = []
+    start = max(position, fit.first) if low == base else position
+    width = fit.width
+    while True:
+        end_position = start + width
+        window_end = high if end_position >= _SPACE else _at(base, end_position)
+        if high != b"\0" and window_end > high:
+            window_end = high
+        kvs, count = await fetch(low, window_end, limit - len(found))
+        if low == base and kvs:
+            fit.first = min(fit.first, _position(bytes(kvs[0].key), base))
+        found += kvs
+        if len(found) >= limit:
+            # The window held `count` keys in `width`: next time take about one page's worth.
+            fit.width = max(1, width * limit // max(count, 1))
+            return found
+        if window_end == high:
+            return found
+        low, start = window_end, end_position
+        width *= _GROWTH if count == 0 else max(2, limit // max(count, 1))
+
+
 def _classify(exc: grpc.aio.AioRpcError) -> str:
     """'unreached' (safe to resend anything), 'ambiguous' (connection trouble, maybe applied),
     'auth' (token expired: authenticate again), or 'error' (etcd said no)."""
@@ -228,6 +305,8 @@ class EtcdKV:
         self._endpoints = [_parse_endpoint(e) for e in self.endpoints]
         self.prefix = prefix
         self._prefix = prefix.encode("utf-8", "surrogateescape")
+        # Fitted page windows by range prefix (see bounded_page).
+        self._widths: dict[bytes, _Fit] = {}
         self.username = username
         self.password = password
         self.timeout = timeout
@@ -355,14 +434,22 @@ class EtcdKV:
         return self._kv(resp.kvs[0]) if resp.kvs else None
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
-        low = self._k(prefix)
-        high = _range_end(low)
+        base = self._k(prefix)
+        high = _range_end(base)
+        low = base
         if start is not None:
             low = max(low, self._k(start))
             if high != b"\0" and low >= high:
                 return []
-        resp = await self._range(rpc.RangeRequest(key=low, range_end=high, limit=max(limit, 0)))
-        return [self._kv(kv) for kv in resp.kvs]
+        if limit <= 0:
+            resp = await self._range(rpc.RangeRequest(key=low, range_end=high))
+            return [self._kv(kv) for kv in resp.kvs]
+
+        async def fetch(lo: bytes, hi: bytes, want: int) -> tuple[list[Any], int]:
+            resp = await self._range(rpc.RangeRequest(key=lo, range_end=hi, limit=want))
+            return list(resp.kvs), int(resp.count)
+
+        return [self._kv(kv) for kv in await bounded_page(fetch, base, low, high, limit, self._widths)]
 
     async def count(self, prefix: str) -> int:
         low = self._k(prefix)
@@ -548,14 +635,22 @@ class _EtcdSnapshot:
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
         kv = self._kv
-        low = kv._k(prefix)
-        high = _range_end(low)
+        base = kv._k(prefix)
+        high = _range_end(base)
+        low = base
         if start is not None:
             low = max(low, kv._k(start))
             if high != b"\0" and low >= high:
                 return []
-        resp = await self._at_revision(rpc.RangeRequest(key=low, range_end=high, limit=max(limit, 0)))
-        return [kv._kv(item) for item in resp.kvs]
+        if limit <= 0:
+            resp = await self._at_revision(rpc.RangeRequest(key=low, range_end=high))
+            return [kv._kv(item) for item in resp.kvs]
+
+        async def fetch(lo: bytes, hi: bytes, want: int) -> tuple[list[Any], int]:
+            resp = await self._at_revision(rpc.RangeRequest(key=lo, range_end=hi, limit=want))
+            return list(resp.kvs), int(resp.count)
+
+        return [kv._kv(item) for item in await bounded_page(fetch, base, low, high, limit, kv._widths)]
 
     async def count(self, prefix: str) -> int:
         low = self._kv._k(prefix)

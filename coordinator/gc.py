@@ -26,13 +26,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import keys
-from .kv import KV, Compare, Delete, KeyValue, Op, Put
-from .metadata import BlobRecord, Release, decode, reachable
+from . import keys, quota
+from .gcmark import Mark
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+from .metadata import BlobRecord, Metadata, Release, decode
 
 log = logging.getLogger("wharf.gc")
 
@@ -40,6 +41,10 @@ _PAGE = 1000
 _CONCURRENCY = 32
 # How long a storage delete waits for others to share its request.
 _BATCH_WAIT = 0.01
+# Deletes retried when only a quota counter moved under them (pushes elsewhere in the scope).
+_QUOTA_ATTEMPTS = 10
+# A summary lists this many deleted items at most (it counts them all).
+_LISTED = 100_000
 
 
 @dataclass
@@ -102,6 +107,7 @@ class Summary:
     # Links to blobs that live on in other repositories but that nothing here uses any more.
     links_deleted: int = 0
     reclaimable_bytes: int = 0
+    candidates: int = 0
     # Objects in storage that no record names: never deleted unless asked by name.
     unaccounted_objects: int = 0
     unaccounted_bytes: int = 0
@@ -138,27 +144,33 @@ class Collector:
         delete_untagged: bool = False,
         dry_run: bool = False,
         reclaim_imported: bool = False,
+        quotas: quota.QuotaScopes | None = None,
         progress: Progress = _no_progress,
+        workdir: str | None = None,
     ) -> None:
         self.kv = kv
         self.grace = grace
         self.delete_untagged = delete_untagged
         self.dry_run = dry_run
         self.reclaim_imported = reclaim_imported
-        # When each blob and manifest was last let go of by a deleted or untagged manifest.
-        self.released_blobs: dict[str, float] = {}
-        self.released_manifests: dict[str, float] = {}
+        self.quotas = quotas or quota.QuotaScopes()
+        # Where the cycle's mark goes on disk (a temporary directory under it).
+        self.workdir = workdir
         self.progress = progress
         self.summary = Summary()
 
     async def _all(self, prefix: str) -> list[KeyValue]:
-        found: list[KeyValue] = []
+        """Every record under `prefix` (for `explain` and the storage sweep, which read few)."""
+        return [kv async for page in self._pages(prefix) for kv in page]
+
+    async def _pages(self, prefix: str) -> AsyncIterator[list[KeyValue]]:
         start: str | None = None
         while True:
             page = await self.kv.range(prefix, start=start, limit=_PAGE)
-            found.extend(page)
+            if page:
+                yield page
             if len(page) < _PAGE:
-                return found
+                return
             start = keys.after(page[-1].key)
 
     async def _next_epoch(self) -> None:
@@ -174,127 +186,130 @@ class Collector:
         self,
         delete_object: Callable[[str], Awaitable[None]],
         delete_many: Callable[[list[str]], Awaitable[None]] | None = None,
+        *,
+        sweep: Callable[[Mark], Awaitable[None]] | None = None,
     ) -> Summary:
-        """One whole cycle: untagged manifests (if asked), then blobs.
+        """One whole cycle: untagged manifests (if asked), then blobs, then stale links.
 
-        With `delete_many`, the storage deletes of concurrent sweeps go out together.
+        With `delete_many`, the storage deletes of concurrent sweeps go out together. What the cycle
+        reads is kept on disk (coordinator/gcmark.py): its memory does not grow with the registry.
         """
         if delete_many is not None:
             delete_object = _DeleteBatcher(delete_many).delete
         summary = Summary(started=time.time(), dry_run=self.dry_run)
         self.summary = summary  # readable while the cycle runs, for progress reports
         cutoff = summary.started - self.grace
-        releases = await self._read_releases()
-        doomed = await self._collect_manifests(cutoff, summary)
-        await self._collect_blobs(cutoff, summary, delete_object, doomed)
+        async with Mark(self.workdir) as mark:
+            # Everything written after this revision is read again once the marks are placed.
+            since = await self._revision()
+            # Repositories before manifests: every manifest push rewrites its repository's record,
+            # so an unchanged record later proves no manifest arrived there since this scan.
+            async for page in self._pages(keys.REPOSITORIES):
+                await mark.add_repositories(page)
+            old_releases = await self._load_releases(mark, cutoff)
+            async for page in self._pages(keys.MANIFESTS):
+                await mark.add_manifests(page)
+            async for page in self._pages(keys.TAGS):
+                await mark.add_tags(page)
+            await self._collect_manifests(mark, cutoff, since, summary)
+            await self._collect_blobs(mark, cutoff, since, summary, delete_object)
+            if sweep is not None:
+                # The storage sweep asks the mark which objects a record names.
+                await sweep(mark)
         summary.finished = time.time()
         if not self.dry_run:
-            await self._drop_releases(releases, cutoff)
+            for kv in old_releases:
+                await self.kv.txn([Compare.unchanged(kv.key, kv.mod_revision)], [Delete(kv.key)])
             await self.kv.put(keys.GC_LAST_RUN, json.dumps(summary.report() | {"deleted": []}).encode())
         return summary
 
-    async def _read_releases(self) -> list[KeyValue]:
-        found = await self._all(keys.RELEASED)
-        for kv in found:
-            repo, digest = keys.split_repo_key(kv.key, keys.RELEASED)
-            note = decode(Release, kv.value)
-            for blob in [digest, *note.blobs]:
-                self.released_blobs[blob] = max(self.released_blobs.get(blob, 0.0), note.at)
-            for child in note.manifests:
-                manifest = keys.manifest(repo, child)
-                self.released_manifests[manifest] = max(self.released_manifests.get(manifest, 0.0), note.at)
-        return found
-
-    async def _drop_releases(self, releases: list[KeyValue], cutoff: float) -> None:
-        """Releases older than the grace say nothing the grace does not: they go."""
-        for kv in releases:
-            if decode(Release, kv.value).at < cutoff:
-                await self.kv.txn([Compare.unchanged(kv.key, kv.mod_revision)], [Delete(kv.key)])
+    async def _load_releases(self, mark: Mark, cutoff: float) -> list[KeyValue]:
+        """Releases into the mark; returns those older than the grace, which say nothing more (they go)."""
+        old: list[KeyValue] = []
+        async for page in self._pages(keys.RELEASED):
+            blobs: list[tuple[str, float]] = []
+            manifests: list[tuple[str, float]] = []
+            for kv in page:
+                repo, digest = keys.split_repo_key(kv.key, keys.RELEASED)
+                note = decode(Release, kv.value)
+                blobs += [(blob, note.at) for blob in [digest, *note.blobs]]
+                manifests += [(keys.manifest(repo, child), note.at) for child in note.manifests]
+                if note.at < cutoff:
+                    old.append(kv)
+            await mark.add_releases(blobs, manifests)
+        return old
 
     def _young(self, last_active: float, cutoff: float, released: float) -> bool:
         """Active within the grace, and not only before a release of it (a deleted image's pulls)."""
         return last_active >= cutoff and last_active > released
 
+    def _note_deleted(self, summary: Summary, item: str) -> None:
+        if len(summary.deleted) < _LISTED:
+            summary.deleted.append(item)
+
+    async def _saved_since(self, since: int) -> tuple[set[str], set[str]]:
+        """What manifests written after `since` use: (their digests and blobs, their child manifest keys)."""
+        digests: set[str] = set()
+        children: set[str] = set()
+        async for page in self._pages(keys.MANIFESTS):
+            for kv in page:
+                if kv.mod_revision <= since:
+                    continue
+                repo = keys.split_repo_key(kv.key, keys.MANIFESTS)[0]
+                record = json.loads(kv.value)
+                digests.add(record["digest"])
+                digests.update(record.get("blobs", []))
+                children.update(keys.manifest(repo, d) for d in record.get("manifests", []))
+        return digests, children
+
     # -- manifests --------------------------------------------------------------------------
 
-    async def _collect_manifests(self, cutoff: float, summary: Summary) -> dict[str, dict[str, Any]]:
-        """Delete manifests nothing keeps; returns their keys and records (what a dry run would delete)."""
-        since = await self._revision()
-        records = {kv.key: kv for kv in await self._all(keys.MANIFESTS)}
-        decoded = {key: json.loads(kv.value) for key, kv in records.items()}
-        live = await self._live_manifests(decoded, cutoff)
-        doomed = set(records) - live
-        if not self.delete_untagged:
-            # Only referrers (signatures, SBOMs) whose subject is gone, or going, follow it.
-            orphans: set[str] = set()
-            while True:
-                more = {
-                    key
-                    for key in doomed - orphans
-                    if decoded[key].get("subject")
-                    and (
-                        _sibling(key, decoded[key]["subject"]) not in records
-                        or _sibling(key, decoded[key]["subject"]) in orphans
-                    )
-                }
-                if not more:
-                    break
-                orphans |= more
-            doomed = orphans
-        candidates = []
-        for key in sorted(doomed):
-            repo, digest = key[len(keys.MANIFESTS) :].rsplit("@", 1)
-            candidates.append(ManifestCandidate(repo, digest, records[key].mod_revision, decoded[key].get("subject")))
-        if self.dry_run:
-            summary.manifests_deleted = len(candidates)
-            summary.deleted += [f"{c.repo}@{c.digest}" for c in candidates]
-            return {key: decoded[key] for key in doomed}
-        await self._bounded([self._pend_manifest(c) for c in candidates])
-        await self._next_epoch()
-        candidates = [c for c in candidates if c.pending_revision]
-        # Manifests written since mark began may use a candidate (an index naming a child).
-        saved: set[str] = set()
-        for kv in await self._all(keys.MANIFESTS):
-            if kv.mod_revision > since:
-                repo = kv.key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
-                saved.update(f"{repo}@{d}" for d in json.loads(kv.value).get("manifests", []))
-        for c in candidates:
-            if f"{c.repo}@{c.digest}" in saved:
-                await self.kv.delete(keys.pending_manifest(c.repo, c.digest))
-        candidates = [c for c in candidates if f"{c.repo}@{c.digest}" not in saved]
-        results = await self._bounded([self._delete_manifest(c) for c in candidates])
-        for c, deleted in zip(candidates, results, strict=True):
-            if deleted:
-                summary.manifests_deleted += 1
-                summary.deleted.append(f"{c.repo}@{c.digest}")
-        gone = (keys.manifest(c.repo, c.digest) for c, ok in zip(candidates, results, strict=True) if ok)
-        return {key: decoded[key] for key in gone}
-
-    async def _live_manifests(self, decoded: dict[str, dict[str, Any]], cutoff: float) -> set[str]:
-        """Manifest keys reachable from tags (children, referrers) or younger than the grace."""
-        by_subject: dict[str, list[str]] = {}
-        for key, record in decoded.items():
-            if record.get("subject"):
-                repo = key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
-                by_subject.setdefault(keys.manifest(repo, record["subject"]), []).append(key)
-        tagged = [keys.manifest(*_split_tag(kv)) for kv in await self._all(keys.TAGS)]
-        young = [
-            key
-            for key, record in decoded.items()
-            if self._young(record.get("pushed", 0), cutoff, self.released_manifests.get(key, 0.0))
-        ]
-
-        def successors(key: str) -> list[str]:
-            children = (_sibling(key, child) for child in decoded[key].get("manifests", []))
-            return [c for c in children if c in decoded] + by_subject.get(key, [])
-
-        live = reachable((r for r in tagged + young if r in decoded), successors)
+    async def _collect_manifests(self, mark: Mark, cutoff: float, since: int, summary: Summary) -> None:
+        """Delete manifests nothing keeps (with delete_untagged; referrers of a gone subject always)."""
+        await mark.mark_live(cutoff)
+        await mark.mark_doomed(self.delete_untagged)
         if self.delete_untagged:
-            by_tags = reachable((r for r in tagged if r in decoded), successors)
-            for key in live - by_tags:
-                record = decoded[key]
-                self.summary.hold(HELD_YOUNG_MANIFEST, record.get("size", 0), record.get("pushed", 0) + self.grace)
-        return live
+            for size, pushed in await mark.held_young_manifests():
+                summary.hold(HELD_YOUNG_MANIFEST, size, pushed + self.grace)
+        if self.dry_run:
+            after = ""
+            while rows := await mark.doomed_after(after, _PAGE):
+                summary.manifests_deleted += len(rows)
+                for _key, repo, digest, *_ in rows:
+                    self._note_deleted(summary, f"{repo}@{digest}")
+                after = rows[-1][0]
+            return
+        after = ""
+        while rows := await mark.doomed_after(after, _PAGE):
+            candidates = [
+                ManifestCandidate(repo, digest, revision, subject) for _k, repo, digest, revision, subject, _p in rows
+            ]
+            await self._bounded([self._pend_manifest(c) for c in candidates])
+            await mark.set_pending([(c.pending_revision, keys.manifest(c.repo, c.digest)) for c in candidates])
+            after = rows[-1][0]
+        await self._next_epoch()
+        # Manifests written since mark began may use a candidate (an index naming a child).
+        _, children = await self._saved_since(since)
+        if children:
+            saved = [key for key in children]
+            for key in saved:
+                repo, digest = keys.split_repo_key(key, keys.MANIFESTS)
+                await self.kv.delete(keys.pending_manifest(repo, digest))
+            await mark.set_manifests("doomed", saved, 0)
+        after = ""
+        while rows := await mark.doomed_after(after, _PAGE, pending=True):
+            candidates = [
+                ManifestCandidate(repo, digest, revision, subject, pending)
+                for _k, repo, digest, revision, subject, pending in rows
+            ]
+            results = await self._bounded([self._delete_manifest(c) for c in candidates])
+            gone = [keys.manifest(c.repo, c.digest) for c, ok in zip(candidates, results, strict=True) if ok]
+            await mark.set_manifests("gone", gone)
+            summary.manifests_deleted += len(gone)
+            for c, ok in zip(candidates, results, strict=True):
+                if ok:
+                    self._note_deleted(summary, f"{c.repo}@{c.digest}")
+            after = rows[-1][0]
 
     async def _pend_manifest(self, c: ManifestCandidate) -> None:
         key = keys.manifest(c.repo, c.digest)
@@ -313,8 +328,7 @@ class Collector:
             ops.append(Delete(keys.referrer(c.repo, c.subject, c.digest)))
         guards = [Compare.unchanged(key, c.revision), Compare.unchanged(mark, c.pending_revision)]
         # A tag moved onto it since mark makes it live again.
-        tagged = [kv for kv in await self._all(keys.tags_of(c.repo)) if json.loads(kv.value)["digest"] == c.digest]
-        if tagged:
+        if await Metadata(self.kv).tags_of_digest(c.repo, c.digest):
             await self.kv.delete(mark)
             return False
         result = await self.kv.txn(guards, ops)
@@ -326,166 +340,166 @@ class Collector:
 
     async def _collect_blobs(
         self,
+        mark: Mark,
         cutoff: float,
+        since: int,
         summary: Summary,
         delete_object: Callable[[str], Awaitable[None]],
-        doomed: dict[str, dict[str, Any]],
     ) -> None:
-        since = await self._revision()
-        # Read before the manifests: every manifest push rewrites its repository's record, so an
-        # unchanged record later proves no manifest arrived there since this scan.
-        repositories = {kv.key[len(keys.REPOSITORIES) :]: kv.mod_revision for kv in await self._all(keys.REPOSITORIES)}
-        manifests = await self._all(keys.MANIFESTS)
-        summary.manifests_seen = len(manifests)
-        used: set[str] = set()
-        used_in: dict[str, set[str]] = {}
-        for kv in manifests:
-            if kv.key in doomed:
-                continue  # a dry run still sees manifests that a real run would have deleted
-            record = json.loads(kv.value)
-            used.add(record["digest"])
-            used.update(record.get("blobs", []))
-            repo = kv.key[len(keys.MANIFESTS) :].rsplit("@", 1)[0]
-            used_in.setdefault(repo, set()).update(record.get("blobs", []))
-        self.progress("mark", len(manifests), len(manifests))
-        # Doomed manifests are deleted now: what only they used is released this instant.
-        now = time.time()
-        for record in doomed.values():
-            for digest in [*record.get("blobs", []), record["digest"]]:
-                self.released_blobs[digest] = now
-        links: dict[str, dict[str, int]] = {}
-        last_active: dict[str, float] = {}
-        young_links: set[str] = set()
-        for kv in await self._all(keys.LINKS):
-            digest = kv.key.rsplit("@", 1)[1]
-            links.setdefault(digest, {})[kv.key] = kv.mod_revision
-            linked = json.loads(kv.value).get("linked", 0)
-            last_active[digest] = max(last_active.get(digest, 0.0), linked)
-            if self._young(linked, cutoff, self.released_blobs.get(digest, 0.0)):
-                young_links.add(kv.key)
-        touches = {kv.key[len(keys.TOUCHES) :]: kv for kv in await self._all(keys.TOUCHES)}
-        for digest, kv in touches.items():
-            last_active[digest] = max(last_active.get(digest, 0.0), json.loads(kv.value).get("at", 0))
-        blobs = await self._all(keys.BLOBS)
-        summary.blobs_seen = len(blobs)
-        candidates: list[Candidate] = []
-        for kv in blobs:
-            digest = kv.key[len(keys.BLOBS) :]
-            if digest in used:
+        summary.manifests_seen = await mark.mark_used(dry_run=self.dry_run, now=time.time())
+        self.progress("mark", summary.manifests_seen, summary.manifests_seen)
+        # Counters first: one unchanged after the scan proves no link under its scope moved meanwhile.
+        counters = {} if self.dry_run else {s: await quota.counter(self.kv, s) for s in self.quotas.scopes}
+        async for page in self._pages(keys.LINKS):
+            await mark.add_links(page)
+        await self._repair_counters(mark, counters)
+        async for page in self._pages(keys.TOUCHES):
+            await mark.add_touches(page)
+        async for page in self._pages(keys.BLOBS):
+            await self._judge_blobs(mark, page, cutoff, summary)
+        self.progress("candidates", summary.candidates, summary.blobs_seen)
+        if self.dry_run:
+            after = ""
+            while rows := await mark.candidates_after(after, _PAGE, "1 = 1"):
+                summary.blobs_deleted += len(rows)
+                summary.bytes_freed += sum(row[1] for row in rows)
+                for row in rows:
+                    self._note_deleted(summary, row[0])
+                after = rows[-1][0]
+            return
+        after = ""
+        while rows := await mark.candidates_after(after, _PAGE, "1 = 1"):
+            candidates = [Candidate(d, size, key, blob_rev, touch_rev) for d, size, key, blob_rev, touch_rev, _ in rows]
+            await self._bounded([self._pend_blob(c) for c in candidates])
+            await mark.update_candidates("pending_revision", [(c.pending_revision, c.digest) for c in candidates])
+            after = rows[-1][0]
+        await self._next_epoch()
+        # A manifest written between mark and the pending marks did not see them: rescan.
+        saved, _ = await self._saved_since(since)
+        after = ""
+        while rows := await mark.candidates_after(after, _PAGE, "pending_revision > 0"):
+            rescued = [row for row in rows if row[0] in saved]
+            for digest, *_rest, pending in rescued:
+                await self.kv.txn(
+                    [Compare.unchanged(keys.pending_blob(digest), pending)], [Delete(keys.pending_blob(digest))]
+                )
+            await mark.update_candidates("saved", [(1, row[0]) for row in rescued])
+            after = rows[-1][0]
+        done = 0
+        after = ""
+        while rows := await mark.candidates_after(after, _PAGE, "pending_revision > 0 AND saved = 0"):
+            links = await mark.links_of([row[0] for row in rows])
+            candidates = [
+                Candidate(d, size, key, blob_rev, touch_rev, links.get(d, {}), pending)
+                for d, size, key, blob_rev, touch_rev, pending in rows
+            ]
+
+            async def collect(c: Candidate) -> bool:
+                nonlocal done
+                deleted = await self._delete_blob(c, delete_object)
+                done += 1
+                self.progress("sweep", done, summary.candidates)
+                return deleted
+
+            results = await self._bounded([collect(c) for c in candidates])
+            await mark.update_candidates(
+                "deleted", [(1, c.digest) for c, ok in zip(candidates, results, strict=True) if ok]
+            )
+            for c, deleted in zip(candidates, results, strict=True):
+                if deleted:
+                    summary.blobs_deleted += 1
+                    summary.bytes_freed += c.size
+                    self._note_deleted(summary, c.digest)
+                else:
+                    summary.blobs_saved_by_pushes += 1
+                    summary.hold(HELD_PUSHED, c.size)
+            after = rows[-1][0]
+        await self._collect_links(mark, cutoff, summary)
+
+    async def _judge_blobs(self, mark: Mark, page: list[KeyValue], cutoff: float, summary: Summary) -> None:
+        """Which blobs of a page nothing uses and nothing holds back: candidates, kept in the mark."""
+        digests = [kv.key[len(keys.BLOBS) :] for kv in page]
+        facts = await mark.blob_facts(digests)
+        candidates: list[tuple[str, int, str, int, int]] = []
+        imported: list[str] = []
+        records = [decode(BlobRecord, kv.value) for kv in page]
+        await mark.add_recorded([(digest, record.key) for digest, record in zip(digests, records, strict=True)])
+        for digest, kv, record in zip(digests, page, records, strict=True):
+            used, last_active, released, touch_revision = facts[digest]
+            if used:
                 continue
-            record = decode(BlobRecord, kv.value)
-            active = max(record.created, last_active.get(digest, 0.0))
-            if self._young(active, cutoff, self.released_blobs.get(digest, 0.0)):
+            active = max(record.created, last_active)
+            if self._young(active, cutoff, released):
                 summary.hold(HELD_YOUNG, record.size, active + self.grace)
                 continue
             if record.imported == "unused" and not self.reclaim_imported:
                 summary.hold(HELD_IMPORTED, record.size)
+                imported.append(digest)
                 continue
-            touch = touches.get(digest)
-            candidates.append(
-                Candidate(
-                    digest,
-                    record.size,
-                    record.key,
-                    kv.mod_revision,
-                    touch.mod_revision if touch else 0,
-                    links.get(digest, {}),
-                )
-            )
-        summary.reclaimable_bytes = sum(c.size for c in candidates)
-        self.progress("candidates", len(candidates), len(blobs))
-        if self.dry_run:
-            summary.blobs_deleted = len(candidates)
-            summary.bytes_freed = summary.reclaimable_bytes
-            summary.deleted += [c.digest for c in candidates]
-            return
-        await self._bounded([self._pend_blob(c) for c in candidates])
-        await self._next_epoch()
-        candidates = [c for c in candidates if c.pending_revision]
-        # A manifest written between mark and the pending marks did not see them: rescan.
-        saved: set[str] = set()
-        for kv in await self._all(keys.MANIFESTS):
-            if kv.mod_revision > since:
-                record = json.loads(kv.value)
-                saved.add(record["digest"])
-                saved.update(record.get("blobs", []))
-        for c in candidates:
-            if c.digest in saved:
-                await self.kv.txn(
-                    [Compare.unchanged(keys.pending_blob(c.digest), c.pending_revision)],
-                    [Delete(keys.pending_blob(c.digest))],
-                )
-        candidates = [c for c in candidates if c.digest not in saved]
-        done = 0
+            candidates.append((digest, record.size, record.key, kv.mod_revision, touch_revision))
+        summary.blobs_seen += len(page)
+        summary.candidates += len(candidates)
+        summary.reclaimable_bytes += sum(c[1] for c in candidates)
+        await mark.add_candidates(candidates)
+        # Links of adopted blobs that GC keeps stay too: registry:2 served them, so does Wharf.
+        await mark.keep_imported(imported)
 
-        async def collect(c: Candidate) -> bool:
-            nonlocal done
-            deleted = await self._delete_blob(c, delete_object)
-            done += 1
-            self.progress("sweep", done, len(candidates))
-            return deleted
-
-        results = await self._bounded([collect(c) for c in candidates])
-        for c, deleted in zip(candidates, results, strict=True):
-            if deleted:
-                summary.blobs_deleted += 1
-                summary.bytes_freed += c.size
-                summary.deleted.append(c.digest)
+    async def _repair_counters(self, mark: Mark, counters: dict[quota.QuotaScope, tuple[int, int]]) -> None:
+        """Set every quota counter that drifted from its links (an adopted store, a crash) right."""
+        for scope, (used, revision) in counters.items():
+            if scope.namespace:
+                exact = await mark.scope_usage(None, scope.name)
             else:
-                summary.blobs_saved_by_pushes += 1
-                summary.hold(HELD_PUSHED, c.size)
-        await self._collect_links(links, young_links, used_in, repositories, touches, cutoff, summary)
+                exact = await mark.scope_usage(scope.name, None)
+            if exact != used and await quota.repair(self.kv, scope, exact, revision):
+                log.info(
+                    "quota %s: counted %d bytes, its links hold %d: repaired",
+                    scope.label,
+                    used,
+                    exact,
+                    extra={"fields": {"quota": scope.name, "counted": used, "exact": exact}},
+                )
 
-    async def _collect_links(
-        self,
-        links: dict[str, dict[str, int]],
-        young_links: set[str],
-        used_in: dict[str, set[str]],
-        repositories: dict[str, int],
-        touches: dict[str, KeyValue],
-        cutoff: float,
-        summary: Summary,
-    ) -> None:
+    async def _collect_links(self, mark: Mark, cutoff: float, summary: Summary) -> None:
         """Unlink blobs that no manifest of their repository uses (they still live elsewhere).
 
         Quotas count what a repository links, so this is what makes deleting images lower its
         usage. A link goes only if its repository saw no manifest push since the scan.
         """
-        collected = set(summary.deleted)
-        stale: list[tuple[str, str, int]] = []
-        for digest, by_key in links.items():
-            if digest in collected:
+        after = ""
+        first = True
+        while rows := await mark.stale_links_after(after, _PAGE, cutoff):
+            after = rows[-1][0]
+            if self.dry_run:
+                summary.links_deleted += len(rows)
                 continue
-            touch = touches.get(digest)
-            touched = json.loads(touch.value).get("at", 0) if touch is not None else 0.0
-            if self._young(touched, cutoff, self.released_blobs.get(digest, 0.0)):
-                continue
-            for link_key, revision in by_key.items():
-                repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
-                if link_key in young_links or digest in used_in.get(repo, set()) or repo not in repositories:
-                    continue
-                stale.append((link_key, digest, revision))
-        if self.dry_run:
-            summary.links_deleted = len(stale)
-            return
-        if stale:
-            await self._next_epoch()
+            if first:
+                await self._next_epoch()
+                first = False
+            sizes = await mark.link_sizes([row[0] for row in rows])
+            results = await self._bounded([self._unlink(*row, sizes.get(row[0], 0)) for row in rows])
+            summary.links_deleted += sum(1 for ok in results if ok)
 
-        async def unlink(link_key: str, digest: str, revision: int) -> bool:
-            repo = link_key[len(keys.LINKS) :].rsplit("@", 1)[0]
-            touch = touches.get(digest)
+    async def _unlink(
+        self, link_key: str, repo: str, digest: str, revision: int, touch_revision: int, repo_revision: int, size: int
+    ) -> bool:
+        guards = [
+            Compare.unchanged(keys.repository(repo), repo_revision),
+            Compare.unchanged(link_key, revision),
+            Compare.unchanged(keys.touch(digest), touch_revision),
+        ]
+        freed = quota.freed_by([(repo, size)], self.quotas)
+        for _ in range(_QUOTA_ATTEMPTS):
+            counters, releases = await quota.release(self.kv, freed)
             result = await self.kv.txn(
-                [
-                    Compare.unchanged(keys.repository(repo), repositories[repo]),
-                    Compare.unchanged(link_key, revision),
-                    Compare.unchanged(keys.touch(digest), touch.mod_revision if touch else 0),
-                ],
-                [Delete(link_key)],
+                [*guards, *counters], [Delete(link_key), *releases], [Get(g.key) for g in guards]
             )
-            return result.succeeded
-
-        results = await self._bounded([unlink(*item) for item in stale])
-        summary.links_deleted = sum(1 for ok in results if ok)
+            if result.succeeded:
+                return True
+            now = [kv.mod_revision if kv else 0 for kv in result.gets]
+            if now != [g.operand for g in guards] or not freed:
+                return False
+        return False
 
     async def _pend_blob(self, c: Candidate) -> None:
         result = await self.kv.txn(
@@ -497,12 +511,12 @@ class Collector:
 
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
         mark = keys.pending_blob(c.digest)
-        guards = [
-            Compare.unchanged(mark, c.pending_revision),
-            Compare.unchanged(keys.blob(c.digest), c.blob_revision),
-            Compare.unchanged(keys.touch(c.digest), c.touch_revision),
-            *(Compare.unchanged(link, revision) for link, revision in c.links.items()),
-        ]
+        expected = {
+            mark: c.pending_revision,
+            keys.blob(c.digest): c.blob_revision,
+            keys.touch(c.digest): c.touch_revision,
+            **c.links,
+        }
         deleting = keys.deleting(c.digest)
         ops: list[Op] = [
             Delete(mark),
@@ -511,9 +525,21 @@ class Collector:
             *(Delete(link) for link in c.links),
             Put(deleting, json.dumps({"key": c.storage_key, "at": time.time()}).encode()),
         ]
-        result = await self.kv.txn(guards, ops)
-        if not result.succeeded:
-            # Something used or touched it since mark: it stays; drop our mark if still ours.
+        # The links' bytes leave the quotas that counted them, in the same transaction.
+        freed = quota.freed_by(((keys.split_repo_key(link, keys.LINKS)[0], c.size) for link in c.links), self.quotas)
+        for _ in range(_QUOTA_ATTEMPTS):
+            counters, releases = await quota.release(self.kv, freed)
+            guards = [Compare.unchanged(key, revision) for key, revision in expected.items()]
+            result = await self.kv.txn([*guards, *counters], [*ops, *releases], [Get(key) for key in expected])
+            if result.succeeded:
+                break
+            now = {key: kv.mod_revision if kv else 0 for key, kv in zip(expected, result.gets, strict=True)}
+            if now != expected or not freed:
+                # Something used or touched it since mark: it stays; drop our mark if still ours.
+                await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
+                return False
+            # Only a quota counter moved (a push elsewhere under the same scope): count again.
+        else:
             await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
             return False
         try:
@@ -533,19 +559,6 @@ class Collector:
         return await asyncio.gather(*(one(c) for c in calls))
 
     # -- orphans ----------------------------------------------------------------------------
-
-    async def recorded_blobs(self) -> tuple[set[str], set[str]]:
-        """Digests with a blob record, and the storage keys those records name."""
-        digests: set[str] = set()
-        stored: set[str] = set()
-        for kv in await self._all(keys.BLOBS):
-            digests.add(kv.key[len(keys.BLOBS) :])
-            stored.add(decode(BlobRecord, kv.value).key)
-        return digests, stored
-
-    async def open_upload_ids(self) -> set[str]:
-        """Upload sessions in the coordinator: their storage objects are accounted for."""
-        return {kv.key[len(keys.UPLOADS) :] for kv in await self._all(keys.UPLOADS)}
 
     # -- explain ----------------------------------------------------------------------------
 
@@ -567,8 +580,11 @@ class Collector:
         ]
         blob = await self.kv.get(keys.blob(digest))
         touch = await self.kv.get(keys.touch(digest))
-        await self._read_releases()
-        released = self.released_blobs.get(digest, 0.0)
+        released = 0.0
+        for kv in await self._all(keys.RELEASED):
+            note = decode(Release, kv.value)
+            if digest == keys.split_repo_key(kv.key, keys.RELEASED)[1] or digest in note.blobs:
+                released = max(released, note.at)
         record = decode(BlobRecord, blob.value) if blob is not None else None
         reasons: list[str] = []
         if tagged:

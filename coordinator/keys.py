@@ -8,6 +8,13 @@ from __future__ import annotations
 
 REPOSITORIES = "repo/"
 TAGS = "tag/"
+# Every tag again, under its digest, so a manifest's tags are found without reading the others.
+TAGGED = "tagged/"
+TAG_INDEX_BUILT = "store/tag-index"
+# Rewritten in every transaction that changes a repository's tags, or adds a repository: nodes keep
+# tag lists and the catalog in memory and check one of these per request to know they are current.
+TAG_VERSIONS = "tagver/"
+CATALOG_VERSION = "store/catalog-version"
 MANIFESTS = "manifest/"
 LINKS = "link/"
 BLOBS = "blob/"
@@ -33,6 +40,8 @@ STORE_IDENTITY = "store/identity"
 IMPORT_STATE = "store/import"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
+# The newest line (number and hash) an audit log is known to have had, one record per chain.
+AUDIT_HEADS = "audit/head/"
 
 
 # Written first and removed last by a restore (coordinator/snapshot.py): while it is present the
@@ -60,8 +69,20 @@ def tag(repo: str, tag: str) -> str:
     return f"{TAGS}{repo}@{tag}"
 
 
+def tag_version(repo: str) -> str:
+    return f"{TAG_VERSIONS}{repo}"
+
+
 def tags_of(repo: str) -> str:
     return f"{TAGS}{repo}@"
+
+
+def tagged(repo: str, digest: str, tag: str) -> str:
+    return f"{TAGGED}{repo}@{digest}/{tag}"
+
+
+def tags_of_digest(repo: str, digest: str) -> str:
+    return f"{TAGGED}{repo}@{digest}/"
 
 
 def manifest(repo: str, digest: str) -> str:
@@ -138,3 +159,8 @@ def split_repo_key(key: str, prefix: str) -> tuple[str, str]:
 def quota_guard(scope: str) -> str:
     """Rewritten by every new link under a quota scope, so concurrent admissions serialise."""
     return f"{QUOTAS}{scope}"
+
+
+def audit_head(chain: str) -> str:
+    """Where the audit chain `chain` records its newest line, so a truncated tail is noticed."""
+    return f"{AUDIT_HEADS}{chain}"

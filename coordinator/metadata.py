@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 from .quota import QuotaScope, admit
+from .quota import release as release_quota
 from .uploads import SessionChanged
 
 T = TypeVar("T")
@@ -21,6 +22,7 @@ _MAX_ATTEMPTS = 20
 # Room left in one transaction (etcd allows 128 compares and 128 operations) for references.
 _TXN_BUDGET = 120
 _BATCH = 100
+_PAGE = 1000
 
 
 # Marks a referrer descriptor whose annotations must be read from the manifest itself.
@@ -45,6 +47,8 @@ class LinkRecord:
 
     size: int
     linked: float
+    # A scrub found the stored bytes do not hash to the digest: not served until pushed again here.
+    corrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class BlobRecord:
     # Adopted from a registry:2 store rather than pushed through Wharf: "used" when an imported
     # manifest referenced it, "unused" when only a layer link named it (GC keeps those unless asked).
     imported: str | None = None
+    # A scrub found these bytes do not hash to the digest; the next upload of it replaces them.
+    corrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,14 @@ class Release:
 def release(repo: str, digest: str, *, blobs: Iterable[str] = (), manifests: Iterable[str] = ()) -> Put:
     """The op that records a release; written in the same transaction as the delete."""
     return Put(keys.released(repo, digest), _dump(Release(time.time(), list(blobs), list(manifests))))
+
+
+def TAGS_CHANGED(repo: str) -> Put:  # noqa: N802 - reads as the event it records
+    """The op every transaction that changes `repo`'s tags carries (see keys.TAG_VERSIONS)."""
+    return Put(keys.tag_version(repo), b"")
+
+
+CATALOG_CHANGED = Put(keys.CATALOG_VERSION, b"")
 
 
 def decode(cls: type[T], raw: bytes) -> T:
@@ -145,6 +159,9 @@ class Metadata:
 
     def __init__(self, kv: KV) -> None:
         self.kv = kv
+        self._tag_index_ready = False
+        # Repositories this process has seen exist: writing to them cannot change the catalog.
+        self._known_repositories: set[str] = set()
 
     # -- repositories -----------------------------------------------------------------------
 
@@ -166,20 +183,120 @@ class Metadata:
         start = keys.after(keys.tag(repo, last)) if last else None
         return [kv.key[len(prefix) :] for kv in await self.kv.range(prefix, start=start, limit=limit)]
 
+    async def tag_list(self, repo: str, known: int | None = None) -> tuple[int, list[str] | None]:
+        """(version, every tag of `repo` in order), the list None when it is still `known`'s.
+
+        The version is the revision of the repository's tag version record, rewritten by every
+        transaction that changes its tags: a list read at version V is current while it stays V.
+        Version 0: no record yet (a store from before them), so nothing may be kept.
+        """
+        found = await self.kv.get(keys.tag_version(repo))
+        version = found.mod_revision if found is not None else 0
+        if version and version == known:
+            return version, None
+        prefix = keys.tags_of(repo)
+        return version, [kv.key[len(prefix) :] for kv in await self._range_all(prefix)]
+
+    async def repository_list(self, known: int | None = None) -> tuple[int, list[str] | None]:
+        """(version, every repository in order), the list None when it is still `known`'s (as tag_list)."""
+        found = await self.kv.get(keys.CATALOG_VERSION)
+        version = found.mod_revision if found is not None else 0
+        if version and version == known:
+            return version, None
+        return version, [kv.key[len(keys.REPOSITORIES) :] for kv in await self._range_all(keys.REPOSITORIES)]
+
     async def tag_records(self, repo: str) -> dict[str, TagRecord]:
         prefix = keys.tags_of(repo)
         return {kv.key[len(prefix) :]: _load(TagRecord, kv) for kv in await self.kv.range(prefix)}
 
-    async def delete_tag(self, repo: str, tag: str) -> bool:
-        """Remove a tag; garbage collection may then take its manifest at once (if untagged ones go)."""
+    async def repository_contents(self, repo: str) -> tuple[dict[str, str], list[str], list[str]]:
+        """(tag -> digest, manifest digests, linked blob digests) of one repository."""
+        tags = {tag: record.digest for tag, record in (await self.tag_records(repo)).items()}
+        found: list[list[str]] = []
+        for prefix in (keys.manifests_of(repo), keys.links_of(repo)):
+            digests: list[str] = []
+            start: str | None = None
+            while True:
+                page = await self.kv.range(prefix, start=start, limit=_PAGE)
+                digests += [kv.key[len(prefix) :] for kv in page]
+                if len(page) < _PAGE:
+                    break
+                start = keys.after(page[-1].key)
+            found.append(digests)
+        return tags, found[0], found[1]
+
+    async def mark_corrupt(self, digest: str, link_keys: Iterable[str]) -> None:
+        """Record that `digest`'s stored bytes do not hash to it: its links stop serving it."""
+        targets = [keys.blob(digest), *link_keys]
+        for key in targets:
+            for _ in range(_MAX_ATTEMPTS):
+                found = await self.kv.get(key)
+                if found is None:
+                    break
+                data = json.loads(found.value)
+                if data.get("corrupt"):
+                    break
+                data["corrupt"] = True
+                marked = json.dumps(data, separators=(",", ":")).encode()
+                if (await self.kv.txn([Compare.unchanged(key, found.mod_revision)], [Put(key, marked)])).succeeded:
+                    break
+
+    async def blob_records(self) -> AsyncIterator[tuple[str, BlobRecord]]:
+        """Every blob record, a page at a time."""
+        start: str | None = None
+        while True:
+            page = await self.kv.range(keys.BLOBS, start=start, limit=_PAGE)
+            for kv in page:
+                yield kv.key[len(keys.BLOBS) :], decode(BlobRecord, kv.value)
+            if len(page) < _PAGE:
+                return
+            start = keys.after(page[-1].key)
+
+    async def links_by_digest(self, digests: set[str]) -> dict[str, list[str]]:
+        """The link keys (every repository) of each of `digests`, from one scan of the links."""
+        found: dict[str, list[str]] = {}
+        start: str | None = None
+        while True:
+            page = await self.kv.range(keys.LINKS, start=start, limit=_PAGE)
+            for kv in page:
+                _, digest = keys.split_repo_key(kv.key, keys.LINKS)
+                if digest in digests:
+                    found.setdefault(digest, []).append(kv.key)
+            if len(page) < _PAGE:
+                return found
+            start = keys.after(page[-1].key)
+
+    async def move_blob(self, digest: str, old_key: str, new_key: str) -> bool:
+        """Point a blob record at another copy of its bytes, if it still names `old_key`."""
+        found = await self.kv.get(keys.blob(digest))
+        if found is None:
+            return False
+        record = decode(BlobRecord, found.value)
+        if record.key != old_key:
+            return False
+        moved = BlobRecord(record.size, new_key, record.created, record.imported)
+        return (
+            await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], [Put(found.key, _dump(moved))])
+        ).succeeded
+
+    async def delete_tag(self, repo: str, tag: str) -> TagRecord | None:
+        """Remove a tag; the record it had when it went (None if there was none).
+
+        Garbage collection may then take its manifest at once (if untagged ones go).
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.tag(repo, tag))
             if found is None:
-                return False
+                return None
             digest = json.loads(found.value)["digest"]
-            ops: list[Op] = [Delete(found.key), release(repo, digest, manifests=[digest])]
+            ops: list[Op] = [
+                Delete(found.key),
+                Delete(keys.tagged(repo, digest, tag)),
+                release(repo, digest, manifests=[digest]),
+                TAGS_CHANGED(repo),
+            ]
             if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
-                return True
+                return _load(TagRecord, found)
         raise Conflict(f"delete of tag {tag} kept racing")
 
     # -- blobs ------------------------------------------------------------------------------
@@ -223,6 +340,7 @@ class Metadata:
         record = BlobRecord(size, key, now)
         blob_key = keys.blob(digest)
         not_deleting = Compare.absent(keys.deleting(digest))
+        common += await self._catalog_ops(repo)
         for _ in range(_MAX_ATTEMPTS):
             admission, guard_writes = await self._admit(link_key, quotas, size)
             result = await self.kv.txn(
@@ -231,6 +349,7 @@ class Metadata:
                 [Get(blob_key), Get(keys.deleting(digest)), *(Get(g.key) for g in session_guard)],
             )
             if result.succeeded:
+                self._known_repositories.add(repo)
                 return record
             existing, deleting, *session = result.gets
             if session_guard and (session[0] is None or session[0].mod_revision != upload[1]):  # type: ignore[index]
@@ -239,13 +358,16 @@ class Metadata:
                 raise BeingCollected(digest)
             if existing is None:
                 continue  # a quota guard moved, or the blob came and went: measure again
+            found: BlobRecord = _load(BlobRecord, existing)
+            # Bytes a scrub found corrupt give way to these freshly verified ones.
+            replace = [Put(blob_key, _dump(record))] if found.corrupt else []
             again = await self.kv.txn(
                 [Compare.unchanged(blob_key, existing.mod_revision), not_deleting, *session_guard, *admission],
-                [*common, *guard_writes],
+                [*replace, *common, *guard_writes],
             )
             if again.succeeded:
-                found: BlobRecord = _load(BlobRecord, existing)
-                return found
+                self._known_repositories.add(repo)
+                return record if found.corrupt else found
         raise Conflict(f"commit of {digest} kept racing")
 
     async def remove_unrecorded(self, digest: str, key: str, delete: Callable[[str], Awaitable[None]]) -> bool:
@@ -312,14 +434,28 @@ class Metadata:
                     Put(keys.repository(repo), b"{}"),
                     Delete(keys.pending_blob(digest)),
                     *guard_writes,
+                    *await self._catalog_ops(repo),
                 ],
             )
             if result.succeeded:
+                self._known_repositories.add(repo)
                 return linked
         raise Conflict(f"mount of {digest} kept racing")
 
-    async def unlink_blob(self, repo: str, digest: str) -> bool:
-        return await self.kv.delete(keys.link(repo, digest)) > 0
+    async def unlink_blob(self, repo: str, digest: str, *, quotas: Sequence[QuotaScope] = ()) -> bool:
+        """Remove a blob's link from `repo`, giving its bytes back to the quotas that counted them."""
+        key = keys.link(repo, digest)
+        for _ in range(_MAX_ATTEMPTS):
+            found = await self.kv.get(key)
+            if found is None:
+                return False
+            link: LinkRecord = _load(LinkRecord, found)
+            compares, writes = await release_quota(self.kv, {scope: link.size for scope in quotas})
+            if (
+                await self.kv.txn([Compare.unchanged(key, found.mod_revision), *compares], [Delete(key), *writes])
+            ).succeeded:
+                return True
+        raise Conflict(f"unlink of {digest} kept racing")
 
     # -- manifests --------------------------------------------------------------------------
 
@@ -345,28 +481,19 @@ class Metadata:
         `frozen_tag` may be created or pushed again with the same content, never moved:
         TagFrozen says it points elsewhere.
         """
-        head_guards = [Compare.absent(keys.deleting(record.digest))]
-        if frozen_tag and tag is not None:
-            current = await self.kv.get(keys.tag(repo, tag))
-            if current is not None and json.loads(current.value)["digest"] != record.digest:
-                raise TagFrozen(tag, json.loads(current.value)["digest"])
-            head_guards.append(Compare.unchanged(keys.tag(repo, tag), current.mod_revision if current else 0))
-        head_ops: list[Op] = [
+        base_guards = [Compare.absent(keys.deleting(record.digest))]
+        base_ops: list[Op] = [
             Put(keys.manifest(repo, record.digest), _dump(record)),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(record.digest)),
             Delete(keys.pending_manifest(repo, record.digest)),
         ]
-        if tag is not None:
-            head_ops.append(
-                Put(keys.tag(repo, tag), _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed)))
-            )
         if record.subject:
-            head_ops.append(
+            base_ops.append(
                 Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
             )
         if intent is not None:
-            head_ops.append(Delete(keys.upload(intent)))
+            base_ops.append(Delete(keys.upload(intent)))
         # Everything it names must be there, and whatever it names is no longer garbage: the
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
@@ -376,6 +503,9 @@ class Metadata:
         blob_key = keys.blob(record.digest)
         blob = Put(blob_key, _dump(BlobRecord(record.size, storage_key, record.pushed)))
         for _ in range(_MAX_ATTEMPTS):
+            tag_guards, tag_ops = await self._tag_move(repo, tag, record, frozen_tag)
+            head_guards = [*base_guards, *tag_guards]
+            head_ops = [*base_ops, *tag_ops, *await self._catalog_ops(repo)]
             if len(ref_guards) + len(head_guards) < _TXN_BUDGET and len(ref_ops) + len(head_ops) < _TXN_BUDGET:
                 guards, ops = [*head_guards, *ref_guards], [*head_ops, *ref_ops]
             else:
@@ -383,17 +513,93 @@ class Metadata:
                 # under the GC epoch, which a collection moves before it deletes anything.
                 guards, ops = [*head_guards, await self._claim_references(repo, record, ref_guards, ref_ops)], head_ops
             if (await self.kv.txn([*guards, Compare.absent(blob_key)], [*ops, blob])).succeeded:
+                self._known_repositories.add(repo)
                 return
             if (await self.kv.txn([*guards, Compare.present(blob_key)], ops)).succeeded:
+                self._known_repositories.add(repo)
                 return
             if await self.kv.get(keys.deleting(record.digest)) is not None:
                 raise BeingCollected(record.digest)
-            if frozen_tag and tag is not None:
-                moved = await self.get_tag(repo, tag)
-                if moved is not None and moved.digest != record.digest:
-                    raise TagFrozen(tag, moved.digest)
             await self._raise_missing(repo, record)
         raise Conflict("manifest references kept changing")
+
+    async def _tag_move(
+        self, repo: str, tag: str | None, record: ManifestRecord, frozen: bool
+    ) -> tuple[list[Compare], list[Op]]:
+        """Guards and writes that point `tag` at `record`, keeping the digest -> tags index right."""
+        if tag is None:
+            return [], []
+        key = keys.tag(repo, tag)
+        current = await self.kv.get(key)
+        old = json.loads(current.value)["digest"] if current is not None else None
+        if frozen and old is not None and old != record.digest:
+            raise TagFrozen(tag, old)
+        ops: list[Op] = [
+            Put(key, _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed))),
+            Put(keys.tagged(repo, record.digest, tag), b""),
+            TAGS_CHANGED(repo),
+        ]
+        if old is not None and old != record.digest:
+            ops.append(Delete(keys.tagged(repo, old, tag)))
+        return [Compare.unchanged(key, current.mod_revision if current else 0)], ops
+
+    async def _catalog_ops(self, repo: str) -> list[Op]:
+        """[CATALOG_CHANGED] when this write may create `repo` (nodes cache the catalog), else []."""
+        if repo in self._known_repositories:
+            return []
+        if await self.kv.get(keys.repository(repo)) is not None:
+            self._known_repositories.add(repo)
+            return []
+        return [CATALOG_CHANGED]
+
+    async def tags_of_digest(self, repo: str, digest: str) -> dict[str, KeyValue]:
+        """The tags of `repo` that point at `digest`, with their records: from the index, in O(those tags)."""
+        if not self._tag_index_ready:
+            marker = await self.kv.get(keys.TAG_INDEX_BUILT)
+            self._tag_index_ready = marker is not None
+        prefix = keys.tags_of(repo)
+        if not self._tag_index_ready:
+            # A store from before the index, until the leader has built it: read every tag.
+            every = await self._range_all(prefix)
+            return {kv.key[len(prefix) :]: kv for kv in every if json.loads(kv.value)["digest"] == digest}
+        index = keys.tags_of_digest(repo, digest)
+        found = {}
+        for entry in await self._range_all(index):
+            tag = entry.key[len(index) :]
+            record = await self.kv.get(keys.tag(repo, tag))
+            if record is not None and json.loads(record.value)["digest"] == digest:
+                found[tag] = record
+        return found
+
+    async def build_tag_index(self) -> int:
+        """Index every tag by its digest (stores from before the index); returns the entries written."""
+        if await self.kv.get(keys.TAG_INDEX_BUILT) is not None:
+            return 0
+        written = 0
+        for kv in await self._range_all(keys.TAGS):
+            repo, tag = keys.split_repo_key(kv.key, keys.TAGS)
+            digest = json.loads(kv.value)["digest"]
+            entry = keys.tagged(repo, digest, tag)
+            # Only if the tag is still there: a move since writes the index itself.
+            if (await self.kv.txn([Compare.unchanged(kv.key, kv.mod_revision)], [Put(entry, b"")])).succeeded:
+                written += 1
+        # Tag lists and the catalog become cacheable from here on.
+        for repo in [kv.key[len(keys.REPOSITORIES) :] for kv in await self._range_all(keys.REPOSITORIES)]:
+            await self.kv.txn([], [TAGS_CHANGED(repo)])
+        await self.kv.txn([], [CATALOG_CHANGED])
+        await self.kv.put(keys.TAG_INDEX_BUILT, json.dumps({"at": time.time(), "entries": written}).encode())
+        self._tag_index_ready = True
+        return written
+
+    async def _range_all(self, prefix: str) -> list[KeyValue]:
+        found: list[KeyValue] = []
+        start: str | None = None
+        while True:
+            page = await self.kv.range(prefix, start=start, limit=_PAGE)
+            found += page
+            if len(page) < _PAGE:
+                return found
+            start = keys.after(page[-1].key)
 
     async def _claim_references(
         self, repo: str, record: ManifestRecord, ref_guards: list[Compare], ref_ops: list[Op]
@@ -422,10 +628,13 @@ class Metadata:
             if found is None:
                 return False
             record: ManifestRecord = _load(ManifestRecord, found)
-            tagged = [kv for kv in await self.kv.range(keys.tags_of(repo)) if json.loads(kv.value)["digest"] == digest]
+            tagged = await self.tags_of_digest(repo, digest)
             guards = [Compare.unchanged(found.key, found.mod_revision)]
-            guards += [Compare.unchanged(kv.key, kv.mod_revision) for kv in tagged]
-            ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged)]
+            guards += [Compare.unchanged(kv.key, kv.mod_revision) for kv in tagged.values()]
+            ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged.values())]
+            ops += [Delete(keys.tagged(repo, digest, tag)) for tag in tagged]
+            if tagged:
+                ops.append(TAGS_CHANGED(repo))
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
@@ -433,8 +642,116 @@ class Metadata:
                 return True
         raise Conflict(f"delete of {digest} kept racing")
 
+    # -- adopting a registry:2 store ---------------------------------------------------------
+
+    async def import_state(self) -> ImportState | None:
+        found = await self.kv.get(keys.IMPORT_STATE)
+        return None if found is None else decode(ImportState, found.value)
+
+    async def set_import_state(self, state: ImportState) -> None:
+        await self.kv.put(keys.IMPORT_STATE, _dump(state))
+
+    async def adopt(self, adoption: Adoption) -> Adopted:
+        """Write one repository's records where none is there yet: idempotent, and what Wharf has
+        since written (a tag moved by a push, a blob pushed again) always wins.
+
+        A blob adopted as unused becomes used once an adopted manifest names it.
+        """
+        repo = adoption.repo
+        writes: list[tuple[str, bytes]] = [(keys.repository(repo), b"{}")]
+        writes += [(keys.link(repo, digest), _dump(link)) for digest, link in sorted(adoption.links.items())]
+        for record in adoption.manifests:
+            writes.append((keys.manifest(repo, record.digest), _dump(record)))
+            if record.subject:
+                writes.append(
+                    (keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
+                )
+        writes += [(keys.tagged(repo, record.digest, tag), b"") for tag, record in sorted(adoption.tags.items())]
+        writes += [(keys.tag(repo, tag), _dump(record)) for tag, record in sorted(adoption.tags.items())]
+        done = Adopted()
+        # Blobs first and tags last: a reader never meets a tag whose records are not there yet.
+        for digest, blob in sorted(adoption.blobs.items()):
+            await self._adopt_blob(digest, blob, done)
+        for start in range(0, len(writes), _ADOPT_BATCH):
+            batch = writes[start : start + _ADOPT_BATCH]
+            result = await self.kv.txn([Compare.absent(k) for k, _ in batch], [Put(k, v) for k, v in batch])
+            if result.succeeded:
+                done.written += len(batch)
+                continue
+            for key, value in batch:  # some are there already: one at a time
+                if (await self.kv.txn([Compare.absent(key)], [Put(key, value)])).succeeded:
+                    done.written += 1
+                else:
+                    done.kept += 1
+        # Nodes holding this repository's tags, or the catalog, in memory read them again.
+        await self.kv.txn([], [TAGS_CHANGED(repo), CATALOG_CHANGED])
+        return done
+
+    async def _adopt_blob(self, digest: str, blob: BlobRecord, done: Adopted) -> None:
+        key = keys.blob(digest)
+        for _ in range(_MAX_ATTEMPTS):
+            existing = await self.kv.get(key)
+            if existing is None:
+                if (await self.kv.txn([Compare.absent(key)], [Put(key, _dump(blob))])).succeeded:
+                    done.written += 1
+                    return
+                continue
+            current = decode(BlobRecord, existing.value)
+            if current.imported == "unused" and blob.imported == "used":
+                upgraded = BlobRecord(current.size, current.key, current.created, "used")
+                if (
+                    await self.kv.txn([Compare.unchanged(key, existing.mod_revision)], [Put(key, _dump(upgraded))])
+                ).succeeded:
+                    done.written += 1
+                    return
+                continue
+            done.kept += 1
+            return
+        raise Conflict(f"adoption of blob {digest} kept racing")
+
     async def list_referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
         return [json.loads(kv.value) for kv in await self.kv.range(keys.referrers_of(repo, subject))]
+
+
+@dataclass
+class Adoption:
+    """One repository of a registry:2 store, as records: what `Metadata.adopt` writes."""
+
+    repo: str
+    blobs: dict[str, BlobRecord] = field(default_factory=dict)
+    links: dict[str, LinkRecord] = field(default_factory=dict)
+    manifests: list[ManifestRecord] = field(default_factory=list)
+    tags: dict[str, TagRecord] = field(default_factory=dict)
+
+
+@dataclass
+class Adopted:
+    """What an adoption wrote, and what it found already there (written earlier, or pushed since)."""
+
+    written: int = 0
+    kept: int = 0
+
+
+@dataclass(frozen=True)
+class ImportState:
+    """The adoption of a registry:2 store: pending, running (from `cursor` on) or done."""
+
+    state: str
+    requested: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    node: str = ""
+    cursor: str = ""  # the last repository imported whole, in name order
+    repositories_total: int = 0
+    repositories_done: int = 0
+    tags: int = 0
+    manifests: int = 0
+    blobs: int = 0
+    links: int = 0
+    problems: int = 0
+
+
+_ADOPT_BATCH = 60
 
 
 def reachable(roots: Iterable[str], successors: Callable[[str], Iterable[str]]) -> set[str]:

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
-from .metadata import reachable
+from .metadata import TAGS_CHANGED, reachable, release
 
 LAST_RUN = keys.RETENTION_LAST_RUN
 PROGRESS = keys.RETENTION_PROGRESS
@@ -475,7 +475,13 @@ class Applier:
 
     async def _delete_tag(self, tag: TagDeletion, result: Result) -> None:
         key = keys.tag(tag.repository, tag.tag)
-        outcome = await self.kv.txn([Compare.unchanged(key, tag.mod_revision)], [Delete(key)], [Get(key)])
+        ops: list[Op] = [
+            Delete(key),
+            Delete(keys.tagged(tag.repository, tag.digest, tag.tag)),
+            TAGS_CHANGED(tag.repository),
+            release(tag.repository, tag.digest, manifests=[tag.digest]),
+        ]
+        outcome = await self.kv.txn([Compare.unchanged(key, tag.mod_revision)], ops, [Get(key)])
         if outcome.succeeded:
             result.tags_deleted.append(tag)
             return

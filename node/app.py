@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -14,14 +15,15 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from coordinator.election import Election
+from coordinator.metadata import Conflict
 
 from .accesslog import AccessLog
 from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
-from .audit import AuditLog, AuditMiddleware
+from .audit import AuditIntent, AuditLog, AuditMiddleware
 from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
 from .config import Config
-from .errors import RegistryError, Unsupported, error_response, handle_registry_error
+from .errors import RegistryError, Unsupported, error_response, handle_contention, handle_registry_error
 from .headers import ConfiguredHeaders, PathPrefix
 from .health import HealthChecks
 from .maintenance import Maintenance
@@ -54,6 +56,18 @@ ROUTES = [
     Route(NAME + "/referrers/{digest}", referrers.list_referrers, methods=["GET"]),
 ]
 
+# The requests that are decisions for the audit log, and what each decides on (its line's `object`:
+# a manifest by tag is a "tag", an upload POST with ?mount= a "mount" and with ?digest= a "blob").
+# Any other request gets an audit line only when a check refuses it (node/audit.py).
+AUDITED = {
+    manifests.get_manifest: "manifest",
+    manifests.put_manifest: "manifest",
+    manifests.delete_manifest: "manifest",
+    uploads.start_upload: "upload",
+    uploads.finish_upload: "blob",
+    blobs.delete_blob: "blob",
+}
+
 # Probes for load balancers and orchestrators; they carry no registry data.
 PROBE_ROUTES = [
     Route("/debug/health", health.health, methods=["GET", "HEAD"]),
@@ -83,8 +97,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     """The registry app. With `services`, use them (tests); otherwise open them at start-up."""
 
     metrics = services.metrics if services is not None else Metrics()
-    audit = AuditLog.open(config.audit)
-    auth = AuthServices.build(config, audit)
+    audit = AuditLog.open(config.audit, shared=config.http.workers > 1)
+    auth = AuthServices.build(config)
     token_routes = auth.routes()
 
     @contextlib.asynccontextmanager
@@ -92,6 +106,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         owned = services is None
         svc = services or Services.build(config, await open_kv(config), open_storage(config), metrics)
         app.state.services = svc
+        if audit is not None:
+            await audit.attach(svc.kv, config.cluster.node or socket.gethostname())
         election = Election(svc.kv, "maintenance", svc.node_id, ttl=config.cluster.leasettl)
         election.on_change = lambda leading: metrics.leader.labels("maintenance").set(1 if leading else 0)
         app.state.election = election
@@ -106,6 +122,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if audit is not None:
+                await audit.detach()
             if owned:
                 await svc.close()
             auth.close()
@@ -115,17 +133,24 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     app = Starlette(
         routes=ROUTES + PROBE_ROUTES + token_routes,
         lifespan=lifespan,
-        exception_handlers={RegistryError: handle_registry_error, HTTPException: _http_error},
+        exception_handlers={
+            RegistryError: handle_registry_error,
+            HTTPException: _http_error,
+            Conflict: handle_contention,
+        },
     )
     if services is not None:
         app.state.services = services
     app.state.metrics = metrics
-    # Outermost last: access log, then authentication, then the audit log around the handlers.
+    # Outermost last: access log, the audit line of each decision (authentication refuses some),
+    # authentication, then the `started` line of a change just before its handler.
     if audit is not None:
-        app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes)
+        app.add_middleware(AuditIntent, audit=audit, routes=app.router.routes, decisions=AUDITED)
     if auth.enabled:
         public = PROBE_ROUTES + token_routes
         app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)
+    if audit is not None:
+        app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes, decisions=AUDITED)
     app.add_middleware(AccessLog, enabled=not config.log.accesslog.disabled, metrics=metrics)
     app.add_middleware(ConfiguredHeaders, headers=config.http.headers)
     if config.http.prefix:

@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, backup, server
+from . import admin, audit_cli, backup, server
 from .config import Config, ConfigError, load
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_cert_parser(commands)
     admin.add_commands(commands)
     backup.add_commands(commands)
+    audit_cli.add_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
         try:

@@ -857,7 +857,7 @@ class AccessConfig(_Section):
 
 @dataclass
 class AuditConfig(_Section):
-    """One JSON line per push, pull, delete, failed sign-in and denial; off without path or stdout."""
+    """One hash-chained JSON line per decision (push, pull, delete, refusal); off without path or stdout."""
 
     path: str = ""
     stdout: bool = False
@@ -865,12 +865,17 @@ class AuditConfig(_Section):
     maxbackups: int = 5
     fsync: bool = False
     pulls: bool = True
+    # How often the newest line's number and hash go to the coordinator (also at each rotation and
+    # at shutdown), so lines cut from the end of the log are noticed.
+    checkpoint: Duration = 10.0
 
     def check(self) -> None:
         if self.maxsize < 1000:
             raise _FieldError("maxsize", self.maxsize, "at least 1KB")
         if self.maxbackups < 0:
             raise _FieldError("maxbackups", self.maxbackups, "a number of files, 0 or more")
+        if self.checkpoint <= 0:
+            raise _FieldError("checkpoint", self.checkpoint, "a positive duration")
 
 
 @dataclass

@@ -7,21 +7,48 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+# The checks that refuse requests, as the audit log names them in `refused_by`. Each raises a
+# RegistryError with `refused_by` (and `rule`: which rule or limit) and is audited with nothing more
+# to do: a read-only mode, for one, refuses with `refused_by="readonly"`.
+REFUSERS = ("signin", "access", "quota", "immutability", "ratelimit", "readonly")
+
+# Where the error a request was answered with is kept in scope["state"], for its audit line.
+ERROR_KEY = "wharf.error"
 
 
 class RegistryError(Exception):
-    """An error the client sees as an OCI error body."""
+    """An error the client sees as an OCI error body.
+
+    `refused_by` and `rule` say which check refused the request and by which rule or limit;
+    `audit` holds further facts for its audit line (the digest refused, the user who failed to
+    sign in). None of them reaches the client.
+    """
 
     code = "UNKNOWN"
     status = 500
     message = "unknown error"
 
-    def __init__(self, detail: Any = None, *, message: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        detail: Any = None,
+        *,
+        message: str | None = None,
+        headers: dict[str, str] | None = None,
+        refused_by: str | None = None,
+        rule: str | None = None,
+        audit: dict[str, Any] | None = None,
+    ):
         super().__init__(message or self.message)
         self.detail = detail
         if message is not None:
             self.message = message
         self.headers = headers or {}
+        assert refused_by is None or refused_by in REFUSERS, refused_by
+        self.refused_by = refused_by
+        self.rule = rule
+        self.audit = audit or {}
 
     def body(self) -> bytes:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -118,6 +145,23 @@ def error_response(exc: RegistryError, method: str = "GET") -> Response:
     return response
 
 
+async def send_error(exc: RegistryError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer with `exc` from ASGI middleware, kept for the audit line like a handler's error."""
+    scope.setdefault("state", {})[ERROR_KEY] = exc
+    await error_response(exc, scope["method"])(scope, receive, send)
+
+
 async def handle_registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RegistryError)
+    request.scope.setdefault("state", {})[ERROR_KEY] = exc
     return error_response(exc, request.method)
+
+
+async def handle_contention(request: Request, exc: Exception) -> Response:
+    """Records that kept changing under an optimistic transaction: nothing was half-written, retry."""
+    error = TooManyRequests(
+        {"reason": "concurrent changes to the same records kept winning; nothing was changed, retry"},
+        message="the registry is busy with concurrent changes",
+        headers={"Retry-After": "1"},
+    )
+    return error_response(error, request.method)

@@ -19,6 +19,7 @@ from coordinator.gc import (
     Progress,
     Summary,
 )
+from coordinator.gcmark import Mark
 from coordinator.kv import Compare, Put
 from coordinator.lease import KeptLease
 
@@ -44,46 +45,68 @@ def _no_progress(phase: str, done: int, total: int) -> None:
     pass
 
 
-async def _sweep_unaccounted(services: Services, collector: Collector, summary: Summary, *, delete: bool) -> None:
+async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *, delete: bool, dry_run: bool) -> None:
     """Count storage objects no record names; delete them only when the operator asked by name.
 
     Such an object may be a registry:2 store's leftover, a copied-in file or another cluster's data:
     Wharf cannot prove it wrote it, so by default it is only reported (`wharf gc` summary, the
     `wharf_gc_unaccounted_*` gauges, `wharf gc --explain`). Bytes a crashed Wharf writer left are
-    reclaimed through the upload session record written before them, not here.
+    reclaimed through the upload session record written before them, not here. The listing goes a
+    batch at a time against the cycle's mark, so memory does not grow with the store.
     """
     storage = services.storage
-    recorded, recorded_keys = await collector.recorded_blobs()
-    sessions = await collector.open_upload_ids()
+    batch: list[str] = []
+    sessions: dict[str, bool] = {}
+
+    async def judge(found: list[str]) -> None:
+        digests = {key: layout.digest_from_blob_key(key) for key in found}
+        recorded, named = await mark.recorded_of([d for d in digests.values() if d], found)
+        for key in found:
+            digest = digests[key]
+            if digest is not None:
+                if digest in recorded:
+                    continue
+            else:
+                upload = layout.upload_of_key(key)
+                if upload is None or key in named:
+                    continue  # a link file of Distribution's tree, or a recorded blob
+                if upload not in sessions:
+                    if len(sessions) > 10_000:
+                        sessions.clear()
+                    sessions[upload] = await services.sessions.get(upload) is not None
+                if sessions[upload]:
+                    continue  # a live upload's own bytes
+            await _unaccounted(services, summary, key, digest, delete=delete, dry_run=dry_run)
+
     async for key in storage.list(layout.ROOT):
-        digest = layout.digest_from_blob_key(key)
+        batch.append(key)
+        if len(batch) >= 1000:
+            await judge(batch)
+            batch = []
+    if batch:
+        await judge(batch)
+
+
+async def _unaccounted(
+    services: Services, summary: Summary, key: str, digest: str | None, *, delete: bool, dry_run: bool
+) -> None:
+    size = await services.storage.stat(key) or 0
+    if not delete:
+        summary.unaccounted_objects += 1
+        summary.unaccounted_bytes += size
+        summary.hold(HELD_UNACCOUNTED, size)
+        return
+    if not dry_run:
         if digest is not None:
-            if digest in recorded:
-                continue
+            if not await services.metadata.remove_unrecorded(digest, key, services.storage.delete):
+                return  # recorded (or being collected) meanwhile
         else:
-            upload = layout.upload_of_key(key)
-            if upload is None or upload in sessions or key in recorded_keys:
-                continue  # a link file of Distribution's tree, a live upload, or a recorded blob
-        size = await storage.stat(key) or 0
-        if not delete:
-            summary.unaccounted_objects += 1
-            summary.unaccounted_bytes += size
-            summary.hold(HELD_UNACCOUNTED, size)
-            continue
-        if collector.dry_run:
-            summary.orphans_deleted += 1
-            summary.bytes_freed += size
-            summary.deleted.append(f"unaccounted {key}")
-            continue
-        if digest is not None:
-            if not await services.metadata.remove_unrecorded(digest, key, storage.delete):
-                continue  # recorded (or being collected) meanwhile
-        else:
-            await storage.delete(key)
-        summary.orphans_deleted += 1
-        summary.bytes_freed += size
-        summary.deleted.append(f"unaccounted {key}")
+            await services.storage.delete(key)
         log.warning("deleted unaccounted storage object %s as asked", key, extra={"fields": {"key": key}})
+    summary.orphans_deleted += 1
+    summary.bytes_freed += size
+    if len(summary.deleted) < 100_000:
+        summary.deleted.append(f"unaccounted {key}")
 
 
 async def import_in_progress(services: Services) -> str | None:
@@ -143,6 +166,7 @@ async def collect(
         delete_untagged=config.deleteuntagged if delete_untagged is None else delete_untagged,
         dry_run=dry_run,
         reclaim_imported=reclaim_imported,
+        quotas=services.policies.scopes,
         progress=progress,
     )
     metrics = services.metrics
@@ -184,10 +208,13 @@ async def collect(
             await services.storage.delete(key)
 
         started = time.perf_counter()
+
+        async def sweep(mark: Mark) -> None:
+            await _sweep_unaccounted(services, mark, collector.summary, delete=delete_unaccounted, dry_run=dry_run)
+
         try:
-            summary = await collector.run(delete_object, services.storage.delete_many)
+            summary = await collector.run(delete_object, services.storage.delete_many, sweep=sweep if orphans else None)
             if orphans:
-                await _sweep_unaccounted(services, collector, summary, delete=delete_unaccounted)
                 metrics.gc_unaccounted_objects.set(summary.unaccounted_objects)
                 metrics.gc_unaccounted_bytes.set(summary.unaccounted_bytes)
                 if not dry_run:

@@ -11,12 +11,13 @@ from coordinator import keys
 from coordinator.kv import Compare, Delete
 from coordinator.uploads import UploadSession
 
-from . import backup, gc, retention
+from . import backup, gc, importer, retention
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")
 
 _GAUGE_SECONDS = 15.0
+_IMPORT_CHECK_SECONDS = 2.0
 
 
 class Maintenance:
@@ -30,7 +31,10 @@ class Maintenance:
 
     async def lead(self) -> None:
         """The leader's jobs, each on its own schedule; all cancelled when leadership ends."""
-        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads)]
+        built = await self.services.metadata.build_tag_index()
+        if built:
+            log.info("indexed %d tags by digest (a store from before the index)", built)
+        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads), self._every(_IMPORT_CHECK_SECONDS, self._import)]
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
@@ -61,6 +65,9 @@ class Maintenance:
 
     async def _count_uploads(self) -> None:
         self.services.metrics.upload_sessions.set(await self.services.kv.count(keys.UPLOADS))
+
+    async def _import(self) -> None:
+        await importer.import_if_pending(self.services)
 
     async def _purge(self) -> None:
         self.services.metrics.uploads_purged.inc(await self.purge_uploads())

@@ -179,3 +179,26 @@ def accepts(accept_headers: list[str], media_type: str) -> bool:
     if not offered:
         return True
     return media_type in offered or "*/*" in offered or "application/*" in offered
+
+
+def parse_stored(body: bytes) -> ParsedManifest:
+    """A manifest found in a store Wharf adopts: what `parse` accepts, and Docker schema1 as it is.
+
+    Wharf refuses schema1 pushes but serves schema1 manifests an adopted registry:2 store holds, as
+    registry:2 did; their layers are the `fsLayers` blob sums.
+    """
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestInvalid({"reason": f"not valid JSON: {exc}"}) from exc
+    if isinstance(doc, dict) and doc.get("schemaVersion") == 1:
+        layers = doc.get("fsLayers")
+        if not isinstance(layers, list):
+            raise ManifestInvalid({"reason": "schema1 manifest without fsLayers"})
+        sums = [
+            _descriptor({"digest": layer.get("blobSum") if isinstance(layer, dict) else None, "size": 0}, "fsLayers")
+            for layer in layers
+        ]
+        media_type = DOCKER_SCHEMA1[1] if "signatures" in doc else DOCKER_SCHEMA1[0]
+        return ParsedManifest(media_type, list(dict.fromkeys(d["digest"] for d in sums)), [], None, None, None)
+    return parse(body, None)

@@ -68,6 +68,12 @@ class Metrics:
         self.leader = Gauge(
             "wharf_leader", "1 while this node leads a cluster job", ["job"], registry=r, multiprocess_mode="max"
         )
+        self.storage_corrupt = Counter(
+            "wharf_storage_corrupt_objects_total",
+            "Stored objects found not to match their digest (on read, or by wharf scrub)",
+            ["kind"],
+            registry=r,
+        )
         self.cache_hits = Counter("wharf_cache_hits_total", "Cache hits", ["cache"], registry=r)
         self.cache_misses = Counter("wharf_cache_misses_total", "Cache misses", ["cache"], registry=r)
         self.uploads_purged = Counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed", registry=r)
@@ -97,6 +103,13 @@ class Metrics:
             "wharf_gc_held_back_bytes",
             "Bytes the last cycle kept although nothing used them, by reason",
             ["reason"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.import_repositories = Gauge(
+            "wharf_import_repositories",
+            "Repositories of an adopted registry:2 store: done and total",
+            ["state"],
             registry=r,
             multiprocess_mode="max",
         )
@@ -253,6 +266,9 @@ class InstrumentedStorage:
 
     async def write_stream(self, key: str, chunks: AsyncIterator[bytes]) -> int:
         return await self._timed("write_stream").run(self.inner.write_stream(key, chunks))
+
+    async def copy(self, source: str, key: str) -> int:
+        return await self._timed("copy").run(self.inner.copy(source, key))
 
     async def delete(self, key: str) -> None:
         await self._timed("delete").run(self.inner.delete(key))

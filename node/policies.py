@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from coordinator.quota import QuotaScope
+from coordinator.quota import QuotaScope, QuotaScopes
 
 from .config import Config, ImmutabilityRule, QuotaRule
 
@@ -111,3 +111,8 @@ class Policies:
 
     def quota_scopes(self, repository: str) -> list[QuotaScope]:
         return [QuotaScope(q.scope, q.limit, q.label) for q in self.quotas_for(repository)]
+
+    @property
+    def scopes(self) -> QuotaScopes:
+        """Every configured quota as coordinator scopes (garbage collection keeps their counters)."""
+        return QuotaScopes(QuotaScope(q.scope, q.limit, q.label) for q in self.quotas)

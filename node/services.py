@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from coordinator.kv import KV
@@ -81,6 +82,42 @@ class BlobLocations:
         return addressed
 
 
+class ListCache:
+    """Sorted name lists (a repository's tags, the catalog) kept while their coordinator version stands.
+
+    Each use asks the coordinator for the version (one point read) and reads the whole list again
+    only when it moved, so a tag moved through any node is seen by the next request to this one.
+    Bounded by the number of names held.
+    """
+
+    def __init__(self, metrics: Metrics, kind: str, max_names: int = 500_000) -> None:
+        self._entries: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()
+        self._names = 0
+        self._max = max_names
+        self._hits = metrics.cache_hits.labels(kind)
+        self._misses = metrics.cache_misses.labels(kind)
+
+    async def get(self, key: str, fetch: Callable[[int | None], Awaitable[tuple[int, list[str] | None]]]) -> list[str]:
+        cached = self._entries.get(key)
+        version, fresh = await fetch(cached[0] if cached is not None else None)
+        if fresh is None and cached is not None:
+            self._entries.move_to_end(key)
+            self._hits.inc()
+            return cached[1]
+        self._misses.inc()
+        assert fresh is not None
+        if cached is not None:
+            del self._entries[key]
+            self._names -= len(cached[1])
+        if version and len(fresh) <= self._max:
+            self._entries[key] = (version, fresh)
+            self._names += len(fresh)
+            while self._names > self._max:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._names -= len(dropped)
+        return fresh
+
+
 @dataclass
 class Services:
     config: Config
@@ -93,10 +130,14 @@ class Services:
     blobs: BlobLocations
     metrics: Metrics
     node_id: str
+    tag_lists: ListCache = field(init=False)
+    catalog: ListCache = field(init=False)
     touches: Touches = field(init=False)
     policies: Policies = field(init=False)
 
     def __post_init__(self) -> None:
+        self.tag_lists = ListCache(self.metrics, "tag_list")
+        self.catalog = ListCache(self.metrics, "catalog")
         self.touches = Touches(self)
         self.policies = Policies.from_config(self.config)
         self.uploader.quotas_for = self.policies.quota_scopes

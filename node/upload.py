@@ -76,6 +76,8 @@ def _denied(exc: quota.QuotaExceeded) -> Denied:
     return Denied(
         {"quota": scope.name, "limit": scope.limit, "used": exc.usage, "requested": exc.size},
         message=f"quota exceeded: {scope.label}: {exc.usage} of {scope.limit} bytes used, {exc.size} more requested",
+        refused_by="quota",
+        rule=scope.label,
     )
 
 
@@ -271,6 +273,11 @@ class Uploader:
         intent = session.commit
         assert intent is not None
         upload = layout.upload_key(session.repository, session.id)
+        if intent.existed:
+            current = await self.metadata.get_blob(intent.digest)
+            if current is not None and current.corrupt and current.key == intent.key:
+                # A scrub found those bytes bad: these verified ones take their place.
+                await self.storage.delete(intent.key)
         stored = await self.storage.upload_commit(upload, session.driver_state, session.offset, intent.key)
         try:
             await self._record(session, stored)

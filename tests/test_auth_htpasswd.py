@@ -72,22 +72,75 @@ def test_new_htpasswd_files_are_private(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
-def test_apache_bcrypt_entries_are_accepted_and_other_schemes_skipped(tmp_path):
-    text = f"{APACHE_LINE}\napr:$apr1$abcdefgh$0123456789abcdefghijkl\nsha:{{SHA}}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n"
-    assert list(htpasswd.parse(text)) == ["carol"]
+def test_apache_bcrypt_entries_are_accepted_and_other_schemes_refused_by_the_registry(tmp_path):
     path = tmp_path / "htpasswd"
-    path.write_text(text)
+    path.write_text(APACHE_LINE + "\n")
 
-    async def check() -> tuple[bool, bool, bool]:
+    async def check() -> tuple[bool, bool]:
         with ThreadPoolExecutor(2) as pool:
             users_file = htpasswd.HtpasswdFile(str(path), pool)
-            return (
-                await users_file.verify("carol", b"carol-pass"),
-                await users_file.verify("carol", b"wrong"),
-                await users_file.verify("apr", b"anything"),
-            )
+            return await users_file.verify("carol", b"carol-pass"), await users_file.verify("carol", b"wrong")
 
-    assert asyncio.run(check()) == (True, False, False)
+    assert asyncio.run(check()) == (True, False)
+    # `wharf htpasswd list` skips what the registry would refuse; the registry names it and stops.
+    for line, scheme in (
+        ("apr:$apr1$abcdefgh$0123456789abcdefghijkl", "Apache MD5"),
+        ("sha:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=", "unsalted SHA-1"),
+        ("plain:hunter2", "not a bcrypt hash"),
+        ("broken:$2y$05$tooshort", "malformed bcrypt hash"),
+        ("nohash", "not user:hash"),
+    ):
+        text = f"{APACHE_LINE}\n{line}\n"
+        if not line.startswith("broken"):  # a malformed bcrypt hash shows only when it is checked
+            assert list(htpasswd.parse(text)) == ["carol"]
+        path.write_text(text)
+        with ThreadPoolExecutor(1) as pool, pytest.raises(htpasswd.HtpasswdError) as refused:
+            htpasswd.HtpasswdFile(str(path), pool)
+        message = str(refused.value)
+        assert scheme in message and str(path) in message and "line 2" in message, message
+        if line != "nohash":
+            assert f"user {line.partition(':')[0]}" in message, message
+
+
+def test_an_empty_password_entry_stops_start_up_naming_the_user_and_file(tmp_path):
+    users = make_users(tmp_path / "htpasswd", {"alice": "alice-pw"})
+    with open(users, "a") as handle:
+        handle.write(f"eve:{bcrypt.hashpw(b'', bcrypt.gensalt(4)).decode()}\n")
+    process = SecureWharf(tmp_path / "wharf", http={"insecure": True}, auth={"htpasswd": {"path": str(users)}})
+    result = wharf_cli("serve", str(process.config_path), check=False)
+    assert result.returncode == 2, result.stderr
+    assert f"htpasswd file {users} line 2: user eve has an empty password" in result.stderr
+
+
+def test_a_reload_with_an_unusable_entry_keeps_the_previous_users(tmp_path):
+    users = make_users(tmp_path / "htpasswd", {"alice": "alice-pw"})
+    with SecureWharf(
+        tmp_path / "wharf",
+        http={"insecure": True},
+        auth={"htpasswd": {"path": str(users)}},
+        ratelimit={"authfailures": {"peraddress": 0, "peruser": 0}},  # the polling below fails a few times
+    ) as process:
+        with process.client(auth=("alice", "alice-pw")) as alice, process.client(auth=("eve", "")) as eve:
+            assert alice.get("/v2/").status_code == 200
+            good = users.read_text()
+            users.write_text(good + f"eve:{bcrypt.hashpw(b'', bcrypt.gensalt(4)).decode()}\n")
+            wait_until(  # the file is looked at when someone signs in
+                lambda: (
+                    alice.get("/v2/").status_code == 200
+                    and "user eve has an empty password" in process.log_text()
+                    and "the file is not reloaded: keeping its previous 1 users" in process.log_text()
+                ),
+                timeout=10,
+                what="the refused reload to be logged",
+            )
+            assert alice.get("/v2/").status_code == 200
+            assert eve.get("/v2/").status_code == 401
+            # Fixed, the file loads again, new users included.
+            users.write_text(good)
+            make_users(users, {"frank": "frank-pw"})
+            with process.client(auth=("frank", "frank-pw")) as frank:
+                wait_until(lambda: frank.get("/v2/").status_code == 200, timeout=10, what="the fixed file to load")
+            assert alice.get("/v2/").status_code == 200
 
 
 def test_bcrypt_runs_off_the_loop_once_for_concurrent_requests_and_successes_are_cached(tmp_path, monkeypatch):

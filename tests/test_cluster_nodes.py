@@ -159,6 +159,25 @@ def test_tag_moved_through_one_node_is_seen_by_the_next_request_to_another(three
         assert_error(cb.get("/v2/team/app/manifests/v1", headers=_ANY), 404, "MANIFEST_UNKNOWN")
 
 
+def test_tag_lists_and_catalog_cached_on_one_node_follow_changes_made_through_another(three_nodes):
+    a, b, _ = three_nodes
+    with _client(a) as ca, _client(b) as cb:
+        oci_a = OCIClient(ca)
+        oci_a.push_image("team/app", "v1", layers=[b"one"])
+        for _ in range(3):  # warm b's caches
+            assert cb.get("/v2/team/app/tags/list").json()["tags"] == ["v1"]
+            assert cb.get("/v2/_catalog").json()["repositories"] == ["team/app"]
+        oci_a.push_image("team/app", "v2", layers=[b"two"])
+        assert cb.get("/v2/team/app/tags/list").json()["tags"] == ["v1", "v2"]
+        assert cb.get("/v2/team/app/tags/list", params={"n": 1, "last": "v1"}).json()["tags"] == ["v2"]
+        oci_a.push_image("team/other", "x", layers=[b"three"])
+        assert cb.get("/v2/_catalog").json()["repositories"] == ["team/app", "team/other"]
+        assert ca.delete("/v2/team/app/manifests/v1").status_code == 202
+        assert cb.get("/v2/team/app/tags/list").json()["tags"] == ["v2"]
+        metrics = httpx.get(b.metrics_url, timeout=5).text
+        assert 'wharf_cache_hits_total{cache="tag_list"}' in metrics
+
+
 def _leading(node: WharfProcess) -> bool:
     try:
         text = httpx.get(node.metrics_url, timeout=2).text

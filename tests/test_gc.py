@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ import pytest
 from inprocess import InProcessRegistry
 from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
 
+from coordinator import gc as coordinator_gc
 from coordinator import keys
 from coordinator.gc import Collector
+from coordinator.uploads import CommitIntent
 from node import gc
 from node.config import load
+from node.maintenance import Maintenance
+from node.storage import layout
 from node.storage.s3 import S3Driver
 from node.store import open_store
 
@@ -340,3 +345,65 @@ def test_gc_command_runs_a_cycle_with_dry_run_and_explain(tmp_path):
 async def _create_store(config: Path) -> None:
     store = await open_store(load(str(config), environ={}), "serve")
     await store.close()
+
+
+async def test_deleted_images_space_comes_back_at_the_next_cycle_despite_the_grace(tmp_path):
+    reg = Registry(tmp_path, grace="1h")
+    try:
+        base = os.urandom(40_000)
+        kept, _ = await reg.image("team/app", "keep", [base, os.urandom(1000)])
+        gone, _ = await reg.image("team/app", "gone", [base, os.urandom(30_000)])
+        in_flight = await reg.blob("team/app", os.urandom(5000))  # uploaded, no manifest yet
+        before = reg.stored_bytes()
+        assert (await reg.http.delete(f"/v2/team/app/manifests/{gone}")).status_code == 202
+        summary = await gc.collect(reg.services)
+        assert summary.blobs_deleted == 3, "the deleted image's own layer, config and manifest go at once"
+        assert before - reg.stored_bytes() == summary.bytes_freed > 30_000
+        held = {h.reason: h for h in summary.held_back.values()}
+        young = held[coordinator_gc.HELD_YOUNG]
+        assert young.count == 1 and young.bytes == 5000 and young.until is not None
+        assert young.until > summary.started + 3500, "held until the grace ends, and the summary says when"
+        assert await reg.blob_status("team/app", in_flight) == 200
+        assert (await reg.http.get("/v2/team/app/manifests/keep", headers=ANY)).status_code == 200
+        del kept
+    finally:
+        await reg.close()
+
+
+async def test_objects_no_record_names_are_reported_and_kept_unless_asked_by_name(registry):
+    await registry.image("team/app", "v1", [os.urandom(2000)])
+    stray = os.urandom(3000)
+    path = registry.root / "registry" / layout.blob_key(digest_of(stray))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(stray)
+    old = path.stat().st_mtime - 7 * 86400
+    os.utime(path, (old, old))
+    summary = await gc.collect(registry.services)
+    assert (summary.unaccounted_objects, summary.unaccounted_bytes) == (1, 3000)
+    assert path.read_bytes() == stray, "never deleted: Wharf cannot prove it wrote it"
+    report = await Collector(registry.kv, grace=0).explain(None, digest_of(stray))
+    assert any("no Wharf record names it" in reason for reason in report["reasons"])
+    dry = await gc.collect(registry.services, dry_run=True, delete_unaccounted=True)
+    assert dry.orphans_deleted == 1 and path.exists()
+    asked = await gc.collect(registry.services, delete_unaccounted=True)
+    assert asked.orphans_deleted == 1 and not path.exists()
+    assert (await registry.http.get("/v2/team/app/manifests/v1", headers=ANY)).status_code == 200
+
+
+async def test_a_commit_cut_short_is_reclaimed_through_its_intent_and_a_prior_object_is_kept(registry):
+    services = registry.services
+    mine, theirs = os.urandom(4000), os.urandom(4100)
+    for data, existed in ((mine, False), (theirs, True)):
+        digest = digest_of(data)
+        key = layout.blob_key(digest)
+        session = await services.sessions.create(
+            services.sessions.new_id(), "team/app", {}, commit=CommitIntent(digest, key, existed)
+        )
+        # The node died after the bytes reached their key and before the blob record was written.
+        await services.storage.write_bytes(key, data)
+        assert await services.sessions.get(session.id) is not None
+    purged = await Maintenance(services).purge_uploads(now=time.time() + 365 * 86400)
+    assert purged == 2
+    assert await services.storage.stat(layout.blob_key(digest_of(mine))) is None, "our own bytes went"
+    assert await services.storage.stat(layout.blob_key(digest_of(theirs))) == 4100, "an object from before stays"
+    assert await registry.kv.range(keys.UPLOADS) == []

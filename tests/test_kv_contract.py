@@ -8,6 +8,7 @@ prefix per test, removed afterwards. A few tests at the end exercise what only t
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -205,6 +206,46 @@ async def test_range_start_key_is_inclusive_and_clamped_to_the_prefix(kv: KV) ->
     assert [k.key for k in await kv.range("p/", start="a")] == ["p/a", "p/b", "p/c"]  # before the prefix
     assert await kv.range("p/", start="p/d") == []
     assert await kv.range("p/", start="q/") == []  # beyond the prefix
+
+
+async def _page_through(kv: KV, prefix: str, limit: int) -> list[str]:
+    found: list[str] = []
+    start: str | None = None
+    for _ in range(10_000):
+        page = await kv.range(prefix, start=start, limit=limit)
+        found += [item.key for item in page]
+        if len(page) < limit:
+            return found
+        start = page[-1].key + "\0"
+    raise AssertionError("paging did not end")
+
+
+async def test_paging_through_uneven_keys_never_skips_or_repeats_one(kv: KV) -> None:
+    rng = random.Random(7)
+    prefix = "pages/"
+    # Dense runs, long shared stretches (a repository's links), sparse outliers, odd characters.
+    wanted = {f"{prefix}team/app@sha256:{rng.getrandbits(256):064x}" for _ in range(700)}
+    wanted |= {f"{prefix}a{n:05d}" for n in range(300)}
+    wanted |= {f"{prefix}{'z' * rng.randint(1, 90)}{n}" for n in range(40)}
+    wanted |= {f"{prefix}ü{n}" for n in range(5)} | {f"{prefix}\u00ff{n}" for n in range(5)}
+    ordered = sorted(wanted, key=lambda k: k.encode())
+    for start in range(0, len(ordered), 100):
+        await kv.txn([], [Put(k, b"v") for k in ordered[start : start + 100]])
+    for limit in (1, 7, 100, 1000):
+        assert await _page_through(kv, prefix, limit) == ordered
+    # Keys added between pages, before and after the position: those after it come, none twice.
+    first = await kv.range(prefix, limit=50)
+    assert [k.key for k in first] == ordered[:50]
+    extra = [f"{prefix}0first", f"{prefix}team/app@sha256:{'f' * 64}x", f"{prefix}zzzzzzzz-last"]
+    await kv.txn([], [Put(k, b"v") for k in extra])
+    seen = [k.key for k in first]
+    start: str | None = first[-1].key + "\0"
+    while start is not None:
+        page = await kv.range(prefix, start=start, limit=50)
+        seen += [k.key for k in page]
+        start = page[-1].key + "\0" if len(page) == 50 else None
+    after = [k for k in sorted(wanted | set(extra), key=lambda k: k.encode()) if k.encode() > first[-1].key.encode()]
+    assert seen == ordered[:50] + after
 
 
 async def test_range_paginates_with_start_key_and_limit(kv: KV) -> None:

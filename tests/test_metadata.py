@@ -110,3 +110,57 @@ async def test_a_commit_whose_session_was_cancelled_records_nothing(metadata):
     with pytest.raises(SessionChanged):
         await metadata.commit_blob("team/app", B, 10, "k", upload=("u2", revision))
     assert await kv.get(keys.blob(B)) is None and await metadata.get_link("team/app", B) is None
+
+
+class _CountingKV:
+    """Counts the keys a KV hands out, to show what an operation reads."""
+
+    def __init__(self, kv: EmbeddedKV) -> None:
+        self.kv = kv
+        self.read = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.kv, name)
+
+    async def range(self, prefix: str, **kwargs):
+        found = await self.kv.range(prefix, **kwargs)
+        self.read += len(found)
+        return found
+
+
+@pytest.mark.parametrize("others", [10, 2000])
+async def test_deleting_a_manifest_reads_only_the_tags_that_point_at_it(tmp_path, others):
+    kv = EmbeddedKV(str(tmp_path / "kv.db"))
+    await kv.put(keys.TAG_INDEX_BUILT, b"{}")
+    counting = _CountingKV(kv)
+    metadata = Metadata(counting)  # type: ignore[arg-type]
+    try:
+        await _link(metadata, "team/app", A)
+        await metadata.put_manifest("team/app", _record(M2, [A]), tag="other-0", storage_key="k")
+        for n in range(others):
+            await metadata.put_manifest("team/app", _record(M2, [A]), tag=f"other-{n}", storage_key="k")
+        for tag in ("v1", "v1.0", "latest"):
+            await metadata.put_manifest("team/app", _record(M1, [A]), tag=tag, storage_key="k")
+        # A tag that pointed at M1 and moved away stays.
+        await metadata.put_manifest("team/app", _record(M1, [A]), tag="moved", storage_key="k")
+        await metadata.put_manifest("team/app", _record(M2, [A]), tag="moved", storage_key="k")
+        counting.read = 0
+        assert await metadata.delete_manifest("team/app", M1)
+        assert counting.read <= 5, f"read {counting.read} keys to delete a manifest with 3 tags"
+        remaining = await metadata.list_tags("team/app")
+        assert "v1" not in remaining and "latest" not in remaining and "moved" in remaining
+        assert len(remaining) == others + 1
+        assert await kv.range(keys.tags_of_digest("team/app", M1)) == []
+    finally:
+        await kv.close()
+
+
+async def test_a_store_from_before_the_tag_index_is_indexed_once(metadata):
+    await _link(metadata, "team/app", A)
+    for tag in ("a", "b"):
+        await metadata.put_manifest("team/app", _record(M1, [A]), tag=tag, storage_key="k")
+    await metadata.kv.delete(keys.TAGGED, prefix=True)  # as an older Wharf left it
+    assert sorted(await metadata.tags_of_digest("team/app", M1)) == ["a", "b"], "read from the tags until built"
+    assert await metadata.build_tag_index() == 2
+    assert await metadata.build_tag_index() == 0
+    assert sorted(await metadata.tags_of_digest("team/app", M1)) == ["a", "b"]

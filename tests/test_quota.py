@@ -203,3 +203,57 @@ def test_two_nodes_pushing_into_one_namespace_never_overshoot(tmp_path, etcd):
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_sixteen_pushers_into_one_quota_never_overshoot_and_never_see_a_5xx(tmp_path, etcd):
+    prefix = f"/wharf-quota-{uuid.uuid4().hex[:8]}/"
+    size, limit = 5_000, 300_000
+    settings = {
+        "storage": {"filesystem": {"rootdirectory": str(tmp_path / "shared")}, "delete": {"enabled": True}},
+        "coordinator": {"etcd": {"endpoints": etcd.endpoints, "prefix": prefix}},
+        "quotas": [{"namespace": "team/", "limit": str(limit)}],
+    }
+    nodes = [WharfProcess(tmp_path / f"n{i}", **settings) for i in range(2)]
+    statuses: list[int] = []
+    accepted: list[int] = []
+    lock = threading.Lock()
+
+    def pusher(url: str, repo: str) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for _ in range(8):
+                data = os.urandom(size)
+                for _attempt in range(20):  # as clients do: honour 429 with Retry-After, then give up
+                    r = client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest_of(data)}, content=data)
+                    with lock:
+                        statuses.append(r.status_code)
+                    if r.status_code != 429:
+                        break
+                    assert r.headers.get("retry-after")
+                if r.status_code == 201:
+                    with lock:
+                        accepted.append(1)
+
+    try:
+        for node in nodes:
+            node.start()
+        threads = [threading.Thread(target=pusher, args=(nodes[i % 2].url, f"team/app{i % 4}")) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        assert all(code < 500 for code in statuses), sorted(set(statuses))
+        assert set(statuses) <= {201, 403, 429}
+        assert len(accepted) * size <= limit, f"{len(accepted)} blobs of {size} bytes accepted under {limit}"
+        assert len(accepted) == limit // size, "every blob that fit was accepted"
+        listed = subprocess.run(
+            [sys.executable, "-m", "node.cli", "quota", "ls", "--json", str(nodes[0].config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert json.loads(listed.stdout)[0]["used"] == len(accepted) * size, "the counter equals the links"
+    finally:
+        for node in nodes:
+            node.stop()
+        etcd.delete_prefix(prefix)

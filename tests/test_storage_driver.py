@@ -31,9 +31,11 @@ async def driver(request, tmp_path) -> AsyncIterator[StorageDriver]:
         yield store
         await store.close()
         return
-    # The smallest part size S3 allows, so small test blobs exercise multipart uploads.
+    # The smallest part size S3 allows, so small test blobs exercise multipart uploads and copies.
     server = request.getfixturevalue(S3_SERVERS[request.param])
-    config = server.storage_config(chunksize=MIN_PART_SIZE)
+    config = server.storage_config(
+        chunksize=MIN_PART_SIZE, multipartcopythresholdsize=MIN_PART_SIZE, multipartcopychunksize=MIN_PART_SIZE
+    )
     store = S3Driver(config)
     yield store
     await store.close()
@@ -674,3 +676,19 @@ def test_snapshot_names_sort_by_time_and_parse_back_exactly():
         "docker/registry/v2/wharf-coordinator-20231114T221320.000Z-r1.jsonl.gz",
     ]
     assert [layout.snapshot_from_key(key) for key in others] == [None] * len(others)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 11 * MiB + 3])
+async def test_copy_makes_an_identical_object_and_leaves_the_source(driver, size):
+    data = os.urandom(size)
+    source = layout.upload_key("team/app", "11111111-2222-3333-4444-00000000c0b1")
+    await driver.write_stream(source, _chunks(data))
+    key = layout.blob_key(_digest(data))
+    assert await driver.copy(source, key) == size
+    assert await _read_all(driver, key) == data
+    assert await _read_all(driver, source) == data
+
+
+async def test_copy_of_a_missing_object_raises_file_not_found(driver):
+    with pytest.raises(FileNotFoundError):
+        await driver.copy(layout.blob_key(_digest(b"gone")), layout.blob_key(_digest(b"elsewhere")))

@@ -7,6 +7,7 @@ docker's certs.d would; policy checks stay off (`--insecure-policy`), there is n
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 from pathlib import Path
 
@@ -198,4 +199,13 @@ def test_no_password_token_or_authorization_value_reaches_any_log(tls, registrie
         logs += [registry.log_path, registry.data_dir / "audit.log"]
     assert all(path.exists() and path.stat().st_size > 0 for path in logs)
     assert_no_secrets(logs, secrets)
+    # The token-mode refusals and answers, each one line naming what refused it.
+    lines = [json.loads(line) for line in (token_registry.data_dir / "audit.log").read_text().splitlines()]
+    scope = [e for e in lines if e["refused_by"] == "access" and e["repository"] == "ci/other"]
+    assert scope and scope[-1]["action"] == "pull" and scope[-1]["rule"] == "repository:ci/other:pull"
+    bad = [e for e in lines if e["refused_by"] == "signin" and e["action"] == "login"]
+    assert bad and bad[-1]["status"] == 401, lines[-5:]
+    tokens = [e for e in lines if e["action"] == "token" and e["result"] == "success"]
+    assert any(e["user"] == "robot" for e in tokens)
+    assert any(e["granted"] == "repository:ci/secrets-token:pull registry:catalog:*" for e in tokens)
     assert_no_secrets(sorted(Path(root).rglob("*.log")), secrets)

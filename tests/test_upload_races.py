@@ -14,7 +14,8 @@ import httpx
 import pytest
 from wharf_process import WharfProcess
 
-ROUNDS = {"filesystem": 12, "s3": 6}
+ROUNDS = {"filesystem": 12, "s3-moto": 6, "s3-rgw": 6}
+S3_SERVERS = {"s3-moto": "s3_server", "s3-rgw": "rgw_server"}
 RACERS = 8
 
 
@@ -22,12 +23,13 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", *S3_SERVERS])
 def node(request, tmp_path) -> Iterator[tuple[str, WharfProcess]]:
     sections: dict[str, Any] = {}
     root = None
-    if request.param == "s3":
-        server = request.getfixturevalue("s3_server")
+    server = None
+    if request.param in S3_SERVERS:
+        server = request.getfixturevalue(S3_SERVERS[request.param])
         s3 = server.storage_config(chunksize=5 * 1024 * 1024)
         root = s3.rootdirectory
         sections["storage"] = {"s3": dataclasses.asdict(s3), "delete": {"enabled": True}}
@@ -35,8 +37,8 @@ def node(request, tmp_path) -> Iterator[tuple[str, WharfProcess]]:
         with WharfProcess(tmp_path / "node", **sections) as process:
             yield request.param, process
     finally:
-        if root is not None:
-            request.getfixturevalue("s3_server").remove_prefix(root.strip("/") + "/")
+        if server is not None and root is not None:
+            server.remove_prefix(root.strip("/") + "/")
 
 
 Call = Callable[[httpx.Client, str], httpx.Response]

@@ -47,6 +47,9 @@ async def _linked_size(request: Request) -> tuple[str, str, int]:
     link = await svc.metadata.get_link(name, digest)
     if link is None:
         raise BlobUnknown({"digest": digest})
+    if link.corrupt:
+        # Never served as valid: a client told it is unknown uploads it again, which repairs it.
+        raise BlobUnknown({"digest": digest, "reason": "the stored bytes do not match the digest; push it again"})
     # A client told that a blob exists will not upload it again: keep it past the next GC.
     await svc.touches.touch(digest)
     return name, digest, link.size
@@ -103,6 +106,6 @@ async def delete_blob(request: Request) -> Response:
     digest = str(parse_digest(request.path_params["digest"]))
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
-    if not await svc.metadata.unlink_blob(name, digest):
+    if not await svc.metadata.unlink_blob(name, digest, quotas=svc.policies.quota_scopes(name)):
         raise BlobUnknown({"digest": digest})
     return Response(status_code=202, headers={"Content-Length": "0"})

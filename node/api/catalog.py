@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..services import Services
 from .common import next_link, page_size, services, url
 
 MAX_PAGE = 1000
@@ -19,11 +20,10 @@ async def list_repositories(request: Request) -> Response:
     n = page_size(request, default=MAX_PAGE, maximum=MAX_PAGE)
     assert n is not None
     last = request.query_params.get("last") or None
+    every = await svc.catalog.get("", svc.metadata.repository_list)
     visible = request.scope.get("state", {}).get("catalog_filter")
-    if visible is None:
-        names = await svc.metadata.list_repositories(last=last, limit=n + 1) if n else []
-    else:
-        names = await _visible(svc, visible, last, n + 1) if n else []
+    start = bisect.bisect_right(every, last) if last else 0
+    names = _page(every, start, n + 1, visible) if n else []
     headers = {}
     if len(names) > n:
         names = names[:n]
@@ -31,14 +31,14 @@ async def list_repositories(request: Request) -> Response:
     return Response(json.dumps({"repositories": names}).encode(), media_type="application/json", headers=headers)
 
 
-async def _visible(svc: Services, visible: Callable[[str], bool], last: str | None, want: int) -> list[str]:
-    """Up to `want` names after `last` that pass the caller's filter (set by auth: what it may pull)."""
+def _page(every: list[str], start: int, want: int, visible: Callable[[str], bool] | None) -> list[str]:
+    """Up to `want` names from `start` on that pass the caller's filter (set by auth: what it may pull)."""
+    if visible is None:
+        return every[start : start + want]
     names: list[str] = []
-    batch = max(want, 100)
-    while len(names) < want:
-        page = await svc.metadata.list_repositories(last=last, limit=batch)
-        names.extend(name for name in page if visible(name))
-        if len(page) < batch:
-            break
-        last = page[-1]
-    return names[:want]
+    for name in itertools.islice(every, start, None):
+        if visible(name):
+            names.append(name)
+            if len(names) == want:
+                break
+    return names

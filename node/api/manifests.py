@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable
 
@@ -13,6 +14,7 @@ from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferenc
 from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import manifest as manifests
+from ..audit import note
 from ..errors import (
     Denied,
     DigestInvalid,
@@ -26,6 +28,8 @@ from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
 from .common import repository, services, url
+
+log = logging.getLogger("wharf.manifests")
 
 
 def _existing_reference(request: Request) -> Reference:
@@ -49,8 +53,22 @@ async def manifest_bytes(svc: Services, digest: str) -> bytes:
             body = await svc.storage.read_bytes(layout.blob_key(digest))
         except FileNotFoundError:
             raise ManifestUnknown({"digest": digest, "reason": "manifest content missing from storage"}) from None
+        if manifests.compute_digest(body, digest.split(":", 1)[0]) != digest and not _schema1(body):
+            # Bit rot or a hand-edited file: never served as valid, and said loudly.
+            svc.metrics.storage_corrupt.labels("manifest").inc()
+            log.error("manifest %s in storage does not match its digest", digest, extra={"fields": {"digest": digest}})
+            raise ManifestUnknown({"digest": digest, "reason": "the stored manifest does not match its digest"})
         svc.manifests.put(digest, body)
     return body
+
+
+def _schema1(body: bytes) -> bool:
+    """Signed schema1 manifests (adopted from registry:2) are named by their payload, not their bytes."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
 async def _load(request: Request) -> tuple[str, str, bytes]:
@@ -205,6 +223,9 @@ async def _record_manifest(
         raise Denied(
             {"tag": exc.tag, "digest": exc.digest, "rule": frozen},
             message=f"tag {exc.tag} is immutable (rule: {frozen}) and cannot be moved",
+            refused_by="immutability",
+            rule=frozen,
+            audit={"digest": record.digest},  # the manifest refused; the tag keeps exc.digest
         ) from None
 
 
@@ -216,12 +237,21 @@ async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
     if ref.tag is not None:
         tags = [ref.tag]
     else:
-        tags = [t for t, r in (await svc.metadata.tag_records(name)).items() if r.digest == str(ref.digest)]
+        tags = list(await svc.metadata.tags_of_digest(name, str(ref.digest)))
     for tag in tags:
         rule = immutability.rule_for(name, tag)
         if rule is not None:
+            if ref.digest is not None:
+                digest: str | None = str(ref.digest)
+            else:
+                record = await svc.metadata.get_tag(name, tag)
+                digest = record.digest if record is not None else None
             raise Denied(
-                {"tag": tag, "rule": rule}, message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted"
+                {"tag": tag, "rule": rule},
+                message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted",
+                refused_by="immutability",
+                rule=rule,
+                audit={"digest": digest},
             )
 
 
@@ -233,8 +263,10 @@ async def delete_manifest(request: Request) -> Response:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
     await check_deletable(svc, name, ref)
     if ref.tag is not None:
-        if not await svc.metadata.delete_tag(name, ref.tag):
+        deleted = await svc.metadata.delete_tag(name, ref.tag)
+        if deleted is None:
             raise ManifestUnknown({"tag": ref.tag})
+        note(request.scope, digest=deleted.digest)
     elif not await svc.metadata.delete_manifest(name, str(ref.digest)):
         raise ManifestUnknown({"digest": str(ref.digest)})
     return Response(status_code=202, headers={"Content-Length": "0"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 
 from starlette.requests import Request
@@ -18,15 +19,13 @@ async def list_tags(request: Request) -> Response:
     name = repository(request)
     n = page_size(request, default=None, maximum=MAX_PAGE)
     last = request.query_params.get("last") or None
-    if n == 0:
-        tags: list[str] = []
-    else:
-        tags = await svc.metadata.list_tags(name, last=last, limit=(n + 1) if n else 0)
-    if not tags and not await svc.metadata.repository_exists(name):
+    every = await svc.tag_lists.get(name, lambda known: svc.metadata.tag_list(name, known))
+    if not every and not await svc.metadata.repository_exists(name):
         raise NameUnknown({"name": name})
+    start = bisect.bisect_right(every, last) if last else 0
+    tags = every[start:] if n is None else every[start : start + n]
     headers = {}
-    if n and len(tags) > n:
-        tags = tags[:n]
+    if n and start + n < len(every):
         headers["Link"] = next_link(url(request, f"/v2/{name}/tags/list"), n, tags[-1])
     body = json.dumps({"name": name, "tags": tags}).encode()
     return Response(body, media_type="application/json", headers=headers)

@@ -1,4 +1,4 @@
-"""Signing in with a user name and password (HTTP Basic), under the failure limits, audited."""
+"""Signing in with a user name and password (HTTP Basic), under the failure limits."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import base64
 import binascii
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from ..audit import AuditLog
 from ..errors import TooManyRequests, Unauthorized
 from .htpasswd import HtpasswdFile
 from .ratelimit import FailureLimiter
@@ -50,34 +48,40 @@ def parse_basic(param: bytes) -> Credentials | None:
 
 
 class PasswordSignIn:
-    """Checks a user's password against the htpasswd users; every failure is counted and audited."""
+    """Checks a user's password against the htpasswd users; every failure is counted.
 
-    def __init__(self, users: HtpasswdFile | None, limiter: FailureLimiter, audit: AuditLog | None) -> None:
+    Refusals carry what their audit line needs (`refused_by` "signin" or "ratelimit").
+    """
+
+    def __init__(self, users: HtpasswdFile | None, limiter: FailureLimiter) -> None:
         self.users = users
         self.limiter = limiter
-        self.audit = audit
 
     def check_not_blocked(self, remote: str | None, user: str | None = None) -> None:
-        wait = self.limiter.retry_after(remote, user)
+        wait, by = self.limiter.blocked(remote, user)
         if wait > 0:
             raise TooManyRequests(
-                {"reason": "too many failed sign-ins; retry later"}, headers={"Retry-After": str(math.ceil(wait))}
+                {"reason": "too many failed sign-ins; retry later"},
+                headers={"Retry-After": str(math.ceil(wait))},
+                refused_by="ratelimit",
+                rule=f"authfailures {by}",
+                audit={"user": user},
             )
 
-    async def sign_in(
-        self, credentials: Credentials, *, remote: str | None, challenge: dict[str, str], **context: Any
-    ) -> str:
+    async def sign_in(self, credentials: Credentials, *, remote: str | None, challenge: dict[str, str]) -> str:
         """The user name, or Unauthorized (with `challenge` headers) / TooManyRequests."""
         self.check_not_blocked(remote, credentials.user)
         if self.users is not None and await self.users.verify(credentials.user, credentials.password):
             return credentials.user
         reason = "unknown user" if self.users is None or credentials.user not in self.users else "wrong password"
-        await self.failed(remote, credentials.user[:256], reason, **context)
-        raise Unauthorized(message="authentication failed", headers=challenge)
+        raise self.refuse(remote, credentials.user[:256], reason, message="authentication failed", headers=challenge)
 
-    async def failed(self, remote: str | None, user: str | None, reason: str, **context: Any) -> None:
-        """Count and audit a failed sign-in (wrong password, malformed header, invalid token)."""
+    def refuse(
+        self, remote: str | None, user: str | None, reason: str, *, message: str, headers: dict[str, str]
+    ) -> Unauthorized:
+        """Count a failed sign-in (wrong password, malformed header, invalid token); the error to answer with."""
         blocked = self.limiter.failure(remote, user)
-        if self.audit is not None:
-            extra = {"blocked": blocked} if blocked else {}
-            await self.audit.record("login", "failure", user=user, remote=remote, reason=reason, **context, **extra)
+        audit: dict[str, object] = {"user": user}
+        if blocked:
+            audit["blocked"] = blocked
+        return Unauthorized(message=message, headers=headers, refused_by="signin", rule=reason, audit=audit)

@@ -1,4 +1,8 @@
-"""Users of an Apache htpasswd file (bcrypt entries only): checked off the event loop, reloaded on change."""
+"""Users of an Apache htpasswd file (bcrypt entries only): checked off the event loop, reloaded on change.
+
+An entry Wharf cannot verify (another hash scheme) or that matches the empty password stops
+start-up with a message naming it; at a reload the previous users stay and the log says why.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import secrets
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Executor
 
 import bcrypt
@@ -29,6 +34,14 @@ CACHE_ENTRIES = 10_000
 # How often the file's identity (inode, mtime, size) is looked at for a reload.
 RELOAD_SECONDS = 1.0
 
+# Apache's other schemes, named in the message that refuses them.
+_OTHER_SCHEMES = (
+    ("$apr1$", "Apache MD5 ($apr1$)"),
+    ("{SHA}", "unsalted SHA-1 ({SHA})"),
+    ("$1$", "MD5-crypt ($1$)"),
+    ("$5$", "SHA-256-crypt ($5$)"),
+    ("$6$", "SHA-512-crypt ($6$)"),
+)
 _USER = re.compile(r"[^:\s\x00-\x1f\x7f]{1,256}")
 
 
@@ -42,24 +55,77 @@ def validate_user(user: str) -> str:
     return user
 
 
-def parse(text: str, source: str = "htpasswd") -> dict[str, bytes]:
-    """user -> bcrypt hash; comments, blank lines and non-bcrypt entries are skipped."""
-    users: dict[str, bytes] = {}
+def _entries(text: str, source: str) -> Iterator[tuple[int, str, bytes | None, str | None]]:
+    """(line number, user, bcrypt hash or None, why the entry is unusable or None) of each entry."""
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         user, sep, hashed = line.partition(":")
         if not sep or not user:
-            log.warning("%s line %d is not user:hash; skipped", source, number)
-            continue
-        if not hashed.startswith(BCRYPT_PREFIXES):
-            log.warning(
-                "%s line %d: %s has no bcrypt password (make it with htpasswd -B); skipped", source, number, user
+            yield number, user, None, f"htpasswd file {source} line {number} is not user:hash"
+        elif not hashed.startswith(BCRYPT_PREFIXES):
+            scheme = next((name for prefix, name in _OTHER_SCHEMES if hashed.startswith(prefix)), "not a bcrypt hash")
+            yield (
+                number,
+                user,
+                None,
+                f"htpasswd file {source} line {number}: user {user}'s password is {scheme}, which Wharf does not "
+                f"verify (bcrypt only, as Distribution); set it again with `wharf htpasswd add {source} {user}` "
+                "or `htpasswd -B`",
             )
-            continue
-        users[user] = hashed.encode()
+        else:
+            yield number, user, hashed.encode(), None
+
+
+def parse(text: str, source: str = "htpasswd") -> dict[str, bytes]:
+    """user -> bcrypt hash; comments, blank lines and unusable entries are skipped (with a warning)."""
+    users: dict[str, bytes] = {}
+    for _, user, hashed, problem in _entries(text, source):
+        if hashed is None:
+            log.warning("%s; skipped", problem)
+        else:
+            users[user] = hashed
     return users
+
+
+def load(
+    text: str, source: str, *, checked: set[bytes] | None = None, executor: Executor | None = None
+) -> dict[str, bytes]:
+    """user -> bcrypt hash, or HtpasswdError naming the first entry nobody could use safely.
+
+    Refused: an entry that is not user:hash, a hash in another scheme, a malformed bcrypt hash, and
+    one that matches the empty password. The last costs one bcrypt check per entry; hashes in
+    `checked` passed before and are not checked again (it gains the ones that pass now).
+    """
+    users: dict[str, bytes] = {}
+    lines: dict[str, int] = {}
+    for number, user, hashed, problem in _entries(text, source):
+        if hashed is None:
+            raise HtpasswdError(problem)
+        users[user] = hashed
+        lines[user] = number
+    known = checked if checked is not None else set()
+    pending = [(user, hashed) for user, hashed in users.items() if hashed not in known]
+    run = executor.map if executor is not None else map
+    for (user, hashed), verdict in zip(pending, run(_empty_or_broken, [h for _, h in pending]), strict=True):
+        if verdict is not None:
+            raise HtpasswdError(
+                f"htpasswd file {source} line {lines[user]}: user {user} {verdict}; "
+                f"set a password with `wharf htpasswd add {source} {user}`"
+            )
+        known.add(hashed)
+    return users
+
+
+def _empty_or_broken(hashed: bytes) -> str | None:
+    """Why a bcrypt entry cannot stay: it matches the empty password, or is malformed; None if fine."""
+    try:
+        if bcrypt.checkpw(b"", hashed):
+            return "has an empty password"
+    except ValueError:
+        return "has a malformed bcrypt hash"
+    return None
 
 
 def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
@@ -173,6 +239,8 @@ class HtpasswdFile:
         self._cache: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[bool]] = {}
         self._slots = asyncio.Semaphore(max_pending)
+        self._usable: set[bytes] = set()  # hashes known not to match the empty password
+        self._loaded = False
         if os.path.isdir(path):
             raise HtpasswdError(
                 f"{key}: expected an htpasswd file, got the directory {path!r} "
@@ -183,7 +251,7 @@ class HtpasswdFile:
                 f"{key}: expected an htpasswd file, got {path!r}, which does not exist "
                 f"(create it with `wharf htpasswd add {path} USER`)"
             )
-        self._refresh()
+        self._refresh(executor)  # at start, the entries are checked in parallel
         self._checked = time.monotonic()
 
     def __contains__(self, user: str) -> bool:
@@ -192,29 +260,39 @@ class HtpasswdFile:
     def __len__(self) -> int:
         return len(self._users)
 
-    def _refresh(self) -> None:
-        """Re-read the file if it changed; keep the last good users if it cannot be read."""
+    def _refresh(self, executor: Executor | None = None) -> None:
+        """Re-read the file if it changed; keep the last good users if it cannot be read or used.
+
+        At start (no users yet) an unusable file raises HtpasswdError instead.
+        """
         try:
             st = os.stat(self.path)
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             if stamp == self._stamp:
                 return
             with open(self.path, encoding="utf-8", errors="replace") as handle:
-                users = parse(handle.read(), self.path)
+                users = load(handle.read(), self.path, checked=self._usable, executor=executor)
         except OSError as exc:
             if self._stamp is not None:
                 log.warning("htpasswd file %s cannot be read (%s); keeping %d users", self.path, exc, len(self._users))
                 self._stamp = None
+            return
+        except HtpasswdError as exc:
+            if not self._loaded:
+                raise
+            log.error("%s; the file is not reloaded: keeping its previous %d users", exc, len(self._users))
+            self._stamp = stamp  # said once per change of the file
             return
         costs = sorted(_cost(h) for h in users.values())
         cost = costs[len(costs) // 2] if costs else DEFAULT_COST
         if not self._dummy or _cost(self._dummy) != cost:
             # Checked for unknown users, so a wrong name costs as long as a wrong password.
             self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
-        if self._stamp is not None or self._users:
+        if self._loaded:
             log.info("htpasswd file %s reloaded: %d users", self.path, len(users))
         self._users = users
         self._stamp = stamp
+        self._loaded = True
 
     async def _maybe_refresh(self) -> None:
         now = time.monotonic()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import Denied, RegistryError, Unauthorized, error_response
+from ..errors import Denied, RegistryError, Unauthorized, send_error
 from ..reference import validate_name
 from .access import CATALOG, Access, format_scopes, held, valid_name
 from .basic import authorization, parse_basic
@@ -69,20 +68,17 @@ class AuthMiddleware:
             for access in target.needs:
                 if access.type == "repository":
                     validate_name(access.name)
-            await self._authorize(scope, caller, target)
+            self._authorize(scope, caller, target)
         except RegistryError as exc:
             if target.route is not None:
                 # The router never sees a refused request; the access log still names its route.
                 scope["route"], scope["path_params"] = target.route, target.params
-            await error_response(exc, scope["method"])(scope, receive, send)
+            await send_error(exc, scope, receive, send)
             return
         if CATALOG in target.needs:
             # `_catalog` lists only what the caller may pull (the handler applies the filter).
             state["catalog_filter"] = self.auth.access.may_pull(caller.user)
         await self.app(scope, receive, send)
-
-    def _context(self, scope: Scope, target: Target) -> dict[str, Any]:
-        return {"repository": target.repository, "request_id": (scope.get("state") or {}).get("request_id")}
 
     async def _authenticate(self, scope: Scope, target: Target) -> Caller:
         header = authorization(scope["headers"])
@@ -99,13 +95,16 @@ class AuthMiddleware:
                 credentials = parse_basic(param)
             except ValueError:
                 sign_in.check_not_blocked(remote)
-                await sign_in.failed(remote, None, "malformed Basic credentials", **self._context(scope, target))
-                raise Unauthorized(message="malformed credentials", headers=self._challenge(scope, target)) from None
+                raise sign_in.refuse(
+                    remote,
+                    None,
+                    "malformed Basic credentials",
+                    message="malformed credentials",
+                    headers=self._challenge(scope, target),
+                ) from None
             if credentials is None:
                 return _ANONYMOUS
-            user = await sign_in.sign_in(
-                credentials, remote=remote, challenge=self._challenge(scope, target), **self._context(scope, target)
-            )
+            user = await sign_in.sign_in(credentials, remote=remote, challenge=self._challenge(scope, target))
             return Caller(user)
         if scheme != "bearer":
             return _ANONYMOUS
@@ -114,9 +113,12 @@ class AuthMiddleware:
         try:
             claims = self.auth.verifier.verify(param.decode("latin-1"))
         except InvalidToken as exc:
-            await sign_in.failed(remote, None, exc.reason, **self._context(scope, target))
-            raise Unauthorized(
-                message=exc.reason, headers=self._challenge(scope, target, error="invalid_token")
+            raise sign_in.refuse(
+                remote,
+                None,
+                exc.reason,
+                message=exc.reason,
+                headers=self._challenge(scope, target, error="invalid_token"),
             ) from None
         return Caller(claims.subject, claims)
 
@@ -125,34 +127,25 @@ class AuthMiddleware:
             return held(caller.token.access, access)
         return self.auth.access.allows(caller.user, access)
 
-    async def _authorize(self, scope: Scope, caller: Caller, target: Target) -> None:
+    def _authorize(self, scope: Scope, caller: Caller, target: Target) -> None:
         missing = [access for access in target.needs if not self._holds(caller, access)]
         if not missing and (target.needs or caller.signed_in):
             return
         details = [access.detail() for access in (missing or target.needs)]
         if not caller.signed_in:
+            # A challenge, not a refusal: the client is asked to sign in (no audit line).
             raise Unauthorized(details or None, headers=self._challenge(scope, target))
-        audit = self.auth.sign_in.audit
-        if audit is not None:
-            client = scope.get("client")
-            params = target.params
-            await audit.record(
-                missing[0].action if missing[0].type == "repository" else "catalog",
-                "denied",
-                user=caller.user,
-                remote=client[0] if client else None,
-                reference=params.get("reference") or params.get("digest"),
-                scope=format_scopes(missing),
-                **self._context(scope, target),
-            )
+        rule = format_scopes(missing)  # every action lacking, not only the first
         if caller.token is not None:
             # The client may ask the token service for a token with more scope, as Distribution says.
             raise Unauthorized(
                 details,
                 message="insufficient scope",
                 headers=self._challenge(scope, target, error="insufficient_scope"),
+                refused_by="access",
+                rule=rule,
             )
-        raise Denied(details)
+        raise Denied(details, refused_by="access", rule=rule)
 
     def _challenge(self, scope: Scope, target: Target, *, error: str | None = None) -> dict[str, str]:
         if self.auth.mode == "htpasswd":

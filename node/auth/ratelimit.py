@@ -41,13 +41,17 @@ class FailureLimiter:
 
     def retry_after(self, address: str | None, user: str | None = None) -> float:
         """Seconds until `address` (and `user`) may try to sign in again; 0 when they may now."""
+        return self.blocked(address, user)[0]
+
+    def blocked(self, address: str | None, user: str | None = None) -> tuple[float, str | None]:
+        """(seconds to wait, the limit that blocks: "address 10.0.0.1" or "user bob"); (0, None) if none."""
         now = self._clock()
-        wait = 0.0
+        wait, by = 0.0, None
         for key in self._keys(address, user):
             record = self._records.get(key)
-            if record is not None and record.blocked_until > now:
-                wait = max(wait, record.blocked_until - now)
-        return wait
+            if record is not None and record.blocked_until - now > wait:
+                wait, by = record.blocked_until - now, f"{key[0]} {key[1]}"
+        return wait, by
 
     def failure(self, address: str | None, user: str | None = None) -> list[str]:
         """Count one failed sign-in; the keys ("address 10.0.0.1", "user bob") it blocked."""

@@ -37,17 +37,17 @@ class AuthServices:
         return self.mode is not None
 
     @classmethod
-    def build(cls, config: Config, audit: AuditLog | None) -> AuthServices:
+    def build(cls, config: Config) -> AuthServices:
         # bcrypt takes ~100 ms of CPU: a few threads, never the event loop.
         executor = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="wharf-bcrypt")
         try:
-            return cls._build(config, audit, executor)
+            return cls._build(config, executor)
         except (HtpasswdError, TokenError) as exc:
             executor.shutdown(wait=False)
             raise ConfigError(str(exc)) from None
 
     @classmethod
-    def _build(cls, config: Config, audit: AuditLog | None, executor: ThreadPoolExecutor) -> AuthServices:
+    def _build(cls, config: Config, executor: ThreadPoolExecutor) -> AuthServices:
         auth = config.auth
         access = AccessControl(config.access)
         users = None
@@ -71,7 +71,7 @@ class AuthServices:
             token_realm, service = ("" if token.autoredirect else token.realm), token.service
         elif config.access.rules:
             log.warning("access rules are configured but auth is not: every request is allowed")
-        sign_in = PasswordSignIn(users, limiter=FailureLimiter(config.ratelimit.authfailures), audit=audit)
+        sign_in = PasswordSignIn(users, limiter=FailureLimiter(config.ratelimit.authfailures))
         token_service = TokenService(issuer, sign_in, access) if issuer is not None else None
         return cls(auth.mode, access, sign_in, verifier, token_service, basic_realm, token_realm, service, executor)
 
@@ -88,7 +88,7 @@ def check_security(config: Config) -> None:
     key stops `wharf serve` (ConfigError) before any worker starts, rather than in every worker."""
     audit = AuditLog.open(config.audit)
     try:
-        AuthServices.build(config, audit).close()
+        AuthServices.build(config).close()
     finally:
         if audit is not None:
             audit.close()

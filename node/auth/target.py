@@ -46,6 +46,20 @@ def resolve(routes: Sequence[BaseRoute], scope: Scope) -> Target:
     return Target(None)
 
 
+def routed(routes: Sequence[BaseRoute], scope: Scope) -> Target:
+    """A request's Target once it has been routed (by the router, or by whoever refused it): no matching
+    again; `resolve` for one that was not (no route takes its path)."""
+    state = scope.get("state") or {}
+    cached = state.get(STATE_KEY)
+    if isinstance(cached, Target):
+        return cached
+    route = scope.get("route")
+    if isinstance(route, BaseRoute):
+        params = dict(scope.get("path_params") or {})
+        return Target(route, params, _needs(route, scope, params))
+    return resolve(routes, scope)
+
+
 def _needs(route: BaseRoute, scope: Scope, params: dict[str, Any]) -> tuple[Access, ...]:
     """The access a request needs, by Distribution's rules: GET/HEAD pull; POST/PUT/PATCH pull and
     push; DELETE delete; a cross-repository mount also pull on `from`.

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..audit import note
 from ..config import TokenAuth
 from ..errors import Denied, Unauthorized
 from .access import Access, AccessControl, format_scopes, from_claim, parse_scopes, to_claim
@@ -296,6 +297,7 @@ class TokenService:
         return request.client.host if request.client else None
 
     async def get(self, request: Request) -> Response:
+        note(request.scope, record=True, action="token")
         params = request.query_params
         self._check_service(params.get("service"))
         remote = self._remote(request)
@@ -306,14 +308,20 @@ class TokenService:
                 credentials = parse_basic(header[1])
             except ValueError:
                 self.sign_in.check_not_blocked(remote)
-                await self.sign_in.failed(remote, None, "malformed Basic credentials")
-                raise Unauthorized(message="malformed credentials", headers=self._challenge) from None
+                raise self.sign_in.refuse(
+                    remote,
+                    None,
+                    "malformed Basic credentials",
+                    message="malformed credentials",
+                    headers=self._challenge,
+                ) from None
             if credentials is not None:
                 user = await self.sign_in.sign_in(credentials, remote=remote, challenge=self._challenge)
         offline = params.get("offline_token", "").lower() == "true"
         return await self._respond(request, user, parse_scopes(params.getlist("scope")), offline, token_field=True)
 
     async def post(self, request: Request) -> Response:
+        note(request.scope, record=True, action="token")
         form = await self._form(request)
         self._check_service(form.get("service"))
         remote = self._remote(request)
@@ -329,12 +337,18 @@ class TokenService:
             try:
                 user = self.issuer.refresh_subject(form.get("refresh_token", ""))
             except InvalidToken as exc:
-                await self.sign_in.failed(remote, None, exc.reason)
-                raise Unauthorized(message=exc.reason, headers=self._challenge) from None
+                raise self.sign_in.refuse(
+                    remote, None, exc.reason, message=exc.reason, headers=self._challenge
+                ) from None
             users = self.sign_in.users
             if users is None or user not in users:
-                await self.sign_in.failed(remote, user, "refresh token of a removed user")
-                raise Unauthorized(message="invalid refresh token", headers=self._challenge)
+                raise self.sign_in.refuse(
+                    remote,
+                    user,
+                    "refresh token of a removed user",
+                    message="invalid refresh token",
+                    headers=self._challenge,
+                )
         else:
             raise Unauthorized(
                 {"grant_type": str(grant)[:50]}, message="unsupported grant type", headers=self._challenge
@@ -366,17 +380,7 @@ class TokenService:
             body["token"] = token
         if offline and user is not None:
             body["refresh_token"] = self.issuer.refresh_token(user)
-        audit = self.sign_in.audit
-        if audit is not None:
-            await audit.record(
-                "token",
-                "success",
-                user=user,
-                remote=self._remote(request),
-                requested=format_scopes(requested),
-                granted=format_scopes(granted),
-                request_id=(request.scope.get("state") or {}).get("request_id"),
-            )
+        note(request.scope, user=user, requested=format_scopes(requested), granted=format_scopes(granted))
         return Response(
             json.dumps(body).encode(),
             media_type="application/json",

@@ -63,6 +63,11 @@ class StorageDriver(Protocol):
         """
         ...
 
+    async def copy(self, source: str, key: str) -> int:
+        """Copy a committed object to `key` atomically, without the bytes passing through the node
+        where the store can copy by itself; returns the size."""
+        ...
+
     async def delete(self, key: str) -> None:
         """Remove an object; absent is fine."""
         ...

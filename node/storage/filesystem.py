@@ -104,6 +104,9 @@ class FilesystemDriver:
             raise
         return size
 
+    async def copy(self, source: str, key: str) -> int:
+        return await self.write_stream(key, self.read(source))
+
     async def delete(self, key: str) -> None:
         await self._run(_remove_and_prune, self._path(key), self.root)
 

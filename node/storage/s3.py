@@ -161,6 +161,11 @@ class S3Driver:
         root = config.rootdirectory.strip("/")
         self._root = f"{root}/" if root else ""
         self._part_base = min(max(int(config.chunksize or 0), MIN_PART_SIZE), MAX_PART_SIZE)
+        # Server-side copies, as Distribution's driver does them: one request up to the threshold,
+        # else a multipart copy in chunks, several at once.
+        self._copy_threshold = min(max(int(config.multipartcopythresholdsize), 0), MAX_PART_SIZE)
+        self._copy_chunk = min(max(int(config.multipartcopychunksize), MIN_PART_SIZE), MAX_PART_SIZE)
+        self._copy_concurrency = max(1, min(int(config.multipartcopymaxconcurrency), max_threads))
         self._parts_per_step = PARTS_PER_STEP
         self._put_args: dict[str, str] = {}
         if config.encrypt:
@@ -290,6 +295,47 @@ class S3Driver:
                 return None
             raise
         return float(response["LastModified"].timestamp())
+
+    async def copy(self, source: str, key: str) -> int:
+        src, dst = self._key(source), self._key(key)
+        size = await self._run(self._head, src)
+        if size is None:
+            raise FileNotFoundError(f"no object {src!r} in bucket {self.bucket!r}")
+        if size <= self._copy_threshold:
+            await self._run(
+                self._client.copy_object,
+                Bucket=self.bucket,
+                Key=dst,
+                CopySource={"Bucket": self.bucket, "Key": src},
+                **self._put_args,
+                **self._storage_class,
+            )
+            return size
+        upload_id = await self._run(self._create_multipart, dst)
+        try:
+            gate = asyncio.Semaphore(self._copy_concurrency)
+
+            async def part(number: int, first: int) -> tuple[int, str, int]:
+                last = min(first + self._copy_chunk, size) - 1
+                async with gate:
+                    response = await self._run(
+                        self._client.upload_part_copy,
+                        Bucket=self.bucket,
+                        Key=dst,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        CopySource={"Bucket": self.bucket, "Key": src},
+                        CopySourceRange=f"bytes={first}-{last}",
+                    )
+                return number, str(response["CopyPartResult"]["ETag"]), last - first + 1
+
+            starts = range(0, size, self._copy_chunk)
+            parts = await asyncio.gather(*(part(n, first) for n, first in enumerate(starts, start=1)))
+            await self._run(self._complete_multipart, dst, upload_id, list(parts))
+        except BaseException:
+            await self._run(self._abort_multipart, dst, upload_id)
+            raise
+        return size
 
     async def delete(self, key: str) -> None:
         await self._run(self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
