@@ -6,6 +6,8 @@ that belongs to one repository, and byte order of keys is lexical order of names
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 REPOSITORIES = "repo/"
 TAGS = "tag/"
 # Every tag again, under its digest, so a manifest's tags are found without reading the others.
@@ -21,6 +23,8 @@ BLOBS = "blob/"
 REFERRERS = "referrer/"
 UPLOADS = "upload/"
 UPLOAD_CLAIMS = "upload-claim/"
+# Every open upload session again, under whoever opened it, so sessions per user are counted.
+UPLOAD_OWNERS = "upload-owner/"
 LEADER = "leader/"
 TOUCHES = "touch/"
 PENDING_BLOBS = "gc/pending-blob/"
@@ -115,6 +119,15 @@ def referrers_of(repo: str, subject: str) -> str:
 
 def upload(upload_id: str) -> str:
     return f"{UPLOADS}{upload_id}"
+
+
+def uploads_of(owner: str) -> str:
+    """`owner` is a user name or an address; quoted, so no character of it can end the prefix."""
+    return f"{UPLOAD_OWNERS}{quote(owner, safe='')}/"
+
+
+def upload_owner(owner: str, upload_id: str) -> str:
+    return f"{uploads_of(owner)}{upload_id}"
 
 
 def upload_claim(upload_id: str) -> str:

@@ -13,7 +13,7 @@ from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
 from .quota import QuotaScope, admit
 from .quota import release as release_quota
-from .uploads import SessionChanged
+from .uploads import SessionChanged, UploadSession
 
 T = TypeVar("T")
 
@@ -314,12 +314,12 @@ class Metadata:
         size: int,
         key: str,
         *,
-        upload: tuple[str, int] | None = None,
+        upload: UploadSession | None = None,
         quotas: Sequence[QuotaScope] = (),
     ) -> BlobRecord:
         """Record a blob now in storage and link it into `repo`, ending its upload session.
 
-        `upload` is the session (id, revision) whose commit this is: it must be unchanged (not
+        `upload` is the session whose commit this is: it must be unchanged since it was read (not
         cancelled or purged meanwhile, SessionChanged otherwise), and it goes in the same
         transaction. Returns the blob record in force: if the digest was already recorded, the
         earlier record stands and the caller's copy at `key` is redundant. A new link must fit every
@@ -335,8 +335,8 @@ class Metadata:
         ]
         session_guard: list[Compare] = []
         if upload is not None:
-            common.append(Delete(keys.upload(upload[0])))
-            session_guard.append(Compare.unchanged(keys.upload(upload[0]), upload[1]))
+            common += upload.ending()
+            session_guard.append(Compare.unchanged(keys.upload(upload.id), upload.mod_revision))
         record = BlobRecord(size, key, now)
         blob_key = keys.blob(digest)
         not_deleting = Compare.absent(keys.deleting(digest))
@@ -352,8 +352,8 @@ class Metadata:
                 self._known_repositories.add(repo)
                 return record
             existing, deleting, *session = result.gets
-            if session_guard and (session[0] is None or session[0].mod_revision != upload[1]):  # type: ignore[index]
-                raise SessionChanged(upload[0])  # type: ignore[index]
+            if upload is not None and (session[0] is None or session[0].mod_revision != upload.mod_revision):
+                raise SessionChanged(upload.id)
             if deleting is not None:
                 raise BeingCollected(digest)
             if existing is None:
@@ -470,7 +470,7 @@ class Metadata:
         tag: str | None,
         storage_key: str,
         frozen_tag: bool = False,
-        intent: str | None = None,
+        intent: UploadSession | None = None,
     ) -> None:
         """Record a manifest (already in storage) and point `tag` at it, in one transaction.
 
@@ -493,7 +493,7 @@ class Metadata:
                 Put(keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
             )
         if intent is not None:
-            base_ops.append(Delete(keys.upload(intent)))
+            base_ops += intent.ending()
         # Everything it names must be there, and whatever it names is no longer garbage: the
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]

@@ -45,8 +45,17 @@ class UploadSession:
     started: float = 0.0
     updated: float = 0.0
     commit: CommitIntent | None = None
+    # Who opened it (a user, or "address <ip>" for anonymous pushes), for the per-owner bound.
+    owner: str = ""
     # The KV revision this copy was read at; writes compare against it.
     mod_revision: int = 0
+
+    def ending(self) -> list[Delete]:
+        """The ops that end this session: its record and its entry under its owner."""
+        ops = [Delete(keys.upload(self.id))]
+        if self.owner:
+            ops.append(Delete(keys.upload_owner(self.owner, self.id)))
+        return ops
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = {
@@ -59,6 +68,8 @@ class UploadSession:
         }
         if self.commit is not None:
             data["commit"] = {"digest": self.commit.digest, "key": self.commit.key, "existed": self.commit.existed}
+        if self.owner:
+            data["owner"] = self.owner
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -74,12 +85,22 @@ class UploadSession:
             started=data["started"],
             updated=data["updated"],
             commit=CommitIntent(commit["digest"], commit["key"], bool(commit["existed"])) if commit else None,
+            owner=data.get("owner", ""),
             mod_revision=mod_revision,
         )
 
 
 class SessionChanged(Exception):
     """Another request moved the session on since it was read (or it is gone)."""
+
+
+class TooManySessions(Exception):
+    """An owner already holds as many open upload sessions as allowed."""
+
+    def __init__(self, owner: str, limit: int) -> None:
+        super().__init__(f"{owner} holds {limit} open upload sessions")
+        self.owner = owner
+        self.limit = limit
 
 
 class SessionBusy(Exception):
@@ -103,14 +124,27 @@ class UploadSessions:
         return str(uuid.uuid4())
 
     async def create(
-        self, upload_id: str, repository: str, driver_state: dict[str, Any], *, commit: CommitIntent | None = None
+        self,
+        upload_id: str,
+        repository: str,
+        driver_state: dict[str, Any],
+        *,
+        commit: CommitIntent | None = None,
+        owner: str = "",
+        limit: int = 0,
     ) -> UploadSession:
+        """A new session; with `limit`, TooManySessions when `owner` already holds that many."""
+        if owner and limit and await self.kv.count(keys.uploads_of(owner)) >= limit:
+            raise TooManySessions(owner, limit)
         now = time.time()
         session = UploadSession(
-            upload_id, repository, driver_state=driver_state, started=now, updated=now, commit=commit
+            upload_id, repository, driver_state=driver_state, started=now, updated=now, commit=commit, owner=owner
         )
         key = keys.upload(upload_id)
-        result = await self.kv.txn([Compare.absent(key)], [Put(key, session.to_json())])
+        ops: list[Put | Delete] = [Put(key, session.to_json())]
+        if owner:
+            ops.append(Put(keys.upload_owner(owner, upload_id), b""))
+        result = await self.kv.txn([Compare.absent(key)], ops)
         if not result.succeeded:
             raise SessionChanged(upload_id)
         return replace(session, mod_revision=result.revision)
@@ -183,7 +217,7 @@ class UploadSessions:
         key = keys.upload(session.id)
         claim_key = keys.upload_claim(session.id)
         guards = [Compare.unchanged(key, session.mod_revision)]
-        ops: list[Put | Delete] = [Delete(key)]
+        ops: list[Put | Delete] = [*session.ending()]
         if claim is not None:
             guards.append(Compare(claim_key, "value", "==", claim.token))
             ops.append(Delete(claim_key))
@@ -198,7 +232,7 @@ class UploadSessions:
         key = keys.upload(session.id)
         claim = keys.upload_claim(session.id)
         result = await self.kv.txn(
-            [Compare.unchanged(key, session.mod_revision), Compare.absent(claim)], [Delete(key)], [Get(key)]
+            [Compare.unchanged(key, session.mod_revision), Compare.absent(claim)], session.ending(), [Get(key)]
         )
         if not result.succeeded:
             current = result.gets[0]
@@ -206,5 +240,6 @@ class UploadSessions:
                 raise SessionChanged(session.id)
             raise SessionBusy(session.id)
 
-    async def delete(self, upload_id: str) -> bool:
-        return await self.kv.delete(keys.upload(upload_id)) > 0
+    async def delete(self, session: UploadSession) -> bool:
+        result = await self.kv.txn([Compare.present(keys.upload(session.id))], session.ending())
+        return result.succeeded

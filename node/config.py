@@ -509,6 +509,22 @@ class DebugConfig(_Section):
 
 
 @dataclass
+class UploadsConfig(_Section):
+    """Wharf: bounds on open upload sessions."""
+
+    # Open sessions one user (or, unauthenticated, one address) may hold; 0: no bound.
+    maxsessions: int = 100
+    # A session with no request for this long is removed with its bytes (by the leader).
+    idletimeout: Duration = 3600.0
+
+    def check(self) -> None:
+        if self.maxsessions < 0:
+            raise _FieldError("maxsessions", self.maxsessions, "a number of sessions, 0 (no bound) or more")
+        if self.idletimeout < 10:
+            raise _FieldError("idletimeout", self.idletimeout, "a duration of at least 10s")
+
+
+@dataclass
 class HTTP2Config(_Section):
     disabled: bool = False
 
@@ -537,6 +553,7 @@ class HTTPConfig(_Section):
     workers: int = 1
     # Wharf: serve authentication over plain HTTP (only behind a TLS-terminating proxy).
     insecure: bool = False
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
     listen: ListenAddress = field(default=ListenAddress("127.0.0.1:5000", "127.0.0.1", 5000), init=False, repr=False)
 
     def check(self) -> None:

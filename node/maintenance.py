@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from coordinator import keys
-from coordinator.kv import Compare, Delete
+from coordinator.kv import Compare
 from coordinator.uploads import UploadSession
 
 from . import backup, gc, importer, retention
@@ -25,8 +25,10 @@ class Maintenance:
         self.services = services
         purging = services.config.storage.maintenance.uploadpurging
         self.enabled = purging.enabled
-        self.age = purging.age
-        self.interval = purging.interval
+        # A session goes once idle for `age` (Distribution's) or http.uploads.idletimeout, the shorter.
+        idle = services.config.http.uploads.idletimeout
+        self.age = min(purging.age, idle)
+        self.interval = min(purging.interval, max(idle / 4, 5.0))
         self.dry_run = purging.dryrun
 
     async def lead(self) -> None:
@@ -108,7 +110,7 @@ class Maintenance:
                     continue
                 result = await kv.txn(
                     [Compare.unchanged(item.key, item.mod_revision), Compare.absent(keys.upload_claim(session.id))],
-                    [Delete(item.key)],
+                    session.ending(),
                 )
                 if not result.succeeded:
                     continue  # it moved on meanwhile, or a request is writing to it: not abandoned

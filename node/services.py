@@ -141,6 +141,7 @@ class Services:
         self.touches = Touches(self)
         self.policies = Policies.from_config(self.config)
         self.uploader.quotas_for = self.policies.quota_scopes
+        self.uploader.max_sessions = self.config.http.uploads.maxsessions
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:

@@ -20,9 +20,17 @@ from coordinator import quota
 from coordinator.lease import NodeLease
 from coordinator.metadata import BeingCollected, Metadata
 from coordinator.quota import QuotaScope
-from coordinator.uploads import Claim, CommitIntent, SessionBusy, SessionChanged, UploadSession, UploadSessions
+from coordinator.uploads import (
+    Claim,
+    CommitIntent,
+    SessionBusy,
+    SessionChanged,
+    TooManySessions,
+    UploadSession,
+    UploadSessions,
+)
 
-from .errors import BlobUploadInvalid, BlobUploadUnknown, Denied, DigestInvalid, SizeInvalid
+from .errors import BlobUploadInvalid, BlobUploadUnknown, Denied, DigestInvalid, SizeInvalid, TooManyRequests
 from .reference import Digest
 from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
@@ -99,6 +107,8 @@ class Uploader:
         self.metadata = metadata
         self.lease = lease
         self.quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: []
+        # Open sessions one owner may hold (http.uploads.maxsessions); 0: no bound.
+        self.max_sessions = 0
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
@@ -113,10 +123,26 @@ class Uploader:
             if used + size > scope.limit or (size == 0 and used >= scope.limit):
                 raise _denied(quota.QuotaExceeded(scope, used, size))
 
-    async def start(self, repository: str) -> UploadSession:
+    async def start(self, repository: str, owner: str = "") -> UploadSession:
         upload_id = self.sessions.new_id()
         state = await self.storage.upload_start(layout.upload_key(repository, upload_id))
-        return await self.sessions.create(upload_id, repository, state)
+        return await self._create(upload_id, repository, state, owner=owner)
+
+    async def _create(
+        self, upload_id: str, repository: str, state: dict, *, owner: str, commit: CommitIntent | None = None
+    ) -> UploadSession:  # type: ignore[type-arg]
+        try:
+            return await self.sessions.create(
+                upload_id, repository, state, commit=commit, owner=owner, limit=self.max_sessions
+            )
+        except TooManySessions as exc:
+            raise TooManyRequests(
+                {"open sessions": exc.limit, "owner": exc.owner},
+                message=f"{exc.limit} upload sessions are open already: finish or cancel some",
+                headers={"Retry-After": "60"},
+                refused_by="ratelimit",
+                rule="http.uploads.maxsessions",
+            ) from None
 
     async def session(self, repository: str, upload_id: str) -> UploadSession:
         session = await self.sessions.get(upload_id)
@@ -292,7 +318,7 @@ class Uploader:
         try:
             try:
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=(session.id, session.mod_revision), quotas=quotas
+                    repository, digest, size, stored, upload=session, quotas=quotas
                 )
             except BeingCollected:
                 # Garbage collection was deleting this very digest; its storage delete may have
@@ -303,7 +329,7 @@ class Uploader:
                         {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
                     ) from None
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=(session.id, session.mod_revision), quotas=quotas
+                    repository, digest, size, stored, upload=session, quotas=quotas
                 )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
@@ -330,7 +356,7 @@ class Uploader:
             if record is None and not intent.existed:
                 await self.metadata.remove_unrecorded(intent.digest, intent.key, self.storage.delete)
         await self.storage.upload_abort(upload, session.driver_state)
-        await self.sessions.delete(session.id)
+        await self.sessions.delete(session)
 
     async def mount(self, repository: str, digest: str, source: str) -> bool:
         """Link a blob of `source` into `repository`, within its quotas; False if `source` lacks it."""
@@ -362,7 +388,7 @@ class Uploader:
         raise _busy(session)
 
     async def monolithic(
-        self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None
+        self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None, owner: str = ""
     ) -> int:
         """A whole blob in one request. Its session is created committing: nobody else can write to it."""
         if length is not None:
@@ -372,7 +398,7 @@ class Uploader:
         upload = layout.upload_key(repository, upload_id)
         state = await self.storage.upload_start(upload)
         intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
-        session = await self.sessions.create(upload_id, repository, state, commit=intent)
+        session = await self._create(upload_id, repository, state, owner=owner, commit=intent)
         counted = _Counted(chunks, rehashes.PySha256(), length)
         try:
             try:
@@ -387,7 +413,7 @@ class Uploader:
                 raise DigestInvalid({"expected": str(digest), "actual": actual})
         except BaseException:
             await self.storage.upload_abort(upload, state)
-            await self.sessions.delete(upload_id)
+            await self.sessions.delete(session)
             raise
         # The driver state and size are known only now; the intent already stood.
         session = replace(session, offset=written, driver_state=state)

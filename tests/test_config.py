@@ -361,6 +361,10 @@ ACCEPTED = [
         lambda c: c.http.debug.prometheus.path == "/metrics",
     ),
     ("proxy: {}", lambda c: True),
+    (
+        "http: {uploads: {maxsessions: 0, idletimeout: 90m}}",
+        lambda c: (c.http.uploads.maxsessions, c.http.uploads.idletimeout) == (0, 5400),
+    ),
 ]
 
 
@@ -406,6 +410,7 @@ REFUSED = [
     ),
     ("health: {http: [{uri: nowhere}]}", r"health.http\[0\].uri: expected an http:// or https:// URL"),
     ("validation: {manifests: {urls: {deny: ['(']}}}", "validation.manifests.urls.deny: expected a regular expression"),
+    ("http: {uploads: {idletimeout: 5s}}", "http.uploads.idletimeout: expected a duration of at least 10s, got '5s'"),
 ]
 
 

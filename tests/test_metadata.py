@@ -10,7 +10,7 @@ import pytest
 from coordinator import keys
 from coordinator.embedded import EmbeddedKV
 from coordinator.metadata import ManifestRecord, Metadata, MissingReferences
-from coordinator.uploads import SessionChanged
+from coordinator.uploads import SessionChanged, UploadSession
 
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64
@@ -97,7 +97,7 @@ async def test_mount_links_only_what_the_source_has(metadata):
 async def test_committing_a_blob_ends_its_upload_session_in_the_same_transaction(metadata):
     kv = metadata.kv
     revision = await kv.put(keys.upload("u1"), b"{}")
-    await metadata.commit_blob("team/app", A, 10, "k", upload=("u1", revision))
+    await metadata.commit_blob("team/app", A, 10, "k", upload=UploadSession("u1", "team/app", mod_revision=revision))
     assert await kv.get(keys.upload("u1")) is None
     blob = await kv.get(keys.blob(A))
     assert blob is not None and json.loads(blob.value)["size"] == 10
@@ -108,7 +108,7 @@ async def test_a_commit_whose_session_was_cancelled_records_nothing(metadata):
     revision = await kv.put(keys.upload("u2"), b"{}")
     await kv.delete(keys.upload("u2"))
     with pytest.raises(SessionChanged):
-        await metadata.commit_blob("team/app", B, 10, "k", upload=("u2", revision))
+        await metadata.commit_blob("team/app", B, 10, "k", upload=UploadSession("u2", "team/app", mod_revision=revision))
     assert await kv.get(keys.blob(B)) is None and await metadata.get_link("team/app", B) is None
 
 

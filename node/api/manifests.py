@@ -206,7 +206,7 @@ async def _record_manifest(
             tag=tag,
             storage_key=content.key,
             frozen_tag=frozen is not None,
-            intent=content.intent.id if content.intent else None,
+            intent=content.intent,
         )
 
     try:

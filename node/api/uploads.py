@@ -47,6 +47,14 @@ def _committed(request: Request, name: str, digest: str) -> Response:
     )
 
 
+def _owner(request: Request) -> str:
+    """Whose upload sessions these are, for the per-owner bound: the user, or the address."""
+    user = request.scope.get("state", {}).get("user")
+    if user:
+        return f"user {user}"
+    return f"address {request.client.host if request.client else 'unknown'}"
+
+
 async def _session(request: Request) -> UploadSession:
     name = repository(request)
     upload_id = request.path_params["uuid"]
@@ -75,12 +83,12 @@ async def start_upload(request: Request) -> Response:
     elif params.get("digest") is not None:
         digest_param = parse_digest(params["digest"])
         check_algorithm(digest_param.algorithm)
-        await svc.uploader.monolithic(name, digest_param, request.stream(), _content_length(request))
+        await svc.uploader.monolithic(name, digest_param, request.stream(), _content_length(request), _owner(request))
         return _committed(request, name, str(digest_param))
     if "digest-algorithm" in params:
         check_algorithm(params["digest-algorithm"])
     await svc.uploader.check_room(name)
-    session = await svc.uploader.start(name)
+    session = await svc.uploader.start(name, _owner(request))
     return Response(status_code=202, headers=_progress_headers(request, session))
 
 
