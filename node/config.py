@@ -942,30 +942,43 @@ NOTIFICATION_ACTIONS = ("pull", "push", "mount", "delete")
 
 @dataclass
 class NotificationEndpoint(_Section):
-    """One webhook, with Distribution's fields and defaults (timeout 1s, threshold 10, backoff 1s)."""
+    """One webhook, with Distribution's fields and defaults: zero (or less) means 1s, 10, 1s."""
 
     name: str = ""
     disabled: bool = False
     url: str = ""
     headers: Headers = field(default_factory=dict)
     timeout: GoDuration = 1.0
-    threshold: int = 10
+    threshold: int = 10  # consecutive failures before waiting `backoff` between tries
     backoff: GoDuration = 1.0
     ignoredmediatypes: list[str] = field(default_factory=list)
     ignore: NotificationIgnore = field(default_factory=NotificationIgnore)
 
     def check(self) -> None:
         if not self.name:
-            raise _FieldError("name", NO_VALUE, "a name is required")
+            raise _FieldError("name", NO_VALUE, "every endpoint needs a name")
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _FieldError("url", self.url, "an http:// or https:// URL")
-        if self.timeout <= 0:
-            raise _FieldError("timeout", self.timeout, "a positive duration")
-        if self.threshold < 0:
-            raise _FieldError("threshold", self.threshold, "a number of failures, 0 or more")
-        if self.backoff < 0:
-            raise _FieldError("backoff", self.backoff, "a duration, 0 or more")
+        # As in Distribution, zero means the default.
+        self.timeout = self.timeout or 1.0
+        self.backoff = self.backoff or 1.0
+        if self.threshold <= 0:
+            self.threshold = 10
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self.timeout
+
+    @property
+    def backoff_seconds(self) -> float:
+        return self.backoff
+
+    def accepts(self, action: str, media_type: str | None) -> bool:
+        """Whether an event of this action and target media type goes to this endpoint."""
+        if self.disabled or action in self.ignore.actions:
+            return False
+        return not media_type or (media_type not in self.ignoredmediatypes and media_type not in self.ignore.mediatypes)
 
 
 @dataclass
@@ -977,7 +990,7 @@ class NotificationsConfig(_Section):
         seen: set[str] = set()
         for i, endpoint in enumerate(self.endpoints):
             if endpoint.name in seen:
-                raise _FieldError(f"endpoints[{i}].name", endpoint.name, "a name no other endpoint has")
+                raise _FieldError(f"endpoints[{i}].name", endpoint.name, "a name of its own (this one is used twice)")
             seen.add(endpoint.name)
 
 

@@ -362,6 +362,14 @@ ACCEPTED = [
     ),
     ("proxy: {}", lambda c: True),
     (
+        "notifications: {endpoints: [{name: a, url: 'http://x/', timeout: 0, threshold: 0, ignore: {actions: [pull]}}]}",
+        lambda c: (
+            (c.notifications.endpoints[0].timeout_seconds, c.notifications.endpoints[0].threshold) == (1.0, 10)
+            and not c.notifications.endpoints[0].accepts("pull", None)
+            and c.notifications.endpoints[0].accepts("push", "application/vnd.oci.image.manifest.v1+json")
+        ),
+    ),
+    (
         "http: {uploads: {maxsessions: 0, idletimeout: 90m}}",
         lambda c: (c.http.uploads.maxsessions, c.http.uploads.idletimeout) == (0, 5400),
     ),
@@ -402,7 +410,7 @@ REFUSED = [
     ("version: 0.2", "version: expected 0.1"),
     (
         "notifications: {endpoints: [{name: a, url: 'http://h'}, {name: a, url: 'http://i'}]}",
-        r"notifications.endpoints\[1\].name: expected a name no other endpoint has",
+        r"notifications.endpoints\[1\].name: expected a name of its own \(this one is used twice\)",
     ),
     (
         "notifications: {endpoints: [{name: a, url: 'http://h', ignore: {actions: [fly]}}]}",
