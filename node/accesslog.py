@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import logging.handlers
-import queue
-import sys
 import time
 import uuid
-from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,36 +14,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .metrics import Metrics, distribution_handler
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
-
-
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(level: str = "info") -> logging.handlers.QueueListener:
-    """Route every log record through a queue to a thread that writes JSON lines to stdout."""
-    logging.Formatter.converter = time.gmtime
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JSONFormatter())
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
-    root = logging.getLogger()
-    root.handlers = [logging.handlers.QueueHandler(records)]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    listener.start()
-    return listener
 
 
 _DRAIN_SECONDS = 10.0

@@ -19,7 +19,7 @@ from coordinator.readonly import Halted
 
 from . import exporter, gc, importer, retention, scrub
 from .api.manifests import check_deletable
-from .config import Config, ConfigError, parse_duration
+from .config import Config, ConfigError
 from .errors import RegistryError
 from .reference import Reference, parse_digest, validate_name, validate_tag
 from .services import Services
@@ -191,9 +191,7 @@ async def _explain(services: Services, args: argparse.Namespace) -> int:
     except RegistryError as exc:
         print(f"wharf gc --explain: {exc.message}: {target}", file=sys.stderr)
         return 2
-    collector = Collector(
-        services.kv, grace=parse_duration(services.config.gc.grace), delete_untagged=args.delete_untagged
-    )
+    collector = Collector(services.kv, grace=services.config.gc.grace, delete_untagged=args.delete_untagged)
     report = await collector.explain(repo or None, digest)
     if args.json:
         print(json.dumps(report, indent=2))

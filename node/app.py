@@ -24,6 +24,8 @@ from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
 from .config import Config
 from .errors import RegistryError, Unsupported, error_response, handle_contention, handle_registry_error
+from .headers import ConfiguredHeaders, PathPrefix
+from .health import HealthChecks
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .readonly import ReadOnlyMiddleware
@@ -114,7 +116,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         # The read-only switch is read before serving, then followed by a watch.
         with contextlib.suppress(Exception):
             await svc.readonly.switch.refresh()
-        background = [loop.create_task(svc.readonly.switch.run())]
+        health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
+        background = [loop.create_task(svc.readonly.switch.run()), loop.create_task(health.run())]
         campaign = loop.create_task(election.run(Maintenance(svc).lead))
         try:
             yield
@@ -156,5 +159,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)
     if audit is not None:
         app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes, decisions=AUDITED)
-    app.add_middleware(AccessLog, enabled=not config.log.accesslog.get("disabled", False), metrics=metrics)
+    app.add_middleware(AccessLog, enabled=not config.log.accesslog.disabled, metrics=metrics)
+    app.add_middleware(ConfiguredHeaders, headers=config.http.headers)
+    if config.http.prefix:
+        app.add_middleware(PathPrefix, prefix=config.http.prefix)
     return app

@@ -6,9 +6,9 @@ import ctypes
 import os
 import signal
 
-from .accesslog import configure_logging
 from .app import create_app
 from .config import load
+from .logs import configure_logging
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,5 +31,5 @@ def _die_with_parent() -> None:
 _die_with_parent()
 # `wharf serve` passes the configuration file to its workers through this one variable.
 _config = load(os.environ.get("WHARF_CONFIG") or None)
-_listener = configure_logging(_config.log.level)
+_listener = configure_logging(_config.log)
 app = create_app(_config)

@@ -42,7 +42,7 @@ from coordinator.kv import KV
 from .auditchain import GENESIS, Head, find_line, head_of, last_line, line_hash, log_files, tail_head
 from .auth.access import CATALOG, DELETE, PULL, PUSH
 from .auth.target import STATE_KEY, Target, resolve, routed
-from .config import AuditConfig, ConfigError, parse_duration, parse_size
+from .config import AuditConfig, ConfigError
 from .errors import ERROR_KEY, RegistryError, Unavailable, send_error
 
 log = logging.getLogger("wharf.audit")
@@ -383,7 +383,7 @@ class AuditLog:
         self._file = (
             _ChainedFile(
                 os.path.abspath(config.path),
-                parse_size(config.maxsize),
+                config.maxsize,
                 config.maxbackups,
                 config.fsync,
                 shared=shared,
@@ -393,7 +393,7 @@ class AuditLog:
         )
         self._stdout = config.stdout
         self.pulls = config.pulls
-        self._interval = parse_duration(config.checkpoint)
+        self._interval = config.checkpoint
         self._kv: KV | None = None
         self._node = ""
         self._anchored: Head | None = None

@@ -4,92 +4,93 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
-from pathlib import Path
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, audit_cli, backup, notifications, readonly, signing
+from . import admin, audit_cli, backup, notifications, readonly, server, signing
 from .config import Config, ConfigError, load
-from .metrics import MULTIPROC_ENV, serve_debug_listener
+from .logs import configure_logging
+from .metrics import MULTIPROC_ENV, debug_app
+from .storage import layout
 from .store import StoreRefused, describe_coordinator, describe_storage, open_store
 
 log = logging.getLogger("wharf")
 
 
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return (host.strip("[]") or "0.0.0.0"), int(port)
+@dataclass
+class _Listeners:
+    """The sockets `wharf serve` binds before anything else: a busy port stops it at once."""
 
+    main: socket.socket
+    debug: socket.socket | None
 
-def _hypercorn_config(config: Config):  # type: ignore[no-untyped-def]
-    from hypercorn.config import Config as HypercornConfig
-
-    hconfig = HypercornConfig()
-    hconfig.bind = [config.http.addr]
-    hconfig.workers = config.http.workers
-    hconfig.worker_class = "uvloop"
-    hconfig.accesslog = None
-    # Hypercorn's own messages go through the JSON log like everything else.
-    hconfig.errorlog = logging.getLogger("hypercorn.error")
-    hconfig.keep_alive_timeout = 75
-    # Blob uploads are streamed; do not let the server cap request bodies.
-    hconfig.h11_max_incomplete_size = 64 * 1024
-    if config.http.tls.certificate:
-        hconfig.certfile = config.http.tls.certificate
-        hconfig.keyfile = config.http.tls.key
-    return hconfig
-
-
-def _start_debug_listener(config: Config, registry: CollectorRegistry | None) -> None:
-    """Prometheus metrics on `http.debug.addr` (like Distribution's :5001), in a thread."""
-    addr = config.http.debug.addr
-    if not addr or not config.http.debug.prometheus.enabled:
-        return
-    if registry is None:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    host, port = _split_addr(addr)
-    try:
-        serve_debug_listener(host, port, registry, config.http.debug.prometheus.path)
-    except OSError as exc:
-        # Metrics matter less than serving images: say so loudly and go on.
-        log.error("debug listener on %s failed: %s", addr, exc)
+    @classmethod
+    def bind(cls, config: Config) -> _Listeners:
+        main = server.bind(config.http.listen, "http.addr")
+        debug = None
+        if config.http.debug.listen is not None:
+            try:
+                debug = server.bind(config.http.debug.listen, "http.debug.addr")
+            except server.ListenError:
+                main.close()
+                raise
+        return cls(main, debug)
 
 
 def serve(config: Config) -> int:
-    from .accesslog import configure_logging
+    """Check everything, bind the listeners, open the store, then run the server: a refusal at any
+    step is one line on stderr and exit status 2, before a worker starts or a port is answered."""
     from .auth.services import check_security
-    from .tls import check_listener
+    from .tls import check_certificates, check_listener
 
     check_listener(config)
+    check_certificates(config)
     check_security(config)
-    listener = configure_logging(config.log.level)
+    listeners = _Listeners.bind(config)
+    listener = configure_logging(config.log)
     try:
         try:
             store = asyncio.run(_prepare_store(config))
-        except StoreRefused as exc:
-            log.error("refusing to start: %s", exc)
+        except (StoreRefused, _StoreUnusable) as exc:
             print(f"wharf: {exc}", file=sys.stderr)
             return 2
-        _log_startup(config, store)
-        return _run_server(config)
+        _log_startup(config, store, listeners)
+        return _run_server(config, listeners)
     finally:
         listener.stop()
 
 
+class _StoreUnusable(Exception):
+    """The storage or the coordinator cannot be opened or written."""
+
+
 async def _prepare_store(config: Config) -> dict[str, object]:
     """Open the store once before any worker starts: refuse a mismatch, claim or adopt a new one."""
-    store = await open_store(config, "serve")
+    if config.storage.filesystem is not None:
+        _check_writable(config.storage.filesystem.rootdirectory)
+    try:
+        store = await open_store(config, "serve")
+    except StoreRefused:
+        raise
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise _StoreUnusable(
+            f"cannot open the store ({describe_storage(config)}, coordinator {describe_coordinator(config)}): {reason}"
+        ) from None
     try:
         found = await store.kv.get(keys.IMPORT_STATE)
         state = json.loads(found.value).get("state") if found else None
@@ -98,14 +99,39 @@ async def _prepare_store(config: Config) -> dict[str, object]:
         await store.close()
 
 
-def _log_startup(config: Config, store: dict[str, object]) -> None:
+def _check_writable(root: str) -> None:
+    """The filesystem root and the folders Wharf writes in it accept writes, before anything is served."""
+    key = "storage.filesystem.rootdirectory"
+    try:
+        os.makedirs(os.path.join(root, layout.WHARF_DIR), exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=os.path.join(root, layout.WHARF_DIR))
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+            raise _StoreUnusable(f"{key}: expected a directory, got {root!r}, which is under or is a file") from None
+        raise _StoreUnusable(
+            f"{key}: cannot write to {exc.filename or root} ({exc.strerror or exc}); give the user running "
+            f"wharf (uid {os.getuid()}) write access to {root}, or choose another directory"
+        ) from None
+    for folder in (root, *(os.path.join(root, layout.ROOT, part) for part in ("", "blobs", "repositories"))):
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            raise _StoreUnusable(
+                f"{key}: cannot write to {os.path.normpath(folder)} (permission denied); give the user running "
+                f"wharf (uid {os.getuid()}) write access to {root}, or choose another directory"
+            )
+
+
+def _log_startup(config: Config, store: dict[str, object], listeners: _Listeners) -> None:
     """What this node serves and how, in one line an operator can trust."""
-    host, port = _split_addr(config.http.addr)
     auth = config.auth.mode or "none"
     if config.auth.token is not None and config.auth.token.signingkey:
         auth = "token (built-in token service)"
+    listen = server.describe(listeners.main, config.http.listen)
+    debug = config.http.debug
     fields = {
-        "listen": f"{host}:{port}",
+        "listen": listen,
+        "addr": config.http.addr,
         "tls": config.http.tls.certificate or "off",
         "auth": auth,
         "storage": describe_storage(config),
@@ -113,22 +139,26 @@ def _log_startup(config: Config, store: dict[str, object]) -> None:
         "store": store["identity"],
         "store_found": store["found"],
         "import": store["import"] or "none",
-        "metrics": (config.http.debug.addr + config.http.debug.prometheus.path)
-        if config.http.debug.addr and config.http.debug.prometheus.enabled
-        else "off",
+        "metrics": (
+            f"{server.describe(listeners.debug, debug.listen)} {debug.prometheus.path}"
+            if listeners.debug is not None and debug.listen is not None
+            else "off"
+        ),
         "config": config.source or "none (defaults)",
         "server": f"{config.http.server}, {config.http.workers} worker(s)",
     }
     log.info(
         "wharf serving %s on %s (%s, auth %s) with %s and %s",
         store["identity"],
-        fields["listen"],
+        listen,
         "TLS" if config.http.tls.certificate else "plain HTTP",
         auth,
         fields["storage"],
         fields["coordinator"],
         extra={"fields": fields},
     )
+    for note in config.accepted_without_effect():
+        log.info(note)
     if config.source is None:
         log.warning(
             "no configuration file: serving on defaults (%s, %s, auth %s)",
@@ -152,33 +182,53 @@ def _log_startup(config: Config, store: dict[str, object]) -> None:
         )
 
 
-def _run_server(config: Config) -> int:
+def _run_server(config: Config, listeners: _Listeners) -> int:
     os.environ["WHARF_CONFIG"] = config.source or ""
     os.environ["WHARF_SERVE_PID"] = str(os.getpid())
-    if config.http.server == "granian" or config.http.workers > 1:
-        # Workers are separate processes: they share their figures through a directory and
-        # this process answers scrapes for all of them.
-        multiproc = tempfile.mkdtemp(prefix="wharf-metrics-")
-        os.environ[MULTIPROC_ENV] = multiproc
-        try:
-            _start_debug_listener(config, None)
+    private = tempfile.mkdtemp(prefix="wharf-serve-")
+    try:
+        client_cas = server.client_ca_file(config, private)
+        if config.http.server == "granian" or config.http.workers > 1:
+            # Workers are separate processes: they share their figures through a directory and
+            # this process answers scrapes for all of them.
+            multiproc = os.path.join(private, "metrics")
+            os.mkdir(multiproc)
+            os.environ[MULTIPROC_ENV] = multiproc
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            if listeners.debug is not None:
+                server.serve_debug(listeners.debug, _debug_app(config, registry))
             if config.http.server == "granian":
-                return _serve_granian(config)
+                return server.run_granian(config, listeners.main, client_cas)
             from hypercorn.run import run
 
-            hconfig = _hypercorn_config(config)
+            hconfig = server.hypercorn_config(config, listeners.main, client_cas)
             hconfig.application_path = "node.asgi:app"
             return run(hconfig)
-        finally:
-            shutil.rmtree(multiproc, ignore_errors=True)
-    hconfig = _hypercorn_config(config)
+        return _serve_hypercorn_here(config, listeners, client_cas)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+        if config.http.listen.path:
+            with contextlib.suppress(OSError):
+                os.unlink(config.http.listen.path)  # the socket file this process made
+
+
+def _debug_app(config: Config, registry: CollectorRegistry) -> object:
+    prometheus = config.http.debug.prometheus
+    return debug_app(registry, prometheus.path, metrics=prometheus.enabled)
+
+
+def _serve_hypercorn_here(config: Config, listeners: _Listeners, client_cas: str | None) -> int:
+    """One Hypercorn worker in this process (no worker processes to share figures with)."""
     import uvloop
     from hypercorn.asyncio import serve as hypercorn_serve
 
     from .app import create_app
 
+    hconfig = server.hypercorn_config(config, listeners.main, client_cas)
     app = create_app(config)
-    _start_debug_listener(config, app.state.metrics.registry)
+    if listeners.debug is not None:
+        server.serve_debug(listeners.debug, _debug_app(config, app.state.metrics.registry))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -188,26 +238,6 @@ def _run_server(config: Config) -> int:
         await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     uvloop.run(main())
-    return 0
-
-
-def _serve_granian(config: Config) -> int:
-    from granian.constants import Interfaces, Loops
-    from granian.server import Server
-
-    host, port = _split_addr(config.http.addr)
-    server = Server(
-        "node.asgi:app",
-        address=host,
-        port=port,
-        interface=Interfaces.ASGI,
-        workers=config.http.workers,
-        loop=Loops.uvloop,
-        log_access=False,
-        ssl_cert=Path(config.http.tls.certificate) if config.http.tls.certificate else None,
-        ssl_key=Path(config.http.tls.key) if config.http.tls.key else None,
-    )
-    server.serve()
     return 0
 
 
@@ -242,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load(args.config or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)
             return serve(config)
-        except ConfigError as exc:
+        except (ConfigError, server.ListenError) as exc:
             print(f"wharf: {exc}", file=sys.stderr)
             return 2
     if args.command == "htpasswd":

@@ -22,7 +22,6 @@ from coordinator.gc import (
 from coordinator.gcmark import Mark
 from coordinator.runlock import run_lock
 
-from .config import parse_duration
 from .storage import layout
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ async def import_in_progress(services: Services) -> str | None:
 
 async def orphan_sweep_due(services: Services) -> bool:
     last = await services.kv.get(keys.GC_ORPHANS_LAST)
-    interval = parse_duration(services.config.gc.orphaninterval)
+    interval = services.config.gc.orphaninterval
     return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
 
 
@@ -127,7 +126,7 @@ class Touches:
 
     def __init__(self, services: Services) -> None:
         self._services = services
-        self._half_grace = parse_duration(services.config.gc.grace) / 2
+        self._half_grace = services.config.gc.grace / 2
         self._written: dict[str, float] = {}
 
     async def touch(self, digest: str) -> None:
@@ -160,7 +159,7 @@ async def collect(
     config = services.config.gc
     collector = Collector(
         services.kv,
-        grace=parse_duration(config.grace),
+        grace=config.grace,
         delete_untagged=config.deleteuntagged if delete_untagged is None else delete_untagged,
         dry_run=dry_run,
         reclaim_imported=reclaim_imported,

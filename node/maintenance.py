@@ -11,7 +11,6 @@ from coordinator import keys
 from coordinator.readonly import Halted
 
 from . import backup, gc, importer, retention
-from .config import parse_duration
 from .notifications import Dispatcher
 from .services import Services
 
@@ -27,9 +26,9 @@ class Maintenance:
         purging = services.config.storage.maintenance.uploadpurging
         self.enabled = purging.enabled
         # A session goes once idle for `age` (Distribution's) or http.uploads.idletimeout, the shorter.
-        idle = parse_duration(services.config.http.uploads.idletimeout)
-        self.age = min(parse_duration(purging.age), idle)
-        self.interval = min(parse_duration(purging.interval), max(idle / 4, 5.0))
+        idle = services.config.http.uploads.idletimeout
+        self.age = min(purging.age, idle)
+        self.interval = min(purging.interval, max(idle / 4, 5.0))
         self.dry_run = purging.dryrun
 
     async def lead(self) -> None:
@@ -41,10 +40,10 @@ class Maintenance:
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
-            jobs.append(self._every(parse_duration(self.services.config.gc.interval), self._collect))
+            jobs.append(self._every(self.services.config.gc.interval, self._collect))
         policies = self.services.config.retention
         if policies.enabled and policies.policies:
-            jobs.append(self._every(parse_duration(policies.interval), self._retain))
+            jobs.append(self._every(policies.interval, self._retain))
         # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
         if self.services.config.backup.enabled:
             jobs.append(backup.scheduled(self.services))

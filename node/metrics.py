@@ -617,36 +617,21 @@ class InstrumentedStorage:
         await self.inner.close()
 
 
-def serve_debug_listener(host: str, port: int, registry: CollectorRegistry, path: str = "/metrics") -> None:
-    """Prometheus metrics at `path` and `/debug/health` on the debug listener, in a daemon thread.
-
-    Raises OSError if the address cannot be bound.
-    """
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+def debug_app(registry: CollectorRegistry, path: str = "/metrics", *, metrics: bool = True) -> Any:
+    """The debug listener's WSGI app: Prometheus metrics at `path` (unless `metrics` is off, as
+    `http.debug.prometheus.enabled: false` asks) and `/debug/health`."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    class _Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            route = self.path.split("?", 1)[0]
-            if route == path:
-                body, media_type, status = generate_latest(registry), CONTENT_TYPE_LATEST, 200
-            elif route == "/debug/health":
-                body, media_type, status = b"{}", "application/json", 200
-            else:
-                body, media_type, status = b"404 page not found\n", "text/plain; charset=utf-8", 404
-            self.send_response(status)
-            self.send_header("Content-Type", media_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        route = environ.get("PATH_INFO", "")
+        if metrics and route == path:
+            body, media_type, status = generate_latest(registry), CONTENT_TYPE_LATEST, "200 OK"
+        elif route == "/debug/health":
+            body, media_type, status = b"{}", "application/json", "200 OK"
+        else:
+            body, media_type, status = b"404 page not found\n", "text/plain; charset=utf-8", "404 Not Found"
+        start_response(status, [("Content-Type", media_type), ("Content-Length", str(len(body)))])
+        return [body]
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes are not worth a log line each
+    return app
 
-    class _Server(ThreadingHTTPServer):
-        daemon_threads = True
-
-    server = _Server((host, port), _Handler)
-    threading.Thread(target=server.serve_forever, name="wharf-debug-listener", daemon=True).start()

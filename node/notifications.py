@@ -85,8 +85,9 @@ class Notifier:
         self.include_references = settings.events.includereferences
         self.kv = kv
         self.metrics = metrics
-        port = config.http.addr.rpartition(":")[2]
-        self.source = {"addr": f"{socket.gethostname()}:{port}", "instanceID": str(uuid.uuid4())}
+        listen = config.http.listen
+        where = f"{socket.gethostname()}:{listen.port}" if not listen.path else f"{socket.gethostname()}:{listen.path}"
+        self.source = {"addr": where, "instanceID": str(uuid.uuid4())}
         self.host = config.http.host.rstrip("/")
         self.prefix = config.http.prefix.rstrip("/")
         self._waiting: list[tuple[list[Event], asyncio.Future[None]]] = []

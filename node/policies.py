@@ -8,29 +8,7 @@ from functools import lru_cache
 
 from coordinator.quota import QuotaScope, QuotaScopes
 
-from .config import Config, ConfigError, ImmutabilityRule, QuotaRule
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(text: str | int) -> int:
-    """'500MiB', '10GiB', '1TB' or a number of bytes."""
-    match = _SIZE.fullmatch(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"invalid size {text!r}: use bytes or a unit such as MiB, GiB, GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+from .config import Config, ImmutabilityRule, QuotaRule
 
 
 @lru_cache(maxsize=1024)
@@ -62,7 +40,6 @@ def repository_matches(patterns: list[str], name: str) -> bool:
 @dataclass(frozen=True)
 class _Immutable:
     rule: ImmutabilityRule
-    tags: tuple[re.Pattern[str], ...]
 
     @property
     def label(self) -> str:
@@ -73,13 +50,8 @@ class Immutability:
     """Which tags may never be moved or deleted."""
 
     def __init__(self, rules: list[ImmutabilityRule]) -> None:
-        self._rules = []
-        for rule in rules:
-            try:
-                compiled = tuple(re.compile(t) for t in rule.tags)
-            except re.error as exc:
-                raise ConfigError(f"immutability: bad tag pattern: {exc}") from exc
-            self._rules.append(_Immutable(rule, compiled))
+        # The configuration compiled each rule's tag patterns at load.
+        self._rules = [_Immutable(rule) for rule in rules]
 
     def __bool__(self) -> bool:
         return bool(self._rules)
@@ -91,7 +63,9 @@ class Immutability:
     def rule_for(self, repository: str, tag: str) -> str | None:
         """The name of the rule that freezes this tag, or None."""
         for entry in self._rules:
-            if repository_matches(entry.rule.repositories, repository) and any(t.fullmatch(tag) for t in entry.tags):
+            if repository_matches(entry.rule.repositories, repository) and any(
+                t.fullmatch(tag) for t in entry.rule.patterns
+            ):
                 return entry.label
         return None
 
@@ -111,15 +85,15 @@ class Quota:
 
 
 def quotas_from(rules: list[QuotaRule]) -> list[Quota]:
+    """The configured rules (checked, limits in bytes, at load) as quotas the uploader applies."""
     quotas = []
     for rule in rules:
-        if bool(rule.repository) == bool(rule.namespace):
-            raise ConfigError("quotas: each rule names exactly one of repository or namespace")
         scope = rule.repository or rule.namespace
         namespace = bool(rule.namespace)
         if namespace and not scope.endswith("/"):
             scope += "/"
-        quotas.append(Quota(scope, parse_size(rule.limit), namespace))
+        assert rule.limit is not None
+        quotas.append(Quota(scope, rule.limit, namespace))
     return quotas
 
 

@@ -7,7 +7,6 @@ the blobs they freed.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 from coordinator.retention import Applier, Plan, Result, Rule, plan
 from coordinator.runlock import run_lock
 
-from .config import ConfigError, RetentionConfig, RetentionPolicy, parse_duration
+from .config import RetentionConfig, RetentionPolicy
 from .policies import repository_matches
 
 if TYPE_CHECKING:
@@ -34,27 +33,19 @@ def _label(index: int, policy: RetentionPolicy) -> str:
 
 
 def _rule(index: int, policy: RetentionPolicy) -> Rule:
-    label = _label(index, policy)
-    where = f"retention.policies[{index}]"
-    if policy.keeplast is not None and policy.keeplast < 0:
-        raise ConfigError(f"{where}.keeplast must not be negative")
-    try:
-        keep_tags = tuple(re.compile(pattern) for pattern in policy.keeptags)
-    except re.error as exc:
-        raise ConfigError(f"{where}.keeptags: bad pattern: {exc}") from exc
-    older_than = parse_duration(policy.olderthan) if policy.olderthan else None
-    untagged_after = parse_duration(policy.untaggedafter) if policy.untaggedafter else None
+    """A policy as the planner's rule; the configuration compiled its patterns and durations at load."""
     globs = list(policy.repositories)
 
     def covers(repository: str) -> bool:
         return repository_matches(globs, repository)
 
-    return Rule(label, covers, policy.keeplast, keep_tags, older_than, untagged_after)
+    return Rule(
+        _label(index, policy), covers, policy.keeplast, policy.keep_patterns, policy.olderthan, policy.untaggedafter
+    )
 
 
 def rules_from(config: RetentionConfig) -> list[Rule]:
     """The configured policies as planner rules, in order (the first that covers a repository applies)."""
-    parse_duration(config.interval)
     return [_rule(i, policy) for i, policy in enumerate(config.policies)]
 
 

@@ -172,7 +172,7 @@ class Services:
             ManifestCache(metrics),
             BlobLocations(metadata, metrics),
             metrics,
-            config.cluster.node or f"{socket.gethostname()}:{config.http.addr.rsplit(':', 1)[-1]}:{os.getpid()}",
+            config.cluster.node or f"{socket.gethostname()}:{config.http.listen.port or 'unix'}:{os.getpid()}",
         )
 
     async def close(self) -> None:

@@ -296,9 +296,12 @@ def test_every_route_has_an_access_rule():
     [
         (
             {"repositories": ["public/**"], "anonymous": True, "actions": ["push"]},
-            "anonymous callers may only be granted pull",
+            r"access.rules\[0\].actions: expected only pull for anonymous callers, got \['push'\]",
         ),
-        ({"groups": ["nobody"], "actions": ["pull"]}, "no such group"),
+        (
+            {"groups": ["nobody"], "actions": ["pull"]},
+            r"access.rules\[0\].groups: expected a group defined in access.groups, got 'nobody'",
+        ),
         ({"users": ["a"], "actions": ["write"]}, "actions"),
     ],
 )

@@ -338,8 +338,8 @@ def test_receiver_down_for_30s_gets_everything_afterwards_in_order_per_repositor
     ("endpoint", "message"),
     [
         ({"url": "http://127.0.0.1:1/"}, "every endpoint needs a name"),
-        ({"name": "a", "url": "ftp://example"}, "notifications.endpoints[a].url"),
-        ({"name": "a", "url": "http://x/", "timeout": "soon"}, "notifications.endpoints[a].timeout"),
+        ({"name": "a", "url": "ftp://example"}, "notifications.endpoints[0].url"),
+        ({"name": "a", "url": "http://x/", "timeout": "soon"}, "notifications.endpoints[0].timeout"),
         ({"name": "a", "url": "http://x/", "ignore": {"actions": ["tag"]}}, "ignore.actions"),
         ({"name": "a", "url": "http://x/", "headers": {"X-A": {"b": 1}}}, "headers.X-A"),
     ],

@@ -160,12 +160,12 @@ def test_policies_load_with_their_keys_read_and_globs_compiled(tmp_path):
 @pytest.mark.parametrize(
     ("policy", "message"),
     [
-        ({"keys": ["MISSING"]}, r"signatures policy 'p', keys\[0\]: cannot read .*missing\.pub"),
-        ({"keys": ["GARBAGE"]}, r"signatures policy 'p', keys\[0\]: .*garbage\.pem is not a PEM public key"),
-        ({"keys": ["PRIVATE"]}, r"signatures policy 'p', keys\[0\]: .*private\.pem is not a PEM public key"),
-        ({"keys": []}, r"signatures policy 'p': keys needs at least one public key file"),
-        ({"keys": ["GOOD"], "mode": "audit"}, r"mode must be enforce or warn"),
-        ({"keys": ["GOOD"], "repositories": []}, r"repositories needs at least one pattern"),
+        ({"keys": ["MISSING"]}, r"signatures\.policies\[0\]\.keys\[0\]: .*cannot read .*missing\.pub"),
+        ({"keys": ["GARBAGE"]}, r"signatures\.policies\[0\]\.keys\[0\]: .*garbage\.pem is not a PEM public key"),
+        ({"keys": ["PRIVATE"]}, r"signatures\.policies\[0\]\.keys\[0\]: .*private\.pem is not a PEM public key"),
+        ({"keys": []}, r"signatures\.policies\[0\]\.keys: expected at least one public key file"),
+        ({"keys": ["GOOD"], "mode": "audit"}, r"signatures\.policies\[0\]\.mode: expected enforce or warn, got 'audit'"),
+        ({"keys": ["GOOD"], "repositories": []}, r"signatures\.policies\[0\]\.repositories: expected at least one"),
     ],
 )
 def test_a_bad_policy_stops_loading_naming_the_policy_and_the_key_file(tmp_path, policy, message):
@@ -187,7 +187,7 @@ def test_a_bad_policy_stops_loading_naming_the_policy_and_the_key_file(tmp_path,
 def test_two_policies_with_one_name_are_refused(tmp_path):
     _, pub = _public_key(tmp_path)
     policies = [{"name": "same", "repositories": [r], "keys": [str(pub)]} for r in ("a/**", "b/**")]
-    with pytest.raises(ConfigError, match="two policies are named 'same'"):
+    with pytest.raises(ConfigError, match=r"signatures\.policies: expected unique policy names .*got 'same'"):
         load(str(_config(tmp_path, policies)), environ={})
 
 

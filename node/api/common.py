@@ -20,8 +20,11 @@ def repository(request: Request) -> str:
 
 
 def url(request: Request, path: str) -> str:
-    """A URL path for a Location header (relative, like Distribution with relativeurls)."""
-    return services(request).config.http.prefix.rstrip("/") + path
+    """A URL for a Location or Link header: under `http.prefix`, absolute when `http.host` is set
+    (unless `http.relativeurls`), else relative, which every client since Docker 1.8 resolves."""
+    http = services(request).config.http
+    relative = http.prefix.rstrip("/") + path
+    return relative if http.relativeurls or not http.host else http.host + relative
 
 
 def not_modified(request: Request, digest: str) -> bool:

@@ -217,7 +217,7 @@ async def put_manifest(request: Request) -> Response:
     name = repository(request)
     ref = parse_reference(request.path_params["reference"])
     body = await _read_body(request)
-    parsed = manifests.parse(body, request.headers.get("content-type"))
+    parsed = manifests.parse(body, request.headers.get("content-type"), url_refused=svc.config.validation.url_refused)
     algorithm = ref.digest.algorithm if ref.digest is not None else "sha256"
     digest = manifests.compute_digest(body, algorithm)
     if ref.digest is not None and digest != str(ref.digest):

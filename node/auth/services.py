@@ -63,11 +63,12 @@ class AuthServices:
             if token.signingkey:
                 issuer = build_issuer(token)
                 keys.setdefault(issuer.kid, issuer.public_key)
-                users = HtpasswdFile(token.htpasswd, executor) if token.htpasswd else None
+                users = HtpasswdFile(token.htpasswd, executor, key="auth.token.htpasswd") if token.htpasswd else None
             verifier = TokenVerifier(
                 issuer=token.issuer, service=token.service, keys=keys, algorithms=token.signingalgorithms
             )
-            token_realm, service = token.realm, token.service
+            # autoredirect: the realm is this registry's /auth/token at the host the client used.
+            token_realm, service = ("" if token.autoredirect else token.realm), token.service
         elif config.access.rules:
             log.warning("access rules are configured but auth is not: every request is allowed")
         sign_in = PasswordSignIn(users, limiter=FailureLimiter(config.ratelimit.authfailures))
