@@ -634,4 +634,3 @@ def debug_app(registry: CollectorRegistry, path: str = "/metrics", *, metrics: b
         return [body]
 
     return app
-

@@ -6,9 +6,12 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from coordinator.metadata import Metadata
 from coordinator.quota import QuotaScope, QuotaScopes
 
 from .config import Config, ImmutabilityRule, QuotaRule
+from .errors import Denied
+from .reference import Reference
 
 
 @lru_cache(maxsize=1024)
@@ -68,6 +71,28 @@ class Immutability:
             ):
                 return entry.label
         return None
+
+    async def check_delete(self, metadata: Metadata, repository: str, ref: Reference) -> None:
+        """DENIED if deleting this tag, or this manifest with its tags, would remove an immutable tag."""
+        if not self._rules:
+            return
+        tags = [ref.tag] if ref.tag is not None else list(await metadata.tags_of_digest(repository, str(ref.digest)))
+        for tag in tags:
+            rule = self.rule_for(repository, tag)
+            if rule is None:
+                continue
+            if ref.digest is not None:
+                digest: str | None = str(ref.digest)
+            else:
+                record = await metadata.get_tag(repository, tag)
+                digest = record.digest if record is not None else None
+            raise Denied(
+                {"tag": tag, "rule": rule},
+                message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted",
+                refused_by="immutability",
+                rule=rule,
+                audit={"digest": digest},
+            )
 
 
 @dataclass(frozen=True)

@@ -230,8 +230,9 @@ def granian_options(config: Config, sock: socket.socket, client_cas: str | None)
     return options
 
 
-def run_granian(config: Config, sock: socket.socket, client_cas: str | None) -> int:
-    server = _GranianOnSocket("node.asgi:app", **granian_options(config, sock, client_cas))
+def run_granian(config: Config, sock: socket.socket, client_cas: str | None, target: str) -> int:
+    """granian's workers on `sock`, each building its app by calling `target` (module:function)."""
+    server = _GranianOnSocket(target, factory=True, **granian_options(config, sock, client_cas))
     server.bound = sock
     server.serve()
     return 0

@@ -421,4 +421,4 @@ def test_a_bad_key_in_a_policy_stops_start_up_naming_the_key_and_its_file(tmp_pa
     config.write_text(json.dumps({"storage": storage, "signatures": {"policies": [policy]}}))
     result = wharf_cli("serve", str(config), password=None)
     assert result.returncode == 2
-    assert "signatures policy 'production', keys[1]" in result.stderr and str(bad) in result.stderr
+    assert "signatures.policies[0].keys[1]" in result.stderr and str(bad) in result.stderr

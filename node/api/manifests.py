@@ -347,39 +347,13 @@ async def _record_manifest(
         ) from None
 
 
-async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
-    """DENIED if the deletion would remove an immutable tag."""
-    immutability = svc.policies.immutability
-    if not immutability:
-        return
-    if ref.tag is not None:
-        tags = [ref.tag]
-    else:
-        tags = list(await svc.metadata.tags_of_digest(name, str(ref.digest)))
-    for tag in tags:
-        rule = immutability.rule_for(name, tag)
-        if rule is not None:
-            if ref.digest is not None:
-                digest: str | None = str(ref.digest)
-            else:
-                record = await svc.metadata.get_tag(name, tag)
-                digest = record.digest if record is not None else None
-            raise Denied(
-                {"tag": tag, "rule": rule},
-                message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted",
-                refused_by="immutability",
-                rule=rule,
-                audit={"digest": digest},
-            )
-
-
 async def delete_manifest(request: Request) -> Response:
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
-    await check_deletable(svc, name, ref)
+    await svc.policies.immutability.check_delete(svc.metadata, name, ref)
     notifier = svc.notifier
     if ref.tag is not None:
         events = notifier.ops(notifier.deleted(request, name, tag=ref.tag)) if notifier.wants("delete") else []

@@ -1,8 +1,7 @@
-"""The `wharf` command: serve the registry."""
+"""`wharf serve`: check everything, bind the listeners, open the store, then run the server."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
@@ -21,14 +20,21 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator import keys
 
-from . import admin, audit_cli, backup, notifications, readonly, server, signing
-from .config import Config, ConfigError, load
-from .logs import configure_logging
-from .metrics import MULTIPROC_ENV, debug_app
-from .storage import layout
-from .store import StoreRefused, describe_coordinator, describe_storage, open_store
+from .. import asgi, server
+from ..config import Config
+from ..logs import configure_logging
+from ..metrics import MULTIPROC_ENV, debug_app
+from ..storage import layout
+from ..store import StoreRefused, describe_coordinator, describe_storage, open_store
+from .common import Commands, load_config
 
 log = logging.getLogger("wharf")
+
+
+def add_commands(commands: Commands) -> None:
+    cmd = commands.add_parser("serve", help="run a registry node")
+    cmd.add_argument("config", nargs="?", help="configuration file (Distribution config.yml superset)")
+    cmd.set_defaults(run=lambda args: serve(load_config(args)))
 
 
 @dataclass
@@ -54,8 +60,8 @@ class _Listeners:
 def serve(config: Config) -> int:
     """Check everything, bind the listeners, open the store, then run the server: a refusal at any
     step is one line on stderr and exit status 2, before a worker starts or a port is answered."""
-    from .auth.services import check_security
-    from .tls import check_certificates, check_listener
+    from ..auth.services import check_security
+    from ..tls import check_certificates, check_listener
 
     check_listener(config)
     check_certificates(config)
@@ -183,8 +189,8 @@ def _log_startup(config: Config, store: dict[str, object], listeners: _Listeners
 
 
 def _run_server(config: Config, listeners: _Listeners) -> int:
-    os.environ["WHARF_CONFIG"] = config.source or ""
-    os.environ["WHARF_SERVE_PID"] = str(os.getpid())
+    os.environ[asgi.CONFIG_ENV] = config.source or ""
+    os.environ[asgi.SERVE_PID_ENV] = str(os.getpid())
     private = tempfile.mkdtemp(prefix="wharf-serve-")
     try:
         client_cas = server.client_ca_file(config, private)
@@ -199,11 +205,11 @@ def _run_server(config: Config, listeners: _Listeners) -> int:
             if listeners.debug is not None:
                 server.serve_debug(listeners.debug, _debug_app(config, registry))
             if config.http.server == "granian":
-                return server.run_granian(config, listeners.main, client_cas)
+                return server.run_granian(config, listeners.main, client_cas, asgi.GRANIAN_TARGET)
             from hypercorn.run import run
 
             hconfig = server.hypercorn_config(config, listeners.main, client_cas)
-            hconfig.application_path = "node.asgi:app"
+            hconfig.application_path = asgi.HYPERCORN_PATH
             return run(hconfig)
         return _serve_hypercorn_here(config, listeners, client_cas)
     finally:
@@ -223,7 +229,7 @@ def _serve_hypercorn_here(config: Config, listeners: _Listeners, client_cas: str
     import uvloop
     from hypercorn.asyncio import serve as hypercorn_serve
 
-    from .app import create_app
+    from ..app import create_app
 
     hconfig = server.hypercorn_config(config, listeners.main, client_cas)
     app = create_app(config)
@@ -239,124 +245,3 @@ def _serve_hypercorn_here(config: Config, listeners: _Listeners, client_cas: str
 
     uvloop.run(main())
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wharf", description="Wharf container registry")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser("serve", help="run a registry node")
-    serve_cmd.add_argument("config", nargs="?", help="configuration file (Distribution config.yml superset)")
-    _add_htpasswd_parser(commands)
-    _add_cert_parser(commands)
-    admin.add_commands(commands)
-    backup.add_commands(commands)
-    audit_cli.add_commands(commands)
-    readonly.add_commands(commands)
-    notifications.add_commands(commands)
-    signing.add_commands(commands)
-    args = parser.parse_args(argv)
-    if hasattr(args, "signing"):
-        return signing.run(args)  # registry clients: no configuration file
-    if hasattr(args, "run"):
-        try:
-            config = load(getattr(args, "config", None) or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)
-        except ConfigError as exc:
-            print(f"wharf: {exc}", file=sys.stderr)
-            return 2
-        try:
-            return int(args.run(args, config))
-        except StoreRefused as exc:
-            print(f"wharf: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "serve":
-        try:
-            config = load(args.config or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None)
-            return serve(config)
-        except (ConfigError, server.ListenError) as exc:
-            print(f"wharf: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "htpasswd":
-        return _htpasswd(args)
-    if args.command == "cert":
-        return _cert(args)
-    return 2
-
-
-def _add_htpasswd_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    htpasswd = commands.add_parser("htpasswd", help="manage users in an htpasswd file (bcrypt)")
-    actions = htpasswd.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", help="add a user or change its password")
-    add.add_argument("file")
-    add.add_argument("user")
-    add.add_argument("password", nargs="?", help="the password (default: prompt, or one line from stdin)")
-    add.add_argument("--cost", type=int, default=10, help="bcrypt cost, 4-31 (default 10)")
-    remove = actions.add_parser("remove", help="remove a user")
-    remove.add_argument("file")
-    remove.add_argument("user")
-    listing = actions.add_parser("list", help="list user names")
-    listing.add_argument("file")
-
-
-def _read_password() -> str:
-    if not sys.stdin.isatty():
-        return sys.stdin.readline().rstrip("\r\n")
-    import getpass
-
-    password = getpass.getpass("New password: ")
-    if getpass.getpass("Re-type new password: ") != password:
-        raise ValueError("the passwords do not match")
-    return password
-
-
-def _htpasswd(args: argparse.Namespace) -> int:
-    from .auth import htpasswd
-
-    try:
-        if args.action == "add":
-            if not 4 <= args.cost <= 31:
-                raise ValueError("--cost must be between 4 and 31")
-            password = args.password if args.password is not None else _read_password()
-            created = htpasswd.set_password(args.file, args.user, password, args.cost)
-            print(f"{'Adding' if created else 'Updating'} password for user {args.user}", file=sys.stderr)
-        elif args.action == "remove":
-            if not htpasswd.remove_user(args.file, args.user):
-                print(f"wharf: no user {args.user} in {args.file}", file=sys.stderr)
-                return 1
-            print(f"Deleting password for user {args.user}", file=sys.stderr)
-        else:
-            for user in htpasswd.list_users(args.file):
-                print(user)
-    except (OSError, ValueError) as exc:
-        print(f"wharf: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _add_cert_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    cert = commands.add_parser("cert", help="make a self-signed TLS certificate and key for test set-ups")
-    cert.add_argument("hosts", nargs="+", metavar="HOST", help="host names or IP addresses it is valid for")
-    cert.add_argument("--dir", default="certs", help="where to write domain.crt and domain.key (default ./certs)")
-    cert.add_argument("--days", type=int, default=365)
-    cert.add_argument("--key-type", choices=["ec", "rsa"], default="ec")
-    cert.add_argument("--force", action="store_true", help="replace existing files")
-
-
-def _cert(args: argparse.Namespace) -> int:
-    from .tls import write_certificate
-
-    try:
-        cert, key = write_certificate(args.dir, args.hosts, days=args.days, key_type=args.key_type, force=args.force)
-    except (OSError, ValueError) as exc:
-        print(f"wharf: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"wrote {cert} and {key}\n"
-        f"serve with:  REGISTRY_HTTP_TLS_CERTIFICATE={cert} REGISTRY_HTTP_TLS_KEY={key} wharf serve\n"
-        f"trust with:  cp {cert} /etc/docker/certs.d/{args.hosts[0]}:5000/ca.crt  "
-        f"(skopeo: --dest-cert-dir / --src-cert-dir naming a directory holding it as ca.crt)"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,96 @@
+"""What every command shares: loading the configuration, opening the store as `wharf serve` does,
+and printing sizes, tables and progress."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ..config import Config, load
+from ..services import Services
+from ..store import Mode, open_store
+
+T = TypeVar("T")
+
+Commands = argparse._SubParsersAction  # type: ignore[type-arg]
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The configuration a command names (positional or `--config`), else REGISTRY_CONFIGURATION_PATH's,
+    else the defaults; ConfigError (one line, exit 2) when it is wrong."""
+    path = getattr(args, "config", None) or os.environ.get("REGISTRY_CONFIGURATION_PATH") or None
+    return load(path)
+
+
+def with_config(run: Callable[[argparse.Namespace, Config], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that works on the registry's configuration: `run(args, config)`."""
+
+    def command(args: argparse.Namespace) -> int:
+        return run(args, load_config(args))
+
+    return command
+
+
+async def with_services(
+    config: Config, work: Callable[[Services], Awaitable[T]], *, readonly: bool = False, mode: Mode | None = None
+) -> T:
+    """Open the store as `wharf serve` does (StoreRefused if it is not there or not one store).
+
+    `readonly` (dry runs, listings) creates and changes nothing anywhere.
+    """
+    store = await open_store(config, mode or ("read" if readonly else "write"))
+    services = Services.build(config, store.kv, store.storage)
+    try:
+        await services.readonly.switch.refresh()
+        return await work(services)
+    finally:
+        await services.close()
+
+
+def add_listing(
+    commands: Commands, name: str, help: str, ls_help: str, run: Callable[[argparse.Namespace, Config], int]
+) -> None:
+    """`wharf NAME ls [--json] [CONFIG]`."""
+    group = commands.add_parser(name, help=help)
+    actions = group.add_subparsers(dest=f"{name}_action", required=True)
+    listing = actions.add_parser("ls", help=ls_help)
+    listing.add_argument("config", nargs="?", help="configuration file")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=with_config(run))
+
+
+def progress(phase: str, done: int, total: int) -> None:
+    """A progress line on a terminal; the last count only, otherwise."""
+    if sys.stderr.isatty():
+        end = "\n" if done >= total else ""
+        print(f"\r{phase}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    elif done >= total:
+        print(f"{phase}: {done}/{total}", file=sys.stderr)
+
+
+def size(n: int) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 3.2 GiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> list[str]:
+    """Rows as aligned columns, `columns` being (key, title) pairs."""
+    widths = [max([len(title), *(len(r[key]) for r in rows)]) for key, title in columns]
+    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(r[key].ljust(w) for (key, _), w in zip(columns, widths, strict=True)).rstrip())
+    return lines
+
+
+def brief(exc: BaseException) -> str:
+    """An exception as one line of at most 300 characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
