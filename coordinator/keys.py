@@ -55,6 +55,14 @@ NOTIFY_STATUS = NOTIFY + "status/"
 RETENTION_PROGRESS = "retention/progress"
 # The newest line (number and hash) an audit log is known to have had, one record per chain.
 AUDIT_HEADS = "audit/head/"
+# The pull-through cache: when each cached tag was last confirmed by its upstream; claims on fetches
+# in flight (one fetch per missing blob for the whole cluster, held with the fetching node's lease);
+# hit and miss counts per upstream; the last eviction run per upstream.
+CACHE = "cache/"
+CACHE_TAGS = CACHE + "tag/"
+CACHE_FETCHES = CACHE + "fetch/"
+CACHE_STATS = CACHE + "stats/"
+CACHE_EVICTIONS = CACHE + "evicted/"
 
 
 # Written first and removed last by a restore (coordinator/snapshot.py): while it is present the
@@ -63,7 +71,7 @@ RESTORING = "restore/in-progress"
 # Records of processes at work, not of the registry: snapshots leave them out (with every key
 # attached to a lease), and a restore leaves the coordinator's own alone.
 # Notification queues are deliveries in flight: a restored snapshot must not send old events again.
-EPHEMERAL = (LEADER, DELETING, RESTORING, NOTIFY)
+EPHEMERAL = (LEADER, DELETING, RESTORING, NOTIFY, CACHE_FETCHES)
 
 
 def ephemeral(key: str) -> bool:
@@ -226,3 +234,35 @@ def notify_queued(endpoint: str, partition: int, seq: int) -> str:
 def notify_status(endpoint: str) -> str:
     """How delivery to an endpoint last went (written by the delivering leader)."""
     return f"{NOTIFY_STATUS}{_endpoint(endpoint)}"
+
+
+def cache_tag(repo: str, tag: str) -> str:
+    """When the upstream last confirmed what a cached tag points at."""
+    return f"{CACHE_TAGS}{repo}@{tag}"
+
+
+def cache_blob_fetch(digest: str) -> str:
+    """Held while one node fetches a blob from an upstream; the others wait for it to go."""
+    return f"{CACHE_FETCHES}{digest}"
+
+
+def cache_stats(upstream: str) -> str:
+    """One upstream's counts (hits, misses, bytes ...), added to by every node."""
+    return f"{CACHE_STATS}{quote(upstream, safe='')}"
+
+
+def cache_eviction(upstream: str) -> str:
+    return f"{CACHE_EVICTIONS}{quote(upstream, safe='')}"
+
+
+def manifests_under(prefix: str) -> str:
+    """Every manifest of every repository whose name starts with `prefix` (a namespace such as team/)."""
+    return f"{MANIFESTS}{prefix}"
+
+
+def links_under(prefix: str) -> str:
+    return f"{LINKS}{prefix}"
+
+
+def tags_under(prefix: str) -> str:
+    return f"{TAGS}{prefix}"

@@ -568,6 +568,7 @@ class Metadata:
         frozen_tag: bool = False,
         intent: UploadSession | None = None,
         events: Sequence[Op] = (),
+        references_follow: bool = False,
     ) -> None:
         """Record a manifest (already in storage) and point `tag` at it, in one transaction.
 
@@ -577,7 +578,9 @@ class Metadata:
         Every referenced blob and child manifest must be linked in `repo` at the moment of the
         write; otherwise nothing changes and MissingReferences says what is missing. A
         `frozen_tag` may be created or pushed again with the same content, never moved:
-        TagFrozen says it points elsewhere.
+        TagFrozen says it points elsewhere. With `references_follow` (a manifest the pull-through cache
+        fetched: clients fetch what it names after it, and the cache stores each as it is fetched) the
+        references need not be here yet; those that are stop being garbage all the same.
         """
         base_guards = [Compare.absent(keys.deleting(record.digest))]
         base_ops: list[Op] = [
@@ -597,6 +600,8 @@ class Metadata:
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
         ref_guards += [Compare.present(keys.manifest(repo, d)) for d in record.manifests]
+        if references_follow:
+            ref_guards = []
         ref_ops: list[Op] = [Delete(keys.pending_blob(d)) for d in record.blobs]
         ref_ops += [Delete(keys.pending_manifest(repo, d)) for d in record.manifests]
         blob_key = keys.blob(record.digest)
@@ -619,7 +624,8 @@ class Metadata:
                 return
             if await self.kv.get(keys.deleting(record.digest)) is not None:
                 raise BeingCollected(record.digest)
-            await self._raise_missing(repo, record)
+            if not references_follow:
+                await self._raise_missing(repo, record)
         raise Conflict("manifest references kept changing")
 
     async def _tag_move(
