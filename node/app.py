@@ -28,6 +28,7 @@ from .headers import ConfiguredHeaders, PathPrefix
 from .health import HealthChecks
 from .maintenance import Maintenance
 from .metrics import Metrics
+from .proxy.middleware import ProxyMiddleware
 from .readonly import ReadOnlyMiddleware
 from .services import Services
 from .store import open_kv, open_storage
@@ -118,6 +119,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
             await svc.readonly.switch.refresh()
         health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
         background = [loop.create_task(svc.readonly.switch.run()), loop.create_task(health.run())]
+        if svc.proxy.enabled:
+            background.append(loop.create_task(svc.proxy.run()))
         campaign = loop.create_task(election.run(Maintenance(svc).lead))
         try:
             yield
@@ -149,10 +152,12 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         app.state.services = services
     app.state.metrics = metrics
     # Outermost last: access log, the audit line of each decision (authentication and read-only
-    # mode refuse some), authentication, read-only refusals, then the `started` line of a change
-    # just before its handler.
+    # mode refuse some), authentication, read-only refusals, the pull-through cache's refusal of
+    # writes to cached repositories, then the `started` line of a change just before its handler.
     if audit is not None:
         app.add_middleware(AuditIntent, audit=audit, routes=app.router.routes, decisions=AUDITED)
+    if config.proxy.enabled:
+        app.add_middleware(ProxyMiddleware, routes=app.router.routes)
     app.add_middleware(ReadOnlyMiddleware)
     if auth.enabled:
         public = PROBE_ROUTES + token_routes

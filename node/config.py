@@ -966,6 +966,133 @@ class RateLimitConfig(_Section):
     authfailures: AuthFailureLimits = field(default_factory=AuthFailureLimits)
 
 
+# -- the pull-through cache (Distribution's proxy section, and several upstreams) -------------------
+
+# Distribution's default time a fetched tag is trusted (its repositoryTTL, one week).
+PROXY_TTL = 168 * 3600.0
+_REPOSITORY_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+
+
+def _check_remote_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise _FieldError("remoteurl", value, "the upstream registry's URL, such as https://registry-1.docker.io")
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise _FieldError(
+            "remoteurl", value, "the upstream registry's URL, such as https://registry-1.docker.io"
+        ) from None
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+@dataclass
+class UpstreamConfig(_Section):
+    """Wharf: repositories under `prefix` are cached from `remoteurl`, where they are named without it."""
+
+    prefix: str = ""
+    remoteurl: str = ""
+    username: str = ""
+    password: str = ""
+    # How long a cached tag is served before a HEAD asks the upstream whether it moved.
+    ttl: GoDuration = PROXY_TTL
+    # The byte budget of this upstream's cached images; 0: no budget. Least recently pulled go first.
+    maxbytes: Size = 0
+
+    def check(self) -> None:
+        components = self.prefix.strip("/").split("/")
+        if not self.prefix.strip("/") or not all(_REPOSITORY_COMPONENT.fullmatch(c) for c in components):
+            raise _FieldError("prefix", self.prefix, "a repository name prefix such as dockerhub/ (lower case)")
+        self.prefix = "/".join(components) + "/"
+        self.remoteurl = _check_remote_url(self.remoteurl)
+        if bool(self.username) != bool(self.password):
+            raise _FieldError(
+                "password" if self.username else "username", NO_VALUE, "username and password go together"
+            )
+        if self.ttl <= 0:
+            raise _FieldError("ttl", self.ttl, "a positive duration")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One cached upstream as the cache uses it: registry:2's (prefix "", every repository) or one of
+    `proxy.upstreams`."""
+
+    prefix: str
+    remoteurl: str
+    username: str
+    password: str = field(repr=False)
+    ttl: float = PROXY_TTL
+    maxbytes: int = 0
+
+    @property
+    def name(self) -> str:
+        """How logs, metrics and commands name it: its prefix, or the URL for registry:2's mode."""
+        return self.prefix.rstrip("/") or self.remoteurl
+
+    def remote_name(self, repository: str) -> str | None:
+        """The upstream's name for a repository here, or None when it is not under the prefix."""
+        if not repository.startswith(self.prefix) or repository == self.prefix.rstrip("/"):
+            return None
+        return repository[len(self.prefix) :]
+
+
+@dataclass
+class ProxyConfig(_Section):
+    """Distribution's proxy section: with `remoteurl` the whole registry is a pull-through cache of one
+    upstream (writes refused, as in registry:2); with `upstreams`, repositories under each prefix are
+    cached from that upstream and every other repository is hosted as usual."""
+
+    remoteurl: str = ""
+    username: str = ""
+    password: str = ""
+    ttl: GoDuration = PROXY_TTL
+    upstreams: list[UpstreamConfig] = field(default_factory=list)
+    # Every cached upstream, registry:2's single one (prefix "") included.
+    caches: list[Upstream] = field(default_factory=list, init=False, repr=False)
+
+    def check(self) -> None:
+        if self.remoteurl and self.upstreams:
+            raise _FieldError(
+                None,
+                NO_VALUE,
+                "either remoteurl (every repository is cached from one upstream, as in registry:2) or upstreams "
+                "(each under its prefix, beside hosted repositories), not both",
+            )
+        if self.remoteurl:
+            url = _check_remote_url(self.remoteurl)
+            if bool(self.username) != bool(self.password):
+                raise _FieldError(
+                    "password" if self.username else "username", NO_VALUE, "username and password go together"
+                )
+            if self.ttl <= 0:
+                raise _FieldError("ttl", self.ttl, "a positive duration")
+            self.caches = [Upstream("", url, self.username, self.password, self.ttl, 0)]
+            return
+        if self.username or self.password:
+            raise _FieldError("username", NO_VALUE, "remoteurl too (or credentials under each of upstreams)")
+        for i, upstream in enumerate(self.upstreams):
+            for j, other in enumerate(self.upstreams[:i]):
+                if upstream.prefix.startswith(other.prefix) or other.prefix.startswith(upstream.prefix):
+                    raise _FieldError(
+                        f"upstreams[{i}].prefix",
+                        upstream.prefix,
+                        f"a prefix apart from upstreams[{j}]'s ({other.prefix})",
+                    )
+        self.caches = [
+            Upstream(u.prefix, u.remoteurl, u.username, u.password, u.ttl, u.maxbytes) for u in self.upstreams
+        ]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.caches)
+
+    @property
+    def mirror(self) -> bool:
+        """registry:2's mode: the whole registry mirrors one upstream and hosts nothing."""
+        return bool(self.remoteurl)
+
+
 # -- Distribution's other sections ------------------------------------------------------------
 
 
@@ -1233,6 +1360,7 @@ class Config(_Section):
     audit: AuditConfig = field(default_factory=AuditConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     signatures: SignaturesConfig = field(default_factory=SignaturesConfig)
     redis: RedisConfig | None = None
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -1273,10 +1401,6 @@ class Config(_Section):
 _STORAGE_DRIVERS = "Wharf's storage drivers are filesystem and s3 (any S3-compatible service)"
 # key -> why it stops start-up. Checked on the raw file before typing, so the message names the section.
 _REFUSED: dict[str, str] = {
-    "proxy": (
-        "a pull-through cache is not available in this Wharf version; remove the proxy section to serve "
-        "a registry of your own, or keep registry:2 as the mirror until Wharf's cache lands"
-    ),
     "middleware": "registry, repository and storage middleware (cloudfront, redirect ...) are not supported; remove the section",
     "reporting": "bugsnag and newrelic reporting are not supported; Wharf exports Prometheus metrics on http.debug.addr",
     "policy": "repository class policies are not supported; remove the section",

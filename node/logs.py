@@ -113,6 +113,8 @@ def configure_logging(log: LogConfig | str = "info") -> logging.handlers.QueueLi
     root = logging.getLogger()
     root.handlers = [logging.handlers.QueueHandler(records)]
     root.setLevel(_LEVELS.get(log.level, logging.INFO))
+    # httpx logs every request it sends (webhooks, upstream registries) at info: Wharf says what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     listener.start()

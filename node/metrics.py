@@ -320,6 +320,59 @@ class Metrics:
             registry=r,
         )
 
+        # The pull-through cache (node/proxy/): per upstream, what was served from the cache and what
+        # had to come from the upstream.
+        self.proxy_hits = Counter(
+            "wharf_proxy_hits_total",
+            "Pulls of cached repositories served from the cache, by upstream and kind (manifest, blob)",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.proxy_misses = Counter(
+            "wharf_proxy_misses_total",
+            "Pulls of cached repositories fetched from the upstream, by upstream and kind",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.proxy_stale = Counter(
+            "wharf_proxy_stale_total",
+            "Cached tags served past their TTL because the upstream was down or refused to answer",
+            ["upstream"],
+            registry=r,
+        )
+        self.proxy_upstream_bytes = Counter(
+            "wharf_proxy_upstream_bytes_total",
+            "Bytes fetched from an upstream (blobs and manifests)",
+            ["upstream"],
+            registry=r,
+        )
+        self.proxy_upstream_errors = Counter(
+            "wharf_proxy_upstream_errors_total",
+            "Upstream requests that failed, by reason (unavailable, ratelimited, refused, invalid)",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.proxy_evictions = Counter(
+            "wharf_proxy_evictions_total", "Cached images evicted by the byte budget", ["upstream"], registry=r
+        )
+        self.proxy_evicted_bytes = Counter(
+            "wharf_proxy_evicted_bytes_total", "Bytes the evicted images no longer keep", ["upstream"], registry=r
+        )
+        self.proxy_usage = Gauge(
+            "wharf_proxy_cache_bytes",
+            "Bytes an upstream's cached images use (reported by the leader)",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.proxy_budget = Gauge(
+            "wharf_proxy_cache_budget_bytes",
+            "An upstream's byte budget (proxy.upstreams maxbytes; 0: none)",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+
     # -- updates on the request path ------------------------------------------------------------
     #
     # With worker processes every update of a prometheus value is a write into a shared file under

@@ -18,6 +18,7 @@ from .gc import Touches
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .notifications import Notifier
 from .policies import Policies
+from .proxy.pullthrough import PullThrough
 from .readonly import ReadOnly
 from .storage import layout
 from .storage.driver import StorageDriver
@@ -142,6 +143,7 @@ class Services:
     readonly: ReadOnly = field(init=False)
     notifier: Notifier = field(init=False)
     trust: Trust = field(init=False)
+    proxy: PullThrough = field(init=False)
 
     def __post_init__(self) -> None:
         self.tag_lists = ListCache(self.metrics, "tag_list")
@@ -153,6 +155,16 @@ class Services:
         self.trust = Trust(self, self.config.signatures.policies)
         self.uploader.quotas_for = self.policies.quota_scopes
         self.uploader.max_sessions = self.config.http.uploads.maxsessions
+        self.proxy = PullThrough(
+            self.config.proxy,
+            self.kv,
+            self.metadata,
+            self.storage,
+            self.sessions,
+            self.uploader,
+            self.metrics,
+            self.node_id,
+        )
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:
@@ -176,6 +188,7 @@ class Services:
         )
 
     async def close(self) -> None:
+        await self.proxy.close()
         await self.uploader.lease.close()
         await self.storage.close()
         await self.kv.close()

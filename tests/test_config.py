@@ -360,7 +360,26 @@ ACCEPTED = [
         "http: {debug: {addr: 'localhost:5001', prometheus: {enabled: true, path: /metrics}}}",
         lambda c: c.http.debug.prometheus.path == "/metrics",
     ),
-    ("proxy: {}", lambda c: True),
+    ("proxy: {}", lambda c: not c.proxy.enabled),
+    (
+        "proxy: {remoteurl: 'https://registry-1.docker.io/', username: u, password: p, ttl: 24h}",
+        lambda c: (
+            c.proxy.mirror
+            and [(u.prefix, u.remoteurl, u.username, u.ttl) for u in c.proxy.caches]
+            == [("", "https://registry-1.docker.io", "u", 86400)]
+        ),
+    ),
+    (
+        "proxy: {upstreams: [{prefix: dockerhub, remoteurl: 'https://registry-1.docker.io', maxbytes: 50GiB},"
+        " {prefix: quay/, remoteurl: 'https://quay.io', ttl: 1h}]}",
+        lambda c: (
+            not c.proxy.mirror
+            and [(u.prefix, u.maxbytes, u.ttl) for u in c.proxy.caches]
+            == [("dockerhub/", 50 * 1024**3, 168 * 3600), ("quay/", 0, 3600)]
+            and c.proxy.caches[0].remote_name("dockerhub/library/alpine") == "library/alpine"
+            and c.proxy.caches[0].remote_name("team/app") is None
+        ),
+    ),
     (
         "notifications: {endpoints: [{name: a, url: 'http://x/', timeout: 0, threshold: 0, ignore: {actions: [pull]}}]}",
         lambda c: (
@@ -382,7 +401,25 @@ def test_distribution_sections_wharf_honours_load_typed(tmp_path, text, effect):
 
 
 REFUSED = [
-    ("proxy: {remoteurl: 'https://registry-1.docker.io'}", "proxy: a pull-through cache is not available"),
+    ("proxy: {remoteurl: 'registry-1.docker.io'}", "proxy.remoteurl: expected the upstream registry's URL"),
+    (
+        "proxy: {remoteurl: 'https://a.example.com', upstreams: [{prefix: b/, remoteurl: 'https://b.example.com'}]}",
+        "proxy: either remoteurl",
+    ),
+    ("proxy: {remoteurl: 'https://a.example.com', ttl: 60}", "proxy.ttl: expected a duration with a unit"),
+    ("proxy: {remoteurl: 'https://a.example.com', username: u}", "proxy.password: username and password go together"),
+    (
+        "proxy: {upstreams: [{prefix: hub/, remoteurl: 'https://a.example.com'}, {prefix: hub/x, remoteurl: 'https://b.example.com'}]}",
+        r"proxy.upstreams\[1\].prefix: expected a prefix apart from upstreams\[0\]'s \(hub/\)",
+    ),
+    (
+        "proxy: {upstreams: [{prefix: Hub, remoteurl: 'https://a.example.com'}]}",
+        r"proxy.upstreams\[0\].prefix: expected a repository",
+    ),
+    (
+        "proxy: {upstreams: [{prefix: hub/, remoteurl: 'https://a.example.com', maxbytes: lots}]}",
+        r"proxy.upstreams\[0\].maxbytes: expected a size",
+    ),
     ("middleware: {storage: [{name: cloudfront}]}", "middleware: registry, repository and storage middleware"),
     ("reporting: {bugsnag: {apikey: k}}", "reporting: bugsnag and newrelic"),
     ("policy: {repository: {classes: [image]}}", "policy: repository class policies"),

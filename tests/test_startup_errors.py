@@ -85,7 +85,16 @@ BAD_VALUES = [
     ("lease TTL", {"cluster": {"leasettl": 1}}, ["cluster.leasettl", "got 1"]),
     ("unknown key", {"http": {"adr": "1"}}, ["unknown configuration key http.adr", "did you mean http.addr"]),
     ("version", {"version": "2"}, ["version", "'2'", "0.1"]),
-    ("proxy section", {"proxy": {"remoteurl": "https://registry-1.docker.io"}}, ["proxy:", "pull-through cache"]),
+    (
+        "proxy section",
+        {
+            "proxy": {
+                "remoteurl": "https://registry-1.docker.io",
+                "upstreams": [{"prefix": "a/", "remoteurl": "https://b"}],
+            }
+        },
+        ["proxy:", "either remoteurl"],
+    ),
     ("schema1", {"compatibility": {"schema1": {"enabled": True}}}, ["compatibility.schema1.enabled", "schema1"]),
     (
         "TLS file missing",

@@ -146,7 +146,20 @@ async def _pulled(request: Request, svc: Services, name: str, digest: str, size:
         await notifier.record(notifier.blob(request, "pull", name, digest, size))
 
 
+async def _pulled_through(request: Request, *, head: bool) -> Response | None:
+    """A blob of a cached repository that is not here yet, from its upstream (None: serve it as usual)."""
+    svc = services(request)
+    name = repository(request)
+    if not svc.proxy.covers(name):
+        return None
+    digest = str(parse_digest(request.path_params["digest"]))
+    return await svc.proxy.blob(request, name, digest, head=head, headers=_headers)
+
+
 async def head_blob(request: Request) -> Response:
+    fetched = await _pulled_through(request, head=True)
+    if fetched is not None:
+        return fetched
     name, digest, size = await _linked_size(request)
     if not_modified(request, digest):
         return _not_modified(digest)
@@ -155,6 +168,9 @@ async def head_blob(request: Request) -> Response:
 
 
 async def get_blob(request: Request) -> Response:
+    fetched = await _pulled_through(request, head=False)
+    if fetched is not None:
+        return fetched
     name, digest, size = await _linked_size(request)
     if not_modified(request, digest):
         return _not_modified(digest)

@@ -110,6 +110,14 @@ async def _resolve(request: Request, *, pull: bool = False) -> tuple[str, str, s
     return digest, media_type, ref.tag, policy
 
 
+async def _pull_through(request: Request) -> None:
+    """A manifest of a cached repository: fetched on a miss, its tag asked about past the TTL."""
+    svc = services(request)
+    name = repository(request)
+    if svc.proxy.covers(name):
+        await svc.proxy.manifest(request, name, _existing_reference(request))
+
+
 @dataclass(frozen=True)
 class _Policy:
     """The signature policy a pull must pass, and the verdict this node held (if still current)."""
@@ -175,6 +183,7 @@ async def _pulled(request: Request, svc: Services, digest: str, media_type: str,
 
 
 async def head_manifest(request: Request) -> Response:
+    await _pull_through(request)
     digest, media_type, tag, _ = await _resolve(request)
     if not_modified(request, digest):
         return _not_modified(digest)
@@ -185,6 +194,7 @@ async def head_manifest(request: Request) -> Response:
 
 
 async def get_manifest(request: Request) -> Response:
+    await _pull_through(request)
     digest, media_type, tag, policy = await _resolve(request, pull=True)
     svc = services(request)
     if policy is not None:

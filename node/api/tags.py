@@ -20,6 +20,8 @@ async def list_tags(request: Request) -> Response:
     n = page_size(request, default=None, maximum=MAX_PAGE)
     last = request.query_params.get("last") or None
     every = await svc.tag_lists.get(name, lambda known: svc.metadata.tag_list(name, known))
+    if svc.proxy.covers(name):
+        every = await svc.proxy.tag_list(name, every)  # with the upstream's tags
     if not every and not await svc.metadata.repository_exists(name):
         raise NameUnknown({"name": name})
     start = bisect.bisect_right(every, last) if last else 0

@@ -1,0 +1,1 @@
+"""The pull-through cache: repositories fetched from upstream registries on first pull, then served here."""
