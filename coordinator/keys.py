@@ -51,6 +51,10 @@ NOTIFY_INBOX = NOTIFY + "inbox/"
 NOTIFY_QUEUES = NOTIFY + "queue/"
 NOTIFY_SEQ = NOTIFY + "seq"
 NOTIFY_STATUS = NOTIFY + "status/"
+# When each manifest was last pulled, per repository; written in batches by every node (coordinator/pulls.py).
+PULLED = "pulled/"
+# Rewritten with every batch that moves a repository's last-pulled times, so nodes know a copy is current.
+PULLED_VERSIONS = "pulledver/"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
 # The newest line (number and hash) an audit log is known to have had, one record per chain.
@@ -197,6 +201,19 @@ def split_repo_key(key: str, prefix: str) -> tuple[str, str]:
     """(repository, rest) of a `<prefix><repo>@<rest>` key (tags, manifests, links, released)."""
     repo, _, rest = key[len(prefix) :].rpartition("@")
     return repo, rest
+
+
+def pulled(repo: str, digest: str) -> str:
+    """When manifest `digest` of `repo` was last pulled."""
+    return f"{PULLED}{repo}@{digest}"
+
+
+def pulled_of(repo: str) -> str:
+    return f"{PULLED}{repo}@"
+
+
+def pulled_version(repo: str) -> str:
+    return f"{PULLED_VERSIONS}{repo}"
 
 
 def quota_guard(scope: str) -> str:

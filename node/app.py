@@ -118,7 +118,11 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         with contextlib.suppress(Exception):
             await svc.readonly.switch.refresh()
         health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
-        background = [loop.create_task(svc.readonly.switch.run()), loop.create_task(health.run())]
+        background = [
+            loop.create_task(svc.readonly.switch.run()),
+            loop.create_task(health.run()),
+            loop.create_task(svc.pulls.run()),
+        ]
         if svc.proxy.enabled:
             background.append(loop.create_task(svc.proxy.run()))
         campaign = loop.create_task(election.run(Maintenance(svc).lead))
@@ -135,6 +139,9 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
                 await audit.detach()
             if owned:
                 await svc.close()
+            else:
+                with contextlib.suppress(Exception):
+                    await svc.pulls.flush()
             auth.close()
             if audit is not None:
                 audit.close()

@@ -753,6 +753,23 @@ class RetentionConfig(_Section):
 
 
 @dataclass
+class InventoryConfig(_Section):
+    """What is stored, for people: tag details, storage per repository, last-pulled times."""
+
+    # How often each node writes the last-pulled times of the manifests it served: the coordinator
+    # sees at most one write per manifest, node and interval, and readers see a pull this late.
+    pullinterval: Duration = 180.0
+    # Repositories (and namespaces) the storage metrics name, by linked bytes; the rest are summed.
+    metricstop: int = 20
+
+    def check(self) -> None:
+        if not 0.1 <= self.pullinterval <= 86400:
+            raise _FieldError("pullinterval", self.pullinterval, "a duration from 0.1s to 24h")
+        if not 0 <= self.metricstop <= 1000:
+            raise _FieldError("metricstop", self.metricstop, "a number of repositories from 0 to 1000")
+
+
+@dataclass
 class QuotaRule(_Section):
     """A byte limit on what one repository, or every repository under a namespace, links."""
 
@@ -1362,6 +1379,7 @@ class Config(_Section):
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     signatures: SignaturesConfig = field(default_factory=SignaturesConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
     redis: RedisConfig | None = None
     health: HealthConfig = field(default_factory=HealthConfig)
     compatibility: CompatibilityConfig = field(default_factory=CompatibilityConfig)

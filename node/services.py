@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections import OrderedDict
@@ -19,11 +20,14 @@ from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .notifications import Notifier
 from .policies import Policies
 from .proxy.pullthrough import PullThrough
+from .pulls import PullRecorder
 from .readonly import ReadOnly
 from .storage import layout
 from .storage.driver import StorageDriver
 from .trust import Trust
 from .upload import Uploader
+
+log = logging.getLogger("wharf.services")
 
 
 class ManifestCache:
@@ -144,6 +148,7 @@ class Services:
     notifier: Notifier = field(init=False)
     trust: Trust = field(init=False)
     proxy: PullThrough = field(init=False)
+    pulls: PullRecorder = field(init=False)
 
     def __post_init__(self) -> None:
         self.tag_lists = ListCache(self.metrics, "tag_list")
@@ -153,6 +158,7 @@ class Services:
         self.readonly = ReadOnly(self.config.storage.maintenance.readonly.enabled, self.kv)
         self.notifier = Notifier(self.config, self.kv, self.metrics)
         self.trust = Trust(self, self.config.signatures.policies)
+        self.pulls = PullRecorder(self.kv, self.config.inventory.pullinterval)
         self.uploader.quotas_for = self.policies.quota_scopes
         self.uploader.max_sessions = self.config.http.uploads.maxsessions
         self.proxy = PullThrough(
@@ -189,6 +195,10 @@ class Services:
 
     async def close(self) -> None:
         await self.proxy.close()
+        try:
+            await self.pulls.flush()
+        except Exception as exc:
+            log.warning("last-pulled times not written at shutdown: %s", exc)
         await self.uploader.lease.close()
         await self.storage.close()
         await self.kv.close()

@@ -201,9 +201,12 @@ async def get_manifest(request: Request) -> Response:
         # Refused whether or not the client holds the bytes already.
         body = await manifest_bytes(svc, digest)
         await _check_pull(request, svc, policy.rule, repository(request), digest, body, tag, policy.held)
+    # A pull, whether or not the client held the bytes already; last-pulled times go out in batches.
     if not_modified(request, digest):
+        svc.pulls.record(repository(request), digest)
         return _not_modified(digest)
     body = await manifest_bytes(svc, digest)
+    svc.pulls.record(repository(request), digest)
     await _pulled(request, svc, digest, media_type, tag, body)
     return Response(body, headers=_headers(digest, media_type, len(body)))
 
