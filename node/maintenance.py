@@ -12,12 +12,15 @@ from coordinator.readonly import Halted
 
 from . import backup, gc, importer, retention
 from .notifications import Dispatcher
+from .proxy.budget import Budgets
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")
 
 _GAUGE_SECONDS = 15.0
 _IMPORT_CHECK_SECONDS = 2.0
+# How often the pull-through cache's budgets are looked at (usage is measured only after fetches).
+_BUDGET_SECONDS = 5.0
 
 
 class Maintenance:
@@ -30,6 +33,9 @@ class Maintenance:
         self.age = min(purging.age, idle)
         self.interval = min(purging.interval, max(idle / 4, 5.0))
         self.dry_run = purging.dryrun
+        self.budgets = Budgets(services.proxy, services.proxy.last_pulled)
+        # Evicted images' blobs wait for a GC cycle; owed until one ran.
+        self._collection_owed = False
 
     async def lead(self) -> None:
         """The leader's jobs, each on its own schedule; all cancelled when leadership ends."""
@@ -47,6 +53,8 @@ class Maintenance:
         # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
         if self.services.config.backup.enabled:
             jobs.append(backup.scheduled(self.services))
+        if self.budgets.any:
+            jobs.append(self._every(_BUDGET_SECONDS, self._evict))
         # Webhook delivery: the cluster's queues, wherever their events were recorded.
         if self.services.notifier.enabled:
             jobs.append(Dispatcher(self.services).run())
@@ -88,6 +96,25 @@ class Maintenance:
             log.info("garbage collection skipped: a cycle is running on %s", exc)
         except gc.ImportRunning as exc:
             log.info("garbage collection waits: a registry:2 store is being adopted (import %s)", exc)
+
+    async def _evict(self) -> None:
+        """Keep each cached upstream within its budget; the evicted images' blobs go with a GC cycle now."""
+        self.services.readonly.check()
+        if await self.budgets.enforce():
+            self._collection_owed = True
+        if not self._collection_owed:
+            return
+        if not self.services.config.gc.enabled:
+            log.info("evicted cache images keep their blobs until `wharf gc` runs (gc.enabled is false)")
+            self._collection_owed = False
+            return
+        try:
+            await gc.collect(self.services, orphans=False)
+            self._collection_owed = False
+        except gc.CycleRunning as exc:
+            log.info("collection of evicted cache images waits: a cycle is running on %s", exc)
+        except gc.ImportRunning as exc:
+            log.info("collection of evicted cache images waits: a registry:2 store is being adopted (%s)", exc)
 
     async def _retain(self) -> None:
         self.services.readonly.check()

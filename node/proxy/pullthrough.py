@@ -28,6 +28,7 @@ from starlette.responses import Response, StreamingResponse
 from coordinator.cache import CacheCounts, CacheRecords, add_counts
 from coordinator.kv import KV
 from coordinator.metadata import BeingCollected, ManifestRecord, Metadata
+from coordinator.pulls import Pulls
 from coordinator.quota import QuotaExceeded
 from coordinator.uploads import CommitIntent, UploadSession, UploadSessions
 
@@ -117,6 +118,7 @@ class PullThrough:
         self.uploader = uploader
         self.metrics = metrics
         self.records = CacheRecords(kv)
+        self.pulls = Pulls(kv)
         self.caches = [Cache(upstream, UpstreamClient(upstream)) for upstream in config.caches]
         self.fetches = BlobFetches(self.records, uploader, uploader.lease, holder)
         # Tag checks in flight on this node: concurrent pulls of one tag ask the upstream once.
@@ -401,8 +403,16 @@ class PullThrough:
         raise UpstreamUnavailable(cache.upstream, f"blob {digest}: fetches by other requests kept failing")
 
     async def last_pulled(self, images: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-        """When each (repository, manifest digest) was last pulled, for least-recently-pulled eviction."""
-        return {}
+        """When each (repository, manifest digest) was last pulled, as far as nodes have written it
+        (inventory.pullinterval), for least-recently-pulled eviction and `wharf cache ls`."""
+        by_repository: dict[str, list[str]] = {}
+        for repository, digest in images:
+            by_repository.setdefault(repository, []).append(digest)
+        found: dict[tuple[str, str], float] = {}
+        for repository, digests in by_repository.items():
+            for digest, at in (await self.pulls.last_pulled(repository, digests)).items():
+                found[(repository, digest)] = at
+        return found
 
     # -- counts and metrics -------------------------------------------------------------------------
 
