@@ -18,6 +18,7 @@ from ..store import StoreRefused
 from . import (
     audit,
     backup,
+    cache,
     cert,
     gc,
     images,
@@ -31,7 +32,22 @@ from . import (
     users,
 )
 
-FAMILIES = (serve, users, cert, gc, images, quota, retention, store, backup, audit, maintenance, notifications, signing)
+FAMILIES = (
+    serve,
+    users,
+    cert,
+    gc,
+    images,
+    quota,
+    retention,
+    store,
+    backup,
+    audit,
+    maintenance,
+    notifications,
+    signing,
+    cache,
+)
 
 
 def parser() -> argparse.ArgumentParser:
