@@ -130,9 +130,11 @@ class DockerRegistry:
 
     def start(self, timeout: float = 30.0) -> DockerRegistry:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # A free port can be taken between choosing and binding it: try again on another.
+        # A free port can be taken between choosing and binding it: try again on another. Started
+        # again after a stop, it keeps its port (clients configured with its URL find it there).
+        keep = self.port
         for _attempt in range(3):
-            self.port = free_port()
+            self.port = keep or free_port()
             config = self.workdir / "config.yml"
             config.write_text(yaml.safe_dump(self.config()))
             env = {
