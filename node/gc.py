@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from coordinator import keys
 from coordinator.gc import (
@@ -22,10 +21,8 @@ from coordinator.gc import (
 from coordinator.gcmark import Mark
 from coordinator.runlock import run_lock
 
+from .services import Services
 from .storage import layout
-
-if TYPE_CHECKING:
-    from .services import Services
 
 log = logging.getLogger("wharf.gc")
 
@@ -119,26 +116,6 @@ async def orphan_sweep_due(services: Services) -> bool:
     last = await services.kv.get(keys.GC_ORPHANS_LAST)
     interval = services.config.gc.orphaninterval
     return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
-
-
-class Touches:
-    """Mark blobs a client was just told exist, at most once per half grace period per node."""
-
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        self._half_grace = services.config.gc.grace / 2
-        self._written: dict[str, float] = {}
-
-    async def touch(self, digest: str) -> None:
-        now = time.monotonic()
-        last = self._written.get(digest)
-        if last is not None and now - last < self._half_grace:
-            return
-        await self._services.metadata.touch(digest)
-        self._written[digest] = now
-        if len(self._written) > 200_000:
-            cutoff = now - self._half_grace
-            self._written = {d: t for d, t in self._written.items() if t >= cutoff}
 
 
 async def collect(

@@ -11,7 +11,7 @@ from coordinator import keys
 from coordinator.readonly import Halted
 
 from . import backup, gc, importer, retention
-from .notifications import Dispatcher
+from .delivery import Dispatcher
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")

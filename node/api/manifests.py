@@ -17,8 +17,8 @@ from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import cosign
 from .. import manifest as manifests
-from ..audit import note
 from ..config import SignaturePolicy
+from ..context import note
 from ..errors import (
     Denied,
     DigestInvalid,

@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..config import Config
-from ..notifications import endpoint_report
+from ..delivery import endpoint_report
 from ..services import Services
 from .common import Commands, with_config, with_services
 

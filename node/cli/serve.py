@@ -21,11 +21,14 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from coordinator import keys
 
 from .. import asgi, server
+from ..audit import AuditLog
+from ..auth.services import AuthServices
 from ..config import Config
 from ..logs import configure_logging
 from ..metrics import MULTIPROC_ENV, debug_app
 from ..storage import layout
 from ..store import StoreRefused, describe_coordinator, describe_storage, open_store
+from ..tls import check_certificates, check_listener
 from .common import Commands, load_config
 
 log = logging.getLogger("wharf")
@@ -60,12 +63,9 @@ class _Listeners:
 def serve(config: Config) -> int:
     """Check everything, bind the listeners, open the store, then run the server: a refusal at any
     step is one line on stderr and exit status 2, before a worker starts or a port is answered."""
-    from ..auth.services import check_security
-    from ..tls import check_certificates, check_listener
-
     check_listener(config)
     check_certificates(config)
-    check_security(config)
+    _check_security(config)
     listeners = _Listeners.bind(config)
     listener = configure_logging(config.log)
     try:
@@ -78,6 +78,17 @@ def serve(config: Config) -> int:
         return _run_server(config, listeners)
     finally:
         listener.stop()
+
+
+def _check_security(config: Config) -> None:
+    """Open the audit log and build authentication once, then drop them, so a missing file or a bad
+    key stops `wharf serve` (ConfigError) before any worker starts, rather than in every worker."""
+    audit = AuditLog.open(config.audit)
+    try:
+        AuthServices.build(config).close()
+    finally:
+        if audit is not None:
+            audit.close()
 
 
 class _StoreUnusable(Exception):
