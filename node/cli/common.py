@@ -50,16 +50,32 @@ async def with_services(
         await services.close()
 
 
+def store_command(
+    commands: Commands,
+    name: str,
+    run: Callable[[argparse.Namespace, Config], int],
+    *,
+    help: str,
+    description: str | None = None,
+    dry_run: str | None = None,
+) -> argparse.ArgumentParser:
+    """`wharf NAME [--dry-run] [--json] [CONFIG]`: a command on the registry's store; `dry_run` is
+    what the dry run does (no --dry-run without it)."""
+    cmd: argparse.ArgumentParser = commands.add_parser(name, help=help, description=description)
+    cmd.add_argument("config", nargs="?", help="configuration file")
+    if dry_run is not None:
+        cmd.add_argument("--dry-run", "-d", action="store_true", help=dry_run)
+    cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    cmd.set_defaults(run=with_config(run))
+    return cmd
+
+
 def add_listing(
     commands: Commands, name: str, help: str, ls_help: str, run: Callable[[argparse.Namespace, Config], int]
 ) -> None:
     """`wharf NAME ls [--json] [CONFIG]`."""
     group = commands.add_parser(name, help=help)
-    actions = group.add_subparsers(dest=f"{name}_action", required=True)
-    listing = actions.add_parser("ls", help=ls_help)
-    listing.add_argument("config", nargs="?", help="configuration file")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(run=with_config(run))
+    store_command(group.add_subparsers(dest=f"{name}_action", required=True), "ls", run, help=ls_help)
 
 
 def progress(phase: str, done: int, total: int) -> None:

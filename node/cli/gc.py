@@ -16,18 +16,19 @@ from ..config import Config
 from ..errors import RegistryError
 from ..reference import parse_digest, validate_name
 from ..services import Services
-from .common import Commands, progress, size, with_config, with_services
+from .common import Commands, progress, size, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:
     for name in ("gc", "garbage-collect"):
-        cmd = commands.add_parser(
+        cmd = store_command(
+            commands,
             name,
+            run_gc,
             help="run one garbage collection cycle" + (" (alias of gc)" if name != "gc" else ""),
             description="Run one online garbage collection cycle; pushes and pulls go on meanwhile.",
+            dry_run="say what would go; change nothing",
         )
-        cmd.add_argument("config", nargs="?", help="configuration file")
-        cmd.add_argument("--dry-run", "-d", action="store_true", help="say what would go; change nothing")
         cmd.add_argument(
             "--delete-untagged", "-m", action="store_true", help="also delete manifests that no tag reaches"
         )
@@ -42,8 +43,6 @@ def add_commands(commands: Commands) -> None:
             action="store_true",
             help="also delete storage objects that no Wharf record names (Wharf cannot prove it wrote them)",
         )
-        cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
-        cmd.set_defaults(run=with_config(run_gc))
 
 
 def _gc_lines(summary: Summary) -> list[str]:
