@@ -33,7 +33,7 @@ from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
 from ..trust import Verdict
-from .common import not_modified, repository, services, url
+from .request import not_modified, repository, services, url
 
 log = logging.getLogger("wharf.manifests")
 

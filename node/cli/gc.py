@@ -16,7 +16,8 @@ from ..config import Config
 from ..errors import RegistryError
 from ..reference import parse_digest, validate_name
 from ..services import Services
-from .common import Commands, progress, size, store_command, with_services
+from .output import progress, size
+from .registry import Commands, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:

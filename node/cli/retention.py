@@ -12,7 +12,8 @@ from coordinator.readonly import Halted
 from .. import retention
 from ..config import Config, ConfigError
 from ..services import Services
-from .common import Commands, store_command, table, with_services
+from .output import table
+from .registry import Commands, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:

@@ -29,7 +29,7 @@ from ..metrics import MULTIPROC_ENV, debug_app
 from ..storage import layout
 from ..store import StoreRefused, describe_coordinator, describe_storage, open_store
 from ..tls import check_certificates, check_listener
-from .common import Commands, load_config
+from .registry import Commands, load_config
 
 log = logging.getLogger("wharf")
 

@@ -14,7 +14,8 @@ from .. import exporter, importer, scrub
 from ..config import Config
 from ..services import Services
 from ..store import open_storage
-from .common import Commands, size, store_command, with_services
+from .output import size
+from .registry import Commands, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:
