@@ -13,7 +13,6 @@ figures are its peak resident memory and its duration. Nothing is asserted: the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -25,18 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import REPO_ROOT
+from benchlib.images import OCI_MANIFEST, sha256_digest
 
-from coordinator import keys  # noqa: E402
-from coordinator.embedded import EmbeddedKV  # noqa: E402
+from coordinator import keys
+from coordinator.embedded import EmbeddedKV
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 SHARED_LAYERS = 500
 
 
 def _digest(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return sha256_digest(text.encode())
 
 
 def fill(path: Path, images: int) -> None:
@@ -121,7 +119,7 @@ def run_gc(workdir: Path, dry_run: bool) -> tuple[float, float, str]:
         args.insert(4, "--dry-run")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=7200)
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=7200)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if done.returncode != 0:
