@@ -16,7 +16,6 @@ figures are printed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,18 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import REPO_ROOT
+from benchlib.images import OCI_MANIFEST, sha256_digest
 
-from coordinator import keys  # noqa: E402
-from coordinator.embedded import EmbeddedKV  # noqa: E402
+from coordinator import keys
+from coordinator.embedded import EmbeddedKV
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 SHARED_LAYERS = 500
 
 
 def _digest(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return sha256_digest(text.encode())
 
 
 def fill(path: Path, images: int) -> None:
@@ -136,7 +134,7 @@ def _measured(args: list[str], keyword: str) -> tuple[float, float, str]:
         [sys.executable, "-c", _MEASURED, sys.executable, "-m", "node.cli", *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=REPO_ROOT,
         timeout=7200,
     )
     seconds = time.perf_counter() - started
