@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Any
 
-from coordinator import keys
 from coordinator import notifications as queue
+from coordinator.election import current_leader
 from coordinator.kv import KV, KeyValue
 
 from .config import Config, NotificationEndpoint
@@ -155,7 +155,7 @@ class Dispatcher:
     async def _watch_inbox(self) -> None:
         while True:
             try:
-                watch = await self.kv.watch(keys.NOTIFY_INBOX)
+                watch = await queue.watch_inbox(self.kv)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -234,7 +234,7 @@ class Dispatcher:
             await asyncio.sleep(_REPORT_SECONDS)
 
     async def _gauges(self) -> None:
-        self.metrics.notifications_inbox.set(await self.kv.count(keys.NOTIFY_INBOX))
+        self.metrics.notifications_inbox.set(await queue.unsequenced(self.kv))
         for endpoint in self.endpoints:
             self.metrics.notifications_pending.labels(endpoint.name).set(await queue.pending(self.kv, endpoint.name))
             oldest = await queue.oldest(self.kv, endpoint.name)
@@ -266,9 +266,8 @@ async def endpoint_report(kv: KV, config: Config) -> dict[str, Any]:
                 "statuses": status.statuses if status else {},
             }
         )
-    leader = await kv.get(keys.leader("maintenance"))
     return {
-        "unsequenced": await kv.count(keys.NOTIFY_INBOX),
-        "leader": leader.value.decode() if leader else None,
+        "unsequenced": await queue.unsequenced(kv),
+        "leader": await current_leader(kv, "maintenance"),
         "endpoints": rows,
     }

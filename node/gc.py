@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 
-from coordinator import keys
 from coordinator.gc import (
     HELD_IMPORTED,
     HELD_PUSHED,
@@ -17,7 +15,9 @@ from coordinator.gc import (
     Collector,
     Progress,
     Summary,
+    orphan_sweep_done,
 )
+from coordinator.gc import orphan_sweep_due as _orphan_sweep_due
 from coordinator.gcmark import Mark
 from coordinator.runlock import run_lock
 
@@ -105,17 +105,12 @@ async def _unaccounted(
 
 async def import_in_progress(services: Services) -> str | None:
     """The import state while a registry:2 store is being adopted (GC waits for it)."""
-    found = await services.kv.get(keys.IMPORT_STATE)
-    if found is None:
-        return None
-    state = json.loads(found.value).get("state")
-    return state if state in ("pending", "running") else None
+    found = await services.metadata.import_state()
+    return found.state if found is not None and found.state in ("pending", "running") else None
 
 
 async def orphan_sweep_due(services: Services) -> bool:
-    last = await services.kv.get(keys.GC_ORPHANS_LAST)
-    interval = services.config.gc.orphaninterval
-    return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
+    return await _orphan_sweep_due(services.kv, services.config.gc.orphaninterval)
 
 
 async def collect(
@@ -191,7 +186,7 @@ async def collect(
                 metrics.gc_unaccounted_objects.set(summary.unaccounted_objects)
                 metrics.gc_unaccounted_bytes.set(summary.unaccounted_bytes)
                 if not dry_run:
-                    await services.kv.put(keys.GC_ORPHANS_LAST, json.dumps({"at": time.time()}).encode())
+                    await orphan_sweep_done(services.kv)
         except Exception:
             metrics.gc_runs.labels("failed").inc()
             raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from coordinator import keys
+from coordinator.metadata import Metadata
 
 from .. import asgi, server
 from ..audit import AuditLog
@@ -109,8 +108,8 @@ async def _prepare_store(config: Config) -> dict[str, object]:
             f"cannot open the store ({describe_storage(config)}, coordinator {describe_coordinator(config)}): {reason}"
         ) from None
     try:
-        found = await store.kv.get(keys.IMPORT_STATE)
-        state = json.loads(found.value).get("state") if found else None
+        found = await Metadata(store.kv).import_state()
+        state = found.state if found is not None else None
         return {"identity": store.identity.id if store.identity else None, "found": store.found, "import": state}
     finally:
         await store.close()
