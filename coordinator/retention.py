@@ -453,13 +453,6 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
     return judged
 
 
-def _subject_live(repo: _Repository, subject: str, live_anywhere: set[str]) -> bool:
-    if subject in repo.manifests:
-        return subject in repo.live
-    # Signatures stored apart from their image (COSIGN_REPOSITORY) follow it wherever it is.
-    return subject in live_anywhere
-
-
 def _untagged(repo: _Repository, rule: Rule, after: float, now: float) -> list[ManifestDeletion]:
     """Manifests no remaining tag reaches, pushed before `now - after`, parents and subjects first."""
     cutoff = now - after
