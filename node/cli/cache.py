@@ -12,21 +12,20 @@ from coordinator.cache import CacheRecords, cache_contents, last_eviction, read_
 
 from ..config import Config
 from ..services import Services
-from .common import Commands, size, table, with_config, with_services
+from .output import size, table
+from .registry import Commands, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:
     group = commands.add_parser("cache", help="the pull-through cache: cached images and hit ratio")
     actions = group.add_subparsers(dest="cache_action", required=True)
-    listing = actions.add_parser("ls", help="every cached image: tags, size, when cached and last pulled")
-    listing.add_argument("config", nargs="?", help="configuration file")
+    listing = store_command(
+        actions, "ls", run_cache_ls, help="every cached image: tags, size, when cached and last pulled"
+    )
     listing.add_argument("--upstream", help="only the upstream of this name (its prefix, or its URL)")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(run=with_config(run_cache_ls))
-    status = actions.add_parser("status", help="per upstream: usage and budget, hits, misses, errors, evictions")
-    status.add_argument("config", nargs="?", help="configuration file")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(run=with_config(run_cache_status))
+    store_command(
+        actions, "status", run_cache_status, help="per upstream: usage and budget, hits, misses, errors, evictions"
+    )
 
 
 def _when(ts: float | None) -> str:

@@ -9,8 +9,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..auth.target import resolve
 from ..errors import Unsupported, send_error
+from ..routing import resolve
 from .pullthrough import STATE_KEY, Outcome, PullThrough
 
 _READS = ("GET", "HEAD", "OPTIONS")
