@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy
+DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy podman
 # Ceph RADOS Gateway for the S3 tests (mon, OSD, radosgw), installed without the packages they recommend.
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
