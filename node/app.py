@@ -30,7 +30,7 @@ from .headers import ConfiguredHeaders, PathPrefix
 from .health import HealthChecks
 from .maintenance import Maintenance
 from .metrics import Metrics
-from .proxy.middleware import ProxyMiddleware
+from .proxy.middleware import MirrorPaths, ProxyMiddleware
 from .readonly import ReadOnlyMiddleware
 from .routing import Endpoint
 from .services import Services
@@ -171,6 +171,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         RequestContext, observers=[AccessLog(enabled=not config.log.accesslog.disabled, metrics=metrics)]
     )
     app.add_middleware(ConfiguredHeaders, headers=config.http.headers)
+    if config.proxy.upstreams:
+        app.add_middleware(MirrorPaths, prefixes=[u.prefix for u in config.proxy.caches])
     if config.http.prefix:
         app.add_middleware(PathPrefix, prefix=config.http.prefix)
     return app

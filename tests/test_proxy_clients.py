@@ -1,4 +1,5 @@
-"""Clients configured the usual way: podman and skopeo with Wharf as a mirror in `registries.conf`.
+"""Clients configured the usual way: podman and skopeo with Wharf as a mirror in `registries.conf`, and
+the paths docker's `registry-mirrors` asks for.
 
 The upstream is Debian's docker-registry holding a real image (gzip'ed tar layers, a config whose
 diff_ids match them), so podman stores it as it would any base image. After one warm pull through
@@ -14,8 +15,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import httpx
 from images import assert_same_image, make_image
-from pullthrough import upstream_registry
+from pullthrough import cache_status, pull, upstream_registry
 from secure_registry import wharf_cli
 from skopeo import pull_args, push, skopeo
 from wharf_process import WharfProcess
@@ -65,7 +67,7 @@ class Podman:
         return result
 
 
-def test_podman_and_skopeo_pull_through_the_mirror_with_the_upstream_stopped_after_one_warm_pull(tmp_path):
+def test_podman_skopeo_and_docker_mirror_paths_pull_from_wharf_with_the_upstream_stopped_after_one_warm_pull(tmp_path):
     upstream = upstream_registry(tmp_path / "upstream").start()
     try:
         image = make_image(tmp_path / "layout", "3.16", layers=2, layer_size=32 * 1024)
@@ -91,5 +93,13 @@ def test_podman_and_skopeo_pull_through_the_mirror_with_the_upstream_stopped_aft
             # byte-identical, from the mirror.
             skopeo("--registries-conf", str(registries), *pull_args(name, tmp_path / "copied", "3.16"))
             assert assert_same_image(tmp_path / "layout", "3.16", tmp_path / "copied", "3.16") == image.digest
+            # docker's registry-mirrors with a path (http://wharf/hub, docker 24 and later) asks for
+            # /hub/v2/library/alpine/...: the same cached image, the upstream still stopped.
+            with httpx.Client(base_url=f"{wharf.url}/hub", timeout=60, trust_env=False) as docker:
+                assert docker.get("/v2/").status_code == 200
+                pulled = pull(docker, "library/alpine", "3.16")
+                assert pulled.digest == image.digest and set(pulled.blobs) == set(image.blob_digests)
+                assert all(cache_status(h).startswith("wharf; hit") for h in pulled.headers)
+                assert docker.get(f"{wharf.url}/other/v2/").status_code == 404
     finally:
         upstream.stop()

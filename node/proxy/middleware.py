@@ -1,5 +1,6 @@
-"""ASGI middleware for cached repositories: writes refused as registry:2 refuses them in proxy mode, and
-the `Cache-Status` header (RFC 9211) on pulls the cache answered."""
+"""ASGI middleware for cached repositories: writes refused as registry:2 refuses them in proxy mode, the
+`Cache-Status` header (RFC 9211) on pulls the cache answered, and an upstream's prefix accepted before
+`/v2/` as docker's `registry-mirrors` sends it."""
 
 from __future__ import annotations
 
@@ -16,13 +17,45 @@ from .pullthrough import STATE_KEY, Outcome, PullThrough
 _READS = ("GET", "HEAD", "OPTIONS")
 
 
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: without the `root_path` that `http.prefix` sets."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class MirrorPaths:
+    """docker's `registry-mirrors` with a path (`http://wharf:5000/dockerhub`, docker 24 and later) asks
+    for `/dockerhub/v2/library/alpine/...`: served as `/v2/dockerhub/library/alpine/...`, so one registry
+    mirrors Docker Hub under its prefix beside its hosted repositories. `/dockerhub/v2/` is the base
+    endpoint. Only configured prefixes are taken; every other path is left as it is."""
+
+    def __init__(self, app: ASGIApp, *, prefixes: Sequence[str]) -> None:
+        self.app = app
+        # Longest first, so a prefix inside another's namespace is not shadowed.
+        self.prefixes = sorted((p.strip("/") for p in prefixes if p.strip("/")), key=len, reverse=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.prefixes:
+            route = _route_path(scope)
+            for prefix in self.prefixes:
+                lead = f"/{prefix}/v2/"
+                if route.startswith(lead):
+                    rest = route[len(lead) :]
+                    moved = "/v2/" + (f"{prefix}/{rest}" if rest else "")
+                    path = scope.get("root_path", "") + moved
+                    scope = {**scope, "path": path, "raw_path": path.encode()}
+                    break
+        await self.app(scope, receive, send)
+
+
 class ProxyMiddleware:
     def __init__(self, app: ASGIApp, *, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v2/"):
+        if scope["type"] != "http" or not _route_path(scope).startswith("/v2/"):
             await self.app(scope, receive, send)
             return
         proxy: PullThrough = scope["app"].state.services.proxy
