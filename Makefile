@@ -7,7 +7,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy 
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-s3 bench-gc bench-scale bench-signatures install install-test deb-test lint clean
+.PHONY: run test bench bench-s3 bench-gc bench-scale bench-signatures bench-proxy install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench-gc: install-test
 # Manifest GET with a signature policy against without, on one node, in the same run.
 bench-signatures: install-test
 	$(PY) loadtests/bench_signatures.py $(BENCH_ARGS)
+
+# A cached pull through Wharf against the upstream itself and Distribution in proxy mode.
+bench-proxy: install-test
+	$(PY) loadtests/bench_proxy.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) wharf-data
