@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from oci_client import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Image
 from registry2 import DockerRegistry, Registry2Client
+from services import wait_until
 
 ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 _ACCESS = re.compile(r'"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d{3})')
@@ -39,6 +40,15 @@ def access_log(registry: DockerRegistry) -> list[tuple[str, str, int]]:
 
 def blob_gets(registry: DockerRegistry, digest: str) -> int:
     return sum(1 for method, path, _ in access_log(registry) if method == "GET" and path.endswith(f"/blobs/{digest}"))
+
+
+def blob_gets_after(registry: DockerRegistry, digest: str, at_least: int, timeout: float = 10.0) -> int:
+    """blob_gets once the log shows `at_least` of them: registry:2 writes a request's access line
+    after the response ends, so a client can finish before the line is there."""
+    wait_until(
+        lambda: blob_gets(registry, digest) >= at_least, timeout=timeout, interval=0.05, what=f"GETs of {digest}"
+    )
+    return blob_gets(registry, digest)
 
 
 def manifest_requests(registry: DockerRegistry, repository: str, reference: str) -> list[str]:

@@ -175,6 +175,9 @@ class BlobFetches:
                 await self.records.wait_fetched(fetch.digest, timeout=WAIT_SECONDS)
                 return
             async with client.blob(remote, fetch.digest) as (size, chunks):
+                if size is not None:
+                    # Before the first client is sent a status line: a quota with no room is its answer.
+                    await self.uploader.check_room(repository, size, fetch.digest)
                 fetch.size = size
                 fetch.started.set()
                 verified = _Verified(chunks, fetch, client.upstream, counted)
