@@ -4,9 +4,9 @@ The node that takes a blob's fetch claim (coordinator/cache.py) reads it from th
 writes it into storage through an ordinary monolithic upload session, so the bytes are covered by a
 record before they are written and the blob becomes visible only once it hashes to its digest. The
 client that asked first is sent the same chunks as they pass, one chunk behind: the last one is
-held back until the whole blob is verified, so a client is never given all of a wrong blob. Every
-other request for the blob, on this node or any other, waits for the claim to go and is then served
-from storage. The fetch runs on its own: a client that hangs up does not stop it.
+held back until the whole blob is verified and committed, so a client is never given all of a wrong
+blob, and one that has it all finds it stored. Every other request for the blob, on this node or
+any other, waits for the claim to go and is then served from storage. The fetch runs on its own: a client that hangs up does not stop it.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ class BlobFetch:
     # Another node holds the claim: this one only waited for it.
     followed: bool = False
     error: BaseException | None = None
+    # The verified blob's last chunk, held back from the first client until the blob is committed.
+    last: bytes | None = None
 
     def listen(self) -> AsyncIterator[bytes] | None:
         """The chunks for the first client, if the fetch has not sent any yet."""
@@ -127,8 +129,9 @@ class _Verified:
             actual = f"{algorithm}:{hasher.hexdigest()}"
             if actual != fetch.digest:
                 raise UpstreamInvalid(self._upstream, f"blob {fetch.digest} came as {actual}: not stored, not served")
-            if held is not None and fetch.listener is not None:
-                await fetch.listener.give(held)
+            # The last chunk goes once the blob is stored and linked (BlobFetches._run): a client that
+            # has the whole blob finds it in the cache on its next request.
+            fetch.last = held
             ended = True
         finally:
             if fetch.listener is not None and not ended:
@@ -183,6 +186,8 @@ class BlobFetches:
                 verified = _Verified(chunks, fetch, client.upstream, counted)
                 await self.uploader.monolithic(repository, parse_digest(fetch.digest), verified.__aiter__(), size)
             if fetch.listener is not None:
+                if fetch.last is not None:
+                    await fetch.listener.give(fetch.last)
                 fetch.listener.end()
             log.info(
                 "fetched %s of %s from upstream %s (%s bytes)",
