@@ -8,6 +8,7 @@ hosted repositories, in the catalog and tag lists, with `wharf cache ls|status` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
@@ -160,11 +161,24 @@ def test_writes_are_refused_as_registry2_refuses_them_in_proxy_mode(tmp_path, up
 def test_upstreams_by_prefix_are_cached_beside_hosted_repositories(tmp_path, upstream):
     cached = push_image(upstream, "library/alpine", "3.16", [layer("hub")])
     push_image(upstream, "library/alpine", "3.17", [layer("hub2")])
+    other = upstream_registry(tmp_path / "other").start()
+    tool = push_image(other, "org/tool", "1", [layer("quay")])
     wharf = WharfProcess(
         tmp_path / "wharf",
-        proxy={"upstreams": [{"prefix": "hub/", "remoteurl": upstream.url}]},
+        proxy={
+            "upstreams": [
+                {"prefix": "hub/", "remoteurl": upstream.url},
+                {"prefix": "quay/", "remoteurl": other.url},
+            ]
+        },
         inventory={"pullinterval": "0.2s"},
     )
+    with contextlib.ExitStack() as stack:
+        stack.callback(other.stop)
+        _cached_beside_hosted(wharf, upstream, other, cached, tool)
+
+
+def _cached_beside_hosted(wharf: WharfProcess, upstream, other, cached, tool) -> None:
     with wharf, _client(wharf) as http:
         hosted = OCIClient(http).push_image("team/app", "v1", layers=[b"hosted layer"])
         got = pull(http, "hub/library/alpine", "3.16")
@@ -210,6 +224,16 @@ def test_upstreams_by_prefix_are_cached_beside_hosted_repositories(tmp_path, ups
             metrics = response.read().decode()
         assert 'wharf_proxy_misses_total{kind="blob",upstream="hub"}' in metrics
         assert 'wharf_proxy_upstream_bytes_total{upstream="hub"}' in metrics
+        # A second upstream under its own prefix: each repository comes from the upstream its prefix names.
+        assert pull(http, "quay/org/tool", "1").digest == tool.digest
+        assert_error(http.get("/v2/hub/org/tool/manifests/1", headers={"Accept": ACCEPT}), 404, "MANIFEST_UNKNOWN")
+        assert manifest_requests(other, "library/alpine", "3.16") == []
+        assert "quay/org/tool" in http.get("/v2/_catalog").json()["repositories"]
+        listed = json.loads(wharf_cli("cache", "ls", "--json", str(wharf.config_path)).stdout)
+        assert sorted((r["upstream"], r["repository"]) for r in listed) == [
+            ("hub", "hub/library/alpine"),
+            ("quay", "quay/org/tool"),
+        ]
 
 
 def _config(http: httpx.Client, repo: str) -> bytes:

@@ -25,6 +25,15 @@ def _stored_blob_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in (root / "docker/registry/v2/blobs").rglob("data"))
 
 
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample, whatever the order of its labels; 0 when absent."""
+    for line in metrics.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{", 1)[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
 def test_budget_evicts_least_recently_pulled_and_every_remaining_image_stays_whole(tmp_path):
     upstream = upstream_registry(tmp_path / "upstream").start()
     wharf = WharfProcess(
@@ -86,6 +95,10 @@ def test_budget_evicts_least_recently_pulled_and_every_remaining_image_stays_who
             assert all_cached_pull_whole(http) == ["hub/library/app0", "hub/library/app2"]
             gone = http.get("/v2/hub/library/app1/manifests/1", headers={"Accept": ACCEPT})
             assert_error(gone, 503, "UNAVAILABLE")
+            metrics = httpx.get(wharf.metrics_url, timeout=10, trust_env=False).text
+            assert _sample(metrics, "wharf_proxy_evictions_total", upstream="hub") == 1
+            assert _sample(metrics, "wharf_proxy_upstream_errors_total", upstream="hub", reason="unavailable") >= 1
+            assert _sample(metrics, "wharf_proxy_hits_total", upstream="hub", kind="blob") >= 4
             # Back up: the evicted image is fetched again on its next pull, and the budget still holds.
             upstream.start()
             fetched = blob_gets(upstream, digest_of(_own(1)))

@@ -93,7 +93,7 @@ def test_podman_skopeo_and_docker_mirror_paths_pull_from_wharf_with_the_upstream
             # byte-identical, from the mirror.
             skopeo("--registries-conf", str(registries), *pull_args(name, tmp_path / "copied", "3.16"))
             assert assert_same_image(tmp_path / "layout", "3.16", tmp_path / "copied", "3.16") == image.digest
-            # docker's registry-mirrors with a path (http://wharf/hub, docker 24 and later) asks for
+            # docker's registry-mirrors with a path (http://wharf/hub, docker 25 and later) asks for
             # /hub/v2/library/alpine/...: the same cached image, the upstream still stopped.
             with httpx.Client(base_url=f"{wharf.url}/hub", timeout=60, trust_env=False) as docker:
                 assert docker.get("/v2/").status_code == 200

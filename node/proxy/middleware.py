@@ -25,7 +25,7 @@ def _route_path(scope: Scope) -> str:
 
 
 class MirrorPaths:
-    """docker's `registry-mirrors` with a path (`http://wharf:5000/dockerhub`, docker 24 and later) asks
+    """docker's `registry-mirrors` with a path (`http://wharf:5000/dockerhub`, docker 25 and later) asks
     for `/dockerhub/v2/library/alpine/...`: served as `/v2/dockerhub/library/alpine/...`, so one registry
     mirrors Docker Hub under its prefix beside its hosted repositories. `/dockerhub/v2/` is the base
     endpoint. Only configured prefixes are taken; every other path is left as it is."""
