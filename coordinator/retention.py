@@ -2,7 +2,8 @@
 
 Planning reads the KV once and decides, per repository, under the first rule that covers it:
 - A tag is kept if it is immutable, matches `keep_tags` (whole tag), is among the `keep_last` most
-  recently pushed, or was pushed within `older_than`. A rule that sets none of these keeps every tag.
+  recently pushed, was pushed within `older_than`, or its manifest was pulled within `pulled_within`
+  (as far as nodes have written their last-pulled times). A rule that sets none of these keeps every tag.
 - Signature and attestation tags (cosign's `sha256-<hex>.sig`, `.att`, `.sbom`) follow their subject
   unless immutable or matching `keep_tags`, and take no place among the most recently pushed: they
   go iff, once the plan's tags are gone, no remaining tag reaches the subject (in this repository,
@@ -30,6 +31,7 @@ from typing import Any
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, scan
 from .metadata import TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
+from .pulls import Pulls
 from .readonly import Halted
 
 LAST_RUN = keys.RETENTION_LAST_RUN
@@ -56,10 +58,16 @@ class Rule:
     keep_tags: tuple[re.Pattern[str], ...] = ()
     older_than: float | None = None  # seconds
     untagged_after: float | None = None  # seconds
+    pulled_within: float | None = None  # seconds
 
     @property
     def prunes_tags(self) -> bool:
-        return self.keep_last is not None or bool(self.keep_tags) or self.older_than is not None
+        return (
+            self.keep_last is not None
+            or bool(self.keep_tags)
+            or self.older_than is not None
+            or self.pulled_within is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,7 @@ class _Tag:
     digest: str
     pushed: float
     mod_revision: int
+    pulled: float | None = None
 
 
 @dataclass(frozen=True)
@@ -247,10 +256,14 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
             repos[name] = _Repository(name, next((r for r in rules if r.covers(name)), None))
         return repos[name]
 
+    pulled: dict[tuple[str, str], float] = {}
+    if any(rule.pulled_within is not None for rule in rules):
+        pulled = {(repo, digest): at async for repo, digest, at in Pulls(kv).every()}
     for item in await _all(kv, keys.TAGS):
         name, tag_name = _split(item.key, keys.TAGS)
         record = decode(TagRecord, item.value)
-        repository(name).tags.append(_Tag(tag_name, record.digest, record.pushed, item.mod_revision))
+        last = pulled.get((name, record.digest))
+        repository(name).tags.append(_Tag(tag_name, record.digest, record.pushed, item.mod_revision, last))
     for item in await _all(kv, keys.MANIFESTS):
         name, digest = _split(item.key, keys.MANIFESTS)
         manifest = decode(ManifestRecord, item.value)
@@ -329,6 +342,7 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
     ranked = sorted(images, key=lambda t: (-t.pushed, t.name))
     recent = {t.name for t in ranked[: rule.keep_last]} if rule.keep_last is not None else set()
     cutoff = now - rule.older_than if rule.older_than is not None else None
+    pulled_cutoff = now - rule.pulled_within if rule.pulled_within is not None else None
     judged: list[tuple[_Tag, str, str]] = []
     for tag in repo.tags:
         protected = frozen(repo.name, tag.name)
@@ -346,6 +360,8 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
             judged.append((tag, _KEEP, f"among the {rule.keep_last} most recently pushed"))
         elif cutoff is not None and tag.pushed >= cutoff:
             judged.append((tag, _KEEP, f"pushed within {format_duration(rule.older_than or 0)}"))
+        elif pulled_cutoff is not None and tag.pulled is not None and tag.pulled >= pulled_cutoff:
+            judged.append((tag, _KEEP, f"pulled within {format_duration(rule.pulled_within or 0)}"))
         else:
             why = []
             if rule.keep_last is not None:
@@ -354,6 +370,8 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
                 why.append("matches no keeptags")
             if rule.older_than is not None:
                 why.append(f"older than {format_duration(rule.older_than)}")
+            if rule.pulled_within is not None:
+                why.append(f"not pulled within {format_duration(rule.pulled_within)}")
             judged.append((tag, _DELETE, f"{rule.name}: {', '.join(why)}"))
     return judged
 
