@@ -30,7 +30,7 @@ from typing import Any
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, scan
-from .metadata import TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
+from .metadata import HOLDING_CHANGED, TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
 from .pulls import Pulls
 from .readonly import Halted
 
@@ -555,7 +555,7 @@ class Applier:
             else:
                 why = ""
             if not why:
-                ops: list[Op] = [Delete(keys.manifest(repo, m.digest)), Delete(mark)]
+                ops: list[Op] = [Delete(keys.manifest(repo, m.digest)), Delete(mark), HOLDING_CHANGED(repo, m.digest)]
                 if m.subject:
                     ops.append(Delete(keys.referrer(repo, m.subject, m.digest)))
                 guards = [

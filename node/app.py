@@ -18,7 +18,7 @@ from coordinator.election import Election
 from coordinator.metadata import Conflict
 
 from .accesslog import AccessLog
-from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
+from .api import base, blobs, catalog, health, manifests, referrers, repositories, tagdetails, tags, uploads, usage
 from .audit import AuditIntent, AuditLog, AuditMiddleware
 from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
@@ -35,6 +35,7 @@ from .store import open_kv, open_storage
 log = logging.getLogger("wharf")
 
 NAME = "/v2/{name:path}"
+WHARF = "/wharf/v1"
 
 # The OCI Distribution endpoints, in the spec's order. Upload routes come before blob routes.
 ROUTES = [
@@ -55,6 +56,13 @@ ROUTES = [
     Route(NAME + "/blobs/{digest}", blobs.get_blob, methods=["GET"]),
     Route(NAME + "/blobs/{digest}", blobs.delete_blob, methods=["DELETE"]),
     Route(NAME + "/referrers/{digest}", referrers.list_referrers, methods=["GET"]),
+    # Wharf's own API: what is stored (tag details, storage figures) and whole-repository deletes.
+    Route(WHARF + "/repositories/{name:path}/tags", tagdetails.list_tag_details, methods=["GET"]),
+    Route(WHARF + "/repositories/{name:path}/usage", usage.repository_usage, methods=["GET"]),
+    Route(WHARF + "/repositories/{name:path}", repositories.delete_repository, methods=["DELETE"]),
+    Route(WHARF + "/namespaces/{namespace:path}/usage", usage.namespace_usage, methods=["GET"]),
+    Route(WHARF + "/namespaces/{namespace:path}", repositories.delete_namespace, methods=["DELETE"]),
+    Route(WHARF + "/usage", usage.registry_usage, methods=["GET"]),
 ]
 
 # The requests that are decisions for the audit log, and what each decides on (its line's `object`:
@@ -67,6 +75,8 @@ AUDITED = {
     uploads.start_upload: "upload",
     uploads.finish_upload: "blob",
     blobs.delete_blob: "blob",
+    repositories.delete_repository: "repository",
+    repositories.delete_namespace: "namespace",
 }
 
 # Probes for load balancers and orchestrators; they carry no registry data.

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from coordinator.kv import KV
 from coordinator.lease import NodeLease
 from coordinator.metadata import Metadata
+from coordinator.repositories import RepositoryRemover
 from coordinator.uploads import UploadSessions
+from coordinator.usage import Usage
 
 from .config import Config
 from .gc import Touches
+from .inventory import TagDetails
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .notifications import Notifier
 from .policies import Policies
@@ -147,6 +150,9 @@ class Services:
     notifier: Notifier = field(init=False)
     trust: Trust = field(init=False)
     pulls: PullRecorder = field(init=False)
+    tag_details: TagDetails = field(init=False)
+    usage: Usage = field(init=False)
+    repositories: RepositoryRemover = field(init=False)
 
     def __post_init__(self) -> None:
         self.tag_lists = ListCache(self.metrics, "tag_list")
@@ -157,6 +163,15 @@ class Services:
         self.notifier = Notifier(self.config, self.kv, self.metrics)
         self.trust = Trust(self, self.config.signatures.policies)
         self.pulls = PullRecorder(self.kv, self.config.inventory.pullinterval)
+        self.tag_details = TagDetails(self.metadata, self.storage)
+        self.usage = Usage(self.kv)
+        self.repositories = RepositoryRemover(
+            self.kv,
+            node=self.node_id,
+            quotas=self.policies.scopes,
+            frozen=self.policies.immutability.rule_for,
+            ttl=self.config.cluster.leasettl,
+        )
         self.uploader.quotas_for = self.policies.quota_scopes
         self.uploader.max_sessions = self.config.http.uploads.maxsessions
 

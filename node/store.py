@@ -204,8 +204,10 @@ async def _claim(kv: KV, storage: StorageDriver, *, adopt: bool) -> Identity:
     record = json.dumps({"id": mine.id, "created": mine.created, "state": "claiming"}).encode()
     ops = [Put(keys.STORE_IDENTITY, record)]
     if not await coordinator_has_records(kv):
-        # Nothing to index yet: every tag written from now on keeps the digest -> tags index.
+        # Nothing to index yet: every tag written from now on keeps the digest -> tags index, and
+        # every link and manifest its mark for the storage figures.
         ops.append(Put(keys.TAG_INDEX_BUILT, json.dumps({"at": time.time(), "entries": 0}).encode()))
+        ops.append(Put(keys.USAGE_BUILT, json.dumps({"at": time.time(), "marked": 0}).encode()))
     if adopt:
         ops.append(Put(keys.IMPORT_STATE, json.dumps({"state": "pending", "requested": time.time()}).encode()))
     result = await kv.txn([Compare.absent(keys.STORE_IDENTITY)], ops, [Get(keys.STORE_IDENTITY)])

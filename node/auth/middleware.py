@@ -19,7 +19,7 @@ from ..reference import validate_name
 from .access import CATALOG, Access, format_scopes, held, valid_name
 from .basic import authorization, parse_basic
 from .services import AuthServices
-from .target import STATE_KEY, Target, resolve
+from .target import HOLDS_KEY, STATE_KEY, Target, resolve
 from .token import TOKEN_PATH, InvalidToken, TokenClaims
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?")
@@ -78,6 +78,7 @@ class AuthMiddleware:
         if CATALOG in target.needs:
             # `_catalog` lists only what the caller may pull (the handler applies the filter).
             state["catalog_filter"] = self.auth.access.may_pull(caller.user)
+        state[HOLDS_KEY] = lambda access: self._holds(caller, access)
         await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope, target: Target) -> Caller:

@@ -14,6 +14,12 @@ from .access import CATALOG, DELETE, PULL, PUSH, Access
 
 # Where a request's Target is kept in scope["state"], so later middleware need not resolve it again.
 STATE_KEY = "wharf.target"
+# Where authentication leaves what the caller may do (Access -> bool), for handlers whose needs depend
+# on the registry's contents (every repository of a namespace); absent when authentication is off.
+HOLDS_KEY = "wharf.holds"
+
+# Wharf's own API beside the OCI one (node/api/tagdetails.py, usage.py, repositories.py).
+EXTENSION = "/wharf/v1/"
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ def _needs(route: BaseRoute, scope: Scope, params: dict[str, Any]) -> tuple[Acce
         return ()
     if path == "/v2/_catalog":
         return (CATALOG,)
+    if path.startswith(EXTENSION):
+        return _extension_needs(path, method, params)
     name = params.get("name")
     if not isinstance(name, str):
         return (Access("registry", path or "unknown", "*"),)
@@ -92,3 +100,21 @@ def _needs(route: BaseRoute, scope: Scope, params: dict[str, Any]) -> tuple[Acce
         if query.get("mount") is not None:
             needs.extend(Access("repository", source, PULL) for source in query.getlist("from") if source)
     return tuple(needs)
+
+
+def _extension_needs(path: str, method: str, params: dict[str, Any]) -> tuple[Access, ...]:
+    """Wharf's API: a repository's tag details and figures need pull, as its tags do; deleting it
+    whole needs push and delete. A namespace needs those on every repository in it, which its
+    handler checks (`HOLDS_KEY`) once it knows them; here only signing in. The registry's figures
+    need what `_catalog` needs."""
+    name = params.get("name")
+    if path == EXTENSION + "usage":
+        return (CATALOG,)
+    if isinstance(name, str) and path.startswith(EXTENSION + "repositories/"):
+        if method in ("GET", "HEAD"):
+            return (Access("repository", name, PULL),)
+        if method == "DELETE":
+            return (Access("repository", name, PUSH), Access("repository", name, DELETE))
+    if "namespace" in params and path.startswith(EXTENSION + "namespaces/") and method in ("GET", "HEAD", "DELETE"):
+        return ()
+    return (Access("registry", path, "*"),)

@@ -21,6 +21,7 @@ from . import (
     cert,
     gc,
     images,
+    inventory,
     maintenance,
     notifications,
     quota,
@@ -31,7 +32,22 @@ from . import (
     users,
 )
 
-FAMILIES = (serve, users, cert, gc, images, quota, retention, store, backup, audit, maintenance, notifications, signing)
+FAMILIES = (
+    serve,
+    users,
+    cert,
+    gc,
+    images,
+    inventory,
+    quota,
+    retention,
+    store,
+    backup,
+    audit,
+    maintenance,
+    notifications,
+    signing,
+)
 
 
 def parser() -> argparse.ArgumentParser:
