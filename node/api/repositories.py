@@ -13,9 +13,9 @@ from coordinator.repositories import DeletedRepository, DeletionRunning, NotPerm
 
 from ..audit import note
 from ..auth.access import DELETE, PUSH, Access, format_scopes
-from ..auth.target import HOLDS_KEY
+from ..routing import HOLDS_KEY
 from ..errors import Denied, NameUnknown, TooManyRequests, Unsupported
-from .common import repository, services
+from .request import repository, services
 from .usage import namespace_of
 
 

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from ..errors import NameUnknown, QueryInvalid
 from ..inventory import SORTS
-from .common import page_size, repository, services, url
+from .request import page_size, repository, services, url
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000

@@ -11,10 +11,10 @@ from starlette.responses import Response
 from coordinator.usage import TOTAL
 
 from ..auth.access import PULL, Access, format_scopes
-from ..auth.target import HOLDS_KEY
+from ..routing import HOLDS_KEY
 from ..errors import Denied, NameUnknown
 from ..reference import validate_name
-from .common import repository, services
+from .request import repository, services
 
 
 def namespace_of(request: Request) -> str:

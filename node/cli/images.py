@@ -14,8 +14,9 @@ from ..config import Config
 from ..errors import RegistryError
 from ..reference import Reference, parse_digest
 from ..services import Services
-from .common import Commands, add_listing, size, with_config, with_services
 from .inventory import resolve
+from .output import size
+from .registry import Commands, add_listing, with_config, with_services
 
 
 def add_commands(commands: Commands) -> None:

@@ -21,7 +21,8 @@ from ..errors import RegistryError
 from ..inventory import SORTS
 from ..reference import ImageReference, parse_image_reference
 from ..services import Services
-from .common import Commands, size, table, with_config, with_services
+from .output import size, table
+from .registry import Commands, with_config, with_services
 
 _PAGE = 1000
 
