@@ -64,8 +64,9 @@ ROUTES = [
     Endpoint(NAME + "/blobs/{digest}", blobs.get_blob, "GET", access=routing.pull),
     Endpoint(NAME + "/blobs/{digest}", blobs.delete_blob, "DELETE", access=routing.delete, audit="blob"),
     Endpoint(NAME + "/referrers/{digest}", referrers.list_referrers, "GET", access=routing.pull),
-    # Wharf's own API: what is stored (tag details, storage figures) and whole-repository deletes. A
-    # namespace's handler checks the caller's rights on every repository in it once it knows them.
+    # Wharf's own API: what is stored (tag details, storage figures) and whole-repository deletes. The
+    # handlers of a namespace (and of the registry's figures) check the caller's rights on every
+    # repository concerned once they know them, as `_catalog` filters by them.
     Endpoint(WHARF + "/repositories/{name:path}/tags", tagdetails.list_tag_details, "GET", access=routing.pull),
     Endpoint(WHARF + "/repositories/{name:path}/usage", usage.repository_usage, "GET", access=routing.pull),
     Endpoint(
@@ -75,7 +76,7 @@ ROUTES = [
         access=routing.push_and_delete,
         audit="repository",
     ),
-    Endpoint(WHARF + "/namespaces/{namespace:path}/usage", usage.namespace_usage, "GET", access=routing.signed_in),
+    Endpoint(WHARF + "/namespaces/{namespace:path}/usage", usage.namespace_usage, "GET", access=routing.catalog),
     Endpoint(
         WHARF + "/namespaces/{namespace:path}",
         repositories.delete_namespace,

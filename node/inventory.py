@@ -171,7 +171,7 @@ class TagDetails:
                 self._keep(repo, listing)
         else:
             self._listings.move_to_end(repo)
-        if not pulled_version or listing.pulled_version != pulled_version:
+        if listing.pulled_version != pulled_version:
             listing.set_pulled(pulled_version, await self.pulls.of_repository(repo) if pulled_version else {})
         return listing
 

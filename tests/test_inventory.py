@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
+import time
+from dataclasses import asdict
 from typing import Any
 
 import pytest
 from inprocess import InProcessRegistry
 from oci_client import OCI_CONFIG, OCI_EMPTY, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, descriptor, digest_of
 
+from coordinator import keys
+from coordinator.kv import Op, Put
+from coordinator.metadata import TAGS_CHANGED, TagRecord
 from coordinator.usage import TOTAL
 from node import gc
 from node.usage import FigureKeeper
@@ -51,8 +57,14 @@ class Registry(InProcessRegistry):
         await FigureKeeper(self.services).count()
 
     async def figures(self, scope: str) -> dict[str, Any]:
-        path = "/wharf/v1/usage" if scope == TOTAL else (
-            f"/wharf/v1/namespaces/{scope}/usage" if scope.endswith("/") else f"/wharf/v1/repositories/{scope}/usage"
+        path = (
+            "/wharf/v1/usage"
+            if scope == TOTAL
+            else (
+                f"/wharf/v1/namespaces/{scope}/usage"
+                if scope.endswith("/")
+                else f"/wharf/v1/repositories/{scope}/usage"
+            )
         )
         response = await self.http.get(path)
         assert response.status_code == 200, response.text
@@ -222,7 +234,13 @@ async def test_repository_delete_takes_everything_and_the_catalog_forgets_it(reg
     await registry.image("team/app-two", "v1", [os.urandom(100)])
     assert (await registry.http.get(f"/v2/team/app/manifests/{digest}", headers=ANY)).status_code == 200
     deleted = await registry.http.delete("/wharf/v1/repositories/team/app")
-    assert deleted.json() == {"repository": "team/app", "tags": 2, "manifests": 2, "links": 4, "linked_bytes": deleted.json()["linked_bytes"]}
+    assert deleted.json() == {
+        "repository": "team/app",
+        "tags": 2,
+        "manifests": 2,
+        "links": 4,
+        "linked_bytes": deleted.json()["linked_bytes"],
+    }
     catalog = await registry.http.get("/v2/_catalog")
     assert catalog.json()["repositories"] == ["team/app-two"]
     assert (await registry.http.get("/v2/team/app/tags/list")).status_code == 404
@@ -302,3 +320,58 @@ async def test_pushes_into_a_repository_being_deleted_are_refused_not_failed(reg
         f"/v2/team/app/manifests/{digest_of(body)}", content=body, headers={"Content-Type": OCI_MANIFEST}
     )
     assert put.status_code == 400 and put.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
+
+
+async def _add_tags(reg: Registry, repo: str, digest: str, count: int) -> None:
+    """`count` more tags on one manifest, written straight into the coordinator (pushing 20,000 images
+    would only measure the push path)."""
+    record = await reg.services.metadata.get_tag(repo, "base")
+    assert record is not None
+    now = time.time()
+    for start in range(0, count, 60):
+        ops: list[Op] = []
+        for n in range(start, min(start + 60, count)):
+            tag = f"t{n:05d}"
+            ops += [
+                Put(keys.tag(repo, tag), json.dumps(asdict(TagRecord(digest, OCI_MANIFEST, 100, now - n))).encode()),
+                Put(keys.tagged(repo, digest, tag), b""),
+            ]
+        await reg.kv.txn([], [*ops, TAGS_CHANGED(repo)])
+
+
+async def _cpu_per_request(reg: Registry, repo: str, count: int) -> float:
+    """Median CPU seconds of a tag-details page (each sort, at several places) and a figures read."""
+    middle = f"t{count // 2:05d}"
+    requests = []
+    for sort in ("name", "pushed", "pulled"):
+        requests += [
+            (f"/wharf/v1/repositories/{repo}/tags", {"sort": sort, "n": 50}),
+            (f"/wharf/v1/repositories/{repo}/tags", {"sort": sort, "n": 50, "last": middle}),
+        ]
+    requests.append((f"/wharf/v1/repositories/{repo}/tags", {"pattern": "t0000*", "n": 50}))
+    requests.append((f"/wharf/v1/repositories/{repo}/usage", {}))
+    for path, params in requests:  # the first read of a tag version builds the node's sorted copy
+        assert (await reg.http.get(path, params=params)).status_code == 200
+    samples = []
+    for _ in range(5):
+        for path, params in requests:
+            started = time.process_time()
+            response = await reg.http.get(path, params=params)
+            samples.append(time.process_time() - started)
+            assert response.status_code == 200
+    return statistics.median(samples)
+
+
+async def test_tag_details_and_figures_cost_the_same_per_request_from_100_to_20000_tags(registry):
+    cost = {}
+    for count in (100, 20_000):
+        repo = f"big/app{count}"
+        digest = await registry.image(repo, "base", [os.urandom(100)])
+        await _add_tags(registry, repo, digest, count)
+        await registry.http.get(f"/v2/{repo}/manifests/t00001", headers=ANY)
+        await registry.services.pulls.flush()
+        await registry.settle()
+        cost[count] = await _cpu_per_request(registry, repo, count)
+    print(f"CPU per request: 100 tags {cost[100] * 1000:.2f} ms, 20,000 tags {cost[20_000] * 1000:.2f} ms")
+    # Flat: a page costs what it returns (a sorted copy kept per tag version), never what the repository holds.
+    assert cost[20_000] <= cost[100] * 2 + 0.002, cost

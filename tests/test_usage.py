@@ -155,7 +155,9 @@ async def test_settling_reports_repositories_left_without_manifests(kv):
     usage = Usage(kv)
     await usage.build()
     digest = "sha256:" + "5" * 64
-    await kv.txn([], [Put(keys.manifest("team/app", digest), _manifest(digest, 9)), HOLDING_CHANGED("team/app", digest)])
+    await kv.txn(
+        [], [Put(keys.manifest("team/app", digest), _manifest(digest, 9)), HOLDING_CHANGED("team/app", digest)]
+    )
     assert (await usage.settle()).emptied == []
     await kv.txn([], [Delete(keys.manifest("team/app", digest)), HOLDING_CHANGED("team/app", digest)])
     assert (await usage.settle()).emptied == ["team/app"]

@@ -11,10 +11,10 @@ from starlette.responses import Response
 
 from coordinator.repositories import DeletedRepository, DeletionRunning, NotPermitted, Protected
 
-from ..audit import note
 from ..auth.access import DELETE, PUSH, Access, format_scopes
-from ..routing import HOLDS_KEY
+from ..context import note
 from ..errors import Denied, NameUnknown, TooManyRequests, Unsupported
+from ..routing import HOLDS_KEY
 from .request import repository, services
 from .usage import namespace_of
 

@@ -11,9 +11,9 @@ from starlette.responses import Response
 from coordinator.usage import TOTAL
 
 from ..auth.access import PULL, Access, format_scopes
-from ..routing import HOLDS_KEY
 from ..errors import Denied, NameUnknown
 from ..reference import validate_name
+from ..routing import HOLDS_KEY
 from .request import repository, services
 
 
@@ -36,20 +36,27 @@ async def repository_usage(request: Request) -> Response:
     return _answer({"repository": name, **figures.report(), "current": await svc.usage.current()})
 
 
+async def _check_pull_on_every_repository(request: Request, namespace: str) -> None:
+    """Figures of a namespace (or, with '', the registry) tell about every repository in it: with
+    authentication on, the caller must be able to pull them all (DENIED names some it cannot)."""
+    holds = request.scope.get("state", {}).get(HOLDS_KEY)
+    if holds is None:
+        return
+    svc = services(request)
+    every = await svc.catalog.get("", svc.metadata.repository_list)
+    refused = [
+        Access("repository", repo, PULL)
+        for repo in every
+        if repo.startswith(namespace) and not holds(Access("repository", repo, PULL))
+    ]
+    if refused:
+        raise Denied([a.detail() for a in refused[:10]], refused_by="access", rule=format_scopes(refused[:10]))
+
+
 async def namespace_usage(request: Request) -> Response:
     svc = services(request)
     namespace = namespace_of(request)
-    holds = request.scope.get("state", {}).get(HOLDS_KEY)
-    if holds is not None:
-        # The namespace's figures tell about every repository in it: the caller must pull them all.
-        every = await svc.catalog.get("", svc.metadata.repository_list)
-        refused = [
-            Access("repository", repo, PULL)
-            for repo in every
-            if repo.startswith(namespace) and not holds(Access("repository", repo, PULL))
-        ]
-        if refused:
-            raise Denied([a.detail() for a in refused[:10]], refused_by="access", rule=format_scopes(refused[:10]))
+    await _check_pull_on_every_repository(request, namespace)
     figures = await svc.usage.scope(namespace)
     if not figures:
         raise NameUnknown({"namespace": namespace})
@@ -58,5 +65,6 @@ async def namespace_usage(request: Request) -> Response:
 
 async def registry_usage(request: Request) -> Response:
     svc = services(request)
+    await _check_pull_on_every_repository(request, "")
     figures = await svc.usage.scope(TOTAL)
     return _answer({**figures.report(), "current": await svc.usage.current()})
