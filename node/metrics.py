@@ -504,14 +504,14 @@ class StorageFigures:
         yield GaugeMetricFamily(
             "wharf_storage_objects", "Objects (blobs and manifests) repositories hold", value=total.get("objects", 0)
         )
-        for scope in ("repository", "namespace"):
+        for scope, key in (("repository", "repositories"), ("namespace", "namespaces")):
             family = GaugeMetricFamily(
                 f"wharf_storage_{scope}_bytes",
                 f'Bytes per {scope}, the largest by linked bytes (the rest summed as {scope}="_other"); '
                 "exclusive: what deleting it frees",
                 labels=[scope, "kind"],
             )
-            for name, values in figures.get(f"{scope}s", {}).items():
+            for name, values in figures.get(key, {}).items():
                 for kind in _STORAGE_KINDS:
                     family.add_metric([name, kind], values.get(kind, 0))
             yield family

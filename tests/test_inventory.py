@@ -375,3 +375,29 @@ async def test_tag_details_and_figures_cost_the_same_per_request_from_100_to_200
     print(f"CPU per request: 100 tags {cost[100] * 1000:.2f} ms, 20,000 tags {cost[20_000] * 1000:.2f} ms")
     # Flat: a page costs what it returns (a sorted copy kept per tag version), never what the repository holds.
     assert cost[20_000] <= cost[100] * 2 + 0.002, cost
+
+
+async def test_storage_metrics_name_the_largest_repositories_and_sum_the_rest(tmp_path):
+    reg = Registry(tmp_path, inventory={"pullinterval": "1h", "metricstop": 2})
+    try:
+        await reg.services.usage.build()
+        for n, repo in enumerate(("a/one", "a/two", "b/three", "c/four", "d/five")):
+            await reg.image(repo, "v1", [os.urandom(1000 * (n + 1))])
+        keeper = FigureKeeper(reg.services)
+        await keeper.count()
+        await keeper.publish()
+        text = reg.services.metrics.exposition().decode()
+        series = [line for line in text.splitlines() if line.startswith("wharf_storage_repository_bytes{")]
+        named = {line.split('repository="')[1].split('"')[0] for line in series}
+        assert named == {"d/five", "c/four", "_other"}, named
+        assert len(series) == 3 * 3, "linked, exclusive and shared for each"
+        total = await reg.services.usage.scope(TOTAL)
+        assert f'wharf_storage_bytes{{kind="unique"}} {float(total.unique)}' in text
+        namespaces = {
+            line.split('namespace="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith("wharf_storage_namespace_bytes{")
+        }
+        assert namespaces == {"d/", "c/", "_other"}
+    finally:
+        await reg.close()
