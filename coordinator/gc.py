@@ -33,7 +33,18 @@ from typing import Any
 from . import keys, quota
 from .gcmark import Mark
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
-from .metadata import BlobRecord, LinkRecord, ManifestRecord, Metadata, Release, TagRecord, TouchRecord, decode
+from .metadata import (
+    EVERY_HOLDER_CHANGED,
+    HOLDING_CHANGED,
+    BlobRecord,
+    LinkRecord,
+    ManifestRecord,
+    Metadata,
+    Release,
+    TagRecord,
+    TouchRecord,
+    decode,
+)
 from .readonly import Halted
 
 log = logging.getLogger("wharf.gc")
@@ -334,7 +345,7 @@ class Collector:
         self._check_may_delete()
         key = keys.manifest(c.repo, c.digest)
         mark = keys.pending_manifest(c.repo, c.digest)
-        ops: list[Op] = [Delete(key), Delete(mark)]
+        ops: list[Op] = [Delete(key), Delete(mark), HOLDING_CHANGED(c.repo, c.digest)]
         if c.subject:
             ops.append(Delete(keys.referrer(c.repo, c.subject, c.digest)))
         guards = [Compare.unchanged(key, c.revision), Compare.unchanged(mark, c.pending_revision)]
@@ -504,7 +515,9 @@ class Collector:
         for _ in range(_QUOTA_ATTEMPTS):
             counters, releases = await quota.release(self.kv, freed)
             result = await self.kv.txn(
-                [*guards, *counters], [Delete(link_key), *releases], [Get(g.key) for g in guards]
+                [*guards, *counters],
+                [Delete(link_key), HOLDING_CHANGED(repo, digest), *releases],
+                [Get(g.key) for g in guards],
             )
             if result.succeeded:
                 return True
@@ -537,6 +550,7 @@ class Collector:
             Delete(keys.touch(c.digest)),
             *(Delete(link) for link in c.links),
             Put(deleting, json.dumps({"key": c.storage_key, "at": time.time()}).encode()),
+            EVERY_HOLDER_CHANGED(c.digest),
         ]
         # The links' bytes leave the quotas that counted them, in the same transaction.
         freed = quota.freed_by(((keys.split_repo_key(link, keys.LINKS)[0], c.size) for link in c.links), self.quotas)

@@ -55,6 +55,23 @@ NOTIFY_STATUS = NOTIFY + "status/"
 PULLED = "pulled/"
 # Rewritten with every batch that moves a repository's last-pulled times, so nodes know a copy is current.
 PULLED_VERSIONS = "pulledver/"
+# Storage per repository and namespace (coordinator/usage.py). Every change to what a repository holds
+# (a blob link, a manifest) writes a mark; a settler counts the marks into holder records (one per
+# object and repository), a summary per object, and one counter per repository, namespace and the total.
+USAGE = "usage/"
+USAGE_MARKS = "usage/mark/"
+USAGE_HOLDERS = "usage/holder/"
+USAGE_OBJECTS = "usage/object/"
+USAGE_SCOPES = "usage/scope/"
+USAGE_TOTAL = "usage/total"
+# Written once every link and manifest of the store has been marked (at its first start, or the first
+# leader after an upgrade): from then on the counters are complete once the marks are settled.
+USAGE_BUILT = "usage/built"
+# Left by a whole-repository delete until it has marked what the repository held: one found later (its
+# deleter died in between) has the settler check every holding against the records.
+USAGE_RECOUNTS = "usage/recount/"
+# A whole repository (or namespace, ending in '/') being deleted: pushes into it are refused meanwhile.
+FENCES = "fence/"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
 # The newest line (number and hash) an audit log is known to have had, one record per chain.
@@ -214,6 +231,62 @@ def pulled_of(repo: str) -> str:
 
 def pulled_version(repo: str) -> str:
     return f"{PULLED_VERSIONS}{repo}"
+
+
+# Marks name every holder of an object with this in place of a repository (no name contains '*').
+EVERY_HOLDER = "*"
+
+
+def usage_mark(digest: str, repo: str) -> str:
+    """What `repo` holds of object `digest` changed (or, with EVERY_HOLDER, of every repository)."""
+    return f"{USAGE_MARKS}{digest}/{repo}"
+
+
+def split_usage_key(key: str, prefix: str) -> tuple[str, str]:
+    """(digest, repository) of a usage mark or holder key."""
+    digest, _, repo = key[len(prefix) :].partition("/")
+    return digest, repo
+
+
+def usage_holder(digest: str, repo: str) -> str:
+    return f"{USAGE_HOLDERS}{digest}/{repo}"
+
+
+def usage_holders_of(digest: str) -> str:
+    return f"{USAGE_HOLDERS}{digest}/"
+
+
+def usage_object(digest: str) -> str:
+    return f"{USAGE_OBJECTS}{digest}"
+
+
+def usage_scope(scope: str) -> str:
+    """The counter of a repository, or of a namespace (`scope` ends with '/'); '' is the registry's total."""
+    return f"{USAGE_SCOPES}{scope}" if scope else USAGE_TOTAL
+
+
+def usage_recount(repo: str) -> str:
+    return f"{USAGE_RECOUNTS}{repo}"
+
+
+def fence(name: str) -> str:
+    """Present while repository `name` (or namespace `name`, ending in '/') is being deleted."""
+    return f"{FENCES}{name}"
+
+
+def fences_of(repo: str) -> list[str]:
+    """The fences that stop writes into `repo`: its own and each enclosing namespace's."""
+    parts = repo.split("/")
+    return [fence(repo), *(fence("/".join(parts[:i]) + "/") for i in range(1, len(parts)))]
+
+
+def tagged_in(repo: str) -> str:
+    """Every digest -> tag index entry of one repository."""
+    return f"{TAGGED}{repo}@"
+
+
+def pending_manifests_of(repo: str) -> str:
+    return f"{PENDING_MANIFESTS}{repo}@"
 
 
 def quota_guard(scope: str) -> str:

@@ -110,6 +110,13 @@ class Pulls:
         found = await self.kv.get(keys.pulled_version(repo))
         return found.mod_revision if found is not None else 0
 
+    async def versions(self, repo: str) -> tuple[int, int]:
+        """(tag version, last-pulled version) of `repo` in one read: what a node holding a copy of
+        its tags with their last-pulled times checks (0: no record, nothing may be kept)."""
+        result = await self.kv.txn([], [Get(keys.tag_version(repo)), Get(keys.pulled_version(repo))])
+        tags, pulled = result.gets
+        return (tags.mod_revision if tags else 0), (pulled.mod_revision if pulled else 0)
+
     async def every(self) -> AsyncIterator[tuple[str, str, float]]:
         """(repository, digest, last pulled) of every record, a page at a time, in key order."""
         async for page in pages(self.kv, keys.PULLED):

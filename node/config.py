@@ -722,8 +722,9 @@ class ImmutabilityRule(_Section):
 class RetentionPolicy(_Section):
     """Which tags a repository keeps; the rest are deleted and GC reclaims what they freed.
 
-    A tag is kept if it matches `keeptags`, is among the `keeplast` most recently pushed, or was
-    pushed within `olderthan`. Signature and attestation tags (`sha256-<hex>.sig`, `.att`,
+    A tag is kept if it matches `keeptags`, is among the `keeplast` most recently pushed, was
+    pushed within `olderthan`, or was pulled within `pulledwithin` (a tag never pulled is not; pair
+    it with `olderthan` to spare new pushes). Signature and attestation tags (`sha256-<hex>.sig`, `.att`,
     `.sbom`) follow their subject. `untaggedafter` deletes manifests no tag reaches once older.
     """
 
@@ -732,6 +733,7 @@ class RetentionPolicy(_Section):
     keeptags: list[str] = field(default_factory=list)
     olderthan: Duration | None = None
     untaggedafter: Duration | None = None
+    pulledwithin: Duration | None = None
     name: str = ""
     keep_patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False)
 

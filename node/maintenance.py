@@ -13,6 +13,7 @@ from . import backup, gc, importer, retention
 from .delivery import Dispatcher
 from .proxy.budget import Budgets
 from .services import Services
+from .usage import SETTLE_SECONDS, FigureKeeper
 
 log = logging.getLogger("wharf.maintenance")
 
@@ -41,7 +42,13 @@ class Maintenance:
         built = await self.services.metadata.build_tag_index()
         if built:
             log.info("indexed %d tags by digest (a store from before the index)", built)
-        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads), self._every(_IMPORT_CHECK_SECONDS, self._import)]
+        figures = FigureKeeper(self.services)
+        jobs = [
+            self._every(_GAUGE_SECONDS, self._count_uploads),
+            self._every(_IMPORT_CHECK_SECONDS, self._import),
+            # Storage per repository and namespace: what changed is counted within seconds.
+            self._every(SETTLE_SECONDS, figures.once),
+        ]
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
@@ -62,6 +69,7 @@ class Maintenance:
         finally:
             # Only the leader reports the cluster-wide figure, so a sum over nodes stays right.
             self.services.metrics.upload_sessions.set(0)
+            figures.stop()
 
     @staticmethod
     async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from coordinator.kv import KV
 from coordinator.lease import NodeLease
 from coordinator.metadata import Metadata
+from coordinator.repositories import RepositoryRemover
 from coordinator.uploads import UploadSessions
+from coordinator.usage import Usage
 
 from .caches import BlobLocations, ListCache, ManifestCache
 from .config import Config
+from .inventory import TagDetails
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .notifications import Notifier
 from .policies import Policies
@@ -51,6 +54,9 @@ class Services:
     trust: Trust
     proxy: PullThrough
     pulls: PullRecorder
+    tag_details: TagDetails
+    usage: Usage
+    repositories: RepositoryRemover
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:
@@ -100,6 +106,15 @@ class Services:
             trust=trust,
             proxy=PullThrough(config.proxy, kv, metadata, storage, sessions, uploader, metrics, node_id),
             pulls=PullRecorder(kv, config.inventory.pullinterval),
+            tag_details=TagDetails(metadata, storage),
+            usage=Usage(kv),
+            repositories=RepositoryRemover(
+                kv,
+                node=node_id,
+                quotas=policies.scopes,
+                frozen=policies.immutability.rule_for,
+                ttl=config.cluster.leasettl,
+            ),
         )
 
     async def close(self) -> None:

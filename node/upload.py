@@ -19,7 +19,7 @@ import rehashes
 from coordinator import quota
 from coordinator.kv import Op
 from coordinator.lease import NodeLease
-from coordinator.metadata import BeingCollected, Metadata
+from coordinator.metadata import BeingCollected, Metadata, RepositoryDeleting
 from coordinator.quota import QuotaScope
 from coordinator.uploads import (
     Claim,
@@ -31,7 +31,15 @@ from coordinator.uploads import (
     UploadSessions,
 )
 
-from .errors import BlobUploadInvalid, BlobUploadUnknown, Denied, DigestInvalid, SizeInvalid, TooManyRequests
+from .errors import (
+    BeingDeleted,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    Denied,
+    DigestInvalid,
+    SizeInvalid,
+    TooManyRequests,
+)
 from .reference import Digest
 from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
@@ -351,6 +359,8 @@ class Uploader:
                 )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
+        except RepositoryDeleting:
+            raise BeingDeleted(repository) from None
         except SessionChanged:
             raise BlobUploadUnknown({"upload": session.id, "reason": "the upload was cancelled or expired"}) from None
         if record.key != stored:
@@ -384,6 +394,8 @@ class Uploader:
             )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
+        except RepositoryDeleting:
+            raise BeingDeleted(repository) from None
         return linked is not None
 
     async def cancel(self, session: UploadSession) -> None:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from coordinator.kv import Op
-from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
+from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, RepositoryDeleting, TagFrozen
 from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import cosign
@@ -20,6 +20,7 @@ from .. import manifest as manifests
 from ..config import SignaturePolicy
 from ..context import note
 from ..errors import (
+    BeingDeleted,
     Denied,
     DigestInvalid,
     ManifestBlobUnknown,
@@ -334,6 +335,8 @@ async def _record_manifest(
             await put()
     except MissingReferences as exc:
         raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
+    except RepositoryDeleting:
+        raise BeingDeleted(name) from None
     except TagFrozen as exc:
         raise Denied(
             {"tag": exc.tag, "digest": exc.digest, "rule": frozen},
