@@ -19,6 +19,7 @@ from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .notifications import Notifier
 from .policies import Policies
 from .readonly import ReadOnly
+from .regions import Regions
 from .storage import layout
 from .storage.driver import StorageDriver
 from .trust import Trust
@@ -142,6 +143,8 @@ class Services:
     readonly: ReadOnly = field(init=False)
     notifier: Notifier = field(init=False)
     trust: Trust = field(init=False)
+    # None for a single region (no `regions:` in the configuration).
+    regions: Regions | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.tag_lists = ListCache(self.metrics, "tag_list")
@@ -153,6 +156,9 @@ class Services:
         self.trust = Trust(self, self.config.signatures.policies)
         self.uploader.quotas_for = self.policies.quota_scopes
         self.uploader.max_sessions = self.config.http.uploads.maxsessions
+        self.regions = Regions.from_config(self.config, self.storage, self.kv, self.metrics)
+        if self.regions is not None:
+            self.uploader.placed = self.regions.placed
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:
@@ -177,5 +183,7 @@ class Services:
 
     async def close(self) -> None:
         await self.uploader.lease.close()
+        if self.regions is not None:
+            await self.regions.close()
         await self.storage.close()
         await self.kv.close()

@@ -39,7 +39,18 @@ async def ready(request: Request) -> Response:
             checks[name] = f"{type(exc).__name__}: {exc}"[:200]
     if periodic is not None:
         checks.update(periodic.states())
-    status = 200 if all(v == "ok" for v in checks.values()) else 503
+    failing = {name for name, state in checks.items() if state != "ok"}
     # Read-only nodes still serve pulls: ready, and saying so.
-    body = {**checks, "readonly": svc.readonly.describe()}
+    body: dict[str, object] = {**checks, "readonly": svc.readonly.describe()}
+    if svc.regions is not None:
+        body["regions"] = svc.regions.describe()
+        fallback = svc.regions.fallback()
+        if "storage" in failing and fallback:
+            # Pulls are served from the other regions meanwhile (pushes here fail until it is back).
+            failing.discard("storage")
+            body["fallback"] = (
+                f"this region's storage fails ({checks['storage']}): pulls are served from region "
+                f"{', '.join(fallback)}; pushes into region {svc.regions.name} fail until it answers"
+            )
+    status = 503 if failing else 200
     return Response(json.dumps(body).encode(), status_code=status, media_type="application/json")
