@@ -24,6 +24,7 @@ from . import (
     maintenance,
     notifications,
     quota,
+    replication,
     retention,
     serve,
     signing,
@@ -31,7 +32,22 @@ from . import (
     users,
 )
 
-FAMILIES = (serve, users, cert, gc, images, quota, retention, store, backup, audit, maintenance, notifications, signing)
+FAMILIES = (
+    serve,
+    users,
+    cert,
+    gc,
+    images,
+    quota,
+    retention,
+    store,
+    backup,
+    audit,
+    maintenance,
+    notifications,
+    replication,
+    signing,
+)
 
 
 def parser() -> argparse.ArgumentParser:
