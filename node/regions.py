@@ -158,6 +158,11 @@ class Regions:
     # -- health ----------------------------------------------------------------------------------
 
     async def probe(self, region: Region) -> None:
+        with contextlib.suppress(Exception):
+            await self.check(region)
+
+    async def check(self, region: Region) -> None:
+        """Probe one region's storage now; raise what it failed with (and read from it last meanwhile)."""
         try:
             # As the readiness check: a stat of a key that need not exist; only errors count.
             await asyncio.wait_for(region.storage.stat(layout.ROOT + "/ready"), _PROBE_TIMEOUT)
@@ -166,7 +171,7 @@ class Regions:
         except Exception as exc:
             self.failed(region, exc)
             region.error = _brief(exc)
-            return
+            raise
         if not region.up:
             log.info("storage of region %s answers again", region.name, extra={"fields": {"region": region.name}})
             region.up, region.error, region.since = True, "", time.time()
@@ -200,8 +205,8 @@ class Regions:
         for copy in copies:
             by_region.setdefault(copy.region, []).append(copy.key)
         for digest in {copy.digest for copy in copies}:
-            for region in self.all:
-                found = by_region.setdefault(region.name, [])
+            for each in self.all:
+                found = by_region.setdefault(each.name, [])
                 if layout.blob_key(digest) not in found:
                     found.append(layout.blob_key(digest))
         for name, found in by_region.items():

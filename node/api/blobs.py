@@ -209,6 +209,9 @@ async def _get_from_regions(
                 target = await storage.redirect_url(place.key)
                 if target is not None:
                     return RedirectResponse(target, status_code=307, headers={"Docker-Content-Digest": digest})
+            path = storage.local_path(place.key) if place.region.local and span is None else None
+            if path is not None and os.path.isfile(path):
+                return _BlobFile(path, _headers(digest, size), lambda: _content_missing(svc, name, digest, key))
             chunks = storage.read(place.key, first, length).__aiter__()
             try:
                 head = await chunks.__anext__()

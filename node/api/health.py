@@ -28,7 +28,10 @@ async def ready(request: Request) -> Response:
     svc = services(request)
     periodic: HealthChecks | None = getattr(request.app.state, "health", None)
     probes: list[tuple[str, Awaitable[object]]] = [("coordinator", svc.kv.ping())]
-    if periodic is None or not periodic.storage_checked:
+    if svc.regions is not None:
+        # The same probe that decides where pulls read from: a failing storage is read from last.
+        probes.append(("storage", svc.regions.check(svc.regions.own)))
+    elif periodic is None or not periodic.storage_checked:
         probes.append(("storage", svc.storage.stat(layout.ROOT + "/ready")))
     checks: dict[str, str] = {}
     for name, probe in probes:
