@@ -111,9 +111,7 @@ class DelayProxy:
             return
         self._connections.update((client_writer, upstream_writer))
         try:
-            await asyncio.gather(
-                self._pipe(client_reader, upstream_writer), self._pipe(upstream_reader, client_writer)
-            )
+            await asyncio.gather(self._pipe(client_reader, upstream_writer), self._pipe(upstream_reader, client_writer))
         except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # a reset, or the proxy closing: the connection ends either way
         finally:

@@ -553,3 +553,27 @@ def test_a_file_without_regions_is_one_region_as_before(tmp_path):
 def test_bad_regions_stop_start_up_naming_the_key(tmp_path, text, complaint):
     with pytest.raises(ConfigError, match=re.escape(complaint)):
         load(_write(tmp_path, text), environ={})
+
+
+def test_regional_deploy_files_load_and_name_the_same_regions():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "regions"
+    configs = {path.stem.removeprefix("config-"): load(str(path), environ={}) for path in deploy.glob("config-*.yml")}
+    assert set(configs) == {"eu", "us"}
+    for region, config in configs.items():
+        assert config.cluster.region == region
+        assert set(config.regions) | {region} == set(configs)
+        assert config.storage.s3 is not None and config.storage.s3.publicendpoint
+        other = next(iter(config.regions.values()))
+        assert other.storage is not None and other.storage.s3 is not None and other.bandwidth
+    # Each region's bucket is the same bucket wherever it is named.
+    eu, us = configs["eu"], configs["us"]
+    assert eu.storage.s3 == us.regions["eu"].storage.s3  # type: ignore[union-attr]
+    assert us.storage.s3 == eu.regions["us"].storage.s3  # type: ignore[union-attr]
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    for cfg in deploy.glob("haproxy-*.cfg"):
+        checked = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stdout + checked.stderr

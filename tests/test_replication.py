@@ -400,3 +400,83 @@ async def test_bandwidth_spreads_a_copy_over_time():
     started = time.monotonic()
     await asyncio.gather(*(unlimited.take(1 << 30) for _ in range(4)))
     assert time.monotonic() - started < 0.1
+
+
+def _registry2_image(root: Path, repo: str, tag: str, layer: bytes) -> tuple[str, list[str]]:
+    """An image as registry:2 writes it into its filesystem tree: blobs, layer links, revision, tag."""
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": digest_of(config),
+            "size": len(config),
+        },
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest_of(layer), "size": len(layer)}
+        ],
+    }
+    manifest = json.dumps(doc).encode()
+
+    def put(key: str, data: bytes) -> None:
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+
+    for data in (config, layer, manifest):
+        put(layout.blob_key(digest_of(data)), data)
+    for data in (config, layer):
+        put(layout.layer_link_key(repo, digest_of(data)), digest_of(data).encode())
+    put(layout.revision_link_key(repo, digest_of(manifest)), digest_of(manifest).encode())
+    put(layout.tag_current_key(repo, tag), digest_of(manifest).encode())
+    put(layout.tag_index_key(repo, tag, digest_of(manifest)), digest_of(manifest).encode())
+    return digest_of(manifest), [digest_of(config), digest_of(layer)]
+
+
+async def test_an_adopted_registry2_store_is_replicated_into_every_region(tmp_path):
+    from node import importer
+
+    manifest, blobs = _registry2_image(tmp_path / "a", REPO, "adopted", os.urandom(30_000))
+    kv = EmbeddedKV(str(tmp_path / "kv.db"))
+    a = await _node(tmp_path, kv, "a", "b")  # first start on a registry:2 tree: adoption pending
+    b = await _node(tmp_path, kv, "b", "a")
+    try:
+        await importer.import_if_pending(a.services)
+        assert (await a.services.metadata.import_state()).state == "done"  # type: ignore[union-attr]
+        assert await Leader(a.services).backfill() == 1 + len(blobs)
+        assert set(await _replicate(a)) == {"copied"}
+        for digest in (manifest, *blobs):
+            assert b.has(layout.blob_key(digest))
+        pulled = await b.http.get(f"/v2/{REPO}/manifests/adopted", headers={"Accept": OCI_MANIFEST})
+        assert pulled.status_code == 200 and digest_of(pulled.content) == manifest
+    finally:
+        for node in (a, b):
+            await node.http.aclose()
+            await node.services.close()
+
+
+async def test_the_leaders_snapshots_go_into_every_regions_storage(regions):
+    from node import backup
+
+    await _push_image(regions.a, "snap", [os.urandom(5_000)])
+    task = asyncio.get_running_loop().create_task(backup.scheduled(regions.a.services))
+    try:
+        snapshots = regions.b.root / layout.SNAPSHOTS
+
+        async def copied() -> list[Path]:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                found = list(snapshots.glob("*.jsonl.gz")) if snapshots.is_dir() else []
+                if found:
+                    return found
+                await asyncio.sleep(0.1)
+            raise TimeoutError("no snapshot in region b's storage")
+
+        found = await copied()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    own = list((regions.a.root / layout.SNAPSHOTS).glob("*.jsonl.gz"))
+    assert [p.name for p in found] == [p.name for p in own]
+    assert found[0].read_bytes() == own[0].read_bytes()
