@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from . import keys
-from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, Watch, pages, scan
 from .metadata import BlobRecord, Metadata
 
 T = TypeVar("T")
@@ -156,6 +156,21 @@ class Claimed:
 Outcome = Literal["done", "gone", "busy"]
 
 
+class QueueWatch:
+    """An open watch on every region's queue, yielding the target region of each new entry."""
+
+    def __init__(self, watch: Watch) -> None:
+        self._watch = watch
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for change in self._watch:
+            if change.type == "put":
+                yield keys.split_replication_queued(change.key)[0]
+
+    async def close(self) -> None:
+        await self._watch.close()
+
+
 @dataclass
 class Unplaced:
     """A blob that some regions lack with nothing queued for them."""
@@ -276,6 +291,24 @@ class Replication:
     async def claim_holder(self, digest: str, target: str) -> str | None:
         found = await self.kv.get(keys.replication_copying(digest, target))
         return _decode(ClaimRecord, found.value).node if found is not None else None
+
+    async def register_worker(self, node: str, lease: int) -> None:
+        """Count `node` among this region's workers for as long as `lease` lives."""
+        await self.kv.put(keys.replication_worker(self.region, node), b"", lease=lease)
+
+    async def workers(self, region: str | None = None) -> int:
+        """The live workers of `region` (this node's by default), which share its bandwidth."""
+        return await self.kv.count(keys.replication_workers(region or self.region))
+
+    async def watch_queues(self) -> QueueWatch:
+        """The target region of every entry queued from now on, whoever queued it."""
+        return QueueWatch(await self.kv.watch(keys.REPLICATION_QUEUE))
+
+    async def pending(self, digest: str, target: str) -> tuple[bool, bool]:
+        """Whether a copy of `digest` into `target` is queued, and whether one is being made."""
+        queued = await self.kv.get(keys.replication_queued(target, digest))
+        copying = await self.kv.get(keys.replication_copying(digest, target))
+        return queued is not None, copying is not None
 
     # -- the leader's side ---------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from coordinator import keys
+from coordinator.election import current_leader
 from coordinator.replication import Claimed, Entry
 
 from .reference import parse_reference, validate_name
@@ -100,15 +100,14 @@ class Worker:
 
     async def _register(self) -> None:
         """Keep this node counted among its region's workers, and each target's share of bandwidth right."""
-        key = keys.replication_worker(self.regions.name, self.services.node_id)
         registered = 0
         while True:
             try:
                 lease = await self.lease.id()
                 if lease != registered:
-                    await self.services.kv.put(key, b"", lease=lease)
+                    await self.replication.register_worker(self.services.node_id, lease)
                     registered = lease
-                workers = max(await self.services.kv.count(keys.replication_workers(self.regions.name)), 1)
+                workers = max(await self.replication.workers(), 1)
                 for region in self.regions.others:
                     if region.bandwidth:
                         self.limits[region.name].rate = region.bandwidth / workers
@@ -121,7 +120,7 @@ class Worker:
     async def _watch(self) -> None:
         while True:
             try:
-                watch = await self.services.kv.watch(keys.REPLICATION_QUEUE)
+                watch = await self.replication.watch_queues()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -130,11 +129,9 @@ class Worker:
             try:
                 for event in self.wake.values():
                     event.set()  # anything queued before the watch opened
-                async for change in watch:
-                    if change.type == "put":
-                        target, _ = keys.split_replication_queued(change.key)
-                        if target in self.wake:
-                            self.wake[target].set()
+                async for target in watch:
+                    if target in self.wake:
+                        self.wake[target].set()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -413,7 +410,7 @@ async def report(services: Services, image: str | None = None) -> dict[str, obje
     lags = await regions.replication.lag()
     await asyncio.gather(*(regions.probe(region) for region in regions.all))
     now = time.time()
-    leader = await services.kv.get(keys.leader("maintenance"))
+    leader = await current_leader(services.kv, "maintenance")
     rows = []
     for region in regions.all:
         lag = lags.get(region.name)
@@ -425,12 +422,12 @@ async def report(services: Services, image: str | None = None) -> dict[str, obje
                 "waiting": lag.count if lag else 0,
                 "waiting_bytes": lag.bytes if lag else 0,
                 "oldest_seconds": round(now - lag.oldest, 3) if lag and lag.oldest else None,
-                "workers": await services.kv.count(keys.replication_workers(region.name)),
+                "workers": await regions.replication.workers(region.name),
             }
         )
     found: dict[str, object] = {
         "region": regions.name,
-        "leader": leader.value.decode() if leader else None,
+        "leader": leader,
         "regions": rows,
     }
     if image is not None:
@@ -458,8 +455,9 @@ async def _image_report(services: Services, regions: Regions, image: str) -> dic
         missing = [d for d in objects if region.name not in holding[d]]
         queued = copying = 0
         for d in missing:
-            queued += await services.kv.get(keys.replication_queued(region.name, d)) is not None
-            copying += await services.kv.get(keys.replication_copying(d, region.name)) is not None
+            is_queued, is_copying = await regions.replication.pending(d, region.name)
+            queued += is_queued
+            copying += is_copying
         per_region.append(
             {
                 "region": region.name,

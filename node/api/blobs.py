@@ -17,7 +17,7 @@ from ..notifications import BLOB_MEDIA_TYPE
 from ..reference import parse_digest
 from ..regions import Regions
 from ..services import Services
-from .common import not_modified, repository, services
+from .request import not_modified, repository, services
 
 log = logging.getLogger("wharf.blobs")
 
