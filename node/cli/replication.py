@@ -11,20 +11,20 @@ from ..config import Config
 from ..errors import RegistryError
 from ..replication import ImageUnknown, report
 from ..services import Services
-from .common import Commands, size, table, with_config, with_services
+from .output import size, table
+from .registry import Commands, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:
     group = commands.add_parser("replication", help="replication between regions")
     actions = group.add_subparsers(dest="replication_action", required=True)
-    status = actions.add_parser(
+    status = store_command(
+        actions,
         "status",
+        run_status,
         help="per region: copies waiting, their bytes and the oldest's age; with REPO:TAG, where the image is whole",
     )
-    status.add_argument("config", nargs="?", help="configuration file")
     status.add_argument("image", nargs="?", help="REPOSITORY:TAG or REPOSITORY@DIGEST")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(run=with_config(run_status))
 
 
 def run_status(args: argparse.Namespace, config: Config) -> int:
