@@ -480,3 +480,44 @@ async def test_the_leaders_snapshots_go_into_every_regions_storage(regions):
     own = list((regions.a.root / layout.SNAPSHOTS).glob("*.jsonl.gz"))
     assert [p.name for p in found] == [p.name for p in own]
     assert found[0].read_bytes() == own[0].read_bytes()
+
+
+async def test_immutability_and_retention_act_once_for_every_region(tmp_path):
+    from node import retention
+
+    rules = {
+        "immutability": [{"repositories": [REPO], "tags": ["v.*"], "name": "releases"}],
+        "retention": {"enabled": False, "policies": [{"repositories": [REPO], "keeplast": 1, "untaggedafter": "0s"}]},
+    }
+    kv = EmbeddedKV(str(tmp_path / "kv.db"))
+    a = await _node(tmp_path, kv, "a", "b", **rules)
+    b = await _node(tmp_path, kv, "b", "a", **rules)
+    try:
+        release, _ = await _push_image(a, "v1", [os.urandom(10_000)])
+        # The tag pushed in a is immutable in b too: neither moved nor deleted there.
+        with pytest.raises(AssertionError, match="DENIED"):
+            await _push_image(b, "v1", [os.urandom(10_000)])
+        assert (await b.http.delete(f"/v2/{REPO}/manifests/v1")).status_code == 403
+        old, old_blobs = await _push_image(a, "old", [os.urandom(20_000)])
+        await _push_image(b, "new", [os.urandom(20_000)])
+        for node in (a, b):
+            await _replicate(node)
+        assert all(b.has(layout.blob_key(d)) for d in old_blobs)
+        # Retention applied from region b removes the tag pushed in a; applied again from a, nothing is left to do.
+        first = await retention.apply(b.services)
+        assert first.result is not None and [(t.repository, t.tag) for t in first.plan.tags] == [(REPO, "old")]
+        again = await retention.apply(a.services)
+        assert again.plan.rows() == []
+        for node in (a, b):
+            got = await node.http.get(f"/v2/{REPO}/manifests/old", headers={"Accept": OCI_MANIFEST})
+            assert got.status_code == 404
+            kept = await node.http.get(f"/v2/{REPO}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+            assert kept.status_code == 200 and digest_of(kept.content) == release
+        # What retention removed goes from both regions' storage in one collection.
+        await gc.collect(a.services, orphans=False)
+        for node in (a, b):
+            assert not node.has(layout.blob_key(old_blobs[1])) and not node.has(layout.blob_key(old))
+    finally:
+        for node in (a, b):
+            await node.http.aclose()
+            await node.services.close()
