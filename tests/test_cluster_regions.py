@@ -128,9 +128,13 @@ class World:
         """The region of every copy record of `digest` (one entry per record)."""
         return [k.split("/")[3] for k in self.etcd_keys(f"region/copy/{digest}/")]
 
-    def lag(self, region: str) -> float:
-        """The replication lag gauge for `region`, as the leader (whichever node it is) reports it."""
-        return max(_metric(n, "wharf_replication_pending_blobs", region) for r in (self.a, self.b) for n in r.nodes)
+    def lag(self, region: str, name: str = "wharf_replication_pending_blobs") -> float:
+        """A replication lag gauge for `region`, as the leader (whichever node it is) reports it."""
+        return max(_metric(n, name, region) for r in (self.a, self.b) for n in r.nodes)
+
+    def fallback_reads(self, region: Region, source: str) -> float:
+        """Reads `region`'s nodes served from region `source`'s storage."""
+        return sum(_metric(n, "wharf_region_fallback_reads_total", source) for n in region.nodes)
 
     def status(self, region: Region, image: str | None = None) -> dict[str, Any]:
         args = [sys.executable, "-m", "node.cli", "replication", "status", "--json", str(region.nodes[0].config_path)]
@@ -243,12 +247,26 @@ def test_a_pull_in_b_right_after_a_push_in_a_is_served_from_a_then_redirected_to
     try:
         images = [_push(a, f"burst{i}", [os.urandom(40_000), os.urandom(30_000)]) for i in range(4)]
         objects = {image.digest for image in images} | {d for image in images for d in _blobs_of(image)}
-        # The lag rises: every object of the burst waits for region b.
+        waiting_bytes = sum(
+            len(image.body) + len(json.dumps({"tag": f"burst{i}"})) + 70_000 for i, image in enumerate(images)
+        )
+        # The lag rises: every object of the burst waits for region b, with its bytes and its age.
         wait_until(lambda: world.lag("b") >= len(objects), timeout=30, interval=0.3, what="the lag gauge to rise")
         assert world.lag("a") == 0
+        assert world.lag("b", "wharf_replication_pending_bytes") == waiting_bytes
+        wait_until(
+            lambda: world.lag("b", "wharf_replication_oldest_pending_seconds") > 0,
+            timeout=30,
+            interval=0.3,
+            what="the oldest copy's age",
+        )
         # A pull in b at once: served from a, byte-identical, never redirected into b's storage.
+        read_from_a = world.fallback_reads(b, "a")
         manifest, blobs = _pull(b, REPO, "burst0")
         assert manifest == images[0].body
+        wait_until(  # the config and the layer at least (counters are written out between requests)
+            lambda: world.fallback_reads(b, "a") >= read_from_a + 2, timeout=10, interval=0.2, what="reads from a"
+        )
         layer = _blobs_of(images[0])[1]
         direct = _blob_get(b, layer)
         assert direct.status_code == 200 and digest_of(direct.content) == layer
@@ -261,6 +279,7 @@ def test_a_pull_in_b_right_after_a_push_in_a_is_served_from_a_then_redirected_to
         b.inbound.release()
     world.replicated()
     wait_until(lambda: world.lag("b") == 0, timeout=30, interval=0.3, what="the lag gauge to return to 0")
+    assert world.lag("b", "wharf_replication_pending_bytes") == 0
     for digest in objects:
         assert world.copy_regions(digest).count("b") == 1
     # After replication: redirected to b's RGW (its public name), and the signature verifies there.
