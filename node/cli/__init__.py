@@ -25,6 +25,7 @@ from . import (
     maintenance,
     notifications,
     quota,
+    replication,
     retention,
     serve,
     signing,
@@ -46,6 +47,7 @@ FAMILIES = (
     audit,
     maintenance,
     notifications,
+    replication,
     signing,
 )
 
