@@ -46,6 +46,7 @@ from .metadata import (
     decode,
 )
 from .readonly import Halted
+from .replication import RegionSweep
 
 log = logging.getLogger("wharf.gc")
 
@@ -182,6 +183,8 @@ class Collector:
         self.summary = Summary()
         # Asked before each deletion; False stops the cycle there (Halted): the registry went read-only.
         self.may_delete: Callable[[], bool] = lambda: True
+        # With regions: each blob goes from every region's storage, under the same transaction.
+        self.regions: RegionSweep | None = None
 
     def _check_may_delete(self) -> None:
         if not self.may_delete():
@@ -537,11 +540,14 @@ class Collector:
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
         self._check_may_delete()
         mark = keys.pending_blob(c.digest)
+        # No region may be copying it, nor have recorded a copy since these were read.
+        fence = await self.regions.fence(c.digest) if self.regions is not None else None
         expected = {
             mark: c.pending_revision,
             keys.blob(c.digest): c.blob_revision,
             keys.touch(c.digest): c.touch_revision,
             **c.links,
+            **(fence.expected if fence is not None else {}),
         }
         deleting = keys.deleting(c.digest)
         ops: list[Op] = [
@@ -551,6 +557,7 @@ class Collector:
             *(Delete(link) for link in c.links),
             Put(deleting, json.dumps({"key": c.storage_key, "at": time.time()}).encode()),
             EVERY_HOLDER_CHANGED(c.digest),
+            *(fence.ops if fence is not None else []),
         ]
         # The links' bytes leave the quotas that counted them, in the same transaction.
         freed = quota.freed_by(((keys.split_repo_key(link, keys.LINKS)[0], c.size) for link in c.links), self.quotas)
@@ -570,7 +577,11 @@ class Collector:
             await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
             return False
         try:
-            await delete_object(c.storage_key)
+            if fence is not None and fence.copies:
+                assert self.regions is not None
+                await self.regions.delete(fence.copies)
+            else:
+                await delete_object(c.storage_key)
         finally:
             # Writers of the same digest wait for this record to go before storing it again.
             await self.kv.delete(deleting)

@@ -85,6 +85,16 @@ CACHE_FETCHES = CACHE + "fetch/"
 CACHE_STATS = CACHE + "stats/"
 CACHE_EVICTIONS = CACHE + "evicted/"
 
+# Regions (coordinator/replication.py). A region joins the store once its storage carries the store's
+# identity. Where a blob's bytes are, region by region: `<digest>/<region>/<storage key>`, one record
+# per object (a region may hold two: an upload's own key and the content-addressed one). One queue
+# per target region of copies still to make; a copy under way is claimed with its node's lease.
+REGIONS = "region/joined/"
+REGION_COPIES = "region/copy/"
+REPLICATION_QUEUE = "replicate/queue/"
+REPLICATION_COPYING = "replicate/copying/"
+REPLICATION_WORKERS = "replicate/worker/"
+
 
 # Written first and removed last by a restore (coordinator/snapshot.py): while it is present the
 # coordinator holds part of a snapshot, and the same snapshot may be restored again to finish.
@@ -356,3 +366,51 @@ def links_under(prefix: str) -> str:
 
 def tags_under(prefix: str) -> str:
     return f"{TAGS}{prefix}"
+
+
+def region(name: str) -> str:
+    return f"{REGIONS}{name}"
+
+
+def region_copies_of(digest: str) -> str:
+    return f"{REGION_COPIES}{digest}/"
+
+
+def region_copy(digest: str, region: str, storage_key: str) -> str:
+    """Region names hold no '/', digests neither: the storage key is the rest, '/' and all."""
+    return f"{region_copies_of(digest)}{region}/{storage_key}"
+
+
+def split_region_copy(key: str) -> tuple[str, str, str]:
+    """(digest, region, storage key) of a region copy record's key."""
+    digest, region, storage_key = key[len(REGION_COPIES) :].split("/", 2)
+    return digest, region, storage_key
+
+
+def replication_queue(target: str) -> str:
+    return f"{REPLICATION_QUEUE}{target}/"
+
+
+def replication_queued(target: str, digest: str) -> str:
+    """A copy of `digest` still to make into region `target`."""
+    return f"{replication_queue(target)}{digest}"
+
+
+def split_replication_queued(key: str) -> tuple[str, str]:
+    """(target region, digest) of a queue entry's key."""
+    target, _, digest = key[len(REPLICATION_QUEUE) :].partition("/")
+    return target, digest
+
+
+def replication_copying(digest: str, target: str) -> str:
+    """Held (with its node's lease) while one worker copies `digest` into `target`."""
+    return f"{REPLICATION_COPYING}{digest}/{target}"
+
+
+def replication_workers(region: str) -> str:
+    return f"{REPLICATION_WORKERS}{region}/"
+
+
+def replication_worker(region: str, node: str) -> str:
+    """Present (with its lease) while a node of `region` copies out of it: bandwidth is shared by them."""
+    return f"{replication_workers(region)}{quote(node, safe='')}"

@@ -136,14 +136,16 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         with contextlib.suppress(Exception):
             await svc.readonly.switch.refresh()
         health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
+        maintenance = Maintenance(svc)
         background = [
             loop.create_task(svc.readonly.switch.run()),
             loop.create_task(health.run()),
             loop.create_task(svc.pulls.run()),
+            loop.create_task(maintenance.work()),
         ]
         if svc.proxy.enabled:
             background.append(loop.create_task(svc.proxy.run()))
-        campaign = loop.create_task(election.run(Maintenance(svc).lead))
+        campaign = loop.create_task(election.run(maintenance.lead))
         try:
             yield
         finally:

@@ -1,4 +1,5 @@
-"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC, backups."""
+"""Cluster-wide housekeeping: what the elected leader runs (abandoned uploads, retention, GC, backups,
+replication's lag and backfill) and what every node runs (replication's copies, region probes)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from coordinator.readonly import Halted
 
-from . import backup, gc, importer, retention
+from . import backup, gc, importer, replication, retention
 from .delivery import Dispatcher
 from .proxy.budget import Budgets
 from .services import Services
@@ -64,12 +65,23 @@ class Maintenance:
         # Webhook delivery: the cluster's queues, wherever their events were recorded.
         if self.services.notifier.enabled:
             jobs.append(Dispatcher(self.services).run())
+        # Regions: every region's replication lag, and copies for blobs no copy record places yet.
+        if self.services.regions is not None:
+            jobs.append(replication.Leader(self.services).run())
         try:
             await asyncio.gather(*jobs)
         finally:
             # Only the leader reports the cluster-wide figure, so a sum over nodes stays right.
             self.services.metrics.upload_sessions.set(0)
             figures.stop()
+
+    async def work(self) -> None:
+        """Every node's jobs, for as long as it runs: with regions, probing each region's storage and
+        copying this region's blobs into the others."""
+        regions = self.services.regions
+        if regions is None:
+            return
+        await asyncio.gather(regions.run_probes(), replication.Worker(self.services).run())
 
     @staticmethod
     async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:

@@ -382,6 +382,51 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+        # Regions (node/regions.py, node/replication.py): storage health, fallback reads, replication lag.
+        self.region_storage_up = Gauge(
+            "wharf_region_storage_up",
+            "1 while a region's storage answers this node's probes",
+            ["region"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.region_fallback_reads = Counter(
+            "wharf_region_fallback_reads_total",
+            "Blob and manifest reads served from another region's storage (not yet replicated here, or ours down)",
+            ["region"],
+            registry=r,
+        )
+        self.replication_pending = Gauge(
+            "wharf_replication_pending_blobs",
+            "Blobs and manifests waiting to be copied into a region (reported by the leader)",
+            ["region"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.replication_pending_bytes = Gauge(
+            "wharf_replication_pending_bytes",
+            "Bytes waiting to be copied into a region (reported by the leader)",
+            ["region"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.replication_oldest = Gauge(
+            "wharf_replication_oldest_pending_seconds",
+            "Age of the oldest copy waiting for a region (reported by the leader; 0 when none waits)",
+            ["region"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.replication_copies = Counter(
+            "wharf_replication_copies_total",
+            "Copies into a region by this node: copied, present (already there), failed",
+            ["region", "result"],
+            registry=r,
+        )
+        self.replication_bytes = Counter(
+            "wharf_replication_bytes_total", "Bytes this node copied into a region", ["region"], registry=r
+        )
+
     # -- updates on the request path ------------------------------------------------------------
     #
     # With worker processes every update of a prometheus value is a write into a shared file under

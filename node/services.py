@@ -23,6 +23,7 @@ from .policies import Policies
 from .proxy.pullthrough import PullThrough
 from .pulls import PullRecorder
 from .readonly import ReadOnly
+from .regions import Regions
 from .storage.driver import StorageDriver
 from .touches import Touches
 from .trust import Trust
@@ -57,6 +58,8 @@ class Services:
     tag_details: TagDetails
     usage: Usage
     repositories: RepositoryRemover
+    # None for a single region (no `regions:` in the configuration).
+    regions: Regions | None = None
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:
@@ -67,6 +70,7 @@ class Services:
         sessions = UploadSessions(kv)
         lease = NodeLease(kv, max(config.cluster.leasettl, 2))
         policies = Policies.from_config(config)
+        regions = Regions.from_config(config, storage, kv, metrics)
         uploader = Uploader(
             storage,
             sessions,
@@ -74,6 +78,7 @@ class Services:
             lease,
             quotas_for=policies.quota_scopes,
             max_sessions=config.http.uploads.maxsessions,
+            placed=regions.placed if regions is not None else None,
         )
         manifests = ManifestCache(metrics)
         blobs = BlobLocations(metadata, metrics)
@@ -115,6 +120,7 @@ class Services:
                 frozen=policies.immutability.rule_for,
                 ttl=config.cluster.leasettl,
             ),
+            regions=regions,
         )
 
     async def close(self) -> None:
@@ -124,5 +130,7 @@ class Services:
         except Exception as exc:
             log.warning("last-pulled times not written at shutdown: %s", exc)
         await self.uploader.lease.close()
+        if self.regions is not None:
+            await self.regions.close()
         await self.storage.close()
         await self.kv.close()

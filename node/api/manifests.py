@@ -53,7 +53,9 @@ async def manifest_bytes(svc: Services, digest: str) -> bytes:
     body = svc.manifests.get(digest)
     if body is None:
         try:
-            body = await svc.storage.read_bytes(layout.blob_key(digest))
+            key = layout.blob_key(digest)
+            # With regions: from the nearest region that has it, while replication catches up.
+            body = await (svc.regions.read_bytes(digest, key) if svc.regions else svc.storage.read_bytes(key))
         except FileNotFoundError:
             raise ManifestUnknown({"digest": digest, "reason": "manifest content missing from storage"}) from None
         if manifests.compute_digest(body, digest.split(":", 1)[0]) != digest and not _schema1(body):
@@ -246,6 +248,9 @@ async def put_manifest(request: Request) -> Response:
             request, "push", name, digest, parsed.media_type, len(body), tag=ref.tag, references=refs
         )
         events = notifier.ops(pushed)
+    if svc.regions is not None:
+        # This region's copy, and the copies the others still need: recorded with the manifest.
+        events = [*events, *await svc.regions.placed(digest, len(body), key)]
     try:
         if await svc.storage.stat(key) != len(body):
             await content.write()

@@ -26,6 +26,7 @@ from . import (
     maintenance,
     notifications,
     quota,
+    replication,
     retention,
     serve,
     signing,
@@ -47,6 +48,7 @@ FAMILIES = (
     audit,
     maintenance,
     notifications,
+    replication,
     signing,
     cache,
 )

@@ -250,13 +250,16 @@ class PullThrough:
             pushed=time.time(),
         )
         key = layout.blob_key(digest)
+        # With regions: this region's copy, and the copies the others still need, as for a push.
+        placed = self.uploader.placed
+        events = list(await placed(digest, len(body), key)) if placed is not None else []
         intent = None
         try:
             if await self.storage.stat(key) != len(body):
                 intent = await self._write_manifest(repository, digest, key, body)
             try:
                 await self.metadata.put_manifest(
-                    repository, record, tag=tag, storage_key=key, intent=intent, references_follow=True
+                    repository, record, tag=tag, storage_key=key, intent=intent, events=events, references_follow=True
                 )
             except BeingCollected:
                 # Garbage collection was deleting these very bytes: wait, store them again, retry.
@@ -266,7 +269,7 @@ class PullThrough:
                 else:
                     await self.storage.write_bytes(key, body)
                 await self.metadata.put_manifest(
-                    repository, record, tag=tag, storage_key=key, intent=intent, references_follow=True
+                    repository, record, tag=tag, storage_key=key, intent=intent, events=events, references_follow=True
                 )
         except BaseException:
             if intent is not None:
