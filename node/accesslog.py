@@ -10,6 +10,7 @@ from starlette.types import Scope
 
 from .context import Exchange
 from .metrics import Metrics, distribution_handler
+from .routing import route_path
 
 
 def _request_size(scope: Scope) -> int:
@@ -32,18 +33,18 @@ class AccessLog:
 
     def started(self, scope: Scope, exchange: Exchange) -> None:
         if self.metrics is not None:
-            handler = exchange.observed["handler"] = distribution_handler(scope["path"])
+            handler = exchange.observed["handler"] = distribution_handler(route_path(scope))
             self.metrics.request_started(handler)
 
     def finished(self, scope: Scope, exchange: Exchange) -> None:
-        route_path = getattr(scope.get("route"), "path", None) or "unmatched"
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
         status = exchange.status or 499
         duration = time.perf_counter() - exchange.started
         if self.metrics is not None:
             handler = exchange.observed.get("handler")
             self.metrics.observe_request(
                 scope["method"],
-                route_path,
+                route,
                 status,
                 exchange.received,
                 exchange.sent,
@@ -59,7 +60,7 @@ class AccessLog:
                 extra={
                     "fields": {
                         "method": scope["method"],
-                        "route": route_path,
+                        "route": route,
                         "status": status,
                         "bytes_in": exchange.received,
                         "bytes_out": exchange.sent,

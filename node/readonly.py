@@ -16,6 +16,7 @@ from coordinator.kv import KV
 from coordinator.readonly import Halted, SwitchFollower
 
 from .errors import Unsupported, send_error
+from .routing import route_path
 
 _READS = ("GET", "HEAD", "OPTIONS")
 # The APIs that write: the OCI one and Wharf's (whole-repository deletes).
@@ -76,7 +77,7 @@ class ReadOnlyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] not in _READS and scope["path"].startswith(_WRITABLE):
+        if scope["type"] == "http" and scope["method"] not in _READS and route_path(scope).startswith(_WRITABLE):
             readonly: ReadOnly = scope["app"].state.services.readonly
             if readonly.active:
                 await send_error(readonly.refusal(), scope, receive, send)

@@ -25,6 +25,14 @@ STATE_KEY = "wharf.target"
 # on the registry's contents (every repository of a namespace); absent when authentication is off.
 HOLDS_KEY = "wharf.holds"
 
+
+def route_path(scope: Scope) -> str:
+    """The path the route table matches: without the `root_path` that `http.prefix` sets."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 # The access a request needs, from its scope and path parameters.
 Rule = Callable[[Scope, dict[str, Any]], tuple[Access, ...]]
 

@@ -21,6 +21,7 @@ from secure_registry import make_users
 from services import free_port, wait_until
 from wharf_process import WharfProcess
 
+from coordinator.readonly import set_switch
 from node.config import LogConfig
 from node.logs import JSONFormatter, LogstashFormatter, TextFormatter
 
@@ -272,6 +273,22 @@ async def test_a_prefix_serves_the_api_under_it_and_urls_carry_it(registry_with)
     assert finished.status_code == 201
     assert finished.headers["Location"] == f"/my/registry/v2/team/app/blobs/{digest_of(data)}"
     assert (await registry.http.get(finished.headers["Location"])).content == data
+
+
+async def test_read_only_and_request_metrics_see_requests_under_a_prefix(registry_with):
+    registry = registry_with(http={"prefix": "/my/registry/"})
+    await set_switch(registry.kv, True, by="test")
+    await registry.services.readonly.switch.refresh()
+    refused = await registry.http.post("/my/registry/v2/team/app/blobs/uploads/")
+    assert refused.status_code == 405, refused.text
+    assert refused.json()["errors"][0]["code"] == "UNSUPPORTED"
+    deleted = await registry.http.delete("/my/registry/v2/team/app/manifests/sha256:" + "a" * 64)
+    assert deleted.status_code == 405
+    # Distribution's request metrics name the handler of a request under the prefix too.
+    assert (await registry.http.get("/my/registry/v2/")).status_code == 200
+    registry.services.metrics.flush()
+    exposition = registry.services.metrics.exposition().decode()
+    assert re.search(r'registry_http_requests_total\{[^}]*handler="base"', exposition), exposition
 
 
 async def test_host_makes_urls_absolute_unless_relativeurls(registry_with):

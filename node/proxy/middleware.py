@@ -11,17 +11,10 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import Unsupported, send_error
-from ..routing import resolve
+from ..routing import resolve, route_path
 from .pullthrough import STATE_KEY, Outcome, PullThrough
 
 _READS = ("GET", "HEAD", "OPTIONS")
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the router matches: without the `root_path` that `http.prefix` sets."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class MirrorPaths:
@@ -37,7 +30,7 @@ class MirrorPaths:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.prefixes:
-            route = _route_path(scope)
+            route = route_path(scope)
             for prefix in self.prefixes:
                 lead = f"/{prefix}/v2/"
                 if route.startswith(lead):
@@ -55,7 +48,7 @@ class ProxyMiddleware:
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _route_path(scope).startswith("/v2/"):
+        if scope["type"] != "http" or not route_path(scope).startswith("/v2/"):
             await self.app(scope, receive, send)
             return
         proxy: PullThrough = scope["app"].state.services.proxy
