@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy
+DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-utils haproxy
 # Ceph RADOS Gateway for the S3 tests (mon, OSD, radosgw), installed without the packages they recommend.
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
@@ -59,6 +59,11 @@ bench-gc: install-test
 # Manifest GET with a signature policy against without, on one node, in the same run.
 bench-signatures: install-test
 	$(PY) loadtests/bench_signatures.py $(BENCH_ARGS)
+
+# The hot paths (manifest GET/HEAD, tag list, small-image push, blob pull, memory) beside Distribution,
+# on the filesystem and Ceph RGW, in rounds, with a PASS/MISS line per goal.
+bench-hotpaths: install-test
+	$(PY) loadtests/bench_hotpaths.py --storage filesystem,rgw $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) wharf-data
