@@ -7,7 +7,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-s3 bench-gc bench-scale bench-signatures install install-test deb-test lint clean
+.PHONY: run test bench bench-hotpaths profile bench-s3 bench-gc bench-scale bench-signatures install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench-signatures: install-test
 # on the filesystem and Ceph RGW, in rounds, with a PASS/MISS line per goal.
 bench-hotpaths: install-test
 	$(PY) loadtests/bench_hotpaths.py --storage filesystem,rgw $(BENCH_ARGS)
+
+# A flame graph and a top-frames table of one hot path: make profile OP=manifest-get (see loadtests/profile.py).
+OP ?= manifest-get
+profile: install-test
+	$(PY) loadtests/profile.py $(OP) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) wharf-data

@@ -29,7 +29,6 @@ import collections
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -42,15 +41,14 @@ from typing import Any
 
 from benchlib import loads, session
 from benchlib.client import MIB, Conn, Redirects
-from benchlib.cpu import children_cpu, cores, cpu_of
-from benchlib.images import ACCEPT, setup_manifest, sha256_digest, upload_blob
+from benchlib.cpu import cores
+from benchlib.images import setup_manifest, sha256_digest, upload_blob
 from benchlib.report import fmt_num, machine_context, print_table
-from benchlib.runner import CpuWindow, Front, run_load
-from benchlib.s3 import BUCKET, S3Backend, S3Registry
+from benchlib.runner import run_load
+from benchlib.s3 import RGWBackend, S3Registry
 from benchlib.servers import DISTRIBUTION, Server, Target, scan_log
-from benchlib.wrk import WrkResult, accept_script
-from rgw_server import RGWServer, missing_binaries
-from services import EtcdCluster
+from benchlib.wrk import accept_script, run_ab
+from rgw_server import missing_binaries
 
 WHARF = Target("wharf", "Wharf granian x1", "wharf", "granian", 1)
 TAGS = 1000
@@ -59,19 +57,6 @@ TAGS = 1000
 # --------------------------------------------------------------------------------------------
 # Storage
 # --------------------------------------------------------------------------------------------
-
-
-class RGWBackend(S3Backend):
-    """One Ceph RGW micro cluster (memstore: objects in the OSD's RAM) and one etcd member."""
-
-    def __init__(self, memstore_gib: int = 8) -> None:
-        self.s3 = RGWServer(bucket=BUCKET, memstore_bytes=memstore_gib << 30)  # type: ignore[assignment]
-        self.etcd = EtcdCluster(1)
-
-    def cpu(self) -> float:
-        rgw = [p.pid for p in self.s3._processes.values() if p.poll() is None]  # type: ignore[attr-defined]
-        etcd = [m.process.pid for m in self.etcd.members if m.process is not None]
-        return cpu_of(pids=rgw + etcd)
 
 
 @dataclass
@@ -152,35 +137,6 @@ class Plan:
 
 def _figure(result: Any, rate: float, ops: int, errors: int) -> Figure:
     return Figure(rate, ops, result.server_cpu, result.other_cpu, errors)
-
-
-async def run_ab(front: Front, url: str, connections: int, duration: float) -> WrkResult:
-    """ApacheBench HEADs (keep-alive) on `url`, in WrkResult's shape."""
-    seconds = max(1, round(duration))
-    argv = ["ab", "-k", "-q", "-i", "-c", str(connections), "-t", str(seconds), "-n", "100000000", "-s", "10"]
-    argv += ["-H", f"Accept: {ACCEPT}", url]
-    window = CpuWindow(front, children_cpu)
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=duration + 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = out.decode(errors="replace")
-    result = WrkResult(raw=text, elapsed=seconds)
-    if m := re.search(r"Requests per second:\s+([\d.]+)", text):
-        result.rps = float(m.group(1))
-    if m := re.search(r"Complete requests:\s+(\d+)", text):
-        result.requests = int(m.group(1))
-    if m := re.search(r"Non-2xx responses:\s+(\d+)", text):
-        result.non2xx = int(m.group(1))
-    if m := re.search(r"Failed requests:\s+(\d+)", text):
-        result.socket_errors = int(m.group(1))
-    if result.rps != result.rps:
-        result.error = text.strip()[-300:]
-    window.close(result)
-    return result
 
 
 LoadRun = Callable[[Server, Seeded, Plan, Path], Awaitable[Figure]]
