@@ -330,9 +330,12 @@ def _commit(upload_path: str, size: int, path: str, root: str) -> None:
     if size == 0 and not os.path.exists(upload_path):
         _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
     with open(upload_path, "r+b") as handle:
-        handle.truncate(size)
-        handle.flush()
-        os.fsync(handle.fileno())
+        # upload_write synced every byte it wrote; the file needs syncing again only when bytes past
+        # `size` (from a request that broke before it was recorded) are cut off here.
+        if os.fstat(handle.fileno()).st_size != size:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
     _in_new_dir(path, lambda: os.replace(upload_path, path))
     _fsync_dir(os.path.dirname(path))
     _remove_upload_dir(upload_path, root)
