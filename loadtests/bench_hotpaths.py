@@ -29,6 +29,7 @@ import collections
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -51,6 +52,7 @@ from benchlib.wrk import accept_script, run_ab
 from rgw_server import missing_binaries
 
 WHARF = Target("wharf", "Wharf granian x1", "wharf", "granian", 1)
+BASELINE = Target("baseline", "Wharf granian x1, --baseline checkout", "wharf", "granian", 1)
 TAGS = 1000
 
 
@@ -286,21 +288,25 @@ class Run:
     failed: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
-    def ratio(self, load: str) -> float | None:
+    def ratio(self, load: str, ours_key: str = "wharf") -> float | None:
         rounds = self.figures.get(load, {})
-        ours, theirs = rounds.get("wharf", []), rounds.get("distribution", [])
+        ours, theirs = rounds.get(ours_key, []), rounds.get("distribution", [])
         ratios = [a.rate / b.rate for a, b in zip(ours, theirs, strict=False) if b.rate > 0 and a.rate == a.rate]
         return statistics.median(ratios) if ratios else None
 
 
-async def run_storage(storage: Storage, plan: Plan, chosen: list[Load], base: Path, keep_logs: Path | None) -> Run:
+async def run_storage(
+    storage: Storage, plan: Plan, chosen: list[Load], base: Path, keep_logs: Path | None, baseline: Path | None
+) -> Run:
     run = Run(storage.name, storage.describe, plan.duration)
     servers: dict[str, Server] = {}
     seeded: dict[str, Seeded] = {}
     say = session.progress_since(time.monotonic())
     try:
-        for target in (DISTRIBUTION, WHARF):
+        for target in (DISTRIBUTION, WHARF, *([BASELINE] if baseline else [])):
             server = servers[target.key] = storage.make(target, base / storage.name / target.key)
+            if baseline and target is BASELINE:
+                server.code = baseline
             server.start()
             await asyncio.get_running_loop().run_in_executor(None, server.wait_ready)
             seeded[target.key] = await seed(server, plan)
@@ -309,7 +315,7 @@ async def run_storage(storage: Storage, plan: Plan, chosen: list[Load], base: Pa
         for load in chosen:
             per = run.figures.setdefault(load.key, {})
             for n in range(plan.rounds):
-                order = list(servers) if n % 2 == 0 else list(servers)[::-1]
+                order = list(servers)[n % len(servers) :] + list(servers)[: n % len(servers)]
                 for key in order:
                     say(f"{load.key} round {n + 1}/{plan.rounds}: {servers[key].target.label}")
                     try:
@@ -328,49 +334,54 @@ async def run_storage(storage: Storage, plan: Plan, chosen: list[Load], base: Pa
         for key, server in servers.items():
             server.stop()
             scanned = scan_log(server)
-            run.problems += [f"{key} log: {n} x {what}" for what, n in scanned["statuses"].items()]
-            run.problems += [f"{key} log: {n} x {what}" for what, n in scanned["groups"].items()]
+            seen: collections.Counter[str] = collections.Counter()
+            for counter in (scanned["statuses"], scanned["groups"]):
+                for what, n in counter.items():
+                    seen[re.sub(r"\d+", "N", what)] += n
+            run.problems += [f"{key} log: {n} x {what}" for what, n in seen.items()]
             server.keep_log(keep_logs, f"{storage.name}-{key}")
         storage.close()
     return run
 
 
+def _median(figures: list[Figure], attr: str) -> float | None:
+    values = [getattr(f, attr) for f in figures if f.ops]
+    return statistics.median(values) if values else None
+
+
 def report_run(run: Run) -> None:
-    headers = ["load", "Distribution", "CPU ms/op", "Wharf", "CPU ms/op", "ratio", "CPU ratio", "rounds", "other CPU%"]
+    headers = ["load", "registry", "rate", "CPU ms/op", "ratio", "CPU ratio", "rounds' ratios", "other CPU%"]
     rows = []
     for key, per in run.figures.items():
-        ours, theirs = per.get("wharf", []), per.get("distribution", [])
         unit = next(load.unit for load in LOADS if load.key == key)
-
-        def med(figures: list[Figure], attr: str) -> float | None:
-            values = [getattr(f, attr) for f in figures if f.ops]
-            return statistics.median(values) if values else None
-
-        d_cpu, w_cpu = med(theirs, "cpu_ms"), med(ours, "cpu_ms")
-        ratio = run.ratio(key)
-        other = [100 * f.other_cpu / max(run.duration, 1e-9) for f in ours + theirs]
-        rows.append(
-            [
-                f"{TITLES[key]} ({unit})",
-                fmt_num(med(theirs, "rate")),
-                fmt_num(d_cpu, 3),
-                fmt_num(med(ours, "rate")),
-                fmt_num(w_cpu, 3),
-                "-" if ratio is None else f"{ratio:.2f}",
-                "-" if not (d_cpu and w_cpu) else f"{d_cpu / w_cpu:.2f}",
-                " ".join(f"{w.rate / d.rate:.2f}" if d.rate else "-" for w, d in zip(ours, theirs, strict=False)),
-                fmt_num(statistics.median(other) if other else None),
-            ]
-        )
+        theirs = per.get("distribution", [])
+        d_cpu = _median(theirs, "cpu_ms")
+        for who, figures in per.items():
+            cpu_ms = _median(figures, "cpu_ms")
+            ratio = run.ratio(key, who) if who != "distribution" else None
+            other = [100 * f.other_cpu / max(run.duration, 1e-9) for f in figures]
+            rounds = [f"{w.rate / d.rate:.2f}" if d.rate else "-" for w, d in zip(figures, theirs, strict=False)]
+            rows.append(
+                [
+                    f"{TITLES[key]} ({unit})" if who == "distribution" else "",
+                    who,
+                    fmt_num(_median(figures, "rate")),
+                    fmt_num(cpu_ms, 3),
+                    "ref" if who == "distribution" else fmt_num(ratio, 2),
+                    "ref" if who == "distribution" else fmt_num(d_cpu / cpu_ms if d_cpu and cpu_ms else None, 2),
+                    "" if who == "distribution" else " ".join(rounds),
+                    fmt_num(statistics.median(other) if other else None),
+                ]
+            )
     note = (
-        "rates are medians of the rounds; ratio = the median of the rounds' Wharf/Distribution rate ratios; "
-        "CPU ratio = Distribution's server CPU per operation / Wharf's (above 1: Wharf spends less)"
+        "rate and CPU per operation are medians of the rounds; ratio = the median of the rounds' rate ratios to "
+        "Distribution; CPU ratio = Distribution's server CPU per operation / this registry's (above 1: it spends less)"
     )
     print_table(f"{run.storage}: {run.describe}", note, headers, rows)
     if run.memory:
         print("\nresident memory (PSS of every process of the registry, MiB):")
-        for key, phases in run.memory.items():
-            print(f"  {key:13s} " + ", ".join(f"{phase} {mib:.0f}" for phase, mib in phases.items()))
+        for who, phases in run.memory.items():
+            print(f"  {who:13s} " + ", ".join(f"{phase} {mib:.0f}" for phase, mib in phases.items()))
 
 
 # (storage, load, at least, source)
@@ -387,20 +398,25 @@ MEMORY_GOALS = [("idle", 100.0, "#13.7"), ("upload", 150.0, "#13.7")]
 
 
 def report_goals(runs: list[Run]) -> None:
+    """PASS or MISS per goal for this checkout's Wharf; the --baseline checkout's figure beside it."""
     rows = []
     for storage, key, least, source in GOALS:
         for run in runs:
             if run.storage == storage and key in run.figures:
                 ratio = run.ratio(key)
                 verdict = "MISS" if ratio is None or ratio < least else "PASS"
-                rows.append([source, f"{storage}: {TITLES[key]} >= {least:g}x", fmt_num(ratio, 2), verdict])
+                before = fmt_num(run.ratio(key, "baseline"), 2) if "baseline" in run.figures[key] else ""
+                rows.append([source, f"{storage}: {TITLES[key]} >= {least:g}x", fmt_num(ratio, 2), verdict, before])
     for run in runs:
         for phase, most, source in MEMORY_GOALS:
             mib = run.memory.get("wharf", {}).get(phase)
             if mib is not None:
                 verdict = "PASS" if mib <= most else "MISS"
-                rows.append([source, f"{run.storage}: Wharf memory {phase} <= {most:.0f} MiB", f"{mib:.0f}", verdict])
-    print_table("Goals", "ratios are medians of the rounds' ratios", ["issue", "goal", "measured", ""], rows)
+                before = run.memory.get("baseline", {}).get(phase)
+                goal = f"{run.storage}: Wharf memory {phase} <= {most:.0f} MiB"
+                rows.append([source, goal, f"{mib:.0f}", verdict, fmt_num(before)])
+    headers = ["issue", "goal", "measured", "", "baseline"]
+    print_table("Goals", "ratios are medians of the rounds' ratios", headers, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default="filesystem", help="comma-separated: filesystem, rgw")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--loads", help="comma-separated subset of: " + ", ".join(load.key for load in LOADS))
+    parser.add_argument("--baseline", type=Path, help="another checkout of Wharf, run beside this one (before/after)")
     parser.add_argument("--memory-mib", type=int, default=1024, help="blob taken while memory is sampled (0: none)")
     args = parser.parse_args(argv)
     s = loads.settings(args, blob_mib=64, max_push_gib=1.0)
@@ -435,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.storage.split(","):
                 print(f"\n== {name}", flush=True)
                 storage = makers[name](s.accesslog)
-                runs.append(session.run_async(run_storage(storage, plan, chosen, base, args.keep_logs)))
+                runs.append(session.run_async(run_storage(storage, plan, chosen, base, args.keep_logs, args.baseline)))
     except KeyboardInterrupt:
         return session.interrupted()
     print(f"\nload average after: {os.getloadavg()}")
