@@ -1,4 +1,5 @@
-"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC, backups."""
+"""Cluster-wide housekeeping: what the elected leader runs (abandoned uploads, retention, GC, backups,
+replication's lag and backfill) and what every node runs (replication's copies, region probes)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Awaitable, Callable
 
 from coordinator.readonly import Halted
 
-from . import backup, gc, importer, retention
+from . import backup, gc, importer, replication, retention
 from .delivery import Dispatcher
 from .services import Services
+from .usage import SETTLE_SECONDS, FigureKeeper
 
 log = logging.getLogger("wharf.maintenance")
 
@@ -35,7 +37,13 @@ class Maintenance:
         built = await self.services.metadata.build_tag_index()
         if built:
             log.info("indexed %d tags by digest (a store from before the index)", built)
-        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads), self._every(_IMPORT_CHECK_SECONDS, self._import)]
+        figures = FigureKeeper(self.services)
+        jobs = [
+            self._every(_GAUGE_SECONDS, self._count_uploads),
+            self._every(_IMPORT_CHECK_SECONDS, self._import),
+            # Storage per repository and namespace: what changed is counted within seconds.
+            self._every(SETTLE_SECONDS, figures.once),
+        ]
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
@@ -49,11 +57,23 @@ class Maintenance:
         # Webhook delivery: the cluster's queues, wherever their events were recorded.
         if self.services.notifier.enabled:
             jobs.append(Dispatcher(self.services).run())
+        # Regions: every region's replication lag, and copies for blobs no copy record places yet.
+        if self.services.regions is not None:
+            jobs.append(replication.Leader(self.services).run())
         try:
             await asyncio.gather(*jobs)
         finally:
             # Only the leader reports the cluster-wide figure, so a sum over nodes stays right.
             self.services.metrics.upload_sessions.set(0)
+            figures.stop()
+
+    async def work(self) -> None:
+        """Every node's jobs, for as long as it runs: with regions, probing each region's storage and
+        copying this region's blobs into the others."""
+        regions = self.services.regions
+        if regions is None:
+            return
+        await asyncio.gather(regions.run_probes(), replication.Worker(self.services).run())
 
     @staticmethod
     async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:

@@ -21,9 +21,11 @@ from . import (
     cert,
     gc,
     images,
+    inventory,
     maintenance,
     notifications,
     quota,
+    replication,
     retention,
     serve,
     signing,
@@ -31,7 +33,23 @@ from . import (
     users,
 )
 
-FAMILIES = (serve, users, cert, gc, images, quota, retention, store, backup, audit, maintenance, notifications, signing)
+FAMILIES = (
+    serve,
+    users,
+    cert,
+    gc,
+    images,
+    inventory,
+    quota,
+    retention,
+    store,
+    backup,
+    audit,
+    maintenance,
+    notifications,
+    replication,
+    signing,
+)
 
 
 def parser() -> argparse.ArgumentParser:
