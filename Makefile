@@ -2,12 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy podman
+DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-utils haproxy podman
 # Ceph RADOS Gateway for the S3 tests (mon, OSD, radosgw), installed without the packages they recommend.
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-s3 bench-gc bench-scale bench-signatures bench-proxy install install-test deb-test lint clean
+.PHONY: run test bench bench-hotpaths profile bench-s3 bench-gc bench-scale bench-signatures bench-proxy install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,16 @@ bench-signatures: install-test
 # A cached pull through Wharf against the upstream itself and Distribution in proxy mode.
 bench-proxy: install-test
 	$(PY) loadtests/bench_proxy.py $(BENCH_ARGS)
+
+# The hot paths (manifest GET/HEAD, tag list, small-image push, blob pull, memory) beside Distribution,
+# on the filesystem and Ceph RGW, in rounds, with a PASS/MISS line per goal.
+bench-hotpaths: install-test
+	$(PY) loadtests/bench_hotpaths.py --storage filesystem,rgw $(BENCH_ARGS)
+
+# A flame graph and a top-frames table of one hot path: make profile OP=manifest-get (see loadtests/profile.py).
+OP ?= manifest-get
+profile: install-test
+	$(PY) loadtests/profile.py $(OP) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) wharf-data

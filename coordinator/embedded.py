@@ -72,6 +72,15 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('revision', 0);
 """
 
+
+class _Busy:
+    """A read that found the database locked for a moment (see EmbeddedKV._read_here)."""
+
+
+_BUSY = _Busy()
+# Read-only transactions of at most this many keys run on the caller's thread.
+_READ_HERE_KEYS = 16
+
 # Watch history kept for late or cross-process watchers; older changes are compacted.
 _CHANGE_HISTORY = 10_000
 _WATCH_POLL_SECONDS = 0.1
@@ -102,6 +111,8 @@ class EmbeddedKV:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wharf-kv")
         self._local = threading.local()
+        self._readers = threading.local()  # read connections of the threads that read here
+        self._reader_conns: list[sqlite3.Connection] = []
         self._watchers: set[_EmbeddedWatch] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -181,10 +192,39 @@ class EmbeddedKV:
                 watch.wake()
         return result
 
+    def _read_here(self, fn: Callable[[sqlite3.Connection], T]) -> T | _Busy:
+        """Run a small read on the calling thread, on a read connection of its own.
+
+        A point read in WAL mode takes microseconds and never waits for the writer, so it costs far
+        less here than a hop to the database thread. The connection never waits for a lock (busy
+        timeout 0): on the rare lock (a checkpoint restarting the log, another process recovering
+        it) the answer is _BUSY and the caller asks the database thread instead.
+        """
+        if self._closed:
+            raise RuntimeError("embedded KV is closed")
+        self._ensure_sweeper()
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            uri = _readonly_uri(self.path) if self.readonly else pathlib.Path(self.path).as_uri() + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0, check_same_thread=False)
+            self._readers.conn = conn
+            self._reader_conns.append(conn)
+        try:
+            return fn(conn)
+        except sqlite3.OperationalError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if "locked" in str(exc) or "busy" in str(exc):
+                return _BUSY
+            raise
+
     # -- reads ----------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        return await self._call(lambda: _get(self._conn(), key))
+        found = self._read_here(lambda conn: _get(conn, key))
+        if found is _BUSY:
+            return await self._call(lambda: _get(self._conn(), key))
+        return found  # type: ignore[return-value]
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
         return await self._call(lambda: _range(self._conn(), prefix, start, limit))
@@ -232,12 +272,22 @@ class EmbeddedKV:
             return TxnResult(ok, gets, w.rev if w.changed else w.rev - 1)
 
         if all(isinstance(op, Get) for op in (*success, *failure)):
+            if len(compares) + len(success) + len(failure) <= _READ_HERE_KEYS:
+                found = self._read_here(lambda conn: self._read_txn(compares, success, failure, conn))
+                if not isinstance(found, _Busy):
+                    return found
             return await self._call(lambda: self._read_txn(compares, success, failure))
         return await self._call(lambda: self._write(run))
 
-    def _read_txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> TxnResult:
+    def _read_txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Op],
+        failure: Sequence[Op],
+        conn: sqlite3.Connection | None = None,
+    ) -> TxnResult:
         """A transaction that writes nothing: one read snapshot, no write lock (works read-only too)."""
-        conn = self._conn()
+        conn = conn or self._conn()
         conn.execute("BEGIN")
         try:
             ok = all(_holds(conn, c) for c in compares)
@@ -322,6 +372,9 @@ class EmbeddedKV:
         if conn is not None:
             conn.close()
             self._local.conn = None
+        for reader in self._reader_conns:
+            reader.close()
+        self._reader_conns.clear()
 
 
 def _readonly_uri(path: str) -> str:

@@ -46,6 +46,6 @@ def worker_app() -> Starlette:
     _die_with_parent(os.environ.get(SERVE_PID_ENV))
     config = load(os.environ.get(CONFIG_ENV) or None)
     listener = configure_logging(config.log)
-    app = create_app(config)
+    app = create_app(config, serving=True)
     app.state.log_listener = listener  # lives as long as the worker's app
     return app

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import collections
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,6 +38,8 @@ class _Formatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["error"] = record.exc_text  # formatted when the record was taken (LineWriter)
         return entry
 
 
@@ -97,8 +100,95 @@ def formatter_for(log: LogConfig) -> logging.Formatter:
     return _FORMATTERS[log.formatter](log.fields)
 
 
-def configure_logging(log: LogConfig | str = "info") -> logging.handlers.QueueListener:
-    """Route every log record through a queue to a thread that writes formatted lines to stdout.
+class LineWriter(logging.Handler):
+    """Formats records and writes them to a stream from a thread of its own, a batch at a time.
+
+    A request only appends its record to a queue; the thread wakes once for whatever has gathered,
+    so under load one write (and one wake-up) carries many lines. When the log has been quiet, a
+    line is written as soon as it comes; while it is busy, the thread lingers a few milliseconds to
+    gather more. `stop()` writes what is left.
+    """
+
+    _LINGER = 0.005
+    _BUSY = 0.05  # a write this recent means the log is busy
+
+    def __init__(self, stream: Any, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self._stream = stream
+        self._pending: collections.deque[logging.LogRecord] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._last_write = 0.0
+        self._thread = threading.Thread(target=self._run, name="wharf-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        atexit.register(self.stop)
+
+    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+        # No lock: a deque takes appends from any thread, and the writer is the only reader.
+        if not self.filter(record):
+            return False
+        if record.args:
+            record.msg, record.args = record.getMessage(), None  # the arguments may change later
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.format_exception(record)  # frames are not kept alive
+        self._pending.append(record)
+        if self._stopping:
+            self._write_pending()  # late lines (at exit) are written at once
+        elif not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+    def format_exception(self, record: logging.LogRecord) -> str:
+        assert record.exc_info is not None
+        text = self.formatter.formatException(record.exc_info) if self.formatter else ""
+        record.exc_info = None
+        return text
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait()
+            if time.monotonic() - self._last_write < self._BUSY:
+                time.sleep(self._LINGER)
+            self._wake.clear()
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        lines = []
+        pending = self._pending
+        while pending:
+            record = pending.popleft()
+            try:
+                lines.append(self.format(record))
+            except Exception:
+                self.handleError(record)
+        if not lines:
+            return
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except Exception:
+            pass  # stdout is gone (a closed pipe): nothing else to tell
+        self._last_write = time.monotonic()
+
+    def stop(self) -> None:
+        """Write what is left and end the thread."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._write_pending()
+
+
+def configure_logging(log: LogConfig | str = "info") -> LineWriter:
+    """Route every log record to a thread that writes formatted lines to stdout (see LineWriter).
 
     Uncaught exceptions and Python warnings become log lines too, so nothing bypasses the format.
     """
@@ -106,19 +196,21 @@ def configure_logging(log: LogConfig | str = "info") -> logging.handlers.QueueLi
         log = LogConfig(level=log)
     global _formatter
     _formatter = formatter_for(log)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(_formatter)
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
+    # No format here reads a record's source file, thread or process: do not look them up per line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    writer = LineWriter(sys.stdout, _formatter)
     root = logging.getLogger()
-    root.handlers = [logging.handlers.QueueHandler(records)]
+    root.handlers = [writer]
     root.setLevel(_LEVELS.get(log.level, logging.INFO))
     # httpx logs every request it sends (webhooks, upstream registries) at info: Wharf says what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
-    listener.start()
-    return listener
+    writer.start()
+    return writer
 
 
 _formatter: logging.Formatter = JSONFormatter()

@@ -76,6 +76,8 @@ def distribution_handler(path: str) -> str | None:
 
 # Request-path updates are written out at the latest this long after they were made, under load.
 _FLUSH_SECONDS = 0.05
+# When idle, they are written at once, but not more often than this.
+_IDLE_FLUSH_GAP = 0.01
 # Where worker processes of one `wharf serve` share their figures (prometheus multiprocess mode).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -152,6 +154,8 @@ class Metrics:
         self._in_flight_written: dict[str, int] = {}
         self._busy = 0
         self._flush_due: asyncio.TimerHandle | None = None
+        self._flush_at = 0.0  # when _flush_due runs
+        self._flushed = 0.0  # when the last flush ran
         self.storage_duration = Histogram(
             "wharf_storage_operation_duration_seconds",
             "Storage driver operation latency",
@@ -462,19 +466,29 @@ class Metrics:
             self._in_flight[handler] -= 1
             self._in_flight_changed.add(handler)
         if self._busy <= 0:
-            self.flush()  # idle: figures are current for the next scrape
+            # Idle: figures are made current for the next scrape, at once unless they were a moment
+            # ago (a worker that answers one request at a time is idle after every request).
+            now = time.monotonic()
+            if now - self._flushed >= _IDLE_FLUSH_GAP:
+                self.flush()
+            elif self._flush_due is None or self._flush_at > self._flushed + _IDLE_FLUSH_GAP:
+                self._schedule_flush(self._flushed + _IDLE_FLUSH_GAP - now)
         elif self._flush_due is None:
             self._schedule_flush()
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, delay: float = _FLUSH_SECONDS) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a command line run): written at the next flush
-        self._flush_due = loop.call_later(_FLUSH_SECONDS, self.flush)
+        if self._flush_due is not None:
+            self._flush_due.cancel()
+        self._flush_due = loop.call_later(delay, self.flush)
+        self._flush_at = time.monotonic() + delay
 
     def flush(self) -> None:
         """Write what the request path gathered into the prometheus values."""
+        self._flushed = time.monotonic()
         if self._flush_due is not None:
             self._flush_due.cancel()
             self._flush_due = None

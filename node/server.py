@@ -203,6 +203,15 @@ class _GranianOnSocket(GranianServer):  # type: ignore[misc, valid-type]
         pass  # the socket is `wharf serve`'s; it closes with the process
 
 
+def runtime_threads(workers: int) -> int:
+    """granian's I/O threads per worker: the machine's cores shared among the workers.
+
+    They move response bytes (a blob file's send reads and writes from them), so one thread per
+    worker holds a blob pull to one core however many the machine has.
+    """
+    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+
+
 def granian_options(config: Config, sock: socket.socket, client_cas: str | None) -> dict[str, Any]:
     """granian's settings from the configuration: workers, HTTP/2, TLS, drain time, Wharf's log stream."""
     http = config.http
@@ -214,6 +223,7 @@ def granian_options(config: Config, sock: socket.socket, client_cas: str | None)
         "uds": Path(listen.path) if listen.path else None,
         "interface": Interfaces.ASGI,
         "workers": http.workers,
+        "runtime_threads": runtime_threads(http.workers),
         "loop": Loops.uvloop,
         "http": HTTPModes.http1 if http.http2.disabled else HTTPModes.auto,
         "log_access": False,

@@ -159,6 +159,27 @@ def test_tag_moved_through_one_node_is_seen_by_the_next_request_to_another(three
         assert_error(cb.get("/v2/team/app/manifests/v1", headers=_ANY), 404, "MANIFEST_UNKNOWN")
 
 
+def test_after_a_tag_moves_on_one_node_the_next_get_by_tag_on_another_returns_the_new_manifest(three_nodes):
+    a, b, _ = three_nodes
+    with _client(a) as ca, _client(b) as cb:
+        oci_a = OCIClient(ca)
+        first = oci_a.push_image("team/moving", "stable", layers=[b"first"])
+        for _ in range(5):  # b has answered this tag, by GET and HEAD, several times
+            got = cb.get("/v2/team/moving/manifests/stable", headers=_ANY)
+            assert got.headers["docker-content-digest"] == first.digest
+            assert cb.head("/v2/team/moving/manifests/stable", headers=_ANY).status_code == 200
+        etag = got.headers["etag"]
+        second = oci_a.push_image("team/moving", "stable", layers=[b"second"])
+        moved = cb.get("/v2/team/moving/manifests/stable", headers=_ANY)
+        assert moved.status_code == 200
+        assert moved.headers["docker-content-digest"] == second.digest
+        assert "sha256:" + hashlib.sha256(moved.content).hexdigest() == second.digest
+        assert moved.headers["etag"] != etag
+        # A conditional GET with the old ETag is answered with the new manifest, not 304.
+        again = cb.get("/v2/team/moving/manifests/stable", headers={**_ANY, "If-None-Match": etag})
+        assert again.status_code == 200 and again.headers["docker-content-digest"] == second.digest
+
+
 def test_tag_lists_and_catalog_cached_on_one_node_follow_changes_made_through_another(three_nodes):
     a, b, _ = three_nodes
     with _client(a) as ca, _client(b) as cb:

@@ -717,3 +717,48 @@ async def test_copy_makes_an_identical_object_and_leaves_the_source(driver, size
 async def test_copy_of_a_missing_object_raises_file_not_found(driver):
     with pytest.raises(FileNotFoundError):
         await driver.copy(layout.blob_key(_digest(b"gone")), layout.blob_key(_digest(b"elsewhere")))
+
+
+def _count_fsyncs(monkeypatch) -> list[int]:
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+async def test_filesystem_commit_syncs_only_the_directory_when_the_upload_was_synced_whole(tmp_path, monkeypatch):
+    # An acknowledged blob survives a power cut: upload_write syncs the bytes it wrote, the commit
+    # syncs the directory that the rename changed; the file is not synced a second time.
+    store = FilesystemDriver(str(tmp_path / "root"))
+    try:
+        data = b"one small layer"
+        upload = layout.upload_key("team/app", "31111111-2222-3333-4444-555555555555")
+        state = await store.upload_start(upload)
+        synced = _count_fsyncs(monkeypatch)
+        _, state = await store.upload_write(upload, state, 0, _chunks(data))
+        assert len(synced) == 1
+        stored = await store.upload_commit(upload, state, len(data), layout.blob_key(_digest(data)))
+        assert len(synced) == 2
+        assert await store.read_bytes(stored) == data
+    finally:
+        await store.close()
+
+
+async def test_filesystem_commit_syncs_the_file_again_when_it_cuts_unrecorded_bytes(tmp_path, monkeypatch):
+    store = FilesystemDriver(str(tmp_path / "root"))
+    try:
+        upload = layout.upload_key("team/app", "41111111-2222-3333-4444-555555555555")
+        state = await store.upload_start(upload)
+        _, state = await store.upload_write(upload, state, 0, _chunks(b"abc"))
+        _, state = await store.upload_write(upload, state, 3, _chunks(b"never recorded"))
+        synced = _count_fsyncs(monkeypatch)
+        stored = await store.upload_commit(upload, state, 3, layout.blob_key(_digest(b"abc")))
+        assert len(synced) == 2  # the cut file, then its new directory
+        assert await store.read_bytes(stored) == b"abc"
+    finally:
+        await store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -143,3 +144,13 @@ def test_the_servers_get_distributions_settings(tmp_path):
         "/ca.pem",
         ssl.CERT_REQUIRED,
     )
+
+
+def test_granian_runtime_threads_share_the_machines_cores_among_the_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    for workers, threads in ((1, 4), (2, 2), (3, 1), (8, 1)):
+        config_path = tmp_path / "config.yml"
+        config_path.write_text(f"http:\n  addr: 127.0.0.1:5555\n  workers: {workers}\n")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            assert granian_options(load(str(config_path), environ={}), sock, None)["runtime_threads"] == threads

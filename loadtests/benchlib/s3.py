@@ -1,4 +1,4 @@
-"""Registries on S3 and etcd: one moto_server and one etcd member for a whole bench, and configs naming them."""
+"""Registries on S3 and etcd: one moto_server (or Ceph RGW) and one etcd member for a whole bench, and configs naming them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rgw_server import RGWServer
 from s3_server import S3Server, no_proxy_for_loopback
 from services import EtcdCluster
 
@@ -80,6 +81,28 @@ class S3Backend:
         finally:
             client.close()
         return count, size
+
+
+class RGWBackend(S3Backend):
+    """One Ceph RGW micro cluster (memstore: objects in the OSD's RAM) and one etcd member.
+
+    RGW keeps no request log: `s3_requests` counts nothing here.
+    """
+
+    def __init__(self, memstore_gib: int = 8) -> None:
+        self.s3 = RGWServer(bucket=BUCKET, memstore_bytes=memstore_gib << 30)  # type: ignore[assignment]
+        self.etcd = EtcdCluster(1)
+
+    def cpu(self) -> float:
+        rgw = [p.pid for p in self.s3._processes.values() if p.poll() is None]  # type: ignore[attr-defined]
+        etcd = [m.process.pid for m in self.etcd.members if m.process is not None]
+        return cpu_of(pids=rgw + etcd)
+
+    def log_offset(self) -> int:
+        return 0
+
+    def s3_requests(self, since: int) -> collections.Counter[str]:
+        return collections.Counter()
 
 
 def s3_total(counter: collections.Counter[str]) -> int:

@@ -85,6 +85,7 @@ class Server:
         self.workdir = workdir
         self.accesslog = accesslog
         self.wharf = wharf or {}
+        self.code = REPO_ROOT  # the checkout whose node/ a Wharf process runs
         self.port = 0
         self.debug_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -125,11 +126,11 @@ class Server:
             argv = ["docker-registry", "serve", str(config)]
         else:
             argv = [sys.executable, "-m", "node.cli", "serve", str(config)]
-            env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = str(self.code) + os.pathsep + env.get("PYTHONPATH", "")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             argv,
-            cwd=str(REPO_ROOT if self.target.kind == "wharf" else self.workdir),
+            cwd=str(self.code if self.target.kind == "wharf" else self.workdir),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

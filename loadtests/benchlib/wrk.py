@@ -119,3 +119,33 @@ async def run_wrk(
     window.close(result)
     result.elapsed = max(1, round(duration))
     return result
+
+
+async def run_ab(front: Front, url: str, connections: int, duration: float) -> WrkResult:
+    """ApacheBench HEADs (keep-alive) on `url`, in WrkResult's shape: wrk cannot time HEAD requests (it
+    waits for the body that Content-Length announces), ab can (-i)."""
+    seconds = max(1, round(duration))
+    argv = ["ab", "-k", "-q", "-i", "-c", str(connections), "-t", str(seconds), "-n", "100000000", "-s", "10"]
+    argv += ["-H", f"Accept: {ACCEPT}", url]
+    window = CpuWindow(front, children_cpu)
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=duration + 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode(errors="replace")
+    result = WrkResult(raw=text, elapsed=seconds)
+    if m := re.search(r"Requests per second:\s+([\d.]+)", text):
+        result.rps = float(m.group(1))
+    if m := re.search(r"Complete requests:\s+(\d+)", text):
+        result.requests = int(m.group(1))
+    if m := re.search(r"Non-2xx responses:\s+(\d+)", text):
+        result.non2xx = int(m.group(1))
+    if m := re.search(r"Failed requests:\s+(\d+)", text):
+        result.socket_errors = int(m.group(1))
+    if result.rps != result.rps:
+        result.error = text.strip()[-300:]
+    window.close(result)
+    return result

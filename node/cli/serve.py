@@ -243,7 +243,7 @@ def _serve_hypercorn_here(config: Config, listeners: _Listeners, client_cas: str
     from ..app import create_app
 
     hconfig = server.hypercorn_config(config, listeners.main, client_cas)
-    app = create_app(config)
+    app = create_app(config, serving=True)
     if listeners.debug is not None:
         server.serve_debug(listeners.debug, _debug_app(config, app.state.metrics.registry))
 

@@ -148,18 +148,13 @@ class FilesystemDriver:
     async def upload_write(
         self, upload_key: str, state: UploadState, offset: int, chunks: AsyncIterator[bytes]
     ) -> tuple[int, UploadState]:
-        path = self._path(upload_key)
-        try:
-            handle = await self._run(_open_at, path, offset)
-        except FileNotFoundError:
-            # A session whose file vanished (or was never made by this driver) starts it again.
-            if offset:
-                raise
-            await self._run(_create_empty, path)
-            handle = await self._run(_open_at, path, offset)
+        # One hop to the pool to open (or create) the file, one per full batch, one to write the rest,
+        # sync and close: a small blob's body costs two hops.
+        handle = await self._run(_open_for_write, self._path(upload_key), offset)
         written = 0
         batch: list[bytes] = []
         batched = 0
+        closed = False
         try:
             try:
                 async for chunk in chunks:
@@ -180,12 +175,12 @@ class FilesystemDriver:
                     written += batched
                 await self._run(_flush_sync, handle)
                 raise UploadInterrupted(written, state, exc) from exc
-            if batch:
-                await self._run(handle.write, b"".join(batch))
-                written += batched
-            await self._run(_flush_sync, handle)
+            await self._run(_write_sync_close, handle, b"".join(batch))
+            written += batched
+            closed = True
         finally:
-            await self._run(handle.close)
+            if not closed:
+                await self._run(handle.close)
         return written, state
 
     async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
@@ -317,6 +312,24 @@ def _open_at(path: str, offset: int):  # type: ignore[no-untyped-def]
     return handle
 
 
+def _open_for_write(path: str, offset: int):  # type: ignore[no-untyped-def]
+    try:
+        return _open_at(path, offset)
+    except FileNotFoundError:
+        # A session whose file vanished (or was never made by this driver) starts it again.
+        if offset:
+            raise
+        _create_empty(path)
+        return _open_at(path, offset)
+
+
+def _write_sync_close(handle, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    if data:
+        handle.write(data)
+    _flush_sync(handle)
+    handle.close()
+
+
 def _flush_sync(handle) -> None:  # type: ignore[no-untyped-def]
     handle.flush()
     os.fsync(handle.fileno())
@@ -330,9 +343,12 @@ def _commit(upload_path: str, size: int, path: str, root: str) -> None:
     if size == 0 and not os.path.exists(upload_path):
         _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
     with open(upload_path, "r+b") as handle:
-        handle.truncate(size)
-        handle.flush()
-        os.fsync(handle.fileno())
+        # upload_write synced every byte it wrote; the file needs syncing again only when bytes past
+        # `size` (from a request that broke before it was recorded) are cut off here.
+        if os.fstat(handle.fileno()).st_size != size:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
     _in_new_dir(path, lambda: os.replace(upload_path, path))
     _fsync_dir(os.path.dirname(path))
     _remove_upload_dir(upload_path, root)
