@@ -165,6 +165,7 @@ async def collect(
         reclaim_imported=reclaim_imported,
         quotas=services.policies.scopes,
         progress=progress,
+        address=services.metadata.address,
     )
     if not dry_run:
         services.readonly.check()

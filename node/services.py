@@ -159,7 +159,7 @@ class Services:
         metrics = metrics or Metrics()
         kv = InstrumentedKV(kv, metrics)
         storage = InstrumentedStorage(storage, metrics)
-        metadata = Metadata(kv)
+        metadata = Metadata(kv, address=layout.blob_key)
         sessions = UploadSessions(kv)
         lease = NodeLease(kv, max(config.cluster.leasettl, 2))
         return cls(
