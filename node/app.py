@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from coordinator.election import Election
+from coordinator.kv import OutOfSpace
 from coordinator.metadata import Conflict
 
 from .accesslog import AccessLog
@@ -30,6 +31,7 @@ from .maintenance import Maintenance
 from .metrics import Metrics
 from .readonly import ReadOnlyMiddleware
 from .services import Services
+from .space import handle_os_error, handle_out_of_space
 from .store import open_kv, open_storage
 
 log = logging.getLogger("wharf")
@@ -117,7 +119,11 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         with contextlib.suppress(Exception):
             await svc.readonly.switch.refresh()
         health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
-        background = [loop.create_task(svc.readonly.switch.run()), loop.create_task(health.run())]
+        background = [
+            loop.create_task(svc.readonly.switch.run()),
+            loop.create_task(health.run()),
+            loop.create_task(svc.space.run()),
+        ]
         campaign = loop.create_task(election.run(Maintenance(svc).lead))
         try:
             yield
@@ -143,6 +149,8 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
             RegistryError: handle_registry_error,
             HTTPException: _http_error,
             Conflict: handle_contention,
+            OutOfSpace: handle_out_of_space,
+            OSError: handle_os_error,
         },
     )
     if services is not None:

@@ -20,6 +20,7 @@ from coordinator.gc import (
     Summary,
 )
 from coordinator.gcmark import Mark
+from coordinator.kv import OutOfSpace
 from coordinator.runlock import run_lock
 
 from .storage import layout
@@ -134,7 +135,12 @@ class Touches:
         last = self._written.get(digest)
         if last is not None and now - last < self._half_grace:
             return
-        await self._services.metadata.touch(digest)
+        try:
+            await self._services.metadata.touch(digest)
+        except OutOfSpace:
+            # A pull goes on while the coordinator is full; collection cannot run then either.
+            log.debug("touch of %s not recorded: the coordinator is out of space", digest)
+            return
         self._written[digest] = now
         if len(self._written) > 200_000:
             cutoff = now - self._half_grace

@@ -19,6 +19,7 @@ from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .notifications import Notifier
 from .policies import Policies
 from .readonly import ReadOnly
+from .space import Space
 from .storage import layout
 from .storage.driver import StorageDriver
 from .trust import Trust
@@ -140,6 +141,7 @@ class Services:
     touches: Touches = field(init=False)
     policies: Policies = field(init=False)
     readonly: ReadOnly = field(init=False)
+    space: Space = field(init=False)
     notifier: Notifier = field(init=False)
     trust: Trust = field(init=False)
 
@@ -149,6 +151,7 @@ class Services:
         self.touches = Touches(self)
         self.policies = Policies.from_config(self.config)
         self.readonly = ReadOnly(self.config.storage.maintenance.readonly.enabled, self.kv)
+        self.space = Space(self.kv, self.metrics, "etcd" if self.config.coordinator.etcd is not None else "embedded")
         self.notifier = Notifier(self.config, self.kv, self.metrics)
         self.trust = Trust(self, self.config.signatures.policies)
         self.uploader.quotas_for = self.policies.quota_scopes

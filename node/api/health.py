@@ -40,6 +40,10 @@ async def ready(request: Request) -> Response:
     if periodic is not None:
         checks.update(periodic.states())
     status = 200 if all(v == "ok" for v in checks.values()) else 503
-    # Read-only nodes still serve pulls: ready, and saying so.
-    body = {**checks, "readonly": svc.readonly.describe()}
+    # Read-only nodes (switched, or out of space) still serve pulls: ready, and saying so.
+    body = {
+        **checks,
+        "readonly": svc.space.readonly() or svc.readonly.describe(),
+        "coordinator_space": svc.space.describe(),
+    }
     return Response(json.dumps(body).encode(), status_code=status, media_type="application/json")

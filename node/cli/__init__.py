@@ -19,6 +19,7 @@ from . import (
     audit,
     backup,
     cert,
+    coordinator,
     gc,
     images,
     maintenance,
@@ -31,7 +32,22 @@ from . import (
     users,
 )
 
-FAMILIES = (serve, users, cert, gc, images, quota, retention, store, backup, audit, maintenance, notifications, signing)
+FAMILIES = (
+    serve,
+    users,
+    cert,
+    gc,
+    images,
+    quota,
+    retention,
+    store,
+    backup,
+    audit,
+    maintenance,
+    notifications,
+    signing,
+    coordinator,
+)
 
 
 def parser() -> argparse.ArgumentParser:
