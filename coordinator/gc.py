@@ -146,6 +146,16 @@ def _no_progress(phase: str, done: int, total: int) -> None:
     pass
 
 
+async def orphan_sweep_due(kv: KV, interval: float) -> bool:
+    """Whether the last sweep of storage for objects no record names is `interval` old (or never ran)."""
+    last = await kv.get(keys.GC_ORPHANS_LAST)
+    return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
+
+
+async def orphan_sweep_done(kv: KV) -> None:
+    await kv.put(keys.GC_ORPHANS_LAST, json.dumps({"at": time.time()}).encode())
+
+
 class Collector:
     def __init__(
         self,

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import keys
-from .kv import KV, Compare, Delete, KeyValue, Op, Put, prefix_end, scan
+from .kv import KV, Compare, Delete, KeyValue, Op, Put, Watch, prefix_end, scan
 
 # Repositories spread over this many queues per endpoint; one repository's events stay in one.
 PARTITIONS = 16
@@ -106,6 +106,16 @@ async def queued(kv: KV, endpoint: str, shard: int, limit: int) -> list[KeyValue
 async def delivered(kv: KV, items: Sequence[KeyValue]) -> None:
     """Drop events their endpoint accepted."""
     await kv.txn([], [Delete(item.key) for item in items])
+
+
+async def unsequenced(kv: KV) -> int:
+    """Events recorded but not yet moved to their endpoints' queues."""
+    return await kv.count(keys.NOTIFY_INBOX)
+
+
+async def watch_inbox(kv: KV) -> Watch:
+    """A watch that fires when events are recorded."""
+    return await kv.watch(keys.NOTIFY_INBOX)
 
 
 async def pending(kv: KV, endpoint: str) -> int:

@@ -120,6 +120,10 @@ class UploadSessions:
     def __init__(self, kv: KV) -> None:
         self.kv = kv
 
+    async def count(self) -> int:
+        """Upload sessions open now, on every node."""
+        return await self.kv.count(keys.UPLOADS)
+
     @staticmethod
     def new_id() -> str:
         return str(uuid.uuid4())

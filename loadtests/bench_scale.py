@@ -23,65 +23,53 @@ import argparse
 import asyncio
 import collections
 import os
+import re
 import shutil
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-for _path in (HERE, REPO_ROOT / "tests", REPO_ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import bench  # noqa: E402
-from bench import (  # noqa: E402
-    OCI_MANIFEST,
-    Conn,
-    Target,
-    Unexpected,
-    cpu_of,
-    image_config,
-    image_manifest,
-    push_image,
-    sha256_digest,
-    upload_blob,
-)
-from services import EtcdCluster  # noqa: E402
+from benchlib import loads
+from benchlib.client import Conn, Unexpected
+from benchlib.cpu import cpu_of
+from benchlib.images import image_config, image_manifest, put_manifest, sha256_digest, upload_blob
+from benchlib.runner import Result, run_load
+from benchlib.servers import Server, Target
+from services import EtcdCluster
 
 REPO = "scale/app"
 PUSHERS = 16
 
 
-class ScaleServer(bench.Server):
-    """bench.py's registry process, with Wharf's coordinator and quota choices in its file."""
+class ScaleServer(Server):
+    """A registry process with Wharf's coordinator and quota choices in its file; etcd's CPU counts as its own."""
 
     def __init__(self, target: Target, workdir: Path, *, etcd: EtcdCluster | None, quota: bool) -> None:
-        super().__init__(target, workdir, accesslog=False)
+        wharf: dict[str, Any] = {"gc": {"enabled": False}}
+        if etcd is not None:
+            wharf["coordinator"] = {"etcd": {"endpoints": etcd.endpoints, "prefix": f"/scale-{uuid.uuid4().hex[:8]}/"}}
+        if quota:
+            wharf["quotas"] = [{"namespace": "scale/", "limit": "1TiB"}]
+        super().__init__(target, workdir, accesslog=False, wharf=wharf)
         self.etcd = etcd
-        self.quota = quota
-        self.prefix = f"/scale-{uuid.uuid4().hex[:8]}/"
-
-    def config_yaml(self, debug_port: int) -> str:
-        config = yaml.safe_load(super().config_yaml(debug_port))
-        if self.target.kind == "wharf":
-            config["gc"] = {"enabled": False}
-            if self.etcd is not None:
-                config["coordinator"] = {"etcd": {"endpoints": self.etcd.endpoints, "prefix": self.prefix}}
-            if self.quota:
-                config["quotas"] = [{"namespace": "scale/", "limit": "1TiB"}]
-        return yaml.safe_dump(config)
 
     def cpu_seconds(self) -> float:
         own = super().cpu_seconds()
         if self.etcd is None:
             return own
         return own + cpu_of(pids=[m.process.pid for m in self.etcd.members if m.process is not None])
+
+
+async def push_config_image(conn: Conn, tag: str, nonce: str, layer: bytes) -> bytes:
+    """An image of a config of its own and the shared `layer` (already in REPO) under `tag`; its manifest."""
+    config = image_config(nonce, [layer] if layer else [])
+    await upload_blob(conn, REPO, sha256_digest(config), config, single_post=True)
+    layers = [(sha256_digest(layer), len(layer))] if layer else []
+    manifest = image_manifest((sha256_digest(config), len(config)), layers)
+    await put_manifest(conn, REPO, tag, manifest)
+    return manifest
 
 
 async def grow(server: ScaleServer, tags: int, have: int) -> int:
@@ -91,17 +79,8 @@ async def grow(server: ScaleServer, tags: int, have: int) -> int:
     async def add(worker: int) -> None:
         conn = Conn("127.0.0.1", server.port)
         try:
-            n = have + worker
-            while n < tags:
-                config = image_config(f"fill-{n}", [layer])
-                await upload_blob(conn, REPO, sha256_digest(config), config, single_post=True)
-                manifest = image_manifest((sha256_digest(config), len(config)), [(sha256_digest(layer), len(layer))])
-                reply = await conn.request(
-                    "PUT", f"/v2/{REPO}/manifests/f{n:06d}", {"Content-Type": OCI_MANIFEST}, manifest
-                )
-                if reply.status != 201:
-                    raise Unexpected("fill: PUT manifest", reply)
-                n += 8
+            for n in range(have + worker, tags, 8):
+                await push_config_image(conn, f"f{n:06d}", f"fill-{n}", layer)
         finally:
             conn.close()
 
@@ -112,29 +91,19 @@ async def grow(server: ScaleServer, tags: int, have: int) -> int:
     return max(tags, have)
 
 
+def server_errors(result: Result) -> int:
+    """Operations that got a 5xx answer."""
+    return sum(n for key, n in result.errors.items() if re.search(r"HTTP 5\d\d", key))
+
+
 async def measure(server: ScaleServer, duration: float) -> dict[str, Any]:
     """Server CPU per push, per tag-list page, per whole tag list and per delete; 5xx counted."""
     out: dict[str, Any] = {}
-    statuses: collections.Counter[int] = collections.Counter()
-
-    async def push(conn: Conn, worker: int, seq: int) -> tuple[int, int]:
-        try:
-            requests = await push_image(
-                conn,
-                REPO,
-                f"p{worker}-{seq}-{time.time_ns()}",
-                f"{worker}-{seq}-{time.time_ns()}",
-                1024,
-                head_first=True,
-                single_post=False,
-            )
-        except Unexpected as exc:
-            statuses[exc.reply.status] += 1
-            raise
-        return requests, 0
-
-    result = await bench.run_load(server, PUSHERS, duration, push)
-    out["push"] = (result.server_cpu / max(result.ops, 1), result.ops, sum(result.errors.values()))
+    fives = 0
+    push = loads.image_pushes(REPO, 1024, per_client=False, tag_prefix="p")
+    result = await run_load(server, PUSHERS, duration, push)
+    out["push"] = (result.server_cpu / max(result.ops, 1), result.ops, result.error_count)
+    fives += server_errors(result)
 
     middle = "f" + "5" * 6
     for label, query in (("tags page", f"?n=100&last={middle}"), ("tags full", "")):
@@ -142,34 +111,28 @@ async def measure(server: ScaleServer, duration: float) -> dict[str, Any]:
         async def listing(conn: Conn, worker: int, seq: int, query: str = query) -> tuple[int, int]:
             reply = await conn.request("GET", f"/v2/{REPO}/tags/list{query}")
             if reply.status != 200:
-                statuses[reply.status] += 1
                 raise Unexpected("GET tags/list", reply)
             return 1, reply.size
 
-        result = await bench.run_load(server, 4, duration, listing)
-        out[label] = (result.server_cpu / max(result.ops, 1), result.ops, sum(result.errors.values()))
+        result = await run_load(server, 4, duration, listing)
+        out[label] = (result.server_cpu / max(result.ops, 1), result.ops, result.error_count)
+        fives += server_errors(result)
 
     # Deletes: images pushed for the purpose, then deleted by digest one at a time.
     conn = Conn("127.0.0.1", server.port)
-    digests = []
-    for n in range(40):
-        config = image_config(f"delete-{n}-{time.time_ns()}", [])
-        await upload_blob(conn, REPO, sha256_digest(config), config, single_post=True)
-        manifest = image_manifest((sha256_digest(config), len(config)), [])
-        reply = await conn.request("PUT", f"/v2/{REPO}/manifests/d{n:04d}", {"Content-Type": OCI_MANIFEST}, manifest)
-        if reply.status != 201:
-            raise Unexpected("PUT manifest to delete", reply)
-        digests.append(sha256_digest(manifest))
+    digests = [
+        sha256_digest(await push_config_image(conn, f"d{n:04d}", f"delete-{n}-{time.time_ns()}", b""))
+        for n in range(40)
+    ]
     before = server.cpu_seconds()
-    errors = 0
+    statuses: collections.Counter[int] = collections.Counter()
     for digest in digests:
         reply = await conn.request("DELETE", f"/v2/{REPO}/manifests/{digest}")
-        if reply.status != 202:
-            statuses[reply.status] += 1
-            errors += 1
+        statuses[reply.status] += 1
+    errors = len(digests) - statuses[202]
     out["delete"] = ((server.cpu_seconds() - before) / len(digests), len(digests), errors)
     conn.close()
-    out["5xx"] = sum(n for status, n in statuses.items() if status >= 500)
+    out["5xx"] = fives + sum(n for status, n in statuses.items() if status >= 500)
     return out
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import http.client
 import json
 import os
 import re
@@ -34,64 +32,40 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-for _path in (HERE, REPO_ROOT / "tests", REPO_ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from benchlib.client import Conn, Unexpected
+from benchlib.images import ACCEPT, put_manifest, sha256_digest, upload_blob
+from benchlib.report import fmt_ms
+from benchlib.servers import Server, Target
+from benchlib.wrk import WrkResult, accept_script, run_wrk
 
-from bench import ACCEPT, WRK_ACCEPT_LUA, Server, Target, run_wrk  # noqa: E402
-
-from node import cosign  # noqa: E402
+from node import cosign
 
 TARGET = Target("granian-1", "Wharf granian x1", "wharf", "granian", 1)
 
 
-class PolicyServer(Server):
-    """bench.py's Wharf node, with a signature policy on `prod/**` (and etcd, if asked)."""
-
-    def __init__(self, workdir: Path, public_key: Path, etcd: list[str] | None) -> None:
-        super().__init__(TARGET, workdir, accesslog=False)
-        self.public_key = public_key
-        self.etcd = etcd
-
-    def config_yaml(self, debug_port: int) -> str:
-        text = super().config_yaml(debug_port)
-        policy = {"name": "production", "repositories": ["prod/**"], "keys": [str(self.public_key)], "mode": "enforce"}
-        text += "signatures: " + json.dumps({"policies": [policy]}) + "\n"
-        if self.etcd:
-            prefix = f"/wharf-bench-signatures-{uuid.uuid4().hex[:8]}/"
-            text += "coordinator: " + json.dumps({"etcd": {"endpoints": self.etcd, "prefix": prefix}}) + "\n"
-        self.debug_port = debug_port
-        return text
+def policy_server(workdir: Path, public_key: Path, etcd: list[str] | None) -> Server:
+    """A Wharf node with a signature policy on `prod/**` (and etcd, if asked)."""
+    policy = {"name": "production", "repositories": ["prod/**"], "keys": [str(public_key)], "mode": "enforce"}
+    wharf: dict[str, Any] = {"signatures": {"policies": [policy]}}
+    if etcd:
+        wharf["coordinator"] = {
+            "etcd": {"endpoints": etcd, "prefix": f"/wharf-bench-signatures-{uuid.uuid4().hex[:8]}/"}
+        }
+    return Server(TARGET, workdir, accesslog=False, wharf=wharf)
 
 
-def _call(server: Server, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        conn.request(method, path, body=body or None, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
-
-
-def _blob(server: Server, repo: str, data: bytes) -> dict[str, Any]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    status, _, text = _call(server, "POST", f"/v2/{repo}/blobs/uploads/?digest={digest}", data)
-    assert status == 201, (status, text)
+async def _blob(conn: Conn, repo: str, data: bytes) -> dict[str, Any]:
+    digest = sha256_digest(data)
+    await upload_blob(conn, repo, digest, data, single_post=True)
     return {"digest": digest, "size": len(data)}
 
 
-def _manifest(server: Server, repo: str, reference: str, body: bytes) -> str:
-    status, headers, text = _call(
-        server, "PUT", f"/v2/{repo}/manifests/{reference}", body, {"Content-Type": cosign.OCI_MANIFEST}
-    )
-    assert status == 201, (status, text)
-    return str(headers["docker-content-digest"])
+async def _manifest(conn: Conn, repo: str, reference: str, body: bytes) -> str:
+    await put_manifest(conn, repo, reference, body)
+    return sha256_digest(body)
 
 
-def populate(server: Server, key: cosign.PrivateKey) -> dict[str, str]:
+async def populate(conn: Conn, port: int, key: cosign.PrivateKey) -> dict[str, str]:
     """The same image in `open/app` and `prod/app` (signed there); returns each repository's digest."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
     layers = [os.urandom(4096), os.urandom(4096)]
@@ -100,41 +74,41 @@ def populate(server: Server, key: cosign.PrivateKey) -> dict[str, str]:
         manifest = {
             "schemaVersion": 2,
             "mediaType": cosign.OCI_MANIFEST,
-            "config": {"mediaType": cosign.OCI_CONFIG, **_blob(server, repo, config)},
+            "config": {"mediaType": cosign.OCI_CONFIG, **await _blob(conn, repo, config)},
             "layers": [
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **_blob(server, repo, layer)}
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **await _blob(conn, repo, layer)}
                 for layer in layers
             ],
         }
-        digests[repo] = _manifest(server, repo, "latest", json.dumps(manifest).encode())
+        digests[repo] = await _manifest(conn, repo, "latest", json.dumps(manifest).encode())
     digest = digests["prod/app"]
-    payload = cosign.simple_signing_payload(f"127.0.0.1:{server.port}/prod/app", digest)
+    payload = cosign.simple_signing_payload(f"127.0.0.1:{port}/prod/app", digest)
     layer = cosign.layer_descriptor(payload, cosign.sign(key, payload))
     signature, signature_config = cosign.tag_scheme_manifest([layer])
-    _blob(server, "prod/app", payload)
-    _blob(server, "prod/app", signature_config)
-    _manifest(server, "prod/app", cosign.signature_tag(digest), signature)
-    for repo, reference in (("open/app", "latest"), ("prod/app", "latest"), ("prod/app", digest)):
-        status, _, text = _call(server, "GET", f"/v2/{repo}/manifests/{reference}", headers={"Accept": ACCEPT})
-        assert status == 200, (repo, status, text)  # also warms the caches
-    status, _, _ = _call(server, "GET", f"/v2/open/app/manifests/{digests['open/app']}", headers={"Accept": ACCEPT})
-    assert status == 200
+    await _blob(conn, "prod/app", payload)
+    await _blob(conn, "prod/app", signature_config)
+    await _manifest(conn, "prod/app", cosign.signature_tag(digest), signature)
+    pulls = [("open/app", "latest"), ("prod/app", "latest"), ("prod/app", digest), ("open/app", digests["open/app"])]
+    for repo, reference in pulls:  # also warms the caches
+        reply = await conn.request("GET", f"/v2/{repo}/manifests/{reference}", {"Accept": ACCEPT})
+        if reply.status != 200:
+            raise Unexpected(f"GET {repo}:{reference}", reply)
     return digests
 
 
+OPERATIONS = ("coordinator", "storage", "lookups")
 _SAMPLE = re.compile(r"^(wharf_[a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", re.M)
 
 
-def operations(server: PolicyServer) -> dict[str, float]:
+async def operations(server: Server) -> dict[str, float]:
     """Coordinator and storage operations the node has made, and signature look-ups, from its metrics."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.debug_port, timeout=10)
+    conn = Conn("127.0.0.1", server.debug_port)
     try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
+        reply = await conn.request("GET", "/metrics")
     finally:
         conn.close()
     totals: dict[str, float] = {"coordinator": 0.0, "storage": 0.0, "lookups": 0.0}
-    for name, labels, value in _SAMPLE.findall(text):
+    for name, labels, value in _SAMPLE.findall(reply.body.decode()):
         if name == "wharf_coordinator_operation_duration_seconds_count" and "refresh_lease" not in labels:
             totals["coordinator"] += float(value)
         elif name == "wharf_storage_operation_duration_seconds_count":
@@ -144,21 +118,14 @@ def operations(server: PolicyServer) -> dict[str, float]:
     return totals
 
 
-async def load(server: PolicyServer, path: str, args: argparse.Namespace, script: Path) -> dict[str, Any]:
-    before = operations(server)
+async def load(server: Server, path: str, args: argparse.Namespace, script: Path) -> WrkResult:
+    before = await operations(server)
     result = await run_wrk(
-        server,
-        f"{server.base}{path}",
-        threads=2,
-        connections=args.connections,
-        duration=args.duration,
-        script=script,
-        latency=True,
+        server, f"{server.base}{path}", threads=2, connections=args.connections, duration=args.duration, script=script
     )
-    after = operations(server)
-    requests = max(1, result.get("requests", 1))
-    for what in ("coordinator", "storage", "lookups"):
-        result[what] = (after[what] - before[what]) / requests
+    after = await operations(server)
+    for what in OPERATIONS:
+        result.extra[what] = (after[what] - before[what]) / max(1, result.requests)
     return result
 
 
@@ -173,11 +140,15 @@ def coordinator(kind: str) -> Iterator[list[str] | None]:
         yield etcd.endpoints
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.2f}"
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
-def report(title: str, rows: dict[str, list[dict[str, Any]]]) -> None:
+def _per_cpu(r: WrkResult) -> float:
+    return r.requests / max(r.server_cpu, 1e-9)
+
+
+def report(title: str, rows: dict[str, list[WrkResult]]) -> None:
     print(f"\n{title}")
     print(
         f"{'repository':<27} {'req/s, min .. max':<26} {'req/s':>6} {'req/CPU-s':>9} {'p50 ms':>7} {'p99 ms':>7} "
@@ -185,34 +156,26 @@ def report(title: str, rows: dict[str, list[dict[str, Any]]]) -> None:
     )
     rates, per_cpu = {}, {}
     for label, results in rows.items():
-        rates[label] = sum(r.get("rps", 0.0) for r in results) / len(results)
-        cpu = sum(r["server_cpu"] for r in results)
-        per_cpu[label] = sum(r.get("requests", 0) for r in results) / cpu if cpu else 0.0
-        p50 = sorted(r.get("p50", 0.0) for r in results)[len(results) // 2]
-        p99 = sorted(r.get("p99", 0.0) for r in results)[len(results) // 2]
-        spread = sorted(r.get("rps", 0.0) for r in results)
+        rates[label] = sum(r.rps for r in results) / len(results)
+        cpu = sum(r.server_cpu for r in results)
+        per_cpu[label] = sum(r.requests for r in results) / cpu if cpu else 0.0
+        p50, p99 = (fmt_ms(_median([r.percentile(q) for r in results])) for q in (0.5, 0.99))
+        spread = sorted(r.rps for r in results)
         each = f"{spread[0]:.0f} .. {spread[-1]:.0f}"
+        kv, storage, lookups = (sum(r.extra[what] for r in results) / len(results) for what in OPERATIONS)
         print(
-            f"{label:<27} {each:<26} {rates[label]:>6.0f} "
-            f"{per_cpu[label]:>9.0f} {_ms(p50):>7} {_ms(p99):>7} "
-            f"{sum(r['coordinator'] for r in results) / len(results):>7.3f} "
-            f"{sum(r['storage'] for r in results) / len(results):>11.3f} "
-            f"{sum(r['lookups'] for r in results) / len(results):>12.4f} {sum(r.get('non2xx', 0) for r in results):>7}"
+            f"{label:<27} {each:<26} {rates[label]:>6.0f} {per_cpu[label]:>9.0f} {p50:>7} {p99:>7} "
+            f"{kv:>7.3f} {storage:>11.3f} {lookups:>12.4f} {sum(r.non2xx for r in results):>7}"
         )
     without, with_ = list(rows)
     # Each round's two loads ran back to back: their ratio is what the machine's drift disturbs least.
-    paired = sorted(
-        w.get("rps", 0.0) / max(o.get("rps", 0.0), 1e-9) for o, w in zip(rows[without], rows[with_], strict=True)
-    )
-    paired_cpu = sorted(
-        (w.get("requests", 0) / max(w["server_cpu"], 1e-9))
-        / max(o.get("requests", 0) / max(o["server_cpu"], 1e-9), 1e-9)
-        for o, w in zip(rows[without], rows[with_], strict=True)
-    )
+    pairs = list(zip(rows[without], rows[with_], strict=True))
+    paired = _median([w.rps / max(o.rps, 1e-9) for o, w in pairs])
+    paired_cpu = _median([_per_cpu(w) / max(_per_cpu(o), 1e-9) for o, w in pairs])
     print(
-        f"with policy / without: median of the rounds' ratios req/s {paired[len(paired) // 2]:.3f}, "
-        f"req/CPU-s {paired_cpu[len(paired_cpu) // 2]:.3f}; of the means req/s {rates[with_] / rates[without]:.3f}, "
-        f"req/CPU-s {per_cpu[with_] / per_cpu[without]:.3f} (1.00 = no cost; the aim is at least 0.80)"
+        f"with policy / without: median of the rounds' ratios req/s {paired:.3f}, req/CPU-s {paired_cpu:.3f}; "
+        f"of the means req/s {rates[with_] / rates[without]:.3f}, req/CPU-s {per_cpu[with_] / per_cpu[without]:.3f} "
+        "(1.00 = no cost; the aim is at least 0.80)"
     )
 
 
@@ -221,16 +184,19 @@ async def main_async(args: argparse.Namespace) -> int:
     key = cosign.generate_key("ecdsa-p256")
     public = workdir / "cosign.pub"
     public.write_bytes(cosign.public_pem(key.public_key()))
-    script = workdir / "accept.lua"
-    script.write_text(WRK_ACCEPT_LUA)
+    script = accept_script(workdir)
     with coordinator(args.coordinator) as etcd:
-        server = PolicyServer(workdir / "node", public, etcd)
+        server = policy_server(workdir / "node", public, etcd)
         server.start()
         try:
             server.wait_ready()
-            digests = populate(server, key)
-            by_tag: dict[str, list[dict[str, Any]]] = {"open/app (no policy)": [], "prod/app (enforce, signed)": []}
-            by_digest: dict[str, list[dict[str, Any]]] = {"open/app (no policy)": [], "prod/app (enforce, signed)": []}
+            conn = Conn("127.0.0.1", server.port)
+            try:
+                digests = await populate(conn, server.port, key)
+            finally:
+                conn.close()
+            by_tag: dict[str, list[WrkResult]] = {"open/app (no policy)": [], "prod/app (enforce, signed)": []}
+            by_digest: dict[str, list[WrkResult]] = {"open/app (no policy)": [], "prod/app (enforce, signed)": []}
             for round_ in range(args.rounds):
                 # Every other round the policy's load goes first, so a drift in the machine's load
                 # favours neither.

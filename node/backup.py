@@ -32,12 +32,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from coordinator import snapshot
 from coordinator.kv import KV
 
 from .config import Config, S3Storage
+from .services import Services
 from .storage import layout
 from .storage.driver import StorageDriver
 from .store import (
@@ -45,9 +45,6 @@ from .store import (
     open_kv,
     open_storage,
 )
-
-if TYPE_CHECKING:
-    from .services import Services
 
 log = logging.getLogger("wharf.backup")
 

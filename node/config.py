@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .cosign import KeyInvalid, load_public_key_file
+from .patterns import repository_pattern
 from .storage import layout
 
 DEFAULT_DATA_DIR = "./wharf-data"
@@ -803,9 +805,6 @@ class SignaturePolicy(_Section):
     requiresignedtags: bool = False
 
     def check(self) -> None:
-        from .cosign import KeyInvalid, load_public_key_file
-        from .policies import repository_pattern
-
         if not self.repositories or not all(isinstance(p, str) and p for p in self.repositories):
             raise _FieldError("repositories", self.repositories, "at least one repository pattern")
         self.name = self.name or ",".join(self.repositories)

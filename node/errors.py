@@ -134,6 +134,12 @@ class Unavailable(RegistryError):
     code, status, message = "UNAVAILABLE", 503, "service unavailable"
 
 
+class InternalError(RegistryError):
+    """The last-chance answer to a failure no handler expected (node/context.py logs its traceback)."""
+
+    code, status, message = "UNKNOWN", 500, "internal server error"
+
+
 def error_response(exc: RegistryError, method: str = "GET") -> Response:
     # The body's own length wins over any Content-Length an error borrowed from progress headers.
     headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-length"}

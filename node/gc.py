@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from typing import TYPE_CHECKING
 
-from coordinator import keys
 from coordinator.gc import (
     HELD_IMPORTED,
     HELD_PUSHED,
@@ -18,15 +15,14 @@ from coordinator.gc import (
     Collector,
     Progress,
     Summary,
+    orphan_sweep_done,
 )
+from coordinator.gc import orphan_sweep_due as _orphan_sweep_due
 from coordinator.gcmark import Mark
-from coordinator.kv import OutOfSpace
 from coordinator.runlock import run_lock
 
+from .services import Services
 from .storage import layout
-
-if TYPE_CHECKING:
-    from .services import Services
 
 log = logging.getLogger("wharf.gc")
 
@@ -109,42 +105,12 @@ async def _unaccounted(
 
 async def import_in_progress(services: Services) -> str | None:
     """The import state while a registry:2 store is being adopted (GC waits for it)."""
-    found = await services.kv.get(keys.IMPORT_STATE)
-    if found is None:
-        return None
-    state = json.loads(found.value).get("state")
-    return state if state in ("pending", "running") else None
+    found = await services.metadata.import_state()
+    return found.state if found is not None and found.state in ("pending", "running") else None
 
 
 async def orphan_sweep_due(services: Services) -> bool:
-    last = await services.kv.get(keys.GC_ORPHANS_LAST)
-    interval = services.config.gc.orphaninterval
-    return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
-
-
-class Touches:
-    """Mark blobs a client was just told exist, at most once per half grace period per node."""
-
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        self._half_grace = services.config.gc.grace / 2
-        self._written: dict[str, float] = {}
-
-    async def touch(self, digest: str) -> None:
-        now = time.monotonic()
-        last = self._written.get(digest)
-        if last is not None and now - last < self._half_grace:
-            return
-        try:
-            await self._services.metadata.touch(digest)
-        except OutOfSpace:
-            # A pull goes on while the coordinator is full; collection cannot run then either.
-            log.debug("touch of %s not recorded: the coordinator is out of space", digest)
-            return
-        self._written[digest] = now
-        if len(self._written) > 200_000:
-            cutoff = now - self._half_grace
-            self._written = {d: t for d, t in self._written.items() if t >= cutoff}
+    return await _orphan_sweep_due(services.kv, services.config.gc.orphaninterval)
 
 
 async def collect(
@@ -221,7 +187,7 @@ async def collect(
                 metrics.gc_unaccounted_objects.set(summary.unaccounted_objects)
                 metrics.gc_unaccounted_bytes.set(summary.unaccounted_bytes)
                 if not dry_run:
-                    await services.kv.put(keys.GC_ORPHANS_LAST, json.dumps({"at": time.time()}).encode())
+                    await orphan_sweep_done(services.kv)
         except Exception:
             metrics.gc_runs.labels("failed").inc()
             raise

@@ -36,7 +36,6 @@ T = TypeVar("T")
 
 _CONCURRENCY = 32
 # Larger annotations stay in the manifest bytes, as for pushed manifests.
-_MAX_RECORD_ANNOTATIONS = 16 * 1024
 _LOG_EVERY = 5.0
 
 Progress = Callable[[ImportState], None]
@@ -205,19 +204,7 @@ def _manifest_record(
         # Schema1 signed manifests are named by their unsigned payload; others by their bytes.
         problems.append(registry2.Problem(key, "manifest bytes do not match their digest", actual))
         return None
-    large = parsed.annotations is not None and len(str(parsed.annotations)) > _MAX_RECORD_ANNOTATIONS
-    return ManifestRecord(
-        digest=digest,
-        media_type=parsed.media_type,
-        size=len(body),
-        blobs=parsed.blobs,
-        manifests=parsed.manifests,
-        subject=parsed.subject,
-        artifact_type=parsed.artifact_type,
-        annotations=None if large else parsed.annotations,
-        annotations_in_manifest=large,
-        pushed=stored.modified,
-    )
+    return manifests.record_of(parsed, digest, len(body), stored.modified)
 
 
 async def _bounded(calls: Iterable[Awaitable[T]]) -> list[T]:

@@ -7,12 +7,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from coordinator import keys
 from coordinator.compaction import Compactor
 from coordinator.readonly import Halted
 
 from . import backup, gc, importer, retention
-from .notifications import Dispatcher
+from .delivery import Dispatcher
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")
@@ -81,7 +80,7 @@ class Maintenance:
             await asyncio.sleep(max(seconds - (time.monotonic() - started), 0.05))
 
     async def _count_uploads(self) -> None:
-        self.services.metrics.upload_sessions.set(await self.services.kv.count(keys.UPLOADS))
+        self.services.metrics.upload_sessions.set(await self.services.sessions.count())
 
     async def _import(self) -> None:
         await importer.import_if_pending(self.services)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.metadata import ManifestRecord
+
 from .errors import ManifestInvalid
 from .reference import parse_digest
 
@@ -43,6 +45,27 @@ class ParsedManifest:
     subject: str | None
     artifact_type: str | None
     annotations: dict[str, str] | None
+
+
+# Annotations larger than this stay in the manifest only: its record says to read them there.
+MAX_RECORD_ANNOTATIONS = 16 * 1024
+
+
+def record_of(parsed: ParsedManifest, digest: str, size: int, pushed: float) -> ManifestRecord:
+    """The coordinator's record of a manifest: what the API and GC need without reading its bytes."""
+    large = parsed.annotations is not None and len(json.dumps(parsed.annotations)) > MAX_RECORD_ANNOTATIONS
+    return ManifestRecord(
+        digest=digest,
+        media_type=parsed.media_type,
+        size=size,
+        blobs=parsed.blobs,
+        manifests=parsed.manifests,
+        subject=parsed.subject,
+        artifact_type=parsed.artifact_type,
+        annotations=None if large else parsed.annotations,
+        annotations_in_manifest=large,
+        pushed=pushed,
+    )
 
 
 def compute_digest(body: bytes, algorithm: str = "sha256") -> str:

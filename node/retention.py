@@ -10,16 +10,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from coordinator.retention import Applier, Plan, Result, Rule, plan
 from coordinator.runlock import run_lock
 
 from .config import RetentionConfig, RetentionPolicy
-from .policies import repository_matches
-
-if TYPE_CHECKING:
-    from .services import Services
+from .patterns import repository_matches
+from .services import Services
 
 log = logging.getLogger("wharf.retention")
 

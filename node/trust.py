@@ -20,16 +20,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from coordinator.metadata import Mark
+from coordinator.metadata import Mark, Metadata
 
 from . import cosign
+from .caches import BlobLocations, ManifestCache
 from .config import SignaturePolicy
+from .metrics import Metrics
 from .storage import layout
-
-if TYPE_CHECKING:
-    from .services import Services
+from .storage.driver import StorageDriver
 
 log = logging.getLogger("wharf.trust")
 
@@ -122,9 +122,22 @@ def is_image(body: bytes) -> bool:
 class Trust:
     """The configured signature policies and what this node has verified under them."""
 
-    def __init__(self, svc: Services, policies: list[SignaturePolicy]) -> None:
-        self._svc = svc
+    def __init__(
+        self,
+        policies: list[SignaturePolicy],
+        *,
+        metadata: Metadata,
+        storage: StorageDriver,
+        manifests: ManifestCache,
+        blobs: BlobLocations,
+        metrics: Metrics,
+    ) -> None:
         self.policies = policies
+        self._metadata = metadata
+        self._storage = storage
+        self._manifests = manifests
+        self._blobs = blobs
+        self._metrics = metrics
         self._rule_of: dict[str, SignaturePolicy | None] = {}
         self._verdicts: _Bounded[tuple[str, str], Verdict] = _Bounded(100_000)
         # The digest each tag pointed at when last pulled: which verdict to check on the next pull.
@@ -184,7 +197,7 @@ class Trust:
     def _decided(self, rule: SignaturePolicy, outcome: str, how: str) -> Decision:
         counter = self._pulls.get((rule.name, outcome))
         if counter is None:
-            counter = self._pulls[(rule.name, outcome)] = self._svc.metrics.signature_pulls.labels(rule.name, outcome)
+            counter = self._pulls[(rule.name, outcome)] = self._metrics.signature_pulls.labels(rule.name, outcome)
         counter.inc()
         return Decision(rule.name, rule.mode, outcome, how)
 
@@ -199,7 +212,7 @@ class Trust:
 
     async def verify(self, rule: SignaturePolicy, repository: str, digest: str) -> Verdict:
         """Look for a valid signature of `digest` now, from the records; remember the verdict."""
-        metadata = self._svc.metadata
+        metadata = self._metadata
         # Read first: anything pushed after this moment (a new signature) changes it.
         nothing_new = await metadata.repository_mark(repository)
         verdict = await self._signed(rule, repository, digest)
@@ -209,13 +222,13 @@ class Trust:
             how = f"no valid signature by a key of rule {rule.name}"
             verdict = Verdict(digest, False, how, (nothing_new,), time.monotonic() + UNSIGNED_RECHECK_SECONDS)
         self._verdicts.put((repository, digest), verdict)
-        self._svc.metrics.signature_verifications.labels(rule.name, "signed" if verdict.signed else "unsigned").inc()
+        self._metrics.signature_verifications.labels(rule.name, "signed" if verdict.signed else "unsigned").inc()
         return verdict
 
     async def _signed(self, rule: SignaturePolicy, repository: str, digest: str) -> Verdict | None:
         """A signature of `digest` itself, at its signature tag or among its referrers."""
         tag = cosign.signature_tag(digest)
-        for mark, manifest, kind in await self._svc.metadata.pointers_to(repository, tag, digest):
+        for mark, manifest, kind in await self._metadata.pointers_to(repository, tag, digest):
             if await self._holds_signature(rule, manifest, digest):
                 where = f"tag {tag}" if kind == "tag" else f"referrer {manifest}"
                 return Verdict(digest, True, f"signed ({where})", (mark,))
@@ -223,7 +236,7 @@ class Trust:
 
     async def _signed_through_index(self, rule: SignaturePolicy, repository: str, digest: str) -> Verdict | None:
         """A signed index of the repository that lists `digest`."""
-        metadata = self._svc.metadata
+        metadata = self._metadata
         subjects = {cosign.signature_tag_subject(t) for t in await metadata.tags_with_prefix(repository, "sha")}
         subjects |= await metadata.referrer_subjects(repository)
         subjects.discard(None)
@@ -262,24 +275,22 @@ class Trust:
         return False
 
     async def _manifest(self, digest: str) -> bytes | None:
-        svc = self._svc
-        body = svc.manifests.get(digest)
+        body = self._manifests.get(digest)
         if body is None:
             try:
-                body = await svc.storage.read_bytes(layout.blob_key(digest))
+                body = await self._storage.read_bytes(layout.blob_key(digest))
             except FileNotFoundError:
                 return None
             if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
                 return None
-            svc.manifests.put(digest, body)
+            self._manifests.put(digest, body)
         return body
 
     async def _payload(self, layer: cosign.SignatureLayer) -> bytes | None:
         if layer.payload_size > cosign.MAX_PAYLOAD_BYTES:
             return None
-        svc = self._svc
         try:
-            payload = await svc.storage.read_bytes(await svc.blobs.key(layer.payload_digest))
+            payload = await self._storage.read_bytes(await self._blobs.key(layer.payload_digest))
         except FileNotFoundError:
             return None
         return payload if cosign.payload_matches(layer, payload) else None

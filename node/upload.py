@@ -109,14 +109,23 @@ def check_algorithm(algorithm: str) -> None:
 
 
 class Uploader:
-    def __init__(self, storage: StorageDriver, sessions: UploadSessions, metadata: Metadata, lease: NodeLease) -> None:
+    def __init__(
+        self,
+        storage: StorageDriver,
+        sessions: UploadSessions,
+        metadata: Metadata,
+        lease: NodeLease,
+        *,
+        quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: [],
+        max_sessions: int = 0,
+    ) -> None:
         self.storage = storage
         self.sessions = sessions
         self.metadata = metadata
         self.lease = lease
-        self.quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: []
+        self.quotas_for = quotas_for  # the quota scopes a repository's pushes count in
         # Open sessions one owner may hold (http.uploads.maxsessions); 0: no bound.
-        self.max_sessions = 0
+        self.max_sessions = max_sessions
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).

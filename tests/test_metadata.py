@@ -109,7 +109,9 @@ async def test_a_commit_whose_session_was_cancelled_records_nothing(metadata):
     revision = await kv.put(keys.upload("u2"), b"{}")
     await kv.delete(keys.upload("u2"))
     with pytest.raises(SessionChanged):
-        await metadata.commit_blob("team/app", B, 10, "k", upload=UploadSession("u2", "team/app", mod_revision=revision))
+        await metadata.commit_blob(
+            "team/app", B, 10, "k", upload=UploadSession("u2", "team/app", mod_revision=revision)
+        )
     assert await kv.get(keys.blob(B)) is None and await metadata.get_link("team/app", B) is None
 
 

@@ -164,7 +164,10 @@ def test_policies_load_with_their_keys_read_and_globs_compiled(tmp_path):
         ({"keys": ["GARBAGE"]}, r"signatures\.policies\[0\]\.keys\[0\]: .*garbage\.pem is not a PEM public key"),
         ({"keys": ["PRIVATE"]}, r"signatures\.policies\[0\]\.keys\[0\]: .*private\.pem is not a PEM public key"),
         ({"keys": []}, r"signatures\.policies\[0\]\.keys: expected at least one public key file"),
-        ({"keys": ["GOOD"], "mode": "audit"}, r"signatures\.policies\[0\]\.mode: expected enforce or warn, got 'audit'"),
+        (
+            {"keys": ["GOOD"], "mode": "audit"},
+            r"signatures\.policies\[0\]\.mode: expected enforce or warn, got 'audit'",
+        ),
         ({"keys": ["GOOD"], "repositories": []}, r"signatures\.policies\[0\]\.repositories: expected at least one"),
     ],
 )

@@ -16,7 +16,7 @@ from ..errors import BlobUnknown, RangeInvalid, Unsupported
 from ..notifications import BLOB_MEDIA_TYPE
 from ..reference import parse_digest
 from ..services import Services
-from .common import not_modified, repository, services
+from .request import not_modified, repository, services
 
 log = logging.getLogger("wharf.blobs")
 

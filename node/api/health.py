@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from ..health import HealthChecks
 from ..storage import layout
-from .common import services
+from .request import services
 
 _CHECK_TIMEOUT = 3.0
 

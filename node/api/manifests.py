@@ -17,8 +17,8 @@ from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import cosign
 from .. import manifest as manifests
-from ..audit import note
 from ..config import SignaturePolicy
+from ..context import note
 from ..errors import (
     Denied,
     DigestInvalid,
@@ -33,7 +33,7 @@ from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
 from ..trust import Verdict
-from .common import not_modified, repository, services, url
+from .request import not_modified, repository, services, url
 
 log = logging.getLogger("wharf.manifests")
 
@@ -45,10 +45,6 @@ def _existing_reference(request: Request) -> Reference:
         return parse_reference(raw)
     except TagInvalid:
         raise ManifestUnknown({"reference": raw[:300]}) from None
-
-
-# Larger annotations are left in the manifest bytes instead of the coordinator's record.
-MAX_RECORD_ANNOTATIONS = 16 * 1024
 
 
 async def manifest_bytes(svc: Services, digest: str) -> bytes:
@@ -222,19 +218,7 @@ async def put_manifest(request: Request) -> Response:
     digest = manifests.compute_digest(body, algorithm)
     if ref.digest is not None and digest != str(ref.digest):
         raise DigestInvalid({"expected": str(ref.digest), "actual": digest})
-    large_annotations = len(json.dumps(parsed.annotations or {})) > MAX_RECORD_ANNOTATIONS
-    record = ManifestRecord(
-        digest=digest,
-        media_type=parsed.media_type,
-        size=len(body),
-        blobs=parsed.blobs,
-        manifests=parsed.manifests,
-        subject=parsed.subject,
-        artifact_type=parsed.artifact_type,
-        annotations=parsed.annotations if not large_annotations else None,
-        annotations_in_manifest=large_annotations,
-        pushed=time.time(),
-    )
+    record = manifests.record_of(parsed, digest, len(body), time.time())
     frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
     if ref.tag is not None:
         await _check_signed_tag(svc, name, ref.tag, digest, body)

@@ -13,8 +13,8 @@ from coordinator.metadata import ANNOTATIONS_IN_MANIFEST
 from ..errors import ManifestUnknown
 from ..manifest import OCI_INDEX
 from ..reference import parse_digest
-from .common import repository, services, url
 from .manifests import manifest_bytes
+from .request import repository, services, url
 
 # The most a page may be: clients (oras-go, containerd) refuse larger index responses. A page ends,
 # with a Link to the next one, before adding a descriptor would cross it.

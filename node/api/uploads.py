@@ -12,7 +12,7 @@ from coordinator.uploads import UploadSession
 from ..errors import BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid
 from ..reference import parse_digest, validate_name
 from ..upload import UploadMoved, check_algorithm
-from .common import repository, services, url
+from .request import repository, services, url
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from starlette.routing import Route
 
-from ..audit import AuditLog
 from ..config import Config, ConfigError
 from .access import AccessControl
 from .basic import PasswordSignIn
@@ -81,14 +80,3 @@ class AuthServices:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def check_security(config: Config) -> None:
-    """Open the audit log and build authentication once, then drop them, so a missing file or a bad
-    key stops `wharf serve` (ConfigError) before any worker starts, rather than in every worker."""
-    audit = AuditLog.open(config.audit)
-    try:
-        AuthServices.build(config).close()
-    finally:
-        if audit is not None:
-            audit.close()

@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..audit import note
 from ..config import TokenAuth
+from ..context import note
 from ..errors import Denied, Unauthorized
 from .access import Access, AccessControl, format_scopes, from_claim, parse_scopes, to_claim
 from .basic import Credentials, PasswordSignIn, authorization, parse_basic

@@ -2,7 +2,7 @@
 
 Each family's `add_commands` registers its commands; each command sets `run`, a function of the
 parsed arguments that returns the exit status. Commands on a registry load its configuration and
-open its store through `common` (as `wharf serve` does). A failure the user can fix (a wrong
+open its store through `registry` (as `wharf serve` does). A failure the user can fix (a wrong
 configuration, a store that is not the one configured, a busy port) is one line on stderr and exit
 status 2, whatever the command.
 """

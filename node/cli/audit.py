@@ -12,7 +12,7 @@ from coordinator.audit import AuditHead, read_head
 from ..auditchain import Anchor, Report, first_chain, log_files, verify
 from ..config import Config
 from ..services import Services
-from .common import Commands, with_config, with_services
+from .registry import Commands, with_config, with_services
 
 
 def add_commands(commands: Commands) -> None:

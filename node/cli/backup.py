@@ -30,7 +30,8 @@ from ..backup import (
 from ..config import Config
 from ..storage import layout
 from ..store import StoreRefused, adopt_identity_after_restore, describe_coordinator, open_storage
-from .common import Commands, brief, size, with_config
+from .output import brief, size
+from .registry import Commands, with_config
 
 
 def add_commands(commands: Commands) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..tls import write_certificate
-from .common import Commands
+from .registry import Commands
 
 
 def add_commands(commands: Commands) -> None:

@@ -16,7 +16,8 @@ from ..config import Config
 from ..services import Services
 from ..space import WARN_AT, describe, size
 from ..store import describe_coordinator
-from .common import Commands, brief, table, with_config, with_services
+from .output import brief, table
+from .registry import Commands, with_config, with_services
 
 
 def add_commands(commands: Commands) -> None:

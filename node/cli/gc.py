@@ -16,18 +16,24 @@ from ..config import Config
 from ..errors import RegistryError
 from ..reference import parse_digest, validate_name
 from ..services import Services
-from .common import Commands, progress, size, with_config, with_services
+from .output import progress, size
+from .registry import Commands, store_command, with_services
+
+
+CYCLE_WAIT = 300.0  # seconds `wharf gc` waits for a cycle another process is running
+CYCLE_POLL = 0.5
 
 
 def add_commands(commands: Commands) -> None:
     for name in ("gc", "garbage-collect"):
-        cmd = commands.add_parser(
+        cmd = store_command(
+            commands,
             name,
+            run_gc,
             help="run one garbage collection cycle" + (" (alias of gc)" if name != "gc" else ""),
             description="Run one online garbage collection cycle; pushes and pulls go on meanwhile.",
+            dry_run="say what would go; change nothing",
         )
-        cmd.add_argument("config", nargs="?", help="configuration file")
-        cmd.add_argument("--dry-run", "-d", action="store_true", help="say what would go; change nothing")
         cmd.add_argument(
             "--delete-untagged", "-m", action="store_true", help="also delete manifests that no tag reaches"
         )
@@ -42,8 +48,14 @@ def add_commands(commands: Commands) -> None:
             action="store_true",
             help="also delete storage objects that no Wharf record names (Wharf cannot prove it wrote them)",
         )
-        cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
-        cmd.set_defaults(run=with_config(run_gc))
+        cmd.add_argument(
+            "--wait",
+            type=float,
+            default=CYCLE_WAIT,
+            metavar="SECONDS",
+            help=f"when a cycle is already running (a node's online GC), wait this long for it to end "
+            f"(default {CYCLE_WAIT:g}; 0: give up at once)",
+        )
 
 
 def _gc_lines(summary: Summary) -> list[str]:
@@ -73,16 +85,31 @@ def run_gc(args: argparse.Namespace, config: Config) -> int:
     if args.explain:
         return asyncio.run(with_services(config, lambda svc: _explain(svc, args), readonly=True))
 
+    async def collect(services: Services) -> Summary:
+        """One cycle; while another process runs one, wait (bounded by --wait) for it to end."""
+        deadline = time.monotonic() + max(args.wait, 0.0)
+        told = False
+        while True:
+            try:
+                return await gc.collect(
+                    services,
+                    dry_run=args.dry_run,
+                    delete_untagged=args.delete_untagged or None,
+                    progress=progress,
+                    reclaim_imported=args.reclaim_imported,
+                    delete_unaccounted=args.delete_unaccounted,
+                )
+            except gc.CycleRunning as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                if not told:
+                    print(f"wharf gc: a cycle is running on {exc}; waiting for it to end", file=sys.stderr)
+                    told = True
+                await asyncio.sleep(CYCLE_POLL)
+
     async def cycle(services: Services) -> int:
         try:
-            summary = await gc.collect(
-                services,
-                dry_run=args.dry_run,
-                delete_untagged=args.delete_untagged or None,
-                progress=progress,
-                reclaim_imported=args.reclaim_imported,
-                delete_unaccounted=args.delete_unaccounted,
-            )
+            summary = await collect(services)
         except gc.CycleRunning as exc:
             print(f"wharf gc: a cycle is already running on {exc}", file=sys.stderr)
             return 1

@@ -11,7 +11,7 @@ from ..config import Config
 from ..errors import RegistryError
 from ..reference import Reference, parse_digest, validate_name, validate_tag
 from ..services import Services
-from .common import Commands, add_listing, with_config, with_services
+from .registry import Commands, add_listing, with_config, with_services
 
 
 def add_commands(commands: Commands) -> None:

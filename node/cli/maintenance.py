@@ -14,7 +14,7 @@ from coordinator.readonly import set_switch
 from ..config import Config
 from ..readonly import ReadOnly
 from ..services import Services
-from .common import Commands, with_config, with_services
+from .registry import Commands, with_config, with_services
 
 
 def add_commands(commands: Commands) -> None:

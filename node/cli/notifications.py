@@ -9,9 +9,9 @@ import sys
 import time
 
 from ..config import Config
-from ..notifications import endpoint_report
+from ..delivery import endpoint_report
 from ..services import Services
-from .common import Commands, with_config, with_services
+from .registry import Commands, with_config, with_services
 
 
 def add_commands(commands: Commands) -> None:

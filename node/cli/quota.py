@@ -12,7 +12,8 @@ from coordinator.quota import usage as quota_usage
 
 from ..config import Config
 from ..services import Services
-from .common import Commands, add_listing, size, with_services
+from .output import size
+from .registry import Commands, add_listing, with_services
 
 
 def add_commands(commands: Commands) -> None:

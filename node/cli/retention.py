@@ -12,22 +12,21 @@ from coordinator.readonly import Halted
 from .. import retention
 from ..config import Config, ConfigError
 from ..services import Services
-from .common import Commands, table, with_config, with_services
+from .output import table
+from .registry import Commands, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:
     cmd = commands.add_parser("retention", help="apply retention policies")
-    actions = cmd.add_subparsers(dest="retention_action", required=True)
-    apply = actions.add_parser(
+    store_command(
+        cmd.add_subparsers(dest="retention_action", required=True),
         "apply",
+        run_retention_apply,
         help="delete the tags and untagged manifests the policies say go",
         description="Apply the retention policies once (whether or not retention.enabled schedules them); "
         "garbage collection then reclaims the freed blobs.",
+        dry_run="say what would go; change nothing",
     )
-    apply.add_argument("config", nargs="?", help="configuration file")
-    apply.add_argument("--dry-run", "-d", action="store_true", help="say what would go; change nothing")
-    apply.add_argument("--json", action="store_true", help="machine-readable output")
-    apply.set_defaults(run=with_config(run_retention_apply))
 
 
 def run_retention_apply(args: argparse.Namespace, config: Config) -> int:

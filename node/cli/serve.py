@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -18,15 +17,18 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from coordinator import keys
+from coordinator.metadata import Metadata
 
 from .. import asgi, server
+from ..audit import AuditLog
+from ..auth.services import AuthServices
 from ..config import Config
 from ..logs import configure_logging
 from ..metrics import MULTIPROC_ENV, debug_app
 from ..storage import layout
 from ..store import StoreRefused, describe_coordinator, describe_storage, open_store
-from .common import Commands, load_config
+from ..tls import check_certificates, check_listener
+from .registry import Commands, load_config
 
 log = logging.getLogger("wharf")
 
@@ -60,12 +62,9 @@ class _Listeners:
 def serve(config: Config) -> int:
     """Check everything, bind the listeners, open the store, then run the server: a refusal at any
     step is one line on stderr and exit status 2, before a worker starts or a port is answered."""
-    from ..auth.services import check_security
-    from ..tls import check_certificates, check_listener
-
     check_listener(config)
     check_certificates(config)
-    check_security(config)
+    _check_security(config)
     listeners = _Listeners.bind(config)
     listener = configure_logging(config.log)
     try:
@@ -78,6 +77,17 @@ def serve(config: Config) -> int:
         return _run_server(config, listeners)
     finally:
         listener.stop()
+
+
+def _check_security(config: Config) -> None:
+    """Open the audit log and build authentication once, then drop them, so a missing file or a bad
+    key stops `wharf serve` (ConfigError) before any worker starts, rather than in every worker."""
+    audit = AuditLog.open(config.audit)
+    try:
+        AuthServices.build(config).close()
+    finally:
+        if audit is not None:
+            audit.close()
 
 
 class _StoreUnusable(Exception):
@@ -98,8 +108,8 @@ async def _prepare_store(config: Config) -> dict[str, object]:
             f"cannot open the store ({describe_storage(config)}, coordinator {describe_coordinator(config)}): {reason}"
         ) from None
     try:
-        found = await store.kv.get(keys.IMPORT_STATE)
-        state = json.loads(found.value).get("state") if found else None
+        found = await Metadata(store.kv).import_state()
+        state = found.state if found is not None else None
         return {"identity": store.identity.id if store.identity else None, "found": store.found, "import": state}
     finally:
         await store.close()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from .. import cosign
 from ..signing import CommandError, keygen, sign, verify
-from .common import Commands
+from .registry import Commands
 
 
 def _registry_options(cmd: argparse.ArgumentParser) -> None:

@@ -14,41 +14,39 @@ from .. import exporter, importer, scrub
 from ..config import Config
 from ..services import Services
 from ..store import open_storage
-from .common import Commands, size, with_config, with_services
+from .output import size
+from .registry import Commands, store_command, with_services
 
 
 def add_commands(commands: Commands) -> None:
-    imp = commands.add_parser(
+    imp = store_command(
+        commands,
         "import",
+        run_import,
         help="adopt a registry:2 store: its repositories become Wharf's (no blob copied or deleted)",
         description="Import the registry:2 repository tree in the storage into the coordinator. Idempotent and "
         "resumable; `wharf serve` runs it by itself on a store it finds unadopted.",
+        dry_run="say what would be imported; change nothing",
     )
-    imp.add_argument("config", nargs="?", help="configuration file")
     imp.add_argument("--status", action="store_true", help="show how far an import is, then exit")
-    imp.add_argument("--dry-run", "-d", action="store_true", help="say what would be imported; change nothing")
-    imp.add_argument("--json", action="store_true", help="machine-readable output")
-    imp.set_defaults(run=with_config(run_import))
-    exp = commands.add_parser(
+    store_command(
+        commands,
         "export",
+        run_export,
         help="write registry:2's repository tree for every tag, so Distribution can serve the store",
         description="Write Distribution's tag, manifest and layer links for Wharf's repositories (the rollback "
         "path of a migration). Writes only what is missing; deletes nothing.",
+        dry_run="say what would be written; change nothing",
     )
-    exp.add_argument("config", nargs="?", help="configuration file")
-    exp.add_argument("--dry-run", "-d", action="store_true", help="say what would be written; change nothing")
-    exp.add_argument("--json", action="store_true", help="machine-readable output")
-    exp.set_defaults(run=with_config(run_export))
-    scrub_cmd = commands.add_parser(
+    store_command(
+        commands,
         "scrub",
+        run_scrub,
         help="read every blob back and check it against its digest",
         description="Hash every stored blob; mark those whose bytes do not match so they are no longer served "
         "(clients then push them again, which repairs them). Deletes nothing.",
+        dry_run="report only; mark nothing",
     )
-    scrub_cmd.add_argument("config", nargs="?", help="configuration file")
-    scrub_cmd.add_argument("--dry-run", "-d", action="store_true", help="report only; mark nothing")
-    scrub_cmd.add_argument("--json", action="store_true", help="machine-readable output")
-    scrub_cmd.set_defaults(run=with_config(run_scrub))
 
 
 def _import_line(state: ImportState) -> str:

@@ -1,4 +1,4 @@
-"""What every handler needs: the shared services, validated path parameters, URL building."""
+"""A handler's request: its services, validated path parameters, paging, conditional headers, URLs."""
 
 from __future__ import annotations
 
