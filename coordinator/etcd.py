@@ -674,7 +674,7 @@ class EtcdKV:
             url,
             size=size,
             in_use=int(status.dbSizeInUse) or size,
-            quota=await self._quota(url),
+            quota=await self._quota(url, fresh_if_below=size / 0.8 if not alarms.get(int(member.ID)) else None),
             revision=int(status.header.revision),
             alarms=tuple(alarms.get(int(member.ID), ())),
             leader=int(status.leader) == int(status.header.member_id),
@@ -687,9 +687,16 @@ class EtcdKV:
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, conn.endpoint.url) from exc
 
-    async def _quota(self, url: str) -> int:
+    async def _quota(self, url: str, fresh_if_below: float | None) -> int:
+        """The member's quota, read again once a minute, and at every call while it has an alarm raised
+        or is near its quota (an operator raising it is seen at once). `fresh_if_below`: None reads anew."""
         cached = self._quotas.get(url)
-        if cached is not None and time.monotonic() - cached[0] < _QUOTA_CACHE_SECONDS:
+        if (
+            cached is not None
+            and fresh_if_below is not None
+            and cached[1] > fresh_if_below
+            and time.monotonic() - cached[0] < _QUOTA_CACHE_SECONDS
+        ):
             return cached[1]
         try:
             quota = await asyncio.to_thread(_read_quota, url, self._tls_files, self.timeout)

@@ -51,8 +51,10 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
     storage = services.storage
     batch: list[str] = []
     sessions: dict[str, bool] = {}
+    committing: set[str] | None = None
 
     async def judge(found: list[str]) -> None:
+        nonlocal committing
         digests = {key: layout.digest_from_blob_key(key) for key in found}
         recorded, named = await mark.recorded_of([d for d in digests.values() if d], found)
         for key in found:
@@ -60,6 +62,10 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
             if digest is not None:
                 if digest in recorded:
                     continue
+                if committing is None:
+                    committing = await services.sessions.committing()
+                if digest in committing:
+                    continue  # committed to its key by an upload not yet recorded (or refused): the session reclaims it
             else:
                 upload = layout.upload_of_key(key)
                 if upload is None or key in named:

@@ -358,7 +358,12 @@ async def test_gc_command_waits_for_a_cycle_another_process_runs_and_gives_up_on
     try:
         async with run_lock(store.kv, "gc", "other-node", ttl=30, busy=gc.CycleRunning):
             refused = await asyncio.to_thread(
-                subprocess.run, [*command, "--wait", "0", str(config)], capture_output=True, text=True, timeout=60, cwd=cwd
+                subprocess.run,
+                [*command, "--wait", "0", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=cwd,
             )
             assert refused.returncode == 1 and "already running on other-node" in refused.stderr, refused.stderr
             waiting = subprocess.Popen(

@@ -19,7 +19,6 @@ from ..services import Services
 from .output import progress, size
 from .registry import Commands, store_command, with_services
 
-
 CYCLE_WAIT = 300.0  # seconds `wharf gc` waits for a cycle another process is running
 CYCLE_POLL = 0.5
 
