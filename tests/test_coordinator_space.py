@@ -112,7 +112,7 @@ def test_push_loop_on_three_members_keeps_the_database_bounded_and_defrag_runs_d
             figures: dict[int, tuple[int, int]] = {}
             defrag: dict[str, subprocess.CompletedProcess[str]] = {}
             previous = None
-            for n in range(300):
+            for n in range(200):
                 try:
                     layer, config = os.urandom(2000), json.dumps({"n": n}).encode()
                     _chunked_push(http, "team/app", layer)
@@ -124,12 +124,12 @@ def test_push_loop_on_three_members_keeps_the_database_bounded_and_defrag_runs_d
                     previous = image.digest
                 except AssertionError as exc:
                     failures.append(f"push {n}: {exc}")
-                if n in (100, 299):
+                if n in (60, 199):
                     figures[n] = (
                         asyncio.run(_largest_in_use(etcd.endpoints)),
                         asyncio.run(_live_bytes(etcd.endpoints, prefix)),
                     )
-                if n == 150:
+                if n == 100:
                     runner = threading.Thread(
                         target=lambda: defrag.update(run=_cli("coordinator", "defrag", "-c", str(node.config_path)))
                     )
@@ -143,7 +143,7 @@ def test_push_loop_on_three_members_keeps_the_database_bounded_and_defrag_runs_d
             assert sum(member in ran.stdout for member in etcd.endpoints) == 3
 
             # History is compacted away: the in-use size grows with the live records, not with every revision.
-            (mid_in_use, mid_live), (end_in_use, end_live) = figures[100], figures[299]
+            (mid_in_use, mid_live), (end_in_use, end_live) = figures[60], figures[199]
             assert end_in_use - mid_in_use <= 4 * (end_live - mid_live) + 128 * 1024, figures
             with pytest.raises(subprocess.CalledProcessError) as lost:
                 etcd._etcdctl("get", "--rev=2", prefix, "--prefix")
