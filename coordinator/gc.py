@@ -34,6 +34,8 @@ from . import keys, quota
 from .gcmark import Mark
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
 from .metadata import (
+    EVERY_HOLDER_CHANGED,
+    HOLDING_CHANGED,
     ContentAddress,
     LinkRecord,
     ManifestRecord,
@@ -45,6 +47,7 @@ from .metadata import (
     decode_blob,
 )
 from .readonly import Halted
+from .replication import RegionSweep
 
 log = logging.getLogger("wharf.gc")
 
@@ -184,6 +187,8 @@ class Collector:
         self.summary = Summary()
         # Asked before each deletion; False stops the cycle there (Halted): the registry went read-only.
         self.may_delete: Callable[[], bool] = lambda: True
+        # With regions: each blob goes from every region's storage, under the same transaction.
+        self.regions: RegionSweep | None = None
 
     def _check_may_delete(self) -> None:
         if not self.may_delete():
@@ -347,7 +352,7 @@ class Collector:
         self._check_may_delete()
         key = keys.manifest(c.repo, c.digest)
         mark = keys.pending_manifest(c.repo, c.digest)
-        ops: list[Op] = [Delete(key), Delete(mark)]
+        ops: list[Op] = [Delete(key), Delete(mark), HOLDING_CHANGED(c.repo, c.digest)]
         if c.subject:
             ops.append(Delete(keys.referrer(c.repo, c.subject, c.digest)))
         guards = [Compare.unchanged(key, c.revision), Compare.unchanged(mark, c.pending_revision)]
@@ -517,7 +522,9 @@ class Collector:
         for _ in range(_QUOTA_ATTEMPTS):
             counters, releases = await quota.release(self.kv, freed)
             result = await self.kv.txn(
-                [*guards, *counters], [Delete(link_key), *releases], [Get(g.key) for g in guards]
+                [*guards, *counters],
+                [Delete(link_key), HOLDING_CHANGED(repo, digest), *releases],
+                [Get(g.key) for g in guards],
             )
             if result.succeeded:
                 return True
@@ -537,11 +544,14 @@ class Collector:
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
         self._check_may_delete()
         mark = keys.pending_blob(c.digest)
+        # No region may be copying it, nor have recorded a copy since these were read.
+        fence = await self.regions.fence(c.digest) if self.regions is not None else None
         expected = {
             mark: c.pending_revision,
             keys.blob(c.digest): c.blob_revision,
             keys.touch(c.digest): c.touch_revision,
             **c.links,
+            **(fence.expected if fence is not None else {}),
         }
         deleting = keys.deleting(c.digest)
         ops: list[Op] = [
@@ -550,6 +560,8 @@ class Collector:
             Delete(keys.touch(c.digest)),
             *(Delete(link) for link in c.links),
             Put(deleting, json.dumps({"key": c.storage_key, "at": time.time()}).encode()),
+            EVERY_HOLDER_CHANGED(c.digest),
+            *(fence.ops if fence is not None else []),
         ]
         # The links' bytes leave the quotas that counted them, in the same transaction.
         freed = quota.freed_by(((keys.split_repo_key(link, keys.LINKS)[0], c.size) for link in c.links), self.quotas)
@@ -569,7 +581,11 @@ class Collector:
             await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
             return False
         try:
-            await delete_object(c.storage_key)
+            if fence is not None and fence.copies:
+                assert self.regions is not None
+                await self.regions.delete(fence.copies)
+            else:
+                await delete_object(c.storage_key)
         finally:
             # Writers of the same digest wait for this record to go before storing it again.
             await self.kv.delete(deleting)

@@ -406,11 +406,14 @@ class Mark:
         self, after: str, limit: int, cutoff: float
     ) -> list[tuple[str, str, str, int, int, int]]:
         """Links nothing in their repository uses (the blob lives on elsewhere), not young, whose
-        blob this cycle did not collect: (key, repo, digest, revision, touch revision, repo revision)."""
+        blob this cycle did not collect: (key, repo, digest, revision, touch revision, repo revision).
+
+        A repository that left the catalog (no tags or manifests) may still link blobs: its record's
+        revision is 0, and the unlink guards that it is still absent."""
         query = """
-            SELECT l.key, l.repo, l.digest, l.revision, coalesce(t.revision, 0), r.revision
+            SELECT l.key, l.repo, l.digest, l.revision, coalesce(t.revision, 0), coalesce(r.revision, 0)
             FROM link l
-            JOIN repo r ON r.name = l.repo
+            LEFT JOIN repo r ON r.name = l.repo
             LEFT JOIN touch t ON t.digest = l.digest
             LEFT JOIN released_blob rb ON rb.digest = l.digest
             WHERE l.key > :after

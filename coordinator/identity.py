@@ -50,13 +50,15 @@ async def claim(kv: KV, id: str, created: float, *, adopt: bool) -> StoreRecord:
     """Claim the store for `id` unless another claim landed first; the record that holds, `claiming`.
 
     A store with no records yet starts with its digest -> tags index built; one to `adopt` from
-    registry:2 starts with its import pending.
+    registry:2 starts with its import pending. Its storage figures start counted too.
     """
     mine = StoreRecord(id, created, claiming=True)
     ops = [Put(keys.STORE_IDENTITY, _encode(mine))]
     if not await has_records(kv):
-        # Nothing to index yet: every tag written from now on keeps the digest -> tags index.
+        # Nothing to index yet: every tag written from now on keeps the digest -> tags index, and
+        # every link and manifest its mark for the storage figures (coordinator/usage.py).
         ops.append(Put(keys.TAG_INDEX_BUILT, json.dumps({"at": time.time(), "entries": 0}).encode()))
+        ops.append(Put(keys.USAGE_BUILT, json.dumps({"at": time.time(), "marked": 0}).encode()))
     if adopt:
         ops.append(Put(keys.IMPORT_STATE, json.dumps({"state": "pending", "requested": time.time()}).encode()))
     result = await kv.txn([Compare.absent(keys.STORE_IDENTITY)], ops, [Get(keys.STORE_IDENTITY)])

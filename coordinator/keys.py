@@ -51,10 +51,41 @@ NOTIFY_INBOX = NOTIFY + "inbox/"
 NOTIFY_QUEUES = NOTIFY + "queue/"
 NOTIFY_SEQ = NOTIFY + "seq"
 NOTIFY_STATUS = NOTIFY + "status/"
+# When each manifest was last pulled, per repository; written in batches by every node (coordinator/pulls.py).
+PULLED = "pulled/"
+# Rewritten with every batch that moves a repository's last-pulled times, so nodes know a copy is current.
+PULLED_VERSIONS = "pulledver/"
+# Storage per repository and namespace (coordinator/usage.py). Every change to what a repository holds
+# (a blob link, a manifest) writes a mark; a settler counts the marks into holder records (one per
+# object and repository), a summary per object, and one counter per repository, namespace and the total.
+USAGE = "usage/"
+USAGE_MARKS = "usage/mark/"
+USAGE_HOLDERS = "usage/holder/"
+USAGE_OBJECTS = "usage/object/"
+USAGE_SCOPES = "usage/scope/"
+USAGE_TOTAL = "usage/total"
+# Written once every link and manifest of the store has been marked (at its first start, or the first
+# leader after an upgrade): from then on the counters are complete once the marks are settled.
+USAGE_BUILT = "usage/built"
+# Left by a whole-repository delete until it has marked what the repository held: one found later (its
+# deleter died in between) has the settler check every holding against the records.
+USAGE_RECOUNTS = "usage/recount/"
+# A whole repository (or namespace, ending in '/') being deleted: pushes into it are refused meanwhile.
+FENCES = "fence/"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
 # The newest line (number and hash) an audit log is known to have had, one record per chain.
 AUDIT_HEADS = "audit/head/"
+
+# Regions (coordinator/replication.py). A region joins the store once its storage carries the store's
+# identity. Where a blob's bytes are, region by region: `<digest>/<region>/<storage key>`, one record
+# per object (a region may hold two: an upload's own key and the content-addressed one). One queue
+# per target region of copies still to make; a copy under way is claimed with its node's lease.
+REGIONS = "region/joined/"
+REGION_COPIES = "region/copy/"
+REPLICATION_QUEUE = "replicate/queue/"
+REPLICATION_COPYING = "replicate/copying/"
+REPLICATION_WORKERS = "replicate/worker/"
 
 
 # Written first and removed last by a restore (coordinator/snapshot.py): while it is present the
@@ -191,6 +222,75 @@ def split_repo_key(key: str, prefix: str) -> tuple[str, str]:
     return repo, rest
 
 
+def pulled(repo: str, digest: str) -> str:
+    """When manifest `digest` of `repo` was last pulled."""
+    return f"{PULLED}{repo}@{digest}"
+
+
+def pulled_of(repo: str) -> str:
+    return f"{PULLED}{repo}@"
+
+
+def pulled_version(repo: str) -> str:
+    return f"{PULLED_VERSIONS}{repo}"
+
+
+# Marks name every holder of an object with this in place of a repository (no name contains '*').
+EVERY_HOLDER = "*"
+
+
+def usage_mark(digest: str, repo: str) -> str:
+    """What `repo` holds of object `digest` changed (or, with EVERY_HOLDER, of every repository)."""
+    return f"{USAGE_MARKS}{digest}/{repo}"
+
+
+def split_usage_key(key: str, prefix: str) -> tuple[str, str]:
+    """(digest, repository) of a usage mark or holder key."""
+    digest, _, repo = key[len(prefix) :].partition("/")
+    return digest, repo
+
+
+def usage_holder(digest: str, repo: str) -> str:
+    return f"{USAGE_HOLDERS}{digest}/{repo}"
+
+
+def usage_holders_of(digest: str) -> str:
+    return f"{USAGE_HOLDERS}{digest}/"
+
+
+def usage_object(digest: str) -> str:
+    return f"{USAGE_OBJECTS}{digest}"
+
+
+def usage_scope(scope: str) -> str:
+    """The counter of a repository, or of a namespace (`scope` ends with '/'); '' is the registry's total."""
+    return f"{USAGE_SCOPES}{scope}" if scope else USAGE_TOTAL
+
+
+def usage_recount(repo: str) -> str:
+    return f"{USAGE_RECOUNTS}{repo}"
+
+
+def fence(name: str) -> str:
+    """Present while repository `name` (or namespace `name`, ending in '/') is being deleted."""
+    return f"{FENCES}{name}"
+
+
+def fences_of(repo: str) -> list[str]:
+    """The fences that stop writes into `repo`: its own and each enclosing namespace's."""
+    parts = repo.split("/")
+    return [fence(repo), *(fence("/".join(parts[:i]) + "/") for i in range(1, len(parts)))]
+
+
+def tagged_in(repo: str) -> str:
+    """Every digest -> tag index entry of one repository."""
+    return f"{TAGGED}{repo}@"
+
+
+def pending_manifests_of(repo: str) -> str:
+    return f"{PENDING_MANIFESTS}{repo}@"
+
+
 def quota_guard(scope: str) -> str:
     """Rewritten by every new link under a quota scope, so concurrent admissions serialise."""
     return f"{QUOTAS}{scope}"
@@ -226,3 +326,51 @@ def notify_queued(endpoint: str, partition: int, seq: int) -> str:
 def notify_status(endpoint: str) -> str:
     """How delivery to an endpoint last went (written by the delivering leader)."""
     return f"{NOTIFY_STATUS}{_endpoint(endpoint)}"
+
+
+def region(name: str) -> str:
+    return f"{REGIONS}{name}"
+
+
+def region_copies_of(digest: str) -> str:
+    return f"{REGION_COPIES}{digest}/"
+
+
+def region_copy(digest: str, region: str, storage_key: str) -> str:
+    """Region names hold no '/', digests neither: the storage key is the rest, '/' and all."""
+    return f"{region_copies_of(digest)}{region}/{storage_key}"
+
+
+def split_region_copy(key: str) -> tuple[str, str, str]:
+    """(digest, region, storage key) of a region copy record's key."""
+    digest, region, storage_key = key[len(REGION_COPIES) :].split("/", 2)
+    return digest, region, storage_key
+
+
+def replication_queue(target: str) -> str:
+    return f"{REPLICATION_QUEUE}{target}/"
+
+
+def replication_queued(target: str, digest: str) -> str:
+    """A copy of `digest` still to make into region `target`."""
+    return f"{replication_queue(target)}{digest}"
+
+
+def split_replication_queued(key: str) -> tuple[str, str]:
+    """(target region, digest) of a queue entry's key."""
+    target, _, digest = key[len(REPLICATION_QUEUE) :].partition("/")
+    return target, digest
+
+
+def replication_copying(digest: str, target: str) -> str:
+    """Held (with its node's lease) while one worker copies `digest` into `target`."""
+    return f"{REPLICATION_COPYING}{digest}/{target}"
+
+
+def replication_workers(region: str) -> str:
+    return f"{REPLICATION_WORKERS}{region}/"
+
+
+def replication_worker(region: str, node: str) -> str:
+    """Present (with its lease) while a node of `region` copies out of it: bandwidth is shared by them."""
+    return f"{replication_workers(region)}{quote(node, safe='')}"

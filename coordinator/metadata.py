@@ -135,6 +135,22 @@ _UNPACK = {
 }
 
 
+def HOLDING_CHANGED(repo: str, digest: str) -> Put:  # noqa: N802 - reads as the event it records
+    """The op every transaction that adds or removes a link or manifest `digest` in `repo` carries:
+    a blind put the storage figures' settler counts (coordinator/usage.py)."""
+    return Put(keys.usage_mark(digest, repo), b"")
+
+
+def EVERY_HOLDER_CHANGED(digest: str) -> Put:  # noqa: N802
+    """As HOLDING_CHANGED, for every repository that holds `digest` (a blob deleted with all its links)."""
+    return Put(keys.usage_mark(digest, keys.EVERY_HOLDER), b"")
+
+
+def _fence_guards(repo: str) -> list[Compare]:
+    """A write into `repo` happens only while no deletion of it (or of a namespace around it) runs."""
+    return [Compare.absent(key) for key in keys.fences_of(repo)]
+
+
 def decode(cls: type[T], raw: bytes) -> T:
     """A record from its stored form: compact, or the JSON every earlier Wharf version wrote.
 
@@ -244,6 +260,14 @@ class TagFrozen(Exception):
         self.digest = digest
 
 
+class RepositoryDeleting(Exception):
+    """The repository (or a namespace around it) is being deleted: nothing is written into it meanwhile."""
+
+    def __init__(self, repo: str) -> None:
+        super().__init__(f"repository {repo} is being deleted")
+        self.repo = repo
+
+
 class BeingCollected(Exception):
     """Garbage collection is deleting this digest's storage object right now.
 
@@ -267,7 +291,8 @@ class Metadata:
         self.kv = kv
         self.address = address
         self._tag_index_ready = False
-        # Repositories this process has seen exist: writing to them cannot change the catalog.
+        # Repositories this process has seen exist: writing to them cannot change the catalog (each
+        # such write guards that the repository still exists, as a whole-repository delete may remove it).
         self._known_repositories: set[str] = set()
 
     # -- repositories -----------------------------------------------------------------------
@@ -341,6 +366,9 @@ class Metadata:
         if version and version == known:
             return version, None
         return version, [kv.key[len(keys.REPOSITORIES) :] for kv in await self._range_all(keys.REPOSITORIES)]
+
+    async def tag_count(self, repo: str) -> int:
+        return await self.kv.count(keys.tags_of(repo))
 
     async def tag_records(self, repo: str) -> dict[str, TagRecord]:
         prefix = keys.tags_of(repo)
@@ -446,6 +474,15 @@ class Metadata:
         found = await self.kv.get(keys.blob(digest))
         return None if found is None else self.blob_of(digest, found.value)
 
+    async def blob_sizes(self, digests: Sequence[str]) -> dict[str, int]:
+        """The size of each of `digests` that has a blob record, a batch of reads per request."""
+        found: dict[str, int] = {}
+        for start in range(0, len(digests), _BATCH):
+            batch = digests[start : start + _BATCH]
+            result = await self.kv.txn([], [Get(keys.blob(d)) for d in batch])
+            found.update((d, self.blob_of(d, kv.value).size) for d, kv in zip(batch, result.gets, strict=True) if kv)
+        return found
+
     async def commit_blob(
         self,
         repo: str,
@@ -473,27 +510,32 @@ class Metadata:
             Put(link_key, encode(LinkRecord(size, now))),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(digest)),
+            HOLDING_CHANGED(repo, digest),
             *events,
         ]
-        session_guard: list[Compare] = []
+        session_guard: list[Compare] = _fence_guards(repo)
         if upload is not None:
             common += upload.ending()
             session_guard.append(Compare.unchanged(keys.upload(upload.id), upload.mod_revision))
         record = BlobRecord(size, key, now)
         blob_key = keys.blob(digest)
         not_deleting = Compare.absent(keys.deleting(digest))
-        common += await self._catalog_ops(repo)
         for _ in range(_MAX_ATTEMPTS):
+            catalog_guards, catalog_ops = await self._catalog_ops(repo)
             admission, guard_writes = await self._admit(link_key, quotas, size)
             result = await self.kv.txn(
-                [Compare.absent(blob_key), not_deleting, *session_guard, *admission],
-                [Put(blob_key, self.blob_value(digest, record)), *common, *guard_writes],
+                [Compare.absent(blob_key), not_deleting, *session_guard, *catalog_guards, *admission],
+                [Put(blob_key, self.blob_value(digest, record)), *common, *catalog_ops, *guard_writes],
                 [Get(blob_key), Get(keys.deleting(digest)), *(Get(g.key) for g in session_guard)],
             )
             if result.succeeded:
                 self._known_repositories.add(repo)
                 return record
-            existing, deleting, *session = result.gets
+            self._known_repositories.discard(repo)
+            existing, deleting, *guarded = result.gets
+            fences, session = guarded[: len(keys.fences_of(repo))], guarded[len(keys.fences_of(repo)) :]
+            if any(found is not None for found in fences):
+                raise RepositoryDeleting(repo)
             if upload is not None and (session[0] is None or session[0].mod_revision != upload.mod_revision):
                 raise SessionChanged(upload.id)
             if deleting is not None:
@@ -504,12 +546,19 @@ class Metadata:
             # Bytes a scrub found corrupt give way to these freshly verified ones.
             fresh = [Put(blob_key, self.blob_value(digest, record))] if found.corrupt else []
             again = await self.kv.txn(
-                [Compare.unchanged(blob_key, existing.mod_revision), not_deleting, *session_guard, *admission],
-                [*fresh, *common, *guard_writes],
+                [
+                    Compare.unchanged(blob_key, existing.mod_revision),
+                    not_deleting,
+                    *session_guard,
+                    *catalog_guards,
+                    *admission,
+                ],
+                [*fresh, *common, *catalog_ops, *guard_writes],
             )
             if again.succeeded:
                 self._known_repositories.add(repo)
                 return record if found.corrupt else found
+            self._known_repositories.discard(repo)
         raise Conflict(f"commit of {digest} kept racing")
 
     async def remove_unrecorded(self, digest: str, key: str, delete: Callable[[str], Awaitable[None]]) -> bool:
@@ -573,25 +622,31 @@ class Metadata:
             record: LinkRecord = _load(LinkRecord, found)
             linked = LinkRecord(record.size, time.time())
             admission, guard_writes = await self._admit(keys.link(repo, digest), quotas, record.size)
+            catalog_guards, catalog_ops = await self._catalog_ops(repo)
             result = await self.kv.txn(
                 [
                     Compare.unchanged(found.key, found.mod_revision),
                     Compare.present(keys.blob(digest)),
                     Compare.absent(keys.deleting(digest)),
+                    *_fence_guards(repo),
+                    *catalog_guards,
                     *admission,
                 ],
                 [
                     Put(keys.link(repo, digest), encode(linked)),
                     Put(keys.repository(repo), b"{}"),
                     Delete(keys.pending_blob(digest)),
+                    HOLDING_CHANGED(repo, digest),
                     *guard_writes,
-                    *await self._catalog_ops(repo),
+                    *catalog_ops,
                     *events(record.size),
                 ],
             )
             if result.succeeded:
                 self._known_repositories.add(repo)
                 return linked
+            self._known_repositories.discard(repo)
+            await self._check_fenced(repo)
         raise Conflict(f"mount of {digest} kept racing")
 
     async def unlink_blob(
@@ -608,7 +663,7 @@ class Metadata:
                 return False
             link: LinkRecord = _load(LinkRecord, found)
             compares, writes = await release_quota(self.kv, {scope: link.size for scope in quotas})
-            ops: list[Op] = [Delete(key), *writes, *events]
+            ops: list[Op] = [Delete(key), HOLDING_CHANGED(repo, digest), *writes, *events]
             if (await self.kv.txn([Compare.unchanged(key, found.mod_revision), *compares], ops)).succeeded:
                 return True
         raise Conflict(f"unlink of {digest} kept racing")
@@ -679,12 +734,13 @@ class Metadata:
         `frozen_tag` may be created or pushed again with the same content, never moved:
         TagFrozen says it points elsewhere.
         """
-        base_guards = [Compare.absent(keys.deleting(record.digest))]
+        base_guards = [Compare.absent(keys.deleting(record.digest)), *_fence_guards(repo)]
         base_ops: list[Op] = [
             Put(keys.manifest(repo, record.digest), encode(record)),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(record.digest)),
             Delete(keys.pending_manifest(repo, record.digest)),
+            HOLDING_CHANGED(repo, record.digest),
         ]
         if record.subject:
             base_ops.append(
@@ -703,8 +759,9 @@ class Metadata:
         blob = Put(blob_key, self.blob_value(record.digest, BlobRecord(record.size, storage_key, record.pushed)))
         for _ in range(_MAX_ATTEMPTS):
             tag_guards, tag_ops = await self._tag_move(repo, tag, record, frozen_tag)
-            head_guards = [*base_guards, *tag_guards]
-            head_ops = [*base_ops, *tag_ops, *await self._catalog_ops(repo)]
+            catalog_guards, catalog_ops = await self._catalog_ops(repo)
+            head_guards = [*base_guards, *tag_guards, *catalog_guards]
+            head_ops = [*base_ops, *tag_ops, *catalog_ops]
             if len(ref_guards) + len(head_guards) < _TXN_BUDGET and len(ref_ops) + len(head_ops) < _TXN_BUDGET:
                 guards, ops = [*head_guards, *ref_guards], [*head_ops, *ref_ops]
             else:
@@ -717,8 +774,10 @@ class Metadata:
             if (await self.kv.txn([*guards, Compare.present(blob_key)], ops)).succeeded:
                 self._known_repositories.add(repo)
                 return
+            self._known_repositories.discard(repo)
             if await self.kv.get(keys.deleting(record.digest)) is not None:
                 raise BeingCollected(record.digest)
+            await self._check_fenced(repo)
             await self._raise_missing(repo, record)
         raise Conflict("manifest references kept changing")
 
@@ -742,14 +801,26 @@ class Metadata:
             ops.append(Delete(keys.tagged(repo, old, tag)))
         return [Compare.unchanged(key, current.mod_revision if current else 0)], ops
 
-    async def _catalog_ops(self, repo: str) -> list[Op]:
-        """[CATALOG_CHANGED] when this write may create `repo` (nodes cache the catalog), else []."""
+    async def _catalog_ops(self, repo: str) -> tuple[list[Compare], list[Op]]:
+        """(guards, ops) that keep the catalog's version right for a write into `repo`.
+
+        A write that may create the repository carries CATALOG_CHANGED (nodes cache the catalog);
+        one into a repository that exists guards that it still does when it lands, so one deleted
+        meanwhile is not created again unseen (the writer forgets it and comes back here).
+        """
+        exists = [Compare.present(keys.repository(repo))]
         if repo in self._known_repositories:
-            return []
+            return exists, []
         if await self.kv.get(keys.repository(repo)) is not None:
             self._known_repositories.add(repo)
-            return []
-        return [CATALOG_CHANGED]
+            return exists, []
+        return [], [CATALOG_CHANGED]
+
+    async def _check_fenced(self, repo: str) -> None:
+        """RepositoryDeleting if a deletion of `repo` (or a namespace around it) is under way."""
+        for key in keys.fences_of(repo):
+            if await self.kv.get(key) is not None:
+                raise RepositoryDeleting(repo)
 
     async def tags_of_digest(self, repo: str, digest: str) -> dict[str, KeyValue]:
         """The tags of `repo` that point at `digest`, with their records: from the index, in O(those tags)."""
@@ -835,6 +906,7 @@ class Metadata:
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
+            ops.append(HOLDING_CHANGED(repo, digest))
             notes = list(events(list(tagged)))
             room = max(_TXN_BUDGET - len(ops), 1)
             ops.extend(notes[:room])
@@ -886,6 +958,11 @@ class Metadata:
                     done.written += 1
                 else:
                     done.kept += 1
+        # What the repository now holds is counted by the storage figures' settler.
+        held = [*adoption.links, *(record.digest for record in adoption.manifests)]
+        marks = [HOLDING_CHANGED(repo, digest) for digest in dict.fromkeys(held)]
+        for start in range(0, len(marks), _BATCH):
+            await self.kv.txn([], marks[start : start + _BATCH])
         # Nodes holding this repository's tags, or the catalog, in memory read them again.
         await self.kv.txn([], [TAGS_CHANGED(repo), CATALOG_CHANGED])
         return done

@@ -2,7 +2,8 @@
 
 Planning reads the KV once and decides, per repository, under the first rule that covers it:
 - A tag is kept if it is immutable, matches `keep_tags` (whole tag), is among the `keep_last` most
-  recently pushed, or was pushed within `older_than`. A rule that sets none of these keeps every tag.
+  recently pushed, was pushed within `older_than`, or its manifest was pulled within `pulled_within`
+  (as far as nodes have written their last-pulled times). A rule that sets none of these keeps every tag.
 - Signature and attestation tags (cosign's `sha256-<hex>.sig`, `.att`, `.sbom`) follow their subject
   unless immutable or matching `keep_tags`, and take no place among the most recently pushed: they
   go iff, once the plan's tags are gone, no remaining tag reaches the subject (in this repository,
@@ -29,7 +30,8 @@ from typing import Any
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
-from .metadata import TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
+from .metadata import HOLDING_CHANGED, TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
+from .pulls import Pulls
 from .readonly import Halted
 
 LAST_RUN = keys.RETENTION_LAST_RUN
@@ -56,10 +58,16 @@ class Rule:
     keep_tags: tuple[re.Pattern[str], ...] = ()
     older_than: float | None = None  # seconds
     untagged_after: float | None = None  # seconds
+    pulled_within: float | None = None  # seconds
 
     @property
     def prunes_tags(self) -> bool:
-        return self.keep_last is not None or bool(self.keep_tags) or self.older_than is not None
+        return (
+            self.keep_last is not None
+            or bool(self.keep_tags)
+            or self.older_than is not None
+            or self.pulled_within is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class _Tag:
     digest: str
     pushed: float
     mod_revision: int
+    pulled: float | None = None
 
 
 @dataclass(frozen=True)
@@ -218,13 +227,22 @@ def _closure(roots: Iterable[str], manifests: dict[str, _Manifest], referrers: d
 class _Repository:
     """One repository's tags and manifests, decoded for judging."""
 
-    def __init__(self, name: str, rule: Rule | None, tag_items: list[KeyValue], manifest_items: list[KeyValue]) -> None:
+    def __init__(
+        self,
+        name: str,
+        rule: Rule | None,
+        tag_items: list[KeyValue],
+        manifest_items: list[KeyValue],
+        pulled: dict[str, float] | None = None,
+    ) -> None:
         self.name = name
         self.rule = rule
         self.tags: list[_Tag] = []
+        pulled = pulled or {}
         for item in tag_items:
             record = decode(TagRecord, item.value)
-            self.tags.append(_Tag(_split(item.key, keys.TAGS)[1], record.digest, record.pushed, item.mod_revision))
+            tag = _split(item.key, keys.TAGS)[1]
+            self.tags.append(_Tag(tag, record.digest, record.pushed, item.mod_revision, pulled.get(record.digest)))
         self.manifests: dict[str, _Manifest] = {}
         self.referrers: dict[str, list[str]] = {}
         for item in manifest_items:
@@ -369,7 +387,8 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
         rule = rule_for(name)
         if rule is None:
             continue  # nothing to decide here; read again only if signatures elsewhere ask
-        decision = _decide(_Repository(name, rule, tag_items, manifest_items), now, frozen)
+        repo = _Repository(name, rule, tag_items, manifest_items, await _pulled(kv, rule, name))
+        decision = _decide(repo, now, frozen)
         if decision.deferred:
             waiting |= decision.deferred
             pending.add(name)
@@ -385,7 +404,8 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
             break
         decided, found = [], set()
         async for name, tag_items, manifest_items in _repositories(kv):
-            repo = _Repository(name, rule_for(name), tag_items, manifest_items)
+            rule = rule_for(name)
+            repo = _Repository(name, rule, tag_items, manifest_items, await _pulled(kv, rule, name))
             decision = _decide(repo, now, frozen, live.__contains__)
             found |= decision.live & waiting
             if name in pending:
@@ -399,6 +419,13 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
     result.kept.sort(key=lambda t: (t.repository, t.tag))
     result.manifests.sort(key=lambda m: m.repository)  # stable: each repository's order stays
     return result
+
+
+async def _pulled(kv: KV, rule: Rule | None, name: str) -> dict[str, float] | None:
+    """The last-pulled times of a repository whose rule asks for them (read one repository at a time)."""
+    if rule is None or rule.pulled_within is None:
+        return None
+    return await Pulls(kv).of_repository(name)
 
 
 def _add(result: Plan, decision: _Decision) -> None:
@@ -424,6 +451,7 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
     ranked = sorted(images, key=lambda t: (-t.pushed, t.name))
     recent = {t.name for t in ranked[: rule.keep_last]} if rule.keep_last is not None else set()
     cutoff = now - rule.older_than if rule.older_than is not None else None
+    pulled_cutoff = now - rule.pulled_within if rule.pulled_within is not None else None
     judged: list[tuple[_Tag, str, str]] = []
     for tag in repo.tags:
         protected = frozen(repo.name, tag.name)
@@ -441,6 +469,8 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
             judged.append((tag, _KEEP, f"among the {rule.keep_last} most recently pushed"))
         elif cutoff is not None and tag.pushed >= cutoff:
             judged.append((tag, _KEEP, f"pushed within {format_duration(rule.older_than or 0)}"))
+        elif pulled_cutoff is not None and tag.pulled is not None and tag.pulled >= pulled_cutoff:
+            judged.append((tag, _KEEP, f"pulled within {format_duration(rule.pulled_within or 0)}"))
         else:
             why = []
             if rule.keep_last is not None:
@@ -449,6 +479,8 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
                 why.append("matches no keeptags")
             if rule.older_than is not None:
                 why.append(f"older than {format_duration(rule.older_than)}")
+            if rule.pulled_within is not None:
+                why.append(f"not pulled within {format_duration(rule.pulled_within)}")
             judged.append((tag, _DELETE, f"{rule.name}: {', '.join(why)}"))
     return judged
 
@@ -625,7 +657,7 @@ class Applier:
             else:
                 why = ""
             if not why:
-                ops: list[Op] = [Delete(keys.manifest(repo, m.digest)), Delete(mark)]
+                ops: list[Op] = [Delete(keys.manifest(repo, m.digest)), Delete(mark), HOLDING_CHANGED(repo, m.digest)]
                 if m.subject:
                     ops.append(Delete(keys.referrer(repo, m.subject, m.digest)))
                 guards = [

@@ -20,7 +20,7 @@ from coordinator.metadata import Conflict
 
 from . import routing
 from .accesslog import AccessLog
-from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
+from .api import base, blobs, catalog, health, manifests, referrers, repositories, tagdetails, tags, uploads, usage
 from .audit import AuditIntent, AuditLog, AuditMiddleware
 from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
@@ -40,6 +40,7 @@ from .store import open_kv, open_storage
 log = logging.getLogger("wharf")
 
 NAME = "/v2/{name:path}"
+WHARF = "/wharf/v1"
 
 # The OCI Distribution endpoints, in the spec's order, each with the access it needs and, for a
 # decision, what its audit line decides on (a manifest by tag is logged as a "tag", an upload POST
@@ -65,6 +66,27 @@ ROUTES = [
     Endpoint(NAME + "/blobs/{digest}", blobs.get_blob, "GET", access=routing.pull),
     Endpoint(NAME + "/blobs/{digest}", blobs.delete_blob, "DELETE", access=routing.delete, audit="blob"),
     Endpoint(NAME + "/referrers/{digest}", referrers.list_referrers, "GET", access=routing.pull),
+    # Wharf's own API: what is stored (tag details, storage figures) and whole-repository deletes. The
+    # handlers of a namespace (and of the registry's figures) check the caller's rights on every
+    # repository concerned once they know them, as `_catalog` filters by them.
+    Endpoint(WHARF + "/repositories/{name:path}/tags", tagdetails.list_tag_details, "GET", access=routing.pull),
+    Endpoint(WHARF + "/repositories/{name:path}/usage", usage.repository_usage, "GET", access=routing.pull),
+    Endpoint(
+        WHARF + "/repositories/{name:path}",
+        repositories.delete_repository,
+        "DELETE",
+        access=routing.push_and_delete,
+        audit="repository",
+    ),
+    Endpoint(WHARF + "/namespaces/{namespace:path}/usage", usage.namespace_usage, "GET", access=routing.catalog),
+    Endpoint(
+        WHARF + "/namespaces/{namespace:path}",
+        repositories.delete_namespace,
+        "DELETE",
+        access=routing.signed_in,
+        audit="namespace",
+    ),
+    Endpoint(WHARF + "/usage", usage.registry_usage, "GET", access=routing.catalog),
 ]
 
 # Probes for load balancers and orchestrators; they carry no registry data.
@@ -115,12 +137,15 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         with contextlib.suppress(Exception):
             await svc.readonly.switch.refresh()
         health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
+        maintenance = Maintenance(svc)
         background = [
             loop.create_task(svc.readonly.switch.run()),
             loop.create_task(health.run()),
+            loop.create_task(svc.pulls.run()),
             loop.create_task(svc.space.run()),
+            loop.create_task(maintenance.work()),
         ]
-        campaign = loop.create_task(election.run(Maintenance(svc).lead))
+        campaign = loop.create_task(election.run(maintenance.lead))
         try:
             yield
         finally:
@@ -134,6 +159,9 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
                 await audit.detach()
             if owned:
                 await svc.close()
+            else:
+                with contextlib.suppress(Exception):
+                    await svc.pulls.flush()
             auth.close()
             if audit is not None:
                 audit.close()

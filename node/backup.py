@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from coordinator import snapshot
+from coordinator import replication, snapshot
 from coordinator.kv import KV
 
 from .config import Config, S3Storage
@@ -256,7 +256,8 @@ async def scheduled(services: Services) -> None:
                 # Nothing changes while read-only, and the storage is written to by nothing.
                 wait = min(settings.interval_seconds, _RETRY_SECONDS)
             elif wait <= 0:
-                await take_scheduled(services, store)
+                stored = await take_scheduled(services, store)
+                await _copy_to_regions(services, store, stored)
                 wait = settings.interval_seconds
         except asyncio.CancelledError:
             raise
@@ -265,6 +266,21 @@ async def scheduled(services: Services) -> None:
             log.exception("coordinator snapshot into the storage failed")
             wait = min(settings.interval_seconds, _RETRY_SECONDS)
         await asyncio.sleep(max(wait, 0.05))
+
+
+async def _copy_to_regions(services: Services, store: SnapshotStore, stored: StoredSnapshot) -> None:
+    """With regions, the snapshot goes into every region's storage too: each one alone restores the
+    tags (`wharf restore --from-storage` in any region), as each holds every blob once replicated."""
+    if services.regions is None:
+        return
+    for region in services.regions.others:
+        try:
+            if not await replication.has_joined(services.kv, region.name):
+                continue  # its storage is not the store's yet: nothing is written there before it joins
+            await region.storage.write_stream(stored.key, store.driver.read(stored.key))
+            await storage_snapshots(region.storage).prune(services.config.backup.keep, spare=stored.key)
+        except Exception as exc:
+            log.warning("coordinator snapshot %s not copied into region %s: %s", stored.key, region.name, exc)
 
 
 async def _due_in(store: SnapshotStore, interval: float) -> float:

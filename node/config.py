@@ -384,12 +384,16 @@ class S3Storage(_Section):
     multipartcopymaxconcurrency: int = 100
     multipartcopythresholdsize: Size = 32 * 1024 * 1024
     storageclass: str = "STANDARD"
+    # Where clients reach the storage: used only to sign redirect URLs (nodes talk to regionendpoint).
+    publicendpoint: str = ""
 
     def check(self) -> None:
-        if self.regionendpoint:
-            parts = urlsplit(self.regionendpoint if "://" in self.regionendpoint else "//" + self.regionendpoint)
-            if parts.scheme not in ("", "http", "https") or not parts.hostname:
-                raise _FieldError("regionendpoint", self.regionendpoint, "a URL such as https://s3.example.com")
+        for name in ("regionendpoint", "publicendpoint"):
+            value = getattr(self, name)
+            if value:
+                parts = urlsplit(value if "://" in value else "//" + value)
+                if parts.scheme not in ("", "http", "https") or not parts.hostname:
+                    raise _FieldError(name, value, "a URL such as https://s3.example.com")
 
 
 @dataclass
@@ -651,16 +655,52 @@ class CoordinatorConfig(_Section):
             raise _FieldError(None, NO_VALUE, "configure exactly one backend (embedded or etcd), not both")
 
 
+REGION_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+REGION_EXPECTED = "a region name: lower-case letters, digits and '-', at most 63 (eu, us-east-1)"
+
+
 @dataclass
 class ClusterConfig(_Section):
     # A name for this node in leader records and logs; host:port:pid when empty.
     node: str = ""
     # Seconds a leader's lease lives without a refresh: how fast another node takes over.
     leasettl: int = 10
+    # This node's region (with `regions:`, the others); its storage is `storage.*`.
+    region: str = ""
 
     def check(self) -> None:
         if not 2 <= self.leasettl <= 3600:
             raise _FieldError("leasettl", self.leasettl, "a number of seconds from 2 to 3600")
+        if self.region and not REGION_NAME.fullmatch(self.region):
+            raise _FieldError("region", self.region, REGION_EXPECTED)
+
+
+# -- regions (Wharf) -----------------------------------------------------------------------------
+
+
+@dataclass
+class RegionStorage(_Section):
+    """Another region's storage: one driver, as under `storage`."""
+
+    filesystem: FilesystemStorage | None = None
+    s3: S3Storage | None = None
+
+
+@dataclass
+class RegionConfig(_Section):
+    """One other region: where its blobs are kept, and how fast this region's nodes copy into it."""
+
+    storage: RegionStorage | None = None
+    # Bytes per second of replication into that region, shared by this region's nodes; none: no limit.
+    bandwidth: Size | None = None
+
+    def check(self) -> None:
+        if self.storage is None or (self.storage.s3 is None) == (self.storage.filesystem is None):
+            raise _FieldError("storage", NO_VALUE, "that region's storage: exactly one driver, filesystem or s3")
+        if self.storage.s3 is not None and not self.storage.s3.bucket:
+            raise _FieldError("storage.s3.bucket", NO_VALUE, "a bucket name is required")
+        if self.bandwidth is not None and self.bandwidth <= 0:
+            raise _FieldError("bandwidth", self.bandwidth, "a positive size per second such as 200MiB")
 
 
 # -- housekeeping and policies (Wharf) ----------------------------------------------------------
@@ -739,8 +779,9 @@ class ImmutabilityRule(_Section):
 class RetentionPolicy(_Section):
     """Which tags a repository keeps; the rest are deleted and GC reclaims what they freed.
 
-    A tag is kept if it matches `keeptags`, is among the `keeplast` most recently pushed, or was
-    pushed within `olderthan`. Signature and attestation tags (`sha256-<hex>.sig`, `.att`,
+    A tag is kept if it matches `keeptags`, is among the `keeplast` most recently pushed, was
+    pushed within `olderthan`, or was pulled within `pulledwithin` (a tag never pulled is not; pair
+    it with `olderthan` to spare new pushes). Signature and attestation tags (`sha256-<hex>.sig`, `.att`,
     `.sbom`) follow their subject. `untaggedafter` deletes manifests no tag reaches once older.
     """
 
@@ -749,6 +790,7 @@ class RetentionPolicy(_Section):
     keeptags: list[str] = field(default_factory=list)
     olderthan: Duration | None = None
     untaggedafter: Duration | None = None
+    pulledwithin: Duration | None = None
     name: str = ""
     keep_patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False)
 
@@ -769,6 +811,23 @@ class RetentionConfig(_Section):
     def check(self) -> None:
         if self.interval < 1:
             raise _FieldError("interval", self.interval, "a duration of at least 1s")
+
+
+@dataclass
+class InventoryConfig(_Section):
+    """What is stored, for people: tag details, storage per repository, last-pulled times."""
+
+    # How often each node writes the last-pulled times of the manifests it served: the coordinator
+    # sees at most one write per manifest, node and interval, and readers see a pull this late.
+    pullinterval: Duration = 180.0
+    # Repositories (and namespaces) the storage metrics name, by linked bytes; the rest are summed.
+    metricstop: int = 20
+
+    def check(self) -> None:
+        if not 0.1 <= self.pullinterval <= 86400:
+            raise _FieldError("pullinterval", self.pullinterval, "a duration from 0.1s to 24h")
+        if not 0 <= self.metricstop <= 1000:
+            raise _FieldError("metricstop", self.metricstop, "a number of repositories from 0 to 1000")
 
 
 @dataclass
@@ -1250,10 +1309,13 @@ class Config(_Section):
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     signatures: SignaturesConfig = field(default_factory=SignaturesConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
     redis: RedisConfig | None = None
     health: HealthConfig = field(default_factory=HealthConfig)
     compatibility: CompatibilityConfig = field(default_factory=CompatibilityConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # Every other region's storage, by region name (this node's own is `storage`, named by cluster.region).
+    regions: dict[str, RegionConfig] = field(default_factory=dict)
     # Where the file came from; None when running on defaults.
     source: str | None = field(default=None, init=False)
 
@@ -1262,6 +1324,21 @@ class Config(_Section):
             raise _FieldError("version", self.version, "0.1 (the only version of Distribution's configuration)")
         if self.loglevel and self.loglevel.lower() not in LOG_LEVELS:
             raise _FieldError("loglevel", self.loglevel, "one of " + ", ".join(LOG_LEVELS))
+        if self.regions:
+            self._check_regions()
+
+    def _check_regions(self) -> None:
+        if not self.cluster.region:
+            raise _FieldError("cluster.region", NO_VALUE, "this node's region, required with regions")
+        for name in self.regions:
+            if not REGION_NAME.fullmatch(name):
+                raise _FieldError(f"regions.{name}", name, REGION_EXPECTED)
+        if self.cluster.region in self.regions:
+            raise _FieldError(
+                f"regions.{self.cluster.region}",
+                NO_VALUE,
+                "only the other regions: this node's own (cluster.region) keeps its blobs in storage.*",
+            )
 
     @property
     def storage_driver(self) -> str:
@@ -1442,6 +1519,10 @@ def _finish(config: Config) -> None:
     if storage.filesystem is not None:
         # One meaning wherever a command runs from: the start-up line and every CLI name the same root.
         storage.filesystem.rootdirectory = os.path.abspath(storage.filesystem.rootdirectory)
+    for region in config.regions.values():
+        assert region.storage is not None
+        if region.storage.filesystem is not None:
+            region.storage.filesystem.rootdirectory = os.path.abspath(region.storage.filesystem.rootdirectory)
     if storage.s3 is not None and not storage.s3.bucket:
         raise invalid("storage.s3.bucket", NO_VALUE, "a bucket name is required")
     coordinator = config.coordinator

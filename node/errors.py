@@ -110,8 +110,23 @@ class Denied(RegistryError):
     code, status, message = "DENIED", 403, "requested access to the resource is denied"
 
 
+class BeingDeleted(Denied):
+    """A write into a repository that a whole-repository (or namespace) delete is removing right now."""
+
+    def __init__(self, repository: str) -> None:
+        super().__init__(
+            {"repository": repository, "reason": "the repository is being deleted"},
+            message=f"repository {repository} is being deleted; push again once the deletion is over",
+        )
+
+
 class Unsupported(RegistryError):
     code, status, message = "UNSUPPORTED", 405, "the operation is unsupported"
+
+
+class QueryInvalid(RegistryError):
+    # The spec's UNSUPPORTED covers "an invalid set of parameters"; Wharf's API answers it with 400.
+    code, status, message = "UNSUPPORTED", 400, "invalid query parameter"
 
 
 class TooManyRequests(RegistryError):

@@ -52,6 +52,13 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
     batch: list[str] = []
     sessions: dict[str, bool] = {}
     committing: set[str] | None = None
+    # With regions, this region's copy of a large blob may be kept at its own upload's key, which
+    # only its copy record names (the blob record names the pushing region's).
+    copied: set[str] = set()
+    if services.regions is not None:
+        async for key in services.regions.replication.stored_keys(services.regions.name):
+            if layout.digest_from_blob_key(key) is None:
+                copied.add(key)
 
     async def judge(found: list[str]) -> None:
         nonlocal committing
@@ -68,7 +75,7 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
                     continue  # committed to its key by an upload not yet recorded (or refused): the session reclaims it
             else:
                 upload = layout.upload_of_key(key)
-                if upload is None or key in named:
+                if upload is None or key in named or key in copied:
                     continue  # a link file of Distribution's tree, or a recorded blob
                 if upload not in sessions:
                     if len(sessions) > 10_000:
@@ -182,13 +189,21 @@ async def collect(
         async def delete_object(key: str) -> None:
             await services.storage.delete(key)
 
+        delete_many = services.storage.delete_many
+        regions = services.regions
+        if regions is not None:
+            # Each blob goes from every region: its copy records say where; a blob from before
+            # regions (no copy record yet) at its recorded key, from every region's storage.
+            collector.regions = regions
+            delete_many = regions.delete_everywhere
+
         started = time.perf_counter()
 
         async def sweep(mark: Mark) -> None:
             await _sweep_unaccounted(services, mark, collector.summary, delete=delete_unaccounted, dry_run=dry_run)
 
         try:
-            summary = await collector.run(delete_object, services.storage.delete_many, sweep=sweep if orphans else None)
+            summary = await collector.run(delete_object, delete_many, sweep=sweep if orphans else None)
             if orphans:
                 metrics.gc_unaccounted_objects.set(summary.unaccounted_objects)
                 metrics.gc_unaccounted_bytes.set(summary.unaccounted_bytes)

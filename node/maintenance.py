@@ -1,4 +1,5 @@
-"""Cluster-wide housekeeping that the elected leader runs: abandoned uploads, retention, GC, backups."""
+"""Cluster-wide housekeeping: what the elected leader runs (abandoned uploads, retention, GC, backups,
+replication's lag and backfill) and what every node runs (replication's copies, region probes)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from coordinator.compaction import Compactor
 from coordinator.readonly import Halted
 
-from . import backup, gc, importer, retention
+from . import backup, gc, importer, replication, retention
 from .delivery import Dispatcher
 from .services import Services
+from .usage import SETTLE_SECONDS, FigureKeeper
 
 log = logging.getLogger("wharf.maintenance")
 
@@ -36,7 +38,13 @@ class Maintenance:
         built = await self.services.metadata.build_tag_index()
         if built:
             log.info("indexed %d tags by digest (a store from before the index)", built)
-        jobs = [self._every(_GAUGE_SECONDS, self._count_uploads), self._every(_IMPORT_CHECK_SECONDS, self._import)]
+        figures = FigureKeeper(self.services)
+        jobs = [
+            self._every(_GAUGE_SECONDS, self._count_uploads),
+            self._every(_IMPORT_CHECK_SECONDS, self._import),
+            # Storage per repository and namespace: what changed is counted within seconds.
+            self._every(SETTLE_SECONDS, figures.once),
+        ]
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
@@ -59,11 +67,23 @@ class Maintenance:
                     self.services.metrics.coordinator_compacted_revision.set(compactor.compacted)
 
             jobs.append(self._every(etcd.compaction.interval, compact))
+        # Regions: every region's replication lag, and copies for blobs no copy record places yet.
+        if self.services.regions is not None:
+            jobs.append(replication.Leader(self.services).run())
         try:
             await asyncio.gather(*jobs)
         finally:
             # Only the leader reports the cluster-wide figure, so a sum over nodes stays right.
             self.services.metrics.upload_sessions.set(0)
+            figures.stop()
+
+    async def work(self) -> None:
+        """Every node's jobs, for as long as it runs: with regions, probing each region's storage and
+        copying this region's blobs into the others."""
+        regions = self.services.regions
+        if regions is None:
+            return
+        await asyncio.gather(regions.run_probes(), replication.Worker(self.services).run())
 
     @staticmethod
     async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:

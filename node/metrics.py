@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import json
 import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator.kv import KV, Compare, KeyValue, Op, Snapshot, StoreSpace, TxnResult, Watch
@@ -369,6 +373,56 @@ class Metrics:
             registry=r,
         )
 
+        # Storage per repository, namespace and the registry (node/usage.py): the leader publishes them.
+        self.storage = StorageFigures(os.environ.get(MULTIPROC_ENV) or None)
+        if not os.environ.get(MULTIPROC_ENV):
+            r.register(self.storage)
+
+        # Regions (node/regions.py, node/replication.py): storage health, fallback reads, replication lag.
+        self.region_storage_up = Gauge(
+            "wharf_region_storage_up",
+            "1 while a region's storage answers this node's probes",
+            ["region"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.region_fallback_reads = Counter(
+            "wharf_region_fallback_reads_total",
+            "Blob and manifest reads served from another region's storage (not yet replicated here, or ours down)",
+            ["region"],
+            registry=r,
+        )
+        self.replication_pending = Gauge(
+            "wharf_replication_pending_blobs",
+            "Blobs and manifests waiting to be copied into a region (reported by the leader)",
+            ["region"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.replication_pending_bytes = Gauge(
+            "wharf_replication_pending_bytes",
+            "Bytes waiting to be copied into a region (reported by the leader)",
+            ["region"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.replication_oldest = Gauge(
+            "wharf_replication_oldest_pending_seconds",
+            "Age of the oldest copy waiting for a region (reported by the leader; 0 when none waits)",
+            ["region"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.replication_copies = Counter(
+            "wharf_replication_copies_total",
+            "Copies into a region by this node: copied, present (already there), failed",
+            ["region", "result"],
+            registry=r,
+        )
+        self.replication_bytes = Counter(
+            "wharf_replication_bytes_total", "Bytes this node copied into a region", ["region"], registry=r
+        )
+
     # -- updates on the request path ------------------------------------------------------------
     #
     # With worker processes every update of a prometheus value is a write into a shared file under
@@ -475,8 +529,86 @@ class Metrics:
         if os.environ.get(MULTIPROC_ENV):
             combined = CollectorRegistry()
             MultiProcessCollector(combined)
+            combined.register(StorageFigures(os.environ[MULTIPROC_ENV]))
             return generate_latest(combined)
         return generate_latest(self.registry)
+
+
+# Where the leader's worker leaves the storage figures for the process that answers scrapes.
+_STORAGE_FILE = "wharf-storage-figures.json"
+# Figures a leader published this long ago (and never replaced: it died) are not shown.
+_STORAGE_STALE_SECONDS = 300.0
+_STORAGE_KINDS = ("linked", "exclusive", "shared")
+
+
+class StorageFigures:
+    """Gauges of the storage figures the leader last published, made at scrape time.
+
+    Kept out of the shared value files on purpose: a repository that leaves the largest N leaves
+    the metrics with it, so the series stay the N largest repositories and namespaces, the rest
+    summed (`_other`), and the registry's total, however many repositories there are.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._path = os.path.join(directory, _STORAGE_FILE) if directory else None
+        self._figures: dict[str, Any] | None = None
+
+    def publish(self, figures: dict[str, Any] | None) -> None:
+        """Show `figures` ({"total": {...}, "repositories": {name: {...}}, ...}); None: show none."""
+        self._figures = None if figures is None else {**figures, "at": time.time()}
+        if self._path is None:
+            return
+        if self._figures is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+            return
+        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(self._path), prefix=".storage-")
+        with os.fdopen(fd, "w") as out:
+            json.dump(self._figures, out)
+        os.replace(temporary, self._path)
+
+    def _current(self) -> dict[str, Any] | None:
+        figures = self._figures
+        if self._path is not None:
+            try:
+                with open(self._path) as found:
+                    figures = json.load(found)
+            except (OSError, ValueError):
+                return None
+        if figures is None or figures.get("at", 0) < time.time() - _STORAGE_STALE_SECONDS:
+            return None
+        return figures
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self._current()
+        if figures is None:
+            return
+        total = figures["total"]
+        registry = GaugeMetricFamily(
+            "wharf_storage_bytes",
+            "Bytes the registry's repositories hold: unique counts each object once, linked once per repository",
+            labels=["kind"],
+        )
+        for kind in ("unique", "linked"):
+            registry.add_metric([kind], total.get(kind, 0))
+        yield registry
+        yield GaugeMetricFamily(
+            "wharf_storage_objects", "Objects (blobs and manifests) repositories hold", value=total.get("objects", 0)
+        )
+        for scope, key in (("repository", "repositories"), ("namespace", "namespaces")):
+            family = GaugeMetricFamily(
+                f"wharf_storage_{scope}_bytes",
+                f'Bytes per {scope}, the largest by linked bytes (the rest summed as {scope}="_other"); '
+                "exclusive: what deleting it frees",
+                labels=[scope, "kind"],
+            )
+            for name, values in figures.get(key, {}).items():
+                for kind in _STORAGE_KINDS:
+                    family.add_metric([name, kind], values.get(kind, 0))
+            yield family
 
 
 class _RequestSeries:

@@ -18,6 +18,8 @@ from coordinator.readonly import Halted, SwitchFollower
 from .errors import Unsupported, send_error
 
 _READS = ("GET", "HEAD", "OPTIONS")
+# The APIs that write: the OCI one and Wharf's (whole-repository deletes).
+_WRITABLE = ("/v2/", "/wharf/")
 
 
 class ReadOnly:
@@ -74,7 +76,7 @@ class ReadOnlyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] not in _READS and scope["path"].startswith("/v2/"):
+        if scope["type"] == "http" and scope["method"] not in _READS and scope["path"].startswith(_WRITABLE):
             readonly: ReadOnly = scope["app"].state.services.readonly
             if readonly.active:
                 await send_error(readonly.refusal(), scope, receive, send)

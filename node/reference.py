@@ -78,3 +78,50 @@ def parse_reference(reference: str) -> Reference:
     if looks_like_digest(reference):
         return Reference(digest=parse_digest(reference))
     return Reference(tag=validate_tag(reference))
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """A reference as docker prints it: [HOST[:PORT]/]NAME[:TAG][@DIGEST], or a namespace (NAME/)."""
+
+    host: str | None
+    name: str  # a repository, or a namespace ending in '/'
+    tag: str | None = None
+    digest: Digest | None = None
+
+    @property
+    def namespace(self) -> bool:
+        return self.name.endswith("/")
+
+    def without_host(self) -> ImageReference:
+        """The reference read as if its first component belonged to the repository name."""
+        if self.host is None:
+            return self
+        return ImageReference(None, f"{self.host}/{self.name}", self.tag, self.digest)
+
+
+def parse_image_reference(text: str) -> ImageReference:
+    """Split a full reference; the first component is a host by docker's rule (it has '.' or ':',
+    or is localhost). NAME_INVALID, TAG_INVALID or DIGEST_INVALID for what does not parse."""
+    host: str | None = None
+    rest = text
+    first, slash, remainder = text.partition("/")
+    if slash and remainder and ("." in first or ":" in first or first == "localhost"):
+        host, rest = first, remainder
+    digest = None
+    if "@" in rest:
+        rest, _, raw = rest.partition("@")
+        digest = parse_digest(raw)
+    tag = None
+    head, colon, candidate = rest.rpartition(":")
+    if colon and "/" not in candidate:
+        rest, tag = head, validate_tag(candidate)
+    name = rest
+    validate_name(name[:-1] if name.endswith("/") else name)
+    if name.endswith("/") and (tag is not None or digest is not None):
+        raise NameInvalid({"name": text[:300], "reason": "a namespace takes no tag or digest"})
+    if host is not None and ":" in host:
+        port = host.rpartition(":")[2]
+        if not port.isdigit():
+            raise NameInvalid({"name": text[:300], "reason": f"{host} is not HOST:PORT"})
+    return ImageReference(host, name, tag, digest)

@@ -37,7 +37,13 @@ def _rule(index: int, policy: RetentionPolicy) -> Rule:
         return repository_matches(globs, repository)
 
     return Rule(
-        _label(index, policy), covers, policy.keeplast, policy.keep_patterns, policy.olderthan, policy.untaggedafter
+        _label(index, policy),
+        covers,
+        policy.keeplast,
+        policy.keep_patterns,
+        policy.olderthan,
+        policy.untaggedafter,
+        policy.pulledwithin,
     )
 
 

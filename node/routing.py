@@ -21,6 +21,9 @@ from .auth.access import CATALOG, DELETE, PULL, PUSH, Access
 
 # Where a request's Target is kept in scope["state"], so later middleware need not resolve it again.
 STATE_KEY = "wharf.target"
+# Where authentication leaves what the caller may do (Access -> bool), for handlers whose needs depend
+# on the registry's contents (every repository of a namespace); absent when authentication is off.
+HOLDS_KEY = "wharf.holds"
 
 # The access a request needs, from its scope and path parameters.
 Rule = Callable[[Scope, dict[str, Any]], tuple[Access, ...]]
@@ -54,6 +57,8 @@ pull = _on_repository(PULL)
 # needs push: it only touches the caller's own upload session.
 push = _on_repository(PULL, PUSH)
 delete = _on_repository(DELETE)
+# A whole repository goes only for who may both push to it and delete from it.
+push_and_delete = _on_repository(PUSH, DELETE)
 
 
 def push_or_mount(scope: Scope, params: dict[str, Any]) -> tuple[Access, ...]:

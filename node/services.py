@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -9,20 +10,27 @@ from dataclasses import dataclass
 from coordinator.kv import KV
 from coordinator.lease import NodeLease
 from coordinator.metadata import Metadata
+from coordinator.repositories import RepositoryRemover
 from coordinator.uploads import UploadSessions
+from coordinator.usage import Usage
 
 from .caches import BlobLocations, ListCache, ManifestCache
 from .config import Config
+from .inventory import TagDetails
 from .metrics import InstrumentedKV, InstrumentedStorage, Metrics
 from .notifications import Notifier
 from .policies import Policies
+from .pulls import PullRecorder
 from .readonly import ReadOnly
+from .regions import Regions
 from .space import Space
 from .storage import layout
 from .storage.driver import StorageDriver
 from .touches import Touches
 from .trust import Trust
 from .upload import Uploader
+
+log = logging.getLogger("wharf.services")
 
 
 @dataclass
@@ -47,6 +55,12 @@ class Services:
     space: Space
     notifier: Notifier
     trust: Trust
+    pulls: PullRecorder
+    tag_details: TagDetails
+    usage: Usage
+    repositories: RepositoryRemover
+    # None for a single region (no `regions:` in the configuration).
+    regions: Regions | None = None
 
     @classmethod
     def build(cls, config: Config, kv: KV, storage: StorageDriver, metrics: Metrics | None = None) -> Services:
@@ -57,6 +71,7 @@ class Services:
         sessions = UploadSessions(kv)
         lease = NodeLease(kv, max(config.cluster.leasettl, 2))
         policies = Policies.from_config(config)
+        regions = Regions.from_config(config, storage, kv, metrics)
         uploader = Uploader(
             storage,
             sessions,
@@ -64,9 +79,11 @@ class Services:
             lease,
             quotas_for=policies.quota_scopes,
             max_sessions=config.http.uploads.maxsessions,
+            placed=regions.placed if regions is not None else None,
         )
         manifests = ManifestCache(metrics)
         blobs = BlobLocations(metadata, metrics)
+        node_id = config.cluster.node or f"{socket.gethostname()}:{config.http.listen.port or 'unix'}:{os.getpid()}"
         trust = Trust(
             config.signatures.policies,
             metadata=metadata,
@@ -85,7 +102,7 @@ class Services:
             manifests=manifests,
             blobs=blobs,
             metrics=metrics,
-            node_id=config.cluster.node or f"{socket.gethostname()}:{config.http.listen.port or 'unix'}:{os.getpid()}",
+            node_id=node_id,
             tag_lists=ListCache(metrics, "tag_list"),
             catalog=ListCache(metrics, "catalog"),
             touches=Touches(metadata, config.gc.grace),
@@ -94,9 +111,26 @@ class Services:
             space=Space(kv, metrics, "etcd" if config.coordinator.etcd is not None else "embedded"),
             notifier=Notifier(config, kv, metrics),
             trust=trust,
+            pulls=PullRecorder(kv, config.inventory.pullinterval),
+            tag_details=TagDetails(metadata, storage),
+            usage=Usage(kv),
+            repositories=RepositoryRemover(
+                kv,
+                node=node_id,
+                quotas=policies.scopes,
+                frozen=policies.immutability.rule_for,
+                ttl=config.cluster.leasettl,
+            ),
+            regions=regions,
         )
 
     async def close(self) -> None:
+        try:
+            await self.pulls.flush()
+        except Exception as exc:
+            log.warning("last-pulled times not written at shutdown: %s", exc)
         await self.uploader.lease.close()
+        if self.regions is not None:
+            await self.regions.close()
         await self.storage.close()
         await self.kv.close()

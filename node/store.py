@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from coordinator import identity
+from coordinator import identity, replication
 from coordinator.kv import KV
 
-from .config import Config, embedded_path_in, legacy_embedded_paths
+from .config import Config, FilesystemStorage, S3Storage, embedded_path_in, legacy_embedded_paths
 from .storage import layout
 from .storage.driver import StorageDriver
 
@@ -106,15 +107,20 @@ async def open_kv(config: Config, *, readonly: bool = False, path: str | None = 
 
 
 def open_storage(config: Config, *, create: bool = True) -> StorageDriver:
-    if config.storage.s3 is not None:
+    """This node's storage (its region's, with regions)."""
+    return open_driver(config.storage.filesystem, config.storage.s3, create=create)
+
+
+def open_driver(filesystem: FilesystemStorage | None, s3: S3Storage | None, *, create: bool = True) -> StorageDriver:
+    """A driver for one storage section (`storage` or a region's)."""
+    if s3 is not None:
         from .storage.s3 import S3Driver
 
-        return S3Driver(config.storage.s3)
+        return S3Driver(s3)
     from .storage.filesystem import FilesystemDriver
 
-    assert config.storage.filesystem is not None
-    fs = config.storage.filesystem
-    return FilesystemDriver(fs.rootdirectory, max_threads=fs.maxthreads, create=create)
+    assert filesystem is not None
+    return FilesystemDriver(filesystem.rootdirectory, max_threads=filesystem.maxthreads, create=create)
 
 
 def embedded_file(config: Config, mode: Mode) -> str | None:
@@ -228,6 +234,8 @@ async def check_identity(kv: KV, storage: StorageDriver, config: Config, mode: M
             )
         if claiming and writes:
             await _bind(kv, storage, ours)
+        if config.regions and writes:
+            await replication.join(kv, config.cluster.region, _node_name(config))
         return ours, "existing"
     if theirs is not None:
         empty = not await identity.has_records(kv)
@@ -238,6 +246,12 @@ async def check_identity(kv: KV, storage: StorageDriver, config: Config, mode: M
             return ours, "existing"
         if claiming:
             return ours, "existing (identity not yet written to storage)"
+        if config.regions:
+            # A region's storage that has not joined the store yet (its first node's first start).
+            found = await join_region(
+                kv, storage, config.cluster.region, ours, where_s, _node_name(config), write=writes
+            )
+            return ours, found
         raise StoreRefused(
             f"coordinator {where_c} holds store {ours.id}, but storage {where_s} has no store identity "
             f"({layout.STORE_IDENTITY}): this is not that registry's storage (another bucket, prefix or "
@@ -256,10 +270,58 @@ async def check_identity(kv: KV, storage: StorageDriver, config: Config, mode: M
             return None, "registry:2 store, not yet adopted"
         raise _not_adopted(where_s)
     if mode == "serve" or mode == "import":
-        return await _claim(kv, storage, adopt=False), "new store"
+        claimed = await _claim(kv, storage, adopt=False)
+        if config.regions:
+            await replication.join(kv, config.cluster.region, _node_name(config))
+        return claimed, "new store"
     if mode == "read":
         return None, "empty"
     raise StoreRefused(f"there is no Wharf store at {where_s} (coordinator {where_c} is empty): nothing to do")
+
+
+def _node_name(config: Config) -> str:
+    return config.cluster.node or socket.gethostname()
+
+
+async def join_region(
+    kv: KV, storage: StorageDriver, region: str, ours: Identity, where: str, node: str, *, write: bool = True
+) -> str:
+    """Make a region's storage part of store `ours`: it carries the identity, or gets it if it is new.
+
+    A region joins once, with an empty storage; after that its storage must carry the identity
+    (StoreRefused otherwise, with nothing written). Returns what was found, for the start-up log.
+    """
+    theirs = await _storage_identity(storage, where)
+    if theirs is not None:
+        if theirs.id != ours.id:
+            raise StoreRefused(
+                f"storage {where} of region {region} belongs to store {theirs.id}, not to this coordinator's "
+                f"store {ours.id}: nothing was written or deleted. Point the region's storage at this registry's."
+            )
+        return "existing"
+    if await replication.has_joined(kv, region):
+        raise StoreRefused(
+            f"region {region} is part of store {ours.id}, but its storage {where} has no store identity "
+            f"({layout.STORE_IDENTITY}): this is not that region's storage (another bucket, prefix or root?), "
+            "so nothing was written or deleted. Point the region's storage at the one it used before."
+        )
+    if await _any(storage, layout.ROOT) or await _any(storage, layout.WHARF):
+        raise StoreRefused(
+            f"storage {where} of region {region}, new to store {ours.id}, is not empty and carries no store "
+            "identity: a region joins a store only with an empty storage, so nothing was written or deleted. "
+            "Give the region an empty bucket (or prefix, or root)."
+        )
+    if not write:
+        return f"region {region} not yet part of the store (its storage is empty)"
+    await storage.write_bytes(layout.STORE_IDENTITY, ours.storage_json())
+    await replication.join(kv, region, node)
+    log.info("region %s joined store %s (%s)", region, ours.id, where, extra={"fields": {"region": region}})
+    return f"region {region} joined the store"
+
+
+async def coordinator_identity(kv: KV) -> Identity | None:
+    """The store identity the coordinator holds (None before the first start)."""
+    return (await _coordinator_identity(kv))[0]
 
 
 def _coordinator_lost(theirs: Identity, where_s: str, where_c: str, what: str) -> StoreRefused:

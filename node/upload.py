@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 
 import rehashes
@@ -19,7 +19,7 @@ import rehashes
 from coordinator import quota
 from coordinator.kv import Op
 from coordinator.lease import NodeLease
-from coordinator.metadata import BeingCollected, Metadata
+from coordinator.metadata import BeingCollected, Metadata, RepositoryDeleting
 from coordinator.quota import QuotaScope
 from coordinator.uploads import (
     Claim,
@@ -31,7 +31,15 @@ from coordinator.uploads import (
     UploadSessions,
 )
 
-from .errors import BlobUploadInvalid, BlobUploadUnknown, Denied, DigestInvalid, SizeInvalid, TooManyRequests
+from .errors import (
+    BeingDeleted,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    Denied,
+    DigestInvalid,
+    SizeInvalid,
+    TooManyRequests,
+)
 from .reference import Digest
 from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
@@ -118,6 +126,7 @@ class Uploader:
         *,
         quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: [],
         max_sessions: int = 0,
+        placed: Callable[[str, int, str], Awaitable[Sequence[Op]]] | None = None,
     ) -> None:
         self.storage = storage
         self.sessions = sessions
@@ -126,6 +135,9 @@ class Uploader:
         self.quotas_for = quotas_for  # the quota scopes a repository's pushes count in
         # Open sessions one owner may hold (http.uploads.maxsessions); 0: no bound.
         self.max_sessions = max_sessions
+        # With regions: the records of bytes stored in this region (and copies queued for the others),
+        # given (digest, size, storage key); written with the blob record (node/regions.py).
+        self.placed = placed
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
@@ -333,10 +345,11 @@ class Uploader:
         assert session.commit is not None
         repository, digest, size = session.repository, session.commit.digest, session.offset
         quotas = self.quotas_for(repository)
+        placed = await self.placed(digest, size, stored) if self.placed is not None else ()
         try:
             try:
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas, events=events(size)
+                    repository, digest, size, stored, upload=session, quotas=quotas, events=[*events(size), *placed]
                 )
             except BeingCollected:
                 # Garbage collection was deleting this very digest; its storage delete may have
@@ -346,15 +359,19 @@ class Uploader:
                     raise BlobUploadInvalid(
                         {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
                     ) from None
+                placed = await self.placed(digest, size, stored) if self.placed is not None else ()  # copies went too
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas, events=events(size)
+                    repository, digest, size, stored, upload=session, quotas=quotas, events=[*events(size), *placed]
                 )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
+        except RepositoryDeleting:
+            raise BeingDeleted(repository) from None
         except SessionChanged:
             raise BlobUploadUnknown({"upload": session.id, "reason": "the upload was cancelled or expired"}) from None
-        if record.key != stored:
+        if record.key != stored and self.placed is None:
             # The digest was already stored elsewhere; this copy (at this upload's own key) is redundant.
+            # (With regions, the copy record written with the link keeps it: it is this region's copy.)
             await self.storage.delete(stored)
 
     async def reclaim(self, session: UploadSession, stored: str | None = None) -> None:
@@ -384,6 +401,8 @@ class Uploader:
             )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
+        except RepositoryDeleting:
+            raise BeingDeleted(repository) from None
         return linked is not None
 
     async def cancel(self, session: UploadSession) -> None:

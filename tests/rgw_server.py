@@ -171,6 +171,24 @@ class RGWServer(S3Endpoint):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def stop_gateway(self) -> None:
+        """Stop radosgw alone (the monitor and the OSD keep the objects): the S3 endpoint is down."""
+        process = self._processes.pop(_RGW_NAME, None)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+    def start_gateway(self, timeout: float = 60.0) -> None:
+        """Start radosgw again on its port after `stop_gateway`; returns once it answers."""
+        if _RGW_NAME in self._processes:
+            return
+        self._spawn(_RGW_NAME, ["radosgw", "-c", self._conf, "-n", _RGW_NAME, "-f"])
+        self._wait(self._gateway_answers, time.monotonic() + timeout, f"radosgw on {self.endpoint}")
+
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of every daemon's log and output, for failure messages."""
         if self.root is None:

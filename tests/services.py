@@ -228,6 +228,17 @@ class EtcdCluster:
         """Every key under `prefix` (with the prefix), straight from etcd."""
         return [line for line in self._etcdctl("get", "--prefix", "--keys-only", prefix).splitlines() if line]
 
+    def value(self, key: str) -> bytes | None:
+        """One key's value straight from etcd, or None."""
+        out = subprocess.run(
+            ["etcdctl", "--endpoints", ",".join(self.endpoints), "get", key, "--print-value-only"],
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "ETCDCTL_API": "3"},
+            check=True,
+        ).stdout
+        return out.rstrip(b"\n") if out else None
+
     def delete_prefix(self, prefix: str) -> None:
         self._etcdctl("del", "--prefix", prefix)
 

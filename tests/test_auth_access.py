@@ -21,6 +21,7 @@ from secure_registry import (
     make_users,
     token_section,
 )
+from services import wait_until
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -33,7 +34,9 @@ ADMIN = ("admin", TEAM_USERS["admin"])
 DEV = ("dev", TEAM_USERS["dev"])
 ROBOT = ("robot", TEAM_USERS["robot"])
 # An example value for each path parameter of the route table.
-EXAMPLES = {"reference": "v1", "uuid": str(uuid.UUID(int=7)), "digest": "sha256:" + "a" * 64}
+# Routes that, like `_catalog`, answer anyone and filter (or refuse) by what the caller may pull.
+CATALOG_LIKE = ("/v2/_catalog", "/wharf/v1/usage", "/wharf/v1/namespaces/team/usage")
+EXAMPLES = {"namespace": "team", "reference": "v1", "uuid": str(uuid.UUID(int=7)), "digest": "sha256:" + "a" * 64}
 
 
 def _requests(name: str) -> list[tuple[str, str]]:
@@ -147,7 +150,7 @@ def test_anonymous_pull_rules_open_only_pull_routes_of_their_repositories(team):
         assert http.get("/v2/").status_code == 401
         assert http.get("/v2/_catalog").json()["repositories"] == ["public/base"]
         for method, path in _requests("public/base"):
-            if path in ("/v2/", "/v2/_catalog"):
+            if path in ("/v2/", *CATALOG_LIKE):
                 continue
             status = http.request(method, path).status_code
             pull_route = method in ("GET", "HEAD") and "/blobs/uploads/" not in path
@@ -159,8 +162,16 @@ def test_anonymous_pull_rules_open_only_pull_routes_of_their_repositories(team):
         response = http.get("/v2/public/base/manifests/v1", headers={"Accept": image.media_type})
         assert response.status_code == 200 and response.content == image.body
         for method, path in _requests("team/app"):
-            if path != "/v2/_catalog":
+            if path not in CATALOG_LIKE:
                 assert http.request(method, path).status_code == 401, (method, path)
+        # Figures that tell about many repositories, as `_catalog` does: only for who may pull them all.
+        assert http.get("/wharf/v1/usage").status_code == 403
+        assert http.get("/wharf/v1/namespaces/team/usage").status_code == 403
+        wait_until(  # once the leader has counted the seeded images
+            lambda: http.get("/wharf/v1/namespaces/public/usage").status_code == 200,
+            timeout=20,
+            what="public/ figures for an anonymous caller",
+        )
 
 
 # -- the rules ---------------------------------------------------------------------------------
@@ -186,6 +197,22 @@ def test_a_pull_only_user_cannot_push_or_delete(team):
     with _client(team, ADMIN, ["team/app"]) as http:
         assert http.get("/v2/team/app/tags/list").json()["tags"] == ["v1"]
         assert http.head(f"/v2/team/app/blobs/{blob}").status_code == 200
+
+
+def test_whole_repository_and_namespace_deletes_need_push_and_delete_on_every_repository(team):
+    refused = 403 if team.mode == "basic" else 401
+    code = "DENIED" if team.mode == "basic" else "UNAUTHORIZED"
+    with _client(team, ROBOT, ["ci/base"], push=True, delete=True) as http:
+        assert http.get("/wharf/v1/repositories/ci/base/tags").status_code == 200, "tag details need pull"
+        assert_refused(http.delete("/wharf/v1/repositories/ci/base"), refused, code)
+        # A namespace's rights are checked on every repository in it, by its handler.
+        assert_refused(http.delete("/wharf/v1/namespaces/ci/"), 403, "DENIED")
+    with _client(team, DEV, ["team/app"]) as http:
+        assert http.get("/wharf/v1/repositories/team/app/usage").status_code == 200
+        assert_refused(http.delete("/wharf/v1/namespaces/team/"), 403, "DENIED")
+    with _client(team, ADMIN, ["ci/base", "team/app"]) as http:
+        assert http.get("/v2/ci/base/tags/list").json()["tags"] == ["v1"]
+        assert http.get("/v2/team/app/tags/list").json()["tags"] == ["v1"]
 
 
 def test_the_ci_robot_pushes_to_ci_only(team):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -496,3 +497,83 @@ def test_errors_are_one_line_and_hide_secrets(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load(_write(tmp_path, S3_FILE), environ={"REGISTRY_STORAGE_S3_SECRETKEY": "[hunter2]"})
     assert "hunter2" not in str(caught.value) and "storage.s3.secretkey" in str(caught.value)
+
+
+REGIONS_FILE = """
+version: 0.1
+cluster:
+  region: eu
+storage:
+  s3: {bucket: wharf-eu, regionendpoint: http://rgw.eu.internal:7480, publicendpoint: https://rgw.eu.example}
+coordinator:
+  etcd: {endpoints: [http://10.0.0.1:2379]}
+regions:
+  us:
+    storage:
+      s3: {bucket: wharf-us, regionendpoint: https://rgw.us.example}
+    bandwidth: 200MiB
+  ap:
+    storage:
+      filesystem: {rootdirectory: relative/ap}
+"""
+
+
+def test_regions_section_names_every_other_region_with_its_storage_and_bandwidth(tmp_path):
+    config = load(_write(tmp_path, REGIONS_FILE), environ={})
+    assert config.cluster.region == "eu"
+    assert config.storage.s3 is not None and config.storage.s3.publicendpoint == "https://rgw.eu.example"
+    assert list(config.regions) == ["us", "ap"]
+    us = config.regions["us"]
+    assert us.storage is not None and us.storage.s3 is not None and us.storage.s3.bucket == "wharf-us"
+    assert us.bandwidth == 200 * 1024 * 1024
+    ap = config.regions["ap"]
+    assert ap.bandwidth is None
+    assert ap.storage is not None and ap.storage.filesystem is not None
+    assert ap.storage.filesystem.rootdirectory.startswith("/")  # made absolute at load, as storage's is
+
+
+def test_a_file_without_regions_is_one_region_as_before(tmp_path):
+    config = load(_write(tmp_path, REGISTRY2_FILE), environ={})
+    assert config.regions == {} and config.cluster.region == ""
+
+
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        ("regions: {us: {storage: {filesystem: {}}}}\n", "cluster.region: this node's region, required with regions"),
+        ("cluster: {region: EU}\n", "cluster.region: expected a region name"),
+        ("cluster: {region: eu}\nregions: {eu: {storage: {filesystem: {}}}}\n", "regions.eu: only the other regions"),
+        ("cluster: {region: eu}\nregions: {us: {}}\n", "regions.us.storage: that region's storage"),
+        ("cluster: {region: eu}\nregions: {us: {storage: {s3: {}}}}\n", "regions.us.storage.s3.bucket"),
+        ("cluster: {region: eu}\nregions: {us: {storage: {filesystem: {}}, bandwidth: 0}}\n", "bandwidth"),
+        ("cluster: {region: eu}\nregions: {us: {storage: {filesystem: {}}, speed: 1}}\n", "unknown configuration key"),
+        ("storage: {s3: {bucket: b, publicendpoint: 'ftp://x'}}\ncoordinator: {etcd: {}}\n", "publicendpoint"),
+    ],
+)
+def test_bad_regions_stop_start_up_naming_the_key(tmp_path, text, complaint):
+    with pytest.raises(ConfigError, match=re.escape(complaint)):
+        load(_write(tmp_path, text), environ={})
+
+
+def test_regional_deploy_files_load_and_name_the_same_regions():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "regions"
+    configs = {path.stem.removeprefix("config-"): load(str(path), environ={}) for path in deploy.glob("config-*.yml")}
+    assert set(configs) == {"eu", "us"}
+    for region, config in configs.items():
+        assert config.cluster.region == region
+        assert set(config.regions) | {region} == set(configs)
+        assert config.storage.s3 is not None and config.storage.s3.publicendpoint
+        other = next(iter(config.regions.values()))
+        assert other.storage is not None and other.storage.s3 is not None and other.bandwidth
+    # Each region's bucket is the same bucket wherever it is named.
+    eu, us = configs["eu"], configs["us"]
+    assert eu.storage.s3 == us.regions["eu"].storage.s3  # type: ignore[union-attr]
+    assert us.storage.s3 == eu.regions["us"].storage.s3  # type: ignore[union-attr]
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    for cfg in deploy.glob("haproxy-*.cfg"):
+        checked = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -173,6 +173,31 @@ async def test_older_than_deletes_only_tags_pushed_before_the_cutoff(registry_fa
     assert await reg.tags("team/app") == ["new-1", "new-2"]
 
 
+async def test_pulled_within_keeps_the_pulled_tag_and_removes_the_unpulled_one(registry_factory):
+    reg = registry_factory(**policies({"name": "in use", "pulledwithin": "30d"}))
+    pulled = await reg.image("team/app", "pulled")
+    await reg.image("team/app", "unpulled")
+    assert (await reg.http.get("/v2/team/app/manifests/pulled", headers=ANY)).status_code == 200
+    await reg.services.pulls.flush()
+    run = await reg.apply()
+    assert await reg.tags("team/app") == ["pulled"]
+    assert deleted(run) == {"team/app:unpulled"}
+    assert run.plan.rows()[0]["reason"] == "in use: not pulled within 30d"
+    assert {k.tag: k.reason for k in run.plan.kept} == {"pulled": "pulled within 30d"}
+    # Thirty days after that pull, it goes too.
+    (at,) = (await reg.services.pulls.pulls.last_pulled("team/app", [pulled])).values()
+    assert deleted(await reg.apply(now=at + 30 * 86400 + 1, dry_run=True)) == {"team/app:pulled"}
+
+
+async def test_pulled_within_with_older_than_spares_new_pushes_never_pulled(registry_factory):
+    reg = registry_factory(**policies({"pulledwithin": "30d", "olderthan": "7d"}))
+    await reg.image("team/app", "new")
+    run = await reg.apply()
+    assert deleted(run) == set() and await reg.tags("team/app") == ["new"]
+    later = time.time() + 8 * 86400
+    assert deleted(await reg.apply(now=later, dry_run=True)) == {"team/app:new"}
+
+
 async def test_a_tag_is_kept_if_any_of_its_rules_keeps_it(registry_factory):
     reg = registry_factory(**policies({"keeplast": 1, "keeptags": ["stable"], "olderthan": "1h"}))
     await reg.image("team/app", "stable")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -623,6 +625,27 @@ async def test_s3_redirect_url_serves_the_object(s3_config):
         with direct.open(url, timeout=10) as response:
             assert response.read() == data
         assert store.local_path(key) is None
+    finally:
+        await store.close()
+
+
+async def test_s3_redirect_url_is_signed_for_the_public_endpoint_only(s3_config, s3):
+    # Nodes reach the server by its address, clients by a second name of it (`localhost`): the
+    # URL names only the public one, and the server accepts the signature made for that name.
+    internal = urlsplit(s3.endpoint)
+    public = f"http://localhost:{internal.port}"
+    store = S3Driver(dataclasses.replace(s3_config, publicendpoint=public))
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        data = os.urandom(50_000)
+        key = layout.blob_key(_digest(data))
+        await store.write_bytes(key, data)
+        assert await store.read_bytes(key) == data  # the node itself still uses regionendpoint
+        url = await store.redirect_url(key)
+        assert url is not None and urlsplit(url).netloc == f"localhost:{internal.port}"
+        assert internal.hostname not in url
+        with direct.open(url, timeout=10) as response:
+            assert response.read() == data
     finally:
         await store.close()
 

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import BlobUnknown, RangeInvalid, Unsupported
 from ..notifications import BLOB_MEDIA_TYPE
 from ..reference import parse_digest
+from ..regions import Regions
 from ..services import Services
 from .request import not_modified, repository, services
 
@@ -161,6 +162,8 @@ async def get_blob(request: Request) -> Response:
     svc = services(request)
     key = await svc.blobs.key(digest)
     await _pulled(request, svc, name, digest, size)
+    if svc.regions is not None:
+        return await _get_from_regions(request, svc, svc.regions, name, digest, size, key)
     if not svc.config.storage.redirect.disable:
         target = await svc.storage.redirect_url(key)
         if target is not None:
@@ -185,6 +188,51 @@ async def get_blob(request: Request) -> Response:
         headers=headers,
         media_type="application/octet-stream",
     )
+
+
+async def _get_from_regions(
+    request: Request, svc: Services, regions: Regions, name: str, digest: str, size: int, key: str
+) -> Response:
+    """A GET with regions: redirected to (or sent from) this region's copy; else streamed from the
+    nearest region that has one, so a pull never fails because replication lags or a storage is down."""
+    requested = request.headers.get("range")
+    span = _byte_range(requested, size) if requested else None
+    first, length = (0, None) if span is None else (span[0], span[1] - span[0] + 1)
+    for place in await regions.places(digest, key):
+        storage = place.region.storage
+        try:
+            if place.region.local and (not place.recorded or not place.region.up):
+                # No copy record (a blob from before regions) or a failing storage: look before sending.
+                if await storage.stat(place.key) is None:
+                    continue
+            if place.region.local and not svc.config.storage.redirect.disable:
+                target = await storage.redirect_url(place.key)
+                if target is not None:
+                    return RedirectResponse(target, status_code=307, headers={"Docker-Content-Digest": digest})
+            path = storage.local_path(place.key) if place.region.local and span is None else None
+            if path is not None and os.path.isfile(path):
+                return _BlobFile(path, _headers(digest, size), lambda: _content_missing(svc, name, digest, key))
+            chunks = storage.read(place.key, first, length).__aiter__()
+            try:
+                head = await chunks.__anext__()
+            except StopAsyncIteration:
+                head = b""
+        except FileNotFoundError:
+            continue
+        except Exception as exc:
+            regions.failed(place.region, exc)
+            continue
+        regions.served(place.region)
+        if span is None:
+            return StreamingResponse(
+                _stream(head, chunks), headers=_headers(digest, size), media_type="application/octet-stream"
+            )
+        headers = _headers(digest, span[1] - span[0] + 1)
+        headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+        return StreamingResponse(
+            _stream(head, chunks), status_code=206, headers=headers, media_type="application/octet-stream"
+        )
+    raise _content_missing(svc, name, digest, key)
 
 
 async def delete_blob(request: Request) -> Response:

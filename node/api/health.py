@@ -28,9 +28,14 @@ async def ready(request: Request) -> Response:
     svc = services(request)
     periodic: HealthChecks | None = getattr(request.app.state, "health", None)
     probes: list[tuple[str, Awaitable[object]]] = [("coordinator", svc.kv.ping())]
-    if periodic is None or not periodic.storage_checked:
+    if svc.regions is None and (periodic is None or not periodic.storage_checked):
         probes.append(("storage", svc.storage.stat(layout.ROOT + "/ready")))
     checks: dict[str, str] = {}
+    if svc.regions is not None:
+        # The probes that decide where pulls read from (every node probes every region's storage
+        # every few seconds): answered at once, so a load balancer's check never waits on a storage.
+        own = svc.regions.own
+        checks["storage"] = "ok" if own.up else own.error
     for name, probe in probes:
         try:
             await asyncio.wait_for(probe, _CHECK_TIMEOUT)
@@ -39,11 +44,22 @@ async def ready(request: Request) -> Response:
             checks[name] = f"{type(exc).__name__}: {exc}"[:200]
     if periodic is not None:
         checks.update(periodic.states())
-    status = 200 if all(v == "ok" for v in checks.values()) else 503
+    failing = {name for name, state in checks.items() if state != "ok"}
     # Read-only nodes (switched, or out of space) still serve pulls: ready, and saying so.
-    body = {
+    body: dict[str, object] = {
         **checks,
         "readonly": svc.space.readonly() or svc.readonly.describe(),
         "coordinator_space": svc.space.describe(),
     }
+    if svc.regions is not None:
+        body["regions"] = svc.regions.describe()
+        fallback = svc.regions.fallback()
+        if "storage" in failing and fallback:
+            # Pulls are served from the other regions meanwhile (pushes here fail until it is back).
+            failing.discard("storage")
+            body["fallback"] = (
+                f"this region's storage fails ({checks['storage']}): pulls are served from region "
+                f"{', '.join(fallback)}; pushes into region {svc.regions.name} fail until it answers"
+            )
+    status = 503 if failing else 200
     return Response(json.dumps(body).encode(), status_code=status, media_type="application/json")

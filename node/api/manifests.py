@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from coordinator.kv import Op
-from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
+from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, RepositoryDeleting, TagFrozen
 from coordinator.uploads import CommitIntent, UploadSession
 
 from .. import cosign
@@ -20,6 +20,7 @@ from .. import manifest as manifests
 from ..config import SignaturePolicy
 from ..context import note
 from ..errors import (
+    BeingDeleted,
     Denied,
     DigestInvalid,
     ManifestBlobUnknown,
@@ -52,7 +53,9 @@ async def manifest_bytes(svc: Services, digest: str) -> bytes:
     body = svc.manifests.get(digest)
     if body is None:
         try:
-            body = await svc.storage.read_bytes(layout.blob_key(digest))
+            key = layout.blob_key(digest)
+            # With regions: from the nearest region that has it, while replication catches up.
+            body = await (svc.regions.read_bytes(digest, key) if svc.regions else svc.storage.read_bytes(key))
         except FileNotFoundError:
             raise ManifestUnknown({"digest": digest, "reason": "manifest content missing from storage"}) from None
         if manifests.compute_digest(body, digest.split(":", 1)[0]) != digest and not _schema1(body):
@@ -187,9 +190,12 @@ async def get_manifest(request: Request) -> Response:
         # Refused whether or not the client holds the bytes already.
         body = await manifest_bytes(svc, digest)
         await _check_pull(request, svc, policy.rule, repository(request), digest, body, tag, policy.held)
+    # A pull, whether or not the client held the bytes already; last-pulled times go out in batches.
     if not_modified(request, digest):
+        svc.pulls.record(repository(request), digest)
         return _not_modified(digest)
     body = await manifest_bytes(svc, digest)
+    svc.pulls.record(repository(request), digest)
     await _pulled(request, svc, digest, media_type, tag, body)
     return Response(body, headers=_headers(digest, media_type, len(body)))
 
@@ -232,6 +238,9 @@ async def put_manifest(request: Request) -> Response:
             request, "push", name, digest, parsed.media_type, len(body), tag=ref.tag, references=refs
         )
         events = notifier.ops(pushed)
+    if svc.regions is not None:
+        # This region's copy, and the copies the others still need: recorded with the manifest.
+        events = [*events, *await svc.regions.placed(digest, len(body), key)]
     try:
         if await svc.storage.stat(key) != len(body):
             await content.write()
@@ -321,6 +330,8 @@ async def _record_manifest(
             await put()
     except MissingReferences as exc:
         raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
+    except RepositoryDeleting:
+        raise BeingDeleted(name) from None
     except TagFrozen as exc:
         raise Denied(
             {"tag": exc.tag, "digest": exc.digest, "rule": frozen},

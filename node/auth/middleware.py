@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import Denied, RegistryError, Unauthorized, send_error
 from ..reference import validate_name
-from ..routing import STATE_KEY, Target, resolve
+from ..routing import HOLDS_KEY, STATE_KEY, Target, resolve
 from .access import CATALOG, Access, format_scopes, held, valid_name
 from .basic import authorization, parse_basic
 from .services import AuthServices
@@ -78,6 +78,7 @@ class AuthMiddleware:
         if CATALOG in target.needs:
             # `_catalog` lists only what the caller may pull (the handler applies the filter).
             state["catalog_filter"] = self.auth.access.may_pull(caller.user)
+        state[HOLDS_KEY] = lambda access: self._holds(caller, access)
         await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope, target: Target) -> Caller:

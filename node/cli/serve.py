@@ -24,7 +24,7 @@ from ..audit import AuditLog
 from ..auth.services import AuthServices
 from ..config import Config
 from ..logs import configure_logging
-from ..metrics import MULTIPROC_ENV, debug_app
+from ..metrics import MULTIPROC_ENV, StorageFigures, debug_app
 from ..storage import layout
 from ..store import StoreRefused, describe_coordinator, describe_storage, open_store
 from ..tls import check_certificates, check_listener
@@ -212,6 +212,7 @@ def _run_server(config: Config, listeners: _Listeners) -> int:
             os.environ[MULTIPROC_ENV] = multiproc
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
+            registry.register(StorageFigures(multiproc))
             if listeners.debug is not None:
                 server.serve_debug(listeners.debug, _debug_app(config, registry))
             if config.http.server == "granian":

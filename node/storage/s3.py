@@ -189,15 +189,25 @@ class S3Driver:
             response_checksum_validation="when_required",
         )
         session = boto3.session.Session()
-        self._client: Any = session.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=config.accesskey or None,
-            aws_secret_access_key=config.secretkey or None,
-            use_ssl=config.secure,
-            verify=False if config.skipverify else None,
-            config=boto_config,
-        )
+
+        def client(url: str | None) -> Any:
+            return session.client(
+                "s3",
+                endpoint_url=url,
+                aws_access_key_id=config.accesskey or None,
+                aws_secret_access_key=config.secretkey or None,
+                use_ssl=config.secure,
+                verify=False if config.skipverify else None,
+                config=boto_config,
+            )
+
+        self._client: Any = client(endpoint)
+        # Redirect URLs are signed for the name clients use (signing makes no request): the endpoint
+        # the nodes use may be an internal name that no client can or should see.
+        public = config.publicendpoint or None
+        if public is not None and "://" not in public:
+            public = ("https://" if config.secure else "http://") + public
+        self._signer: Any = client(public) if public is not None else self._client
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="wharf-s3")
 
     def _key(self, key: str) -> str:
@@ -358,7 +368,7 @@ class S3Driver:
 
     async def redirect_url(self, key: str) -> str | None:
         return await self._run(
-            self._client.generate_presigned_url,
+            self._signer.generate_presigned_url,
             "get_object",
             Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=REDIRECT_EXPIRY_SECONDS,
@@ -524,6 +534,8 @@ class S3Driver:
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+        if self._signer is not self._client:
+            self._signer.close()
 
     async def _read_tail(self, source: str, up: _Upload) -> bytes:
         if not up.tailsize:

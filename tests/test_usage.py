@@ -1,0 +1,163 @@
+"""Storage figures per repository and namespace: counted from marks, always what the records add up to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import asdict
+
+import pytest
+
+from coordinator import keys
+from coordinator.embedded import EmbeddedKV
+from coordinator.kv import Delete, Put
+from coordinator.metadata import EVERY_HOLDER_CHANGED, HOLDING_CHANGED, LinkRecord, ManifestRecord
+from coordinator.usage import TOTAL, ScopeUsage, Usage, namespaces_of
+
+
+@pytest.fixture()
+async def kv(tmp_path):
+    store = EmbeddedKV(str(tmp_path / "kv.db"))
+    yield store
+    await store.close()
+
+
+def expected(truth: dict[tuple[str, str], tuple[int, bool, bool]]) -> dict[str, ScopeUsage]:
+    """Every scope's figures, computed from scratch: (repo, digest) -> (size, link, manifest)."""
+    holders: dict[str, set[str]] = {}
+    size_of: dict[str, int] = {}
+    for (repo, digest), (size, _, _) in truth.items():
+        holders.setdefault(digest, set()).add(repo)
+        size_of[digest] = size
+    scopes: dict[str, ScopeUsage] = {}
+
+    def add(scope: str, figure: ScopeUsage) -> None:
+        scopes[scope] = scopes.get(scope, ScopeUsage()).plus(figure)
+
+    for digest, repos in holders.items():
+        size = size_of[digest]
+        manifests = sum(1 for repo in repos if truth[(repo, digest)][2])
+        add(TOTAL, ScopeUsage(size * len(repos), size, size, 1, 1, manifests))
+        names = {ns for repo in repos for ns in namespaces_of(repo)}
+        for scope in names:
+            inside = {repo for repo in repos if repo.startswith(scope)}
+            only = inside == repos
+            m = sum(1 for repo in inside if truth[(repo, digest)][2])
+            add(scope, ScopeUsage(size * len(inside), size, size if only else 0, 1, int(only), m))
+        for repo in repos:
+            only = repos == {repo}
+            add(repo, ScopeUsage(size, size, size if only else 0, 1, int(only), int(truth[(repo, digest)][2])))
+    return {scope: figure for scope, figure in scopes.items() if figure}
+
+
+async def counted(kv: EmbeddedKV) -> dict[str, ScopeUsage]:
+    usage = Usage(kv)
+    found = {name: figure async for name, figure in usage.under()}
+    total = await usage.scope(TOTAL)
+    if total:
+        found[TOTAL] = total
+    return found
+
+
+def _manifest(digest: str, size: int) -> bytes:
+    return json.dumps(asdict(ManifestRecord(digest, "application/vnd.oci.image.manifest.v1+json", size))).encode()
+
+
+def _link(size: int) -> bytes:
+    return json.dumps(asdict(LinkRecord(size, 0.0))).encode()
+
+
+async def test_figures_equal_what_the_records_add_up_to_after_any_changes(kv):
+    rng = random.Random(16)
+    repos = ["a", "team/app", "team/web", "team/sub/x", "team/sub/y", "other/app", "other/deep/er/z"]
+    digests = [f"sha256:{n:064x}" for n in range(12)]
+    sizes = {d: rng.randint(1, 10_000) for d in digests}
+    truth: dict[tuple[str, str], tuple[int, bool, bool]] = {}
+    usage = Usage(kv)
+    await usage.build()
+    for step in range(800):
+        repo, digest = rng.choice(repos), rng.choice(digests)
+        size, link, manifest = truth.get((repo, digest), (sizes[digest], False, False))
+        kind = rng.random()
+        if kind < 0.05:
+            # A blob collected with every link (manifests of that digest stay: they are not links).
+            for (r, d), (s, _, m) in list(truth.items()):
+                if d == digest:
+                    await kv.delete(keys.link(r, d))
+                    if m:
+                        truth[(r, d)] = (s, False, True)
+                    else:
+                        del truth[(r, d)]
+            await kv.txn([], [EVERY_HOLDER_CHANGED(digest)])
+        else:
+            if kind < 0.55:
+                link = not link
+                op = Put(keys.link(repo, digest), _link(size)) if link else Delete(keys.link(repo, digest))
+            else:
+                manifest = not manifest
+                record = keys.manifest(repo, digest)
+                op = Put(record, _manifest(digest, size)) if manifest else Delete(record)
+            await kv.txn([], [op, HOLDING_CHANGED(repo, digest)])
+            if link or manifest:
+                truth[(repo, digest)] = (size, link, manifest)
+            else:
+                truth.pop((repo, digest), None)
+        if rng.random() < 0.2:
+            # Two settlers at once (a leader and `wharf du`): they never count a change twice.
+            await asyncio.gather(usage.settle(), Usage(kv).settle())
+            assert await counted(kv) == expected(truth), f"after step {step}"
+    await usage.settle()
+    assert await usage.current()
+    assert await counted(kv) == expected(truth)
+    assert await usage.reconcile() == 0, "nothing drifted"
+
+
+async def test_build_counts_a_store_from_before_the_figures(kv):
+    records = [
+        Put(keys.link("team/app", "sha256:" + "1" * 64), _link(100)),
+        Put(keys.link("team/web", "sha256:" + "1" * 64), _link(100)),
+        Put(keys.link("team/app", "sha256:" + "2" * 64), _link(40)),
+        Put(keys.manifest("team/app", "sha256:" + "3" * 64), _manifest("sha256:" + "3" * 64, 7)),
+    ]
+    await kv.txn([], records)
+    usage = Usage(kv)
+    assert not await usage.current()
+    assert await usage.build() == 4
+    assert await usage.build() == 0, "built once"
+    await usage.settle()
+    assert await usage.current()
+    app = await usage.scope("team/app")
+    assert (app.linked, app.exclusive, app.shared, app.manifests) == (147, 47, 100, 1)
+    team = await usage.scope("team/")
+    assert (team.linked, team.unique, team.exclusive, team.shared) == (247, 147, 147, 0)
+    assert (await usage.scope(TOTAL)).unique == 147
+
+
+async def test_reconcile_marks_what_drifted_and_settling_repairs_it(kv):
+    usage = Usage(kv)
+    await usage.build()
+    digest = "sha256:" + "4" * 64
+    # A link written without its mark (by a node from before the figures, say).
+    await kv.put(keys.link("team/app", digest), _link(55))
+    await usage.settle()
+    assert (await usage.scope("team/app")).linked == 0
+    assert await usage.reconcile() == 1
+    await usage.settle()
+    assert (await usage.scope("team/app")).exclusive == 55
+    await kv.delete(keys.link("team/app", digest))
+    assert await usage.reconcile() == 1
+    await usage.settle()
+    assert not await usage.scope("team/app") and not await usage.scope(TOTAL)
+
+
+async def test_settling_reports_repositories_left_without_manifests(kv):
+    usage = Usage(kv)
+    await usage.build()
+    digest = "sha256:" + "5" * 64
+    await kv.txn(
+        [], [Put(keys.manifest("team/app", digest), _manifest(digest, 9)), HOLDING_CHANGED("team/app", digest)]
+    )
+    assert (await usage.settle()).emptied == []
+    await kv.txn([], [Delete(keys.manifest("team/app", digest)), HOLDING_CHANGED("team/app", digest)])
+    assert (await usage.settle()).emptied == ["team/app"]
