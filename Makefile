@@ -7,7 +7,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-hotpaths profile bench-s3 bench-gc bench-scale bench-signatures bench-proxy install install-test deb-test lint clean
+.PHONY: run test bench bench-hotpaths profile bench-s3 bench-gc bench-scale bench-signatures bench-proxy bench-metadata install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,3 +80,7 @@ clean:
 # Server CPU per push, tag list and delete at 0, 5,000 and 20,000 tags; embedded and etcd, quotas on and off.
 bench-scale: install-test
 	$(PY) loadtests/bench_scale.py $(BENCH_ARGS)
+
+# Coordinator bytes per image (JSON records before, compact now) at 200,000 images, and what 8 GiB of etcd holds.
+bench-metadata: install-test
+	$(PY) loadtests/bench_metadata.py $(BENCH_ARGS)

@@ -14,7 +14,20 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .kv import Compare, Delete, Get, KeyValue, Op, Put, TxnResult, WatchEvent, check_txn_branch
+from .kv import (
+    Compare,
+    Delete,
+    Get,
+    KeyValue,
+    MemberSpace,
+    Op,
+    OutOfSpace,
+    Put,
+    StoreSpace,
+    TxnResult,
+    WatchEvent,
+    check_txn_branch,
+)
 
 T = TypeVar("T")
 
@@ -116,6 +129,8 @@ class EmbeddedKV:
         self._watchers: set[_EmbeddedWatch] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        # Set when a write found the disk full, cleared by the next write that succeeds.
+        self._full = False
         if not readonly:
             self._call_sync(self._init_db)
 
@@ -174,19 +189,29 @@ class EmbeddedKV:
         if self.readonly:
             raise PermissionError(f"the coordinator {self.path} was opened read-only")
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
-            writer = _Writer(conn, rev + 1)
-            result = fn(conn, writer)
-            if writer.changed:
-                conn.execute("UPDATE meta SET value=? WHERE name='revision'", (writer.rev,))
-                if writer.rev % 1000 == 0:
-                    conn.execute("DELETE FROM changes WHERE rev < ?", (writer.rev - _CHANGE_HISTORY,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+                writer = _Writer(conn, rev + 1)
+                result = fn(conn, writer)
+                if writer.changed:
+                    conn.execute("UPDATE meta SET value=? WHERE name='revision'", (writer.rev,))
+                    if writer.rev % 1000 == 0:
+                        conn.execute("DELETE FROM changes WHERE rev < ?", (writer.rev - _CHANGE_HISTORY,))
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls a transaction back itself on some errors (a full disk among them).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if _disk_full(exc):
+                self._full = True
+                raise OutOfSpace(f"the disk under {self.path} is full: {exc}", backend="embedded") from exc
             raise
+        if writer.changed:
+            self._full = False
         if writer.changed:
             for watch in list(self._watchers):
                 watch.wake()
@@ -331,6 +356,8 @@ class EmbeddedKV:
                 await asyncio.wrap_future(self._executor.submit(lambda: self._write(_expire)))
             except RuntimeError:
                 return  # executor shut down
+            except OutOfSpace:
+                continue  # expired leases go once there is room again
 
     # -- watch ----------------------------------------------------------------------------
 
@@ -350,6 +377,63 @@ class EmbeddedKV:
             f"SELECT rev, key, type, value FROM changes WHERE rev >= ? AND {where} ORDER BY rev, seq", (rev, *bounds)
         )
         return [WatchEvent(kind, key, value, r) for r, key, kind, value in rows]
+
+    # -- space ----------------------------------------------------------------------------
+
+    async def space(self) -> StoreSpace:
+        def measure() -> MemberSpace:
+            conn = self._conn()
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            revision = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+            size = sum(_file_size(self.path + suffix) for suffix in ("", "-wal"))
+            disk = os.statvfs(os.path.dirname(self.path))
+            return MemberSpace(
+                self.path,
+                size=size,
+                in_use=(pages - free) * page_size,
+                # What the file could grow to: the filesystem is its quota.
+                quota=size + disk.f_bavail * disk.f_frsize,
+                revision=int(revision),
+                alarms=("NOSPACE",) if self._full else (),
+                leader=True,
+            )
+
+        return StoreSpace("embedded", (await self._call(measure),))
+
+    async def compact(self, revision: int) -> None:
+        """Forget watch history before `revision` (the store also trims it as it goes)."""
+
+        def trim(conn: sqlite3.Connection, w: _Writer) -> None:
+            conn.execute("DELETE FROM changes WHERE rev < ?", (revision,))
+
+        await self._call(lambda: self._write(trim))
+
+    async def defragment(self, member: str | None = None) -> None:
+        """Rewrite the file without its free pages (VACUUM): writers in other processes wait meanwhile."""
+
+        def vacuum() -> None:
+            if self.readonly:
+                raise PermissionError(f"the coordinator {self.path} was opened read-only")
+            conn = self._conn()
+            try:
+                conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                if _disk_full(exc):
+                    raise OutOfSpace(
+                        f"no room to rewrite {self.path} (a defragmentation needs its size again): {exc}",
+                        backend="embedded",
+                    ) from exc
+                raise
+
+        await self._call(vacuum)
+
+    async def disarm(self) -> tuple[str, ...]:
+        """Forget that a write found the disk full; the next write that still does says so again."""
+        was, self._full = self._full, False
+        return ("NOSPACE",) if was else ()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -375,6 +459,17 @@ class EmbeddedKV:
         for reader in self._reader_conns:
             reader.close()
         self._reader_conns.clear()
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _readonly_uri(path: str) -> str:

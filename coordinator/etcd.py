@@ -22,7 +22,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
+import ssl
+import time
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,7 +35,20 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from .kv import Compare, Delete, Get, KeyValue, Op, Put, SnapshotLost, TxnResult, WatchEvent
+from .kv import (
+    Compare,
+    Delete,
+    Get,
+    KeyValue,
+    MemberSpace,
+    Op,
+    OutOfSpace,
+    Put,
+    SnapshotLost,
+    StoreSpace,
+    TxnResult,
+    WatchEvent,
+)
 
 log = logging.getLogger("wharf.coordinator")
 
@@ -227,9 +244,15 @@ def _classify(exc: grpc.aio.AioRpcError) -> str:
     return "error"
 
 
-def _translate(exc: grpc.aio.AioRpcError, endpoint: str) -> EtcdError:
+# What etcd answers to a write while its NOSPACE alarm is raised (or the write would pass the quota).
+_NOSPACE = "database space exceeded"
+
+
+def _translate(exc: grpc.aio.AioRpcError, endpoint: str) -> EtcdError | OutOfSpace:
     code = exc.code()
     details = exc.details() or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _NOSPACE in details:
+        return OutOfSpace(f"etcd at {endpoint} is out of space (NOSPACE alarm): {details}", backend="etcd")
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return LeaseNotFound(details, code)
     if code in _CONNECTION_CODES or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -293,6 +316,7 @@ class EtcdKV:
         key: str | None = None,
         timeout: float = 5.0,
     ) -> None:
+        self._tls_files = (ca, cert, key)
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         if not endpoints:
@@ -321,6 +345,9 @@ class EtcdKV:
         self._retiring: dict[asyncio.Task[None], _Connection] = {}
         self._watches: set[_EtcdWatch] = set()
         self._closed = False
+        # Channels to single members by client URL, for status and defragmentation.
+        self._members: dict[str, _Connection] = {}
+        self._quotas: dict[str, tuple[float, int]] = {}  # client URL -> (when read, bytes)
 
     @classmethod
     async def open(cls, endpoints: Sequence[str] | str, prefix: str = "/wharf/", **kwargs: Any) -> EtcdKV:
@@ -585,6 +612,139 @@ class EtcdKV:
         self._watches.add(watch)
         return watch
 
+    # -- space ----------------------------------------------------------------------------
+
+    async def space(self) -> StoreSpace:
+        """Every member's database size, size in use, quota, revision and alarms.
+
+        The quota is read from the member's `/metrics` (etcd_server_quota_backend_bytes): etcd 3.4's
+        status does not carry it. A member that does not answer is listed with its error.
+        """
+        members = await self._rpc(
+            lambda c: rpc.ClusterStub(c.channel).MemberList(
+                rpc.MemberListRequest(), timeout=self.timeout, metadata=c.metadata
+            ),
+            idempotent=True,
+        )
+        alarms = await self._alarms()
+        found = await asyncio.gather(*(self._member_space(m, alarms) for m in members.members))
+        return StoreSpace("etcd", tuple(sorted(found, key=lambda m: m.name)))
+
+    async def _alarms(self) -> dict[int, list[str]]:
+        request = rpc.AlarmRequest(action=rpc.AlarmRequest.GET, memberID=0, alarm=rpc.NONE)
+        resp = await self._rpc(
+            lambda c: rpc.MaintenanceStub(c.channel).Alarm(request, timeout=self.timeout, metadata=c.metadata),
+            idempotent=True,
+        )
+        found: dict[int, list[str]] = {}
+        for alarm in resp.alarms:
+            found.setdefault(int(alarm.memberID), []).append(rpc.AlarmType.Name(alarm.alarm))
+        return found
+
+    def _member_url(self, member: Any) -> str:
+        urls = [str(u) for u in member.clientURLs]
+        for url in urls:
+            if url.rstrip("/") in (e.rstrip("/") for e in self.endpoints):
+                return url
+        return urls[0] if urls else ""
+
+    def member_connection(self, url: str) -> _Connection:
+        conn = self._members.get(url)
+        if conn is None:
+            conn = self._members[url] = _Connection(-1, _parse_endpoint(url), self)
+        return conn
+
+    async def _member_space(self, member: Any, alarms: dict[int, list[str]]) -> MemberSpace:
+        url = self._member_url(member)
+        member_id = f"{int(member.ID):x}"
+        try:
+            if not url:
+                raise EtcdError(f"member {member.name or member_id} has no client URL")
+            conn = self.member_connection(url)
+            await conn.ready()
+            status = await self._on_member(
+                conn, lambda: rpc.MaintenanceStub(conn.channel).Status(rpc.StatusRequest(), timeout=self.timeout)
+            )
+        except (EtcdError, OSError) as exc:
+            return MemberSpace(
+                url, 0, 0, 0, 0, tuple(alarms.get(int(member.ID), ())), member_id=member_id, error=str(exc)
+            )
+        size = int(status.dbSize)
+        return MemberSpace(
+            url,
+            size=size,
+            in_use=int(status.dbSizeInUse) or size,
+            quota=await self._quota(url, fresh_if_below=size / 0.8 if not alarms.get(int(member.ID)) else None),
+            revision=int(status.header.revision),
+            alarms=tuple(alarms.get(int(member.ID), ())),
+            leader=int(status.leader) == int(status.header.member_id),
+            member_id=member_id,
+        )
+
+    async def _on_member(self, conn: _Connection, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, conn.endpoint.url) from exc
+
+    async def _quota(self, url: str, fresh_if_below: float | None) -> int:
+        """The member's quota, read again once a minute, and at every call while it has an alarm raised
+        or is near its quota (an operator raising it is seen at once). `fresh_if_below`: None reads anew."""
+        cached = self._quotas.get(url)
+        if (
+            cached is not None
+            and fresh_if_below is not None
+            and cached[1] > fresh_if_below
+            and time.monotonic() - cached[0] < _QUOTA_CACHE_SECONDS
+        ):
+            return cached[1]
+        try:
+            quota = await asyncio.to_thread(_read_quota, url, self._tls_files, self.timeout)
+        except (OSError, ValueError) as exc:
+            log.debug("cannot read the quota of etcd member %s: %s", url, exc)
+            quota = 0
+        self._quotas[url] = (time.monotonic(), quota)
+        return quota
+
+    async def compact(self, revision: int) -> None:
+        """Forget every revision before `revision` (the current state stays); already done is fine."""
+        request = rpc.CompactionRequest(revision=revision, physical=False)
+        try:
+            await self._rpc(
+                lambda c: c.kv.Compact(request, timeout=max(self.timeout, _COMPACT_TIMEOUT), metadata=c.metadata),
+                idempotent=True,
+            )
+        except EtcdError as exc:
+            if "has been compacted" not in str(exc):
+                raise
+
+    async def defragment(self, member: str | None = None) -> None:
+        """Give a member's free pages back to the disk (it answers nothing else meanwhile)."""
+        conn = self.member_connection(member or self.endpoint)
+        await conn.ready()
+        await self._on_member(
+            conn,
+            lambda: rpc.MaintenanceStub(conn.channel).Defragment(
+                rpc.DefragmentRequest(), timeout=_DEFRAGMENT_TIMEOUT, metadata=conn.metadata
+            ),
+        )
+
+    async def disarm(self) -> tuple[str, ...]:
+        """Clear every member's NOSPACE alarm; returns the alarms cleared. A write that still does not
+        fit raises it again."""
+        cleared = []
+        for member_id, names in (await self._alarms()).items():
+            if "NOSPACE" not in names:
+                continue
+            request = rpc.AlarmRequest(action=rpc.AlarmRequest.DEACTIVATE, memberID=member_id, alarm=rpc.NOSPACE)
+
+            def deactivate(c: _Connection, r: Any = request) -> Awaitable[Any]:
+                return rpc.MaintenanceStub(c.channel).Alarm(r, timeout=self.timeout, metadata=c.metadata)
+
+            await self._rpc(deactivate, idempotent=True)
+            cleared.append("NOSPACE")
+        return tuple(cleared)
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def ping(self) -> None:
@@ -600,6 +760,9 @@ class EtcdKV:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
+        for member in list(self._members.values()):
+            await member.close()
+        self._members.clear()
         retiring = list(self._retiring.items())
         for _, old in retiring:
             await old.close()  # no more grace: cancels what is left on it
@@ -800,6 +963,28 @@ class _EtcdWatch:
         call, self._call = self._call, None
         if call is not None:
             call.cancel()
+
+
+_QUOTA_CACHE_SECONDS = 60.0
+_COMPACT_TIMEOUT = 60.0
+_DEFRAGMENT_TIMEOUT = 600.0
+_QUOTA_LINE = re.compile(rb"^etcd_server_quota_backend_bytes\s+(\S+)\s*$", re.MULTILINE)
+
+
+def _read_quota(url: str, tls: tuple[str | None, str | None, str | None], timeout: float) -> int:
+    """A member's --quota-backend-bytes, from its Prometheus metrics."""
+    ca, cert, key = tls
+    context = None
+    if url.startswith("https"):
+        context = ssl.create_default_context(cafile=ca)
+        if cert and key:
+            context.load_cert_chain(cert, key)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    with opener.open(url.rstrip("/") + "/metrics", timeout=timeout) as response:
+        match = _QUOTA_LINE.search(response.read())
+    if match is None:
+        raise ValueError("no etcd_server_quota_backend_bytes in its metrics")
+    return int(float(match.group(1)))
 
 
 def _read(path: str | None) -> bytes | None:

@@ -36,7 +36,7 @@ from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
 from .metadata import (
     EVERY_HOLDER_CHANGED,
     HOLDING_CHANGED,
-    BlobRecord,
+    ContentAddress,
     LinkRecord,
     ManifestRecord,
     Metadata,
@@ -44,6 +44,7 @@ from .metadata import (
     TagRecord,
     TouchRecord,
     decode,
+    decode_blob,
 )
 from .readonly import Halted
 from .replication import RegionSweep
@@ -170,8 +171,11 @@ class Collector:
         quotas: quota.QuotaScopes | None = None,
         progress: Progress = _no_progress,
         workdir: str | None = None,
+        address: ContentAddress | None = None,
     ) -> None:
+        """`address` gives a digest's content address in storage (blob records at it store no key)."""
         self.kv = kv
+        self.address = address
         self.grace = grace
         self.delete_untagged = delete_untagged
         self.dry_run = dry_run
@@ -353,7 +357,7 @@ class Collector:
             ops.append(Delete(keys.referrer(c.repo, c.subject, c.digest)))
         guards = [Compare.unchanged(key, c.revision), Compare.unchanged(mark, c.pending_revision)]
         # A tag moved onto it since mark makes it live again.
-        if await Metadata(self.kv).tags_of_digest(c.repo, c.digest):
+        if await Metadata(self.kv, address=self.address).tags_of_digest(c.repo, c.digest):
             await self.kv.delete(mark)
             return False
         result = await self.kv.txn(guards, ops)
@@ -447,7 +451,7 @@ class Collector:
         facts = await mark.blob_facts(digests)
         candidates: list[tuple[str, int, str, int, int]] = []
         imported: list[str] = []
-        records = [decode(BlobRecord, kv.value) for kv in page]
+        records = [decode_blob(digest, kv.value, self.address) for digest, kv in zip(digests, page, strict=True)]
         await mark.add_recorded([(digest, record.key) for digest, record in zip(digests, records, strict=True)])
         for digest, kv, record in zip(digests, page, records, strict=True):
             used, last_active, released, touch_revision = facts[digest]
@@ -627,7 +631,7 @@ class Collector:
                 note = decode(Release, kv.value)
                 if digest == keys.split_repo_key(kv.key, keys.RELEASED)[1] or digest in note.blobs:
                     released = max(released, note.at)
-        record = decode(BlobRecord, blob.value) if blob is not None else None
+        record = decode_blob(digest, blob.value, self.address) if blob is not None else None
         reasons: list[str] = []
         if tagged:
             reasons.append("tagged as " + ", ".join(sorted(tagged)))

@@ -96,6 +96,58 @@ class Watch(Protocol):
     async def close(self) -> None: ...
 
 
+class OutOfSpace(Exception):
+    """The store refused a write for lack of space (etcd's NOSPACE alarm, a full disk under the
+    embedded file). Nothing of that write was applied; reads go on, and writes succeed again once
+    space returns, on the same connection."""
+
+    def __init__(self, message: str, *, backend: str) -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+@dataclass(frozen=True)
+class MemberSpace:
+    """How full one etcd member (or the embedded file) is."""
+
+    name: str  # an etcd member's client URL, or the embedded file's path
+    size: int  # bytes it takes on disk
+    in_use: int  # bytes of them holding data; a defragmentation gives the rest back
+    quota: int  # the size at which it refuses writes; 0 when it cannot be told
+    revision: int
+    alarms: tuple[str, ...] = ()  # "NOSPACE", "CORRUPT" (etcd); "NOSPACE" after a write found the disk full
+    leader: bool = False
+    member_id: str = ""
+    error: str = ""  # set when the member did not answer (the figures are then 0)
+
+    @property
+    def used(self) -> float:
+        """The share of the quota taken (0 when the quota is unknown)."""
+        return self.size / self.quota if self.quota else 0.0
+
+
+@dataclass(frozen=True)
+class StoreSpace:
+    """Every member's figures, as `KV.space()` found them."""
+
+    backend: str  # "etcd" or "embedded"
+    members: tuple[MemberSpace, ...]
+
+    @property
+    def revision(self) -> int:
+        return max((m.revision for m in self.members), default=0)
+
+    @property
+    def fullest(self) -> MemberSpace | None:
+        """The member nearest its quota (the one that refuses writes first)."""
+        answered = [m for m in self.members if not m.error]
+        return max(answered, key=lambda m: (m.used, m.size), default=None)
+
+    @property
+    def alarms(self) -> tuple[str, ...]:
+        return tuple(sorted({a for m in self.members for a in m.alarms}))
+
+
 class SnapshotLost(Exception):
     """The store no longer holds the revision a snapshot reads (etcd compacted it meanwhile)."""
 
@@ -178,6 +230,25 @@ class KV(Protocol):
 
     async def ping(self) -> None:
         """Raise if the store cannot be reached."""
+        ...
+
+    async def space(self) -> StoreSpace:
+        """How big the store is against its quota, per member, and its alarms."""
+        ...
+
+    async def compact(self, revision: int) -> None:
+        """Forget history before `revision`: watches from older revisions and snapshots at them are
+        lost, the current state is kept. Compacting to a revision already compacted does nothing."""
+        ...
+
+    async def defragment(self, member: str | None = None) -> None:
+        """Give the space that compaction and deletes freed back to the disk, for one member (a
+        `MemberSpace.name`; None: the one in use). The member answers nothing else meanwhile."""
+        ...
+
+    async def disarm(self) -> tuple[str, ...]:
+        """Clear NOSPACE alarms (once space is back); returns those cleared. A write that still
+        does not fit raises it again."""
         ...
 
     async def close(self) -> None: ...

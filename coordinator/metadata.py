@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
-from . import keys
+from . import encoding, keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
 from .quota import QuotaScope, admit
 from .quota import release as release_quota
@@ -28,7 +29,12 @@ _BATCH = 100
 ANNOTATIONS_IN_MANIFEST = "wharf.annotationsInManifest"
 
 
-def _dump(record: Any) -> bytes:
+# The storage key of the bytes a digest names when they sit at its content address (node's layout
+# gives it): blob records store a key only when it is another.
+ContentAddress = Callable[[str], str]
+
+
+def _json(record: Any) -> bytes:
     return json.dumps(asdict(record), separators=(",", ":")).encode()
 
 
@@ -80,7 +86,7 @@ class Release:
 
 def release(repo: str, digest: str, *, blobs: Iterable[str] = (), manifests: Iterable[str] = ()) -> Put:
     """The op that records a release; written in the same transaction as the delete."""
-    return Put(keys.released(repo, digest), _dump(Release(time.time(), list(blobs), list(manifests))))
+    return Put(keys.released(repo, digest), _json(Release(time.time(), list(blobs), list(manifests))))
 
 
 def TAGS_CHANGED(repo: str) -> Put:  # noqa: N802 - reads as the event it records
@@ -89,6 +95,44 @@ def TAGS_CHANGED(repo: str) -> Put:  # noqa: N802 - reads as the event it record
 
 
 CATALOG_CHANGED = Put(keys.CATALOG_VERSION, b"")
+
+
+def encode(record: Any) -> bytes:
+    """A record's stored form: compact for tags, links, manifests and touches, JSON for the few others.
+
+    Blob records go through `encode_blob`, which knows their digest.
+    """
+    if isinstance(record, TagRecord):
+        return encoding.pack_tag(record.digest, record.media_type, record.size, record.pushed)
+    if isinstance(record, LinkRecord):
+        return encoding.pack_link(record.size, record.linked, record.corrupt)
+    if isinstance(record, ManifestRecord):
+        return encoding.pack_manifest(
+            record.digest,
+            record.media_type,
+            record.size,
+            list(record.blobs),
+            list(record.manifests),
+            record.subject,
+            record.artifact_type,
+            record.annotations,
+            record.pushed,
+            record.annotations_in_manifest,
+        )
+    if isinstance(record, TouchRecord):
+        return encoding.pack_touch(record.at)
+    if isinstance(record, BlobRecord):
+        raise TypeError("a blob record is encoded with its digest: encode_blob(digest, record, address)")
+    return _json(record)
+
+
+_UNPACK = {
+    "TagRecord": encoding.unpack_tag,
+    "LinkRecord": encoding.unpack_link,
+    "ManifestRecord": encoding.unpack_manifest,
+    "TouchRecord": encoding.unpack_touch,
+    "BlobRecord": encoding.unpack_blob,
+}
 
 
 def HOLDING_CHANGED(repo: str, digest: str) -> Put:  # noqa: N802 - reads as the event it records
@@ -108,8 +152,38 @@ def _fence_guards(repo: str) -> list[Compare]:
 
 
 def decode(cls: type[T], raw: bytes) -> T:
-    """A record from its stored JSON."""
-    return cls(**json.loads(raw))
+    """A record from its stored form: compact, or the JSON every earlier Wharf version wrote.
+
+    A blob record at its content address stores no key: read it with `decode_blob`.
+    """
+    unpack = _UNPACK.get(cls.__name__)
+    fields = unpack(raw) if unpack is not None else encoding.legacy(raw)
+    if cls is BlobRecord and fields.get("key") is None:
+        raise encoding.RecordError("this blob record stores no key (its bytes are at the content address): decode_blob")
+    return _construct(cls, fields)
+
+
+def _construct(cls: type[T], fields: dict[str, Any]) -> T:
+    # Fields a later version added are left out, so a record it wrote still reads here.
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{name: value for name, value in fields.items() if name in names})
+
+
+def encode_blob(digest: str, record: BlobRecord, address: ContentAddress | None) -> bytes:
+    """A blob record's stored form; its key is left out when it is `address(digest)`."""
+    at_address = address is not None and record.key == address(digest)
+    key = None if at_address else record.key
+    return encoding.pack_blob(record.size, record.created, key, record.imported, record.corrupt)
+
+
+def decode_blob(digest: str, raw: bytes, address: ContentAddress | None) -> BlobRecord:
+    """A blob record (any form), its key derived from the digest when it was left out."""
+    fields = encoding.unpack_blob(raw)
+    if fields.get("key") is None:
+        if address is None:
+            raise encoding.RecordError(f"the blob record of {digest} stores no key and no content address is known")
+        fields["key"] = address(digest)
+    return _construct(BlobRecord, fields)
 
 
 @dataclass(frozen=True)
@@ -157,7 +231,11 @@ class Mark:
 
 
 def _load(cls: type, kv: KeyValue | None) -> Any:
-    return None if kv is None else cls(**json.loads(kv.value))
+    return None if kv is None else decode(cls, kv.value)
+
+
+def _tagged_digest(kv: KeyValue) -> str:
+    return decode(TagRecord, kv.value).digest
 
 
 class MissingReferences(Exception):
@@ -205,8 +283,13 @@ class BeingCollected(Exception):
 class Metadata:
     """The registry's source of truth, written only through single KV transactions."""
 
-    def __init__(self, kv: KV) -> None:
+    def __init__(self, kv: KV, *, address: ContentAddress | None = None) -> None:
+        """`address` gives a digest's content address in storage: blob records at it store no key.
+
+        Without one every blob record stores its key, and one that stores none cannot be read.
+        """
         self.kv = kv
+        self.address = address
         self._tag_index_ready = False
         # Repositories this process has seen exist: writing to them cannot change the catalog (each
         # such write guards that the repository still exists, as a whole-repository delete may remove it).
@@ -307,19 +390,33 @@ class Metadata:
                 found = await self.kv.get(key)
                 if found is None:
                     break
-                data = json.loads(found.value)
-                if data.get("corrupt"):
-                    break
-                data["corrupt"] = True
-                marked = json.dumps(data, separators=(",", ":")).encode()
+                if key == keys.blob(digest):
+                    blob = self.blob_of(digest, found.value)
+                    if blob.corrupt:
+                        break
+                    marked = self.blob_value(digest, replace(blob, corrupt=True))
+                else:
+                    link = decode(LinkRecord, found.value)
+                    if link.corrupt:
+                        break
+                    marked = encode(replace(link, corrupt=True))
                 if (await self.kv.txn([Compare.unchanged(key, found.mod_revision)], [Put(key, marked)])).succeeded:
                     break
+
+    def blob_value(self, digest: str, record: BlobRecord) -> bytes:
+        """The stored form of `digest`'s blob record."""
+        return encode_blob(digest, record, self.address)
+
+    def blob_of(self, digest: str, raw: bytes) -> BlobRecord:
+        """`digest`'s blob record from its stored form."""
+        return decode_blob(digest, raw, self.address)
 
     async def blob_records(self) -> AsyncIterator[tuple[str, BlobRecord]]:
         """Every blob record, a page at a time."""
         async for page in pages(self.kv, keys.BLOBS):
             for kv in page:
-                yield kv.key[len(keys.BLOBS) :], decode(BlobRecord, kv.value)
+                digest = kv.key[len(keys.BLOBS) :]
+                yield digest, self.blob_of(digest, kv.value)
 
     async def links_by_digest(self, digests: set[str]) -> dict[str, list[str]]:
         """The link keys (every repository) of each of `digests`, from one scan of the links."""
@@ -336,12 +433,14 @@ class Metadata:
         found = await self.kv.get(keys.blob(digest))
         if found is None:
             return False
-        record = decode(BlobRecord, found.value)
+        record = self.blob_of(digest, found.value)
         if record.key != old_key:
             return False
         moved = BlobRecord(record.size, new_key, record.created, record.imported)
         return (
-            await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], [Put(found.key, _dump(moved))])
+            await self.kv.txn(
+                [Compare.unchanged(found.key, found.mod_revision)], [Put(found.key, self.blob_value(digest, moved))]
+            )
         ).succeeded
 
     async def delete_tag(self, repo: str, tag: str, *, events: Sequence[Op] = ()) -> TagRecord | None:
@@ -354,7 +453,7 @@ class Metadata:
             found = await self.kv.get(keys.tag(repo, tag))
             if found is None:
                 return None
-            digest = json.loads(found.value)["digest"]
+            digest = _tagged_digest(found)
             ops: list[Op] = [
                 Delete(found.key),
                 Delete(keys.tagged(repo, digest, tag)),
@@ -372,7 +471,8 @@ class Metadata:
         return _load(LinkRecord, await self.kv.get(keys.link(repo, digest)))
 
     async def get_blob(self, digest: str) -> BlobRecord | None:
-        return _load(BlobRecord, await self.kv.get(keys.blob(digest)))
+        found = await self.kv.get(keys.blob(digest))
+        return None if found is None else self.blob_of(digest, found.value)
 
     async def blob_sizes(self, digests: Sequence[str]) -> dict[str, int]:
         """The size of each of `digests` that has a blob record, a batch of reads per request."""
@@ -380,7 +480,7 @@ class Metadata:
         for start in range(0, len(digests), _BATCH):
             batch = digests[start : start + _BATCH]
             result = await self.kv.txn([], [Get(keys.blob(d)) for d in batch])
-            found.update((d, decode(BlobRecord, kv.value).size) for d, kv in zip(batch, result.gets, strict=True) if kv)
+            found.update((d, self.blob_of(d, kv.value).size) for d, kv in zip(batch, result.gets, strict=True) if kv)
         return found
 
     async def commit_blob(
@@ -407,7 +507,7 @@ class Metadata:
         link_key = keys.link(repo, digest)
         # Using a blob that garbage collection marked wins over the collection.
         common: list[Op] = [
-            Put(link_key, _dump(LinkRecord(size, now))),
+            Put(link_key, encode(LinkRecord(size, now))),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(digest)),
             HOLDING_CHANGED(repo, digest),
@@ -425,7 +525,7 @@ class Metadata:
             admission, guard_writes = await self._admit(link_key, quotas, size)
             result = await self.kv.txn(
                 [Compare.absent(blob_key), not_deleting, *session_guard, *catalog_guards, *admission],
-                [Put(blob_key, _dump(record)), *common, *catalog_ops, *guard_writes],
+                [Put(blob_key, self.blob_value(digest, record)), *common, *catalog_ops, *guard_writes],
                 [Get(blob_key), Get(keys.deleting(digest)), *(Get(g.key) for g in session_guard)],
             )
             if result.succeeded:
@@ -442,9 +542,9 @@ class Metadata:
                 raise BeingCollected(digest)
             if existing is None:
                 continue  # a quota guard moved, or the blob came and went: measure again
-            found: BlobRecord = _load(BlobRecord, existing)
+            found = self.blob_of(digest, existing.value)
             # Bytes a scrub found corrupt give way to these freshly verified ones.
-            replace = [Put(blob_key, _dump(record))] if found.corrupt else []
+            fresh = [Put(blob_key, self.blob_value(digest, record))] if found.corrupt else []
             again = await self.kv.txn(
                 [
                     Compare.unchanged(blob_key, existing.mod_revision),
@@ -453,7 +553,7 @@ class Metadata:
                     *catalog_guards,
                     *admission,
                 ],
-                [*replace, *common, *catalog_ops, *guard_writes],
+                [*fresh, *common, *catalog_ops, *guard_writes],
             )
             if again.succeeded:
                 self._known_repositories.add(repo)
@@ -500,7 +600,7 @@ class Metadata:
 
     async def touch(self, digest: str) -> None:
         """Note that a client was just told this blob exists: garbage collection spares it a while."""
-        await self.kv.put(keys.touch(digest), _dump(TouchRecord(time.time())))
+        await self.kv.put(keys.touch(digest), encode(TouchRecord(time.time())))
 
     async def mount_blob(
         self,
@@ -533,7 +633,7 @@ class Metadata:
                     *admission,
                 ],
                 [
-                    Put(keys.link(repo, digest), _dump(linked)),
+                    Put(keys.link(repo, digest), encode(linked)),
                     Put(keys.repository(repo), b"{}"),
                     Delete(keys.pending_blob(digest)),
                     HOLDING_CHANGED(repo, digest),
@@ -601,7 +701,7 @@ class Metadata:
         found: list[tuple[Mark, str, str]] = []
         tagged = await self.kv.get(keys.tag(repo, tag))
         if tagged is not None:
-            found.append((Mark(tagged.key, tagged.mod_revision), json.loads(tagged.value)["digest"], "tag"))
+            found.append((Mark(tagged.key, tagged.mod_revision), _tagged_digest(tagged), "tag"))
         for kv in await self.kv.range(keys.referrers_of(repo, subject)):
             found.append((Mark(kv.key, kv.mod_revision), json.loads(kv.value)["digest"], "referrer"))
         return found
@@ -639,7 +739,7 @@ class Metadata:
         """
         base_guards = [Compare.absent(keys.deleting(record.digest)), *_fence_guards(repo)]
         base_ops: list[Op] = [
-            Put(keys.manifest(repo, record.digest), _dump(record)),
+            Put(keys.manifest(repo, record.digest), encode(record)),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(record.digest)),
             Delete(keys.pending_manifest(repo, record.digest)),
@@ -661,7 +761,7 @@ class Metadata:
         ref_ops: list[Op] = [Delete(keys.pending_blob(d)) for d in record.blobs]
         ref_ops += [Delete(keys.pending_manifest(repo, d)) for d in record.manifests]
         blob_key = keys.blob(record.digest)
-        blob = Put(blob_key, _dump(BlobRecord(record.size, storage_key, record.pushed)))
+        blob = Put(blob_key, self.blob_value(record.digest, BlobRecord(record.size, storage_key, record.pushed)))
         for _ in range(_MAX_ATTEMPTS):
             tag_guards, tag_ops = await self._tag_move(repo, tag, record, frozen_tag)
             catalog_guards, catalog_ops = await self._catalog_ops(repo)
@@ -695,11 +795,11 @@ class Metadata:
             return [], []
         key = keys.tag(repo, tag)
         current = await self.kv.get(key)
-        old = json.loads(current.value)["digest"] if current is not None else None
+        old = _tagged_digest(current) if current is not None else None
         if frozen and old is not None and old != record.digest:
             raise TagFrozen(tag, old)
         ops: list[Op] = [
-            Put(key, _dump(TagRecord(record.digest, record.media_type, record.size, record.pushed))),
+            Put(key, encode(TagRecord(record.digest, record.media_type, record.size, record.pushed))),
             Put(keys.tagged(repo, record.digest, tag), b""),
             TAGS_CHANGED(repo),
         ]
@@ -737,13 +837,13 @@ class Metadata:
         if not self._tag_index_ready:
             # A store from before the index, until the leader has built it: read every tag.
             every = await self._range_all(prefix)
-            return {kv.key[len(prefix) :]: kv for kv in every if json.loads(kv.value)["digest"] == digest}
+            return {kv.key[len(prefix) :]: kv for kv in every if _tagged_digest(kv) == digest}
         index = keys.tags_of_digest(repo, digest)
         found = {}
         for entry in await self._range_all(index):
             tag = entry.key[len(index) :]
             record = await self.kv.get(keys.tag(repo, tag))
-            if record is not None and json.loads(record.value)["digest"] == digest:
+            if record is not None and _tagged_digest(record) == digest:
                 found[tag] = record
         return found
 
@@ -754,7 +854,7 @@ class Metadata:
         written = 0
         for kv in await self._range_all(keys.TAGS):
             repo, tag = keys.split_repo_key(kv.key, keys.TAGS)
-            digest = json.loads(kv.value)["digest"]
+            digest = _tagged_digest(kv)
             entry = keys.tagged(repo, digest, tag)
             # Only if the tag is still there: a move since writes the index itself.
             if (await self.kv.txn([Compare.unchanged(kv.key, kv.mod_revision)], [Put(entry, b"")])).succeeded:
@@ -830,7 +930,7 @@ class Metadata:
         return None if found is None else decode(ImportState, found.value)
 
     async def set_import_state(self, state: ImportState) -> None:
-        await self.kv.put(keys.IMPORT_STATE, _dump(state))
+        await self.kv.put(keys.IMPORT_STATE, _json(state))
 
     async def adopt(self, adoption: Adoption) -> Adopted:
         """Write one repository's records where none is there yet: idempotent, and what Wharf has
@@ -840,15 +940,15 @@ class Metadata:
         """
         repo = adoption.repo
         writes: list[tuple[str, bytes]] = [(keys.repository(repo), b"{}")]
-        writes += [(keys.link(repo, digest), _dump(link)) for digest, link in sorted(adoption.links.items())]
+        writes += [(keys.link(repo, digest), encode(link)) for digest, link in sorted(adoption.links.items())]
         for record in adoption.manifests:
-            writes.append((keys.manifest(repo, record.digest), _dump(record)))
+            writes.append((keys.manifest(repo, record.digest), encode(record)))
             if record.subject:
                 writes.append(
                     (keys.referrer(repo, record.subject, record.digest), json.dumps(record.descriptor()).encode())
                 )
         writes += [(keys.tagged(repo, record.digest, tag), b"") for tag, record in sorted(adoption.tags.items())]
-        writes += [(keys.tag(repo, tag), _dump(record)) for tag, record in sorted(adoption.tags.items())]
+        writes += [(keys.tag(repo, tag), encode(record)) for tag, record in sorted(adoption.tags.items())]
         done = Adopted()
         # Blobs first and tags last: a reader never meets a tag whose records are not there yet.
         for digest, blob in sorted(adoption.blobs.items()):
@@ -878,15 +978,17 @@ class Metadata:
         for _ in range(_MAX_ATTEMPTS):
             existing = await self.kv.get(key)
             if existing is None:
-                if (await self.kv.txn([Compare.absent(key)], [Put(key, _dump(blob))])).succeeded:
+                if (await self.kv.txn([Compare.absent(key)], [Put(key, self.blob_value(digest, blob))])).succeeded:
                     done.written += 1
                     return
                 continue
-            current = decode(BlobRecord, existing.value)
+            current = self.blob_of(digest, existing.value)
             if current.imported == "unused" and blob.imported == "used":
                 upgraded = BlobRecord(current.size, current.key, current.created, "used")
                 if (
-                    await self.kv.txn([Compare.unchanged(key, existing.mod_revision)], [Put(key, _dump(upgraded))])
+                    await self.kv.txn(
+                        [Compare.unchanged(key, existing.mod_revision)], [Put(key, self.blob_value(digest, upgraded))]
+                    )
                 ).succeeded:
                     done.written += 1
                     return

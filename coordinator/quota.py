@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import keys
+from . import encoding, keys
 from .kv import KV, Compare, KeyValue, Put, pages
 
 _VERSION = 2
@@ -68,7 +68,7 @@ async def scan_usage(kv: KV, scope: QuotaScope) -> int:
     """The bytes a scope's links take, by reading every one of them (for counters that start)."""
     total = 0
     async for page in pages(kv, scope.links_prefix()):
-        total += sum(json.loads(item.value)["size"] for item in page)
+        total += sum(int(encoding.unpack_link(item.value)["size"]) for item in page)
     return total
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from . import keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, Watch, pages, scan
-from .metadata import BlobRecord, Metadata
+from .metadata import BlobRecord, ContentAddress, Metadata
 
 T = TypeVar("T")
 
@@ -194,8 +194,9 @@ def _entry(kv: KeyValue) -> Entry:
 class Replication:
     """The replication records of a store, seen from one node's region (`region`; `others` are the rest)."""
 
-    def __init__(self, kv: KV, region: str, others: Sequence[str]) -> None:
+    def __init__(self, kv: KV, region: str, others: Sequence[str], *, address: ContentAddress | None = None) -> None:
         self.kv = kv
+        self.address = address  # a digest's content address: blob records at it store no key
         self.region = region
         self.others = list(others)
         self.regions = [region, *self.others]
@@ -329,7 +330,7 @@ class Replication:
         span of digests are read with it, so the scan costs what it reads.
         """
         batch: list[tuple[str, BlobRecord]] = []
-        async for digest, record in Metadata(self.kv).blob_records():
+        async for digest, record in Metadata(self.kv, address=self.address).blob_records():
             batch.append((digest, record))
             if len(batch) >= _BACKFILL_BATCH:
                 for found in await self._unplaced_in(batch):

@@ -253,6 +253,16 @@ class UploadSessions:
                 if session.updated < cutoff:
                     yield session
 
+    async def committing(self) -> set[str]:
+        """Digests a live session is committing: their bytes may be at the blob's key before its record is."""
+        found = set()
+        async for page in pages(self.kv, keys.UPLOADS):
+            for item in page:
+                session = UploadSession.from_json(item.key[len(keys.UPLOADS) :], item.value, item.mod_revision)
+                if session.commit is not None:
+                    found.add(session.commit.digest)
+        return found
+
     async def end_idle(self, session: UploadSession) -> bool:
         """End an idle session as it was read, if no request is writing to it: its bytes are then the
         caller's to reclaim."""

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from coordinator.election import Election
+from coordinator.kv import OutOfSpace
 from coordinator.metadata import Conflict
 
 from . import routing
@@ -35,6 +36,7 @@ from .proxy.middleware import MirrorPaths, ProxyMiddleware
 from .readonly import ReadOnlyMiddleware
 from .routing import Endpoint
 from .services import Services
+from .space import handle_os_error, handle_out_of_space
 from .store import open_kv, open_storage
 
 log = logging.getLogger("wharf")
@@ -162,6 +164,7 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
             loop.create_task(svc.readonly.switch.run()),
             loop.create_task(health.run()),
             loop.create_task(svc.pulls.run()),
+            loop.create_task(svc.space.run()),
             loop.create_task(maintenance.work()),
         ]
         if svc.proxy.enabled:
@@ -196,6 +199,8 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
             RegistryError: handle_registry_error,
             HTTPException: _http_error,
             Conflict: handle_contention,
+            OutOfSpace: handle_out_of_space,
+            OSError: handle_os_error,
         },
     )
     if services is not None:

@@ -603,6 +603,22 @@ class EtcdTLS(_Section):
 
 
 @dataclass
+class EtcdCompaction(_Section):
+    """The leader compacts etcd's history this often (0 turns it off, for operators who compact
+    themselves), keeping `keep` revisions behind the current one and everything younger than one
+    interval, for watches that resume and snapshots being read."""
+
+    interval: Duration = 300.0
+    keep: int = 10_000
+
+    def check(self) -> None:
+        if self.interval != 0 and self.interval < 1:
+            raise _FieldError("interval", self.interval, "a duration of at least 1s, or 0 to turn compaction off")
+        if self.keep < 0:
+            raise _FieldError("keep", self.keep, "a number of revisions, 0 or more")
+
+
+@dataclass
 class EtcdCoordinator(_Section):
     endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
     prefix: str = "/wharf/"
@@ -610,6 +626,7 @@ class EtcdCoordinator(_Section):
     password: str = ""
     tls: EtcdTLS = field(default_factory=EtcdTLS)
     timeout: Duration = 5.0
+    compaction: EtcdCompaction = field(default_factory=EtcdCompaction)
 
     def check(self) -> None:
         if not self.endpoints:

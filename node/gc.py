@@ -51,6 +51,7 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
     storage = services.storage
     batch: list[str] = []
     sessions: dict[str, bool] = {}
+    committing: set[str] | None = None
     # With regions, this region's copy of a large blob may be kept at its own upload's key, which
     # only its copy record names (the blob record names the pushing region's).
     copied: set[str] = set()
@@ -60,6 +61,7 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
                 copied.add(key)
 
     async def judge(found: list[str]) -> None:
+        nonlocal committing
         digests = {key: layout.digest_from_blob_key(key) for key in found}
         recorded, named = await mark.recorded_of([d for d in digests.values() if d], found)
         for key in found:
@@ -67,6 +69,10 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
             if digest is not None:
                 if digest in recorded:
                     continue
+                if committing is None:
+                    committing = await services.sessions.committing()
+                if digest in committing:
+                    continue  # committed to its key by an upload not yet recorded (or refused): the session reclaims it
             else:
                 upload = layout.upload_of_key(key)
                 if upload is None or key in named or key in copied:
@@ -144,6 +150,7 @@ async def collect(
         reclaim_imported=reclaim_imported,
         quotas=services.policies.scopes,
         progress=progress,
+        address=services.metadata.address,
     )
     if not dry_run:
         services.readonly.check()

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from coordinator.compaction import Compactor
 from coordinator.readonly import Halted
 
 from . import backup, gc, importer, replication, retention
@@ -65,6 +66,15 @@ class Maintenance:
         # Webhook delivery: the cluster's queues, wherever their events were recorded.
         if self.services.notifier.enabled:
             jobs.append(Dispatcher(self.services).run())
+        etcd = self.services.config.coordinator.etcd
+        if etcd is not None and etcd.compaction.interval > 0:
+            compactor = Compactor(self.services.kv, etcd.compaction.keep)
+
+            async def compact() -> None:
+                if await compactor.run_once(out_of_space=self.services.space.out_of_space) is not None:
+                    self.services.metrics.coordinator_compacted_revision.set(compactor.compacted)
+
+            jobs.append(self._every(etcd.compaction.interval, compact))
         # Regions: every region's replication lag, and copies for blobs no copy record places yet.
         if self.services.regions is not None:
             jobs.append(replication.Leader(self.services).run())

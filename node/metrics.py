@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from coordinator.kv import KV, Compare, KeyValue, Op, Snapshot, TxnResult, Watch
+from coordinator.kv import KV, Compare, KeyValue, Op, Snapshot, StoreSpace, TxnResult, Watch
 
 from .storage.driver import StorageDriver, StoredObject, UploadState
 
@@ -175,6 +175,55 @@ class Metrics:
         )
         self.kv_errors = Counter(
             "wharf_coordinator_errors_total", "Coordinator KV operations that failed", ["operation"], registry=r
+        )
+        # Room in the coordinator's store, from etcd's status of each member (or the embedded file).
+        self.coordinator_db_size = Gauge(
+            "wharf_coordinator_db_size_bytes",
+            "Bytes the coordinator's database takes on disk, per etcd member (or the embedded file)",
+            ["member"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.coordinator_db_in_use = Gauge(
+            "wharf_coordinator_db_size_in_use_bytes",
+            "Bytes of the coordinator's database holding data (the rest a defragmentation gives back)",
+            ["member"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.coordinator_quota = Gauge(
+            "wharf_coordinator_quota_bytes",
+            "Size at which the coordinator refuses writes (etcd --quota-backend-bytes; embedded: file and free disk)",
+            ["member"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.coordinator_used = Gauge(
+            "wharf_coordinator_quota_used_ratio",
+            "Share of its quota the fullest coordinator member takes (writes stop at 1)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.coordinator_revision = Gauge(
+            "wharf_coordinator_revision", "The coordinator's current revision", registry=r, multiprocess_mode="max"
+        )
+        self.coordinator_alarm = Gauge(
+            "wharf_coordinator_alarm",
+            "1 while a coordinator member has the alarm raised (NOSPACE: out of space, writes refused)",
+            ["member", "alarm"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.coordinator_writes_refused = Counter(
+            "wharf_coordinator_writes_refused_total",
+            "Writes the coordinator refused for lack of space (answered 503)",
+            registry=r,
+        )
+        self.coordinator_compacted_revision = Gauge(
+            "wharf_coordinator_compacted_revision",
+            "The revision the leader last compacted the coordinator's history to",
+            registry=r,
+            multiprocess_mode="max",
         )
         self.upload_sessions = Gauge(
             "wharf_upload_sessions_open", "Upload sessions open in the cluster", registry=r, multiprocess_mode="max"
@@ -723,6 +772,18 @@ class InstrumentedKV:
 
     async def ping(self) -> None:
         await self._timed("ping").run(self.inner.ping())
+
+    async def space(self) -> StoreSpace:
+        return await self._timed("space").run(self.inner.space())
+
+    async def compact(self, revision: int) -> None:
+        await self._timed("compact").run(self.inner.compact(revision))
+
+    async def defragment(self, member: str | None = None) -> None:
+        await self._timed("defragment").run(self.inner.defragment(member))
+
+    async def disarm(self) -> tuple[str, ...]:
+        return await self._timed("disarm").run(self.inner.disarm())
 
     async def close(self) -> None:
         await self.inner.close()

@@ -78,7 +78,7 @@ class Regions:
             if region.storage is not None
         ]
         self.all = [self.own, *self.others]
-        self.replication = Replication(kv, self.name, [r.name for r in self.others])
+        self.replication = Replication(kv, self.name, [r.name for r in self.others], address=layout.blob_key)
         for region in self.all:
             metrics.region_storage_up.labels(region.name).set(1)
 

@@ -24,6 +24,8 @@ from .proxy.pullthrough import PullThrough
 from .pulls import PullRecorder
 from .readonly import ReadOnly
 from .regions import Regions
+from .space import Space
+from .storage import layout
 from .storage.driver import StorageDriver
 from .touches import Touches
 from .trust import Trust
@@ -51,6 +53,7 @@ class Services:
     touches: Touches
     policies: Policies
     readonly: ReadOnly
+    space: Space
     notifier: Notifier
     trust: Trust
     proxy: PullThrough
@@ -66,7 +69,7 @@ class Services:
         metrics = metrics or Metrics()
         kv = InstrumentedKV(kv, metrics)
         storage = InstrumentedStorage(storage, metrics)
-        metadata = Metadata(kv)
+        metadata = Metadata(kv, address=layout.blob_key)
         sessions = UploadSessions(kv)
         lease = NodeLease(kv, max(config.cluster.leasettl, 2))
         policies = Policies.from_config(config)
@@ -107,6 +110,7 @@ class Services:
             touches=Touches(metadata, config.gc.grace),
             policies=policies,
             readonly=ReadOnly(config.storage.maintenance.readonly.enabled, kv),
+            space=Space(kv, metrics, "etcd" if config.coordinator.etcd is not None else "embedded"),
             notifier=Notifier(config, kv, metrics),
             trust=trust,
             proxy=PullThrough(config.proxy, kv, metadata, storage, sessions, uploader, metrics, node_id),

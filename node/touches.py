@@ -3,9 +3,13 @@ soon, so garbage collection must leave it alone for a grace period (DESIGN.md's 
 
 from __future__ import annotations
 
+import logging
 import time
 
+from coordinator.kv import OutOfSpace
 from coordinator.metadata import Metadata
+
+log = logging.getLogger("wharf.gc")
 
 
 class Touches:
@@ -21,7 +25,12 @@ class Touches:
         last = self._written.get(digest)
         if last is not None and now - last < self._half_grace:
             return
-        await self._metadata.touch(digest)
+        try:
+            await self._metadata.touch(digest)
+        except OutOfSpace:
+            # A pull goes on while the coordinator is full; collection cannot run then either.
+            log.debug("touch of %s not recorded: the coordinator is out of space", digest)
+            return
         self._written[digest] = now
         if len(self._written) > 200_000:
             cutoff = now - self._half_grace

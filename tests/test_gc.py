@@ -140,7 +140,9 @@ async def test_sweep_sends_storage_deletes_in_batches(registry):
         batches.append(len(keys))
         await storage.delete_many(keys)
 
-    summary = await Collector(registry.kv, grace=0).run(storage.delete, counting)
+    summary = await Collector(registry.kv, grace=0, address=registry.services.metadata.address).run(
+        storage.delete, counting
+    )
     assert summary.blobs_deleted == 40 and sum(batches) == 40
     assert len(batches) < 10, batches
     assert registry.stored_bytes() == 0
@@ -173,7 +175,7 @@ async def test_blobs_within_the_grace_period_are_kept(tmp_path):
 async def test_a_manifest_push_that_uses_a_pending_blob_wins_over_the_collection(registry):
     layer = os.urandom(1000)
     digest = await registry.blob("team/app", layer)
-    collector = Collector(registry.kv, grace=0)
+    collector = Collector(registry.kv, grace=0, address=registry.services.metadata.address)
     pushed = False
 
     async def delete_object(key: str) -> None:
@@ -197,7 +199,7 @@ async def test_a_manifest_push_that_uses_a_pending_blob_wins_over_the_collection
 
 async def test_a_blob_head_after_mark_saves_it_from_deletion(registry):
     digest = await registry.blob("team/app", os.urandom(1000))
-    collector = Collector(registry.kv, grace=0)
+    collector = Collector(registry.kv, grace=0, address=registry.services.metadata.address)
     original = collector._delete_blob
 
     async def head_then_delete(candidate, delete):
@@ -216,7 +218,7 @@ async def test_a_blob_head_after_mark_saves_it_from_deletion(registry):
 async def test_a_manifest_written_between_mark_and_pending_marks_is_seen_by_the_rescan(registry):
     layer = os.urandom(1000)
     digest = await registry.blob("team/app", layer)
-    collector = Collector(registry.kv, grace=0)
+    collector = Collector(registry.kv, grace=0, address=registry.services.metadata.address)
     original = collector._pend_blob
 
     async def push_then_pend(candidate):
@@ -306,7 +308,7 @@ async def test_bytes_of_a_refused_manifest_are_reclaimed_at_once_through_their_i
 async def test_explain_names_the_tags_that_keep_a_blob(registry):
     layer = os.urandom(100)
     await registry.image("team/app", "v1", [layer])
-    collector = Collector(registry.kv, grace=3600)
+    collector = Collector(registry.kv, grace=3600, address=registry.services.metadata.address)
     report = await collector.explain("team/app", digest_of(layer))
     assert report["retained"]
     assert any("team/app@" in reason for reason in report["reasons"])
@@ -421,7 +423,9 @@ async def test_objects_no_record_names_are_reported_and_kept_unless_asked_by_nam
     summary = await gc.collect(registry.services)
     assert (summary.unaccounted_objects, summary.unaccounted_bytes) == (1, 3000)
     assert path.read_bytes() == stray, "never deleted: Wharf cannot prove it wrote it"
-    report = await Collector(registry.kv, grace=0).explain(None, digest_of(stray))
+    report = await Collector(registry.kv, grace=0, address=registry.services.metadata.address).explain(
+        None, digest_of(stray)
+    )
     assert any("no Wharf record names it" in reason for reason in report["reasons"])
     dry = await gc.collect(registry.services, dry_run=True, delete_unaccounted=True)
     assert dry.orphans_deleted == 1 and path.exists()

@@ -740,6 +740,39 @@ async def test_a_snapshot_cannot_be_read_once_its_context_ends(kv: KV) -> None:
         await snap.range("")
 
 
+# -- space: size against quota, compaction, defragmentation ------------------------------------
+
+
+async def test_space_reports_size_in_use_quota_and_revision_of_every_member(backend: Backend) -> None:
+    kv = await backend.open()
+    revision = await kv.put("k", b"v" * 1000)
+    space = await kv.space()
+    assert space.backend == backend.name
+    assert space.members and all(not m.error for m in space.members)
+    for member in space.members:
+        assert 0 < member.in_use <= member.size < member.quota
+        assert member.revision >= revision
+        assert member.alarms == ()
+    assert sum(m.leader for m in space.members) == 1
+    assert space.fullest is not None and 0 < space.fullest.used < 1
+    assert space.revision >= revision and space.alarms == ()
+
+
+async def test_compaction_and_defragmentation_keep_the_current_state(backend: Backend) -> None:
+    kv = await backend.open()
+    for n in range(50):
+        await kv.put(f"k{n % 5}", str(n).encode() * 100)
+    latest = await kv.put("last", b"1")
+    await kv.compact(latest)
+    await kv.compact(latest)  # again: nothing to do, no error
+    for member in (await kv.space()).members:
+        await kv.defragment(member.name)
+    assert sorted(k.key for k in await kv.range("")) == ["k0", "k1", "k2", "k3", "k4", "last"]
+    assert (await kv.get("k4")).value == b"49" * 100  # type: ignore[union-attr]
+    assert await kv.disarm() == ()  # no alarm raised
+    assert await kv.put("after", b"1") > latest
+
+
 # -- embedded backend: read-only opens -------------------------------------------------------
 
 

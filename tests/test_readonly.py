@@ -254,7 +254,7 @@ async def test_gc_retention_and_upload_purge_delete_nothing_while_switched_read_
 async def test_gc_that_sees_the_switch_mid_cycle_stops_before_its_next_delete(registry: InProcessRegistry) -> None:
     svc = registry.services
     digests = [await registry.blob("team/app", f"orphan {i}".encode()) for i in range(5)]
-    collector = Collector(svc.kv, grace=0)
+    collector = Collector(svc.kv, grace=0, address=svc.metadata.address)
     asked = 0
 
     def may_delete() -> bool:

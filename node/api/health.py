@@ -45,8 +45,12 @@ async def ready(request: Request) -> Response:
     if periodic is not None:
         checks.update(periodic.states())
     failing = {name for name, state in checks.items() if state != "ok"}
-    # Read-only nodes still serve pulls: ready, and saying so.
-    body: dict[str, object] = {**checks, "readonly": svc.readonly.describe()}
+    # Read-only nodes (switched, or out of space) still serve pulls: ready, and saying so.
+    body: dict[str, object] = {
+        **checks,
+        "readonly": svc.space.readonly() or svc.readonly.describe(),
+        "coordinator_space": svc.space.describe(),
+    }
     if svc.regions is not None:
         body["regions"] = svc.regions.describe()
         fallback = svc.regions.fallback()

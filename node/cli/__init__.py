@@ -20,6 +20,7 @@ from . import (
     backup,
     cache,
     cert,
+    coordinator,
     gc,
     images,
     inventory,
@@ -51,6 +52,7 @@ FAMILIES = (
     replication,
     signing,
     cache,
+    coordinator,
 )
 
 

@@ -144,7 +144,12 @@ async def _explain(services: Services, args: argparse.Namespace) -> int:
     except RegistryError as exc:
         print(f"wharf gc --explain: {exc.message}: {target}", file=sys.stderr)
         return 2
-    collector = Collector(services.kv, grace=services.config.gc.grace, delete_untagged=args.delete_untagged)
+    collector = Collector(
+        services.kv,
+        grace=services.config.gc.grace,
+        delete_untagged=args.delete_untagged,
+        address=services.metadata.address,
+    )
     report = await collector.explain(repo or None, digest)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -1,0 +1,233 @@
+"""The metadata plane's ceiling: coordinator bytes per image, live and on disk, and what an 8 GiB etcd holds.
+
+A coordinator is filled directly (not over HTTP) with synthetic images of one shape: 8 layers and a
+config blob of their own, an OCI image manifest naming them, one tag, 100 images a repository. Each
+image is written as the records a push leaves: a blob record per layer, config and manifest, a link
+per blob in its repository, the manifest record, the tag and its digest -> tag index entry (and
+the repository's record once). They are written twice, each into a fresh store:
+
+- `json`: the JSON records every Wharf before the compact form wrote (blob records with their
+  storage key), which a store may still hold and which still read;
+- `compact`: the records Wharf writes now (coordinator/encoding.py: varints, raw digests, media
+  types as one byte, no storage key for a blob at its content address).
+
+For each it reports the live key+value bytes per image, etcd's database size in use and on disk
+after compaction and defragmentation per image, how long compaction and defragmentation took, and
+the projected number of such images an 8 GiB etcd (its recommended maximum) holds; and the
+embedded coordinator's file per image. Nothing is asserted.
+
+    python loadtests/bench_metadata.py                      # 200,000 images, both forms (about 30 minutes)
+    python loadtests/bench_metadata.py --images 20000 --backends etcd
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from benchlib.images import OCI_MANIFEST, image_manifest
+from benchlib.report import fmt_num, print_table
+from services import EtcdCluster
+
+from coordinator import keys
+from coordinator.embedded import EmbeddedKV
+from coordinator.etcd import EtcdKV
+from coordinator.kv import KV, Put
+from coordinator.metadata import BlobRecord, LinkRecord, ManifestRecord, TagRecord, encode, encode_blob
+from node.storage import layout
+
+LAYERS = 8
+PER_REPOSITORY = 100
+BATCH = 120  # puts a transaction (etcd takes 128 operations by default)
+WRITERS = 8
+EIGHT_GIB = 8 << 30
+ETCD_QUOTA = 16 << 30
+
+
+def _digest(seed: str) -> str:
+    return "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
+
+
+def _legacy(record: object) -> bytes:
+    """A record as Wharf wrote it before the compact form: its fields as JSON."""
+    return json.dumps(asdict(record), separators=(",", ":")).encode()  # type: ignore[call-overload]
+
+
+def image_puts(n: int, form: str, now: float) -> list[Put]:
+    """The records one pushed image leaves (its repository's record with the first image of it)."""
+    repo = f"bench/repository-{n // PER_REPOSITORY:05d}"
+    layers = [(_digest(f"{n}/layer/{i}"), 20_000_000 + i) for i in range(LAYERS)]
+    config = (_digest(f"{n}/config"), 1_500)
+    body = image_manifest(config, layers)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    blob_form = _legacy if form == "json" else None
+    small = _legacy if form == "json" else encode
+    puts: list[Put] = []
+    for blob, size in [*layers, config, (digest, len(body))]:
+        record = BlobRecord(size, layout.blob_key(blob), now)
+        value = blob_form(record) if blob_form else encode_blob(blob, record, layout.blob_key)
+        puts.append(Put(keys.blob(blob), value))
+    for blob, size in [*layers, config]:
+        puts.append(Put(keys.link(repo, blob), small(LinkRecord(size, now))))
+    manifest = ManifestRecord(digest, OCI_MANIFEST, len(body), [d for d, _ in [config, *layers]], pushed=now)
+    puts.append(Put(keys.manifest(repo, digest), small(manifest)))
+    tag = f"v{n % PER_REPOSITORY}"
+    puts.append(Put(keys.tag(repo, tag), small(TagRecord(digest, OCI_MANIFEST, len(body), now))))
+    puts.append(Put(keys.tagged(repo, digest, tag), b""))
+    if n % PER_REPOSITORY == 0:
+        puts.append(Put(keys.repository(repo), b"{}"))
+    return puts
+
+
+def _batches(images: int, form: str) -> Iterator[list[Put]]:
+    now = time.time()
+    batch: list[Put] = []
+    for n in range(images):
+        batch.extend(image_puts(n, form, now))
+        if len(batch) >= BATCH:
+            yield batch[:BATCH]
+            batch = batch[BATCH:]
+    if batch:
+        yield batch
+
+
+@dataclass
+class Figures:
+    backend: str
+    form: str
+    images: int
+    live: int  # key + value bytes, the prefix included
+    fill_seconds: float
+    in_use: int = 0  # after compaction and defragmentation
+    on_disk: int = 0
+    on_disk_before: int = 0  # before them
+    compact_seconds: float = 0.0
+    defrag_seconds: float = 0.0
+
+
+async def _fill(kv: KV, prefix: str, images: int, form: str) -> tuple[int, float]:
+    live = 0
+    started = time.monotonic()
+    batches = _batches(images, form)
+    done = 0
+
+    async def writer() -> None:
+        nonlocal live, done
+        for batch in batches:
+            live += sum(len(prefix) + len(p.key) + len(p.value) for p in batch)
+            await kv.txn([], batch)
+            done += len(batch)
+
+    await asyncio.gather(*(writer() for _ in range(WRITERS)))
+    return live, time.monotonic() - started
+
+
+async def measure_etcd(images: int, form: str) -> Figures:
+    prefix = "/wharf/"  # the default; each run has an etcd of its own
+    with EtcdCluster(1, extra_args=("--quota-backend-bytes", str(ETCD_QUOTA))) as etcd:
+        kv = await EtcdKV.open(etcd.endpoints, prefix=prefix, timeout=60)
+        try:
+            live, seconds = await _fill(kv, prefix, images, form)
+            figures = Figures("etcd", form, images, live, seconds)
+            figures.on_disk_before = (await kv.space()).members[0].size
+            started = time.monotonic()
+            await kv.compact((await kv.txn([], [])).revision)
+            figures.compact_seconds = time.monotonic() - started
+            started = time.monotonic()
+            await kv.defragment()
+            figures.defrag_seconds = time.monotonic() - started
+            member = (await kv.space()).members[0]
+            figures.in_use, figures.on_disk = member.in_use, member.size
+            return figures
+        finally:
+            await kv.close()
+
+
+async def measure_embedded(images: int, form: str) -> Figures:
+    with tempfile.TemporaryDirectory(prefix="wharf-bench-metadata-") as root:
+        kv = EmbeddedKV(os.path.join(root, "coordinator.db"))
+        try:
+            live, seconds = await _fill(kv, "", images, form)
+            figures = Figures("embedded", form, images, live, seconds)
+            figures.on_disk_before = (await kv.space()).members[0].size
+            started = time.monotonic()
+            await kv.defragment()
+            figures.defrag_seconds = time.monotonic() - started
+            member = (await kv.space()).members[0]
+            figures.in_use, figures.on_disk = member.in_use, member.size
+            return figures
+        finally:
+            await kv.close()
+
+
+def _report(results: list[Figures]) -> None:
+    rows = []
+    for f in results:
+        per_disk = f.on_disk / f.images
+        rows.append(
+            [
+                f"{f.backend} {f.form}",
+                fmt_num(f.images),
+                fmt_num(f.live / f.images),
+                fmt_num(f.in_use / f.images),
+                fmt_num(per_disk),
+                fmt_num(f.on_disk_before / f.images),
+                f"{f.fill_seconds:.1f}",
+                f"{f.compact_seconds:.2f}" if f.backend == "etcd" else "-",
+                f"{f.defrag_seconds:.2f}",
+                fmt_num(EIGHT_GIB / per_disk) if f.backend == "etcd" else "-",
+            ]
+        )
+    print_table(
+        "Coordinator bytes per image",
+        f"{LAYERS} layers + config + OCI manifest + 1 tag an image, {PER_REPOSITORY} images a repository; "
+        "'disk' after compaction and defragmentation",
+        [
+            "store, records",
+            "images",
+            "live B",
+            "in use B",
+            "disk B",
+            "disk B before",
+            "fill s",
+            "compact s",
+            "defrag s",
+            "images in 8 GiB",
+        ],
+        rows,
+    )
+    by = {(f.backend, f.form): f for f in results}
+    for backend in ("etcd", "embedded"):
+        before, after = by.get((backend, "json")), by.get((backend, "compact"))
+        if before and after:
+            print(
+                f"  {backend}: compact records take {after.live / before.live:.0%} of the JSON records' live bytes "
+                f"and {after.on_disk / before.on_disk:.0%} of their bytes on disk"
+            )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=200_000, help="images a store is filled with")
+    parser.add_argument("--backends", default="etcd,embedded", help="etcd, embedded or both")
+    parser.add_argument("--forms", default="json,compact", help="json (before), compact (now) or both")
+    args = parser.parse_args()
+    results = []
+    for backend in args.backends.split(","):
+        for form in args.forms.split(","):
+            measure = measure_etcd if backend == "etcd" else measure_embedded
+            figures = await measure(args.images, form)
+            print(f"{backend} {form}: {figures}", flush=True)
+            results.append(figures)
+    _report(results)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
