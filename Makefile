@@ -8,7 +8,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk haproxy 
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-s3 bench-gc install install-test deb-test lint clean
+.PHONY: run test bench bench-s3 bench-gc bench-scale bench-signatures install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,5 +57,13 @@ bench-s3: install-test
 bench-gc: install-test
 	$(PY) loadtests/bench_gc.py $(BENCH_ARGS)
 
+# Manifest GET with a signature policy against without, on one node, in the same run.
+bench-signatures: install-test
+	$(PY) loadtests/bench_signatures.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) wharf-data
+
+# Server CPU per push, tag list and delete at 0, 5,000 and 20,000 tags; embedded and etcd, quotas on and off.
+bench-scale: install-test
+	$(PY) loadtests/bench_scale.py $(BENCH_ARGS)

@@ -14,6 +14,12 @@ from .lease import KeptLease
 log = logging.getLogger("wharf.election")
 
 
+async def current_leader(kv: KV, job: str) -> str | None:
+    """The candidate leading `job` now, or None."""
+    found = await kv.get(keys.leader(job))
+    return found.value.decode() if found else None
+
+
 class Election:
     """Campaign for one job's leadership and run `lead` while leader.
 
@@ -31,8 +37,7 @@ class Election:
         self._stopped = asyncio.Event()
 
     async def leader(self) -> str | None:
-        found = await self.kv.get(keys.leader(self.job))
-        return found.value.decode() if found else None
+        return await current_leader(self.kv, self.job)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -32,8 +32,9 @@ from typing import Any
 
 from . import keys, quota
 from .gcmark import Mark
-from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
-from .metadata import BlobRecord, Metadata, Release, decode
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
+from .metadata import BlobRecord, LinkRecord, ManifestRecord, Metadata, Release, TagRecord, TouchRecord, decode
+from .readonly import Halted
 
 log = logging.getLogger("wharf.gc")
 
@@ -135,6 +136,16 @@ def _no_progress(phase: str, done: int, total: int) -> None:
     pass
 
 
+async def orphan_sweep_due(kv: KV, interval: float) -> bool:
+    """Whether the last sweep of storage for objects no record names is `interval` old (or never ran)."""
+    last = await kv.get(keys.GC_ORPHANS_LAST)
+    return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
+
+
+async def orphan_sweep_done(kv: KV) -> None:
+    await kv.put(keys.GC_ORPHANS_LAST, json.dumps({"at": time.time()}).encode())
+
+
 class Collector:
     def __init__(
         self,
@@ -158,20 +169,19 @@ class Collector:
         self.workdir = workdir
         self.progress = progress
         self.summary = Summary()
+        # Asked before each deletion; False stops the cycle there (Halted): the registry went read-only.
+        self.may_delete: Callable[[], bool] = lambda: True
+
+    def _check_may_delete(self) -> None:
+        if not self.may_delete():
+            raise Halted("read-only: garbage collection stopped before deleting more")
 
     async def _all(self, prefix: str) -> list[KeyValue]:
-        """Every record under `prefix` (for `explain` and the storage sweep, which read few)."""
-        return [kv async for page in self._pages(prefix) for kv in page]
+        """Every record under `prefix` (for `explain`, which reads few)."""
+        return await scan(self.kv, prefix)
 
-    async def _pages(self, prefix: str) -> AsyncIterator[list[KeyValue]]:
-        start: str | None = None
-        while True:
-            page = await self.kv.range(prefix, start=start, limit=_PAGE)
-            if page:
-                yield page
-            if len(page) < _PAGE:
-                return
-            start = keys.after(page[-1].key)
+    def _pages(self, prefix: str) -> AsyncIterator[list[KeyValue]]:
+        return pages(self.kv, prefix)
 
     async def _next_epoch(self) -> None:
         """Fail any very large manifest write that checked its references before this point."""
@@ -256,10 +266,10 @@ class Collector:
                 if kv.mod_revision <= since:
                     continue
                 repo = keys.split_repo_key(kv.key, keys.MANIFESTS)[0]
-                record = json.loads(kv.value)
-                digests.add(record["digest"])
-                digests.update(record.get("blobs", []))
-                children.update(keys.manifest(repo, d) for d in record.get("manifests", []))
+                record = decode(ManifestRecord, kv.value)
+                digests.add(record.digest)
+                digests.update(record.blobs)
+                children.update(keys.manifest(repo, d) for d in record.manifests)
         return digests, children
 
     # -- manifests --------------------------------------------------------------------------
@@ -321,6 +331,7 @@ class Collector:
             c.pending_revision = result.revision
 
     async def _delete_manifest(self, c: ManifestCandidate) -> bool:
+        self._check_may_delete()
         key = keys.manifest(c.repo, c.digest)
         mark = keys.pending_manifest(c.repo, c.digest)
         ops: list[Op] = [Delete(key), Delete(mark)]
@@ -483,6 +494,7 @@ class Collector:
     async def _unlink(
         self, link_key: str, repo: str, digest: str, revision: int, touch_revision: int, repo_revision: int, size: int
     ) -> bool:
+        self._check_may_delete()
         guards = [
             Compare.unchanged(keys.repository(repo), repo_revision),
             Compare.unchanged(link_key, revision),
@@ -510,6 +522,7 @@ class Collector:
             c.pending_revision = result.revision
 
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
+        self._check_may_delete()
         mark = keys.pending_blob(c.digest)
         expected = {
             mark: c.pending_revision,
@@ -565,26 +578,30 @@ class Collector:
     async def explain(self, repo: str | None, digest: str) -> dict[str, Any]:
         """Why `digest` is kept (tags, manifests, referrers that use it) or when it may go."""
         now = time.time()
-        tags = await self._all(keys.TAGS)
-        manifests = await self._all(keys.MANIFESTS)
-        users = []
-        for kv in manifests:
-            record = json.loads(kv.value)
-            if digest in record.get("blobs", []) or digest in record.get("manifests", []):
-                users.append(kv.key[len(keys.MANIFESTS) :])
-        own = [kv.key[len(keys.MANIFESTS) :] for kv in manifests if kv.key.endswith("@" + digest)]
-        tagged = [
-            f"{kv.key[len(keys.TAGS) :].replace('@', ':', 1)}"
-            for kv in tags
-            if json.loads(kv.value)["digest"] == digest
-        ]
+        users: list[str] = []
+        own: list[str] = []
+        tagged: list[str] = []
+        # Streamed a page at a time, keeping only what names `digest`.
+        async for page in self._pages(keys.MANIFESTS):
+            for kv in page:
+                manifest = decode(ManifestRecord, kv.value)
+                if digest in manifest.blobs or digest in manifest.manifests:
+                    users.append(kv.key[len(keys.MANIFESTS) :])
+                if manifest.digest == digest:
+                    own.append(kv.key[len(keys.MANIFESTS) :])
+        async for page in self._pages(keys.TAGS):
+            for kv in page:
+                if decode(TagRecord, kv.value).digest == digest:
+                    repo, tag = keys.split_repo_key(kv.key, keys.TAGS)
+                    tagged.append(f"{repo}:{tag}")
         blob = await self.kv.get(keys.blob(digest))
         touch = await self.kv.get(keys.touch(digest))
         released = 0.0
-        for kv in await self._all(keys.RELEASED):
-            note = decode(Release, kv.value)
-            if digest == keys.split_repo_key(kv.key, keys.RELEASED)[1] or digest in note.blobs:
-                released = max(released, note.at)
+        async for page in self._pages(keys.RELEASED):
+            for kv in page:
+                note = decode(Release, kv.value)
+                if digest == keys.split_repo_key(kv.key, keys.RELEASED)[1] or digest in note.blobs:
+                    released = max(released, note.at)
         record = decode(BlobRecord, blob.value) if blob is not None else None
         reasons: list[str] = []
         if tagged:
@@ -596,11 +613,12 @@ class Collector:
         active = 0.0
         if record is not None:
             active = max(active, record.created)
-        for link in await self._all(keys.LINKS):
-            if link.key.endswith("@" + digest):
-                active = max(active, json.loads(link.value).get("linked", 0))
+        async for page in self._pages(keys.LINKS):
+            for link in page:
+                if link.key.endswith("@" + digest):
+                    active = max(active, decode(LinkRecord, link.value).linked)
         if touch is not None:
-            active = max(active, json.loads(touch.value).get("at", 0))
+            active = max(active, decode(TouchRecord, touch.value).at)
         if not users and not tagged and self._young(active, now - self.grace, released):
             reasons.append(f"{HELD_YOUNG}: for {active + self.grace - now:.0f}s more")
         if record is not None and record.imported == "unused" and not users and not self.reclaim_imported:
@@ -666,13 +684,3 @@ class _DeleteBatcher:
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
-
-
-def _sibling(manifest_key: str, digest: str) -> str:
-    """The key of manifest `digest` in the same repository as `manifest_key`."""
-    return manifest_key.rsplit("@", 1)[0] + "@" + digest
-
-
-def _split_tag(kv: KeyValue) -> tuple[str, str]:
-    repo = kv.key[len(keys.TAGS) :].rsplit("@", 1)[0]
-    return repo, json.loads(kv.value)["digest"]

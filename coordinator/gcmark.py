@@ -11,7 +11,6 @@ temporary directory and is removed when the cycle ends.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import sqlite3
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 
 from . import keys
 from .kv import KeyValue
+from .metadata import LinkRecord, ManifestRecord, TagRecord, TouchRecord, decode
 
 T = TypeVar("T")
 
@@ -105,21 +105,11 @@ class Mark:
         rows, children, blobs = [], [], []
         for kv in page:
             repo, digest = keys.split_repo_key(kv.key, keys.MANIFESTS)
-            record = json.loads(kv.value)
-            subject = record.get("subject")
-            rows.append(
-                (
-                    kv.key,
-                    repo,
-                    digest,
-                    kv.mod_revision,
-                    keys.manifest(repo, subject) if subject else None,
-                    float(record.get("pushed", 0)),
-                    int(record.get("size", 0)),
-                )
-            )
-            children += [(kv.key, keys.manifest(repo, child)) for child in record.get("manifests", [])]
-            blobs += [(kv.key, blob) for blob in dict.fromkeys(record.get("blobs", []))]
+            record = decode(ManifestRecord, kv.value)
+            subject = keys.manifest(repo, record.subject) if record.subject else None
+            rows.append((kv.key, repo, digest, kv.mod_revision, subject, record.pushed, record.size))
+            children += [(kv.key, keys.manifest(repo, child)) for child in record.manifests]
+            blobs += [(kv.key, blob) for blob in dict.fromkeys(record.blobs)]
 
         def write(db: sqlite3.Connection) -> None:
             with _txn(db):
@@ -134,7 +124,8 @@ class Mark:
 
     async def add_tags(self, page: Sequence[KeyValue]) -> None:
         roots = [
-            (keys.manifest(keys.split_repo_key(kv.key, keys.TAGS)[0], json.loads(kv.value)["digest"]),) for kv in page
+            (keys.manifest(keys.split_repo_key(kv.key, keys.TAGS)[0], decode(TagRecord, kv.value).digest),)
+            for kv in page
         ]
         await self.run(lambda db: _executemany(db, "INSERT OR IGNORE INTO tag_root VALUES (?)", roots))
 
@@ -160,14 +151,12 @@ class Mark:
         rows = []
         for kv in page:
             repo, digest = keys.split_repo_key(kv.key, keys.LINKS)
-            record = json.loads(kv.value)
-            rows.append(
-                (kv.key, repo, digest, kv.mod_revision, int(record.get("size", 0)), float(record.get("linked", 0)))
-            )
+            link = decode(LinkRecord, kv.value)
+            rows.append((kv.key, repo, digest, kv.mod_revision, link.size, link.linked))
         await self.run(lambda db: _executemany(db, "INSERT OR REPLACE INTO link VALUES (?,?,?,?,?,?)", rows))
 
     async def add_touches(self, page: Sequence[KeyValue]) -> None:
-        rows = [(kv.key[len(keys.TOUCHES) :], kv.mod_revision, float(json.loads(kv.value).get("at", 0))) for kv in page]
+        rows = [(kv.key[len(keys.TOUCHES) :], kv.mod_revision, decode(TouchRecord, kv.value).at) for kv in page]
         await self.run(lambda db: _executemany(db, "INSERT OR REPLACE INTO touch VALUES (?,?,?)", rows))
 
     # -- manifests ----------------------------------------------------------------------------

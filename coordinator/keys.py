@@ -42,6 +42,15 @@ RETENTION_LAST_RUN = "retention/last-run"
 STORE_IDENTITY = "store/identity"
 # Adoption of a registry:2 store: pending, running (with its progress) or done.
 IMPORT_STATE = "store/import"
+# The cluster-wide read-only switch (`wharf maintenance readonly on|off`), watched by every node.
+READONLY = "maintenance/readonly"
+# Notification events: written to the inbox in the transaction of the change they describe, moved
+# in commit order to one queue per endpoint and repository partition, deleted once delivered.
+NOTIFY = "notify/"
+NOTIFY_INBOX = NOTIFY + "inbox/"
+NOTIFY_QUEUES = NOTIFY + "queue/"
+NOTIFY_SEQ = NOTIFY + "seq"
+NOTIFY_STATUS = NOTIFY + "status/"
 # Present while a retention run is under way; left behind, it shows the next run one was cut short.
 RETENTION_PROGRESS = "retention/progress"
 # The newest line (number and hash) an audit log is known to have had, one record per chain.
@@ -53,7 +62,8 @@ AUDIT_HEADS = "audit/head/"
 RESTORING = "restore/in-progress"
 # Records of processes at work, not of the registry: snapshots leave them out (with every key
 # attached to a lease), and a restore leaves the coordinator's own alone.
-EPHEMERAL = (LEADER, DELETING, RESTORING)
+# Notification queues are deliveries in flight: a restored snapshot must not send old events again.
+EPHEMERAL = (LEADER, DELETING, RESTORING, NOTIFY)
 
 
 def ephemeral(key: str) -> bool:
@@ -117,6 +127,18 @@ def referrers_of(repo: str, subject: str) -> str:
     return f"{REFERRERS}{repo}@{subject}/"
 
 
+def referrers_in(repo: str) -> str:
+    """Every referrer entry of one repository, whatever its subject."""
+    return f"{REFERRERS}{repo}@"
+
+
+def split_referrer_key(key: str) -> tuple[str, str, str]:
+    """(repository, subject, referrer digest) of a referrer entry's key."""
+    repo, _, rest = key[len(REFERRERS) :].rpartition("@")
+    subject, _, digest = rest.partition("/")
+    return repo, subject, digest
+
+
 def upload(upload_id: str) -> str:
     return f"{UPLOADS}{upload_id}"
 
@@ -177,3 +199,30 @@ def quota_guard(scope: str) -> str:
 def audit_head(chain: str) -> str:
     """Where the audit chain `chain` records its newest line, so a truncated tail is noticed."""
     return f"{AUDIT_HEADS}{chain}"
+
+
+def notify_inbox(event_id: str) -> str:
+    return f"{NOTIFY_INBOX}{event_id}"
+
+
+def _endpoint(name: str) -> str:
+    return quote(name, safe="")
+
+
+def notify_queue(endpoint: str) -> str:
+    """Every queued event of one notification endpoint (all partitions)."""
+    return f"{NOTIFY_QUEUES}{_endpoint(endpoint)}/"
+
+
+def notify_partition(endpoint: str, partition: int) -> str:
+    return f"{notify_queue(endpoint)}{partition:02d}/"
+
+
+def notify_queued(endpoint: str, partition: int, seq: int) -> str:
+    """One queued event; zero-padded so key order is delivery order."""
+    return f"{notify_partition(endpoint, partition)}{seq:020d}"
+
+
+def notify_status(endpoint: str) -> str:
+    """How delivery to an endpoint last went (written by the delivering leader)."""
+    return f"{NOTIFY_STATUS}{_endpoint(endpoint)}"

@@ -206,3 +206,28 @@ def prefix_end(prefix: str) -> str:
             return raw.decode("utf-8", errors="surrogateescape")
         raw.pop()
     return "\0"
+
+
+SCAN_PAGE = 1000
+
+
+async def pages(
+    kv: KV, prefix: str, *, start: str | None = None, page: int = SCAN_PAGE
+) -> AsyncIterator[list[KeyValue]]:
+    """Every key under `prefix` (from `start`), a page at a time: memory stays one page deep.
+
+    Both backends read a page without walking the rest of the range (etcd through bounded
+    windows), so a whole scan costs what it returns.
+    """
+    while True:
+        found = await kv.range(prefix, start=start, limit=page)
+        if found:
+            yield found
+        if len(found) < page:
+            return
+        start = found[-1].key + "\0"
+
+
+async def scan(kv: KV, prefix: str, *, start: str | None = None) -> list[KeyValue]:
+    """Every key under `prefix`, read a page at a time (for ranges known to be small)."""
+    return [item async for found in pages(kv, prefix, start=start) for item in found]

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from . import keys
-from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
 from .quota import QuotaScope, admit
 from .quota import release as release_quota
 from .uploads import SessionChanged, UploadSession
@@ -22,7 +22,6 @@ _MAX_ATTEMPTS = 20
 # Room left in one transaction (etcd allows 128 compares and 128 operations) for references.
 _TXN_BUDGET = 120
 _BATCH = 100
-_PAGE = 1000
 
 
 # Marks a referrer descriptor whose annotations must be read from the manifest itself.
@@ -49,6 +48,13 @@ class LinkRecord:
     linked: float
     # A scrub found the stored bytes do not hash to the digest: not served until pushed again here.
     corrupt: bool = False
+
+
+@dataclass(frozen=True)
+class TouchRecord:
+    """When a client was last told a blob exists (a HEAD, a GET, a mount)."""
+
+    at: float
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,24 @@ class ManifestRecord:
         return desc
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A record as a read found it (mod_revision 0: absent), to check later that it has not changed.
+
+    A check rides along with a read the caller makes anyway, in the same round trip.
+    """
+
+    key: str
+    mod_revision: int
+
+    @classmethod
+    def of(cls, key: str, found: KeyValue | None) -> Mark:
+        return cls(key, found.mod_revision if found is not None else 0)
+
+    def holds(self, found: KeyValue | None) -> bool:
+        return (found.mod_revision if found is not None else 0) == self.mod_revision
+
+
 def _load(cls: type, kv: KeyValue | None) -> Any:
     return None if kv is None else cls(**json.loads(kv.value))
 
@@ -178,6 +202,36 @@ class Metadata:
     async def get_tag(self, repo: str, tag: str) -> TagRecord | None:
         return _load(TagRecord, await self.kv.get(keys.tag(repo, tag)))
 
+    async def get_tag_checked(self, repo: str, tag: str, marks: Sequence[Mark]) -> tuple[TagRecord | None, bool]:
+        """A tag, and whether every one of `marks` still holds: one round trip, at one revision."""
+        if not marks:
+            return await self.get_tag(repo, tag), True
+        found, holds = await self._read_checked(keys.tag(repo, tag), marks)
+        return _load(TagRecord, found), holds
+
+    async def _read_checked(self, key: str, marks: Sequence[Mark]) -> tuple[KeyValue | None, bool]:
+        result = await self.kv.txn([], [Get(key), *[Get(mark.key) for mark in marks]])
+        gets = result.gets
+        for mark, now in zip(marks, gets[1:], strict=True):
+            if not mark.holds(now):
+                return gets[0], False
+        return gets[0], True
+
+    async def tags_with_prefix(self, repo: str, prefix: str) -> list[str]:
+        """The repository's tags that start with `prefix`, in order."""
+        start = keys.tag(repo, prefix)
+        return [tag async for tag in self._names_under(start, len(keys.tags_of(repo)))]
+
+    async def _names_under(self, prefix: str, cut: int) -> AsyncIterator[str]:
+        async for page in pages(self.kv, prefix):
+            for kv in page:
+                yield kv.key[cut:]
+
+    async def repository_mark(self, repo: str) -> Mark:
+        """The repository record, rewritten by every manifest put and blob link in it: a mark of "nothing new"."""
+        key = keys.repository(repo)
+        return Mark.of(key, await self.kv.get(key))
+
     async def list_tags(self, repo: str, *, last: str | None = None, limit: int = 0) -> list[str]:
         prefix = keys.tags_of(repo)
         start = keys.after(keys.tag(repo, last)) if last else None
@@ -214,15 +268,7 @@ class Metadata:
         tags = {tag: record.digest for tag, record in (await self.tag_records(repo)).items()}
         found: list[list[str]] = []
         for prefix in (keys.manifests_of(repo), keys.links_of(repo)):
-            digests: list[str] = []
-            start: str | None = None
-            while True:
-                page = await self.kv.range(prefix, start=start, limit=_PAGE)
-                digests += [kv.key[len(prefix) :] for kv in page]
-                if len(page) < _PAGE:
-                    break
-                start = keys.after(page[-1].key)
-            found.append(digests)
+            found.append([kv.key[len(prefix) :] async for page in pages(self.kv, prefix) for kv in page])
         return tags, found[0], found[1]
 
     async def mark_corrupt(self, digest: str, link_keys: Iterable[str]) -> None:
@@ -243,28 +289,19 @@ class Metadata:
 
     async def blob_records(self) -> AsyncIterator[tuple[str, BlobRecord]]:
         """Every blob record, a page at a time."""
-        start: str | None = None
-        while True:
-            page = await self.kv.range(keys.BLOBS, start=start, limit=_PAGE)
+        async for page in pages(self.kv, keys.BLOBS):
             for kv in page:
                 yield kv.key[len(keys.BLOBS) :], decode(BlobRecord, kv.value)
-            if len(page) < _PAGE:
-                return
-            start = keys.after(page[-1].key)
 
     async def links_by_digest(self, digests: set[str]) -> dict[str, list[str]]:
         """The link keys (every repository) of each of `digests`, from one scan of the links."""
         found: dict[str, list[str]] = {}
-        start: str | None = None
-        while True:
-            page = await self.kv.range(keys.LINKS, start=start, limit=_PAGE)
+        async for page in pages(self.kv, keys.LINKS):
             for kv in page:
                 _, digest = keys.split_repo_key(kv.key, keys.LINKS)
                 if digest in digests:
                     found.setdefault(digest, []).append(kv.key)
-            if len(page) < _PAGE:
-                return found
-            start = keys.after(page[-1].key)
+        return found
 
     async def move_blob(self, digest: str, old_key: str, new_key: str) -> bool:
         """Point a blob record at another copy of its bytes, if it still names `old_key`."""
@@ -279,10 +316,11 @@ class Metadata:
             await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], [Put(found.key, _dump(moved))])
         ).succeeded
 
-    async def delete_tag(self, repo: str, tag: str) -> TagRecord | None:
+    async def delete_tag(self, repo: str, tag: str, *, events: Sequence[Op] = ()) -> TagRecord | None:
         """Remove a tag; the record it had when it went (None if there was none).
 
-        Garbage collection may then take its manifest at once (if untagged ones go).
+        Garbage collection may then take its manifest at once (if untagged ones go). `events`
+        (notification records) are written in the same transaction, and only if it happens.
         """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.tag(repo, tag))
@@ -294,6 +332,7 @@ class Metadata:
                 Delete(keys.tagged(repo, digest, tag)),
                 release(repo, digest, manifests=[digest]),
                 TAGS_CHANGED(repo),
+                *events,
             ]
             if (await self.kv.txn([Compare.unchanged(found.key, found.mod_revision)], ops)).succeeded:
                 return _load(TagRecord, found)
@@ -316,6 +355,7 @@ class Metadata:
         *,
         upload: UploadSession | None = None,
         quotas: Sequence[QuotaScope] = (),
+        events: Sequence[Op] = (),
     ) -> BlobRecord:
         """Record a blob now in storage and link it into `repo`, ending its upload session.
 
@@ -323,7 +363,8 @@ class Metadata:
         cancelled or purged meanwhile, SessionChanged otherwise), and it goes in the same
         transaction. Returns the blob record in force: if the digest was already recorded, the
         earlier record stands and the caller's copy at `key` is redundant. A new link must fit every
-        quota in `quotas` (QuotaExceeded otherwise, and nothing changes).
+        quota in `quotas` (QuotaExceeded otherwise, and nothing changes). `events` (notification
+        records) are written with the link.
         """
         now = time.time()
         link_key = keys.link(repo, digest)
@@ -332,6 +373,7 @@ class Metadata:
             Put(link_key, _dump(LinkRecord(size, now))),
             Put(keys.repository(repo), b"{}"),
             Delete(keys.pending_blob(digest)),
+            *events,
         ]
         session_guard: list[Compare] = []
         if upload is not None:
@@ -409,12 +451,21 @@ class Metadata:
 
     async def touch(self, digest: str) -> None:
         """Note that a client was just told this blob exists: garbage collection spares it a while."""
-        await self.kv.put(keys.touch(digest), json.dumps({"at": time.time()}).encode())
+        await self.kv.put(keys.touch(digest), _dump(TouchRecord(time.time())))
 
     async def mount_blob(
-        self, repo: str, digest: str, source: str, *, quotas: Sequence[QuotaScope] = ()
+        self,
+        repo: str,
+        digest: str,
+        source: str,
+        *,
+        quotas: Sequence[QuotaScope] = (),
+        events: Callable[[int], Sequence[Op]] = lambda size: (),
     ) -> LinkRecord | None:
-        """Link a blob of `source` into `repo`; None if `source` does not have it."""
+        """Link a blob of `source` into `repo`; None if `source` does not have it.
+
+        `events(size)` gives the notification records written with the link.
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.link(source, digest))
             if found is None:
@@ -435,6 +486,7 @@ class Metadata:
                     Delete(keys.pending_blob(digest)),
                     *guard_writes,
                     *await self._catalog_ops(repo),
+                    *events(record.size),
                 ],
             )
             if result.succeeded:
@@ -442,8 +494,13 @@ class Metadata:
                 return linked
         raise Conflict(f"mount of {digest} kept racing")
 
-    async def unlink_blob(self, repo: str, digest: str, *, quotas: Sequence[QuotaScope] = ()) -> bool:
-        """Remove a blob's link from `repo`, giving its bytes back to the quotas that counted them."""
+    async def unlink_blob(
+        self, repo: str, digest: str, *, quotas: Sequence[QuotaScope] = (), events: Sequence[Op] = ()
+    ) -> bool:
+        """Remove a blob's link from `repo`, giving its bytes back to the quotas that counted them.
+
+        `events` (notification records) are written in the same transaction, and only if it happens.
+        """
         key = keys.link(repo, digest)
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(key)
@@ -451,9 +508,8 @@ class Metadata:
                 return False
             link: LinkRecord = _load(LinkRecord, found)
             compares, writes = await release_quota(self.kv, {scope: link.size for scope in quotas})
-            if (
-                await self.kv.txn([Compare.unchanged(key, found.mod_revision), *compares], [Delete(key), *writes])
-            ).succeeded:
+            ops: list[Op] = [Delete(key), *writes, *events]
+            if (await self.kv.txn([Compare.unchanged(key, found.mod_revision), *compares], ops)).succeeded:
                 return True
         raise Conflict(f"unlink of {digest} kept racing")
 
@@ -461,6 +517,46 @@ class Metadata:
 
     async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
         return _load(ManifestRecord, await self.kv.get(keys.manifest(repo, digest)))
+
+    async def get_manifest_checked(
+        self, repo: str, digest: str, marks: Sequence[Mark]
+    ) -> tuple[ManifestRecord | None, bool]:
+        """A manifest record, and whether every one of `marks` still holds: one round trip, at one revision."""
+        if not marks:
+            return await self.get_manifest(repo, digest), True
+        found, holds = await self._read_checked(keys.manifest(repo, digest), marks)
+        return _load(ManifestRecord, found), holds
+
+    async def manifests_marked(self, repo: str, digests: Sequence[str]) -> dict[str, tuple[ManifestRecord, Mark]]:
+        """The records of those of `digests` that are manifests of `repo`, each with its mark."""
+        found: dict[str, tuple[ManifestRecord, Mark]] = {}
+        for start in range(0, len(digests), _BATCH):
+            batch = digests[start : start + _BATCH]
+            result = await self.kv.txn([], [Get(keys.manifest(repo, d)) for d in batch])
+            for digest, kv in zip(batch, result.gets, strict=True):
+                if kv is not None:
+                    found[digest] = (_load(ManifestRecord, kv), Mark(kv.key, kv.mod_revision))
+        return found
+
+    async def pointers_to(self, repo: str, tag: str, subject: str) -> list[tuple[Mark, str, str]]:
+        """What `tag` points at and every referrer of `subject`: (mark, manifest digest, "tag" or "referrer").
+
+        These are where signatures of `subject` are found (cosign's tag scheme and OCI 1.1 referrers).
+        """
+        found: list[tuple[Mark, str, str]] = []
+        tagged = await self.kv.get(keys.tag(repo, tag))
+        if tagged is not None:
+            found.append((Mark(tagged.key, tagged.mod_revision), json.loads(tagged.value)["digest"], "tag"))
+        for kv in await self.kv.range(keys.referrers_of(repo, subject)):
+            found.append((Mark(kv.key, kv.mod_revision), json.loads(kv.value)["digest"], "referrer"))
+        return found
+
+    async def referrer_subjects(self, repo: str) -> set[str]:
+        """Every digest in `repo` that has a referrer."""
+        subjects = set()
+        async for rest in self._names_under(keys.referrers_in(repo), 0):
+            subjects.add(keys.split_referrer_key(rest)[1])
+        return subjects
 
     async def put_manifest(
         self,
@@ -471,10 +567,12 @@ class Metadata:
         storage_key: str,
         frozen_tag: bool = False,
         intent: UploadSession | None = None,
+        events: Sequence[Op] = (),
     ) -> None:
         """Record a manifest (already in storage) and point `tag` at it, in one transaction.
 
         `intent` is the upload session that recorded the write of its bytes; it ends here.
+        `events` (notification records) are written in the same transaction.
 
         Every referenced blob and child manifest must be linked in `repo` at the moment of the
         write; otherwise nothing changes and MissingReferences says what is missing. A
@@ -494,6 +592,7 @@ class Metadata:
             )
         if intent is not None:
             base_ops += intent.ending()
+        base_ops.extend(events)
         # Everything it names must be there, and whatever it names is no longer garbage: the
         # push wins over a collection that marked it.
         ref_guards = [Compare.present(keys.link(repo, d)) for d in record.blobs]
@@ -592,14 +691,7 @@ class Metadata:
         return written
 
     async def _range_all(self, prefix: str) -> list[KeyValue]:
-        found: list[KeyValue] = []
-        start: str | None = None
-        while True:
-            page = await self.kv.range(prefix, start=start, limit=_PAGE)
-            found += page
-            if len(page) < _PAGE:
-                return found
-            start = keys.after(page[-1].key)
+        return await scan(self.kv, prefix)
 
     async def _claim_references(
         self, repo: str, record: ManifestRecord, ref_guards: list[Compare], ref_ops: list[Op]
@@ -621,8 +713,13 @@ class Metadata:
         if missing_blobs or missing_manifests:
             raise MissingReferences(missing_blobs, missing_manifests)
 
-    async def delete_manifest(self, repo: str, digest: str) -> bool:
-        """Remove a manifest, every tag that points at it and its referrer entry, atomically."""
+    async def delete_manifest(
+        self, repo: str, digest: str, *, events: Callable[[list[str]], Sequence[Op]] = lambda tags: ()
+    ) -> bool:
+        """Remove a manifest, every tag that points at it and its referrer entry, atomically.
+
+        `events(tags)`, given the tags that go with it, gives notification records written with it.
+        """
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.manifest(repo, digest))
             if found is None:
@@ -638,7 +735,13 @@ class Metadata:
             if record.subject:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
+            notes = list(events(list(tagged)))
+            room = max(_TXN_BUDGET - len(ops), 1)
+            ops.extend(notes[:room])
             if (await self.kv.txn(guards, ops)).succeeded:
+                # Records that did not fit (a manifest with very many tags) follow, still in order.
+                for start in range(room, len(notes), _TXN_BUDGET):
+                    await self.kv.txn([], notes[start : start + _TXN_BUDGET])
                 return True
         raise Conflict(f"delete of {digest} kept racing")
 
@@ -709,8 +812,13 @@ class Metadata:
             return
         raise Conflict(f"adoption of blob {digest} kept racing")
 
-    async def list_referrers(self, repo: str, subject: str) -> list[dict[str, Any]]:
-        return [json.loads(kv.value) for kv in await self.kv.range(keys.referrers_of(repo, subject))]
+    async def list_referrers(
+        self, repo: str, subject: str, *, after: str | None = None, limit: int = 0
+    ) -> list[dict[str, Any]]:
+        """Referrer descriptors of `subject` in digest order, from the one after digest `after`."""
+        start = keys.after(keys.referrer(repo, subject, after)) if after else None
+        found = await self.kv.range(keys.referrers_of(repo, subject), start=start, limit=limit)
+        return [json.loads(kv.value) for kv in found]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import keys
-from .kv import KV, Compare, KeyValue, Put
+from .kv import KV, Compare, KeyValue, Put, pages
 
 _VERSION = 2
 
@@ -67,14 +67,9 @@ def _record(used: int) -> bytes:
 async def scan_usage(kv: KV, scope: QuotaScope) -> int:
     """The bytes a scope's links take, by reading every one of them (for counters that start)."""
     total = 0
-    start: str | None = None
-    prefix = scope.links_prefix()
-    while True:
-        page = await kv.range(prefix, start=start, limit=1000)
+    async for page in pages(kv, scope.links_prefix()):
         total += sum(json.loads(item.value)["size"] for item in page)
-        if len(page) < 1000:
-            return total
-        start = keys.after(page[-1].key)
+    return total
 
 
 async def counter(kv: KV, scope: QuotaScope) -> tuple[int, int]:

@@ -23,18 +23,18 @@ import heapq
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import keys
-from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put
-from .metadata import TAGS_CHANGED, reachable, release
+from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
+from .metadata import TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
+from .readonly import Halted
 
 LAST_RUN = keys.RETENTION_LAST_RUN
 PROGRESS = keys.RETENTION_PROGRESS
 
-_PAGE = 1000
 _PROGRESS_EVERY = 100
 _COSIGN_TAG = re.compile(r"sha256-(?P<hex>[0-9a-f]{64})\.(?:sig|att|sbom)")
 
@@ -108,26 +108,23 @@ def _pushed(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _tag_row(t: TagDeletion) -> dict[str, str]:
+def _row(repository: str, reference: str, digest: str, action: str, reason: str, pushed: float) -> dict[str, str]:
     return {
-        "repository": t.repository,
-        "reference": t.tag,
-        "digest": t.digest,
-        "action": "delete tag",
-        "reason": t.reason,
-        "pushed": _pushed(t.pushed),
+        "repository": repository,
+        "reference": reference,
+        "digest": digest,
+        "action": action,
+        "reason": reason,
+        "pushed": _pushed(pushed),
     }
+
+
+def _tag_row(t: TagDeletion) -> dict[str, str]:
+    return _row(t.repository, t.tag, t.digest, "delete tag", t.reason, t.pushed)
 
 
 def _manifest_row(m: ManifestDeletion) -> dict[str, str]:
-    return {
-        "repository": m.repository,
-        "reference": m.digest,
-        "digest": m.digest,
-        "action": "delete manifest",
-        "reason": m.reason,
-        "pushed": _pushed(m.pushed),
-    }
+    return _row(m.repository, m.digest, m.digest, "delete manifest", m.reason, m.pushed)
 
 
 @dataclass
@@ -187,17 +184,6 @@ class _Manifest:
     mod_revision: int
 
 
-async def _all(kv: KV, prefix: str) -> list[KeyValue]:
-    found: list[KeyValue] = []
-    start: str | None = None
-    while True:
-        page = await kv.range(prefix, start=start, limit=_PAGE)
-        found.extend(page)
-        if len(page) < _PAGE:
-            return found
-        start = keys.after(page[-1].key)
-
-
 def _split(key: str, prefix: str) -> tuple[str, str]:
     repo, _, rest = key[len(prefix) :].rpartition("@")
     return repo, rest
@@ -230,12 +216,25 @@ def _closure(roots: Iterable[str], manifests: dict[str, _Manifest], referrers: d
 
 
 class _Repository:
-    def __init__(self, name: str, rule: Rule | None) -> None:
+    """One repository's tags and manifests, decoded for judging."""
+
+    def __init__(self, name: str, rule: Rule | None, tag_items: list[KeyValue], manifest_items: list[KeyValue]) -> None:
         self.name = name
         self.rule = rule
         self.tags: list[_Tag] = []
+        for item in tag_items:
+            record = decode(TagRecord, item.value)
+            self.tags.append(_Tag(_split(item.key, keys.TAGS)[1], record.digest, record.pushed, item.mod_revision))
         self.manifests: dict[str, _Manifest] = {}
         self.referrers: dict[str, list[str]] = {}
+        for item in manifest_items:
+            digest = _split(item.key, keys.MANIFESTS)[1]
+            manifest = decode(ManifestRecord, item.value)
+            self.manifests[digest] = _Manifest(
+                digest, tuple(manifest.manifests), manifest.subject, manifest.pushed, item.mod_revision
+            )
+            if manifest.subject:
+                self.referrers.setdefault(manifest.subject, []).append(digest)
         self.roots: set[str] = set()  # digests of the tags that remain
         self.live: set[str] = set()
 
@@ -243,69 +242,97 @@ class _Repository:
         self.live = _closure(self.roots, self.manifests, self.referrers)
 
 
-async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: Frozen = _nothing_frozen) -> Plan:
-    """Decide what `rules` delete from the current state; changes nothing."""
-    now = time.time() if now is None else now
-    revision = (await kv.txn([], [])).revision
-    repos: dict[str, _Repository] = {}
+async def _groups(kv: KV, prefix: str) -> AsyncIterator[tuple[str, list[KeyValue]]]:
+    """(repository, its keys) under `prefix`, one repository at a time, in key order."""
+    name: str | None = None
+    items: list[KeyValue] = []
+    async for page in pages(kv, prefix):
+        for item in page:
+            repo = _split(item.key, prefix)[0]
+            if repo != name:
+                if name is not None:
+                    yield name, items
+                name, items = repo, []
+            items.append(item)
+    if name is not None:
+        yield name, items
 
-    def repository(name: str) -> _Repository:
-        if name not in repos:
-            repos[name] = _Repository(name, next((r for r in rules if r.covers(name)), None))
-        return repos[name]
 
-    for item in await _all(kv, keys.TAGS):
-        name, tag_name = _split(item.key, keys.TAGS)
-        record = json.loads(item.value)
-        repository(name).tags.append(
-            _Tag(tag_name, record["digest"], float(record.get("pushed", 0)), item.mod_revision)
-        )
-    for item in await _all(kv, keys.MANIFESTS):
-        name, digest = _split(item.key, keys.MANIFESTS)
-        record = json.loads(item.value)
-        repo = repository(name)
-        repo.manifests[digest] = _Manifest(
-            digest,
-            tuple(record.get("manifests", [])),
-            record.get("subject"),
-            float(record.get("pushed", 0)),
-            item.mod_revision,
-        )
-        if record.get("subject"):
-            repo.referrers.setdefault(record["subject"], []).append(digest)
+async def _repositories(kv: KV) -> AsyncIterator[tuple[str, list[KeyValue], list[KeyValue]]]:
+    """Each repository's tag and manifest keys, one repository at a time: memory stays one repository deep.
 
-    result = Plan(now=now, revision=revision)
-    # Signature tags of covered repositories wait until we know which subjects stay.
-    followers: list[tuple[_Repository, _Tag, str]] = []
-    for name in sorted(repos):
-        repo = repos[name]
-        for tag, verdict, why in _judge_tags(repo, now, frozen):
-            if verdict == _FOLLOW:
-                followers.append((repo, tag, why))
-                continue
-            if verdict == _DELETE:
-                result.tags.append(TagDeletion(name, tag.name, tag.digest, tag.mod_revision, why, tag.pushed))
-                continue
+    Both ranges are ordered by `name@` ('@' never occurs in a name), so they are walked side by side.
+    """
+    tags = _groups(kv, keys.TAGS)
+    manifests = _groups(kv, keys.MANIFESTS)
+    tag = await anext(tags, None)
+    manifest = await anext(manifests, None)
+    while tag is not None or manifest is not None:
+        name = min(group[0] + "@" for group in (tag, manifest) if group is not None)[:-1]
+        tag_items: list[KeyValue] = []
+        manifest_items: list[KeyValue] = []
+        if tag is not None and tag[0] == name:
+            tag_items = tag[1]
+            tag = await anext(tags, None)
+        if manifest is not None and manifest[0] == name:
+            manifest_items = manifest[1]
+            manifest = await anext(manifests, None)
+        yield name, tag_items, manifest_items
+
+
+@dataclass
+class _Decision:
+    """What the rules decide for one repository."""
+
+    tags: list[TagDeletion] = field(default_factory=list)
+    kept: list[KeptTag] = field(default_factory=list)
+    manifests: list[ManifestDeletion] = field(default_factory=list)
+    deferred: set[str] = field(default_factory=set)  # subjects stored elsewhere, not known yet to stay or go
+    live: set[str] = field(default_factory=set)
+
+
+# Whether a digest stored in another repository stays reachable there; None while that is not known.
+ForeignLive = Callable[[str], bool | None]
+
+
+def _unknown(subject: str) -> bool | None:
+    return None
+
+
+def _decide(repo: _Repository, now: float, frozen: Frozen, foreign: ForeignLive = _unknown) -> _Decision:
+    """One repository's tags and manifests judged under its rule (no rule: everything stays)."""
+    decision = _Decision()
+    followers: list[tuple[_Tag, str]] = []
+    for tag, verdict, why in _judge_tags(repo, now, frozen):
+        if verdict == _FOLLOW:
+            followers.append((tag, why))
+        elif verdict == _DELETE:
+            decision.tags.append(TagDeletion(repo.name, tag.name, tag.digest, tag.mod_revision, why, tag.pushed))
+        else:
             repo.roots.add(tag.digest)
             if why:
-                result.kept.append(KeptTag(name, tag.name, tag.digest, why))
-        repo.relive()
+                decision.kept.append(KeptTag(repo.name, tag.name, tag.digest, why))
+    repo.relive()
+
+    def stays(subject: str) -> bool | None:
+        return subject in repo.live if subject in repo.manifests else foreign(subject)
 
     # A kept signature tag keeps its own manifest, which may be the subject of another: repeat.
     while followers:
-        live_anywhere = set().union(*(repo.live for repo in repos.values()))
-        stay = [f for f in followers if _subject_live(f[0], f[2], live_anywhere)]
+        stay = [f for f in followers if stays(f[1])]
         if not stay:
             break
-        for repo, tag, subject in stay:
+        for tag, subject in stay:
             repo.roots.add(tag.digest)
-            result.kept.append(KeptTag(repo.name, tag.name, tag.digest, f"its subject {subject} stays"))
-        for repo in {id(f[0]): f[0] for f in stay}.values():
-            repo.relive()
+            decision.kept.append(KeptTag(repo.name, tag.name, tag.digest, f"its subject {subject} stays"))
+        repo.relive()
         followers = [f for f in followers if f not in stay]
-    for repo, tag, subject in followers:
+    for tag, subject in followers:
+        if stays(subject) is None:
+            decision.deferred.add(subject)
+            continue
         assert repo.rule is not None
-        result.tags.append(
+        decision.tags.append(
             TagDeletion(
                 repo.name,
                 tag.name,
@@ -315,14 +342,69 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
                 tag.pushed,
             )
         )
+    if repo.rule is not None and repo.rule.untagged_after is not None and not decision.deferred:
+        decision.manifests = _untagged(repo, repo.rule, repo.rule.untagged_after, now)
+    decision.live = repo.live
+    return decision
 
-    for name in sorted(repos):
-        repo = repos[name]
-        if repo.rule is not None and repo.rule.untagged_after is not None:
-            result.manifests += _untagged(repo, repo.rule, repo.rule.untagged_after, now)
+
+async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: Frozen = _nothing_frozen) -> Plan:
+    """Decide what `rules` delete from the current state; changes nothing.
+
+    Memory stays one repository deep (plus the plan itself): repositories are read and judged one
+    at a time. Signature tags whose subject is stored in another repository (cosign's
+    COSIGN_REPOSITORY) wait for further passes that learn which of those subjects stay anywhere;
+    their repositories are decided then.
+    """
+    now = time.time() if now is None else now
+    revision = (await kv.txn([], [])).revision
+    result = Plan(now=now, revision=revision)
+
+    def rule_for(name: str) -> Rule | None:
+        return next((r for r in rules if r.covers(name)), None)
+
+    waiting: set[str] = set()  # subjects stored elsewhere that some repository's decision waits on
+    pending: set[str] = set()  # those repositories
+    async for name, tag_items, manifest_items in _repositories(kv):
+        rule = rule_for(name)
+        if rule is None:
+            continue  # nothing to decide here; read again only if signatures elsewhere ask
+        decision = _decide(_Repository(name, rule, tag_items, manifest_items), now, frozen)
+        if decision.deferred:
+            waiting |= decision.deferred
+            pending.add(name)
+        else:
+            _add(result, decision)
+
+    # Which waited-on subjects stay anywhere: the least answer consistent with every repository's
+    # decision, found by passes that only ever add subjects (so at most one pass per subject).
+    live: set[str] = set()
+    decided: list[_Decision] = []
+    for _ in range(len(waiting) + 1):
+        if not waiting:
+            break
+        decided, found = [], set()
+        async for name, tag_items, manifest_items in _repositories(kv):
+            repo = _Repository(name, rule_for(name), tag_items, manifest_items)
+            decision = _decide(repo, now, frozen, live.__contains__)
+            found |= decision.live & waiting
+            if name in pending:
+                decided.append(decision)
+        if found == live:
+            break
+        live = found
+    for decision in decided:
+        _add(result, decision)
     result.tags.sort(key=lambda t: (t.repository, t.tag))
     result.kept.sort(key=lambda t: (t.repository, t.tag))
+    result.manifests.sort(key=lambda m: m.repository)  # stable: each repository's order stays
     return result
+
+
+def _add(result: Plan, decision: _Decision) -> None:
+    result.tags += decision.tags
+    result.kept += decision.kept
+    result.manifests += decision.manifests
 
 
 _KEEP, _DELETE, _FOLLOW = "keep", "delete", "follow"
@@ -369,13 +451,6 @@ def _judge_tags(repo: _Repository, now: float, frozen: Frozen) -> list[tuple[_Ta
                 why.append(f"older than {format_duration(rule.older_than)}")
             judged.append((tag, _DELETE, f"{rule.name}: {', '.join(why)}"))
     return judged
-
-
-def _subject_live(repo: _Repository, subject: str, live_anywhere: set[str]) -> bool:
-    if subject in repo.manifests:
-        return subject in repo.live
-    # Signatures stored apart from their image (COSIGN_REPOSITORY) follow it wherever it is.
-    return subject in live_anywhere
 
 
 def _untagged(repo: _Repository, rule: Rule, after: float, now: float) -> list[ManifestDeletion]:
@@ -440,6 +515,12 @@ class Applier:
         self.kv = kv
         self.node = node
         self.progress = progress
+        # Asked before each deletion; False stops the run there (Halted): the registry went read-only.
+        self.may_delete: Callable[[], bool] = lambda: True
+
+    def _check_may_delete(self) -> None:
+        if not self.may_delete():
+            raise Halted("read-only: retention stopped before deleting more")
 
     async def apply(self, plan: Plan) -> Result:
         result = Result(node=self.node, started=time.time(), planned=len(plan.tags) + len(plan.manifests))
@@ -474,6 +555,7 @@ class Applier:
         await self.kv.put(PROGRESS, json.dumps(record).encode())
 
     async def _delete_tag(self, tag: TagDeletion, result: Result) -> None:
+        self._check_may_delete()
         key = keys.tag(tag.repository, tag.tag)
         ops: list[Op] = [
             Delete(key),
@@ -489,11 +571,12 @@ class Applier:
         if current is None:
             why = "already deleted"
         else:
-            why = f"pushed again since planning (now {_short(json.loads(current.value)['digest'])})"
+            why = f"pushed again since planning (now {_short(decode(TagRecord, current.value).digest)})"
         result.skipped.append(Skipped(tag.repository, tag.tag, why))
 
     async def _delete_manifests(self, repo: str, planned: list[ManifestDeletion], result: Result) -> None:
         """Mark, re-read what uses them, then delete parents and subjects before what they use."""
+        self._check_may_delete()
         marks: dict[str, int] = {}
         for m in planned:
             key = keys.manifest(repo, m.digest)
@@ -519,14 +602,14 @@ class Applier:
         # transaction claims its children first and commits under the GC epoch: moving it fails
         # such a commit that claimed before our marks, so it claims again (and removes them).
         await self.kv.put(keys.GC_EPOCH, json.dumps({"at": time.time(), "by": "retention"}).encode())
-        tagged = {json.loads(kv.value)["digest"] for kv in await _all(self.kv, keys.tags_of(repo))}
+        tagged = {decode(TagRecord, kv.value).digest for kv in await scan(self.kv, keys.tags_of(repo))}
         present: set[str] = set()
         parents: dict[str, set[str]] = {}
-        for kv in await _all(self.kv, keys.manifests_of(repo)):
-            record = json.loads(kv.value)
-            present.add(record["digest"])
-            for child in record.get("manifests", []):
-                parents.setdefault(child, set()).add(record["digest"])
+        for kv in await scan(self.kv, keys.manifests_of(repo)):
+            record = decode(ManifestRecord, kv.value)
+            present.add(record.digest)
+            for child in record.manifests:
+                parents.setdefault(child, set()).add(record.digest)
         deleted: set[str] = set()
         for m in planned:
             if m.digest not in marks:

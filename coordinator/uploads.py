@@ -17,11 +17,12 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import keys
-from .kv import KV, Compare, Delete, Get, Put
+from .kv import KV, Compare, Delete, Get, Put, pages
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ class Claim:
 class UploadSessions:
     def __init__(self, kv: KV) -> None:
         self.kv = kv
+
+    async def count(self) -> int:
+        """Upload sessions open now, on every node."""
+        return await self.kv.count(keys.UPLOADS)
 
     @staticmethod
     def new_id() -> str:
@@ -239,6 +244,23 @@ class UploadSessions:
             if current is None or current.mod_revision != session.mod_revision:
                 raise SessionChanged(session.id)
             raise SessionBusy(session.id)
+
+    async def idle_since(self, cutoff: float) -> AsyncIterator[UploadSession]:
+        """Sessions no request has moved on since `cutoff`, a page at a time."""
+        async for page in pages(self.kv, keys.UPLOADS):
+            for item in page:
+                session = UploadSession.from_json(item.key[len(keys.UPLOADS) :], item.value, item.mod_revision)
+                if session.updated < cutoff:
+                    yield session
+
+    async def end_idle(self, session: UploadSession) -> bool:
+        """End an idle session as it was read, if no request is writing to it: its bytes are then the
+        caller's to reclaim."""
+        guards = [
+            Compare.unchanged(keys.upload(session.id), session.mod_revision),
+            Compare.absent(keys.upload_claim(session.id)),
+        ]
+        return (await self.kv.txn(guards, session.ending())).succeeded
 
     async def delete(self, session: UploadSession) -> bool:
         result = await self.kv.txn([Compare.present(keys.upload(session.id))], session.ending())

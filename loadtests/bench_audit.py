@@ -9,7 +9,7 @@ on a busy shared machine gives both the same noise (each then has about half the
 two for the manifest; every manifest GET one. After the rounds the audit file is checked with the
 same code as `wharf audit verify`.
 
-Figures only: nothing here passes or fails. The client and the load runner are bench.py's. Usage:
+Figures only: nothing here passes or fails. The client, the loads and the load runner are benchlib's. Usage:
 
     python loadtests/bench_audit.py [--quick] [--rounds N] [--duration S] [--server granian] [--workers 1]
 """
@@ -23,93 +23,36 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-for _path in (HERE, REPO_ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import yaml
+from benchlib import loads
+from benchlib.runner import Result, run_load
+from benchlib.servers import Server, Target
 
-from bench import (  # noqa: E402
-    ACCEPT,
-    OCI_MANIFEST,
-    Conn,
-    Result,
-    Server,
-    Target,
-    Unexpected,
-    image_config,
-    image_manifest,
-    push_image,
-    run_load,
-    sha256_digest,
-    upload_blob,
-)
-
-from node.auditchain import log_files, verify  # noqa: E402
+from node.auditchain import log_files, verify
 
 
-class AuditedServer(Server):
-    """bench.py's Wharf server, with an audit log at `audit_path` (None: no audit section)."""
-
-    def __init__(self, target: Target, workdir: Path, audit_path: Path | None, **settings: Any) -> None:
-        super().__init__(target, workdir, accesslog=True)
-        self.audit_path = audit_path
-        self.audit_settings = settings
-
-    def config_yaml(self, debug_port: int) -> str:
-        text = super().config_yaml(debug_port)
-        if self.audit_path is not None:
-            text += f"audit:\n  path: {self.audit_path}\n"
-            for key, value in self.audit_settings.items():
-                text += f"  {key}: {value}\n"
-        return text
+def audited(target: Target, workdir: Path, audit_path: Path, settings: list[str]) -> Server:
+    """A Wharf server with an audit log at `audit_path`; `settings` are KEY=VALUE audit settings (YAML values)."""
+    audit: dict[str, Any] = {"path": str(audit_path)}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        audit[key] = yaml.safe_load(value)
+    return Server(target, workdir, wharf={"audit": audit})
 
 
-async def _setup_pull(server: Server) -> tuple[str, int]:
-    conn = Conn("127.0.0.1", server.port)
-    try:
-        layer = os.urandom(4096)
-        config = image_config("audit-pull", [layer])
-        for blob in (config, layer):
-            await upload_blob(conn, "bench/pull", sha256_digest(blob), blob, single_post=True)
-        manifest = image_manifest((sha256_digest(config), len(config)), [(sha256_digest(layer), len(layer))])
-        reply = await conn.request("PUT", "/v2/bench/pull/manifests/latest", {"Content-Type": OCI_MANIFEST}, manifest)
-        if reply.status != 201:
-            raise Unexpected("setup: PUT manifest", reply)
-        return "/v2/bench/pull/manifests/latest", len(manifest)
-    finally:
-        conn.close()
-
-
-async def _round(server: Server, label: str, args: argparse.Namespace, round_no: int) -> dict[str, Result]:
-    async def push_small(conn: Conn, worker: int, seq: int) -> tuple[int, int]:
-        tag = f"r{round_no}-t{seq}"
-        nonce = f"{label}-{round_no}-{worker}-{seq}-{time.time_ns()}"
-        requests = await push_image(
-            conn, f"bench/images-{worker}", tag, nonce, args.layer_kib * 1024, head_first=True, single_post=False
-        )
-        return requests, 0
-
-    path, size = server.pull_target  # type: ignore[attr-defined]
-
-    async def pull(conn: Conn, worker: int, seq: int) -> tuple[int, int]:
-        reply = await conn.request("GET", path, {"Accept": ACCEPT})
-        if reply.status != 200 or reply.size != size:
-            raise Unexpected("GET manifest", reply)
-        return 1, reply.size
-
-    results = {"push": await run_load(server, args.clients, args.duration, push_small)}
+async def _round(server: Server, pull: tuple[str, int], args: argparse.Namespace, round_no: int) -> dict[str, Result]:
+    push = loads.image_pushes("bench/images", args.layer_kib * 1024, tag_prefix=f"r{round_no}-t")
+    results = {"push": await run_load(server, args.clients, args.duration, push)}
     if not args.no_pulls:
-        results["pull"] = await run_load(server, args.pull_clients, args.duration, pull)
+        results["pull"] = await run_load(server, args.pull_clients, args.duration, loads.manifest_get(*pull))
     return results
 
 
 def _figures(results: list[Result]) -> dict[str, float]:
-    rates = [r.ops / r.elapsed for r in results]
+    rates = [r.rate for r in results]
     per_cpu = [r.ops / r.server_cpu for r in results if r.server_cpu > 0]
     return {
         "median": statistics.median(rates),
@@ -127,21 +70,20 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
     )
     audit_path = workdir / "on" / "audit" / "audit.log"
     audit_path.parent.mkdir(parents=True)
-    servers = {
-        "off": AuditedServer(target, workdir / "off", None),
-        "on": AuditedServer(target, workdir / "on", audit_path, **dict(kv.split("=", 1) for kv in args.set)),
-    }
+    servers = {"off": Server(target, workdir / "off"), "on": audited(target, workdir / "on", audit_path, args.set)}
+    pulls: dict[str, tuple[str, int]] = {}
     try:
         for server in servers.values():
             server.start()
-        for server in servers.values():
+        for name, server in servers.items():
             server.wait_ready()
-            server.pull_target = await _setup_pull(server)  # type: ignore[attr-defined]
+            manifest = await loads.setup_manifest_at(server.port, "bench/pull")
+            pulls[name] = ("/v2/bench/pull/manifests/latest", len(manifest))
         rounds: dict[str, dict[str, list[Result]]] = {name: {"push": [], "pull": []} for name in servers}
         for round_no in range(args.rounds):
             if args.together:
                 print(f"round {round_no + 1}/{args.rounds}: both at once", file=sys.stderr, flush=True)
-                both = await asyncio.gather(*(_round(servers[name], name, args, round_no) for name in servers))
+                both = await asyncio.gather(*(_round(servers[n], pulls[n], args, round_no) for n in servers))
                 for name, results in zip(servers, both, strict=True):
                     for load, result in results.items():
                         rounds[name][load].append(result)
@@ -149,7 +91,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
             order = ("off", "on") if round_no % 2 == 0 else ("on", "off")
             for name in order:
                 print(f"round {round_no + 1}/{args.rounds}: audit {name}", file=sys.stderr, flush=True)
-                for load, result in (await _round(servers[name], name, args, round_no)).items():
+                for load, result in (await _round(servers[name], pulls[name], args, round_no)).items():
                     rounds[name][load].append(result)
     finally:
         for server in servers.values():

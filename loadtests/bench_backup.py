@@ -29,22 +29,18 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-for _path in (HERE, REPO_ROOT / "tests", REPO_ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import httpx
+from benchlib import REPO_ROOT
+from oci_client import OCIClient
+from s3_server import S3Server, no_proxy_for_loopback
+from services import EtcdCluster
+from wharf_process import WharfProcess
 
-import httpx  # noqa: E402
-from oci_client import OCIClient  # noqa: E402
-from s3_server import S3Server, no_proxy_for_loopback  # noqa: E402
-from services import EtcdCluster  # noqa: E402
-from wharf_process import WharfProcess  # noqa: E402
-
-from coordinator import snapshot  # noqa: E402
-from coordinator.embedded import EmbeddedKV  # noqa: E402
-from coordinator.etcd import EtcdKV  # noqa: E402
-from coordinator.kv import KV  # noqa: E402
+from coordinator import snapshot
+from coordinator.embedded import EmbeddedKV
+from coordinator.etcd import EtcdKV
+from coordinator.kv import KV
+from node.config import embedded_path_in
 
 
 def push(url: str, images: int, pushers: int) -> float:
@@ -107,7 +103,7 @@ async def measure(base: Path, images: int, pushers: int) -> None:
     with node:
         took = push(node.url, images, pushers)
     print(f"pushed {images} images with {pushers} clients in {took:.1f}s")
-    path = str(base / "node" / "coordinator.db")
+    path = embedded_path_in(node.config["storage"]["filesystem"]["rootdirectory"])
 
     target = base / "backups"
     started = time.perf_counter()

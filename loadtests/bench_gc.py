@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -48,47 +47,36 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-for _path in (HERE, REPO_ROOT / "tests", REPO_ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import bench  # noqa: E402
-from bench import (  # noqa: E402
-    ACCEPT,
-    OCI_CONFIG,
-    OCI_LAYER,
-    OCI_MANIFEST,
-    Conn,
-    Result,
-    Target,
-    Unexpected,
-    _fmt_ms,
-    _fmt_num,
-    _pct,
+from benchlib import session
+from benchlib.client import Conn, Redirects, Unexpected
+from benchlib.cpu import children_cpu, cores, cpu_of
+from benchlib.images import ACCEPT, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, sha256_digest
+from benchlib.loads import image_pushes
+from benchlib.report import (
+    Column,
     comparison_table,
-    cpu_of,
-    machine_busy,
+    cpu,
+    fmt_pct,
+    image_columns,
+    machine_context,
+    print_problems,
     print_table,
-    push_image,
-    run_load,
-    scan_log,
-    sha256_digest,
+    report_errors,
+    results_heading,
 )
-from bench_s3 import Backend, Redirects, S3Registry, measured, registry_config  # noqa: E402
+from benchlib.runner import IN_PROCESS, CpuWindow, Figures, Result, run_load
+from benchlib.s3 import S3Backend, S3Registry, measured, s3_total
+from benchlib.servers import REPO_ROOT, WHARF_VARIANTS, Target, scan_log
 
 ROOT = "/gc-bench"
 PREFIX = "/gc-bench/"
 # Part 2 with --push-fresh: a registry of its own, without part 1's images.
 FRESH_ROOT = "/gc-push"
 FRESH_PREFIX = "/gc-push/"
-WHARF_VARIANTS = {t.key: t for t in bench.TARGETS if t.kind == "wharf"}
 
 
 def _size(n: float) -> str:
@@ -106,18 +94,15 @@ def _size(n: float) -> str:
 
 def write_config(
     path: Path,
-    backend: Backend,
+    backend: S3Backend,
     variant: Target,
-    port: int,
     gc: dict[str, Any],
     accesslog: bool,
     root: str = ROOT,
     prefix: str = PREFIX,
 ) -> Path:
-    config = registry_config(variant, port, bench.free_port(), accesslog, backend, root, prefix, True, "")
-    config["gc"] = gc
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    """The config of a Wharf node on the bench's S3 and etcd, for a process that is not a node (GC, `wharf gc`)."""
+    return S3Registry(variant, path.parent, accesslog, backend, root=root, prefix=prefix, gc=gc).write_config(path)
 
 
 async def open_services(config_path: Path) -> Any:
@@ -245,7 +230,19 @@ async def kv_count(kv: Any, prefix: str) -> int:
         start = keys.after(page[-1].key)
 
 
-async def timed_cycle(services: Any, backend: Backend) -> dict[str, Any]:
+async def counts(services: Any, backend: S3Backend) -> dict[str, Any]:
+    """The blob objects in the bucket (count, bytes), and the KV's manifest, blob, link and tag records."""
+    from coordinator import keys
+    from node.storage import layout
+
+    objects = await asyncio.get_running_loop().run_in_executor(
+        None, backend.object_count, ROOT.strip("/") + "/" + layout.BLOBS
+    )
+    records = {"manifests": keys.MANIFESTS, "blobs": keys.BLOBS, "links": keys.LINKS, "tags": keys.TAGS}
+    return {"objects": objects, **{name: await kv_count(services.kv, prefix) for name, prefix in records.items()}}
+
+
+async def timed_cycle(services: Any, backend: S3Backend) -> dict[str, Any]:
     from node.gc import collect
 
     marks: dict[str, float] = {}
@@ -258,34 +255,28 @@ async def timed_cycle(services: Any, backend: Backend) -> dict[str, Any]:
         marks[f"{phase}:total"] = total
 
     offset = backend.log_offset()
-    cpu_self = time.process_time()
-    cpu_backend = backend.cpu()
-    busy = machine_busy()
+    window = CpuWindow(IN_PROCESS, time.process_time, {"backend_cpu": backend.cpu})  # the collector runs here
     summary = await collect(services, progress=progress)
     wall = time.perf_counter() - t0
-    own = time.process_time() - cpu_self
-    back = backend.cpu() - cpu_backend
+    spent = Figures()
+    window.close(spent)
     return {
         "summary": summary,
         "wall": wall,
         "marks": marks,
         "s3": backend.s3_requests(offset),
-        "gc_cpu": own,
-        "backend_cpu": back,
-        "other_cpu": max(0.0, machine_busy() - busy - own - back),
+        "gc_cpu": spent.client_cpu,
+        "backend_cpu": spent.extra["backend_cpu"],
+        "other_cpu": spent.other_cpu,
     }
 
 
 async def part_cycle(
-    args: argparse.Namespace, backend: Backend, base: Path, say: Callable[[str], None]
+    args: argparse.Namespace, backend: S3Backend, base: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    from coordinator import keys
-    from node.storage import layout
 
     variant = WHARF_VARIANTS[args.wharf]
-    config_path = write_config(
-        base / "gc-cycle.yml", backend, variant, bench.free_port(), {"enabled": False, "grace": args.grace}, True
-    )
+    config_path = write_config(base / "gc-cycle.yml", backend, variant, {"enabled": False, "grace": args.grace}, True)
     services = await open_services(config_path)
     out: dict[str, Any] = {}
     try:
@@ -300,15 +291,7 @@ async def part_cycle(
         if wait > 0:
             say(f"waiting {wait:.0f}s for the grace period ({args.grace}) to pass")
             await asyncio.sleep(wait)
-        blobs_prefix = ROOT.strip("/") + "/" + layout.BLOBS
-        loop = asyncio.get_running_loop()
-        out["before"] = {
-            "objects": await loop.run_in_executor(None, backend.object_count, blobs_prefix),
-            "manifests": await kv_count(services.kv, keys.MANIFESTS),
-            "blobs": await kv_count(services.kv, keys.BLOBS),
-            "links": await kv_count(services.kv, keys.LINKS),
-            "tags": await kv_count(services.kv, keys.TAGS),
-        }
+        out["before"] = await counts(services, backend)
         say("collecting: one cycle")
         out["first"] = await timed_cycle(services, backend)
         s = out["first"]["summary"]
@@ -316,13 +299,7 @@ async def part_cycle(
             f"cycle: {out['first']['wall']:.1f}s, {s.manifests_deleted} manifests, {s.blobs_deleted} blobs, "
             f"{_size(s.bytes_freed)} freed"
         )
-        out["after"] = {
-            "objects": await loop.run_in_executor(None, backend.object_count, blobs_prefix),
-            "manifests": await kv_count(services.kv, keys.MANIFESTS),
-            "blobs": await kv_count(services.kv, keys.BLOBS),
-            "links": await kv_count(services.kv, keys.LINKS),
-            "tags": await kv_count(services.kv, keys.TAGS),
-        }
+        out["after"] = await counts(services, backend)
         say("collecting: a second cycle (nothing left to collect)")
         out["second"] = await timed_cycle(services, backend)
         say(f"second cycle: {out['second']['wall']:.1f}s")
@@ -410,7 +387,6 @@ def report_cycle(out: dict[str, Any], args: argparse.Namespace) -> None:
         cand = marks.get("candidates:first", float("nan"))
         sweep_end = marks.get("sweep:last", cand)
         run_end = s.duration
-        s3_total = sum(v for k, v in c["s3"].items() if not k.endswith("xx"))
         rows.append(
             [
                 label,
@@ -424,10 +400,8 @@ def report_cycle(out: dict[str, Any], args: argparse.Namespace) -> None:
                 f"{s.blobs_deleted:,}",
                 _size(s.bytes_freed),
                 f"{s.links_deleted:,}",
-                f"{s3_total:,}",
-                _pct(c["gc_cpu"], c["wall"]),
-                _pct(c["backend_cpu"], c["wall"]),
-                _pct(c["other_cpu"], c["wall"]),
+                f"{s3_total(c['s3']):,}",
+                *(fmt_pct(c[who], c["wall"]) for who in ("gc_cpu", "backend_cpu", "other_cpu")),
             ]
         )
     print_table(
@@ -437,23 +411,8 @@ def report_cycle(out: dict[str, Any], args: argparse.Namespace) -> None:
         "\n  bucket for objects no record names. GC CPU = this process (the collector runs in it). The deleted images'"
         "\n  manifest records went with DELETE, so GC deletes their bytes as blobs; links del counts only links removed"
         "\n  on their own (a deleted blob's links go with it).",
-        [
-            "",
-            "total s",
-            "manifests",
-            "scan",
-            "sweep",
-            "links",
-            "orphans",
-            "manifests del",
-            "blobs del",
-            "freed",
-            "links del",
-            "S3 req",
-            "GC CPU",
-            "S3+etcd",
-            "other",
-        ],
+        ["", "total s", "manifests", "scan", "sweep", "links", "orphans", "manifests del", "blobs del", "freed"]
+        + ["links del", "S3 req", "GC CPU", "S3+etcd", "other"],
         rows,
     )
     for key in ("first", "second"):
@@ -461,15 +420,8 @@ def report_cycle(out: dict[str, Any], args: argparse.Namespace) -> None:
         parts = [f"{k} {v:,}" for k, v in sorted(c["s3"].items()) if not k.endswith("xx")]
         print(f"  S3 requests, {key} cycle: {', '.join(parts) or 'none'}")
     check = out["check"]
-    if check["problems"]:
-        print(f"  storage check: {len(check['problems'])} problems in {check['checked']} objects, e.g.:")
-        for p in check["problems"][:5]:
-            print(f"    {p}")
-    else:
-        print(
-            f"  storage check: {check['checked']} sampled objects of kept and deleted images all as expected "
-            "(kept: record + object; deleted: neither)"
-        )
+    fine = f"{check['checked']} sampled objects of kept and deleted images all as expected (kept: record + object; "
+    print_problems("storage check", check["problems"], f"in {check['checked']} objects", fine + "deleted: neither)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,14 +459,14 @@ class GCRunner:
                 argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
             )
         elif self.mode == "cli":
-            self._cpu_start = _children_cpu()
+            self._cpu_start = children_cpu()
             self._task = asyncio.ensure_future(self._cli_loop())
 
     def cpu_seconds(self) -> float:
         if self.mode == "loop" and self.proc is not None:
             return cpu_of(pgids=[self.proc.pid])
         if self.mode == "cli":
-            return _children_cpu() - self._cpu_start
+            return children_cpu() - self._cpu_start
         return 0.0
 
     async def _cli_loop(self) -> None:
@@ -590,11 +542,6 @@ class GCRunner:
                 self.cycles.append({"start": entry.get("started", end), "end": end, **entry})
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def gc_loop_main(config_path: str, out_path: str) -> int:
     """The `--gc-loop` process: collect(delete_untagged=True) back to back until SIGTERM."""
     from node import gc
@@ -627,22 +574,6 @@ async def gc_loop_main(config_path: str, out_path: str) -> int:
     return 0
 
 
-def tagged_op(tags: int, layer_bytes: int) -> bench.Op:
-    async def push_small(conn: Conn, worker: int, seq: int) -> tuple[int, int]:
-        requests = await push_image(
-            conn,
-            f"gcpush/c{worker}",
-            f"t{seq % tags}",
-            f"gc-{worker}-{seq}-{time.time_ns()}",
-            layer_bytes,
-            head_first=True,
-            single_post=False,
-        )
-        return requests, 0
-
-    return push_small
-
-
 async def verify_tags(port: int, clients: int) -> dict[str, Any]:
     """Every tag the pushers left: its manifest, and every blob through the redirect, with the right digest."""
     conn = Conn("127.0.0.1", port)
@@ -651,7 +582,7 @@ async def verify_tags(port: int, clients: int) -> dict[str, Any]:
     images = blobs = 0
     try:
         for worker in range(clients):
-            repo = f"gcpush/c{worker}"
+            repo = f"gcpush/c-{worker}"
             reply = await conn.request("GET", f"/v2/{repo}/tags/list")
             if reply.status == 404:
                 continue
@@ -668,13 +599,11 @@ async def verify_tags(port: int, clients: int) -> dict[str, Any]:
                 for desc in [doc["config"], *doc["layers"]]:
                     blobs += 1
                     try:
-                        body, _size, _n = await redirects.get(
-                            conn, 0, f"/v2/{repo}/blobs/{desc['digest']}", discard=False
-                        )
+                        got, _ = await redirects.get(conn, 0, f"/v2/{repo}/blobs/{desc['digest']}", False)
                     except Unexpected as exc:
                         problems.append(f"{repo}:{tag} blob {desc['digest'][:19]}: {exc}"[:200])
                         continue
-                    if sha256_digest(body) != desc["digest"]:
+                    if sha256_digest(got.body) != desc["digest"]:
                         problems.append(f"{repo}:{tag} blob {desc['digest'][:19]}: other bytes")
     finally:
         conn.close()
@@ -683,7 +612,7 @@ async def verify_tags(port: int, clients: int) -> dict[str, Any]:
 
 
 async def part_push(
-    args: argparse.Namespace, backend: Backend, base: Path, say: Callable[[str], None]
+    args: argparse.Namespace, backend: S3Backend, base: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
     variant = WHARF_VARIANTS[args.wharf]
     results: dict[str, Any] = {}
@@ -694,36 +623,23 @@ async def part_push(
         gc_section = {**gc_config, "enabled": True, "interval": "1s"} if node_gc else gc_config
         workdir = base / f"push-{key}"
         workdir.mkdir(parents=True, exist_ok=True)
-        server = S3Registry(variant, workdir, True, backend, root=root, prefix=prefix, node=f"bench-{key}")
-        original = server.config_yaml
-
-        def config_yaml(
-            debug_port: int, _original: Callable[[int], str] = original, _gc: dict[str, Any] = gc_section
-        ) -> str:
-            config = yaml.safe_load(_original(debug_port))
-            config["gc"] = _gc
-            return yaml.safe_dump(config, sort_keys=False)
-
-        server.config_yaml = config_yaml  # type: ignore[method-assign]
+        node = f"bench-{key}"
+        server = S3Registry(variant, workdir, True, backend, root=root, prefix=prefix, node=node, gc=gc_section)
         runner: GCRunner | None = None
         try:
             server.start()
             await asyncio.get_running_loop().run_in_executor(None, server.wait_ready)
             if with_gc:
-                gc_path = write_config(
-                    workdir / "gc.yml", backend, variant, bench.free_port(), gc_config, True, root, prefix
-                )
+                gc_path = write_config(workdir / "gc.yml", backend, variant, gc_config, True, root, prefix)
                 runner = GCRunner(args.gc_mode, gc_path, workdir)
                 await runner.start()
             label = f"with GC ({args.gc_mode})" if with_gc else "without GC"
             say(f"pushes {label}: {args.image_clients} clients, {args.push_seconds:.0f}s")
             extra = {"gc_cpu": runner.cpu_seconds} if runner is not None and args.gc_mode != "node" else None
             t_start = time.time()
-            result: Result = await measured(
-                backend,
-                run_load(server, args.image_clients, args.push_seconds, tagged_op(args.tags, args.layer_kib * 1024)),
-                extra=extra,
-            )
+            op = image_pushes("gcpush/c", args.layer_kib * 1024, tags=args.tags)
+            push = partial(run_load, server, args.image_clients, args.push_seconds, op)
+            result: Result = await measured(backend, push, extra)
             t_end = time.time()
             entry: dict[str, Any] = {"images": result, "window": (t_start, t_end)}
             if runner is not None:
@@ -743,12 +659,10 @@ async def part_push(
         finally:
             server.stop()
             results.setdefault(key, {})["log"] = scan_log(server)
-            if args.keep_logs is not None:
-                args.keep_logs.mkdir(parents=True, exist_ok=True)
+            server.keep_log(args.keep_logs, f"gc-{key}-node")
+            if args.keep_logs is not None and (workdir / "gc-loop.log").exists():
                 with contextlib.suppress(OSError):
-                    shutil.copy(server.log_path, args.keep_logs / f"gc-{key}-node.log")
-                    if (workdir / "gc-loop.log").exists():
-                        shutil.copy(workdir / "gc-loop.log", args.keep_logs / f"gc-{key}-loop.log")
+                    shutil.copy(workdir / "gc-loop.log", args.keep_logs / f"gc-{key}-loop.log")
             shutil.rmtree(workdir, ignore_errors=True)
     return results
 
@@ -756,86 +670,51 @@ async def part_push(
 PUSH_TARGETS = [Target("no-gc", "pushes without GC", "wharf"), Target("gc", "pushes with GC looping", "wharf")]
 
 
-def report_push(results: dict[str, Any], args: argparse.Namespace) -> None:
-    def row(r: dict[str, Any]) -> tuple[list[str], list[float | None]]:
-        p: Result = r["images"]
-        rate = p.ops / p.elapsed if p.ops else 0.0
-        runner: GCRunner | None = r.get("gc")
-        cycles = []
-        if runner is not None:
-            t_start, t_end = r["window"]
-            cycles = [c for c in runner.cycles if c["end"] >= t_start and c["start"] <= t_end]
-        durations = [c["end"] - c["start"] for c in cycles]
-        cells = [
-            _fmt_num(rate, 1),
-            str(p.ops),
-            _fmt_ms(p.percentile(0.5)),
-            _fmt_ms(p.percentile(0.99)),
-            str(p.error_count),
-            _pct(p.server_cpu, p.elapsed),
-            _pct(p.extra.get("gc_cpu", 0.0), p.elapsed) if runner is not None and args.gc_mode != "node" else "-",
-            _pct(p.extra["backend_cpu"], p.elapsed),
-            _pct(p.client_cpu, p.elapsed),
-            _pct(p.other_cpu, p.elapsed),
-            str(len(cycles)) if runner is not None else "-",
-            f"{sum(durations) / len(durations):.1f}" if durations else "-",
-            str(sum(c.get("manifests_deleted", 0) for c in cycles)) if runner is not None else "-",
-            str(sum(c.get("blobs_deleted", 0) for c in cycles)) if runner is not None else "-",
-        ]
-        return cells, [rate, p.percentile(0.99)]
+def _overlapping(r: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The GC cycles that overlapped a run's pushes (None for the run without GC)."""
+    runner: GCRunner | None = r.get("gc")
+    if runner is None:
+        return None
+    t_start, t_end = r["window"]
+    return [c for c in runner.cycles if c["end"] >= t_start and c["start"] <= t_end]
 
+
+def _cycles(header: str, figure: Callable[[list[dict[str, Any]]], str]) -> Column:
+    return Column(header, _overlapping, lambda cycles: "-" if cycles is None else figure(cycles))
+
+
+def report_push(results: dict[str, Any], args: argparse.Namespace) -> None:
+    gc_cpu = [] if args.gc_mode == "node" else [cpu("images", "GC CPU", "gc_cpu")]
+    columns = [
+        *image_columns("images", (*gc_cpu, cpu("images", "S3+etcd", "backend_cpu"))),
+        _cycles("cycles", lambda cycles: str(len(cycles))),
+        _cycles("cycle s", lambda c: f"{sum(x['end'] - x['start'] for x in c) / len(c):.1f}" if c else "-"),
+        _cycles("manifests del", lambda cycles: str(sum(c.get("manifests_deleted", 0) for c in cycles))),
+        _cycles("blobs del", lambda cycles: str(sum(c.get("blobs_deleted", 0) for c in cycles))),
+    ]
     mode = {
         "loop": "a process running collect(delete_untagged=True) back to back",
         "cli": "`wharf gc --delete-untagged` run back to back",
         "node": "the node itself, gc.interval 1s",
     }[args.gc_mode]
-    comparison_table(
+    title = (
         f"GC-2. Small-image pushes through one Wharf node (S3 + etcd), {args.image_clients} concurrent, "
-        f"{args.push_seconds:.0f}s, each client cycling through {args.tags} tags",
-        f"GC: {mode}; grace {args.push_grace}; "
-        + (
-            "a registry of its own (--push-fresh)"
-            if args.push_fresh
-            else "the registry of GC-1 still in it (if it ran)"
-        )
-        + ". node CPU includes GC in mode 'node'."
-        "\n  cycles = GC cycles that overlapped the pushes; cycle s = their mean duration; deleted = by those cycles.",
-        [
-            "run",
-            "images/s",
-            "images",
-            "p50 ms",
-            "p99 ms",
-            "errors",
-            "node CPU",
-            "GC CPU",
-            "S3+etcd",
-            "cli CPU",
-            "other",
-            "cycles",
-            "cycle s",
-            "manifests del",
-            "blobs del",
-        ],
-        row,
-        ["ratio img/s", "ratio p99"],
-        results,
-        PUSH_TARGETS,
-        "no-gc",
+        f"{args.push_seconds:.0f}s, each client cycling through {args.tags} tags"
     )
+    registry = (
+        "a registry of its own (--push-fresh)" if args.push_fresh else "the registry of GC-1 still in it (if it ran)"
+    )
+    note = (
+        f"GC: {mode}; grace {args.push_grace}; {registry}. srv CPU is the node's, GC included in mode 'node'."
+        "\n  cycles = GC cycles that overlapped the pushes; cycle s = their mean duration; deleted = by those cycles."
+    )
+    ratios = {"ratio img/s": "images/s", "ratio p99": "p99 ms"}
+    comparison_table(title, note, columns, ratios, results, PUSH_TARGETS, "no-gc", first="run")
     for t in PUSH_TARGETS:
         r = results.get(t.key, {})
-        v = r.get("verify")
-        if v is None:
-            continue
-        if v["problems"]:
-            print(f"  {t.label}: {len(v['problems'])} problems pulling back {v['images']} tagged images, e.g.:")
-            for p in v["problems"][:5]:
-                print(f"    {p}")
-        else:
-            print(
-                f"  {t.label}: all {v['images']} tagged images pulled back whole ({v['blobs']} blobs, digests checked)"
-            )
+        if (v := r.get("verify")) is not None:
+            fine = f"all {v['images']} tagged images pulled back whole ({v['blobs']} blobs, digests checked)"
+            print_problems(t.label, v["problems"], f"pulling back {v['images']} tagged images", fine)
         runner = r.get("gc")
         if runner is not None and runner.errors:
             for key, count in runner.errors.most_common(5):
@@ -847,12 +726,8 @@ def report_push(results: dict[str, Any], args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def run_all(args: argparse.Namespace, backend: Backend, base: Path, parts: set[str]) -> dict[str, Any]:
-    started = time.monotonic()
-
-    def say(msg: str) -> None:
-        print(f"   [{time.monotonic() - started:6.1f}s] {msg}", flush=True)
-
+async def run_all(args: argparse.Namespace, backend: S3Backend, base: Path, parts: set[str]) -> dict[str, Any]:
+    say = session.progress_since(time.monotonic(), width=6)
     out: dict[str, Any] = {}
     if "cycle" in parts:
         print("\n== part 1: one GC cycle at scale", flush=True)
@@ -906,44 +781,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--only: cycle, push")
 
     base = Path(tempfile.mkdtemp(prefix="wharf-bench-gc-", dir=args.tmpdir))
-    backend = Backend()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    backend = S3Backend()
     t0 = time.monotonic()
-    results: dict[str, Any] = {}
-    context: list[str] = []
+    context = machine_context("S3 (moto_server, in memory) + etcd (1 member) on loopback; access logs on")
     try:
-        settings = bench.Settings(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, True)
-        context = bench.machine_context(settings, base)
-        context[-1] = "  storage: S3 (moto_server, in memory) + etcd (1 member) on loopback; access logs on"
-        print("\n".join(context), flush=True)
-        print("starting moto_server and etcd ...", flush=True)
-        backend.start()
-        if bench._have_uvloop():
-            import uvloop
-
-            results = uvloop.run(run_all(args, backend, base, parts))
-        else:
-            results = asyncio.run(run_all(args, backend, base, parts))
+        with session.cleanup() as stack:
+            stack.callback(shutil.rmtree, base, ignore_errors=True)
+            stack.callback(backend.close)
+            print("\n".join(context), flush=True)
+            print("starting moto_server and etcd ...", flush=True)
+            backend.start()
+            results = session.run_async(run_all(args, backend, base, parts))
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything and removing temporary data", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        backend.close()
-        shutil.rmtree(base, ignore_errors=True)
-    print(f"\nResults ({time.monotonic() - t0:.0f}s in all)")
-    print("=======")
-    print("\n".join(context))
+        return session.interrupted()
+    results_heading(t0, context)
     if "cycle" in results:
         report_cycle(results["cycle"], args)
     elif "cycle_error" in results:
         print(f"\nGC-1 failed: {results['cycle_error']}")
     if "push" in results:
         report_push(results["push"], args)
-        bench.report_errors(results["push"], PUSH_TARGETS)
-    cores = len(os.sched_getaffinity(0))
+        report_errors(results["push"], PUSH_TARGETS)
     print(
-        f"\n{cores} cores run everything here (node, GC, etcd, moto_server, the client): GC competes with the pushes"
+        f"\n{cores()} cores run everything here (node, GC, etcd, moto_server, the client): GC competes with the pushes"
         "\nfor the same CPU, which a cluster with its own etcd and S3 would not. moto is a slow, in-memory S3."
     )
     return 0

@@ -1,10 +1,13 @@
-"""Garbage collection's memory and time against the registry's size, with synthetic coordinators.
+"""Garbage collection's and retention's memory and time against the registry's size, with synthetic
+coordinators.
 
 Fills an embedded coordinator straight through its SQLite file (not over HTTP: a million images
 would take hours to push) with N images: each a manifest with a tag, a config and three layers of
 which two come from a shared pool, their layer links and blob records; every tenth image is then
-untagged (deleteuntagged collects it). A `wharf gc` cycle then runs in its own process, and the
-figures are its peak resident memory and its duration. Nothing is asserted: the figures are printed.
+untagged (deleteuntagged collects it). A retention dry run (keep the 5 newest tags of every
+repository, untagged manifests older than a day go) and a `wharf gc` cycle then run, each in its own
+process, and the figures are each one's peak resident memory and duration. Nothing is asserted: the
+figures are printed.
 
     python loadtests/bench_gc_memory.py                  # 10,000, 100,000 and 1,000,000 images
     python loadtests/bench_gc_memory.py --sizes 20000    # one size
@@ -13,10 +16,8 @@ figures are its peak resident memory and its duration. Nothing is asserted: the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import resource
 import shutil
 import sqlite3
 import subprocess
@@ -25,18 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchlib import REPO_ROOT
+from benchlib.images import OCI_MANIFEST, sha256_digest
 
-from coordinator import keys  # noqa: E402
-from coordinator.embedded import EmbeddedKV  # noqa: E402
+from coordinator import keys
+from coordinator.embedded import EmbeddedKV
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 SHARED_LAYERS = 500
 
 
 def _digest(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return sha256_digest(text.encode())
 
 
 def fill(path: Path, images: int) -> None:
@@ -106,29 +106,54 @@ def fill(path: Path, images: int) -> None:
     db.close()
 
 
-def run_gc(workdir: Path, dry_run: bool) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MiB, the summary line) of one `wharf gc` process."""
+# Runs a command and prints, last on stderr, the peak resident memory (KiB) of it alone.
+_MEASURED = (
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(done.returncode)"
+)
+
+
+def _write_config(workdir: Path) -> Path:
     config = workdir / "config.yml"
     config.write_text(
         "version: 0.1\n"
         f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'registry'}\n  delete:\n    enabled: true\n"
         f"coordinator:\n  embedded:\n    path: {workdir / 'coordinator.db'}\n"
         "gc:\n  grace: 0s\nhttp:\n  debug:\n    addr: ''\n"
+        "retention:\n  policies:\n    - name: newest five\n      repositories: ['**']\n      keeplast: 5\n"
+        "      untaggedafter: 1d\n"
     )
     (workdir / "registry").mkdir(exist_ok=True)
-    args = [sys.executable, "-m", "node.cli", "gc", "--delete-untagged", str(config)]
-    if dry_run:
-        args.insert(4, "--dry-run")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return config
+
+
+def _measured(args: list[str], keyword: str) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MiB, the summary line) of one `wharf` process."""
     started = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=7200)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURED, sys.executable, "-m", "node.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=7200,
+    )
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
-    summary = next((line for line in done.stdout.splitlines() if "delete" in line), done.stdout[:200])
-    # ru_maxrss of children is the largest child so far: sizes run smallest first.
-    return seconds, max(peak, before) / 1024, summary
+    peak = int(done.stderr.strip().splitlines()[-1]) / 1024
+    summary = next((line for line in done.stdout.splitlines() if keyword in line), done.stdout[:200])
+    return seconds, peak, summary
+
+
+def run_retention(config: Path) -> tuple[float, float, str]:
+    return _measured(["retention", "apply", "--dry-run", str(config)], "would delete")
+
+
+def run_gc(config: Path, dry_run: bool) -> tuple[float, float, str]:
+    args = ["gc", "--delete-untagged", str(config)]
+    if dry_run:
+        args.insert(1, "--dry-run")
+    return _measured(args, "delete")
 
 
 def main() -> None:
@@ -138,7 +163,10 @@ def main() -> None:
     parser.add_argument("--tmpdir", help="where the coordinators go (default: system temp)")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    print(f"{'images':>10} {'keys':>10} {'fill s':>8} {'gc s':>8} {'gc peak RSS MiB':>16}  summary")
+    print(
+        f"{'images':>10} {'keys':>10} {'fill s':>8} {'retention s':>12} {'peak MiB':>9} "
+        f"{'gc s':>8} {'peak MiB':>9}  summary"
+    )
     for size in sizes:
         workdir = Path(tempfile.mkdtemp(prefix="wharf-bench-gc-", dir=args.tmpdir))
         try:
@@ -147,8 +175,14 @@ def main() -> None:
             filled = time.perf_counter() - started
             with sqlite3.connect(workdir / "coordinator.db") as db:
                 count = db.execute("SELECT count(*) FROM kv").fetchone()[0]
-            seconds, peak, summary = run_gc(workdir, args.dry_run)
-            print(f"{size:>10,} {count:>10,} {filled:>8.1f} {seconds:>8.1f} {peak:>16.0f}  {summary}", flush=True)
+            config = _write_config(workdir)
+            kept_s, kept_peak, _ = run_retention(config)
+            seconds, peak, summary = run_gc(config, args.dry_run)
+            print(
+                f"{size:>10,} {count:>10,} {filled:>8.1f} {kept_s:>12.1f} {kept_peak:>9.0f} "
+                f"{seconds:>8.1f} {peak:>9.0f}  {summary}",
+                flush=True,
+            )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     os.sync()

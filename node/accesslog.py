@@ -1,189 +1,73 @@
-"""One structured JSON access line per request, written off the event loop."""
+"""The access line and the request figures of each request: an observer of node/context.py's
+RequestContext, told when a request starts and when it ends."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import logging.handlers
-import queue
-import sys
 import time
-import uuid
-from typing import Any
 
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
-from .metrics import Metrics
-
-API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
+from .context import Exchange
+from .metrics import Metrics, distribution_handler
 
 
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(level: str = "info") -> logging.handlers.QueueListener:
-    """Route every log record through a queue to a thread that writes JSON lines to stdout."""
-    logging.Formatter.converter = time.gmtime
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JSONFormatter())
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
-    root = logging.getLogger()
-    root.handlers = [logging.handlers.QueueHandler(records)]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    listener.start()
-    return listener
-
-
-_DRAIN_SECONDS = 10.0
-
-
-async def _discard_body(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-
-
-async def _finish_drain(drain: asyncio.Future[None]) -> None:
-    try:
-        await asyncio.wait_for(drain, _DRAIN_SECONDS)
-    except Exception:  # timed out, or the receive channel broke
-        drain.cancel()
-
-
-def _has_body(scope: Scope) -> bool:
+def _request_size(scope: Scope) -> int:
+    """Distribution's approximate request size: URL, method, protocol, headers and declared body."""
+    size = len(scope["method"]) + len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b"")) + 8
     for name, value in scope["headers"]:
-        if name == b"content-length":
-            return value.strip() not in (b"0", b"")
-        if name == b"transfer-encoding":
-            return True
-    return False
+        size += len(name) + len(value)
+        if name == b"content-length" and value.isdigit():
+            size += int(value)
+    return size
 
 
 class AccessLog:
-    """ASGI middleware: request id, API version header, and the access line."""
+    """One structured JSON access line per request (unless disabled), and its figures."""
 
-    def __init__(self, app: ASGIApp, *, enabled: bool = True, metrics: Metrics | None = None) -> None:
-        self.app = app
+    def __init__(self, *, enabled: bool = True, metrics: Metrics | None = None) -> None:
         self.enabled = enabled
         self.metrics = metrics
         self.log = logging.getLogger("wharf.access")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")[:64]
-                break
-        if not request_id:
-            request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        status = 0
-        sent = 0
-        received = 0
-        body_pending = _has_body(scope)
+    def started(self, scope: Scope, exchange: Exchange) -> None:
+        if self.metrics is not None:
+            handler = exchange.observed["handler"] = distribution_handler(scope["path"])
+            self.metrics.request_started(handler)
 
-        async def counting_receive() -> Message:
-            nonlocal received, body_pending
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body_pending = False
-            return message
-
-        async def tagging_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append(API_VERSION_HEADER)
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                if body_pending:
-                    # Answered before the body was read (a refused chunk): the server will drop
-                    # the connection, so say so rather than let the client reuse it and fail.
-                    headers.append((b"connection", b"close"))
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-                if body_pending and not message.get("more_body", False):
-                    # The server may still be queueing the unread body; with its queue full it
-                    # would block this last send for ever and leak the connection. Reading on
-                    # until it says the client is gone lets it finish and close.
-                    drain = asyncio.ensure_future(_discard_body(receive))
-                    try:
-                        await send(message)
-                    finally:
-                        await _finish_drain(drain)
-                    return
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tagging_send)
-        except ClientDisconnect:
-            pass  # logged as 499: nobody is left to answer
-        except Exception:
-            # A bug or a storage failure: the client still gets an OCI error body and the
-            # request id to quote, and the log gets the traceback in JSON.
-            self.log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            if status:
-                raise
-            body = json.dumps(
-                {
-                    "errors": [
-                        {"code": "UNKNOWN", "message": "internal server error", "detail": {"request_id": request_id}}
-                    ]
-                }
-            ).encode()
-            await tagging_send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
+    def finished(self, scope: Scope, exchange: Exchange) -> None:
+        route_path = getattr(scope.get("route"), "path", None) or "unmatched"
+        status = exchange.status or 499
+        duration = time.perf_counter() - exchange.started
+        if self.metrics is not None:
+            handler = exchange.observed.get("handler")
+            self.metrics.observe_request(
+                scope["method"],
+                route_path,
+                status,
+                exchange.received,
+                exchange.sent,
+                duration,
+                handler=handler,
+                request_size=_request_size(scope) if handler is not None else 0,
             )
-            await tagging_send({"type": "http.response.body", "body": body})
-        finally:
-            route_path = getattr(scope.get("route"), "path", None) or "unmatched"
-            duration = time.perf_counter() - started
-            if self.metrics is not None:
-                self.metrics.observe_request(scope["method"], route_path, status or 499, received, sent, duration)
-            if self.enabled:
-                client = scope.get("client")
-                self.log.info(
-                    "request",
-                    extra={
-                        "fields": {
-                            "method": scope["method"],
-                            "route": route_path,
-                            "status": status or 499,
-                            "bytes_in": received,
-                            "bytes_out": sent,
-                            "duration_ms": round(duration * 1000, 3),
-                            "request_id": request_id,
-                            "remote": client[0] if client else None,
-                            "repository": scope.get("path_params", {}).get("name"),
-                            "user": scope.get("state", {}).get("user"),
-                        }
-                    },
-                )
+            self.metrics.request_finished(handler)
+        if self.enabled:
+            client = scope.get("client")
+            self.log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": scope["method"],
+                        "route": route_path,
+                        "status": status,
+                        "bytes_in": exchange.received,
+                        "bytes_out": exchange.sent,
+                        "duration_ms": round(duration * 1000, 3),
+                        "request_id": exchange.request_id,
+                        "remote": client[0] if client else None,
+                        "repository": scope.get("path_params", {}).get("name"),
+                        "user": scope.get("state", {}).get("user"),
+                    }
+                },
+            )

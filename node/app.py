@@ -17,15 +17,21 @@ from starlette.routing import Match, Route
 from coordinator.election import Election
 from coordinator.metadata import Conflict
 
+from . import routing
 from .accesslog import AccessLog
 from .api import base, blobs, catalog, health, manifests, referrers, tags, uploads
 from .audit import AuditIntent, AuditLog, AuditMiddleware
 from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
 from .config import Config
+from .context import RequestContext
 from .errors import RegistryError, Unsupported, error_response, handle_contention, handle_registry_error
+from .headers import ConfiguredHeaders, PathPrefix
+from .health import HealthChecks
 from .maintenance import Maintenance
 from .metrics import Metrics
+from .readonly import ReadOnlyMiddleware
+from .routing import Endpoint
 from .services import Services
 from .store import open_kv, open_storage
 
@@ -33,38 +39,31 @@ log = logging.getLogger("wharf")
 
 NAME = "/v2/{name:path}"
 
-# The OCI Distribution endpoints, in the spec's order. Upload routes come before blob routes.
+# The OCI Distribution endpoints, in the spec's order, each with the access it needs and, for a
+# decision, what its audit line decides on (a manifest by tag is logged as a "tag", an upload POST
+# with ?mount= as a "mount" and with ?digest= as a "blob"; see node/audit.py). Upload routes come
+# before blob routes; HEAD before GET, as a GET route also answers HEAD and these HEADs have
+# handlers of their own.
 ROUTES = [
-    Route("/v2/", base.version_check, methods=["GET"]),
-    Route("/v2/_catalog", catalog.list_repositories, methods=["GET"]),
-    Route(NAME + "/tags/list", tags.list_tags, methods=["GET"]),
-    # HEAD before GET: a GET route also answers HEAD, and these HEADs have handlers of their own.
-    Route(NAME + "/manifests/{reference}", manifests.head_manifest, methods=["HEAD"]),
-    Route(NAME + "/manifests/{reference}", manifests.get_manifest, methods=["GET"]),
-    Route(NAME + "/manifests/{reference}", manifests.put_manifest, methods=["PUT"]),
-    Route(NAME + "/manifests/{reference}", manifests.delete_manifest, methods=["DELETE"]),
-    Route(NAME + "/blobs/uploads/", uploads.start_upload, methods=["POST"]),
-    Route(NAME + "/blobs/uploads/{uuid}", uploads.upload_status, methods=["GET"]),
-    Route(NAME + "/blobs/uploads/{uuid}", uploads.patch_upload, methods=["PATCH"]),
-    Route(NAME + "/blobs/uploads/{uuid}", uploads.finish_upload, methods=["PUT"]),
-    Route(NAME + "/blobs/uploads/{uuid}", uploads.cancel_upload, methods=["DELETE"]),
-    Route(NAME + "/blobs/{digest}", blobs.head_blob, methods=["HEAD"]),
-    Route(NAME + "/blobs/{digest}", blobs.get_blob, methods=["GET"]),
-    Route(NAME + "/blobs/{digest}", blobs.delete_blob, methods=["DELETE"]),
-    Route(NAME + "/referrers/{digest}", referrers.list_referrers, methods=["GET"]),
+    Endpoint("/v2/", base.version_check, "GET", access=routing.signed_in),
+    Endpoint("/v2/_catalog", catalog.list_repositories, "GET", access=routing.catalog),
+    Endpoint(NAME + "/tags/list", tags.list_tags, "GET", access=routing.pull),
+    Endpoint(NAME + "/manifests/{reference}", manifests.head_manifest, "HEAD", access=routing.pull),
+    Endpoint(NAME + "/manifests/{reference}", manifests.get_manifest, "GET", access=routing.pull, audit="manifest"),
+    Endpoint(NAME + "/manifests/{reference}", manifests.put_manifest, "PUT", access=routing.push, audit="manifest"),
+    Endpoint(
+        NAME + "/manifests/{reference}", manifests.delete_manifest, "DELETE", access=routing.delete, audit="manifest"
+    ),
+    Endpoint(NAME + "/blobs/uploads/", uploads.start_upload, "POST", access=routing.push_or_mount, audit="upload"),
+    Endpoint(NAME + "/blobs/uploads/{uuid}", uploads.upload_status, "GET", access=routing.push),
+    Endpoint(NAME + "/blobs/uploads/{uuid}", uploads.patch_upload, "PATCH", access=routing.push),
+    Endpoint(NAME + "/blobs/uploads/{uuid}", uploads.finish_upload, "PUT", access=routing.push, audit="blob"),
+    Endpoint(NAME + "/blobs/uploads/{uuid}", uploads.cancel_upload, "DELETE", access=routing.push),
+    Endpoint(NAME + "/blobs/{digest}", blobs.head_blob, "HEAD", access=routing.pull),
+    Endpoint(NAME + "/blobs/{digest}", blobs.get_blob, "GET", access=routing.pull),
+    Endpoint(NAME + "/blobs/{digest}", blobs.delete_blob, "DELETE", access=routing.delete, audit="blob"),
+    Endpoint(NAME + "/referrers/{digest}", referrers.list_referrers, "GET", access=routing.pull),
 ]
-
-# The requests that are decisions for the audit log, and what each decides on (its line's `object`:
-# a manifest by tag is a "tag", an upload POST with ?mount= a "mount" and with ?digest= a "blob").
-# Any other request gets an audit line only when a check refuses it (node/audit.py).
-AUDITED = {
-    manifests.get_manifest: "manifest",
-    manifests.put_manifest: "manifest",
-    manifests.delete_manifest: "manifest",
-    uploads.start_upload: "upload",
-    uploads.finish_upload: "blob",
-    blobs.delete_blob: "blob",
-}
 
 # Probes for load balancers and orchestrators; they carry no registry data.
 PROBE_ROUTES = [
@@ -109,14 +108,22 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
         election = Election(svc.kv, "maintenance", svc.node_id, ttl=config.cluster.leasettl)
         election.on_change = lambda leading: metrics.leader.labels("maintenance").set(1 if leading else 0)
         app.state.election = election
-        campaign = asyncio.get_running_loop().create_task(election.run(Maintenance(svc).lead))
+        loop = asyncio.get_running_loop()
+        # The read-only switch is read before serving, then followed by a watch.
+        with contextlib.suppress(Exception):
+            await svc.readonly.switch.refresh()
+        health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
+        background = [loop.create_task(svc.readonly.switch.run()), loop.create_task(health.run())]
+        campaign = loop.create_task(election.run(Maintenance(svc).lead))
         try:
             yield
         finally:
             election.stop()
-            campaign.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await campaign
+            for task in (campaign, *background):
+                task.cancel()
+            for task in (campaign, *background):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if audit is not None:
                 await audit.detach()
             if owned:
@@ -137,14 +144,21 @@ def create_app(config: Config, *, services: Services | None = None) -> Starlette
     if services is not None:
         app.state.services = services
     app.state.metrics = metrics
-    # Outermost last: access log, the audit line of each decision (authentication refuses some),
-    # authentication, then the `started` line of a change just before its handler.
+    # Outermost last: access log, the audit line of each decision (authentication and read-only
+    # mode refuse some), authentication, read-only refusals, then the `started` line of a change
+    # just before its handler.
     if audit is not None:
-        app.add_middleware(AuditIntent, audit=audit, routes=app.router.routes, decisions=AUDITED)
+        app.add_middleware(AuditIntent, audit=audit, routes=app.router.routes)
+    app.add_middleware(ReadOnlyMiddleware)
     if auth.enabled:
         public = PROBE_ROUTES + token_routes
         app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)
     if audit is not None:
-        app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes, decisions=AUDITED)
-    app.add_middleware(AccessLog, enabled=not config.log.accesslog.get("disabled", False), metrics=metrics)
+        app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes)
+    app.add_middleware(
+        RequestContext, observers=[AccessLog(enabled=not config.log.accesslog.disabled, metrics=metrics)]
+    )
+    app.add_middleware(ConfiguredHeaders, headers=config.http.headers)
+    if config.http.prefix:
+        app.add_middleware(PathPrefix, prefix=config.http.prefix)
     return app

@@ -1,4 +1,10 @@
-"""The app for servers that import it by path in worker processes (`node.asgi:app`)."""
+"""The app for servers that start worker processes and build it there (`node.asgi:worker_app`).
+
+`wharf serve` loads and checks the configuration before any worker starts, then tells each worker
+two things at the process boundary: the configuration file (CONFIG_ENV; the worker loads it as the
+supervisor did, REGISTRY_* variables included) and the supervisor's pid (SERVE_PID_ENV), which a
+worker must not outlive. Nothing happens at import: the server calls `worker_app()` in the worker.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,23 @@ import ctypes
 import os
 import signal
 
-from .accesslog import configure_logging
+from starlette.applications import Starlette
+
 from .app import create_app
 from .config import load
+from .logs import configure_logging
+
+CONFIG_ENV = "WHARF_CONFIG"
+SERVE_PID_ENV = "WHARF_SERVE_PID"
+# The application path each server is given: hypercorn evaluates it, granian calls it (factory).
+HYPERCORN_PATH = "node.asgi:worker_app()"
+GRANIAN_TARGET = "node.asgi:worker_app"
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: str | None) -> None:
     """A worker must not outlive `wharf serve`: an orphan would keep serving and keep leases."""
-    parent = os.environ.get("WHARF_SERVE_PID")
     if not parent:
         return
     try:
@@ -28,8 +41,11 @@ def _die_with_parent() -> None:
         os._exit(1)  # the parent died before the signal was armed
 
 
-_die_with_parent()
-# `wharf serve` passes the configuration file to its workers through this one variable.
-_config = load(os.environ.get("WHARF_CONFIG") or None)
-_listener = configure_logging(_config.log.level)
-app = create_app(_config)
+def worker_app() -> Starlette:
+    """This worker's app, on the configuration `wharf serve` checked."""
+    _die_with_parent(os.environ.get(SERVE_PID_ENV))
+    config = load(os.environ.get(CONFIG_ENV) or None)
+    listener = configure_logging(config.log)
+    app = create_app(config)
+    app.state.log_listener = listener  # lives as long as the worker's app
+    return app

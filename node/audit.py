@@ -29,7 +29,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -41,9 +41,10 @@ from coordinator.kv import KV
 
 from .auditchain import GENESIS, Head, find_line, head_of, last_line, line_hash, log_files, tail_head
 from .auth.access import CATALOG, DELETE, PULL, PUSH
-from .auth.target import STATE_KEY, Target, resolve, routed
-from .config import AuditConfig, ConfigError, parse_duration, parse_size
+from .config import AuditConfig, ConfigError
+from .context import NOTES_KEY, Notes
 from .errors import ERROR_KEY, RegistryError, Unavailable, send_error
+from .routing import STATE_KEY, Target, resolve, routed
 
 log = logging.getLogger("wharf.audit")
 
@@ -383,7 +384,7 @@ class AuditLog:
         self._file = (
             _ChainedFile(
                 os.path.abspath(config.path),
-                parse_size(config.maxsize),
+                config.maxsize,
                 config.maxbackups,
                 config.fsync,
                 shared=shared,
@@ -393,7 +394,7 @@ class AuditLog:
         )
         self._stdout = config.stdout
         self.pulls = config.pulls
-        self._interval = parse_duration(config.checkpoint)
+        self._interval = config.checkpoint
         self._kv: KV | None = None
         self._node = ""
         self._anchored: Head | None = None
@@ -558,7 +559,7 @@ class AuditLog:
 class Decision:
     """One request's audit line in the making: described from its route once known, plus notes."""
 
-    notes: dict[str, Any] = field(default_factory=dict)  # what handlers add (see `note`)
+    notes: Notes = field(default_factory=Notes)  # what handlers add (node/context.py `note`)
     described: bool = False
     action: str | None = None  # what the request asks to do: push, pull, delete, catalog, login, token ...
     fields: dict[str, Any] = field(default_factory=dict)  # object, remote, repository, reference, digest
@@ -568,17 +569,6 @@ class Decision:
 
     def line(self) -> dict[str, Any]:
         return {**self.fields, **self.notes}
-
-
-def note(scope: Scope, *, record: bool = False, **facts: Any) -> None:
-    """Add facts (a digest, the action) to this request's audit line; `record`: write one whatever happens.
-
-    Does nothing when the audit log is off.
-    """
-    decision = (scope.get("state") or {}).get(DECISION_KEY)
-    if isinstance(decision, Decision):
-        decision.notes.update(facts)
-        decision.due = decision.due or record
 
 
 def _action(target: Target) -> str:
@@ -611,10 +601,9 @@ _INTENT_OBJECTS = frozenset({"manifest", "tag"})
 class _Describer:
     """Fills a request's Decision from its route: which endpoint, what it decides on, which digest."""
 
-    def __init__(self, audit: AuditLog, routes: list[Any], decisions: Mapping[Callable[..., Any], str]) -> None:
+    def __init__(self, audit: AuditLog, routes: list[Any]) -> None:
         self.audit = audit
         self.routes = routes
-        self.decisions = decisions  # endpoint -> what it decides on (the line's `object`)
 
     def describe(self, scope: Scope, decision: Decision) -> None:
         """From the route the request was given (by the router, or by authentication): no matching here."""
@@ -623,16 +612,15 @@ class _Describer:
         decision.described = True
         target = (scope.get("state") or {}).get(STATE_KEY)
         if isinstance(target, Target):
-            endpoint, params = target.endpoint, target.params
+            obj, params = target.audit, target.params
         else:
-            endpoint = getattr(scope.get("route"), "endpoint", None)
+            obj = getattr(scope.get("route"), "audit", None)
             params = scope.get("path_params") or {}
         query = scope.get("query_string", b"")
         reference = params.get("reference")
         digest = params.get("digest")
         if digest is None and isinstance(reference, str) and ":" in reference:
             digest = reference
-        obj = self.decisions.get(endpoint) if endpoint is not None else None  # type: ignore[call-overload]
         if obj == "manifest" and digest is None and reference is not None:
             obj = "tag"
         elif obj == "upload":
@@ -657,7 +645,11 @@ class _Describer:
             return  # audited only if refused; its action is found then (see `action`)
         decision.action = _METHOD_ACTIONS.get(method, "request")
         # HEAD reaches the GET handler too (Starlette adds it), but only checks: no pull.
-        decision.due = decision.due or (method != "HEAD" and (decision.action != PULL or self.audit.pulls))
+        decision.due = (
+            decision.due
+            or decision.notes.record
+            or (method != "HEAD" and (decision.action != PULL or self.audit.pulls))
+        )
         decision.change = decision.due and decision.action in (PUSH, DELETE)
         decision.change = decision.change and (obj in _INTENT_OBJECTS or decision.action == DELETE)
 
@@ -675,12 +667,10 @@ class AuditMiddleware:
     which refused the request) has said which route it was.
     """
 
-    def __init__(
-        self, app: ASGIApp, *, audit: AuditLog, routes: list[Any], decisions: Mapping[Callable[..., Any], str]
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, audit: AuditLog, routes: list[Any]) -> None:
         self.app = app
         self.audit = audit
-        self.describer = _Describer(audit, routes, decisions)
+        self.describer = _Describer(audit, routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -688,6 +678,7 @@ class AuditMiddleware:
             return
         state = scope.setdefault("state", {})
         decision = state[DECISION_KEY] = Decision()
+        state[NOTES_KEY] = decision.notes
         replaced = False
         recorded = False
 
@@ -725,14 +716,23 @@ class AuditMiddleware:
         self.describer.describe(scope, decision)
         error = state.get(ERROR_KEY)
         refused_by = error.refused_by if isinstance(error, RegistryError) else None
-        if refused_by is None and (not decision.due or status == 401):
+        # What a signature policy decided (node/trust.py): its rule, the decision and why. A pull it
+        # warned about is a decision even with pull lines off.
+        signature = dict(state.get("signature") or {})
+        warned = signature.get("decision") == "warned"
+        due = decision.due or decision.notes.record
+        if refused_by is None and not warned and (not due or status == 401):
             return  # not a decision, or a challenge to sign in (no credentials were given)
         if isinstance(error, AuditUnavailable) and not decision.started:
             return  # the `started` line could not be written: neither will this one
         fields = decision.line()
         fields.setdefault("user", state.get("user"))
+        refused_digest = signature.pop("digest", None)
+        fields.update(signature)
         if digest and status < 300:
             fields["digest"] = digest
+        elif refused_digest:
+            fields["digest"] = refused_digest  # a refused pull sends no Docker-Content-Digest
         if isinstance(error, RegistryError):
             fields.update(error.audit)
             fields["refused_by"], fields["rule"] = refused_by, error.rule
@@ -748,13 +748,11 @@ _CHANGING_METHODS = frozenset({"PUT", "DELETE"})
 class AuditIntent:
     """ASGI middleware, inside authentication: the `started` line of a change, before it is made."""
 
-    def __init__(
-        self, app: ASGIApp, *, audit: AuditLog, routes: list[Any], decisions: Mapping[Callable[..., Any], str]
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, audit: AuditLog, routes: list[Any]) -> None:
         self.app = app
         self.audit = audit
         self.routes = routes
-        self.describer = _Describer(audit, routes, decisions)
+        self.describer = _Describer(audit, routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state") or {}

@@ -29,29 +29,22 @@ import asyncio
 import dataclasses
 import logging
 import os
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from coordinator import snapshot
-from coordinator.kv import KV, SnapshotLost
+from coordinator.kv import KV
 
 from .config import Config, S3Storage
+from .services import Services
 from .storage import layout
 from .storage.driver import StorageDriver
 from .store import (
-    StoreRefused,
-    adopt_identity_after_restore,
-    describe_coordinator,
     embedded_file,
     open_kv,
     open_storage,
 )
-
-if TYPE_CHECKING:
-    from .services import Services
 
 log = logging.getLogger("wharf.backup")
 
@@ -209,7 +202,7 @@ def open_target(config: Config, target: Target, args: argparse.Namespace) -> Sna
     return SnapshotStore(FilesystemDriver(target.path), "", target.path, owned=True)
 
 
-def _file_source(path: str) -> snapshot.Source:
+def file_source(path: str) -> snapshot.Source:
     async def chunks() -> AsyncIterator[bytes]:
         handle = await asyncio.to_thread(open, path, "rb")
         try:
@@ -231,7 +224,7 @@ def storage_snapshots(storage: StorageDriver, *, owned: bool = False) -> Snapsho
 # does. (When the store-opening module lands, these become its read and restore modes.)
 
 
-async def _open_coordinator(config: Config, *, readonly: bool) -> KV | None:
+async def open_coordinator(config: Config, *, readonly: bool) -> KV | None:
     """The configured coordinator, found as `wharf serve` finds it; `readonly` creates nothing and
     gives None where there is none yet."""
     path = None
@@ -242,7 +235,7 @@ async def _open_coordinator(config: Config, *, readonly: bool) -> KV | None:
     return await open_kv(config, readonly=readonly, path=path)
 
 
-def _open_registry_storage(config: Config) -> StorageDriver:
+def open_registry_storage(config: Config) -> StorageDriver:
     filesystem = config.storage.filesystem
     if filesystem is not None and not os.path.isdir(filesystem.rootdirectory):
         raise BackupError(f"no snapshots: the storage root {filesystem.rootdirectory} does not exist")
@@ -259,7 +252,10 @@ async def scheduled(services: Services) -> None:
     while True:
         try:
             wait = await _due_in(store, settings.interval_seconds)
-            if wait <= 0:
+            if wait <= 0 and services.readonly.active:
+                # Nothing changes while read-only, and the storage is written to by nothing.
+                wait = min(settings.interval_seconds, _RETRY_SECONDS)
+            elif wait <= 0:
                 await take_scheduled(services, store)
                 wait = settings.interval_seconds
         except asyncio.CancelledError:
@@ -313,233 +309,3 @@ async def take_scheduled(services: Services, store: SnapshotStore) -> StoredSnap
         },
     )
     return stored
-
-
-# -- commands ------------------------------------------------------------------------------------
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    backup = commands.add_parser(
-        "backup",
-        help="write a consistent snapshot of the coordinator to a directory or S3",
-        description="Write one consistent snapshot of the coordinator (one revision); pushes go on meanwhile.",
-    )
-    backup.add_argument("config", nargs="?", help="configuration file")
-    backup.add_argument("--to", required=True, metavar="DIR|s3://BUCKET/PREFIX", help="where to write it")
-    backup.add_argument(
-        "--dry-run", "-d", action="store_true", help="read and say what would be written; write nothing"
-    )
-    _add_s3_flags(backup)
-    backup.set_defaults(run=run_backup)
-
-    restore = commands.add_parser(
-        "restore",
-        help="rebuild an empty coordinator from a snapshot",
-        description="Rebuild the coordinator from a snapshot. Stop the registry's nodes first; a coordinator "
-        "that is not empty is refused unless --force.",
-    )
-    restore.add_argument("config", nargs="?", help="configuration file")
-    source = restore.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--from", dest="source", metavar="DIR|FILE|s3://BUCKET/PREFIX", help="the newest snapshot there, or that file"
-    )
-    source.add_argument(
-        "--from-storage", action="store_true", help="the newest snapshot the leader wrote into the registry's storage"
-    )
-    restore.add_argument("--snapshot", metavar="NAME", help="this snapshot rather than the newest")
-    restore.add_argument("--force", action="store_true", help="overwrite a coordinator that is not empty")
-    restore.add_argument("--dry-run", "-d", action="store_true", help="check the snapshot and say what would change")
-    _add_s3_flags(restore)
-    restore.set_defaults(run=run_restore)
-
-
-def _add_s3_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--s3-endpoint",
-        metavar="URL",
-        help="S3 service of an s3:// target (default: storage.s3's; credentials from the AWS environment)",
-    )
-    parser.add_argument("--s3-region", metavar="REGION", help="region of an s3:// target")
-
-
-def _command(name: str, work: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run a command: one line on stderr and an exit code for every failure, never a traceback."""
-    try:
-        return asyncio.run(work())
-    except BackupError as exc:
-        print(f"wharf {name}: {exc}", file=sys.stderr)
-        return exc.code
-    except snapshot.CoordinatorNotEmpty as exc:
-        print(f"wharf {name}: refused: {exc}; nothing was written (--force overwrites it)", file=sys.stderr)
-        return EXIT_REFUSED
-    except snapshot.SnapshotError as exc:
-        print(f"wharf {name}: damaged snapshot: {exc}; nothing was written", file=sys.stderr)
-        return EXIT_FAILED
-    except SnapshotLost as exc:
-        print(f"wharf {name}: {exc}; nothing was kept, run it again", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"wharf {name}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # unreachable coordinator or S3, permissions, ...: say it in one line
-        print(f"wharf {name}: {_brief(exc)}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-def _brief(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def run_backup(args: argparse.Namespace, config: Config) -> int:
-    async def work() -> int:
-        target = parse_target(args.to, reading=False)
-        kv = await _open_coordinator(config, readonly=True)
-        if kv is None:
-            raise BackupError(f"no coordinator at {describe_coordinator(config)}: nothing to back up")
-        try:
-            if args.dry_run:
-                return await _backup_dry_run(config, kv, target, args)
-            store = open_target(config, target, args)
-            try:
-                stored, info = await store.write(kv)
-            finally:
-                await store.close()
-        finally:
-            await kv.close()
-        where = os.path.join(target.path, stored.name) if target.kind == "dir" else f"{target}{stored.name}"
-        print(
-            f"wrote {where}: {info.keys} keys at revision {info.header.revision} "
-            f"({info.left_out} ephemeral left out), {_size(info.size)} in {info.seconds:.2f}s"
-        )
-        return 0
-
-    return _command("backup", work)
-
-
-async def _backup_dry_run(config: Config, kv: KV, target: Target, args: argparse.Namespace) -> int:
-    async with snapshot.open_dump(kv) as running:
-        size = 0
-        async for chunk in running.chunks():
-            size += len(chunk)
-    info = running.info
-    name = layout.snapshot_key(info.header.created, info.header.revision, "")
-    if target.kind == "s3":
-        store = open_target(config, target, args)
-        try:
-            existing = len(await store.list())  # reads only: checks the bucket and the credentials
-        finally:
-            await store.close()
-        where = f"{target}{name} ({existing} snapshots there now)"
-    elif os.path.isdir(target.path):
-        if not os.access(target.path, os.W_OK | os.X_OK):
-            raise BackupError(f"{target.path} is not writable")
-        where = os.path.join(target.path, name)
-    else:
-        ancestor = target.path
-        while not os.path.isdir(ancestor):
-            ancestor = os.path.dirname(ancestor)
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise BackupError(f"cannot create {target.path}: {ancestor} is not writable")
-        where = f"{os.path.join(target.path, name)} (creating {target.path})"
-    print(
-        f"dry run: would write {where}: {info.keys} keys at revision {info.header.revision} "
-        f"({info.left_out} ephemeral left out), {_size(size)}; nothing was written"
-    )
-    return 0
-
-
-def run_restore(args: argparse.Namespace, config: Config) -> int:
-    async def work() -> int:
-        stores: list[SnapshotStore] = []
-        try:
-            source, described = await _restore_source(config, args, stores)
-            # Checked whole before the coordinator is opened, so a damaged file creates nothing.
-            header, trailer = await snapshot.verify(source)
-            print(
-                f"{'dry run: ' if args.dry_run else ''}snapshot {described}: {trailer.keys} keys at revision "
-                f"{header.revision} of the {header.backend} coordinator, taken {snapshot.iso_time(header.created)}",
-                file=sys.stderr,
-            )
-            return await _restore_into(config, args, source, (header, trailer))
-        finally:
-            for store in stores:
-                await store.close()
-
-    return _command("restore", work)
-
-
-async def _restore_source(
-    config: Config, args: argparse.Namespace, stores: list[SnapshotStore]
-) -> tuple[snapshot.Source, str]:
-    if args.from_storage:
-        store = storage_snapshots(_open_registry_storage(config), owned=True)
-    else:
-        target = parse_target(args.source, reading=True)
-        if target.kind == "file":
-            if args.snapshot:
-                raise BackupError("--snapshot picks a snapshot in a directory or under an S3 prefix, not in a file", 2)
-            return _file_source(target.path), target.path
-        store = open_target(config, target, args)
-        if target.name is not None:
-            if args.snapshot:
-                raise BackupError("name the snapshot once: in the s3:// URL or with --snapshot", EXIT_USAGE)
-            args.snapshot = target.name
-    stores.append(store)
-    stored = await store.find(args.snapshot)
-    return store.source(stored), f"{stored.name} in {store.where}"
-
-
-async def _restore_into(
-    config: Config,
-    args: argparse.Namespace,
-    source: snapshot.Source,
-    verified: tuple[snapshot.Header, snapshot.Trailer],
-) -> int:
-    where = describe_coordinator(config)
-    kv = await _open_coordinator(config, readonly=args.dry_run)
-    if kv is None:
-        # Dry run on an embedded coordinator that does not exist yet: nothing to compare with.
-        print(f"dry run: would create {where} and write {verified[1].keys} keys; nothing was written")
-        return 0
-    try:
-        result = await snapshot.restore(
-            kv, source, force=args.force, dry_run=args.dry_run, progress=_progress, verified=verified
-        )
-    finally:
-        await kv.close()
-    counts = f"{result.written} keys written, {result.deleted} deleted, {result.unchanged} already so"
-    if not result.dry_run:
-        kv = await _open_coordinator(config, readonly=False)
-        assert kv is not None
-        storage = open_storage(config, create=False)
-        try:
-            print(await adopt_identity_after_restore(kv, storage, config), file=sys.stderr)
-        except StoreRefused as exc:
-            raise BackupError(str(exc), EXIT_REFUSED) from None
-        finally:
-            await storage.close()
-            await kv.close()
-    if result.dry_run:
-        print(f"dry run: would restore {result.trailer.keys} keys into {where}: {counts}; nothing was written")
-        return 0
-    resumed = " (finishing an interrupted restore)" if result.resumed else ""
-    print(
-        f"restored {result.trailer.keys} keys into {where}{resumed}: {counts}, in {result.transactions} "
-        f"transactions, {result.seconds:.2f}s; start the registry's nodes again"
-    )
-    return 0
-
-
-def _progress(done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        print(f"\rrestoring: {done}/{total} keys", end="\n" if done >= total else "", file=sys.stderr, flush=True)

@@ -1,17 +1,29 @@
-"""The configuration tree: Distribution's config.yml plus Wharf's sections, with REGISTRY_* overrides."""
+"""The configuration tree: Distribution's config.yml plus Wharf's sections, with REGISTRY_* overrides.
+
+Loaded and checked once, before any worker starts. Durations and sizes become numbers, addresses
+are parsed, policy rules are compiled, and every Distribution section Wharf cannot honour stops
+start-up with a message naming it. Every error is one line naming the key, the value and what is
+expected.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import ipaddress
 import os
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from .cosign import KeyInvalid, load_public_key_file
+from .patterns import repository_pattern
 from .storage import layout
 
 DEFAULT_DATA_DIR = "./wharf-data"
@@ -19,121 +31,524 @@ DEFAULT_ROOT = os.path.join(DEFAULT_DATA_DIR, "registry")
 
 
 class ConfigError(ValueError):
-    pass
+    """A configuration that cannot be served; the message is one line naming the key."""
+
+
+class _FieldError(ConfigError):
+    """A bad value, named relative to where it was found (a field of a section, a header name ...)."""
+
+    def __init__(self, name: str | None, value: Any, expected: str) -> None:
+        self.name, self.value, self.expected = name, value, expected
+        super().__init__(_message(name, value, expected))
+
+    def under(self, where: str) -> _FieldError:
+        """The same error, named from one level further up."""
+        return _FieldError(".".join(p for p in (where, self.name) if p) or None, self.value, self.expected)
+
+
+def invalid(key: str, value: Any, expected: str) -> ConfigError:
+    """The one shape of a configuration error: `key: expected ..., got VALUE`."""
+    return ConfigError(_message(key, value, expected))
+
+
+NO_VALUE: Any = object()  # for errors about a missing or misplaced key rather than a bad value
+_SECRET_KEYS = ("password", "secret", "secretkey", "sessiontoken")
+
+
+def _message(key: str | None, value: Any, expected: str) -> str:
+    prefix = f"{key}: " if key else ""
+    if value is NO_VALUE:
+        return prefix + expected
+    if key and key.rsplit(".", 1)[-1] in _SECRET_KEYS:
+        shown = "(hidden)"
+    elif isinstance(value, bool):
+        shown = "true" if value else "false"  # as the YAML says it
+    else:
+        shown = repr(value[:120] if isinstance(value, str) else value)
+        shown = shown if len(shown) <= 160 else shown[:157] + "..."
+    return f"{prefix}expected {expected}, got {shown}"
+
+
+# -- the grammars of values: durations, sizes, addresses, headers -------------------------------
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS["d"] = 86400.0
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
+_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+DURATION_EXPECTED = "a duration such as 30s, 10m, 1h30m, 7d or a number of seconds"
+GO_DURATION_EXPECTED = (
+    "a duration with a unit such as 500ms, 10s or 1h30m (registry:2 reads a bare number as nanoseconds)"
+)
+
+
+def parse_duration(text: str | float, *, unit_required: bool = False) -> float:
+    """Seconds from Go's duration grammar ('30s', '1h30m', '500ms', '1.5h') plus days ('7d').
+
+    A bare number is seconds for Wharf's own keys; for Distribution's keys (`unit_required`) only
+    0 may go without a unit, since registry:2 would read the number as nanoseconds.
+    """
+    expected = GO_DURATION_EXPECTED if unit_required else DURATION_EXPECTED
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise _FieldError(None, text, expected)
+    value = str(text).strip()
+    if _NUMBER.fullmatch(value):
+        seconds = float(value)
+        if unit_required and seconds != 0:
+            raise _FieldError(None, text, expected)
+        return seconds
+    total, position = 0.0, 0
+    while position < len(value):
+        match = _DURATION_PART.match(value, position)
+        if match is None:
+            raise _FieldError(None, text, expected)
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not value:
+        raise _FieldError(None, text, expected)
+    return total
+
+
+_SIZE_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgtp", start=1):
+    _SIZE_UNITS[_letter] = _SIZE_UNITS[_letter + "b"] = 1000**_power
+    _SIZE_UNITS[_letter + "i"] = _SIZE_UNITS[_letter + "ib"] = 1024**_power
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)")
+SIZE_EXPECTED = (
+    "a size in bytes or with a unit, such as 500MB, 10GiB or 1TB (K M G T P: powers of 1000; Ki Mi Gi Ti Pi: of 1024)"
+)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes: a whole number (Distribution's form, also `0x...` and `1_000`), or a number with a
+    decimal (KB, MB, GB, TB, PB; also K, M ...) or binary (KiB, MiB, GiB, TiB, PiB) unit, any case."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise _FieldError(None, text, SIZE_EXPECTED)
+    if isinstance(text, int):
+        if text < 0:
+            raise _FieldError(None, text, SIZE_EXPECTED)
+        return text
+    value = text.strip()
+    try:
+        whole = int(value, 0)
+    except ValueError:
+        pass
+    else:
+        if whole < 0:
+            raise _FieldError(None, text, SIZE_EXPECTED)
+        return whole
+    match = _SIZE.fullmatch(value)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise _FieldError(None, text, SIZE_EXPECTED)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where a listener binds: `host` empty means every interface, as `:5000` does in Distribution."""
+
+    text: str
+    host: str = ""
+    port: int = 0
+    path: str = ""  # a Unix socket (http.net: unix)
+
+    @property
+    def all_interfaces(self) -> bool:
+        return not self.path and self.host in ("", "::", "0.0.0.0")
+
+    def describe(self) -> str:
+        """For the start-up line: which interfaces, in words an operator cannot misread."""
+        if self.path:
+            return f"unix socket {self.path}"
+        if self.host in ("", "::"):
+            return f"all interfaces (IPv4 and IPv6) port {self.port}"
+        if self.host == "0.0.0.0":
+            return f"all IPv4 interfaces port {self.port}"
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{shown}:{self.port} only"
+
+    def overlaps(self, other: ListenAddress) -> bool:
+        if self.path or other.path:
+            return bool(self.path) and self.path == other.path
+        return self.port == other.port and (self.all_interfaces or other.all_interfaces or self.host == other.host)
+
+
+ADDRESS_EXPECTED = "HOST:PORT, [IPv6]:PORT or :PORT (every interface) with a port from 1 to 65535"
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+
+
+def parse_address(text: str, net: str = "tcp") -> ListenAddress:
+    """`127.0.0.1:5000`, `[::1]:5000`, `localhost:5000`, `:5000` or `5000` (every interface)."""
+    value = str(text).strip()
+    if net == "unix":
+        if not value or "\0" in value:
+            raise _FieldError(None, text, "the path of a Unix socket (http.net: unix)")
+        return ListenAddress(value, path=os.path.abspath(value))
+    host, colon, port_text = value.rpartition(":")
+    if not colon:
+        host, port_text = "", value
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            if not isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
+                raise ValueError(host)
+        except ValueError:
+            raise _FieldError(None, text, ADDRESS_EXPECTED) from None
+    elif ":" in host:
+        raise _FieldError(None, text, ADDRESS_EXPECTED + "; IPv6 addresses go in brackets, as [::1]:5000")
+    elif host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            # Neither an address nor a host name (256.1.1.1 is no host name either).
+            if not _HOSTNAME.fullmatch(host) or host.replace(".", "").isdigit():
+                raise _FieldError(None, text, ADDRESS_EXPECTED) from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise _FieldError(None, text, ADDRESS_EXPECTED)
+    return ListenAddress(value, host, int(port_text))
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADERS_EXPECTED = "a mapping of header names to lists of values, such as X-Content-Type-Options: [nosniff]"
+
+
+def parse_headers(value: Any) -> dict[str, list[str]]:
+    """Distribution's `http.Header` in YAML: name -> list of values (a single value is taken as a list)."""
+    if not isinstance(value, dict):
+        raise _FieldError(None, value, HEADERS_EXPECTED)
+    headers: dict[str, list[str]] = {}
+    for name, values in value.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise _FieldError(None, name, "header names of letters, digits and !#$%&'*+-.^_`|~")
+        if isinstance(values, (str, int, float)) and not isinstance(values, bool):
+            values = [values]
+        if not isinstance(values, list) or not all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise _FieldError(name, values, "a list of header values")
+        texts = [str(v) for v in values]
+        if any(ch in v for v in texts for ch in "\r\n\0") or not all(v.isascii() for v in texts):
+            raise _FieldError(name, values, "header values of printable ASCII, without line breaks")
+        headers[name] = texts
+    return headers
+
+
+def parse_log_fields(value: Any) -> dict[str, object]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in value.items()
+    ):
+        raise _FieldError(None, value, "a mapping of field names to plain values, such as service: registry")
+    return dict(value)
+
+
+class _Grammar:
+    """A value grammar attached to a field's type (`Duration`, `Size` ...): how text becomes a value."""
+
+    def __init__(self, parse: Callable[[Any], Any], expected: str, empty: Callable[[], Any] | None = None) -> None:
+        self.parse = parse
+        self.expected = expected
+        self.empty = empty  # what an empty key (`headers:`) means, when it means something
+
+
+# Seconds. Wharf's keys: a bare number is seconds. Distribution's keys (GoDuration): a unit is required.
+Duration = Annotated[float, _Grammar(parse_duration, DURATION_EXPECTED)]
+GoDuration = Annotated[float, _Grammar(lambda v: parse_duration(v, unit_required=True), GO_DURATION_EXPECTED)]
+Size = Annotated[int, _Grammar(parse_size, SIZE_EXPECTED)]  # bytes
+Headers = Annotated[dict[str, list[str]], _Grammar(parse_headers, HEADERS_EXPECTED, dict)]
+LogFields = Annotated[dict[str, object], _Grammar(parse_log_fields, "a mapping of field names to plain values", dict)]
+
+
+class _Section:
+    """A dataclass of the tree. Built from a file, its values arrive parsed (see `_convert`); built
+    in code, text given for a duration or a size is parsed here. `check()` runs either way, so no
+    caller ever holds an unparsed duration or an unchecked rule."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            grammar = _grammar_of(_hints(type(self))[f.name])
+            value = getattr(self, f.name)
+            if grammar is None or not f.init or not isinstance(value, str):
+                continue
+            try:
+                setattr(self, f.name, _parse(grammar, value, _unwrap(_hints(type(self))[f.name])[1]))
+            except _FieldError as exc:
+                raise exc.under(f.name) from None
+        self.check()
+
+    def check(self) -> None:
+        """Rules of one section beyond the types of its fields; raise _FieldError naming the field."""
+
+
+def _parse(grammar: _Grammar, value: Any, optional: bool) -> Any:
+    if value is None or value == "":
+        if optional:
+            return None
+        if grammar.empty is not None:
+            return grammar.empty()
+        raise _FieldError(None, value, grammar.expected)
+    return grammar.parse(value)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
+    return hints
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(the hint without None, whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return options[0], len(options) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _grammar_of(hint: Any) -> _Grammar | None:
+    inner, _ = _unwrap(hint)
+    if typing.get_origin(inner) is Annotated:
+        for extra in inner.__metadata__:
+            if isinstance(extra, _Grammar):
+                return extra
+    return None
+
+
+# -- log -------------------------------------------------------------------------------------
+
+LOG_LEVELS = ("error", "warn", "info", "debug")
+LOG_FORMATTERS = ("json", "text", "logstash")
 
 
 @dataclass
-class LogConfig:
+class AccessLogConfig(_Section):
+    disabled: bool = False
+
+
+@dataclass
+class LogConfig(_Section):
+    """Distribution's log section. Wharf writes JSON unless `formatter` says text or logstash."""
+
     level: str = "info"
     formatter: str = "json"
-    accesslog: dict[str, Any] = field(default_factory=dict)  # {disabled: bool}
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: LogFields = field(default_factory=dict)  # added to every line, the server's own included
+    accesslog: AccessLogConfig = field(default_factory=AccessLogConfig)
+
+    def check(self) -> None:
+        self.level = self.level.lower()
+        if self.level == "warning":
+            self.level = "warn"
+        if self.level not in LOG_LEVELS:
+            raise _FieldError("level", self.level, "one of " + ", ".join(LOG_LEVELS))
+        self.formatter = self.formatter.lower()
+        if self.formatter not in LOG_FORMATTERS:
+            raise _FieldError("formatter", self.formatter, "one of " + ", ".join(LOG_FORMATTERS))
+
+
+# -- storage ---------------------------------------------------------------------------------
 
 
 @dataclass
-class FilesystemStorage:
+class FilesystemStorage(_Section):
     rootdirectory: str = "/var/lib/registry"
     maxthreads: int = 16
 
+    def check(self) -> None:
+        if not self.rootdirectory.strip():
+            raise _FieldError("rootdirectory", self.rootdirectory, "a directory path")
+        if "\0" in self.rootdirectory:
+            raise _FieldError("rootdirectory", self.rootdirectory, "a directory path")
+        if not 1 <= self.maxthreads <= 1024:
+            raise _FieldError("maxthreads", self.maxthreads, "a number of threads from 1 to 1024")
+
 
 @dataclass
-class S3Storage:
+class S3Storage(_Section):
     bucket: str = ""
     region: str = "us-east-1"
     regionendpoint: str = ""
     accesskey: str = ""
     secretkey: str = ""
     rootdirectory: str = ""
-    chunksize: int = 10 * 1024 * 1024
+    chunksize: Size = 10 * 1024 * 1024
     forcepathstyle: bool = True
     encrypt: bool = False
     secure: bool = True
     v4auth: bool = True
     skipverify: bool = False
-    multipartcopychunksize: int = 32 * 1024 * 1024
+    # Accepted so Distribution files load; Wharf never copies a committed blob server-side.
+    multipartcopychunksize: Size = 32 * 1024 * 1024
     multipartcopymaxconcurrency: int = 100
-    multipartcopythresholdsize: int = 32 * 1024 * 1024
+    multipartcopythresholdsize: Size = 32 * 1024 * 1024
     storageclass: str = "STANDARD"
+
+    def check(self) -> None:
+        if self.regionendpoint:
+            parts = urlsplit(self.regionendpoint if "://" in self.regionendpoint else "//" + self.regionendpoint)
+            if parts.scheme not in ("", "http", "https") or not parts.hostname:
+                raise _FieldError("regionendpoint", self.regionendpoint, "a URL such as https://s3.example.com")
 
 
 @dataclass
-class Toggle:
+class Toggle(_Section):
     enabled: bool = False
 
 
 @dataclass
-class RedirectConfig:
+class RedirectConfig(_Section):
     disable: bool = False
 
 
 @dataclass
-class UploadPurging:
+class CacheConfig(_Section):
+    """Distribution's blob descriptor cache. Accepted: Wharf caches what is immutable on its own."""
+
+    blobdescriptor: str = ""
+    layerinfo: str = ""  # the key's old name in Distribution
+
+    def check(self) -> None:
+        for name in ("blobdescriptor", "layerinfo"):
+            if getattr(self, name) not in ("", "inmemory", "redis"):
+                raise _FieldError(name, getattr(self, name), "inmemory or redis")
+
+
+@dataclass
+class UploadPurging(_Section):
     """Distribution's storage.maintenance.uploadpurging: abandoned upload sessions are removed."""
 
     enabled: bool = True
-    age: str = "168h"
-    interval: str = "24h"
+    age: GoDuration = 168 * 3600.0
+    interval: GoDuration = 24 * 3600.0
     dryrun: bool = False
 
+    def check(self) -> None:
+        if self.enabled and self.interval <= 0:
+            raise _FieldError("interval", self.interval, "a positive duration")
+        if self.enabled and self.age <= 0:
+            raise _FieldError("age", self.age, "a positive duration")
+
 
 @dataclass
-class MaintenanceConfig:
+class ReadOnlyConfig(_Section):
+    """Distribution's storage.maintenance.readonly: pulls are served, writes refused."""
+
+    enabled: bool = False
+
+
+@dataclass
+class MaintenanceConfig(_Section):
     uploadpurging: UploadPurging = field(default_factory=UploadPurging)
-    readonly: dict[str, Any] = field(default_factory=dict)
+    readonly: ReadOnlyConfig = field(default_factory=ReadOnlyConfig)
 
 
 @dataclass
-class StorageConfig:
+class StorageConfig(_Section):
     filesystem: FilesystemStorage | None = None
     s3: S3Storage | None = None
     delete: Toggle = field(default_factory=Toggle)
     redirect: RedirectConfig = field(default_factory=RedirectConfig)
-    # Accepted for compatibility with Distribution files; Wharf's caches are its own.
-    cache: dict[str, Any] = field(default_factory=dict)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
-    inmemory: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.s3 is not None and self.filesystem is not None:
+            raise _FieldError(None, NO_VALUE, "configure exactly one driver (filesystem or s3), not both")
+
+
+# -- http ------------------------------------------------------------------------------------
+
+TLS_VERSIONS = ("tls1.2", "tls1.3")
 
 
 @dataclass
-class TLSConfig:
+class TLSConfig(_Section):
     certificate: str = ""
     key: str = ""
-    clientcas: list[str] = field(default_factory=list)
-    minimumtls: str = ""
+    clientcas: list[str] = field(default_factory=list)  # clients must present a certificate one of these signed
+    minimumtls: str = "tls1.2"
+
+    def check(self) -> None:
+        if bool(self.certificate) != bool(self.key):
+            missing = "key" if self.certificate else "certificate"
+            raise _FieldError(missing, NO_VALUE, "certificate and key are set together")
+        if self.clientcas and not self.certificate:
+            raise _FieldError("clientcas", self.clientcas, "a certificate and key to go with client CAs")
+        self.minimumtls = (self.minimumtls or "tls1.2").lower()
+        if self.minimumtls not in TLS_VERSIONS:
+            raise _FieldError(
+                "minimumtls", self.minimumtls, "tls1.2 or tls1.3 (tls1.0 and tls1.1 are obsolete, RFC 8996)"
+            )
 
 
 @dataclass
-class DebugConfig:
+class PrometheusConfig(_Section):
+    """Distribution's http.debug.prometheus: the metrics endpoint on the debug listener."""
+
+    enabled: bool = True
+    path: str = "/metrics"
+
+    def check(self) -> None:
+        if not self.path.startswith("/") or any(c in self.path for c in " ?#\r\n"):
+            raise _FieldError("path", self.path, "a URL path such as /metrics")
+
+
+@dataclass
+class DebugConfig(_Section):
     # Prometheus metrics at /metrics; empty turns the listener off.
     addr: str = "127.0.0.1:5001"
-    prometheus: dict[str, Any] = field(default_factory=dict)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    listen: ListenAddress | None = field(default=None, init=False, repr=False)
+
+    def check(self) -> None:
+        if self.addr:
+            try:
+                self.listen = parse_address(self.addr)
+            except _FieldError as exc:
+                raise exc.under("addr") from None
 
 
 @dataclass
-class UploadsConfig:
+class UploadsConfig(_Section):
     """Wharf: bounds on open upload sessions."""
 
     # Open sessions one user (or, unauthenticated, one address) may hold; 0: no bound.
     maxsessions: int = 100
     # A session with no request for this long is removed with its bytes (by the leader).
-    idletimeout: str = "1h"
+    idletimeout: Duration = 3600.0
+
+    def check(self) -> None:
+        if self.maxsessions < 0:
+            raise _FieldError("maxsessions", self.maxsessions, "a number of sessions, 0 (no bound) or more")
+        if self.idletimeout < 10:
+            raise _FieldError("idletimeout", self.idletimeout, "a duration of at least 10s")
 
 
 @dataclass
-class HTTPConfig:
+class HTTP2Config(_Section):
+    disabled: bool = False
+
+
+SERVERS = ("granian", "hypercorn")
+
+
+@dataclass
+class HTTPConfig(_Section):
     addr: str = "127.0.0.1:5000"
     net: str = "tcp"
-    prefix: str = ""
-    host: str = ""
+    prefix: str = ""  # serve under this path, as Distribution does: /prefix/v2/...
+    host: str = ""  # absolute URLs in Location and Link headers start with it
     # Distribution needs the same secret on every node; Wharf keeps upload state in the
     # coordinator and accepts the key only so existing files load.
     secret: str = ""
     relativeurls: bool = False
-    draintimeout: str = ""
+    draintimeout: GoDuration | None = None
     tls: TLSConfig = field(default_factory=TLSConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    headers: dict[str, list[str]] = field(default_factory=dict)
-    http2: dict[str, Any] = field(default_factory=dict)
+    headers: Headers = field(default_factory=dict)
+    http2: HTTP2Config = field(default_factory=HTTP2Config)
     # Wharf: the ASGI server and its worker processes. Granian served about twice the small requests
     # per CPU-second of Hypercorn in loadtests/bench.py, and sends files without copying.
     server: str = "granian"
@@ -141,84 +556,170 @@ class HTTPConfig:
     # Wharf: serve authentication over plain HTTP (only behind a TLS-terminating proxy).
     insecure: bool = False
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
+    listen: ListenAddress = field(default=ListenAddress("127.0.0.1:5000", "127.0.0.1", 5000), init=False, repr=False)
+
+    def check(self) -> None:
+        self.net = self.net.lower() or "tcp"
+        if self.net not in ("tcp", "unix"):
+            raise _FieldError("net", self.net, "tcp or unix")
+        try:
+            self.listen = parse_address(self.addr, self.net)
+        except _FieldError as exc:
+            raise exc.under("addr") from None
+        segments = [segment for segment in self.prefix.split("/") if segment]
+        if any(not re.fullmatch(r"[A-Za-z0-9._~-]+", segment) or segment in (".", "..") for segment in segments):
+            raise _FieldError("prefix", self.prefix, "a path such as /my/registry/")
+        self.prefix = "/" + "/".join(segments) + "/" if segments else ""
+        if self.host:
+            parts = urlsplit(self.host)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+                raise _FieldError("host", self.host, "an absolute URL such as https://registry.example.com:5000")
+            self.host = f"{parts.scheme}://{parts.netloc}"  # as Distribution: its path is not used
+        if self.server not in SERVERS:
+            raise _FieldError("server", self.server, "granian or hypercorn")
+        if not 1 <= self.workers <= 256:
+            raise _FieldError("workers", self.workers, "a number of worker processes from 1 to 256")
+        if self.draintimeout is not None and self.draintimeout > 3600:
+            raise _FieldError("draintimeout", self.draintimeout, "at most 1h")
+
+
+# -- coordinator and cluster (Wharf) ------------------------------------------------------------
 
 
 @dataclass
-class EmbeddedCoordinator:
+class EmbeddedCoordinator(_Section):
     path: str = ""
 
 
 @dataclass
-class EtcdTLS:
+class EtcdTLS(_Section):
     ca: str = ""
     cert: str = ""
     key: str = ""
 
 
 @dataclass
-class EtcdCoordinator:
+class EtcdCoordinator(_Section):
     endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
     prefix: str = "/wharf/"
     username: str = ""
     password: str = ""
     tls: EtcdTLS = field(default_factory=EtcdTLS)
-    timeout: float = 5.0
+    timeout: Duration = 5.0
+
+    def check(self) -> None:
+        if not self.endpoints:
+            raise _FieldError("endpoints", self.endpoints, "at least one etcd URL such as http://10.0.0.1:2379")
+        for endpoint in self.endpoints:
+            parts = urlsplit(endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise _FieldError("endpoints", endpoint, "etcd URLs such as http://10.0.0.1:2379")
+            try:
+                parts.port  # noqa: B018 (raises on a bad port)
+            except ValueError:
+                raise _FieldError("endpoints", endpoint, "etcd URLs such as http://10.0.0.1:2379") from None
+        if not self.prefix:
+            raise _FieldError("prefix", self.prefix, "a key prefix such as /wharf/")
+        if self.timeout <= 0:
+            raise _FieldError("timeout", self.timeout, "a positive duration")
 
 
 @dataclass
-class CoordinatorConfig:
+class CoordinatorConfig(_Section):
     embedded: EmbeddedCoordinator | None = None
     etcd: EtcdCoordinator | None = None
 
+    def check(self) -> None:
+        if self.embedded is not None and self.etcd is not None:
+            raise _FieldError(None, NO_VALUE, "configure exactly one backend (embedded or etcd), not both")
+
 
 @dataclass
-class GCConfig:
+class ClusterConfig(_Section):
+    # A name for this node in leader records and logs; host:port:pid when empty.
+    node: str = ""
+    # Seconds a leader's lease lives without a refresh: how fast another node takes over.
+    leasettl: int = 10
+
+    def check(self) -> None:
+        if not 2 <= self.leasettl <= 3600:
+            raise _FieldError("leasettl", self.leasettl, "a number of seconds from 2 to 3600")
+
+
+# -- housekeeping and policies (Wharf) ----------------------------------------------------------
+
+
+@dataclass
+class GCConfig(_Section):
     """Online garbage collection, run by the cluster's leader on a schedule."""
 
     enabled: bool = True
-    interval: str = "1h"
+    interval: Duration = 3600.0
     # Nothing uploaded, linked, pushed or shown to a client within this long is collected.
-    grace: str = "1h"
+    grace: Duration = 3600.0
     # Also collect manifests no tag reaches (Distribution's --delete-untagged); children of a
     # tagged index and referrers of a live manifest are never untagged.
     deleteuntagged: bool = False
     # Sweeping storage for objects no record names lists the whole bucket: scheduled cycles do it
     # this often; `wharf gc` always does.
-    orphaninterval: str = "24h"
+    orphaninterval: Duration = 86400.0
+
+    def check(self) -> None:
+        for name in ("interval", "orphaninterval"):
+            if getattr(self, name) < 1:
+                raise _FieldError(name, getattr(self, name), "a duration of at least 1s")
 
 
 @dataclass
-class BackupConfig:
+class BackupConfig(_Section):
     """Coordinator snapshots the leader writes into the storage (`wharf/snapshots/`), for
-    `wharf restore --from-storage`. Durations are parsed here, at load."""
+    `wharf restore --from-storage`."""
 
     enabled: bool = True
-    interval: str = "1h"
+    interval: Duration = 3600.0
     # How many of the newest snapshots stay; older ones Wharf wrote there are deleted.
     keep: int = 24
 
-    def __post_init__(self) -> None:
-        try:
-            self.interval_seconds = parse_duration(self.interval)
-        except ConfigError as exc:
-            raise ConfigError(f"backup.interval: {exc}") from None
-        if self.interval_seconds < 1:
-            raise ConfigError("backup.interval must be at least 1s")
+    def check(self) -> None:
+        if self.interval < 1:
+            raise _FieldError("interval", self.interval, "a duration of at least 1s")
         if self.keep < 1:
-            raise ConfigError("backup.keep must be at least 1")
+            raise _FieldError("keep", self.keep, "at least 1 snapshot")
+
+    @property
+    def interval_seconds(self) -> float:
+        return self.interval
+
+
+def _compile_patterns(name: str, patterns: list[str]) -> tuple[re.Pattern[str], ...]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise _FieldError(name, pattern, f"a regular expression ({exc})") from None
+    return tuple(compiled)
 
 
 @dataclass
-class ImmutabilityRule:
+class ImmutabilityRule(_Section):
     """Tags matching `tags` (regular expressions, whole tag) in matching repositories never move."""
 
     repositories: list[str] = field(default_factory=lambda: ["**"])  # globs: * one segment, ** any
     tags: list[str] = field(default_factory=list)
     name: str = ""
+    patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False)
+
+    def check(self) -> None:
+        if not self.repositories:
+            raise _FieldError("repositories", self.repositories, "at least one repository pattern")
+        if not self.tags:
+            raise _FieldError("tags", self.tags, "at least one tag pattern (a regular expression)")
+        self.patterns = _compile_patterns("tags", self.tags)
 
 
 @dataclass
-class RetentionPolicy:
+class RetentionPolicy(_Section):
     """Which tags a repository keeps; the rest are deleted and GC reclaims what they freed.
 
     A tag is kept if it matches `keeptags`, is among the `keeplast` most recently pushed, or was
@@ -229,66 +730,146 @@ class RetentionPolicy:
     repositories: list[str] = field(default_factory=lambda: ["**"])
     keeplast: int | None = None
     keeptags: list[str] = field(default_factory=list)
-    olderthan: str = ""
-    untaggedafter: str = ""
+    olderthan: Duration | None = None
+    untaggedafter: Duration | None = None
     name: str = ""
+    keep_patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False)
+
+    def check(self) -> None:
+        if not self.repositories:
+            raise _FieldError("repositories", self.repositories, "at least one repository pattern")
+        if self.keeplast is not None and self.keeplast < 0:
+            raise _FieldError("keeplast", self.keeplast, "a number of tags, 0 or more")
+        self.keep_patterns = _compile_patterns("keeptags", self.keeptags)
 
 
 @dataclass
-class RetentionConfig:
+class RetentionConfig(_Section):
     enabled: bool = True
-    interval: str = "1h"
+    interval: Duration = 3600.0
     policies: list[RetentionPolicy] = field(default_factory=list)
 
+    def check(self) -> None:
+        if self.interval < 1:
+            raise _FieldError("interval", self.interval, "a duration of at least 1s")
+
 
 @dataclass
-class QuotaRule:
+class QuotaRule(_Section):
     """A byte limit on what one repository, or every repository under a namespace, links."""
 
     repository: str = ""  # an exact repository name
     namespace: str = ""  # a prefix such as "team/" (every repository under it, together)
-    limit: str = ""  # bytes, or with a unit: 500MiB, 10GiB, 1TB
+    limit: Size | None = None  # bytes, or with a unit: 500MiB, 10GiB, 1TB
+
+    def check(self) -> None:
+        if bool(self.repository) == bool(self.namespace):
+            raise _FieldError(None, NO_VALUE, "each rule names exactly one of repository or namespace")
+        if self.limit is None:
+            raise _FieldError("limit", NO_VALUE, "a limit is required (bytes, or with a unit: 10GiB)")
+
+
+# -- auth, access, audit, rate limits ----------------------------------------------------------
 
 
 @dataclass
-class ClusterConfig:
-    # A name for this node in leader records and logs; host:port:pid when empty.
-    node: str = ""
-    # Seconds a leader's lease lives without a refresh: how fast another node takes over.
-    leasettl: int = 10
+class SignaturePolicy(_Section):
+    """Pulls of images from matching repositories need a cosign signature by one of `keys`.
+
+    `enforce` refuses an unsigned pull with DENIED; `warn` serves it, logs and counts it.
+    `requiresignedtags` also refuses pointing a tag at an unsigned image. Keys are PEM public keys
+    (ECDSA, RSA, Ed25519), read and checked at load into `public_keys`; globs compile into `patterns`.
+    """
+
+    name: str = ""
+    repositories: list[str] = field(default_factory=lambda: ["**"])  # globs as in retention and immutability
+    keys: list[str] = field(default_factory=list)
+    mode: str = "enforce"
+    requiresignedtags: bool = False
+
+    def check(self) -> None:
+        if not self.repositories or not all(isinstance(p, str) and p for p in self.repositories):
+            raise _FieldError("repositories", self.repositories, "at least one repository pattern")
+        self.name = self.name or ",".join(self.repositories)
+        if self.mode not in ("enforce", "warn"):
+            raise _FieldError("mode", self.mode, "enforce or warn")
+        if not self.keys:
+            raise _FieldError("keys", self.keys, "at least one public key file")
+        self.patterns = [repository_pattern(p) for p in self.repositories]
+        self.public_keys = []
+        for i, key in enumerate(self.keys):
+            try:
+                self.public_keys.append(load_public_key_file(str(key)))
+            except KeyInvalid as exc:
+                raise _FieldError(f"keys[{i}]", key, f"a PEM public key file ({exc})") from None
 
 
 @dataclass
-class HtpasswdAuth:
+class SignaturesConfig(_Section):
+    """`signatures.policies`: the first policy whose repositories match a repository applies to it."""
+
+    policies: list[SignaturePolicy] = field(default_factory=list)
+
+    def check(self) -> None:
+        names = [policy.name for policy in self.policies]
+        for name in names:
+            if names.count(name) > 1:
+                raise _FieldError("policies", name, "unique policy names (this one is used twice)")
+
+
+@dataclass
+class HtpasswdAuth(_Section):
     """Distribution's auth.htpasswd: users with bcrypt passwords in an Apache htpasswd file."""
 
     realm: str = "wharf"
     path: str = ""
 
+    def check(self) -> None:
+        if not self.path:
+            raise _FieldError("path", NO_VALUE, "the path of an htpasswd file is required")
+
 
 @dataclass
-class TokenAuth:
+class TokenAuth(_Section):
     """Distribution's auth.token, plus Wharf's own token service (on when `signingkey` is set)."""
 
     realm: str = ""  # where clients get tokens; empty with `signingkey`: this node's /auth/token
     service: str = ""  # the audience tokens must name
     issuer: str = ""
     rootcertbundle: str = ""  # certificates (or public keys) whose keys sign valid tokens
+    # As Distribution: the realm is this registry's /auth/token, at the host the client used.
     autoredirect: bool = False
     signingalgorithms: list[str] = field(default_factory=list)
     # Wharf's token service: the private key it signs with (EC P-256/P-384 or RSA), its users
     # (an htpasswd file), and how long access and refresh tokens live.
     signingkey: str = ""
     htpasswd: str = ""
-    expiration: str = "5m"
-    refreshexpiration: str = "24h"
+    expiration: Duration = 300.0
+    refreshexpiration: Duration = 86400.0
+
+    def check(self) -> None:
+        for key in ("service", "issuer"):
+            if not getattr(self, key):
+                raise _FieldError(key, NO_VALUE, "is required")
+        if not self.rootcertbundle and not self.signingkey:
+            raise _FieldError("rootcertbundle", NO_VALUE, "is required (or signingkey, for the built-in token service)")
+        if not self.realm and not self.signingkey and not self.autoredirect:
+            raise _FieldError("realm", NO_VALUE, "is required when another service issues the tokens")
+        if self.htpasswd and not self.signingkey:
+            raise _FieldError("htpasswd", self.htpasswd, "signingkey too (the built-in token service)")
+        for name in ("expiration", "refreshexpiration"):
+            if getattr(self, name) <= 0:
+                raise _FieldError(name, getattr(self, name), "a positive duration")
 
 
 @dataclass
-class AuthConfig:
+class AuthConfig(_Section):
     htpasswd: HtpasswdAuth | None = None
     token: TokenAuth | None = None
-    silly: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.htpasswd is not None and self.token is not None:
+            raise _FieldError(None, NO_VALUE, "configure exactly one of htpasswd or token")
 
     @property
     def mode(self) -> str | None:
@@ -298,8 +879,11 @@ class AuthConfig:
         return "token" if self.token is not None else None
 
 
+ACTIONS = ("pull", "push", "delete", "*")
+
+
 @dataclass
-class AccessRule:
+class AccessRule(_Section):
     """Who may do what to which repositories; `*` and `**` globs as in zot."""
 
     repositories: list[str] = field(default_factory=lambda: ["**"])
@@ -308,49 +892,332 @@ class AccessRule:
     anonymous: bool = False  # also callers without credentials (pull only)
     actions: list[str] = field(default_factory=lambda: ["pull"])  # pull, push, delete or *
 
+    def check(self) -> None:
+        if not self.repositories:
+            raise _FieldError("repositories", self.repositories, "at least one repository pattern")
+        unknown = [a for a in self.actions if a not in ACTIONS]
+        if unknown or not self.actions:
+            raise _FieldError("actions", unknown or self.actions, "actions from " + ", ".join(ACTIONS))
+        if self.anonymous and set(self.actions) != {"pull"}:
+            raise _FieldError("actions", self.actions, "only pull for anonymous callers")
+
 
 @dataclass
-class AccessConfig:
+class AccessConfig(_Section):
     """Without rules every signed-in user may do everything and anonymous callers nothing."""
 
     groups: dict[str, list[str]] = field(default_factory=dict)
     rules: list[AccessRule] = field(default_factory=list)
 
+    def check(self) -> None:
+        for group, members in self.groups.items():
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                raise _FieldError(f"groups.{group}", members, "a list of user names")
+        for i, rule in enumerate(self.rules):
+            missing = [g for g in rule.groups if g not in self.groups]
+            if missing:
+                raise _FieldError(f"rules[{i}].groups", missing[0], "a group defined in access.groups")
+
 
 @dataclass
-class AuditConfig:
+class AuditConfig(_Section):
     """One hash-chained JSON line per decision (push, pull, delete, refusal); off without path or stdout."""
 
     path: str = ""
     stdout: bool = False
-    maxsize: str = "100MB"  # rotate to path.1 ... beyond this size
+    maxsize: Size = 100 * 1000 * 1000  # rotate to path.1 ... beyond this size
     maxbackups: int = 5
     fsync: bool = False
     pulls: bool = True
     # How often the newest line's number and hash go to the coordinator (also at each rotation and
     # at shutdown), so lines cut from the end of the log are noticed.
-    checkpoint: str = "10s"
+    checkpoint: Duration = 10.0
+
+    def check(self) -> None:
+        if self.maxsize < 1000:
+            raise _FieldError("maxsize", self.maxsize, "at least 1KB")
+        if self.maxbackups < 0:
+            raise _FieldError("maxbackups", self.maxbackups, "a number of files, 0 or more")
+        if self.checkpoint <= 0:
+            raise _FieldError("checkpoint", self.checkpoint, "a positive duration")
 
 
 @dataclass
-class AuthFailureLimits:
+class AuthFailureLimits(_Section):
     """Failed sign-ins allowed per window before a caller gets 429 for `backoff`; 0 turns a limit off."""
 
     peraddress: int = 20
     peruser: int = 10
-    window: str = "1m"
-    backoff: str = "1m"
+    window: Duration = 60.0
+    backoff: Duration = 60.0
+
+    def check(self) -> None:
+        for name in ("peraddress", "peruser"):
+            if getattr(self, name) < 0:
+                raise _FieldError(name, getattr(self, name), "a number of failures, 0 (off) or more")
+        for name in ("window", "backoff"):
+            if getattr(self, name) <= 0:
+                raise _FieldError(name, getattr(self, name), "a positive duration")
 
 
 @dataclass
-class RateLimitConfig:
+class RateLimitConfig(_Section):
     authfailures: AuthFailureLimits = field(default_factory=AuthFailureLimits)
 
 
+# -- Distribution's other sections ------------------------------------------------------------
+
+
 @dataclass
-class Config:
+class NotificationEvents(_Section):
+    includereferences: bool = False
+
+
+@dataclass
+class NotificationIgnore(_Section):
+    mediatypes: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        unknown = [a for a in self.actions if a not in NOTIFICATION_ACTIONS]
+        if unknown:
+            raise _FieldError("actions", unknown[0], "actions from " + ", ".join(NOTIFICATION_ACTIONS))
+
+
+NOTIFICATION_ACTIONS = ("pull", "push", "mount", "delete")
+
+
+@dataclass
+class NotificationEndpoint(_Section):
+    """One webhook, with Distribution's fields and defaults: zero (or less) means 1s, 10, 1s."""
+
+    name: str = ""
+    disabled: bool = False
+    url: str = ""
+    headers: Headers = field(default_factory=dict)
+    timeout: GoDuration = 1.0
+    threshold: int = 10  # consecutive failures before waiting `backoff` between tries
+    backoff: GoDuration = 1.0
+    ignoredmediatypes: list[str] = field(default_factory=list)
+    ignore: NotificationIgnore = field(default_factory=NotificationIgnore)
+
+    def check(self) -> None:
+        if not self.name:
+            raise _FieldError("name", NO_VALUE, "every endpoint needs a name")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _FieldError("url", self.url, "an http:// or https:// URL")
+        # As in Distribution, zero means the default.
+        self.timeout = self.timeout or 1.0
+        self.backoff = self.backoff or 1.0
+        if self.threshold <= 0:
+            self.threshold = 10
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self.timeout
+
+    @property
+    def backoff_seconds(self) -> float:
+        return self.backoff
+
+    def accepts(self, action: str, media_type: str | None) -> bool:
+        """Whether an event of this action and target media type goes to this endpoint."""
+        if self.disabled or action in self.ignore.actions:
+            return False
+        return not media_type or (media_type not in self.ignoredmediatypes and media_type not in self.ignore.mediatypes)
+
+
+@dataclass
+class NotificationsConfig(_Section):
+    events: NotificationEvents = field(default_factory=NotificationEvents)
+    endpoints: list[NotificationEndpoint] = field(default_factory=list)
+
+    def check(self) -> None:
+        seen: set[str] = set()
+        for i, endpoint in enumerate(self.endpoints):
+            if endpoint.name in seen:
+                raise _FieldError(f"endpoints[{i}].name", endpoint.name, "a name of its own (this one is used twice)")
+            seen.add(endpoint.name)
+
+
+@dataclass
+class RedisPool(_Section):
+    maxidle: int = 0
+    maxactive: int = 0
+    idletimeout: GoDuration | None = None
+
+
+@dataclass
+class RedisConfig(_Section):
+    """Accepted so registry:2 files load: Distribution used Redis only as a blob descriptor cache."""
+
+    addr: str = ""
+    password: str = ""
+    db: int = 0
+    dialtimeout: GoDuration | None = None
+    readtimeout: GoDuration | None = None
+    writetimeout: GoDuration | None = None
+    pool: RedisPool = field(default_factory=RedisPool)
+
+
+@dataclass
+class StorageDriverHealth(_Section):
+    """Distribution's health.storagedriver: probe the storage every interval; unready after
+    `threshold` failures in a row (0 or 1: the first failure)."""
+
+    enabled: bool = False
+    interval: GoDuration = 10.0
+    threshold: int = 0
+
+    def check(self) -> None:
+        if self.interval <= 0:
+            raise _FieldError("interval", self.interval, "a positive duration")
+        if self.threshold < 0:
+            raise _FieldError("threshold", self.threshold, "a number of failures, 0 or more")
+
+
+@dataclass
+class FileHealth(_Section):
+    """Unready while this file exists: take a node out of rotation by creating it."""
+
+    file: str = ""
+    interval: GoDuration = 10.0
+    threshold: int = 0
+
+    def check(self) -> None:
+        if not self.file:
+            raise _FieldError("file", NO_VALUE, "the path of the file to check is required")
+        if self.interval <= 0:
+            raise _FieldError("interval", self.interval, "a positive duration")
+
+
+@dataclass
+class HTTPHealth(_Section):
+    """Unready while a HEAD of `uri` does not answer `statuscode`."""
+
+    uri: str = ""
+    headers: Headers = field(default_factory=dict)
+    statuscode: int = 200
+    timeout: GoDuration = 5.0
+    interval: GoDuration = 10.0
+    threshold: int = 0
+
+    def check(self) -> None:
+        parts = urlsplit(self.uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _FieldError("uri", self.uri, "an http:// or https:// URL")
+        if not 100 <= self.statuscode <= 599:
+            raise _FieldError("statuscode", self.statuscode, "an HTTP status code")
+        for name in ("timeout", "interval"):
+            if getattr(self, name) <= 0:
+                raise _FieldError(name, getattr(self, name), "a positive duration")
+
+
+@dataclass
+class TCPHealth(_Section):
+    """Unready while a TCP connection to `addr` fails."""
+
+    addr: str = ""
+    timeout: GoDuration = 5.0
+    interval: GoDuration = 10.0
+    threshold: int = 0
+    target: ListenAddress | None = field(default=None, init=False, repr=False)
+
+    def check(self) -> None:
+        try:
+            self.target = parse_address(self.addr)
+        except _FieldError as exc:
+            raise exc.under("addr") from None
+        if not self.target.host:
+            raise _FieldError("addr", self.addr, "HOST:PORT with a host")
+        for name in ("timeout", "interval"):
+            if getattr(self, name) <= 0:
+                raise _FieldError(name, getattr(self, name), "a positive duration")
+
+
+@dataclass
+class HealthConfig(_Section):
+    storagedriver: StorageDriverHealth = field(default_factory=StorageDriverHealth)
+    file: list[FileHealth] = field(default_factory=list)
+    http: list[HTTPHealth] = field(default_factory=list)
+    tcp: list[TCPHealth] = field(default_factory=list)
+
+
+@dataclass
+class Schema1Config(_Section):
+    enabled: bool = False
+    signingkeyfile: str = ""
+
+    def check(self) -> None:
+        if self.enabled:
+            raise _FieldError(
+                "enabled",
+                self.enabled,
+                "false: Wharf stores no Docker schema1 manifests (deprecated and unsigned in practice); "
+                "push schema2 or OCI images",
+            )
+
+
+@dataclass
+class CompatibilityConfig(_Section):
+    schema1: Schema1Config = field(default_factory=Schema1Config)
+
+
+@dataclass
+class URLRules(_Section):
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    allowed: re.Pattern[str] | None = field(default=None, init=False, repr=False)
+    denied: re.Pattern[str] | None = field(default=None, init=False, repr=False)
+
+    def check(self) -> None:
+        _compile_patterns("allow", self.allow)
+        _compile_patterns("deny", self.deny)
+        if self.allow:
+            self.allowed = re.compile("|".join(f"(?:{p})" for p in self.allow))
+        if self.deny:
+            self.denied = re.compile("|".join(f"(?:{p})" for p in self.deny))
+
+
+@dataclass
+class ManifestValidation(_Section):
+    urls: URLRules = field(default_factory=URLRules)
+
+
+@dataclass
+class ValidationConfig(_Section):
+    """Distribution's validation: which URLs foreign (non-distributable) layers may name.
+
+    As in registry:2 2.8: on unless `disabled`; with neither `allow` nor `deny`, no URL is allowed.
+    """
+
+    enabled: bool = False  # Distribution's older switch, replaced by `disabled`
+    disabled: bool = False
+    manifests: ManifestValidation = field(default_factory=ManifestValidation)
+
+    def url_refused(self, url: str) -> str | None:
+        """Why a foreign layer may not name this URL, or None when it may."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or parts.fragment:
+            return "foreign layer URLs must be http or https, without a fragment"
+        if self.disabled and not self.enabled:
+            return None
+        rules = self.manifests.urls
+        if not rules.allow and not rules.deny:
+            return "no foreign layer URL is allowed (validation.manifests.urls.allow is empty)"
+        if rules.allowed is not None and not rules.allowed.search(url):
+            return "not allowed by validation.manifests.urls.allow"
+        if rules.denied is not None and rules.denied.search(url):
+            return "refused by validation.manifests.urls.deny"
+        return None
+
+
+@dataclass
+class Config(_Section):
     version: str = "0.1"
     log: LogConfig = field(default_factory=LogConfig)
+    loglevel: str = ""  # Distribution's old name for log.level
     storage: StorageConfig = field(default_factory=StorageConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
@@ -364,49 +1231,155 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
-    # Sections parsed by later features; kept so that Distribution files load unchanged.
-    notifications: dict[str, Any] = field(default_factory=dict)
-    redis: dict[str, Any] = field(default_factory=dict)
-    health: dict[str, Any] = field(default_factory=dict)
-    proxy: dict[str, Any] = field(default_factory=dict)
-    validation: dict[str, Any] = field(default_factory=dict)
-    compatibility: dict[str, Any] = field(default_factory=dict)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    signatures: SignaturesConfig = field(default_factory=SignaturesConfig)
+    redis: RedisConfig | None = None
+    health: HealthConfig = field(default_factory=HealthConfig)
+    compatibility: CompatibilityConfig = field(default_factory=CompatibilityConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     # Where the file came from; None when running on defaults.
-    source: str | None = None
+    source: str | None = field(default=None, init=False)
+
+    def check(self) -> None:
+        if str(self.version) != "0.1":
+            raise _FieldError("version", self.version, "0.1 (the only version of Distribution's configuration)")
+        if self.loglevel and self.loglevel.lower() not in LOG_LEVELS:
+            raise _FieldError("loglevel", self.loglevel, "one of " + ", ".join(LOG_LEVELS))
 
     @property
     def storage_driver(self) -> str:
         return "s3" if self.storage.s3 is not None else "filesystem"
 
+    def accepted_without_effect(self) -> list[str]:
+        """One line for each Distribution section this file sets that Wharf has no need of."""
+        notes = []
+        cache = self.storage.cache.blobdescriptor or self.storage.cache.layerinfo
+        if cache:
+            notes.append(
+                f"storage.cache.blobdescriptor: {cache} accepted; Wharf already caches what is immutable "
+                "(manifest bytes by digest, blob locations) in every node and reads tags from its coordinator"
+            )
+        if self.redis is not None:
+            notes.append(
+                "redis: accepted and not used; registry:2 kept only its blob descriptor cache there, which "
+                "Wharf keeps in every node (immutable entries need no shared cache)"
+            )
+        return notes
+
+
+# -- sections refused, with the reason and the way out ------------------------------------------
+
+_STORAGE_DRIVERS = "Wharf's storage drivers are filesystem and s3 (any S3-compatible service)"
+# key -> why it stops start-up. Checked on the raw file before typing, so the message names the section.
+_REFUSED: dict[str, str] = {
+    "proxy": (
+        "a pull-through cache is not available in this Wharf version; remove the proxy section to serve "
+        "a registry of your own, or keep registry:2 as the mirror until Wharf's cache lands"
+    ),
+    "middleware": "registry, repository and storage middleware (cloudfront, redirect ...) are not supported; remove the section",
+    "reporting": "bugsnag and newrelic reporting are not supported; Wharf exports Prometheus metrics on http.debug.addr",
+    "policy": "repository class policies are not supported; remove the section",
+    "log.hooks": "log hooks (mail on error) are not supported; alert on the log stream or on the metrics instead",
+    "http.tls.letsencrypt": "Let's Encrypt is not built in; give http.tls.certificate and http.tls.key (from certbot or a TLS proxy)",
+    "http.tls.ciphersuites": "cipher suites are not configurable; Wharf uses the TLS library's modern defaults (TLS 1.2+ AEAD)",
+    "auth.silly": "silly auth (any Authorization header passes) is not supported; use auth.htpasswd or auth.token",
+    "storage.inmemory": "the inmemory driver is not supported; use filesystem (on a tmpfs such as /dev/shm for a throw-away registry)",
+    "storage.azure": _STORAGE_DRIVERS,
+    "storage.gcs": _STORAGE_DRIVERS,
+    "storage.swift": _STORAGE_DRIVERS,
+    "storage.oss": _STORAGE_DRIVERS,
+}
+# Refused even when empty: naming the driver selects it.
+_REFUSED_WHEN_PRESENT = {
+    "storage.inmemory",
+    "storage.azure",
+    "storage.gcs",
+    "storage.swift",
+    "storage.oss",
+    "auth.silly",
+}
+
+
+def _refuse_unsupported(raw: dict[str, Any]) -> None:
+    for key, reason in _REFUSED.items():
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            continue
+        value = node[parts[-1]]
+        if key in _REFUSED_WHEN_PRESENT or value not in (None, {}, [], ""):
+            raise ConfigError(f"{key}: {reason}")
+        del node[parts[-1]]  # an empty section does nothing in registry:2 either
+
+
+# -- loading ---------------------------------------------------------------------------------
 
 # Sections whose single key names the driver, settable as REGISTRY_STORAGE=s3 like Distribution.
-_TYPED_SECTIONS = {"storage": ("filesystem", "s3", "inmemory"), "auth": ("htpasswd", "token", "silly")}
+_TYPED_SECTIONS = {
+    "storage": ("filesystem", "s3", "inmemory", "azure", "gcs", "swift", "oss"),
+    "auth": ("htpasswd", "token", "silly"),
+}
 
 
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file (or nothing), apply REGISTRY_* overrides, fill defaults."""
+    """Read the YAML file (or nothing), apply REGISTRY_* overrides, parse and check everything."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle)
-        except OSError as exc:
-            raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        raw = loaded or {}
+        raw = _read(path)
     else:
         raw = _no_file_defaults()
     for name in sorted(environ):
         if name.startswith("REGISTRY_") and name != "REGISTRY_CONFIGURATION_PATH":
-            _apply_override(raw, name[len("REGISTRY_") :].lower().split("_"), environ[name])
+            _apply_override(raw, name[len("REGISTRY_") :].lower().split("_"), environ[name], name)
+    raw = _lower_keys(raw)
+    if isinstance(raw.get("storage"), str):  # `storage: filesystem`, as Distribution allows
+        raw["storage"] = {raw["storage"]: {}}
+    log_section = raw.get("log")
+    if raw.get("loglevel") and (not isinstance(log_section, dict) or not log_section.get("level")):
+        # Distribution's old top-level key, used when log.level is not set.
+        raw["log"] = {**(log_section if isinstance(log_section, dict) else {}), "level": raw["loglevel"]}
+    _refuse_unsupported(raw)
     config = _build(Config, raw, "")
     config.source = path
-    _finish(config, path)
+    _finish(config)
     return config
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected YAML in UTF-8)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (version, storage, http ...)")
+    return loaded or {}
+
+
+def _lower_keys(raw: Any) -> Any:
+    # Distribution's keys are case-insensitive in practice (its environment overrides are).
+    if isinstance(raw, dict):
+        return {
+            (k.lower() if isinstance(k, str) else k): (v if _keeps_case(k) else _lower_keys(v)) for k, v in raw.items()
+        }
+    if isinstance(raw, list):
+        return [_lower_keys(v) for v in raw]
+    return raw
+
+
+def _keeps_case(key: Any) -> bool:
+    """Mappings whose keys are data, not configuration keys: header names, log fields, groups."""
+    return isinstance(key, str) and key.lower() in ("headers", "fields", "groups")
 
 
 def _no_file_defaults() -> dict[str, Any]:
@@ -419,10 +1392,15 @@ def _no_file_defaults() -> dict[str, Any]:
     }
 
 
-def _apply_override(raw: dict[str, Any], path: list[str], value: str) -> None:
-    parsed = yaml.safe_load(value) if value != "" else ""
+def _apply_override(raw: dict[str, Any], path: list[str], value: str, variable: str) -> None:
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value  # not YAML: the text itself, as Distribution takes it
     if len(path) == 1 and path[0] in _TYPED_SECTIONS and isinstance(parsed, str):
         section = raw.get(path[0]) or {}
+        if not isinstance(section, dict):
+            section = {}
         for other in _TYPED_SECTIONS[path[0]]:
             if other != parsed:
                 section.pop(other, None)
@@ -439,50 +1417,37 @@ def _apply_override(raw: dict[str, Any], path: list[str], value: str) -> None:
     node[leaf] = parsed
 
 
-def _finish(config: Config, path: str | None) -> None:
+def _finish(config: Config) -> None:
+    """What needs more than one section: defaults that follow the storage, listeners that collide."""
     storage = config.storage
-    if storage.s3 is not None and storage.filesystem is not None:
-        raise ConfigError("storage: configure exactly one driver (filesystem or s3)")
-    if storage.inmemory is not None:
-        raise ConfigError("storage.inmemory is not supported; use filesystem")
     if storage.s3 is None and storage.filesystem is None:
         storage.filesystem = FilesystemStorage(DEFAULT_ROOT)
     if storage.filesystem is not None:
-        if not storage.filesystem.rootdirectory:
-            raise ConfigError("storage.filesystem.rootdirectory must not be empty")
         # One meaning wherever a command runs from: the start-up line and every CLI name the same root.
         storage.filesystem.rootdirectory = os.path.abspath(storage.filesystem.rootdirectory)
+    if storage.s3 is not None and not storage.s3.bucket:
+        raise invalid("storage.s3.bucket", NO_VALUE, "a bucket name is required")
     coordinator = config.coordinator
-    if coordinator.embedded is not None and coordinator.etcd is not None:
-        raise ConfigError("coordinator: configure exactly one backend (embedded or etcd)")
     if coordinator.etcd is None:
         if coordinator.embedded is None:
             coordinator.embedded = EmbeddedCoordinator()
         if not coordinator.embedded.path:
             if storage.filesystem is None:
-                raise ConfigError("coordinator.embedded.path is required with non-filesystem storage")
+                raise invalid(
+                    "coordinator.embedded.path", NO_VALUE, "required with s3 storage (or use coordinator.etcd)"
+                )
             # Inside the storage root, outside Distribution's tree: the root alone is the whole registry.
             coordinator.embedded.path = embedded_path_in(storage.filesystem.rootdirectory)
         coordinator.embedded.path = os.path.abspath(coordinator.embedded.path)
-    purging = storage.maintenance.uploadpurging
-    for value in (purging.age, purging.interval, config.gc.interval, config.gc.grace, config.gc.orphaninterval):
-        parse_duration(value)
-    if parse_duration(config.http.uploads.idletimeout) < 10:
-        raise ConfigError("http.uploads.idletimeout must be at least 10s")
-    if config.http.uploads.maxsessions < 0:
-        raise ConfigError("http.uploads.maxsessions must not be negative (0: no bound)")
-    if config.cluster.leasettl < 2:
-        raise ConfigError("cluster.leasettl must be at least 2 seconds")
-    from .retention import rules_from  # the rules live with retention; checked here so a bad file fails at start
-
-    rules_from(config.retention)
-    if config.http.debug.addr and config.http.debug.addr == config.http.addr:
-        raise ConfigError("http.debug.addr must differ from http.addr")
-    if config.http.workers < 1:
-        raise ConfigError("http.workers must be at least 1")
-    if config.http.server not in ("hypercorn", "granian"):
-        raise ConfigError("http.server must be hypercorn or granian")
-    _check_security(config)
+    debug = config.http.debug
+    if debug.listen is not None and debug.listen.overlaps(config.http.listen):
+        default = " (Wharf's default: set http.debug.addr to another address, or to '' for no debug listener)"
+        raise invalid(
+            "http.debug.addr",
+            debug.addr,
+            f"an address other than http.addr ({config.http.addr})"
+            + (default if debug.addr == DebugConfig.addr else ""),
+        )
 
 
 def embedded_path_in(root: str) -> str:
@@ -499,168 +1464,93 @@ def legacy_embedded_paths(root: str) -> list[str]:
     return found
 
 
-_ACTIONS = ("pull", "push", "delete", "*")
-
-
-def _check_security(config: Config) -> None:
-    """The auth, access, audit and ratelimit sections: one auth mode, complete, rules that parse."""
-    auth = config.auth
-    if auth.silly is not None:
-        raise ConfigError("auth.silly is not supported; use htpasswd or token")
-    if auth.htpasswd is not None and auth.token is not None:
-        raise ConfigError("auth: configure exactly one of htpasswd or token")
-    if auth.htpasswd is not None and not auth.htpasswd.path:
-        raise ConfigError("auth.htpasswd.path is required")
-    token = auth.token
-    if token is not None:
-        for key in ("service", "issuer"):
-            if not getattr(token, key):
-                raise ConfigError(f"auth.token.{key} is required")
-        if not token.rootcertbundle and not token.signingkey:
-            raise ConfigError("auth.token: rootcertbundle (or signingkey, for the built-in token service) is required")
-        if not token.realm and not token.signingkey:
-            raise ConfigError("auth.token.realm is required when another service issues the tokens")
-        if token.htpasswd and not token.signingkey:
-            raise ConfigError("auth.token.htpasswd needs auth.token.signingkey (the built-in token service)")
-        for value in (token.expiration, token.refreshexpiration):
-            if parse_duration(value) <= 0:
-                raise ConfigError("auth.token: token lifetimes must be positive")
-    groups = config.access.groups
-    for group, members in groups.items():
-        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise ConfigError(f"access.groups.{group}: expected a list of user names")
-    for i, rule in enumerate(config.access.rules):
-        where = f"access.rules[{i}]"
-        if not rule.repositories:
-            raise ConfigError(f"{where}.repositories: at least one pattern is required")
-        unknown = [a for a in rule.actions if a not in _ACTIONS]
-        if unknown or not rule.actions:
-            raise ConfigError(f"{where}.actions: each must be one of {', '.join(_ACTIONS)}")
-        if rule.anonymous and set(rule.actions) != {"pull"}:
-            raise ConfigError(f"{where}: anonymous callers may only be granted pull")
-        missing = [g for g in rule.groups if g not in groups]
-        if missing:
-            raise ConfigError(f"{where}.groups: no such group {missing[0]!r} in access.groups")
-    audit = config.audit
-    if parse_size(audit.maxsize) < 1000:
-        raise ConfigError("audit.maxsize must be at least 1KB")
-    if audit.maxbackups < 0:
-        raise ConfigError("audit.maxbackups must not be negative")
-    if parse_duration(audit.checkpoint) <= 0:
-        raise ConfigError("audit.checkpoint must be positive")
-    limits = config.ratelimit.authfailures
-    if limits.peraddress < 0 or limits.peruser < 0:
-        raise ConfigError("ratelimit.authfailures: limits must not be negative")
-    if parse_duration(limits.window) <= 0 or parse_duration(limits.backoff) <= 0:
-        raise ConfigError("ratelimit.authfailures: window and backoff must be positive")
-
-
 def _build(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'configuration'}: expected a mapping")
-    hints = typing.get_type_hints(cls)
+        raise invalid(where or "configuration", raw, "a mapping")
+    hints = _hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
-    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     for key, value in raw.items():
         name = str(key).lower()
+        full = f"{where}.{name}" if where else name
         if name not in known:
-            raise ConfigError(f"unknown configuration key {where + '.' if where else ''}{key}")
-        kwargs[name] = _convert(hints[name], value, f"{where + '.' if where else ''}{name}")
-    return cls(**kwargs)
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown configuration key {full}{hint}; known here: {', '.join(known)}")
+        kwargs[name] = _convert(hints[name], value, full)
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        value = exc.value
+        if exc.name in raw and isinstance(value, (int, float)) and isinstance(raw[exc.name], str):
+            value = raw[exc.name]  # as the file says it (`0s`), not as parsed (0.0)
+        raise ConfigError(_message(exc.under(where).name or "configuration", value, exc.expected)) from None
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
+    """A value from the file or the environment, as the field's type wants it; errors name `where`."""
+    inner, optional = _unwrap(hint)
+    grammar = _grammar_of(hint)
+    if grammar is not None:
+        try:
+            return _parse(grammar, value, optional)
+        except _FieldError as exc:
+            raise ConfigError(_message(exc.under(where).name, exc.value, exc.expected)) from None
+    if value is None:
+        if dataclasses.is_dataclass(inner):
             # `filesystem:` with nothing under it still selects that driver.
-            if dataclasses.is_dataclass(options[0]):
-                return options[0]()  # type: ignore[operator]
-            return {} if typing.get_origin(options[0]) is dict else None
-        return _convert(options[0], value, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)  # type: ignore[arg-type]
+            return inner()  # type: ignore[operator]
+        if optional:
+            return None
+        if typing.get_origin(inner) in (list, dict):
+            return typing.get_origin(inner)()
+        if inner is str:
+            return ""
+        raise invalid(where, value, _EXPECTED.get(inner, "a value"))
+    if dataclasses.is_dataclass(inner):
+        return _build(inner, value, where)  # type: ignore[arg-type]
+    origin = typing.get_origin(inner)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list")
-        item = (typing.get_args(hint) or (Any,))[0]
+            raise invalid(where, value, "a list")
+        item = (typing.get_args(inner) or (Any,))[0]
         if dataclasses.is_dataclass(item):
             return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]  # type: ignore[arg-type]
-        return value
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
-        if value is None:
-            return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping")
-        return value
-    if hint is bool:
+            raise invalid(where, value, "a mapping")
+        key_type, value_type = typing.get_args(inner) or (Any, Any)
+        return {str(k): _convert(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    if inner is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true or false")
-    if hint is int:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise invalid(where, value, "true or false")
+    if inner is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected a whole number")
+            raise invalid(where, value, "a whole number")
         try:
             return int(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: expected a whole number") from exc
-    if hint is float:
+        except ValueError:
+            raise invalid(where, value, "a whole number") from None
+    if inner is float:
+        if isinstance(value, bool):
+            raise invalid(where, value, "a number")
         try:
             return float(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: expected a number") from exc
-    if hint is str:
+        except (TypeError, ValueError):
+            raise invalid(where, value, "a number") from None
+    if inner is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string")
-        return "" if value is None else str(value)
+            raise invalid(where, value, "a string")
+        return str(value)
     return value
 
 
-def parse_duration(text: str) -> float:
-    """'30s', '2h', '1h30m', '500ms' or a bare number of seconds."""
-    text = str(text).strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    total, number = 0.0, ""
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        if unit not in units or not number:
-            raise ConfigError(f"invalid duration {text!r}")
-        total += float(number) * units[unit]
-        number = ""
-        i += len(unit)
-    if number:
-        raise ConfigError(f"invalid duration {text!r}: missing unit")
-    return total
-
-
-def parse_size(text: str) -> int:
-    """'100MB', '64KiB', '1G' or a bare number of bytes."""
-    text = str(text).strip()
-    units = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "KI": 1024, "MI": 1024**2, "GI": 1024**3}
-    number = text.rstrip("bBkKmMgGiI ")
-    unit = text[len(number) :].strip().upper()
-    unit = unit[:-1] if unit.endswith("B") and unit != "B" else unit
-    try:
-        value = float(number)
-    except ValueError:
-        raise ConfigError(f"invalid size {text!r}") from None
-    if unit not in units or value < 0:
-        raise ConfigError(f"invalid size {text!r}")
-    return int(value * units[unit])
+_EXPECTED = {bool: "true or false", int: "a whole number", float: "a number"}

@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 # The checks that refuse requests, as the audit log names them in `refused_by`. Each raises a
 # RegistryError with `refused_by` (and `rule`: which rule or limit) and is audited with nothing more
 # to do: a read-only mode, for one, refuses with `refused_by="readonly"`.
-REFUSERS = ("signin", "access", "quota", "immutability", "ratelimit", "readonly")
+REFUSERS = ("signin", "access", "quota", "immutability", "ratelimit", "readonly", "signature")
 
 # Where the error a request was answered with is kept in scope["state"], for its audit line.
 ERROR_KEY = "wharf.error"
@@ -132,6 +132,12 @@ class ManifestTooLarge(RegistryError):
 
 class Unavailable(RegistryError):
     code, status, message = "UNAVAILABLE", 503, "service unavailable"
+
+
+class InternalError(RegistryError):
+    """The last-chance answer to a failure no handler expected (node/context.py logs its traceback)."""
+
+    code, status, message = "UNKNOWN", 500, "internal server error"
 
 
 def error_response(exc: RegistryError, method: str = "GET") -> Response:

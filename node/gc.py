@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-from typing import TYPE_CHECKING
 
-from coordinator import keys
 from coordinator.gc import (
     HELD_IMPORTED,
     HELD_PUSHED,
@@ -18,20 +15,16 @@ from coordinator.gc import (
     Collector,
     Progress,
     Summary,
+    orphan_sweep_done,
 )
+from coordinator.gc import orphan_sweep_due as _orphan_sweep_due
 from coordinator.gcmark import Mark
-from coordinator.kv import Compare, Put
-from coordinator.lease import KeptLease
+from coordinator.runlock import run_lock
 
-from .config import parse_duration
+from .services import Services
 from .storage import layout
 
-if TYPE_CHECKING:
-    from .services import Services
-
 log = logging.getLogger("wharf.gc")
-
-_RUN_LOCK = keys.leader("gc-run")
 
 
 class CycleRunning(Exception):
@@ -112,37 +105,12 @@ async def _unaccounted(
 
 async def import_in_progress(services: Services) -> str | None:
     """The import state while a registry:2 store is being adopted (GC waits for it)."""
-    found = await services.kv.get(keys.IMPORT_STATE)
-    if found is None:
-        return None
-    state = json.loads(found.value).get("state")
-    return state if state in ("pending", "running") else None
+    found = await services.metadata.import_state()
+    return found.state if found is not None and found.state in ("pending", "running") else None
 
 
 async def orphan_sweep_due(services: Services) -> bool:
-    last = await services.kv.get(keys.GC_ORPHANS_LAST)
-    interval = parse_duration(services.config.gc.orphaninterval)
-    return last is None or json.loads(last.value).get("at", 0) + interval <= time.time()
-
-
-class Touches:
-    """Mark blobs a client was just told exist, at most once per half grace period per node."""
-
-    def __init__(self, services: Services) -> None:
-        self._services = services
-        self._half_grace = parse_duration(services.config.gc.grace) / 2
-        self._written: dict[str, float] = {}
-
-    async def touch(self, digest: str) -> None:
-        now = time.monotonic()
-        last = self._written.get(digest)
-        if last is not None and now - last < self._half_grace:
-            return
-        await self._services.metadata.touch(digest)
-        self._written[digest] = now
-        if len(self._written) > 200_000:
-            cutoff = now - self._half_grace
-            self._written = {d: t for d, t in self._written.items() if t >= cutoff}
+    return await _orphan_sweep_due(services.kv, services.config.gc.orphaninterval)
 
 
 async def collect(
@@ -163,13 +131,16 @@ async def collect(
     config = services.config.gc
     collector = Collector(
         services.kv,
-        grace=parse_duration(config.grace),
+        grace=config.grace,
         delete_untagged=config.deleteuntagged if delete_untagged is None else delete_untagged,
         dry_run=dry_run,
         reclaim_imported=reclaim_imported,
         quotas=services.policies.scopes,
         progress=progress,
     )
+    if not dry_run:
+        services.readonly.check()
+        collector.may_delete = lambda: not services.readonly.active
     metrics = services.metrics
     importing = await import_in_progress(services)
     if importing is not None:
@@ -197,13 +168,9 @@ async def collect(
     collector.progress = report
     async with contextlib.AsyncExitStack() as stack:
         if not dry_run:
-            lease = await stack.enter_async_context(KeptLease(services.kv, max(services.config.cluster.leasettl, 5)))
-            taken = await services.kv.txn(
-                [Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)]
+            await stack.enter_async_context(
+                run_lock(services.kv, "gc", services.node_id, ttl=services.config.cluster.leasettl, busy=CycleRunning)
             )
-            if not taken.succeeded:
-                holder = await services.kv.get(_RUN_LOCK)
-                raise CycleRunning(holder.value.decode() if holder else "another process")
 
         async def delete_object(key: str) -> None:
             await services.storage.delete(key)
@@ -219,7 +186,7 @@ async def collect(
                 metrics.gc_unaccounted_objects.set(summary.unaccounted_objects)
                 metrics.gc_unaccounted_bytes.set(summary.unaccounted_bytes)
                 if not dry_run:
-                    await services.kv.put(keys.GC_ORPHANS_LAST, json.dumps({"at": time.time()}).encode())
+                    await orphan_sweep_done(services.kv)
         except Exception:
             metrics.gc_runs.labels("failed").inc()
             raise

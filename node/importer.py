@@ -21,10 +21,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from coordinator import keys
-from coordinator.kv import Compare, Put
-from coordinator.lease import KeptLease
 from coordinator.metadata import Adoption, BlobRecord, ImportState, LinkRecord, ManifestRecord, TagRecord
+from coordinator.runlock import run_lock
 
 from . import manifest as manifests
 from .errors import RegistryError
@@ -36,10 +34,8 @@ log = logging.getLogger("wharf.import")
 
 T = TypeVar("T")
 
-_RUN_LOCK = keys.leader("import-run")
 _CONCURRENCY = 32
 # Larger annotations stay in the manifest bytes, as for pushed manifests.
-_MAX_RECORD_ANNOTATIONS = 16 * 1024
 _LOG_EVERY = 5.0
 
 Progress = Callable[[ImportState], None]
@@ -69,13 +65,7 @@ async def run_import(
     metadata = services.metadata
     if dry_run:
         return await scan(services.storage, await metadata.import_state(), progress=progress)
-    async with KeptLease(services.kv, max(services.config.cluster.leasettl, 5)) as lease:
-        taken = await services.kv.txn(
-            [Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)]
-        )
-        if not taken.succeeded:
-            holder = await services.kv.get(_RUN_LOCK)
-            raise ImportBusy(holder.value.decode() if holder else "another process")
+    async with run_lock(services.kv, "import", services.node_id, ttl=services.config.cluster.leasettl, busy=ImportBusy):
         current = await metadata.import_state()
         if current is None or current.state == "done" or again:
             current = ImportState("running", requested=time.time())
@@ -214,19 +204,7 @@ def _manifest_record(
         # Schema1 signed manifests are named by their unsigned payload; others by their bytes.
         problems.append(registry2.Problem(key, "manifest bytes do not match their digest", actual))
         return None
-    large = parsed.annotations is not None and len(str(parsed.annotations)) > _MAX_RECORD_ANNOTATIONS
-    return ManifestRecord(
-        digest=digest,
-        media_type=parsed.media_type,
-        size=len(body),
-        blobs=parsed.blobs,
-        manifests=parsed.manifests,
-        subject=parsed.subject,
-        artifact_type=parsed.artifact_type,
-        annotations=None if large else parsed.annotations,
-        annotations_in_manifest=large,
-        pushed=stored.modified,
-    )
+    return manifests.record_of(parsed, digest, len(body), stored.modified)
 
 
 async def _bounded(calls: Iterable[Awaitable[T]]) -> list[T]:

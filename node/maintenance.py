@@ -7,12 +7,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from coordinator import keys
-from coordinator.kv import Compare
-from coordinator.uploads import UploadSession
+from coordinator.readonly import Halted
 
 from . import backup, gc, importer, retention
-from .config import parse_duration
+from .delivery import Dispatcher
 from .services import Services
 
 log = logging.getLogger("wharf.maintenance")
@@ -27,9 +25,9 @@ class Maintenance:
         purging = services.config.storage.maintenance.uploadpurging
         self.enabled = purging.enabled
         # A session goes once idle for `age` (Distribution's) or http.uploads.idletimeout, the shorter.
-        idle = parse_duration(services.config.http.uploads.idletimeout)
-        self.age = min(parse_duration(purging.age), idle)
-        self.interval = min(parse_duration(purging.interval), max(idle / 4, 5.0))
+        idle = services.config.http.uploads.idletimeout
+        self.age = min(purging.age, idle)
+        self.interval = min(purging.interval, max(idle / 4, 5.0))
         self.dry_run = purging.dryrun
 
     async def lead(self) -> None:
@@ -41,13 +39,16 @@ class Maintenance:
         if self.enabled:
             jobs.append(self._every(self.interval, self._purge))
         if self.services.config.gc.enabled:
-            jobs.append(self._every(parse_duration(self.services.config.gc.interval), self._collect))
+            jobs.append(self._every(self.services.config.gc.interval, self._collect))
         policies = self.services.config.retention
         if policies.enabled and policies.policies:
-            jobs.append(self._every(parse_duration(policies.interval), self._retain))
+            jobs.append(self._every(policies.interval, self._retain))
         # Coordinator snapshots into the storage, on a schedule of their own (node/backup.py).
         if self.services.config.backup.enabled:
             jobs.append(backup.scheduled(self.services))
+        # Webhook delivery: the cluster's queues, wherever their events were recorded.
+        if self.services.notifier.enabled:
+            jobs.append(Dispatcher(self.services).run())
         try:
             await asyncio.gather(*jobs)
         finally:
@@ -62,20 +63,24 @@ class Maintenance:
                 await job()
             except asyncio.CancelledError:
                 raise
+            except Halted as exc:
+                log.info("maintenance job %s waits: the registry is %s", getattr(job, "__name__", job), exc)
             except Exception:
                 log.exception("maintenance job %s failed", getattr(job, "__name__", job))
             await asyncio.sleep(max(seconds - (time.monotonic() - started), 0.05))
 
     async def _count_uploads(self) -> None:
-        self.services.metrics.upload_sessions.set(await self.services.kv.count(keys.UPLOADS))
+        self.services.metrics.upload_sessions.set(await self.services.sessions.count())
 
     async def _import(self) -> None:
         await importer.import_if_pending(self.services)
 
     async def _purge(self) -> None:
+        self.services.readonly.check()
         self.services.metrics.uploads_purged.inc(await self.purge_uploads())
 
     async def _collect(self) -> None:
+        self.services.readonly.check()
         try:
             await gc.collect(self.services, orphans=await gc.orphan_sweep_due(self.services))
         except gc.CycleRunning as exc:
@@ -84,6 +89,7 @@ class Maintenance:
             log.info("garbage collection waits: a registry:2 store is being adopted (import %s)", exc)
 
     async def _retain(self) -> None:
+        self.services.readonly.check()
         try:
             await retention.apply(self.services)
         except retention.RunInProgress as exc:
@@ -95,31 +101,18 @@ class Maintenance:
         A session left committing (its node died mid-commit) names what it was writing: those bytes
         go too, unless a blob record names them or an object was there before.
         """
-        kv = self.services.kv
-        cutoff = (now or time.time()) - self.age
+        sessions = self.services.sessions
         purged = 0
-        start: str | None = None
-        while True:
-            page = await kv.range(keys.UPLOADS, start=start, limit=500)
-            for item in page:
-                session = UploadSession.from_json(item.key[len(keys.UPLOADS) :], item.value, item.mod_revision)
-                if session.updated >= cutoff:
-                    continue
-                if self.dry_run:
-                    log.info("would purge upload %s of %s", session.id, session.repository)
-                    purged += 1
-                    continue
-                result = await kv.txn(
-                    [Compare.unchanged(item.key, item.mod_revision), Compare.absent(keys.upload_claim(session.id))],
-                    session.ending(),
-                )
-                if not result.succeeded:
-                    continue  # it moved on meanwhile, or a request is writing to it: not abandoned
-                await self.services.uploader.reclaim(session)
+        async for session in sessions.idle_since((now or time.time()) - self.age):
+            if self.dry_run:
+                log.info("would purge upload %s of %s", session.id, session.repository)
                 purged += 1
-            if len(page) < 500:
-                break
-            start = keys.after(page[-1].key)
+                continue
+            self.services.readonly.check()
+            if not await sessions.end_idle(session):
+                continue  # it moved on meanwhile, or a request is writing to it: not abandoned
+            await self.services.uploader.reclaim(session)
+            purged += 1
         if purged:
             log.info("purged %d abandoned upload sessions", purged, extra={"fields": {"purged": purged}})
         return purged

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from coordinator.metadata import ManifestRecord
 
 from .errors import ManifestInvalid
 from .reference import parse_digest
@@ -44,6 +47,27 @@ class ParsedManifest:
     annotations: dict[str, str] | None
 
 
+# Annotations larger than this stay in the manifest only: its record says to read them there.
+MAX_RECORD_ANNOTATIONS = 16 * 1024
+
+
+def record_of(parsed: ParsedManifest, digest: str, size: int, pushed: float) -> ManifestRecord:
+    """The coordinator's record of a manifest: what the API and GC need without reading its bytes."""
+    large = parsed.annotations is not None and len(json.dumps(parsed.annotations)) > MAX_RECORD_ANNOTATIONS
+    return ManifestRecord(
+        digest=digest,
+        media_type=parsed.media_type,
+        size=size,
+        blobs=parsed.blobs,
+        manifests=parsed.manifests,
+        subject=parsed.subject,
+        artifact_type=parsed.artifact_type,
+        annotations=None if large else parsed.annotations,
+        annotations_in_manifest=large,
+        pushed=pushed,
+    )
+
+
 def compute_digest(body: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
 
@@ -54,8 +78,14 @@ def _media_type_of(header: str | None) -> str | None:
     return header.split(";", 1)[0].strip().lower() or None
 
 
-def parse(body: bytes, content_type: str | None) -> ParsedManifest:
-    """Check a manifest body and list what it references; MANIFEST_INVALID on anything wrong."""
+def parse(
+    body: bytes, content_type: str | None, *, url_refused: Callable[[str], str | None] | None = None
+) -> ParsedManifest:
+    """Check a manifest body and list what it references; MANIFEST_INVALID on anything wrong.
+
+    `url_refused` says why a foreign layer may not name a URL (Distribution's `validation`
+    section), or None when it may; without it every URL is taken.
+    """
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -96,6 +126,7 @@ def parse(body: bytes, content_type: str | None) -> ParsedManifest:
         for i, layer in enumerate(layers):
             desc = _descriptor(layer, f"layers[{i}]")
             if desc.get("mediaType") in _FOREIGN_LAYER_TYPES and desc.get("urls"):
+                _check_urls(desc["urls"], f"layers[{i}].urls", url_refused)
                 continue
             blobs.append(desc["digest"])
     else:
@@ -126,6 +157,15 @@ def parse(body: bytes, content_type: str | None) -> ParsedManifest:
         artifact_type,
         annotations or None,
     )
+
+
+def _check_urls(urls: Any, where: str, url_refused: Callable[[str], str | None] | None) -> None:
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ManifestInvalid({"reason": f"{where} must be a list of URLs"})
+    for url in urls:
+        reason = url_refused(url) if url_refused is not None else None
+        if reason is not None:
+            raise ManifestInvalid({"reason": f"{where}: {url[:200]!r}: {reason}"}, message="foreign layer URL refused")
 
 
 def _guess_media_type(doc: dict[str, Any]) -> str:

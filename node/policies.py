@@ -1,68 +1,21 @@
-"""Repository patterns and the rules built on them: immutable tags and byte quotas."""
+"""The rules built on repository patterns: immutable tags and byte quotas."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 
+from coordinator.metadata import Metadata
 from coordinator.quota import QuotaScope, QuotaScopes
 
-from .config import Config, ConfigError, ImmutabilityRule, QuotaRule
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(text: str | int) -> int:
-    """'500MiB', '10GiB', '1TB' or a number of bytes."""
-    match = _SIZE.fullmatch(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"invalid size {text!r}: use bytes or a unit such as MiB, GiB, GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-@lru_cache(maxsize=1024)
-def repository_pattern(pattern: str) -> re.Pattern[str]:
-    """`*` and `?` stay within one path segment, `**` crosses them (zot's and doublestar's meaning)."""
-    parts = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            parts.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            parts.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            parts.append("[^/]")
-            i += 1
-        else:
-            parts.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(parts))
-
-
-def repository_matches(patterns: list[str], name: str) -> bool:
-    """Globs over repository names: `*` within one path segment, `**` across segments."""
-    return any(repository_pattern(p).fullmatch(name) for p in patterns)
+from .config import Config, ImmutabilityRule, QuotaRule
+from .errors import Denied
+from .patterns import repository_matches
+from .reference import Reference
 
 
 @dataclass(frozen=True)
 class _Immutable:
     rule: ImmutabilityRule
-    tags: tuple[re.Pattern[str], ...]
 
     @property
     def label(self) -> str:
@@ -73,13 +26,8 @@ class Immutability:
     """Which tags may never be moved or deleted."""
 
     def __init__(self, rules: list[ImmutabilityRule]) -> None:
-        self._rules = []
-        for rule in rules:
-            try:
-                compiled = tuple(re.compile(t) for t in rule.tags)
-            except re.error as exc:
-                raise ConfigError(f"immutability: bad tag pattern: {exc}") from exc
-            self._rules.append(_Immutable(rule, compiled))
+        # The configuration compiled each rule's tag patterns at load.
+        self._rules = [_Immutable(rule) for rule in rules]
 
     def __bool__(self) -> bool:
         return bool(self._rules)
@@ -91,9 +39,33 @@ class Immutability:
     def rule_for(self, repository: str, tag: str) -> str | None:
         """The name of the rule that freezes this tag, or None."""
         for entry in self._rules:
-            if repository_matches(entry.rule.repositories, repository) and any(t.fullmatch(tag) for t in entry.tags):
+            if repository_matches(entry.rule.repositories, repository) and any(
+                t.fullmatch(tag) for t in entry.rule.patterns
+            ):
                 return entry.label
         return None
+
+    async def check_delete(self, metadata: Metadata, repository: str, ref: Reference) -> None:
+        """DENIED if deleting this tag, or this manifest with its tags, would remove an immutable tag."""
+        if not self._rules:
+            return
+        tags = [ref.tag] if ref.tag is not None else list(await metadata.tags_of_digest(repository, str(ref.digest)))
+        for tag in tags:
+            rule = self.rule_for(repository, tag)
+            if rule is None:
+                continue
+            if ref.digest is not None:
+                digest: str | None = str(ref.digest)
+            else:
+                record = await metadata.get_tag(repository, tag)
+                digest = record.digest if record is not None else None
+            raise Denied(
+                {"tag": tag, "rule": rule},
+                message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted",
+                refused_by="immutability",
+                rule=rule,
+                audit={"digest": digest},
+            )
 
 
 @dataclass(frozen=True)
@@ -111,15 +83,15 @@ class Quota:
 
 
 def quotas_from(rules: list[QuotaRule]) -> list[Quota]:
+    """The configured rules (checked, limits in bytes, at load) as quotas the uploader applies."""
     quotas = []
     for rule in rules:
-        if bool(rule.repository) == bool(rule.namespace):
-            raise ConfigError("quotas: each rule names exactly one of repository or namespace")
         scope = rule.repository or rule.namespace
         namespace = bool(rule.namespace)
         if namespace and not scope.endswith("/"):
             scope += "/"
-        quotas.append(Quota(scope, parse_size(rule.limit), namespace))
+        assert rule.limit is not None
+        quotas.append(Quota(scope, rule.limit, namespace))
     return quotas
 
 

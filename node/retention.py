@@ -7,26 +7,18 @@ the blobs they freed.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from coordinator import keys
-from coordinator.kv import Compare, Put
-from coordinator.lease import KeptLease
 from coordinator.retention import Applier, Plan, Result, Rule, plan
+from coordinator.runlock import run_lock
 
-from .config import ConfigError, RetentionConfig, RetentionPolicy, parse_duration
-from .policies import repository_matches
-
-if TYPE_CHECKING:
-    from .services import Services
+from .config import RetentionConfig, RetentionPolicy
+from .patterns import repository_matches
+from .services import Services
 
 log = logging.getLogger("wharf.retention")
-
-_RUN_LOCK = keys.leader("retention-run")
 
 
 class RunInProgress(Exception):
@@ -38,27 +30,19 @@ def _label(index: int, policy: RetentionPolicy) -> str:
 
 
 def _rule(index: int, policy: RetentionPolicy) -> Rule:
-    label = _label(index, policy)
-    where = f"retention.policies[{index}]"
-    if policy.keeplast is not None and policy.keeplast < 0:
-        raise ConfigError(f"{where}.keeplast must not be negative")
-    try:
-        keep_tags = tuple(re.compile(pattern) for pattern in policy.keeptags)
-    except re.error as exc:
-        raise ConfigError(f"{where}.keeptags: bad pattern: {exc}") from exc
-    older_than = parse_duration(policy.olderthan) if policy.olderthan else None
-    untagged_after = parse_duration(policy.untaggedafter) if policy.untaggedafter else None
+    """A policy as the planner's rule; the configuration compiled its patterns and durations at load."""
     globs = list(policy.repositories)
 
     def covers(repository: str) -> bool:
         return repository_matches(globs, repository)
 
-    return Rule(label, covers, policy.keeplast, keep_tags, older_than, untagged_after)
+    return Rule(
+        _label(index, policy), covers, policy.keeplast, policy.keep_patterns, policy.olderthan, policy.untaggedafter
+    )
 
 
 def rules_from(config: RetentionConfig) -> list[Rule]:
     """The configured policies as planner rules, in order (the first that covers a repository applies)."""
-    parse_duration(config.interval)
     return [_rule(i, policy) for i, policy in enumerate(config.policies)]
 
 
@@ -93,14 +77,13 @@ async def apply(
         )
         return Run(found, None)
     kv = services.kv
-    async with KeptLease(kv, max(services.config.cluster.leasettl, 5)) as lease:
-        taken = await kv.txn([Compare.absent(_RUN_LOCK)], [Put(_RUN_LOCK, services.node_id.encode(), lease=lease.id)])
-        if not taken.succeeded:
-            holder = await kv.get(_RUN_LOCK)
-            raise RunInProgress(holder.value.decode() if holder else "another process")
+    services.readonly.check()
+    async with run_lock(kv, "retention", services.node_id, ttl=services.config.cluster.leasettl, busy=RunInProgress):
         started = time.perf_counter()
         found = await make_plan(services, now=now)
-        result = await Applier(kv, node=services.node_id, progress=progress).apply(found)
+        applier = Applier(kv, node=services.node_id, progress=progress)
+        applier.may_delete = lambda: not services.readonly.active
+        result = await applier.apply(found)
     if result.interrupted is not None:
         log.info(
             "retention: an earlier run did not finish; this run planned again and completed it",

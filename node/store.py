@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from coordinator import keys
-from coordinator.kv import KV, Compare, Get, Put
+from coordinator import identity
+from coordinator.kv import KV
 
 from .config import Config, embedded_path_in, legacy_embedded_paths
 from .storage import layout
@@ -172,18 +172,8 @@ async def _storage_identity(storage: StorageDriver, where: str) -> Identity | No
 
 async def _coordinator_identity(kv: KV) -> tuple[Identity | None, bool]:
     """(identity, still claiming) from the coordinator."""
-    found = await kv.get(keys.STORE_IDENTITY)
-    if found is None:
-        return None, False
-    data = json.loads(found.value)
-    return Identity(str(data["id"]), float(data["created"])), data.get("state") == "claiming"
-
-
-async def coordinator_has_records(kv: KV) -> bool:
-    for prefix in (keys.REPOSITORIES, keys.BLOBS, keys.MANIFESTS, keys.UPLOADS):
-        if await kv.range(prefix, limit=1):
-            return True
-    return False
+    record = await identity.read(kv)
+    return (None, False) if record is None else (Identity(record.id, record.created), record.claiming)
 
 
 async def _any(storage: StorageDriver, prefix: str, needle: str = "") -> bool:
@@ -200,36 +190,23 @@ async def holds_registry2_tree(storage: StorageDriver) -> bool:
 
 async def _claim(kv: KV, storage: StorageDriver, *, adopt: bool) -> Identity:
     """Give a store its identity, coordinator first; a concurrent first start agrees on one id."""
-    mine = Identity(str(uuid.uuid4()), time.time())
-    record = json.dumps({"id": mine.id, "created": mine.created, "state": "claiming"}).encode()
-    ops = [Put(keys.STORE_IDENTITY, record)]
-    if not await coordinator_has_records(kv):
-        # Nothing to index yet: every tag written from now on keeps the digest -> tags index.
-        ops.append(Put(keys.TAG_INDEX_BUILT, json.dumps({"at": time.time(), "entries": 0}).encode()))
-    if adopt:
-        ops.append(Put(keys.IMPORT_STATE, json.dumps({"state": "pending", "requested": time.time()}).encode()))
-    result = await kv.txn([Compare.absent(keys.STORE_IDENTITY)], ops, [Get(keys.STORE_IDENTITY)])
-    if not result.succeeded:
-        existing = result.gets[0]
-        assert existing is not None
-        data = json.loads(existing.value)
-        mine = Identity(str(data["id"]), float(data["created"]))
+    held = await identity.claim(kv, str(uuid.uuid4()), time.time(), adopt=adopt)
+    mine = Identity(held.id, held.created)
     await _bind(kv, storage, mine)
     return mine
 
 
-async def _bind(kv: KV, storage: StorageDriver, identity: Identity) -> None:
+async def _bind(kv: KV, storage: StorageDriver, found: Identity) -> None:
     """Write the identity into storage (if absent) and mark the coordinator's record bound."""
     current = await _storage_identity(storage, "storage")
     if current is None:
-        await storage.write_bytes(layout.STORE_IDENTITY, identity.storage_json())
-    elif current.id != identity.id:
+        await storage.write_bytes(layout.STORE_IDENTITY, found.storage_json())
+    elif current.id != found.id:
         raise StoreRefused(
-            f"the storage was claimed by store {current.id} while this process claimed {identity.id}; "
+            f"the storage was claimed by store {current.id} while this process claimed {found.id}; "
             "nothing more was changed"
         )
-    bound = json.dumps({"id": identity.id, "created": identity.created, "state": "bound"}).encode()
-    await kv.put(keys.STORE_IDENTITY, bound)
+    await identity.bind(kv, found.id, found.created)
 
 
 async def check_identity(kv: KV, storage: StorageDriver, config: Config, mode: Mode) -> tuple[Identity | None, str]:
@@ -253,7 +230,7 @@ async def check_identity(kv: KV, storage: StorageDriver, config: Config, mode: M
             await _bind(kv, storage, ours)
         return ours, "existing"
     if theirs is not None:
-        empty = not await coordinator_has_records(kv)
+        empty = not await identity.has_records(kv)
         raise _coordinator_lost(theirs, where_s, where_c, "is empty" if empty else "holds an unidentified registry")
     if ours is not None:
         if claiming and writes:
@@ -267,7 +244,7 @@ async def check_identity(kv: KV, storage: StorageDriver, config: Config, mode: M
             "root?), so nothing was written or deleted. Point storage.* at the registry's storage."
         )
     # Neither side knows of a store yet.
-    if await coordinator_has_records(kv):
+    if await identity.has_records(kv):
         # A store from before identities: bind the two as they are.
         if writes:
             return await _claim(kv, storage, adopt=False), "existing (store identity written now)"
@@ -338,14 +315,14 @@ async def open_store(config: Config, mode: Mode) -> Store:
         raise
     try:
         if mode == "restore":
-            identity, found = None, "being restored"
+            held, found = None, "being restored"
         else:
-            identity, found = await check_identity(kv, storage, config, mode)
+            held, found = await check_identity(kv, storage, config, mode)
     except BaseException:
         await storage.close()
         await kv.close()
         raise
-    return Store(kv, storage, identity, found)
+    return Store(kv, storage, held, found)
 
 
 async def adopt_identity_after_restore(kv: KV, storage: StorageDriver, config: Config) -> str:

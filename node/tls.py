@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -23,10 +24,38 @@ def check_listener(config: Config) -> None:
     if config.auth.mode is None or config.http.tls.certificate or config.http.insecure:
         return
     raise ConfigError(
-        "authentication is on but http.tls.certificate is not set: credentials would be sent in clear. "
-        "Configure TLS (http.tls.certificate and http.tls.key; `wharf cert HOST` makes a test certificate), "
-        "or set http.insecure: true when a TLS-terminating proxy is in front."
+        f"auth.{config.auth.mode}: authentication is on but http.tls.certificate is not set: credentials "
+        "would be sent in clear. Configure TLS (http.tls.certificate and http.tls.key, or "
+        "REGISTRY_HTTP_TLS_CERTIFICATE and REGISTRY_HTTP_TLS_KEY; `wharf cert HOST` makes a test certificate), "
+        "or set http.insecure: true (REGISTRY_HTTP_INSECURE=true) when a TLS-terminating proxy is in front."
     )
+
+
+def check_certificates(config: Config) -> None:
+    """Load the listener's certificate, key and client CAs once, so a bad file stops start-up with one
+    line rather than every worker with a traceback."""
+    tls = config.http.tls
+    if not tls.certificate:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for key, path in (("http.tls.certificate", tls.certificate), ("http.tls.key", tls.key)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: expected a PEM file, got {path!r}, which does not exist")
+    try:
+        context.load_cert_chain(tls.certificate, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"http.tls.certificate, http.tls.key: expected a PEM certificate and its private key, got "
+            f"{tls.certificate!r} and {tls.key!r} ({getattr(exc, 'reason', None) or exc.strerror or exc})"
+        ) from None
+    for path in tls.clientcas:
+        try:
+            context.load_verify_locations(path)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"http.tls.clientcas: expected PEM CA certificates, got {path!r} "
+                f"({getattr(exc, 'reason', None) or exc.strerror or exc})"
+            ) from None
 
 
 def _alternative_names(hosts: list[str]) -> list[x509.GeneralName]:

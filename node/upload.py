@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 import rehashes
 
 from coordinator import quota
+from coordinator.kv import Op
 from coordinator.lease import NodeLease
 from coordinator.metadata import BeingCollected, Metadata
 from coordinator.quota import QuotaScope
@@ -36,6 +37,13 @@ from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
 
 log = logging.getLogger("wharf.upload")
+
+# Notification records for a blob now in a repository, given its size; written with its link.
+Events = Callable[[int], Sequence[Op]]
+
+
+def _no_events(size: int) -> Sequence[Op]:
+    return ()
 
 
 class UploadMoved(Exception):
@@ -101,14 +109,23 @@ def check_algorithm(algorithm: str) -> None:
 
 
 class Uploader:
-    def __init__(self, storage: StorageDriver, sessions: UploadSessions, metadata: Metadata, lease: NodeLease) -> None:
+    def __init__(
+        self,
+        storage: StorageDriver,
+        sessions: UploadSessions,
+        metadata: Metadata,
+        lease: NodeLease,
+        *,
+        quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: [],
+        max_sessions: int = 0,
+    ) -> None:
         self.storage = storage
         self.sessions = sessions
         self.metadata = metadata
         self.lease = lease
-        self.quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: []
+        self.quotas_for = quotas_for  # the quota scopes a repository's pushes count in
         # Open sessions one owner may hold (http.uploads.maxsessions); 0: no bound.
-        self.max_sessions = 0
+        self.max_sessions = max_sessions
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
@@ -246,6 +263,7 @@ class Uploader:
         chunks: AsyncIterator[bytes] | None = None,
         *,
         length: int | None = None,
+        events: Events = _no_events,
     ) -> int:
         """The closing PUT: append its body if any, check the digest, commit and link; returns the size."""
         check_algorithm(digest.algorithm)
@@ -281,7 +299,7 @@ class Uploader:
                 )
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
-        await self._commit(committing)
+        await self._commit(committing, events)
         return size
 
     async def _discard(self, session: UploadSession, claim: Claim | None, state: dict) -> None:  # type: ignore[type-arg]
@@ -294,7 +312,7 @@ class Uploader:
         elif claim is not None:
             await self.sessions.release(claim)
 
-    async def _commit(self, session: UploadSession) -> None:
+    async def _commit(self, session: UploadSession, events: Events = _no_events) -> None:
         """Move a committing session's bytes to their key and record the blob; reclaim them on refusal."""
         intent = session.commit
         assert intent is not None
@@ -306,19 +324,19 @@ class Uploader:
                 await self.storage.delete(intent.key)
         stored = await self.storage.upload_commit(upload, session.driver_state, session.offset, intent.key)
         try:
-            await self._record(session, stored)
+            await self._record(session, stored, events)
         except (Denied, BlobUploadInvalid, BlobUploadUnknown):
             await self.reclaim(session, stored)
             raise
 
-    async def _record(self, session: UploadSession, stored: str) -> None:
+    async def _record(self, session: UploadSession, stored: str, events: Events = _no_events) -> None:
         assert session.commit is not None
         repository, digest, size = session.repository, session.commit.digest, session.offset
         quotas = self.quotas_for(repository)
         try:
             try:
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas
+                    repository, digest, size, stored, upload=session, quotas=quotas, events=events(size)
                 )
             except BeingCollected:
                 # Garbage collection was deleting this very digest; its storage delete may have
@@ -329,7 +347,7 @@ class Uploader:
                         {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
                     ) from None
                 record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas
+                    repository, digest, size, stored, upload=session, quotas=quotas, events=events(size)
                 )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
@@ -358,10 +376,12 @@ class Uploader:
         await self.storage.upload_abort(upload, session.driver_state)
         await self.sessions.delete(session)
 
-    async def mount(self, repository: str, digest: str, source: str) -> bool:
+    async def mount(self, repository: str, digest: str, source: str, *, events: Events = _no_events) -> bool:
         """Link a blob of `source` into `repository`, within its quotas; False if `source` lacks it."""
         try:
-            linked = await self.metadata.mount_blob(repository, digest, source, quotas=self.quotas_for(repository))
+            linked = await self.metadata.mount_blob(
+                repository, digest, source, quotas=self.quotas_for(repository), events=events
+            )
         except quota.QuotaExceeded as exc:
             raise _denied(exc) from None
         return linked is not None
@@ -388,7 +408,14 @@ class Uploader:
         raise _busy(session)
 
     async def monolithic(
-        self, repository: str, digest: Digest, chunks: AsyncIterator[bytes], length: int | None, owner: str = ""
+        self,
+        repository: str,
+        digest: Digest,
+        chunks: AsyncIterator[bytes],
+        length: int | None,
+        owner: str = "",
+        *,
+        events: Events = _no_events,
     ) -> int:
         """A whole blob in one request. Its session is created committing: nobody else can write to it."""
         if length is not None:
@@ -417,5 +444,5 @@ class Uploader:
             raise
         # The driver state and size are known only now; the intent already stood.
         session = replace(session, offset=written, driver_state=state)
-        await self._commit(session)
+        await self._commit(session, events)
         return written

@@ -62,17 +62,19 @@ class DockerRegistry:
     deletes anything a test wrote.
     """
 
-    def __init__(self, workdir: Path, storage: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, storage: dict[str, Any], *, extra: dict[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
         self.storage = storage
+        # More of Distribution's configuration: top-level sections, merged one level deep.
+        self.extra = extra or {}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "docker-registry.log"
         self._log: Any = None
 
     @classmethod
-    def on_filesystem(cls, workdir: Path, root: Path) -> DockerRegistry:
-        return cls(workdir, {"filesystem": {"rootdirectory": str(root)}})
+    def on_filesystem(cls, workdir: Path, root: Path, *, extra: dict[str, Any] | None = None) -> DockerRegistry:
+        return cls(workdir, {"filesystem": {"rootdirectory": str(root)}}, extra=extra)
 
     @classmethod
     def on_s3(cls, workdir: Path, server: Any, rootdirectory: str) -> DockerRegistry:
@@ -105,6 +107,15 @@ class DockerRegistry:
         return Registry2Client(self.http())
 
     def config(self) -> dict[str, Any]:
+        config = self._base_config()
+        for key, value in self.extra.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            else:
+                config[key] = value
+        return config
+
+    def _base_config(self) -> dict[str, Any]:
         return {
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": True}},

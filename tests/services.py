@@ -213,9 +213,9 @@ class EtcdCluster:
     def endpoint(self, i: int) -> str:
         return self.members[i].client_url
 
-    def _etcdctl(self, *args: str) -> str:
+    def _etcdctl(self, *args: str, endpoints: list[str] | None = None) -> str:
         result = subprocess.run(
-            ["etcdctl", "--endpoints", ",".join(self.endpoints), *args],
+            ["etcdctl", "--endpoints", ",".join(endpoints or self.endpoints), *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -230,6 +230,14 @@ class EtcdCluster:
 
     def delete_prefix(self, prefix: str) -> None:
         self._etcdctl("del", "--prefix", prefix)
+
+    def leader(self) -> int:
+        """The index of the member that leads the cluster, as the running members report it."""
+        running = [m.client_url for i, m in enumerate(self.members) if self.running(i)]
+        for status in json.loads(self._etcdctl("endpoint", "status", "-w", "json", endpoints=running)):
+            if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
+                return self.endpoints.index(status["Endpoint"])
+        raise RuntimeError("no running etcd member says it leads")
 
     def running(self, i: int) -> bool:
         proc = self.members[i].process

@@ -16,7 +16,7 @@ from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, OCIClient, descripto
 from secure_registry import TEAM_ACCESS, TEAM_USERS, SecureWharf, assert_refused, make_users, wharf_cli
 from services import wait_until
 
-from node.app import AUDITED, ROUTES
+from node.app import ROUTES
 from node.audit import AuditIntent, AuditLog, AuditMiddleware, AuditUnavailable, _ChainedFile
 from node.auditchain import Head, log_files, verify
 from node.config import AuditConfig
@@ -468,8 +468,8 @@ def test_a_change_whose_outcome_cannot_be_recorded_is_reported_as_a_failure():
 
     async def scenario() -> httpx.Response:
         audit = SecondWriteFails()
-        inner = AuditIntent(handler, audit=audit, routes=ROUTES, decisions=AUDITED)
-        app = AuditMiddleware(inner, audit=audit, routes=ROUTES, decisions=AUDITED)
+        inner = AuditIntent(handler, audit=audit, routes=ROUTES)
+        app = AuditMiddleware(inner, audit=audit, routes=ROUTES)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://wharf") as http:
             response = await http.put("/v2/team/app/manifests/v1", content=b"{}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import typing
 
-from node.config import ConfigError, load, parse_duration
+import pytest
+import yaml
+
+from node.config import ConfigError, load, parse_duration, parse_size
 
 REGISTRY2_FILE = """
 version: 0.1
@@ -51,7 +55,7 @@ def test_environment_overrides_nested_keys_like_distribution(tmp_path):
         "REGISTRY_AUTH_HTPASSWD_REALM": "Registry Realm",
         "REGISTRY_AUTH_HTPASSWD_PATH": "/auth/htpasswd",
         "REGISTRY_STORAGE_DELETE_ENABLED": "false",
-        "REGISTRY_HTTP_ADDR": "0.0.0.0:5001",
+        "REGISTRY_HTTP_ADDR": "0.0.0.0:5002",
     }
     config = load(_write(tmp_path, REGISTRY2_FILE), environ=env)
     assert config.http.tls.certificate == "/certs/domain.crt"
@@ -60,7 +64,7 @@ def test_environment_overrides_nested_keys_like_distribution(tmp_path):
     assert config.auth.htpasswd is not None
     assert (config.auth.htpasswd.realm, config.auth.htpasswd.path) == ("Registry Realm", "/auth/htpasswd")
     assert config.storage.delete.enabled is False
-    assert config.http.addr == "0.0.0.0:5001"
+    assert config.http.addr == "0.0.0.0:5002"
 
 
 def test_environment_selects_storage_driver(tmp_path):
@@ -132,9 +136,9 @@ def test_backup_section_parses_its_interval_at_load(tmp_path):
 @pytest.mark.parametrize(
     "section, complaint",
     [
-        ("interval: soon", "backup.interval: invalid duration"),
-        ("interval: 0s", "backup.interval must be at least 1s"),
-        ("keep: 0", "backup.keep must be at least 1"),
+        ("interval: soon", "backup.interval: expected a duration such as 30s.*got 'soon'"),
+        ("interval: 0s", "backup.interval: expected a duration of at least 1s, got '0s'"),
+        ("keep: 0", "backup.keep: expected at least 1 snapshot, got 0"),
         ("keep: all", "backup.keep: expected a whole number"),
         ("every: 1h", "unknown configuration key backup.every"),
     ],
@@ -142,3 +146,353 @@ def test_backup_section_parses_its_interval_at_load(tmp_path):
 def test_a_bad_backup_section_stops_start_up_naming_the_key(tmp_path, section, complaint):
     with pytest.raises(ConfigError, match=complaint):
         load(_write(tmp_path, REGISTRY2_FILE + f"backup:\n  {section}\n"), environ={})
+
+
+# -- one grammar for sizes, durations and addresses, in every section --------------------------
+
+SIZES = [
+    ("1TB", 10**12),
+    ("1G", 10**9),
+    ("10GiB", 10 * 1024**3),
+    ("500mb", 500 * 10**6),
+    ("64 KiB", 64 * 1024),
+    ("1.5GB", 1_500_000_000),
+    ("5242880", 5242880),
+    ("0x100000", 1024**2),
+    (5242880, 5242880),
+]
+
+
+@pytest.mark.parametrize("text, size", SIZES)
+def test_one_size_grammar_in_quotas_audit_and_s3(tmp_path, text, size):
+    assert parse_size(text) == size
+    sections = {
+        "quotas": [{"repository": "team/app", "limit": text}],
+        "audit": {"path": str(tmp_path / "audit.log"), "maxsize": text},
+    }
+    config = load(_write(tmp_path, yaml.safe_dump({**yaml.safe_load(REGISTRY2_FILE), **sections})), environ={})
+    assert config.quotas[0].limit == size
+    assert config.audit.maxsize == size
+    s3 = load(
+        _write(tmp_path, S3_FILE),
+        environ={"REGISTRY_STORAGE_S3_CHUNKSIZE": str(text), "REGISTRY_STORAGE_S3_MULTIPARTCOPYCHUNKSIZE": str(text)},
+    ).storage.s3
+    assert s3 is not None and s3.chunksize == size and s3.multipartcopychunksize == size
+
+
+S3_FILE = """
+storage:
+  s3: {bucket: images}
+coordinator:
+  embedded: {path: /tmp/wharf-test-never-opened.db}
+"""
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "1XB", "1.5.5MB", "10 GiB please", True])
+def test_a_bad_size_names_the_key_the_value_and_the_grammar(tmp_path, text):
+    doc = {"quotas": [{"namespace": "team/", "limit": text}]}
+    with pytest.raises(ConfigError) as caught:
+        load(_write(tmp_path, yaml.safe_dump(doc)), environ={})
+    message = str(caught.value)
+    assert message.startswith("quotas[0].limit: expected a size in bytes or with a unit, such as 500MB, 10GiB or 1TB")
+    assert repr(text).lower() in message.lower() and "\n" not in message
+
+
+def test_durations_follow_go_with_days_and_wharf_keys_take_bare_seconds(tmp_path):
+    assert parse_duration("1.5h") == 5400
+    assert parse_duration("2us") == pytest.approx(2e-6)
+    assert parse_duration("7d") == 7 * 86400
+    assert parse_duration(90) == 90
+    doc = {"gc": {"interval": 90, "grace": "1h30m", "orphaninterval": "7d"}}
+    config = load(_write(tmp_path, yaml.safe_dump(doc)), environ={})
+    assert (config.gc.interval, config.gc.grace, config.gc.orphaninterval) == (90, 5400, 7 * 86400)
+    with pytest.raises(ConfigError, match="retention.interval: expected a duration of at least 1s, got '300ms'"):
+        load(_write(tmp_path, "retention: {interval: 300ms}\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("storage.maintenance.uploadpurging.age", "168"),
+        ("http.draintimeout", "60"),
+        ("health.storagedriver.interval", "10"),
+    ],
+)
+def test_distribution_durations_need_a_unit_because_registry2_reads_bare_numbers_as_nanoseconds(tmp_path, key, text):
+    variable = "REGISTRY_" + key.upper().replace(".", "_")
+    with pytest.raises(ConfigError, match=f"{key}: expected a duration with a unit .* got {text}"):
+        load(_write(tmp_path, REGISTRY2_FILE), environ={variable: text})
+    config = load(_write(tmp_path, REGISTRY2_FILE), environ={variable: text + "s"})
+    node: object = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    assert node == float(text)
+
+
+@pytest.mark.parametrize(
+    "addr, host, port, words",
+    [
+        (":5000", "", 5000, "all interfaces (IPv4 and IPv6) port 5000"),
+        ("5000", "", 5000, "all interfaces (IPv4 and IPv6) port 5000"),
+        ("0.0.0.0:5000", "0.0.0.0", 5000, "all IPv4 interfaces port 5000"),
+        ("[::]:5000", "::", 5000, "all interfaces (IPv4 and IPv6) port 5000"),
+        ("[::1]:5000", "::1", 5000, "[::1]:5000 only"),
+        ("localhost:5000", "localhost", 5000, "localhost:5000 only"),
+        ("127.0.0.1:65535", "127.0.0.1", 65535, "127.0.0.1:65535 only"),
+    ],
+)
+def test_addresses_parse_at_load_and_a_port_alone_means_every_interface(addr, host, port, words):
+    config = load(None, environ={"REGISTRY_HTTP_ADDR": addr, "REGISTRY_HTTP_DEBUG_ADDR": "127.0.0.1:5999"})
+    assert (config.http.listen.host, config.http.listen.port) == (host, port)
+    assert config.http.listen.describe() == words
+
+
+@pytest.mark.parametrize(
+    "addr", ["127.0.0.1:99999", "127.0.0.1:abc", "127.0.0.1:0", "::1:5000", "256.1.1.1:5000", "", "a b:5000", "[x]:1"]
+)
+def test_a_bad_address_names_the_key_and_the_value(addr):
+    with pytest.raises(ConfigError) as caught:
+        load(None, environ={"REGISTRY_HTTP_ADDR": addr})
+    assert str(caught.value).startswith("http.addr: expected HOST:PORT")
+    assert repr(addr) in str(caught.value)
+
+
+def test_the_debug_listener_may_not_share_the_main_port():
+    with pytest.raises(
+        ConfigError, match="http.debug.addr: expected an address other than http.addr .*Wharf's default"
+    ):
+        load(None, environ={"REGISTRY_HTTP_ADDR": ":5001"})
+    assert load(None, environ={"REGISTRY_HTTP_ADDR": ":5001", "REGISTRY_HTTP_DEBUG_ADDR": ""}).http.debug.listen is None
+
+
+def test_headers_take_distribution_lists_and_single_values(tmp_path):
+    doc = {
+        "http": {"headers": {"X-Content-Type-Options": ["nosniff"], "Strict-Transport-Security": "max-age=63072000"}}
+    }
+    config = load(_write(tmp_path, yaml.safe_dump(doc)), environ={})
+    assert config.http.headers == {
+        "X-Content-Type-Options": ["nosniff"],
+        "Strict-Transport-Security": ["max-age=63072000"],
+    }
+
+
+@pytest.mark.parametrize(
+    "headers, complaint",
+    [
+        ({"Bad Header": ["x"]}, "http.headers: expected header names"),
+        ({"X-A": ["line\nbreak"]}, "http.headers.X-A: expected header values of printable ASCII"),
+        ({"X-A": [{"a": 1}]}, "http.headers.X-A: expected a list of header values"),
+        (["X-A"], "http.headers: expected a mapping of header names"),
+    ],
+)
+def test_bad_headers_are_refused(tmp_path, headers, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        load(_write(tmp_path, yaml.safe_dump({"http": {"headers": headers}})), environ={})
+
+
+# -- every Distribution section works or refuses ------------------------------------------------
+
+ACCEPTED = [
+    ("log: {fields: {service: registry, environment: staging}}", lambda c: c.log.fields["environment"] == "staging"),
+    ("log: {formatter: text, level: DEBUG}", lambda c: (c.log.formatter, c.log.level) == ("text", "debug")),
+    ("log: {formatter: logstash}", lambda c: c.log.formatter == "logstash"),
+    ("log: {accesslog: {disabled: true}}", lambda c: c.log.accesslog.disabled),
+    ("loglevel: warn", lambda c: c.log.level == "warn"),
+    ("loglevel: debug\nlog: {level: error}", lambda c: c.log.level == "error"),
+    ("storage: filesystem", lambda c: c.storage.filesystem is not None),
+    (
+        "storage: {cache: {blobdescriptor: redis}}",
+        lambda c: "storage.cache.blobdescriptor" in " ".join(c.accepted_without_effect()),
+    ),
+    ("storage: {cache: {layerinfo: inmemory}}", lambda c: c.storage.cache.layerinfo == "inmemory"),
+    ("storage: {maintenance: {readonly: {enabled: true}}}", lambda c: c.storage.maintenance.readonly.enabled),
+    ("storage: {redirect: {disable: true}}", lambda c: c.storage.redirect.disable),
+    (
+        "redis: {addr: 'localhost:6379', password: x, db: 1, dialtimeout: 10ms, pool: {maxidle: 16, idletimeout: 300s}}",
+        lambda c: (
+            c.redis is not None
+            and c.redis.pool.idletimeout == 300
+            and any(n.startswith("redis:") for n in c.accepted_without_effect())
+        ),
+    ),
+    (
+        "health: {storagedriver: {enabled: true, interval: 10s, threshold: 3}}",
+        lambda c: (c.health.storagedriver.interval, c.health.storagedriver.threshold) == (10, 3),
+    ),
+    (
+        "health: {file: [{file: /tmp/down, interval: 1s}], http: [{uri: 'http://a/b', statuscode: 204, timeout: 3s}], tcp: [{addr: 'redis:6379', timeout: 3s}]}",
+        lambda c: (
+            (c.health.file[0].interval, c.health.http[0].statuscode, c.health.tcp[0].target.port) == (1, 204, 6379)
+        ),
+    ),
+    (
+        "notifications: {events: {includereferences: true}, endpoints: [{name: a, url: 'http://h/e', headers: {Authorization: [Bearer x]}, timeout: 500ms, threshold: 5, backoff: 1s, ignoredmediatypes: [application/octet-stream], ignore: {mediatypes: [a/b], actions: [pull]}}]}",
+        lambda c: (
+            (c.notifications.endpoints[0].timeout, c.notifications.endpoints[0].ignore.actions) == (0.5, ["pull"])
+        ),
+    ),
+    (
+        "compatibility: {schema1: {signingkeyfile: /etc/registry/key.json}}",
+        lambda c: not c.compatibility.schema1.enabled,
+    ),
+    (
+        "validation: {manifests: {urls: {allow: ['^https?://([^/]+\\.)*example\\.com/'], deny: ['^https?://www\\.example\\.com/']}}}",
+        lambda c: (
+            c.validation.url_refused("https://a.example.com/x") is None
+            and c.validation.url_refused("https://www.example.com/x") is not None
+        ),
+    ),
+    ("validation: {disabled: true}", lambda c: c.validation.url_refused("https://anywhere/x") is None),
+    (
+        "http: {secret: s, relativeurls: true, host: 'https://registry.example.com:5000/ignored', prefix: my/registry}",
+        lambda c: (c.http.host, c.http.prefix) == ("https://registry.example.com:5000", "/my/registry/"),
+    ),
+    (
+        "http: {draintimeout: 60s, http2: {disabled: true}}",
+        lambda c: (c.http.draintimeout, c.http.http2.disabled) == (60, True),
+    ),
+    (
+        "http: {tls: {certificate: /c.pem, key: /k.pem, clientcas: [/ca.pem], minimumtls: tls1.3}}",
+        lambda c: c.http.tls.minimumtls == "tls1.3",
+    ),
+    ("http: {net: unix, addr: /run/wharf.sock}", lambda c: c.http.listen.path == "/run/wharf.sock"),
+    (
+        "http: {debug: {addr: 'localhost:5001', prometheus: {enabled: true, path: /metrics}}}",
+        lambda c: c.http.debug.prometheus.path == "/metrics",
+    ),
+    ("proxy: {}", lambda c: True),
+    (
+        "notifications: {endpoints: [{name: a, url: 'http://x/', timeout: 0, threshold: 0, ignore: {actions: [pull]}}]}",
+        lambda c: (
+            (c.notifications.endpoints[0].timeout_seconds, c.notifications.endpoints[0].threshold) == (1.0, 10)
+            and not c.notifications.endpoints[0].accepts("pull", None)
+            and c.notifications.endpoints[0].accepts("push", "application/vnd.oci.image.manifest.v1+json")
+        ),
+    ),
+    (
+        "http: {uploads: {maxsessions: 0, idletimeout: 90m}}",
+        lambda c: (c.http.uploads.maxsessions, c.http.uploads.idletimeout) == (0, 5400),
+    ),
+]
+
+
+@pytest.mark.parametrize("text, effect", ACCEPTED, ids=[t.split(":")[0] + str(i) for i, (t, _) in enumerate(ACCEPTED)])
+def test_distribution_sections_wharf_honours_load_typed(tmp_path, text, effect):
+    assert effect(load(_write(tmp_path, text + "\n"), environ={}))
+
+
+REFUSED = [
+    ("proxy: {remoteurl: 'https://registry-1.docker.io'}", "proxy: a pull-through cache is not available"),
+    ("middleware: {storage: [{name: cloudfront}]}", "middleware: registry, repository and storage middleware"),
+    ("reporting: {bugsnag: {apikey: k}}", "reporting: bugsnag and newrelic"),
+    ("policy: {repository: {classes: [image]}}", "policy: repository class policies"),
+    ("log: {hooks: [{type: mail, levels: [panic]}]}", "log.hooks: log hooks"),
+    ("http: {tls: {letsencrypt: {cachefile: /c, email: a@b}}}", "http.tls.letsencrypt: Let's Encrypt is not built in"),
+    (
+        "http: {tls: {ciphersuites: [TLS_AES_128_GCM_SHA256]}}",
+        "http.tls.ciphersuites: cipher suites are not configurable",
+    ),
+    ("http: {tls: {minimumtls: tls1.0}}", "http.tls.minimumtls: expected tls1.2 or tls1.3"),
+    ("auth: {silly: {realm: r, service: s}}", "auth.silly: silly auth"),
+    ("storage: {inmemory: null}", "storage.inmemory: the inmemory driver is not supported"),
+    ("storage: {azure: {accountname: a}}", "storage.azure: Wharf's storage drivers are filesystem and s3"),
+    ("storage: {gcs: {bucket: b}}", "storage.gcs: Wharf's storage drivers"),
+    ("storage: {swift: {username: u}}", "storage.swift: Wharf's storage drivers"),
+    ("storage: {oss: {bucket: b}}", "storage.oss: Wharf's storage drivers"),
+    (
+        "storage: {cache: {blobdescriptor: memcached}}",
+        "storage.cache.blobdescriptor: expected inmemory or redis, got 'memcached'",
+    ),
+    (
+        "compatibility: {schema1: {enabled: true}}",
+        "compatibility.schema1.enabled: expected false: Wharf stores no Docker schema1",
+    ),
+    ("version: 0.2", "version: expected 0.1"),
+    (
+        "notifications: {endpoints: [{name: a, url: 'http://h'}, {name: a, url: 'http://i'}]}",
+        r"notifications.endpoints\[1\].name: expected a name of its own \(this one is used twice\)",
+    ),
+    (
+        "notifications: {endpoints: [{name: a, url: 'http://h', ignore: {actions: [fly]}}]}",
+        r"notifications.endpoints\[0\].ignore.actions: expected actions from pull, push, mount, delete",
+    ),
+    ("health: {http: [{uri: nowhere}]}", r"health.http\[0\].uri: expected an http:// or https:// URL"),
+    ("validation: {manifests: {urls: {deny: ['(']}}}", "validation.manifests.urls.deny: expected a regular expression"),
+    ("http: {uploads: {idletimeout: 5s}}", "http.uploads.idletimeout: expected a duration of at least 10s, got '5s'"),
+]
+
+
+@pytest.mark.parametrize("text, complaint", REFUSED, ids=[t.split(":")[0] + str(i) for i, (t, _) in enumerate(REFUSED)])
+def test_distribution_sections_wharf_cannot_honour_stop_start_up_naming_them(tmp_path, text, complaint):
+    with pytest.raises(ConfigError, match=complaint) as caught:
+        load(_write(tmp_path, text + "\n"), environ={})
+    assert "\n" not in str(caught.value)
+
+
+def test_env_can_select_a_refused_driver_and_is_refused_too(tmp_path):
+    with pytest.raises(ConfigError, match="storage.inmemory"):
+        load(_write(tmp_path, REGISTRY2_FILE), environ={"REGISTRY_STORAGE": "inmemory"})
+    with pytest.raises(ConfigError, match="auth.silly"):
+        load(_write(tmp_path, REGISTRY2_FILE), environ={"REGISTRY_AUTH": "silly"})
+
+
+def _sections(cls, seen=None):
+    seen = seen if seen is not None else set()
+    if cls in seen:
+        return seen
+    seen.add(cls)
+    for f in dataclasses.fields(cls):
+        for hint in [typing.get_type_hints(cls)[f.name], *typing.get_args(typing.get_type_hints(cls)[f.name])]:
+            for inner in [hint, *typing.get_args(hint)]:
+                if dataclasses.is_dataclass(inner):
+                    _sections(inner, seen)
+    return seen
+
+
+def test_no_section_of_the_tree_is_an_untyped_mapping():
+    from node.config import Config
+
+    untyped = []
+    for cls in _sections(Config):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if typing.get_origin(hint) is dict and typing.get_args(hint)[1:] in ((typing.Any,), ()):
+                untyped.append(f"{cls.__name__}.{f.name}")
+    assert untyped == []
+
+
+def test_debians_stock_registry_config_loads_as_registry2_reads_it():
+    config = load(DEBIAN_STOCK, environ={})
+    assert config.log.fields == {"service": "registry"}
+    assert config.storage.cache.blobdescriptor == "inmemory"
+    assert (
+        config.storage.filesystem is not None and config.storage.filesystem.rootdirectory == "/var/lib/docker-registry"
+    )
+    assert config.storage.delete.enabled
+    assert config.http.listen.all_interfaces and config.http.listen.port == 5000
+    assert config.http.headers == {"X-Content-Type-Options": ["nosniff"]}
+    assert config.auth.htpasswd is not None and config.auth.htpasswd.realm == "basic-realm"
+    driver = config.health.storagedriver
+    assert (driver.enabled, driver.interval, driver.threshold) == (True, 10, 3)
+
+
+DEBIAN_STOCK = "/etc/docker/registry/config.yml"
+
+
+def test_policy_rules_built_in_code_are_parsed_and_compiled_as_from_a_file():
+    from node.config import ImmutabilityRule, QuotaRule, RetentionPolicy
+
+    assert RetentionPolicy(olderthan="30d").olderthan == 30 * 86400
+    assert QuotaRule(repository="a", limit="1TB").limit == 10**12
+    assert ImmutabilityRule(tags=["v[0-9]+"]).patterns[0].fullmatch("v12")
+    with pytest.raises(ConfigError, match="tags: expected a regular expression"):
+        ImmutabilityRule(tags=["v("])
+
+
+def test_errors_are_one_line_and_hide_secrets(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load(_write(tmp_path, "http:\n  addr: [\n  x: 1\n"), environ={})
+    assert "\n" not in str(caught.value) and "line " in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load(_write(tmp_path, S3_FILE), environ={"REGISTRY_STORAGE_S3_SECRETKEY": "[hunter2]"})
+    assert "hunter2" not in str(caught.value) and "storage.s3.secretkey" in str(caught.value)

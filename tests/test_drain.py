@@ -36,7 +36,12 @@ def test_drain_file_fails_readiness_while_the_node_serves(tmp_path):
         drain.write_text("rolling upgrade\n")
         response = _ready(node)
         assert response.status_code == 503
-        assert response.json() == {"coordinator": "ok", "storage": "ok", "drain": f"draining: {drain} exists"}
+        assert response.json() == {
+            "coordinator": "ok",
+            "storage": "ok",
+            "drain": f"draining: {drain} exists",
+            "readonly": "writable",
+        }
         # Still serving everything, liveness included.
         with httpx.Client(base_url=node.url, timeout=30) as client:
             blob = b"pushed while draining"

@@ -18,6 +18,7 @@ from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
 from coordinator import gc as coordinator_gc
 from coordinator import keys
 from coordinator.gc import Collector
+from coordinator.runlock import run_lock
 from coordinator.uploads import CommitIntent
 from node import gc
 from node.config import load
@@ -340,6 +341,40 @@ def test_gc_command_runs_a_cycle_with_dry_run_and_explain(tmp_path):
     assert "deleted: 0 manifests, 0 blobs, 0 unaccounted objects" in real.stdout
     explained = wharf("gc", "--explain", "team/app@sha256:" + "a" * 64, str(config))
     assert explained.returncode == 0 and "unknown here" in explained.stdout
+
+
+async def test_gc_command_waits_for_a_cycle_another_process_runs_and_gives_up_only_when_told(tmp_path):
+    root = tmp_path / "registry"
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
+        "gc:\n  grace: 0s\nhttp:\n  debug:\n    addr: ''\n"
+    )
+    command = [sys.executable, "-m", "node.cli", "gc", "--json"]
+    cwd = Path(__file__).resolve().parent.parent
+    store = await open_store(load(str(config), environ={}), "serve")
+    try:
+        async with run_lock(store.kv, "gc", "other-node", ttl=30, busy=gc.CycleRunning):
+            refused = await asyncio.to_thread(
+                subprocess.run, [*command, "--wait", "0", str(config)], capture_output=True, text=True, timeout=60, cwd=cwd
+            )
+            assert refused.returncode == 1 and "already running on other-node" in refused.stderr, refused.stderr
+            waiting = subprocess.Popen(
+                [*command, "--wait", "120", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=cwd,
+            )
+            # It says it waits, and keeps waiting while the other cycle holds the lock.
+            line = await asyncio.to_thread(waiting.stderr.readline)
+            assert "a cycle is running on other-node; waiting for it to end" in line, line
+            assert waiting.poll() is None
+        out, err = await asyncio.to_thread(waiting.communicate, timeout=60)
+        assert waiting.returncode == 0, err
+        assert json.loads(out)["dry_run"] is False
+    finally:
+        await store.close()
 
 
 async def _create_store(config: Path) -> None:

@@ -27,7 +27,9 @@ async def metadata(tmp_path):
 
 
 def _record(digest: str, blobs: list[str], subject: str | None = None) -> ManifestRecord:
-    return ManifestRecord(digest=digest, media_type=IMAGE, size=100, blobs=blobs, subject=subject, artifact_type="x/y", pushed=1.0)
+    return ManifestRecord(
+        digest=digest, media_type=IMAGE, size=100, blobs=blobs, subject=subject, artifact_type="x/y", pushed=1.0
+    )
 
 
 async def _link(metadata: Metadata, repo: str, *digests: str) -> None:
@@ -108,7 +110,9 @@ async def test_a_commit_whose_session_was_cancelled_records_nothing(metadata):
     revision = await kv.put(keys.upload("u2"), b"{}")
     await kv.delete(keys.upload("u2"))
     with pytest.raises(SessionChanged):
-        await metadata.commit_blob("team/app", B, 10, "k", upload=UploadSession("u2", "team/app", mod_revision=revision))
+        await metadata.commit_blob(
+            "team/app", B, 10, "k", upload=UploadSession("u2", "team/app", mod_revision=revision)
+        )
     assert await kv.get(keys.blob(B)) is None and await metadata.get_link("team/app", B) is None
 
 

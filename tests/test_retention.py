@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from inprocess import InProcessRegistry
 from oci_client import OCI_INDEX, OCI_MANIFEST, OCIClient, digest_of
 from services import EtcdCluster, wait_until
@@ -21,7 +22,7 @@ from wharf_process import WharfProcess
 
 from coordinator import retention as planner
 from node import retention
-from node.config import ConfigError, RetentionConfig, RetentionPolicy
+from node.config import ConfigError, load
 
 ANY = {"Accept": "*/*"}
 HOUR = 3600.0
@@ -231,14 +232,19 @@ async def test_the_first_matching_policy_applies_to_a_repository(registry_factor
     assert {r["reason"].split(":")[0] for r in run.plan.rows()} == {"everything"}
 
 
-def test_bad_policies_are_refused_naming_the_policy():
-    for policy, where in (
-        (RetentionPolicy(keeptags=["v("]), r"retention.policies\[0\].keeptags"),
-        (RetentionPolicy(keeplast=-1), r"retention.policies\[0\].keeplast"),
-        (RetentionPolicy(olderthan="three weeks"), "invalid duration"),
-    ):
-        with pytest.raises(ConfigError, match=where):
-            retention.rules_from(RetentionConfig(policies=[policy]))
+@pytest.mark.parametrize(
+    "policy, complaint",
+    [
+        ({"keeptags": ["v("]}, r"retention.policies\[0\].keeptags: expected a regular expression .*, got 'v\('"),
+        ({"keeplast": -1}, r"retention.policies\[0\].keeplast: expected a number of tags, 0 or more, got -1"),
+        ({"olderthan": "three weeks"}, r"retention.policies\[0\].olderthan: expected a duration .*got 'three weeks'"),
+    ],
+)
+def test_bad_policies_are_refused_at_load_naming_the_policy(tmp_path, policy, complaint):
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"retention": {"policies": [policy]}}))
+    with pytest.raises(ConfigError, match=complaint):
+        load(str(path), environ={})
 
 
 # -- what follows its subject -----------------------------------------------------------------

@@ -201,6 +201,8 @@ async def test_list_objects_pages_through_more_than_one_listing_request(driver):
     found = [item async for item in driver.list_objects(layout.repository_prefix("team/app"))]
     assert sorted(item.key for item in found) == keys
     assert {item.size for item in found} == {len(keys[0])}
+
+
 @pytest.mark.parametrize("size", [0, 5, 3 * MiB + 1, 11 * MiB + 3])
 async def test_a_streamed_object_of_any_size_round_trips(driver, size):
     data = os.urandom(size)

@@ -2,24 +2,91 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ..errors import BlobUnknown, RangeInvalid, Unsupported
+from ..notifications import BLOB_MEDIA_TYPE
 from ..reference import parse_digest
-from .common import repository, services
+from ..services import Services
+from .request import not_modified, repository, services
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+log = logging.getLogger("wharf.blobs")
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
 
 
 class _BlobFile(FileResponse):
+    """A blob sent from a local file; a file gone from storage is BLOB_UNKNOWN, not a failed send."""
+
     chunk_size = 1 << 20
+
+    def __init__(self, path: str, headers: dict[str, str], missing: Callable[[], BlobUnknown]) -> None:
+        super().__init__(path, headers=headers, media_type="application/octet-stream", stat_result=None)
+        self._missing = missing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The file is looked at once here anyway (for its headers): no extra call to find it gone.
+        if self.stat_result is None:
+            try:
+                self.stat_result = await anyio.to_thread.run_sync(os.stat, self.path)
+            except FileNotFoundError:
+                raise self._missing() from None
+            self.set_stat_headers(self.stat_result)
+        if any(name == b"range" for name, _ in scope["headers"]):
+            # Ranges were decided already (none applies: whole blob); the file sender must not redo it.
+            scope = {**scope, "headers": [(n, v) for n, v in scope["headers"] if n != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
+def _content_missing(svc: Services, name: str, digest: str, key: str) -> BlobUnknown:
+    """A linked blob whose bytes are not in storage: say so for repair, answer as if it were unknown."""
+    svc.metrics.blobs_missing.inc()
+    log.error(
+        "blob content missing from storage: %s in %s (key %s); push it again or restore the object",
+        digest,
+        name,
+        key,
+        extra={"fields": {"digest": digest, "repository": name, "key": key, "repair": "blob content missing"}},
+    )
+    return BlobUnknown({"digest": digest, "reason": "the blob's content is missing from storage"})
+
+
+async def _stream(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _opened(
+    svc: Services, name: str, digest: str, key: str, offset: int, length: int | None
+) -> AsyncIterator[bytes]:
+    """The blob's bytes, its first chunk read before any header is sent (so a missing object is a 404)."""
+    chunks = svc.storage.read(key, offset, length).__aiter__()
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = b""
+    except FileNotFoundError:
+        raise _content_missing(svc, name, digest, key) from None
+    return _stream(first, chunks)
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
-    """(first, last) inclusive for a single range; None means the whole blob."""
+    """(first, last) inclusive for a single range; None means the whole blob.
+
+    A range in another unit than bytes is ignored, as RFC 9110 says: the whole blob is sent.
+    """
+    if not header.lstrip()[:6].lower().startswith("bytes="):
+        return None
     match = _RANGE.fullmatch(header.strip())
     if match is None:
         if "," in header:
@@ -65,15 +132,35 @@ def _headers(digest: str, size: int) -> dict[str, str]:
     }
 
 
+def _not_modified(digest: str) -> Response:
+    return Response(
+        status_code=304,
+        headers={"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Cache-Control": "max-age=31536000"},
+    )
+
+
+async def _pulled(request: Request, svc: Services, name: str, digest: str, size: int) -> None:
+    """Record the pull for notifications (as Distribution, for GET and HEAD alike)."""
+    notifier = svc.notifier
+    if notifier.enabled and notifier.wants("pull", BLOB_MEDIA_TYPE):
+        await notifier.record(notifier.blob(request, "pull", name, digest, size))
+
+
 async def head_blob(request: Request) -> Response:
-    _, digest, size = await _linked_size(request)
+    name, digest, size = await _linked_size(request)
+    if not_modified(request, digest):
+        return _not_modified(digest)
+    await _pulled(request, services(request), name, digest, size)
     return Response(status_code=200, headers=_headers(digest, size), media_type="application/octet-stream")
 
 
 async def get_blob(request: Request) -> Response:
-    _, digest, size = await _linked_size(request)
+    name, digest, size = await _linked_size(request)
+    if not_modified(request, digest):
+        return _not_modified(digest)
     svc = services(request)
     key = await svc.blobs.key(digest)
+    await _pulled(request, svc, name, digest, size)
     if not svc.config.storage.redirect.disable:
         target = await svc.storage.redirect_url(key)
         if target is not None:
@@ -83,17 +170,17 @@ async def get_blob(request: Request) -> Response:
     if span is None:
         path = svc.storage.local_path(key)
         if path is not None:
-            return _BlobFile(
-                path, headers=_headers(digest, size), media_type="application/octet-stream", stat_result=None
-            )
+            return _BlobFile(path, _headers(digest, size), lambda: _content_missing(svc, name, digest, key))
         return StreamingResponse(
-            svc.storage.read(key), headers=_headers(digest, size), media_type="application/octet-stream"
+            await _opened(svc, name, digest, key, 0, None),
+            headers=_headers(digest, size),
+            media_type="application/octet-stream",
         )
     first, last = span
     headers = _headers(digest, last - first + 1)
     headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     return StreamingResponse(
-        svc.storage.read(key, first, last - first + 1),
+        await _opened(svc, name, digest, key, first, last - first + 1),
         status_code=206,
         headers=headers,
         media_type="application/octet-stream",
@@ -106,6 +193,8 @@ async def delete_blob(request: Request) -> Response:
     digest = str(parse_digest(request.path_params["digest"]))
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
-    if not await svc.metadata.unlink_blob(name, digest, quotas=svc.policies.quota_scopes(name)):
+    notifier = svc.notifier
+    events = notifier.ops(notifier.deleted(request, name, digest=digest)) if notifier.wants("delete") else []
+    if not await svc.metadata.unlink_blob(name, digest, quotas=svc.policies.quota_scopes(name), events=events):
         raise BlobUnknown({"digest": digest})
     return Response(status_code=202, headers={"Content-Length": "0"})

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .common import next_link, page_size, services, url
+from .request import next_link, page_size, services, url
 
 MAX_PAGE = 1000
 

@@ -6,13 +6,15 @@ import asyncio
 import importlib.metadata
 import json
 import os
+from collections.abc import Awaitable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..config import Config
+from ..health import HealthChecks
 from ..storage import layout
-from .common import services
+from .request import services
 
 _CHECK_TIMEOUT = 3.0
 
@@ -39,17 +41,27 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """Storage and coordinator both answer and the node is not draining: it can serve registry traffic."""
+    """Storage and coordinator both answer, every configured health check passes and the node is not
+    draining: this node can serve registry traffic. With `health.storagedriver` on, storage health
+    is that check's (with its threshold) rather than a probe per request."""
     svc = services(request)
+    periodic: HealthChecks | None = getattr(request.app.state, "health", None)
+    probes: list[tuple[str, Awaitable[object]]] = [("coordinator", svc.kv.ping())]
+    if periodic is None or not periodic.storage_checked:
+        probes.append(("storage", svc.storage.stat(layout.ROOT + "/ready")))
     checks: dict[str, str] = {}
-    for name, probe in (("coordinator", svc.kv.ping()), ("storage", svc.storage.stat(layout.ROOT + "/ready"))):
+    for name, probe in probes:
         try:
             await asyncio.wait_for(probe, _CHECK_TIMEOUT)
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"{type(exc).__name__}: {exc}"[:200]
+    if periodic is not None:
+        checks.update(periodic.states())
     drain = drain_file(svc.config)
     if drain is not None and os.path.exists(drain):  # one stat of a local file
         checks["drain"] = f"draining: {drain} exists"
     status = 200 if all(v == "ok" for v in checks.values()) else 503
-    return Response(json.dumps(checks).encode(), status_code=status, media_type="application/json")
+    # Read-only nodes still serve pulls: ready, and saying so.
+    body = {**checks, "readonly": svc.readonly.describe()}
+    return Response(json.dumps(body).encode(), status_code=status, media_type="application/json")

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from coordinator.kv import Op
 from coordinator.metadata import BeingCollected, ManifestRecord, MissingReferences, TagFrozen
 from coordinator.uploads import CommitIntent, UploadSession
 
+from .. import cosign
 from .. import manifest as manifests
-from ..audit import note
+from ..config import SignaturePolicy
+from ..context import note
 from ..errors import (
     Denied,
     DigestInvalid,
@@ -24,10 +28,12 @@ from ..errors import (
     TagInvalid,
     Unsupported,
 )
+from ..notifications import references
 from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
-from .common import repository, services, url
+from ..trust import Verdict
+from .request import not_modified, repository, services, url
 
 log = logging.getLogger("wharf.manifests")
 
@@ -39,10 +45,6 @@ def _existing_reference(request: Request) -> Reference:
         return parse_reference(raw)
     except TagInvalid:
         raise ManifestUnknown({"reference": raw[:300]}) from None
-
-
-# Larger annotations are left in the manifest bytes instead of the coordinator's record.
-MAX_RECORD_ANNOTATIONS = 16 * 1024
 
 
 async def manifest_bytes(svc: Services, digest: str) -> bytes:
@@ -71,13 +73,22 @@ def _schema1(body: bytes) -> bool:
     return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
-async def _load(request: Request) -> tuple[str, str, bytes]:
-    """(digest, media type, bytes) of the manifest a URL names, or MANIFEST_UNKNOWN."""
+async def _resolve(request: Request, *, pull: bool = False) -> tuple[str, str, str | None, _Policy | None]:
+    """(digest, media type, tag if named by one, the signature policy a pull must pass) of the
+    manifest a URL names, or MANIFEST_UNKNOWN.
+
+    For a `pull` (GET) in a repository under a signature policy, the marks of the verdict this node
+    holds are checked in the same coordinator read as the tag or record, so a verified pull makes no
+    extra round trip and a deleted signature counts at once.
+    """
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
+    rule = svc.trust.rule_for(name) if pull else None
+    held = svc.trust.held(name, digest=str(ref.digest) if ref.digest else None, tag=ref.tag) if rule else None
+    marks = held.marks if held is not None else ()
     if ref.tag is not None:
-        tag = await svc.metadata.get_tag(name, ref.tag)
+        tag, unchanged = await svc.metadata.get_tag_checked(name, ref.tag, marks)
         if tag is None:
             raise ManifestUnknown({"tag": ref.tag})
         digest, media_type = tag.digest, tag.media_type
@@ -87,11 +98,52 @@ async def _load(request: Request) -> tuple[str, str, bytes]:
             )
     else:
         digest = str(ref.digest)
-        record = await svc.metadata.get_manifest(name, digest)
+        record, unchanged = await svc.metadata.get_manifest_checked(name, digest, marks)
         if record is None:
             raise ManifestUnknown({"digest": digest})
         media_type = record.media_type
-    return digest, media_type, await manifest_bytes(svc, digest)
+    policy = _Policy(rule, held if unchanged else None) if rule is not None else None
+    return digest, media_type, ref.tag, policy
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """The signature policy a pull must pass, and the verdict this node held (if still current)."""
+
+    rule: SignaturePolicy
+    held: Verdict | None
+
+
+async def _check_pull(
+    request: Request,
+    svc: Services,
+    rule: SignaturePolicy,
+    name: str,
+    digest: str,
+    body: bytes,
+    tag: str | None,
+    held: Verdict | None,
+) -> None:
+    """Apply the repository's signature policy to one pull: DENIED if it refuses, a warning if it warns."""
+    decision = await svc.trust.decide(rule, name, digest, body, tag=tag, held=held)
+    state = request.scope.setdefault("state", {})
+    state["signature"] = decision.audit_fields  # for the audit line
+    if decision.outcome == "refused":
+        state["signature"] = {**decision.audit_fields, "digest": digest}  # no Docker-Content-Digest header
+        raise Denied(
+            {"rule": rule.name, "repository": name, "digest": digest, "reason": decision.how},
+            message=f"pull of {name}@{digest} refused by signature policy {rule.name}: {decision.how}",
+            refused_by="signature",
+            rule=rule.name,
+        )
+    if decision.outcome == "warned":
+        log.warning(
+            "serving %s@%s without a valid signature (signature policy %s, mode warn)",
+            name,
+            digest,
+            rule.name,
+            extra={"fields": {"repository": name, "digest": digest, "rule": rule.name}},
+        )
 
 
 def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
@@ -103,13 +155,42 @@ def _headers(digest: str, media_type: str, size: int) -> dict[str, str]:
     }
 
 
+def _not_modified(digest: str) -> Response:
+    return Response(status_code=304, headers={"Docker-Content-Digest": digest, "ETag": f'"{digest}"'})
+
+
+async def _pulled(request: Request, svc: Services, digest: str, media_type: str, tag: str | None, body: bytes) -> None:
+    """Record the pull for notifications (as Distribution, for GET and HEAD alike)."""
+    notifier = svc.notifier
+    if notifier.enabled and notifier.wants("pull", media_type):
+        refs = references(body) if notifier.include_references else ()
+        name = repository(request)
+        await notifier.record(
+            notifier.manifest(request, "pull", name, digest, media_type, len(body), tag=tag, references=refs)
+        )
+
+
 async def head_manifest(request: Request) -> Response:
-    digest, media_type, body = await _load(request)
+    digest, media_type, tag, _ = await _resolve(request)
+    if not_modified(request, digest):
+        return _not_modified(digest)
+    svc = services(request)
+    body = await manifest_bytes(svc, digest)
+    await _pulled(request, svc, digest, media_type, tag, body)
     return Response(headers=_headers(digest, media_type, len(body)))
 
 
 async def get_manifest(request: Request) -> Response:
-    digest, media_type, body = await _load(request)
+    digest, media_type, tag, policy = await _resolve(request, pull=True)
+    svc = services(request)
+    if policy is not None:
+        # Refused whether or not the client holds the bytes already.
+        body = await manifest_bytes(svc, digest)
+        await _check_pull(request, svc, policy.rule, repository(request), digest, body, tag, policy.held)
+    if not_modified(request, digest):
+        return _not_modified(digest)
+    body = await manifest_bytes(svc, digest)
+    await _pulled(request, svc, digest, media_type, tag, body)
     return Response(body, headers=_headers(digest, media_type, len(body)))
 
 
@@ -132,31 +213,29 @@ async def put_manifest(request: Request) -> Response:
     name = repository(request)
     ref = parse_reference(request.path_params["reference"])
     body = await _read_body(request)
-    parsed = manifests.parse(body, request.headers.get("content-type"))
+    parsed = manifests.parse(body, request.headers.get("content-type"), url_refused=svc.config.validation.url_refused)
     algorithm = ref.digest.algorithm if ref.digest is not None else "sha256"
     digest = manifests.compute_digest(body, algorithm)
     if ref.digest is not None and digest != str(ref.digest):
         raise DigestInvalid({"expected": str(ref.digest), "actual": digest})
-    large_annotations = len(json.dumps(parsed.annotations or {})) > MAX_RECORD_ANNOTATIONS
-    record = ManifestRecord(
-        digest=digest,
-        media_type=parsed.media_type,
-        size=len(body),
-        blobs=parsed.blobs,
-        manifests=parsed.manifests,
-        subject=parsed.subject,
-        artifact_type=parsed.artifact_type,
-        annotations=parsed.annotations if not large_annotations else None,
-        annotations_in_manifest=large_annotations,
-        pushed=time.time(),
-    )
+    record = manifests.record_of(parsed, digest, len(body), time.time())
     frozen = svc.policies.immutability.rule_for(name, ref.tag) if ref.tag is not None else None
+    if ref.tag is not None:
+        await _check_signed_tag(svc, name, ref.tag, digest, body)
     key = layout.blob_key(digest)
     content = _ManifestContent(svc, name, digest, key, body)
+    notifier = svc.notifier
+    events = []
+    if notifier.wants("push", parsed.media_type):
+        refs = references(body) if notifier.include_references else ()
+        pushed = notifier.manifest(
+            request, "push", name, digest, parsed.media_type, len(body), tag=ref.tag, references=refs
+        )
+        events = notifier.ops(pushed)
     try:
         if await svc.storage.stat(key) != len(body):
             await content.write()
-        await _record_manifest(svc, name, record, ref.tag, content, frozen)
+        await _record_manifest(svc, name, record, ref.tag, content, frozen, events)
     except BaseException:
         await content.reclaim()
         raise
@@ -169,6 +248,22 @@ async def put_manifest(request: Request) -> Response:
     if parsed.subject:
         headers["OCI-Subject"] = parsed.subject
     return Response(status_code=201, headers=headers)
+
+
+async def _check_signed_tag(svc: Services, name: str, tag: str, digest: str, body: bytes) -> None:
+    """DENIED if a policy with `requiresignedtags` covers the repository and the image is unsigned."""
+    rule = svc.trust.rule_for(name)
+    if rule is None or not rule.requiresignedtags or cosign.is_artifact_tag(tag) or not svc.trust.image(digest, body):
+        return
+    verdict = await svc.trust.verify(rule, name, digest)
+    if not verdict.signed:
+        svc.metrics.signature_tags_refused.labels(rule.name).inc()
+        raise Denied(
+            {"rule": rule.name, "tag": tag, "digest": digest, "reason": verdict.how},
+            message=f"tag {tag} may point only at a signed image (signature policy {rule.name}): {verdict.how}",
+            refused_by="signature",
+            rule=rule.name,
+        )
 
 
 class _ManifestContent:
@@ -197,7 +292,13 @@ class _ManifestContent:
 
 
 async def _record_manifest(
-    svc: Services, name: str, record: ManifestRecord, tag: str | None, content: _ManifestContent, frozen: str | None
+    svc: Services,
+    name: str,
+    record: ManifestRecord,
+    tag: str | None,
+    content: _ManifestContent,
+    frozen: str | None,
+    events: Sequence[Op] = (),
 ) -> None:
     def put() -> Awaitable[None]:
         return svc.metadata.put_manifest(
@@ -207,6 +308,7 @@ async def _record_manifest(
             storage_key=content.key,
             frozen_tag=frozen is not None,
             intent=content.intent,
+            events=events,
         )
 
     try:
@@ -229,44 +331,22 @@ async def _record_manifest(
         ) from None
 
 
-async def check_deletable(svc: Services, name: str, ref: Reference) -> None:
-    """DENIED if the deletion would remove an immutable tag."""
-    immutability = svc.policies.immutability
-    if not immutability:
-        return
-    if ref.tag is not None:
-        tags = [ref.tag]
-    else:
-        tags = list(await svc.metadata.tags_of_digest(name, str(ref.digest)))
-    for tag in tags:
-        rule = immutability.rule_for(name, tag)
-        if rule is not None:
-            if ref.digest is not None:
-                digest: str | None = str(ref.digest)
-            else:
-                record = await svc.metadata.get_tag(name, tag)
-                digest = record.digest if record is not None else None
-            raise Denied(
-                {"tag": tag, "rule": rule},
-                message=f"tag {tag} is immutable (rule: {rule}) and cannot be deleted",
-                refused_by="immutability",
-                rule=rule,
-                audit={"digest": digest},
-            )
-
-
 async def delete_manifest(request: Request) -> Response:
     svc = services(request)
     name = repository(request)
     ref = _existing_reference(request)
     if not svc.config.storage.delete.enabled:
         raise Unsupported({"reason": "deletion is disabled (storage.delete.enabled)"})
-    await check_deletable(svc, name, ref)
+    await svc.policies.immutability.check_delete(svc.metadata, name, ref)
+    notifier = svc.notifier
     if ref.tag is not None:
-        deleted = await svc.metadata.delete_tag(name, ref.tag)
+        events = notifier.ops(notifier.deleted(request, name, tag=ref.tag)) if notifier.wants("delete") else []
+        deleted = await svc.metadata.delete_tag(name, ref.tag, events=events)
         if deleted is None:
             raise ManifestUnknown({"tag": ref.tag})
         note(request.scope, digest=deleted.digest)
-    elif not await svc.metadata.delete_manifest(name, str(ref.digest)):
+    elif not await svc.metadata.delete_manifest(
+        name, str(ref.digest), events=notifier.delete_events(request, name, digest=str(ref.digest))
+    ):
         raise ManifestUnknown({"digest": str(ref.digest)})
     return Response(status_code=202, headers={"Content-Length": "0"})

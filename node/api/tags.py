@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import NameUnknown
-from .common import next_link, page_size, repository, services, url
+from .request import next_link, page_size, repository, services, url
 
 MAX_PAGE = 10_000
 

@@ -12,7 +12,7 @@ from coordinator.uploads import UploadSession
 from ..errors import BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid
 from ..reference import parse_digest, validate_name
 from ..upload import UploadMoved, check_algorithm
-from .common import repository, services, url
+from .request import repository, services, url
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
@@ -73,7 +73,8 @@ async def start_upload(request: Request) -> Response:
         source = params.get("from")
         if source:
             validate_name(source)
-            if source != name and await svc.uploader.mount(name, digest, source):
+            mounted = svc.notifier.blob_events(request, "mount", name, digest, source=source)
+            if source != name and await svc.uploader.mount(name, digest, source, events=mounted):
                 await svc.touches.touch(digest)
                 return _committed(request, name, digest)
             if source == name and await svc.metadata.get_link(name, digest) is not None:
@@ -83,7 +84,10 @@ async def start_upload(request: Request) -> Response:
     elif params.get("digest") is not None:
         digest_param = parse_digest(params["digest"])
         check_algorithm(digest_param.algorithm)
-        await svc.uploader.monolithic(name, digest_param, request.stream(), _content_length(request), _owner(request))
+        pushed = svc.notifier.blob_events(request, "push", name, str(digest_param))
+        await svc.uploader.monolithic(
+            name, digest_param, request.stream(), _content_length(request), _owner(request), events=pushed
+        )
         return _committed(request, name, str(digest_param))
     if "digest-algorithm" in params:
         check_algorithm(params["digest-algorithm"])
@@ -142,8 +146,11 @@ async def finish_upload(request: Request) -> Response:
     length = _content_length(request)
     if length != 0:
         length = _check_range(request, session, length)
+    pushed = svc.notifier.blob_events(request, "push", session.repository, str(digest))
     try:
-        await svc.uploader.finish(session, digest, request.stream() if length != 0 else None, length=length)
+        await svc.uploader.finish(
+            session, digest, request.stream() if length != 0 else None, length=length, events=pushed
+        )
     except UploadMoved as exc:
         raise _moved(request, exc) from None
     return _committed(request, session.repository, str(digest))

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import AccessConfig
 from ..errors import NameInvalid
-from ..policies import repository_pattern
+from ..patterns import repository_pattern
 from ..reference import validate_name
 
 PULL, PUSH, DELETE = "pull", "push", "delete"

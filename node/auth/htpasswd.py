@@ -226,7 +226,9 @@ class HtpasswdFile:
     the plain password is never kept and a changed or removed entry stops matching at once.
     """
 
-    def __init__(self, path: str, executor: Executor, *, max_pending: int = 64) -> None:
+    def __init__(
+        self, path: str, executor: Executor, *, max_pending: int = 64, key: str = "auth.htpasswd.path"
+    ) -> None:
         self.path = path
         self._executor = executor
         self._users: dict[str, bytes] = {}
@@ -239,9 +241,15 @@ class HtpasswdFile:
         self._slots = asyncio.Semaphore(max_pending)
         self._usable: set[bytes] = set()  # hashes known not to match the empty password
         self._loaded = False
+        if os.path.isdir(path):
+            raise HtpasswdError(
+                f"{key}: expected an htpasswd file, got the directory {path!r} "
+                f"(create a file with `wharf htpasswd add {path.rstrip('/')}/htpasswd USER` and name it)"
+            )
         if not os.path.isfile(path):
             raise HtpasswdError(
-                f"htpasswd file {path} does not exist (create it with `wharf htpasswd add {path} USER`)"
+                f"{key}: expected an htpasswd file, got {path!r}, which does not exist "
+                f"(create it with `wharf htpasswd add {path} USER`)"
             )
         self._refresh(executor)  # at start, the entries are checked in parallel
         self._checked = time.monotonic()

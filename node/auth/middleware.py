@@ -1,6 +1,6 @@
 """ASGI middleware: sign the caller in (Basic or Bearer), check the access its route needs, or refuse.
 
-The route and its needs come from the app's own route table (see `target`), so this module holds no
+The route and its needs come from the route table (see node/routing.py), so this module holds no
 second copy of it. Refusals are OCI error bodies: 401 with a `WWW-Authenticate` challenge, 403
 `DENIED` for a signed-in user the rules do not allow, 429 while a caller is backing off.
 """
@@ -16,10 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import Denied, RegistryError, Unauthorized, send_error
 from ..reference import validate_name
+from ..routing import STATE_KEY, Target, resolve
 from .access import CATALOG, Access, format_scopes, held, valid_name
 from .basic import authorization, parse_basic
 from .services import AuthServices
-from .target import STATE_KEY, Target, resolve
 from .token import TOKEN_PATH, InvalidToken, TokenClaims
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?")

@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import AuthFailureLimits, parse_duration
+from ..config import AuthFailureLimits
 
 # Distinct addresses and user names remembered; the least recently failed are forgotten first.
 MAX_TRACKED = 100_000
@@ -26,8 +26,8 @@ class _Record:
 class FailureLimiter:
     def __init__(self, limits: AuthFailureLimits, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._limits = {"address": limits.peraddress, "user": limits.peruser}
-        self._window = parse_duration(limits.window)
-        self._backoff = parse_duration(limits.backoff)
+        self._window = limits.window
+        self._backoff = limits.backoff
         self._clock = clock
         self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from starlette.routing import Route
 
-from ..audit import AuditLog
 from ..config import Config, ConfigError
 from .access import AccessControl
 from .basic import PasswordSignIn
@@ -63,11 +62,12 @@ class AuthServices:
             if token.signingkey:
                 issuer = build_issuer(token)
                 keys.setdefault(issuer.kid, issuer.public_key)
-                users = HtpasswdFile(token.htpasswd, executor) if token.htpasswd else None
+                users = HtpasswdFile(token.htpasswd, executor, key="auth.token.htpasswd") if token.htpasswd else None
             verifier = TokenVerifier(
                 issuer=token.issuer, service=token.service, keys=keys, algorithms=token.signingalgorithms
             )
-            token_realm, service = token.realm, token.service
+            # autoredirect: the realm is this registry's /auth/token at the host the client used.
+            token_realm, service = ("" if token.autoredirect else token.realm), token.service
         elif config.access.rules:
             log.warning("access rules are configured but auth is not: every request is allowed")
         sign_in = PasswordSignIn(users, limiter=FailureLimiter(config.ratelimit.authfailures))
@@ -80,14 +80,3 @@ class AuthServices:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def check_security(config: Config) -> None:
-    """Open the audit log and build authentication once, then drop them, so a missing file or a bad
-    key stops `wharf serve` (ConfigError) before any worker starts, rather than in every worker."""
-    audit = AuditLog.open(config.audit)
-    try:
-        AuthServices.build(config).close()
-    finally:
-        if audit is not None:
-            audit.close()

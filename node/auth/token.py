@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..audit import note
-from ..config import TokenAuth, parse_duration
+from ..config import TokenAuth
+from ..context import note
 from ..errors import Denied, Unauthorized
 from .access import Access, AccessControl, format_scopes, from_claim, parse_scopes, to_claim
 from .basic import Credentials, PasswordSignIn, authorization, parse_basic
@@ -265,8 +265,8 @@ def build_issuer(config: TokenAuth) -> TokenIssuer:
         load_signing_key(config.signingkey),
         issuer=config.issuer,
         service=config.service,
-        expiration=parse_duration(config.expiration),
-        refresh_expiration=parse_duration(config.refreshexpiration),
+        expiration=config.expiration,
+        refresh_expiration=config.refreshexpiration,
     )
 
 

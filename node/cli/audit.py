@@ -9,12 +9,13 @@ import sys
 
 from coordinator.audit import AuditHead, read_head
 
-from .app import open_kv
-from .auditchain import Anchor, Report, first_chain, log_files, verify
-from .config import Config
+from ..auditchain import Anchor, Report, first_chain, log_files, verify
+from ..config import Config
+from ..services import Services
+from .registry import Commands, with_config, with_services
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: Commands) -> None:
     group = commands.add_parser("audit", help="check the audit log")
     actions = group.add_subparsers(dest="audit_action", required=True)
     check = actions.add_parser(
@@ -29,15 +30,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     check.add_argument("paths", nargs="+", metavar="PATH", help="the audit log (and any rotated or archived files)")
     check.add_argument("--config", "-c", help="configuration file, to reach the coordinator")
-    check.set_defaults(run=run_verify)
+    check.set_defaults(run=with_config(run_verify))
 
 
 async def _recorded(config: Config, chain: str) -> AuditHead | None:
-    kv = await open_kv(config)
-    try:
-        return await read_head(kv, chain)
-    finally:
-        await kv.close()
+    async def head(services: Services) -> AuditHead | None:
+        return await read_head(services.kv, chain)
+
+    return await with_services(config, head, readonly=True)
 
 
 def run_verify(args: argparse.Namespace, config: Config) -> int:
