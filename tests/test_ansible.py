@@ -10,14 +10,20 @@ the systemd units are rendered and checked with `systemd-analyze verify` on thei
 
 Real parts: Debian's ansible and ansible-lint, etcd-server (3 members), haproxy, supervisor and
 skopeo; the session's moto S3 server; Wharf installed by the role into one virtual environment per
-node from wheels built here out of this checkout (the next version is the same code with its
-version bumped; the broken one also never becomes ready). Secrets go through ansible-vault.
+node from a wheel built here out of this checkout (the next version is that wheel with its version
+bumped; the broken one also never becomes ready). Secrets go through ansible-vault.
+
+One cluster serves the whole module, so the tests run in order: site.yml once (a module fixture),
+again (nothing changes), the read-only checks, then the upgrades: a broken build stops at the first
+node, and the rolling upgrade under load starts from there, repairing that node first.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import glob
+import hashlib
 import io
 import os
 import random
@@ -30,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,14 +59,21 @@ ADMIN = "admin"
 ADMIN_PASSWORD = f"admin-{uuid.uuid4().hex[:12]}"
 VAULT_PASSWORD = uuid.uuid4().hex
 ETCD, NODES, BALANCERS = ("etcd1", "etcd2", "etcd3"), ("node1", "node2", "node3"), ("lb1",)
-# The client's loop while a rolling upgrade runs: until the upgrade ends, at most this many rounds.
-LOAD_MAX_ROUNDS = 200
+# The client's loop while a rolling upgrade runs: until the upgrade ends, at most this many rounds
+# and seconds, with a pause between rounds that leaves the upgrade its share of the machine.
+LOAD_MAX_ROUNDS = 150
+LOAD_MAX_SECONDS = 480.0
+LOAD_PAUSE = 1.0
 _ROOT_PREFIX = "wharf-ansible-"
 
-pytestmark = pytest.mark.skipif(
-    ANSIBLE_PLAYBOOK is None or ANSIBLE_LINT is None,
-    reason="ansible-playbook or ansible-lint not found: `make install-test` installs Debian's ansible and ansible-lint",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        ANSIBLE_PLAYBOOK is None or ANSIBLE_LINT is None,
+        reason="ansible-playbook or ansible-lint not found: `make install-test` installs Debian's ansible and ansible-lint",
+    ),
+    # The first test also waits for the module's cluster: the wheel and a first site.yml.
+    pytest.mark.timeout(900),
+]
 
 
 def _version(pyproject: str) -> str:
@@ -139,6 +153,8 @@ class Hosts:
             ANSIBLE_HOME=str(self.root / "ansible-home"),
             ANSIBLE_LOCAL_TEMP=str(self.root / "ansible-tmp"),
             ANSIBLE_NOCOLOR="1",
+            # Modules run without a copy to a temporary file first (the local connection can).
+            ANSIBLE_PIPELINING="True",
             ANSIBLE_FORCE_COLOR="0",
             PYTHONDONTWRITEBYTECODE="1",
         )
@@ -154,6 +170,7 @@ class Hosts:
             playbook,
             *extra,
         ]
+        started = time.monotonic()
         try:
             done = subprocess.run(
                 command,
@@ -167,6 +184,7 @@ class Hosts:
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode(errors="replace")
             raise AssertionError(f"{playbook} still running after {timeout:.0f}s:\n{out[-6000:]}") from None
+        print(f"{Path(playbook).name} {' '.join(extra)}: {time.monotonic() - started:.0f}s")
         return Run(done.returncode, done.stdout + done.stderr)
 
     def supervised_pid(self, host: str, program: str) -> int:
@@ -256,7 +274,8 @@ def _write_inventory(hosts: Hosts) -> None:
         "wharf_etcd_env_file": f"{here}/etc/default/wharf-etcd",
         "wharf_version": BASE,
         "wharf_node_package": str(hosts.wheels[BASE]),
-        "wharf_node_pip_extra_args": f"--no-index --find-links {wheelhouse}",
+        # Modules compile when first imported: installing three venvs of boto3 is CPU enough here.
+        "wharf_node_pip_extra_args": f"--no-index --find-links {wheelhouse} --no-compile",
         "wharf_node_user": "root",
         "wharf_node_group": "root",
         "wharf_node_create_user": False,
@@ -304,7 +323,7 @@ def _write_inventory(hosts: Hosts) -> None:
 # -- wheels: this checkout, its next version, a broken one ----------------------------------------
 
 
-def _checkout_copy(dest: Path, version: str, *, never_ready: bool = False) -> Path:
+def _checkout_copy(dest: Path) -> Path:
     files = subprocess.run(
         ["git", "ls-files", "-z", "--", "pyproject.toml", "node", "coordinator", "README.md"],
         cwd=REPO,
@@ -316,30 +335,50 @@ def _checkout_copy(dest: Path, version: str, *, never_ready: bool = False) -> Pa
         target = dest / name.decode()
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name.decode(), target)
-    pyproject = dest / "pyproject.toml"
-    pyproject.write_text(re.sub(r'^version = "[^"]+"', f'version = "{version}"', pyproject.read_text(), flags=re.M))
-    if never_ready:
-        health = dest / "node/api/health.py"
-        health.write_text(health.read_text() + _NEVER_READY)
     return dest
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def _reversioned(wheel: Path, version: str, *, never_ready: bool = False) -> Path:
+    """The same wheel as another version (its METADATA, dist-info and RECORD rewritten), and for the
+    broken build a readiness that never passes: what a build of the next version would hold."""
+    old_info, new_info = f"wharf-{BASE}.dist-info/", f"wharf-{version}.dist-info/"
+    files: dict[str, bytes] = {}
+    with zipfile.ZipFile(wheel) as source:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == old_info + "RECORD":
+                continue
+            if name == old_info + "METADATA":
+                data = re.sub(rb"^Version: .*$", f"Version: {version}".encode(), data, count=1, flags=re.M)
+            if never_ready and name == "node/api/health.py":
+                data += _NEVER_READY.encode()
+            files[new_info + name.removeprefix(old_info) if name.startswith(old_info) else name] = data
+    record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items())
+    files[new_info + "RECORD"] = (record + f"{new_info}RECORD,,\n").encode()
+    target = wheel.with_name(wheel.name.replace(f"wharf-{BASE}-", f"wharf-{version}-", 1))
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for name, data in files.items():
+            out.writestr(name, data)
+    return target
 
 
 def _build_wheels(root: Path) -> dict[str, Path]:
     wheelhouse = root / "wheels"
-    wheels = {}
-    for version, extra in ((BASE, ()), (NEXT, ("--no-deps",)), (BROKEN, ("--no-deps",))):
-        source = _checkout_copy(root / "src" / version, version, never_ready=version == BROKEN)
-        # The first build also gathers every dependency, so the nodes install with --no-index.
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", *extra, "-w", str(wheelhouse), str(source)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        (found,) = wheelhouse.glob(f"wharf-{version}-*.whl")
-        wheels[version] = found
-    return wheels
+    source = _checkout_copy(root / "src")
+    # One build, which also gathers every dependency, so the nodes install with --no-index.
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheelhouse), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (base,) = wheelhouse.glob(f"wharf-{BASE}-*.whl")
+    return {BASE: base, NEXT: _reversioned(base, NEXT), BROKEN: _reversioned(base, BROKEN, never_ready=True)}
 
 
 # -- the machine's hosts ---------------------------------------------------------------------------
@@ -430,7 +469,7 @@ def _push_pull(hosts: Hosts, work: Path, name: str, seed: int, *extra: str) -> l
 
 
 class Load:
-    """Pushes and pulls through the load balancer in a loop until stopped (bounded in rounds)."""
+    """Pushes and pulls through the load balancer in a loop until stopped (bounded in rounds and time)."""
 
     def __init__(self, hosts: Hosts, work: Path) -> None:
         self.hosts, self.work = hosts, work
@@ -440,14 +479,16 @@ class Load:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        deadline = time.monotonic() + LOAD_MAX_SECONDS
         for seed in range(1000, 1000 + LOAD_MAX_ROUNDS):
-            if self.stop.is_set():
+            if self.stop.is_set() or time.monotonic() > deadline:
                 return
             try:
                 self.failures += _push_pull(self.hosts, self.work, "load/app", seed, *retry_args(3))
             except Exception as exc:  # reported by the test
                 self.failures.append(repr(exc))
             self.rounds += 1
+            self.stop.wait(LOAD_PAUSE)
 
     def __enter__(self) -> Load:
         self.thread.start()
@@ -509,63 +550,13 @@ def test_a_second_site_run_changes_nothing(hosts: Hosts, site: Run):
 
 def test_site_refuses_to_change_the_version_of_running_nodes(hosts: Hosts, site: Run):
     assert site.returncode == 0, "site.yml failed"
-    refused = hosts.play("site.yml", "--limit", "all:!wharf_haproxy", "-e", f"wharf_version={NEXT}")
+    refused = hosts.play("site.yml", "-e", f"wharf_version={NEXT}")
     assert refused.returncode != 0
     assert "rolling-upgrade.yml moves nodes to it one at a time" in refused.output
+    # It stops before changing anything, on every host: no etcd member, node or HAProxy was touched.
+    assert refused.changed() == {}
+    assert "PLAY [Run the etcd members]" not in refused.output, refused.output[-8000:]
     assert hosts.versions() == {node: BASE for node in NODES}
-
-
-def test_rolling_upgrade_under_load_fails_no_client_operation(hosts: Hosts, site: Run, tmp_path: Path):
-    assert site.returncode == 0, "site.yml failed"
-    upgrade = _upgrade_args(NEXT, hosts)
-    errors_before = hosts.balancer_errors()
-    started = time.monotonic()
-    with Load(hosts, tmp_path) as load:
-        run = hosts.play("rolling-upgrade.yml", *upgrade)
-        took = time.monotonic() - started
-        rounds_during = load.rounds
-    assert run.returncode == 0, run.output[-8000:]
-    assert load.failures == [], "\n".join(load.failures[:3])
-    assert rounds_during >= 3, f"only {rounds_during} push+pull rounds in {took:.0f}s of upgrade"
-    # Not even a retry was needed: HAProxy answered no 5xx and never failed to reach a node.
-    assert hosts.balancer_errors() == errors_before
-    assert hosts.versions() == {node: NEXT for node in NODES}
-    assert hosts.balancer_states() == {node: "UP" for node in NODES}
-    assert not any((hosts.host_dir(n) / "etc/wharf/config.yml.drain").exists() for n in NODES)
-    print(f"rolling upgrade of 3 nodes: {took:.0f}s, {rounds_during} push+pull rounds meanwhile, none failed")
-
-
-def test_upgrade_failing_its_health_check_stops_at_the_first_node(hosts: Hosts, site: Run, tmp_path: Path):
-    assert site.returncode == 0, "site.yml failed"
-    before = hosts.versions()
-    pids = {node: hosts.supervised_pid(node, "wharf") for node in NODES[1:]}
-    failed = hosts.play("rolling-upgrade.yml", *_upgrade_args(BROKEN, hosts), "-e", "wharf_node_ready_timeout=10")
-    assert failed.returncode != 0
-    assert "node1 failed its upgrade" in failed.output, failed.output[-8000:]
-    recap = failed.recap()
-    assert recap["node1"]["failed"] == 1 and recap["node1"]["rescued"] == 1
-    # The first node runs the broken build and stays drained; the others were not touched.
-    assert hosts.versions() == {"node1": BROKEN, **{n: before[n] for n in NODES[1:]}}
-    assert {node: hosts.supervised_pid(node, "wharf") for node in NODES[1:]} == pids
-    assert (hosts.host_dir("node1") / "etc/wharf/config.yml.drain").exists()
-    wait_until(
-        lambda: hosts.balancer_states() == {"node1": "DOWN", "node2": "UP", "node3": "UP"},
-        timeout=30,
-        what="node1 out of the load balancer, the others in",
-    )
-    # The cluster still serves.
-    assert _push_pull(hosts, tmp_path, "team/after-failure", 2) == []
-    # Fixed (here: the good version named again), the next run repairs node1 and leaves the others alone.
-    repaired = hosts.play("rolling-upgrade.yml", *_upgrade_args(before["node2"], hosts))
-    assert repaired.returncode == 0, repaired.output[-8000:]
-    assert set(repaired.changed()) == {"node1"}
-    assert hosts.versions() == before
-    assert {node: hosts.supervised_pid(node, "wharf") for node in NODES[1:]} == pids
-    wait_until(lambda: hosts.balancer_states() == {n: "UP" for n in NODES}, timeout=30, what="node1 back")
-
-
-def _upgrade_args(version: str, hosts: Hosts) -> list[str]:
-    return ["-e", f"wharf_version={version}", "-e", f"wharf_node_package={hosts.wheels[version]}"]
 
 
 def test_backup_playbook_writes_a_snapshot_on_one_node(hosts: Hosts, site: Run):
@@ -635,6 +626,62 @@ def test_systemd_units_from_deploy_pass_systemd_analyze_verify(hosts: Hosts, sit
     broken = hosts.play(str(playbook), "--limit", "node1", "-e", f"wharf_node_venv={hosts.root}/no-such-venv")
     assert broken.returncode != 0
     assert "is not executable" in broken.output
+
+
+def _upgrade_args(version: str, hosts: Hosts) -> list[str]:
+    return ["-e", f"wharf_version={version}", "-e", f"wharf_node_package={hosts.wheels[version]}"]
+
+
+def test_upgrade_failing_its_health_check_stops_at_the_first_node(hosts: Hosts, site: Run, tmp_path: Path):
+    assert site.returncode == 0, "site.yml failed"
+    before = hosts.versions()
+    pids = {node: hosts.supervised_pid(node, "wharf") for node in NODES[1:]}
+    failed = hosts.play("rolling-upgrade.yml", *_upgrade_args(BROKEN, hosts), "-e", "wharf_node_ready_timeout=5")
+    assert failed.returncode != 0
+    assert "node1 failed its upgrade" in failed.output, failed.output[-8000:]
+    recap = failed.recap()
+    assert recap["node1"]["failed"] == 1 and recap["node1"]["rescued"] == 1
+    # The first node runs the broken build and stays drained; the others were not touched.
+    assert hosts.versions() == {"node1": BROKEN, **{n: before[n] for n in NODES[1:]}}
+    assert {node: hosts.supervised_pid(node, "wharf") for node in NODES[1:]} == pids
+    assert (hosts.host_dir("node1") / "etc/wharf/config.yml.drain").exists()
+    wait_until(
+        lambda: hosts.balancer_states() == {"node1": "DOWN", "node2": "UP", "node3": "UP"},
+        timeout=30,
+        what="node1 out of the load balancer, the others in",
+    )
+    # The cluster still serves; the next test's upgrade repairs node1 first.
+    assert _push_pull(hosts, tmp_path, "team/after-failure", 2) == []
+
+
+def test_rolling_upgrade_under_load_fails_no_client_operation(hosts: Hosts, site: Run, tmp_path: Path):
+    """From wherever the cluster stands (after the previous test: node1 drained on a broken build),
+    one node at a time to the next version, while a client pushes and pulls through HAProxy."""
+    assert site.returncode == 0, "site.yml failed"
+    upgrade = _upgrade_args(NEXT, hosts)
+    errors_before = hosts.balancer_errors()
+    started = time.monotonic()
+    with Load(hosts, tmp_path) as load:
+        run = hosts.play("rolling-upgrade.yml", *upgrade)
+        took = time.monotonic() - started
+        rounds_during = load.rounds
+        loading_to_the_end = load.thread.is_alive()
+    assert run.returncode == 0, run.output[-8000:]
+    assert loading_to_the_end, f"the client stopped before the upgrade ended ({rounds_during} rounds in {took:.0f}s)"
+    assert load.failures == [], "\n".join(load.failures[:3])
+    assert rounds_during >= 3, f"only {rounds_during} push+pull rounds in {took:.0f}s of upgrade"
+    # Not even a retry was needed: HAProxy answered no 5xx and never failed to reach a node.
+    assert hosts.balancer_errors() == errors_before
+    assert hosts.versions() == {node: NEXT for node in NODES}
+    assert hosts.balancer_states() == {node: "UP" for node in NODES}
+    assert not any((hosts.host_dir(n) / "etc/wharf/config.yml.drain").exists() for n in NODES)
+    print(f"rolling upgrade of 3 nodes: {took:.0f}s, {rounds_during} push+pull rounds meanwhile, none failed")
+    # Run again, it leaves every node alone: nothing changes, nothing restarts.
+    pids = {node: hosts.supervised_pid(node, "wharf") for node in NODES}
+    again = hosts.play("rolling-upgrade.yml", *upgrade)
+    assert again.returncode == 0, again.output[-8000:]
+    assert again.changed() == {}, again.output[-8000:]
+    assert {node: hosts.supervised_pid(node, "wharf") for node in NODES} == pids
 
 
 def test_ansible_lint_is_clean():
