@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-utils haproxy podman
+# ansible, ansible-lint, supervisor and python3-venv: the ansible/ roll-out tests (tests/test_ansible.py).
+DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-utils haproxy podman ansible ansible-lint supervisor python3-venv
 # Ceph RADOS Gateway for the S3 tests (mon, OSD, radosgw), installed without the packages they recommend.
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
@@ -23,7 +24,7 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test deb-test
 
-# Debian packages the tests start for real: etcd, skopeo, the reference registry, wrk, Ceph RGW.
+# Debian packages the tests start for real: etcd, skopeo, the reference registry, wrk, Ceph RGW, ansible.
 deb-test:
 	@missing=""; for p in $(DEB_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	bare=""; for p in $(DEB_TEST_PACKAGES_NO_RECOMMENDS); do dpkg -s $$p >/dev/null 2>&1 || bare="$$bare $$p"; done; \

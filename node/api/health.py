@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import os
 from collections.abc import Awaitable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..config import Config
 from ..health import HealthChecks
 from ..storage import layout
 from .request import services
@@ -16,15 +19,31 @@ from .request import services
 _CHECK_TIMEOUT = 3.0
 
 
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("wharf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_VERSION = _installed_version()
+
+
+def drain_file(config: Config) -> str | None:
+    """The file whose presence makes readiness fail, so load balancers stop sending new requests
+    while the node finishes those it has: the configuration file's path plus `.drain`."""
+    return config.source + ".drain" if config.source else None
+
+
 async def health(request: Request) -> Response:
-    """The process serves requests."""
-    return Response(b"{}", media_type="application/json")
+    """The process serves requests; the body names the Wharf version it runs."""
+    return Response(json.dumps({"version": _VERSION}).encode(), media_type="application/json")
 
 
 async def ready(request: Request) -> Response:
-    """Storage and coordinator both answer, and every configured health check passes: this node
-    can serve registry traffic. With `health.storagedriver` on, storage health is that check's
-    (with its threshold) rather than a probe per request."""
+    """Storage and coordinator both answer, every configured health check passes and the node is not
+    draining: this node can serve registry traffic. With `health.storagedriver` on, storage health
+    is that check's (with its threshold) rather than a probe per request."""
     svc = services(request)
     periodic: HealthChecks | None = getattr(request.app.state, "health", None)
     probes: list[tuple[str, Awaitable[object]]] = [("coordinator", svc.kv.ping())]
@@ -44,6 +63,9 @@ async def ready(request: Request) -> Response:
             checks[name] = f"{type(exc).__name__}: {exc}"[:200]
     if periodic is not None:
         checks.update(periodic.states())
+    drain = drain_file(svc.config)
+    if drain is not None and os.path.exists(drain):  # one stat of a local file
+        checks["drain"] = f"draining: {drain} exists"
     failing = {name for name, state in checks.items() if state != "ok"}
     # Read-only nodes (switched, or out of space) still serve pulls: ready, and saying so.
     body: dict[str, object] = {
