@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -92,56 +92,55 @@ class Metrics:
             values.ValueClass = values.get_value_class()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("wharf_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=r)
-        self.request_duration = Histogram(
-            "wharf_http_request_duration_seconds",
-            "HTTP request latency",
-            ["method", "route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+
+        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def gauge(
+            name: str, doc: str, labels: Sequence[str] = (), mode: Literal["max", "min", "livesum"] = "max"
+        ) -> Gauge:
+            """With worker processes a gauge's series are combined by `mode`: most are set by the
+            leader or by every worker alike, so the largest value is the figure."""
+            return Gauge(name, doc, labels, registry=r, multiprocess_mode=mode)
+
+        def histogram(name: str, doc: str, labels: Sequence[str] = (), **options: Any) -> Histogram:
+            return Histogram(name, doc, labels, registry=r, **options)
+
+        self.requests = counter("wharf_http_requests_total", "HTTP requests", ["method", "route", "status"])
+        self.request_duration = histogram(
+            "wharf_http_request_duration_seconds", "HTTP request latency", ["method", "route"], buckets=_LATENCY_BUCKETS
         )
-        self.bytes_in = Counter("wharf_http_request_bytes_total", "Request body bytes received", ["route"], registry=r)
-        self.bytes_out = Counter("wharf_http_response_bytes_total", "Response body bytes sent", ["route"], registry=r)
-        self.registry_requests = Counter(
-            "registry_http_requests_total",
-            "Total number of HTTP requests made.",
-            ["code", "handler", "method"],
-            registry=r,
+        self.bytes_in = counter("wharf_http_request_bytes_total", "Request body bytes received", ["route"])
+        self.bytes_out = counter("wharf_http_response_bytes_total", "Response body bytes sent", ["route"])
+        self.registry_requests = counter(
+            "registry_http_requests_total", "Total number of HTTP requests made.", ["code", "handler", "method"]
         )
-        self.registry_request_duration = Histogram(
+        self.registry_request_duration = histogram(
             "registry_http_request_duration_seconds",
             "The HTTP request latencies in seconds.",
             ["handler", "method"],
             buckets=_DISTRIBUTION_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.registry_request_size = Histogram(
+        self.registry_request_size = histogram(
             "registry_http_request_size_bytes",
             "The HTTP request sizes in bytes.",
             ["handler"],
             buckets=_DISTRIBUTION_SIZE_BUCKETS,
-            registry=r,
         )
-        self.registry_response_size = Histogram(
+        self.registry_response_size = histogram(
             "registry_http_response_size_bytes",
             "The HTTP response sizes in bytes.",
             ["handler"],
             buckets=_DISTRIBUTION_SIZE_BUCKETS,
-            registry=r,
         )
-        self.registry_in_flight = Gauge(
-            "registry_http_in_flight_requests",
-            "The in-flight HTTP requests",
-            ["handler"],
-            registry=r,
-            multiprocess_mode="livesum",
+        self.registry_in_flight = gauge(
+            "registry_http_in_flight_requests", "The in-flight HTTP requests", ["handler"], mode="livesum"
         )
-        self.registry_storage_action = Histogram(
+        self.registry_storage_action = histogram(
             "registry_storage_action_seconds",
             "The number of seconds that the storage action takes",
             ["action", "driver"],
             buckets=_DISTRIBUTION_STORAGE_BUCKETS,
-            registry=r,
         )
         # Series children by label values, resolved once: `labels()` costs more than the update itself.
         self._request_series: dict[tuple[str, str, int, str | None], _RequestSeries] = {}
@@ -156,225 +155,158 @@ class Metrics:
         self._flush_due: asyncio.TimerHandle | None = None
         self._flush_at = 0.0  # when _flush_due runs
         self._flushed = 0.0  # when the last flush ran
-        self.storage_duration = Histogram(
+        self.storage_duration = histogram(
             "wharf_storage_operation_duration_seconds",
             "Storage driver operation latency",
             ["driver", "operation"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.storage_errors = Counter(
-            "wharf_storage_errors_total", "Storage driver operations that failed", ["driver", "operation"], registry=r
+        self.storage_errors = counter(
+            "wharf_storage_errors_total", "Storage driver operations that failed", ["driver", "operation"]
         )
-        self.kv_duration = Histogram(
+        self.kv_duration = histogram(
             "wharf_coordinator_operation_duration_seconds",
             "Coordinator KV operation latency",
             ["operation"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.kv_errors = Counter(
-            "wharf_coordinator_errors_total", "Coordinator KV operations that failed", ["operation"], registry=r
+        self.kv_errors = counter(
+            "wharf_coordinator_errors_total", "Coordinator KV operations that failed", ["operation"]
         )
         # Room in the coordinator's store, from etcd's status of each member (or the embedded file).
-        self.coordinator_db_size = Gauge(
+        self.coordinator_db_size = gauge(
             "wharf_coordinator_db_size_bytes",
             "Bytes the coordinator's database takes on disk, per etcd member (or the embedded file)",
             ["member"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.coordinator_db_in_use = Gauge(
+        self.coordinator_db_in_use = gauge(
             "wharf_coordinator_db_size_in_use_bytes",
             "Bytes of the coordinator's database holding data (the rest a defragmentation gives back)",
             ["member"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.coordinator_quota = Gauge(
+        self.coordinator_quota = gauge(
             "wharf_coordinator_quota_bytes",
             "Size at which the coordinator refuses writes (etcd --quota-backend-bytes; embedded: file and free disk)",
             ["member"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.coordinator_used = Gauge(
+        self.coordinator_used = gauge(
             "wharf_coordinator_quota_used_ratio",
             "Share of its quota the fullest coordinator member takes (writes stop at 1)",
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.coordinator_revision = Gauge(
-            "wharf_coordinator_revision", "The coordinator's current revision", registry=r, multiprocess_mode="max"
-        )
-        self.coordinator_alarm = Gauge(
+        self.coordinator_revision = gauge("wharf_coordinator_revision", "The coordinator's current revision")
+        self.coordinator_alarm = gauge(
             "wharf_coordinator_alarm",
             "1 while a coordinator member has the alarm raised (NOSPACE: out of space, writes refused)",
             ["member", "alarm"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.coordinator_writes_refused = Counter(
-            "wharf_coordinator_writes_refused_total",
-            "Writes the coordinator refused for lack of space (answered 503)",
-            registry=r,
+        self.coordinator_writes_refused = counter(
+            "wharf_coordinator_writes_refused_total", "Writes the coordinator refused for lack of space (answered 503)"
         )
-        self.coordinator_compacted_revision = Gauge(
+        self.coordinator_compacted_revision = gauge(
             "wharf_coordinator_compacted_revision",
             "The revision the leader last compacted the coordinator's history to",
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.upload_sessions = Gauge(
-            "wharf_upload_sessions_open", "Upload sessions open in the cluster", registry=r, multiprocess_mode="max"
-        )
-        self.leader = Gauge(
-            "wharf_leader", "1 while this node leads a cluster job", ["job"], registry=r, multiprocess_mode="max"
-        )
-        self.storage_corrupt = Counter(
+        self.upload_sessions = gauge("wharf_upload_sessions_open", "Upload sessions open in the cluster")
+        self.leader = gauge("wharf_leader", "1 while this node leads a cluster job", ["job"])
+        self.storage_corrupt = counter(
             "wharf_storage_corrupt_objects_total",
             "Stored objects found not to match their digest (on read, or by wharf scrub)",
             ["kind"],
-            registry=r,
         )
-        self.blobs_missing = Counter(
+        self.blobs_missing = counter(
             "wharf_blobs_missing_total",
             "Blob GETs whose content was missing from storage (answered BLOB_UNKNOWN; see the log to repair)",
-            registry=r,
         )
-        self.cache_hits = Counter("wharf_cache_hits_total", "Cache hits", ["cache"], registry=r)
-        self.cache_misses = Counter("wharf_cache_misses_total", "Cache misses", ["cache"], registry=r)
-        self.uploads_purged = Counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed", registry=r)
-        self.gc_runs = Counter("wharf_gc_runs_total", "Garbage collection cycles", ["result"], registry=r)
-        self.gc_duration = Histogram(
+        self.cache_hits = counter("wharf_cache_hits_total", "Cache hits", ["cache"])
+        self.cache_misses = counter("wharf_cache_misses_total", "Cache misses", ["cache"])
+        self.uploads_purged = counter("wharf_upload_sessions_purged_total", "Abandoned uploads removed")
+        self.gc_runs = counter("wharf_gc_runs_total", "Garbage collection cycles", ["result"])
+        self.gc_duration = histogram(
             "wharf_gc_duration_seconds",
             "Garbage collection cycle duration",
             buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
-            registry=r,
         )
-        self.gc_blobs_deleted = Counter("wharf_gc_blobs_deleted_total", "Blobs deleted by GC", registry=r)
-        self.gc_manifests_deleted = Counter("wharf_gc_manifests_deleted_total", "Manifests deleted by GC", registry=r)
-        self.gc_bytes_freed = Counter("wharf_gc_bytes_freed_total", "Bytes freed by GC", registry=r)
-        self.gc_unaccounted_objects = Gauge(
+        self.gc_blobs_deleted = counter("wharf_gc_blobs_deleted_total", "Blobs deleted by GC")
+        self.gc_manifests_deleted = counter("wharf_gc_manifests_deleted_total", "Manifests deleted by GC")
+        self.gc_bytes_freed = counter("wharf_gc_bytes_freed_total", "Bytes freed by GC")
+        self.gc_unaccounted_objects = gauge(
             "wharf_gc_unaccounted_objects",
             "Storage objects no Wharf record names (never deleted unless asked), at the last sweep",
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.gc_unaccounted_bytes = Gauge(
-            "wharf_gc_unaccounted_bytes",
-            "Bytes of storage objects no Wharf record names, at the last sweep",
-            registry=r,
-            multiprocess_mode="max",
+        self.gc_unaccounted_bytes = gauge(
+            "wharf_gc_unaccounted_bytes", "Bytes of storage objects no Wharf record names, at the last sweep"
         )
-        self.gc_held_back_bytes = Gauge(
-            "wharf_gc_held_back_bytes",
-            "Bytes the last cycle kept although nothing used them, by reason",
-            ["reason"],
-            registry=r,
-            multiprocess_mode="max",
+        self.gc_held_back_bytes = gauge(
+            "wharf_gc_held_back_bytes", "Bytes the last cycle kept although nothing used them, by reason", ["reason"]
         )
-        self.import_repositories = Gauge(
-            "wharf_import_repositories",
-            "Repositories of an adopted registry:2 store: done and total",
-            ["state"],
-            registry=r,
-            multiprocess_mode="max",
+        self.import_repositories = gauge(
+            "wharf_import_repositories", "Repositories of an adopted registry:2 store: done and total", ["state"]
         )
-        self.gc_reclaimable_bytes = Gauge(
-            "wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable", registry=r, multiprocess_mode="max"
-        )
+        self.gc_reclaimable_bytes = gauge("wharf_gc_reclaimable_bytes", "Bytes a running cycle found reclaimable")
 
         # Webhook notifications (node/notifications.py): Distribution 3's series, then Wharf's.
-        self.notifications_events = Counter(
-            "registry_notifications_events_total",
-            "The number of total events",
-            ["type", "endpoint"],
-            registry=r,
+        self.notifications_events = counter(
+            "registry_notifications_events_total", "The number of total events", ["type", "endpoint"]
         )
-        self.notifications_status = Counter(
-            "registry_notifications_status_total", "The number of status code", ["code", "endpoint"], registry=r
+        self.notifications_status = counter(
+            "registry_notifications_status_total", "The number of status code", ["code", "endpoint"]
         )
-        self.notifications_pending = Gauge(
+        self.notifications_pending = gauge(
             "registry_notifications_pending_total",
             "The gauge of pending events in queue (the cluster's, reported by the leader)",
             ["endpoint"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.notifications_oldest = Gauge(
+        self.notifications_oldest = gauge(
             "wharf_notifications_oldest_pending_seconds",
             "Age of the oldest event still queued for an endpoint (reported by the leader)",
             ["endpoint"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.notifications_inbox = Gauge(
+        self.notifications_inbox = gauge(
             "wharf_notifications_unsequenced_events",
             "Events recorded but not yet queued per endpoint (reported by the leader)",
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.notifications_delivery = Histogram(
+        self.notifications_delivery = histogram(
             "wharf_notifications_delivery_seconds",
             "Time to post one envelope of events to an endpoint",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.notifications_unrecorded = Counter(
+        self.notifications_unrecorded = counter(
             "wharf_notifications_unrecorded_events_total",
             "Pull events lost because the coordinator could not take them (the pull was served)",
-            registry=r,
         )
 
         # Coordinator snapshots the leader writes into the storage (node/backup.py).
-        self.backup_last_timestamp = Gauge(
+        self.backup_last_timestamp = gauge(
             "wharf_backup_last_snapshot_timestamp_seconds",
             "When the last coordinator snapshot in the storage was taken",
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.backup_last_bytes = Gauge(
-            "wharf_backup_last_snapshot_bytes",
-            "Compressed size of the last coordinator snapshot",
-            registry=r,
-            multiprocess_mode="max",
+        self.backup_last_bytes = gauge(
+            "wharf_backup_last_snapshot_bytes", "Compressed size of the last coordinator snapshot"
         )
-        self.backup_last_keys = Gauge(
-            "wharf_backup_last_snapshot_keys",
-            "Keys in the last coordinator snapshot",
-            registry=r,
-            multiprocess_mode="max",
+        self.backup_last_keys = gauge("wharf_backup_last_snapshot_keys", "Keys in the last coordinator snapshot")
+        self.backup_last_duration = gauge(
+            "wharf_backup_last_snapshot_duration_seconds", "How long the last coordinator snapshot took to write"
         )
-        self.backup_last_duration = Gauge(
-            "wharf_backup_last_snapshot_duration_seconds",
-            "How long the last coordinator snapshot took to write",
-            registry=r,
-            multiprocess_mode="max",
-        )
-        self.backup_snapshots = Counter(
-            "wharf_backup_snapshots_total", "Coordinator snapshots written into the storage", ["result"], registry=r
+        self.backup_snapshots = counter(
+            "wharf_backup_snapshots_total", "Coordinator snapshots written into the storage", ["result"]
         )
 
         # Signature policies (node/trust.py): every pull they decide, and every verification they run.
-        self.signature_pulls = Counter(
+        self.signature_pulls = counter(
             "wharf_signature_pulls_total",
             "Manifest pulls under a signature policy, by rule and decision (allowed, warned, refused)",
             ["rule", "decision"],
-            registry=r,
         )
-        self.signature_verifications = Counter(
+        self.signature_verifications = counter(
             "wharf_signature_verifications_total",
             "Signature look-ups not answered from the verified cache, by rule and result",
             ["rule", "result"],
-            registry=r,
         )
-        self.signature_tags_refused = Counter(
+        self.signature_tags_refused = counter(
             "wharf_signature_tags_refused_total",
             "Tag pushes refused because the image is unsigned (requiresignedtags), by rule",
             ["rule"],
-            registry=r,
         )
 
         # Storage per repository, namespace and the registry (node/usage.py): the leader publishes them.
@@ -384,100 +316,75 @@ class Metrics:
 
         # The pull-through cache (node/proxy/): per upstream, what was served from the cache and what
         # had to come from the upstream.
-        self.proxy_hits = Counter(
+        self.proxy_hits = counter(
             "wharf_proxy_hits_total",
             "Pulls of cached repositories served from the cache, by upstream and kind (manifest, blob)",
             ["upstream", "kind"],
-            registry=r,
         )
-        self.proxy_misses = Counter(
+        self.proxy_misses = counter(
             "wharf_proxy_misses_total",
             "Pulls of cached repositories fetched from the upstream, by upstream and kind",
             ["upstream", "kind"],
-            registry=r,
         )
-        self.proxy_stale = Counter(
+        self.proxy_stale = counter(
             "wharf_proxy_stale_total",
             "Cached tags served past their TTL because the upstream was down or refused to answer",
             ["upstream"],
-            registry=r,
         )
-        self.proxy_upstream_bytes = Counter(
-            "wharf_proxy_upstream_bytes_total",
-            "Bytes fetched from an upstream (blobs and manifests)",
-            ["upstream"],
-            registry=r,
+        self.proxy_upstream_bytes = counter(
+            "wharf_proxy_upstream_bytes_total", "Bytes fetched from an upstream (blobs and manifests)", ["upstream"]
         )
-        self.proxy_upstream_errors = Counter(
+        self.proxy_upstream_errors = counter(
             "wharf_proxy_upstream_errors_total",
             "Upstream requests that failed, by reason (unavailable, ratelimited, refused, invalid)",
             ["upstream", "reason"],
-            registry=r,
         )
-        self.proxy_evictions = Counter(
-            "wharf_proxy_evictions_total", "Cached images evicted by the byte budget", ["upstream"], registry=r
+        self.proxy_evictions = counter(
+            "wharf_proxy_evictions_total", "Cached images evicted by the byte budget", ["upstream"]
         )
-        self.proxy_evicted_bytes = Counter(
-            "wharf_proxy_evicted_bytes_total", "Bytes the evicted images no longer keep", ["upstream"], registry=r
+        self.proxy_evicted_bytes = counter(
+            "wharf_proxy_evicted_bytes_total", "Bytes the evicted images no longer keep", ["upstream"]
         )
-        self.proxy_usage = Gauge(
-            "wharf_proxy_cache_bytes",
-            "Bytes an upstream's cached images use (reported by the leader)",
-            ["upstream"],
-            registry=r,
-            multiprocess_mode="max",
+        self.proxy_usage = gauge(
+            "wharf_proxy_cache_bytes", "Bytes an upstream's cached images use (reported by the leader)", ["upstream"]
         )
-        self.proxy_budget = Gauge(
+        self.proxy_budget = gauge(
             "wharf_proxy_cache_budget_bytes",
             "An upstream's byte budget (proxy.upstreams maxbytes; 0: none)",
             ["upstream"],
-            registry=r,
-            multiprocess_mode="max",
         )
 
         # Regions (node/regions.py, node/replication.py): storage health, fallback reads, replication lag.
-        self.region_storage_up = Gauge(
-            "wharf_region_storage_up",
-            "1 while a region's storage answers this node's probes",
-            ["region"],
-            registry=r,
-            multiprocess_mode="min",
+        self.region_storage_up = gauge(
+            "wharf_region_storage_up", "1 while a region's storage answers this node's probes", ["region"], mode="min"
         )
-        self.region_fallback_reads = Counter(
+        self.region_fallback_reads = counter(
             "wharf_region_fallback_reads_total",
             "Blob and manifest reads served from another region's storage (not yet replicated here, or ours down)",
             ["region"],
-            registry=r,
         )
-        self.replication_pending = Gauge(
+        self.replication_pending = gauge(
             "wharf_replication_pending_blobs",
             "Blobs and manifests waiting to be copied into a region (reported by the leader)",
             ["region"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.replication_pending_bytes = Gauge(
+        self.replication_pending_bytes = gauge(
             "wharf_replication_pending_bytes",
             "Bytes waiting to be copied into a region (reported by the leader)",
             ["region"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.replication_oldest = Gauge(
+        self.replication_oldest = gauge(
             "wharf_replication_oldest_pending_seconds",
             "Age of the oldest copy waiting for a region (reported by the leader; 0 when none waits)",
             ["region"],
-            registry=r,
-            multiprocess_mode="max",
         )
-        self.replication_copies = Counter(
+        self.replication_copies = counter(
             "wharf_replication_copies_total",
             "Copies into a region by this node: copied, present (already there), failed",
             ["region", "result"],
-            registry=r,
         )
-        self.replication_bytes = Counter(
-            "wharf_replication_bytes_total", "Bytes this node copied into a region", ["region"], registry=r
+        self.replication_bytes = counter(
+            "wharf_replication_bytes_total", "Bytes this node copied into a region", ["region"]
         )
 
     # -- updates on the request path ------------------------------------------------------------
