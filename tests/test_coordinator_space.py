@@ -251,7 +251,7 @@ def test_a_full_etcd_refuses_writes_clearly_serves_pulls_and_takes_writes_again_
         ):
             oci = OCIClient(http)
             first = oci.push_image("team/app", "first", layers=[os.urandom(500)])
-            asyncio.run(_fill(etcd.endpoints, room=200_000))
+            asyncio.run(_fill(etcd.endpoints, room=400_000))
             pushed, refused = _push_until_refused(http)
             _assert_refused_clearly(refused, "coordinator out of space")
             assert pushed, "some pushes fit into the room left"
