@@ -118,6 +118,16 @@ SIZE_EXPECTED = (
 )
 
 
+def format_size(n: int) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 3.2 GiB (what logs, messages and commands print)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
 def parse_size(text: str | int) -> int:
     """Bytes: a whole number (Distribution's form, also `0x...` and `1_000`), or a number with a
     decimal (KB, MB, GB, TB, PB; also K, M ...) or binary (KiB, MiB, GiB, TiB, PiB) unit, any case."""

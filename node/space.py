@@ -21,6 +21,7 @@ from starlette.responses import Response
 from coordinator.compaction import disarm_if_room
 from coordinator.kv import KV, MemberSpace, OutOfSpace, StoreSpace
 
+from .config import format_size
 from .errors import ERROR_KEY, Unavailable, error_response
 from .metrics import Metrics
 
@@ -46,23 +47,14 @@ EMBEDDED_FIX = (
 STORAGE_FIX = "free space on the storage's filesystem or grow it; writes resume by themselves"
 
 
-def size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    return f"{n} B"
-
-
 def describe(member: MemberSpace) -> str:
     """One member's figures in words: size against quota, in use, alarms."""
     if member.error:
         return f"{member.name}: no answer ({member.error})"
-    text = f"{size(member.size)} of {size(member.quota) if member.quota else 'an unknown quota'}"
+    text = f"{format_size(member.size)} of {format_size(member.quota) if member.quota else 'an unknown quota'}"
     if member.quota:
         text += f" ({member.used:.0%})"
-    text += f", {size(member.in_use)} in use"
+    text += f", {format_size(member.in_use)} in use"
     if member.alarms:
         text += ", alarm " + ", ".join(member.alarms)
     return text

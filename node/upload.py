@@ -95,7 +95,8 @@ def _hasher(state: bytes) -> rehashes.PySha256:
     return rehashes.PySha256.deserialize(state) if state else rehashes.PySha256()
 
 
-def _denied(exc: quota.QuotaExceeded) -> Denied:
+def quota_denied(exc: quota.QuotaExceeded) -> Denied:
+    """A quota's refusal as the client sees it (403 DENIED naming the scope and its figures)."""
     scope = exc.scope
     return Denied(
         {"quota": scope.name, "limit": scope.limit, "used": exc.usage, "requested": exc.size},
@@ -150,7 +151,7 @@ class Uploader:
         for scope in scopes:
             used = await quota.usage(self.metadata.kv, scope)
             if used + size > scope.limit or (size == 0 and used >= scope.limit):
-                raise _denied(quota.QuotaExceeded(scope, used, size))
+                raise quota_denied(quota.QuotaExceeded(scope, used, size))
 
     async def start(self, repository: str, owner: str = "") -> UploadSession:
         upload_id = self.sessions.new_id()
@@ -364,7 +365,7 @@ class Uploader:
                     repository, digest, size, stored, upload=session, quotas=quotas, events=[*events(size), *placed]
                 )
         except quota.QuotaExceeded as exc:
-            raise _denied(exc) from None
+            raise quota_denied(exc) from None
         except RepositoryDeleting:
             raise BeingDeleted(repository) from None
         except SessionChanged:
@@ -400,7 +401,7 @@ class Uploader:
                 repository, digest, source, quotas=self.quotas_for(repository), events=events
             )
         except quota.QuotaExceeded as exc:
-            raise _denied(exc) from None
+            raise quota_denied(exc) from None
         except RepositoryDeleting:
             raise BeingDeleted(repository) from None
         return linked is not None

@@ -14,9 +14,9 @@ from coordinator.kv import MemberSpace, OutOfSpace, StoreSpace
 
 from ..config import Config
 from ..services import Services
-from ..space import WARN_AT, describe, size
+from ..space import WARN_AT, describe
 from ..store import describe_coordinator
-from .output import brief, table
+from .output import brief, size, table
 from .registry import Commands, with_config, with_services
 
 

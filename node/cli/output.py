@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..config import format_size
+
 
 def progress(phase: str, done: int, total: int) -> None:
     """A progress line on a terminal; the last count only, otherwise."""
@@ -14,14 +16,8 @@ def progress(phase: str, done: int, total: int) -> None:
         print(f"{phase}: {done}/{total}", file=sys.stderr)
 
 
-def size(n: int) -> str:
-    """Bytes for people: 512 B, 1.5 KiB, 3.2 GiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    return f"{n} B"
+# Bytes for people: 512 B, 1.5 KiB, 3.2 GiB.
+size = format_size
 
 
 def table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> list[str]:

@@ -39,7 +39,7 @@ from ..metrics import Metrics
 from ..reference import Reference
 from ..storage import layout
 from ..storage.driver import StorageDriver
-from ..upload import Uploader
+from ..upload import Uploader, quota_denied
 from .fetch import BlobFetches
 from .upstream import (
     UpstreamClient,
@@ -369,7 +369,7 @@ class PullThrough:
         except BeingCollected:
             return False
         except QuotaExceeded as exc:
-            raise _quota_denied(exc) from None
+            raise quota_denied(exc) from None
         return True
 
     async def _fetch_blob(
@@ -401,7 +401,7 @@ class PullThrough:
                 if isinstance(error, RegistryError):
                     raise error
                 if isinstance(error, QuotaExceeded):
-                    raise _quota_denied(error)
+                    raise quota_denied(error)
                 raise UpstreamUnavailable(cache.upstream, f"blob {digest}: the fetch failed ({error})")
         raise UpstreamUnavailable(cache.upstream, f"blob {digest}: fetches by other requests kept failing")
 
@@ -481,16 +481,6 @@ class PullThrough:
         await self.fetches.close()
         for cache in self.caches:
             await cache.client.close()
-
-
-def _quota_denied(exc: QuotaExceeded) -> Denied:
-    scope = exc.scope
-    return Denied(
-        {"quota": scope.name, "limit": scope.limit, "used": exc.usage, "requested": exc.size},
-        message=f"quota exceeded: {scope.label}: {exc.usage} of {scope.limit} bytes used, {exc.size} more requested",
-        refused_by="quota",
-        rule=scope.label,
-    )
 
 
 def _registry_error(exc: UpstreamError, kind: str, detail: dict[str, str]) -> RegistryError:

@@ -298,13 +298,8 @@ class S3Driver:
         return await self._run(self._modified, self._key(key))
 
     def _modified(self, full_key: str) -> float | None:
-        try:
-            response = self._client.head_object(Bucket=self.bucket, Key=full_key)
-        except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND:
-                return None
-            raise
-        return float(response["LastModified"].timestamp())
+        response = self._head_object(full_key)
+        return None if response is None else float(response["LastModified"].timestamp())
 
     async def copy(self, source: str, key: str) -> int:
         src, dst = self._key(source), self._key(key)
@@ -545,14 +540,19 @@ class S3Driver:
 
     # -- blocking helpers, run on the driver's thread pool ----------------------------------
 
-    def _head(self, full_key: str) -> int | None:
+    def _head_object(self, full_key: str) -> dict[str, Any] | None:
+        """The object's HEAD response, None when there is no such object."""
         try:
-            response = self._client.head_object(Bucket=self.bucket, Key=full_key)
+            response: dict[str, Any] = self._client.head_object(Bucket=self.bucket, Key=full_key)
         except ClientError as exc:
             if _error_code(exc) in _NOT_FOUND:
                 return None
             raise
-        return int(response["ContentLength"])
+        return response
+
+    def _head(self, full_key: str) -> int | None:
+        response = self._head_object(full_key)
+        return None if response is None else int(response["ContentLength"])
 
     def _open(self, full_key: str, byte_range: str | None) -> Any:
         args: dict[str, str] = {"Bucket": self.bucket, "Key": full_key}
