@@ -57,6 +57,10 @@ _CONCURRENCY = 32
 _BATCH_WAIT = 0.01
 # Deletes retried when only a quota counter moved under them (pushes elsewhere in the scope).
 _QUOTA_ATTEMPTS = 10
+# A blob's deletion carries its links' deletes (and the quota counters they free) in one
+# transaction, which holds at most kv.MAX_TXN_OPS operations: a blob linked from more repositories
+# than this sheds its links in batches of this size first.
+_LINKS_PER_TXN = 32
 # A summary lists this many deleted items at most (it counts them all).
 _LISTED = 100_000
 
@@ -541,9 +545,41 @@ class Collector:
         if result.succeeded:
             c.pending_revision = result.revision
 
+    async def _shed_links(self, c: Candidate) -> bool:
+        """Unlink a blob linked from more repositories than its deletion's transaction holds, a batch
+        at a time, each batch under the guards of the deletion itself (its pending mark, record and
+        touch unchanged since mark: nothing used it since); False, keeping the rest, when one moved."""
+        mark = keys.pending_blob(c.digest)
+        held = {mark: c.pending_revision, keys.blob(c.digest): c.blob_revision, keys.touch(c.digest): c.touch_revision}
+        while len(c.links) > _LINKS_PER_TXN:
+            self._check_may_delete()
+            batch = dict(list(c.links.items())[:_LINKS_PER_TXN])
+            expected = {**held, **batch}
+            freed = quota.freed_by(((keys.split_repo_key(link, keys.LINKS)[0], c.size) for link in batch), self.quotas)
+            for _ in range(_QUOTA_ATTEMPTS):
+                counters, releases = await quota.release(self.kv, freed)
+                result = await self.kv.txn(
+                    [*(Compare.unchanged(key, revision) for key, revision in expected.items()), *counters],
+                    [*(Delete(link) for link in batch), EVERY_HOLDER_CHANGED(c.digest), *releases],
+                    [Get(key) for key in expected],
+                )
+                if result.succeeded:
+                    break
+                now = {key: kv.mod_revision if kv else 0 for key, kv in zip(expected, result.gets, strict=True)}
+                if now != expected or not freed:
+                    return False
+            else:
+                return False
+            for link in batch:
+                del c.links[link]
+        return True
+
     async def _delete_blob(self, c: Candidate, delete_object: Callable[[str], Awaitable[None]]) -> bool:
         self._check_may_delete()
         mark = keys.pending_blob(c.digest)
+        if not await self._shed_links(c):
+            await self.kv.txn([Compare.unchanged(mark, c.pending_revision)], [Delete(mark)])
+            return False
         # No region may be copying it, nor have recorded a copy since these were read.
         fence = await self.regions.fence(c.digest) if self.regions is not None else None
         expected = {

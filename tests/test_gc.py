@@ -18,6 +18,8 @@ from oci_client import OCI_INDEX, OCI_MANIFEST, digest_of
 from coordinator import gc as coordinator_gc
 from coordinator import keys
 from coordinator.gc import Collector
+from coordinator.quota import QuotaScope
+from coordinator.quota import usage as quota_usage
 from coordinator.runlock import run_lock
 from coordinator.uploads import CommitIntent
 from node import gc
@@ -146,6 +148,24 @@ async def test_sweep_sends_storage_deletes_in_batches(registry):
     assert summary.blobs_deleted == 40 and sum(batches) == 40
     assert len(batches) < 10, batches
     assert registry.stored_bytes() == 0
+
+
+async def test_a_blob_linked_from_more_repositories_than_one_transaction_holds_goes_with_every_link(tmp_path):
+    reg = Registry(tmp_path, quotas=[{"namespace": "team", "limit": "100MiB"}])
+    try:
+        layer = os.urandom(1000)
+        repositories = 300  # more links than a transaction holds operations (kv.MAX_TXN_OPS)
+        for n in range(repositories):
+            await reg.blob(f"team/r{n}", layer)
+        scope = QuotaScope("team/", 0, "team/")
+        assert await quota_usage(reg.kv, scope) == repositories * len(layer)
+        summary = await gc.collect(reg.services)
+        assert summary.blobs_deleted == 1 and summary.bytes_freed == len(layer)
+        assert await reg.kv.range(keys.LINKS) == []
+        assert await quota_usage(reg.kv, scope) == 0
+        assert reg.stored_bytes() == 0
+    finally:
+        await reg.close()
 
 
 async def test_dry_run_changes_nothing_and_reports_what_a_real_run_deletes(registry):
