@@ -23,6 +23,9 @@ _MAX_ATTEMPTS = 20
 # Room left in one transaction (etcd allows 128 compares and 128 operations) for references.
 _TXN_BUDGET = 120
 _BATCH = 100
+# A manifest deleted with more tags than this untags the rest first, this many per transaction
+# (each takes two deletes: kv.MAX_TXN_OPS bounds a transaction).
+_TAGS_PER_TXN = 40
 
 
 # Marks a referrer descriptor whose annotations must be read from the manifest itself.
@@ -884,6 +887,13 @@ class Metadata:
                 await self._raise_missing(repo, record)
         return Compare.unchanged(keys.GC_EPOCH, epoch.mod_revision if epoch else 0)
 
+    async def _untag(self, repo: str, digest: str, tags: dict[str, KeyValue]) -> bool:
+        """Remove `tags` of `repo` (each still pointing at `digest`, as read) and their index entries."""
+        guards = [Compare.unchanged(kv.key, kv.mod_revision) for kv in tags.values()]
+        ops: list[Op] = [Delete(kv.key) for kv in tags.values()]
+        ops += [Delete(keys.tagged(repo, digest, tag)) for tag in tags]
+        return (await self.kv.txn(guards, [*ops, TAGS_CHANGED(repo)])).succeeded
+
     async def _raise_missing(self, repo: str, record: ManifestRecord) -> None:
         missing_blobs = [d for d in record.blobs if await self.kv.get(keys.link(repo, d)) is None]
         missing_manifests = [d for d in record.manifests if await self.kv.get(keys.manifest(repo, d)) is None]
@@ -896,13 +906,21 @@ class Metadata:
         """Remove a manifest, every tag that points at it and its referrer entry, atomically.
 
         `events(tags)`, given the tags that go with it, gives notification records written with it.
+        A manifest with more tags than one transaction holds loses the rest of them first, a batch
+        at a time; the manifest, its last tags and the events of all of them go together.
         """
+        untagged: list[str] = []
         for _ in range(_MAX_ATTEMPTS):
             found = await self.kv.get(keys.manifest(repo, digest))
             if found is None:
                 return False
             record: ManifestRecord = _load(ManifestRecord, found)
             tagged = await self.tags_of_digest(repo, digest)
+            while len(tagged) > _TAGS_PER_TXN:
+                batch = dict(list(tagged.items())[:_TAGS_PER_TXN])
+                if await self._untag(repo, digest, batch):
+                    untagged.extend(batch)
+                tagged = await self.tags_of_digest(repo, digest)
             guards = [Compare.unchanged(found.key, found.mod_revision)]
             guards += [Compare.unchanged(kv.key, kv.mod_revision) for kv in tagged.values()]
             ops: list[Op] = [Delete(found.key), *(Delete(kv.key) for kv in tagged.values())]
@@ -913,7 +931,7 @@ class Metadata:
                 ops.append(Delete(keys.referrer(repo, record.subject, digest)))
             ops.append(release(repo, digest, blobs=record.blobs, manifests=record.manifests))
             ops.append(HOLDING_CHANGED(repo, digest))
-            notes = list(events(list(tagged)))
+            notes = list(events([*untagged, *tagged]))
             room = max(_TXN_BUDGET - len(ops), 1)
             ops.extend(notes[:room])
             if (await self.kv.txn(guards, ops)).succeeded:

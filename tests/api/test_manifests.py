@@ -338,6 +338,22 @@ def test_delete_manifest_by_digest_removes_it_and_its_tags(http: httpx.Client, o
     assert_error(http.delete(f"/v2/{repo}/manifests/{image.digest}"), 404, "MANIFEST_UNKNOWN")
 
 
+def test_delete_by_digest_of_a_manifest_with_more_tags_than_a_transaction_holds_removes_them_all(
+    http: httpx.Client, oci: OCIClient, repo: str
+) -> None:
+    image = oci.push_image(repo, "t0")
+    tags = [f"t{n}" for n in range(150)]  # two deletes per tag: past etcd's 128 operations
+    for tag in tags[1:]:
+        assert oci.put_manifest(repo, tag, image.body, image.media_type).status_code == 201
+    keeper = oci.push_image(repo, "keep", layers=[b"another"])
+    deleted = http.delete(f"/v2/{repo}/manifests/{image.digest}")
+    assert deleted.status_code == 202, deleted.text
+    assert http.get(f"/v2/{repo}/tags/list").json()["tags"] == ["keep"]
+    for reference in (tags[0], tags[-1], image.digest):
+        assert_error(http.get(f"/v2/{repo}/manifests/{reference}"), 404, "MANIFEST_UNKNOWN")
+    assert http.get(f"/v2/{repo}/manifests/keep").content == keeper.body
+
+
 def test_delete_tag_keeps_the_manifest(http: httpx.Client, oci: OCIClient, repo: str) -> None:
     image = oci.push_image(repo, "doomed")
     oci.put_manifest(repo, "stays", image.body, image.media_type)
