@@ -254,7 +254,7 @@ def test_a_full_etcd_refuses_writes_clearly_serves_pulls_and_takes_writes_again_
             asyncio.run(_fill(etcd.endpoints, room=400_000))
             pushed, refused = _push_until_refused(http)
             _assert_refused_clearly(refused, "coordinator out of space")
-            assert pushed, "some pushes fit into the room left"
+            assert pushed, f"some pushes fit into the room left; the first: {refused.status_code} {refused.text}"
             # Every kind of write is refused the same way, while pulls go on.
             _assert_refused_clearly(http.post("/v2/team/app/blobs/uploads/"), "coordinator out of space")
             _assert_refused_clearly(http.delete(f"/v2/team/app/manifests/{first.digest}"), "coordinator out of space")
