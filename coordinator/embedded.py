@@ -452,13 +452,16 @@ class EmbeddedKV:
         self._executor.shutdown(wait=True)
 
     def _close_conn(self) -> None:
+        # Readers first: the last connection to close checkpoints the WAL and removes it with its
+        # -shm file, which only the writer's connection may do. Left behind, a later read-only open
+        # (a dry run) would have to share them, and reading through the -shm file writes it.
+        for reader in self._reader_conns:
+            reader.close()
+        self._reader_conns.clear()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
-        for reader in self._reader_conns:
-            reader.close()
-        self._reader_conns.clear()
 
 
 def _disk_full(exc: sqlite3.Error) -> bool:
