@@ -108,6 +108,15 @@ async def run_wrk(
         argv += ["-s", str(script)]
     argv.append(url)
     window = CpuWindow(front, children_cpu, meters)
+    out = await _output(argv, duration)
+    result = parse_wrk(out.decode(errors="replace"))
+    window.close(result)
+    result.elapsed = max(1, round(duration))
+    return result
+
+
+async def _output(argv: list[str], duration: float) -> bytes:
+    """What a load client printed, run for `duration` (killed a minute past it)."""
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=duration + 60)
@@ -115,10 +124,7 @@ async def run_wrk(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    result = parse_wrk(out.decode(errors="replace"))
-    window.close(result)
-    result.elapsed = max(1, round(duration))
-    return result
+    return out
 
 
 async def run_ab(front: Front, url: str, connections: int, duration: float) -> WrkResult:
@@ -128,13 +134,7 @@ async def run_ab(front: Front, url: str, connections: int, duration: float) -> W
     argv = ["ab", "-k", "-q", "-i", "-c", str(connections), "-t", str(seconds), "-n", "100000000", "-s", "10"]
     argv += ["-H", f"Accept: {ACCEPT}", url]
     window = CpuWindow(front, children_cpu)
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=duration + 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    out = await _output(argv, duration)
     text = out.decode(errors="replace")
     result = WrkResult(raw=text, elapsed=seconds)
     if m := re.search(r"Requests per second:\s+([\d.]+)", text):
