@@ -177,6 +177,13 @@ class BlobFetches:
                 fetch.started.set()
                 await self.records.wait_fetched(fetch.digest, timeout=WAIT_SECONDS)
                 return
+            stored = await self.uploader.metadata.get_blob(fetch.digest)
+            if stored is not None and not stored.corrupt:
+                # Another node's fetch ended (stored, then its claim went) between this request's
+                # look and this claim: served from storage, not fetched twice.
+                fetch.followed = True
+                fetch.started.set()
+                return
             async with client.blob(remote, fetch.digest) as (size, chunks):
                 if size is not None:
                     # Before the first client is sent a status line: a quota with no room is its answer.
