@@ -634,7 +634,13 @@ class Collector:
             async with gate:
                 return await call
 
-        return await asyncio.gather(*(one(c) for c in calls))
+        # Every started call ends before an error (a Halted) goes up: a deletion under way finishes,
+        # so its record and its bytes go together.
+        results = await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     # -- orphans ----------------------------------------------------------------------------
 
