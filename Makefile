@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# ansible, ansible-lint, supervisor and python3-venv: the ansible/ roll-out tests (tests/test_ansible.py).
-DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-utils haproxy podman ansible ansible-lint supervisor python3-venv
+# ansible, ansible-lint, supervisor and python3-venv: the ansible/ roll-out tests (tests/test_ansible.py);
+# chromium: the web pages in a real browser (tests/test_ui_browser.py).
+DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-utils haproxy podman ansible ansible-lint supervisor python3-venv chromium
 # Ceph RADOS Gateway for the S3 tests (mon, OSD, radosgw), installed without the packages they recommend.
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=

@@ -153,6 +153,18 @@ def _no_progress(phase: str, done: int, total: int) -> None:
     pass
 
 
+async def last_run(kv: KV) -> dict[str, Any] | None:
+    """The summary of the last collection that was not a dry run (Summary.report()), or None."""
+    found = await kv.get(keys.GC_LAST_RUN)
+    if found is None:
+        return None
+    try:
+        data = json.loads(found.value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 async def orphan_sweep_due(kv: KV, interval: float) -> bool:
     """Whether the last sweep of storage for objects no record names is `interval` old (or never ran)."""
     last = await kv.get(keys.GC_ORPHANS_LAST)

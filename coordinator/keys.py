@@ -38,6 +38,9 @@ GC_ORPHANS_LAST = "gc/orphans-last"
 GC_EPOCH = "gc/epoch"
 QUOTAS = "quota/"
 RETENTION_LAST_RUN = "retention/last-run"
+# The key that signs the web pages' sign-in cookies, made by the first node that needs it (unless
+# http.secret is set), so a cookie made by one node is good on every node.
+UI_SESSION_KEY = "ui/session-key"
 # Which store this coordinator belongs to; the storage holds the same id (node/store.py).
 STORE_IDENTITY = "store/identity"
 # Adoption of a registry:2 store: pending, running (with its progress) or done.

@@ -112,6 +112,24 @@ class Plan:
         return [_tag_row(t) for t in self.tags] + [_manifest_row(m) for m in self.manifests]
 
 
+async def last_run(kv: KV) -> dict[str, Any] | None:
+    """The summary of the last retention run that finished (Result.summary()), or None; with
+    `interrupted` set when a later run was cut short."""
+    found = await kv.get(LAST_RUN)
+    progress = await kv.get(PROGRESS)
+    if found is None and progress is None:
+        return None
+    data: dict[str, Any] = {}
+    if found is not None:
+        try:
+            loaded = json.loads(found.value)
+        except ValueError:
+            loaded = None
+        data = loaded if isinstance(loaded, dict) else {}
+    data["interrupted"] = progress is not None
+    return data
+
+
 def _pushed(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 

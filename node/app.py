@@ -38,6 +38,7 @@ from .routing import Endpoint
 from .services import Services
 from .space import handle_os_error, handle_out_of_space
 from .store import open_kv, open_storage
+from .ui.pages import UI
 
 log = logging.getLogger("wharf")
 
@@ -143,6 +144,7 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
     audit = AuditLog.open(config.audit, shared=config.http.workers > 1)
     auth = AuthServices.build(config)
     token_routes = auth.routes()
+    ui_routes = UI(config, auth).routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -193,7 +195,7 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
                 audit.close()
 
     app = Starlette(
-        routes=ROUTES + PROBE_ROUTES + token_routes,
+        routes=ROUTES + PROBE_ROUTES + token_routes + ui_routes,
         lifespan=lifespan,
         exception_handlers={
             RegistryError: handle_registry_error,
@@ -215,7 +217,8 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
         app.add_middleware(ProxyMiddleware, routes=app.router.routes)
     app.add_middleware(ReadOnlyMiddleware)
     if auth.enabled:
-        public = PROBE_ROUTES + token_routes
+        # The web pages sign people in themselves (node/ui/session.py), by the same access rules.
+        public = PROBE_ROUTES + token_routes + ui_routes
         app.add_middleware(AuthMiddleware, auth=auth, routes=app.router.routes, public=public)
     if audit is not None:
         app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes)

@@ -841,6 +841,19 @@ class InventoryConfig(_Section):
 
 
 @dataclass
+class UIConfig(_Section):
+    """The web pages under /ui/: what is stored, for people, read-only, behind the API's access rules."""
+
+    enabled: bool = True
+    # How long a sign-in lasts; a changed password or a removed user ends it at once.
+    session: Duration = 12 * 3600.0
+
+    def check(self) -> None:
+        if not 60 <= self.session <= 30 * 86400:
+            raise _FieldError("session", self.session, "a duration from 1m to 30 days")
+
+
+@dataclass
 class QuotaRule(_Section):
     """A byte limit on what one repository, or every repository under a namespace, links."""
 
@@ -1448,6 +1461,7 @@ class Config(_Section):
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     signatures: SignaturesConfig = field(default_factory=SignaturesConfig)
     inventory: InventoryConfig = field(default_factory=InventoryConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
     redis: RedisConfig | None = None
     health: HealthConfig = field(default_factory=HealthConfig)
     compatibility: CompatibilityConfig = field(default_factory=CompatibilityConfig)

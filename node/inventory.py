@@ -155,6 +155,16 @@ class TagDetails:
         more = start + n < len(keys)
         return Page(rows, cursor(sort, chosen[-1]) if more and chosen else None)
 
+    async def summary(self, repo: str) -> tuple[int, float | None]:
+        """How many tags `repo` has and when the newest was pushed (None: no tags)."""
+        listing = await self._listing(repo)
+        newest = -listing.by_pushed[0][0] if listing.by_pushed else None
+        return len(listing.names), newest
+
+    async def tagged(self, repo: str, tag: str) -> bool:
+        """Whether `repo` has tag `tag` now (from the listing a page reads anyway)."""
+        return tag in (await self._listing(repo)).records
+
     async def _listing(self, repo: str) -> _Listing:
         """The repository's tags and last-pulled times, read again only when either version moved."""
         tag_version, pulled_version = await self.pulls.versions(repo)

@@ -301,6 +301,11 @@ class HtpasswdFile:
         self._checked = now
         await asyncio.get_running_loop().run_in_executor(self._executor, self._refresh)
 
+    async def stored_hash(self, user: str) -> bytes | None:
+        """The user's current password hash (the file re-read if it changed), or None for no such user."""
+        await self._maybe_refresh()
+        return self._users.get(user)
+
     async def verify(self, user: str, password: bytes) -> bool:
         await self._maybe_refresh()
         hashed = self._users.get(user)
