@@ -9,7 +9,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-hotpaths profile bench-s3 bench-gc bench-scale bench-signatures bench-proxy bench-metadata install install-test deb-test lint clean
+.PHONY: run test bench bench-hotpaths profile bench-s3 bench-gc bench-scale bench-signatures bench-proxy bench-metadata bench-ui install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -86,3 +86,6 @@ bench-scale: install-test
 # Coordinator bytes per image (JSON records before, compact now) at 200,000 images, and what 8 GiB of etcd holds.
 bench-metadata: install-test
 	$(PY) loadtests/bench_metadata.py $(BENCH_ARGS)
+
+bench-ui: install-test
+	$(PY) loadtests/bench_ui.py $(BENCH_ARGS)
