@@ -19,7 +19,7 @@ import httpx
 import pytest
 from cosign_writer import write_signature
 from oci_client import OCIClient, digest_of, raw_request
-from secure_registry import SecureWharf, make_users
+from secure_registry import SecureWharf, bearer, fetch_token, make_cert, make_users, token_section
 from services import wait_until
 
 from node import cosign
@@ -467,3 +467,51 @@ def test_the_ui_section_is_checked_at_start_up(tmp_path: Path) -> None:
     path.write_text(json.dumps({"version": 0.1, "ui": {"enabled": False, "session": "2h"}}))
     loaded = load(str(path))
     assert loaded.ui.enabled is False and loaded.ui.session == 7200
+
+
+def test_with_the_token_service_people_sign_in_with_its_users_under_the_same_rules(tmp_path: Path) -> None:
+    users = make_users(tmp_path / "htpasswd", USERS)
+    key = make_cert(tmp_path / "keys", "127.0.0.1")[1]
+    process = SecureWharf(tmp_path / "token", http={"insecure": True}, auth=token_section(key, users), access=ACCESS)
+    with process:
+        token = fetch_token(
+            process, ["repository:team/app:push,pull", "repository:secret/payroll:push,pull"], ("admin", USERS["admin"])
+        )
+        with process.client(headers=bearer(token)) as api:
+            OCIClient(api).push_image("team/app", "v1")
+            OCIClient(api).push_image("secret/payroll", "v1")
+        with process.client() as http:
+            assert http.get("/ui/").status_code == 303
+        with _browser(process, "teamdev") as http:
+            listed = _text(http.get("/ui/"))
+            assert "team/app" in listed and "payroll" not in listed
+            assert http.get("/ui/r/secret/payroll").status_code == 404
+
+
+def test_under_an_http_prefix_every_link_and_the_cookie_stay_under_it(tmp_path: Path) -> None:
+    users = make_users(tmp_path / "htpasswd", USERS)
+    process = SecureWharf(
+        tmp_path / "prefixed",
+        http={"insecure": True, "prefix": "/registry/"},
+        auth={"htpasswd": {"path": str(users)}},
+        access=ACCESS,
+    )
+    with process:
+        with process.client(auth=("admin", USERS["admin"])) as api:
+            pushed = api.post("/registry/v2/team/app/blobs/uploads/")
+            assert pushed.status_code == 202, pushed.text
+        with process.client() as http:
+            page = http.get("/registry/ui/r/team/app")
+            assert page.status_code == 303 and page.headers["location"].startswith("/registry/ui/sign-in?next=")
+            signed = http.post(
+                "/registry/ui/sign-in",
+                data={"username": "admin", "password": USERS["admin"], "next": "/registry/ui/"},
+                headers={"Origin": process.url},
+            )
+            assert signed.status_code == 303 and signed.headers["location"] == "/registry/ui/"
+            assert "path=/registry/ui/" in signed.headers["set-cookie"].lower()
+            home = http.get("/registry/ui/")
+            assert home.status_code == 200
+            links = re.findall(r'(?:href|src|action)="([^"]+)"', home.text)
+            assert links and all(link.startswith("/registry/ui/") for link in links), links
+            assert http.get("/registry/ui/static/wharf.css").status_code == 200

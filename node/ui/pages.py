@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ MAX_QUERY = 200  # characters of a search, filter or cursor
 MAX_CONFIG_BYTES = 1024 * 1024  # an image config read to show its platform and history
 MAX_SHOWN_MANIFEST = 256 * 1024
 MAX_REFERRERS = 200
-PREVIEW_SECONDS = 300.0  # a GC or retention preview is shown again for this long before it is redone
+PREVIEW_SECONDS = 300.0
+MAX_MATCHES = 64  # searches (per viewer) whose matching repositories are kept  # a GC or retention preview is shown again for this long before it is redone
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -108,6 +110,7 @@ class UI:
         self.base = config.http.prefix.rstrip("/") + "/ui"
         self._sessions: Sessions | None = None
         self._previews: dict[str, tuple[float, Any]] = {}
+        self._matches: OrderedDict[tuple[str, str | None, bool], tuple[list[str], list[str]]] = OrderedDict()
         self._previewing: dict[str, asyncio.Lock] = {"gc": asyncio.Lock(), "retention": asyncio.Lock()}
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -319,7 +322,7 @@ class UI:
         query = _bounded(request.query_params.get("q")).strip().lower()
         after = _bounded(request.query_params.get("after"))
         every = await svc.catalog.get("", svc.metadata.repository_list)
-        matching = [n for n in every if (not query or query in n.lower()) and viewer.may_pull(n)]
+        matching = self._matching(every, query, viewer)
         start = bisect.bisect_right(matching, after) if after else 0
         names = matching[start : start + PAGE]
         more = start + PAGE < len(matching)
@@ -348,6 +351,20 @@ class UI:
             first_page=start == 0,
             host=self._host(request),
         )
+
+    def _matching(self, every: list[str], query: str, viewer: Viewer) -> list[str]:
+        """The repositories a viewer may pull whose names hold `query`, kept while the catalog stands
+        (the catalog cache hands out the same list until a repository comes or goes)."""
+        key = (query, viewer.user, viewer.person is None)
+        cached = self._matches.get(key)
+        if cached is not None and cached[0] is every:
+            self._matches.move_to_end(key)
+            return cached[1]
+        found = [n for n in every if (not query or query in n.lower()) and viewer.may_pull(n)]
+        self._matches[key] = (every, found)
+        while len(self._matches) > MAX_MATCHES:
+            self._matches.popitem(last=False)
+        return found
 
     # -- one repository ----------------------------------------------------------------------------
 
