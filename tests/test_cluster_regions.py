@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -441,3 +442,30 @@ def test_gc_after_deletes_in_a_removes_the_blobs_from_both_rgws_and_keeps_every_
         for tag, image in pushed:
             manifest, _ = _pull(region, f"{REPO}-loop", tag)
             assert manifest == image.body, (region.name, tag)
+
+
+def test_the_maintenance_page_shows_each_regions_replication_lag(world):
+    a, b = world.a, world.b
+
+    def rows() -> dict[str, list[str]]:
+        with http_client(a.url) as http:
+            page = http.get("/ui/maintenance")
+        assert page.status_code == 200, page.text[:300]
+        table = re.search(r'data-testid="regions">(.*?)</table>', page.text, re.S)
+        assert table is not None, page.text[:2000]
+        found = {}
+        for row in re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S):
+            cells = [re.sub(r"<[^>]+>|\s+", " ", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            if cells:
+                found[cells[0].split()[0]] = cells
+        return found
+
+    b.inbound.hold()
+    try:
+        _push(a, "ui-lag", [os.urandom(10_000)])
+        wait_until(lambda: int(rows()["b"][1]) >= 1, timeout=30, interval=0.3, what="b's lag on the page")
+        assert rows()["a"][1] == "0" and "(this node)" in " ".join(rows()["a"])
+    finally:
+        b.inbound.release()
+    world.replicated()
+    wait_until(lambda: rows()["b"][1] == "0", timeout=30, interval=0.3, what="b's lag back to 0 on the page")
