@@ -13,7 +13,7 @@ holding a repository's times in memory learns with one point read whether they a
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import keys
@@ -22,6 +22,8 @@ from .kv import KV, Compare, Delete, Get, Op, Put, pages
 # Records per transaction: their puts and one version put per repository stay within etcd's 128.
 _BATCH = 60
 _READ_BATCH = 100
+# Repositories whose two versions one read asks (two gets each, within a transaction's 128 operations).
+_VERSIONS_PER_READ = 60
 # Reads and writes again this often when other nodes keep writing the same records.
 _ATTEMPTS = 5
 
@@ -116,6 +118,20 @@ class Pulls:
         result = await self.kv.txn([], [Get(keys.tag_version(repo)), Get(keys.pulled_version(repo))])
         tags, pulled = result.gets
         return (tags.mod_revision if tags else 0), (pulled.mod_revision if pulled else 0)
+
+    async def versions_of(self, repos: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """`versions` of several repositories, in a few reads."""
+        found: dict[str, tuple[int, int]] = {}
+        for start in range(0, len(repos), _VERSIONS_PER_READ):
+            batch = list(repos[start : start + _VERSIONS_PER_READ])
+            ops: list[Op] = []
+            for repo in batch:
+                ops += [Get(keys.tag_version(repo)), Get(keys.pulled_version(repo))]
+            gets = (await self.kv.txn([], ops)).gets
+            for i, repo in enumerate(batch):
+                tags, pulled = gets[2 * i], gets[2 * i + 1]
+                found[repo] = (tags.mod_revision if tags else 0), (pulled.mod_revision if pulled else 0)
+        return found
 
     async def every(self) -> AsyncIterator[tuple[str, str, float]]:
         """(repository, digest, last pulled) of every record, a page at a time, in key order."""

@@ -15,7 +15,7 @@ import fnmatch
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -157,17 +157,26 @@ class TagDetails:
 
     async def summary(self, repo: str) -> tuple[int, float | None]:
         """How many tags `repo` has and when the newest was pushed (None: no tags)."""
-        listing = await self._listing(repo)
-        newest = -listing.by_pushed[0][0] if listing.by_pushed else None
-        return len(listing.names), newest
+        return (await self.summaries([repo]))[repo]
 
-    async def tagged(self, repo: str, tag: str) -> bool:
-        """Whether `repo` has tag `tag` now (from the listing a page reads anyway)."""
-        return tag in (await self._listing(repo)).records
+    async def summaries(self, repos: Sequence[str]) -> dict[str, tuple[int, float | None]]:
+        """`summary` of several repositories, their versions checked in a few reads."""
+        versions = await self.pulls.versions_of(repos)
+        found = {}
+        for repo in repos:
+            listing = await self._listing(repo, versions[repo])
+            newest = -listing.by_pushed[0][0] if listing.by_pushed else None
+            found[repo] = (len(listing.names), newest)
+        return found
 
-    async def _listing(self, repo: str) -> _Listing:
-        """The repository's tags and last-pulled times, read again only when either version moved."""
-        tag_version, pulled_version = await self.pulls.versions(repo)
+    async def tags(self, repo: str) -> Mapping[str, TagRecord]:
+        """`repo`'s tags now, by name (the listing a page reads anyway; not to be changed)."""
+        return (await self._listing(repo)).records
+
+    async def _listing(self, repo: str, versions: tuple[int, int] | None = None) -> _Listing:
+        """The repository's tags and last-pulled times, read again only when either version moved
+        (`versions`: the repository's (tag, last-pulled) versions, when the caller has just read them)."""
+        tag_version, pulled_version = versions if versions is not None else await self.pulls.versions(repo)
         listing = self._listings.get(repo)
         if listing is None or not tag_version or listing.version != tag_version:
             records = await self.metadata.tag_records(repo)

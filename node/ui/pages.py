@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from coordinator import gc as gc_records
 from coordinator import retention as retention_records
+from coordinator.metadata import TagRecord
 from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
 from coordinator.usage import TOTAL
@@ -60,7 +61,8 @@ MAX_CONFIG_BYTES = 1024 * 1024  # an image config read to show its platform and 
 MAX_SHOWN_MANIFEST = 256 * 1024
 MAX_REFERRERS = 200
 PREVIEW_SECONDS = 300.0
-MAX_MATCHES = 64  # searches (per viewer) whose matching repositories are kept  # a GC or retention preview is shown again for this long before it is redone
+MAX_MATCHES = 64
+MAX_PLATFORMS = 100_000  # image manifests whose platform is kept  # searches (per viewer) whose matching repositories are kept  # a GC or retention preview is shown again for this long before it is redone
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -110,6 +112,7 @@ class UI:
         self.base = config.http.prefix.rstrip("/") + "/ui"
         self._sessions: Sessions | None = None
         self._previews: dict[str, tuple[float, Any]] = {}
+        self._platform_of: OrderedDict[str, str] = OrderedDict()  # image manifest digest -> os/arch
         self._matches: OrderedDict[tuple[str, str | None, bool], tuple[list[str], list[str]]] = OrderedDict()
         self._previewing: dict[str, asyncio.Lock] = {"gc": asyncio.Lock(), "retention": asyncio.Lock()}
         self.env = Environment(
@@ -326,7 +329,7 @@ class UI:
         start = bisect.bisect_right(matching, after) if after else 0
         names = matching[start : start + PAGE]
         more = start + PAGE < len(matching)
-        summaries = await asyncio.gather(*(svc.tag_details.summary(n) for n in names))
+        summaries = await svc.tag_details.summaries(names)
         usage = await svc.usage.scopes(names) if names else {}
         rows = [
             {
@@ -335,7 +338,7 @@ class UI:
                 "pushed": newest,
                 "stored": usage[name].unique if name in usage else None,
             }
-            for name, (count, newest) in zip(names, summaries, strict=True)
+            for name, (count, newest) in ((n, summaries[n]) for n in names)
         ]
         return self._render(
             request,
@@ -389,8 +392,9 @@ class UI:
         page = await svc.tag_details.page(name, sort=sort, n=PAGE, last=last, pattern=pattern)
         if not page.rows and not last and not pattern and not await svc.metadata.repository_exists(name):
             raise NotFound("No such repository.")
-        count, _ = await svc.tag_details.summary(name)
-        signatures = await asyncio.gather(*(self._signature(svc, name, row["digest"]) for row in page.rows))
+        tags = await svc.tag_details.tags(name)
+        count = len(tags)
+        signatures = await asyncio.gather(*(self._signature(svc, name, row["digest"], tags) for row in page.rows))
         platforms = await asyncio.gather(*(self._platforms(svc, name, row) for row in page.rows))
         rows = []
         for row, signature, platform in zip(page.rows, signatures, platforms, strict=True):
@@ -417,15 +421,20 @@ class UI:
             insecure=request.url.scheme != "https",
         )
 
-    async def _signature(self, svc: Services, repo: str, digest: str) -> dict[str, Any]:
+    async def _signature(
+        self, svc: Services, repo: str, digest: str, tags: Mapping[str, TagRecord] | None = None
+    ) -> dict[str, Any]:
         """A manifest's signature state: verified under the signature policy that covers the
-        repository, or (with none) whether a cosign signature of it is stored."""
+        repository, or (with none) whether a cosign signature of it is stored (`tags`: the
+        repository's tags, when the caller has them)."""
         rule = svc.trust.rule_for(repo)
         if rule is not None:
             verdict = await svc.trust.verify(rule, repo, digest)
             state = "verified" if verdict.signed else ("unsigned-required" if rule.mode != "warn" else "unsigned-warn")
             return {"state": state, "rule": rule.name, "how": verdict.how}
-        found = await svc.tag_details.tagged(repo, cosign.signature_tag(digest))
+        if tags is None:
+            tags = await svc.tag_details.tags(repo)
+        found = cosign.signature_tag(digest) in tags
         how = f"tag {cosign.signature_tag(digest)}" if found else ""
         if not found:
             referrers = await svc.metadata.list_referrers(repo, digest, limit=MAX_REFERRERS)
@@ -443,8 +452,16 @@ class UI:
             return [n for n in names if n]
         if row.get("mediaType") not in manifests.IMAGE_TYPES:
             return []
-        config = await self._config(svc, repo, row["digest"])
+        digest = row["digest"]
+        known = self._platform_of.get(digest)
+        if known is not None:
+            return [known] if known else []
+        config = await self._config(svc, repo, digest)
         name = present.platform(config) if config else None
+        if config is not None:  # a digest's config never changes; one not read now may be later
+            self._platform_of[digest] = name or ""
+            while len(self._platform_of) > MAX_PLATFORMS:
+                self._platform_of.popitem(last=False)
         return [name] if name else []
 
     async def _manifest(self, svc: Services, digest: str) -> dict[str, Any] | None:
