@@ -40,7 +40,9 @@ the next request uploads the same part number, and the commit names each part wi
 ETag (S3 refuses a part whose ETag differs, so a late write from an abandoned request cannot slip
 into a blob). Commit and abort remove every segment by listing `<upload key>.tail-`. The cache
 holds only bytes already stored under a token that is never reused, so a miss or another node's
-cache can never change what an upload holds; it is bounded in bytes (least recently used first).
+cache can never change what an upload holds. It keeps at most two base parts' worth per process (20
+MiB with the default; least recently used go first): enough for a few chunked uploads at a time, and
+past that a part's segments are read back, which costs a GET, never a wrong byte.
 
 Committing: an upload smaller than one part is PUT at the blob's content-addressed key. A
 multipart upload is completed where it began, at the upload key, and that key is returned for the
@@ -98,7 +100,7 @@ _STATE_VERSION = 2
 MAX_SEGMENTS = 32
 # Segment bytes this process keeps after writing them, in base parts: a part's worth for each of a
 # few uploads at a time, so the request that completes a part need not read them back.
-_CACHED_PARTS = 4
+_CACHED_PARTS = 2
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 _NO_UPLOAD = frozenset({"NoSuchUpload", "404"})
 
