@@ -420,24 +420,21 @@ async def test_s3_tiny_requests_merge_their_segments_and_commit_byte_identical(s
 
     data = os.urandom((MAX_SEGMENTS + 5) * 1000 + 3)
     upload = layout.upload_key("team/app", "a2311111-2222-3333-4444-555555555555")
-    state = _recorded(await S3Driver(s3_config).upload_start(upload))
-    for offset in range(0, len(data), 1000):
-        node = S3Driver(s3_config)  # every request on another node: segments are read back
-        try:
-            _, state = await node.upload_write(upload, state, offset, _chunks(data[offset : offset + 1000]))
-        finally:
-            await node.close()
-        state = _recorded(state)
-        assert len(state["segments"]) <= MAX_SEGMENTS
-    assert state["tailsize"] == len(data)
-    node = S3Driver(s3_config)
+    nodes = [S3Driver(s3_config), S3Driver(s3_config)]  # requests alternate: half the segments are read back
     try:
+        state = _recorded(await nodes[0].upload_start(upload))
+        for n, offset in enumerate(range(0, len(data), 1000)):
+            _, state = await nodes[n % 2].upload_write(upload, state, offset, _chunks(data[offset : offset + 1000]))
+            state = _recorded(state)
+            assert len(state["segments"]) <= MAX_SEGMENTS
+        assert state["tailsize"] == len(data)
         key = layout.blob_key(_digest(data))
-        assert await node.upload_commit(upload, state, len(data), key) == key
-        assert await _read_all(node, key) == data
+        assert await nodes[1].upload_commit(upload, state, len(data), key) == key
+        assert await _read_all(nodes[0], key) == data
         assert [k for k in _bucket_keys(s3, s3_config) if ".tail-" in k] == []
     finally:
-        await node.close()
+        for node in nodes:
+            await node.close()
 
 
 async def test_s3_upload_recorded_by_an_earlier_version_with_one_tail_object_continues(s3, s3_config):
