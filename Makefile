@@ -9,7 +9,7 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 
-.PHONY: run test bench bench-hotpaths profile bench-s3 bench-gc bench-scale bench-signatures bench-proxy bench-metadata bench-ui install install-test deb-test lint clean
+.PHONY: run test bench bench-hotpaths profile bench-s3 bench-chunked bench-gc bench-scale bench-signatures bench-proxy bench-metadata bench-ui install install-test deb-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: install-test
 # The same loads on S3 (moto) + etcd, and one node against three behind HAProxy (needs haproxy).
 bench-s3: install-test
 	$(PY) loadtests/bench_s3.py $(BENCH_ARGS)
+
+# Chunked PATCH uploads (1 MiB, 5 MiB, odd) against one monolithic PUT on moto and Ceph RGW, beside Distribution.
+bench-chunked: install-test
+	$(PY) loadtests/bench_chunked.py $(BENCH_ARGS)
 
 # One GC cycle over 10,000 manifests / 50,000 blobs, and pushes with and without GC running.
 bench-gc: install-test

@@ -351,8 +351,8 @@ async def test_s3_parts_are_composed_from_chunks_of_any_size(s3, s3_config):
             offset += written
             assert [size for _, _, size in state["parts"]] == [5 * MiB] * parts
             assert state["tailsize"] == tail
-        # At most the current tail and the one it superseded exist at a time.
-        assert len([k for k in _bucket_keys(s3, s3_config) if ".tail-" in k]) <= 2
+        # Each request left at most one segment: none was rewritten.
+        assert len([k for k in _bucket_keys(s3, s3_config) if ".tail-" in k]) <= 3
         key = layout.blob_key(_digest(data))
         stored = await store.upload_commit(upload, state, len(data), key)
         # Completed where it began; the blob key stays empty (no server-side copy).
@@ -383,6 +383,76 @@ async def test_s3_upload_smaller_than_a_part_is_put_at_the_blob_key(s3, s3_confi
         assert await _read_all(store, key) == data
         assert [k async for k in store.list(layout.REPOSITORIES)] == []
         assert _multipart_uploads(s3, s3_config) == []
+    finally:
+        await store.close()
+
+
+async def test_s3_one_mib_requests_on_one_node_write_each_byte_once_and_read_nothing_back(s3_config):
+    """The request that completes a part takes the earlier requests' segments from this node's cache."""
+    data = os.urandom(12 * MiB + 77)
+    upload = layout.upload_key("team/app", "a2211111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    reads: list[str] = []
+    real_get = store._get_bytes
+
+    def counted_get(full_key: str, length: int | None) -> bytes:
+        reads.append(full_key)
+        return real_get(full_key, length)
+
+    store._get_bytes = counted_get  # type: ignore[method-assign]
+    try:
+        state = _recorded(await store.upload_start(upload))
+        for offset in range(0, len(data), MiB):
+            written, state = await store.upload_write(upload, state, offset, _chunks(data[offset : offset + MiB]))
+            state = _recorded(state)
+            assert written == min(MiB, len(data) - offset)
+            assert len(state["segments"]) <= 4, "segments are consumed by each part they complete"
+        assert [size for _, _, size in state["parts"]] == [5 * MiB, 5 * MiB]
+        stored = await store.upload_commit(upload, state, len(data), layout.blob_key(_digest(data)))
+        assert reads == [], "no segment was read back from S3"
+        assert await _read_all(store, stored) == data
+    finally:
+        await store.close()
+
+
+async def test_s3_tiny_requests_merge_their_segments_and_commit_byte_identical(s3, s3_config):
+    from node.storage.s3 import MAX_SEGMENTS
+
+    data = os.urandom((MAX_SEGMENTS + 5) * 1000 + 3)
+    upload = layout.upload_key("team/app", "a2311111-2222-3333-4444-555555555555")
+    nodes = [S3Driver(s3_config), S3Driver(s3_config)]  # requests alternate: half the segments are read back
+    try:
+        state = _recorded(await nodes[0].upload_start(upload))
+        for n, offset in enumerate(range(0, len(data), 1000)):
+            _, state = await nodes[n % 2].upload_write(upload, state, offset, _chunks(data[offset : offset + 1000]))
+            state = _recorded(state)
+            assert len(state["segments"]) <= MAX_SEGMENTS
+        assert state["tailsize"] == len(data)
+        key = layout.blob_key(_digest(data))
+        assert await nodes[1].upload_commit(upload, state, len(data), key) == key
+        assert await _read_all(nodes[0], key) == data
+        assert [k for k in _bucket_keys(s3, s3_config) if ".tail-" in k] == []
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_s3_upload_recorded_by_an_earlier_version_with_one_tail_object_continues(s3, s3_config):
+    """A session written before segments (one "tail" object, a prefix of it counted) still commits."""
+    data = os.urandom(7 * MiB + 9)
+    upload = layout.upload_key("team/app", "a2411111-2222-3333-4444-555555555555")
+    store = S3Driver(s3_config)
+    try:
+        await store.write_bytes(f"{upload}.tail-0ld", data[: 3 * MiB] + b"unrecorded")
+        old = {"v": 1, "partsize": 5 * MiB, "upload": None, "parts": [], "tail": "0ld", "tailsize": 3 * MiB}
+        old["stale"] = []
+        written, state = await store.upload_write(upload, old, 3 * MiB, _odd_chunks(data[3 * MiB :]))
+        assert written == len(data) - 3 * MiB
+        state = _recorded(state)
+        assert [size for _, _, size in state["parts"]] == [5 * MiB]
+        stored = await store.upload_commit(upload, state, len(data), layout.blob_key(_digest(data)))
+        assert await _read_all(store, stored) == data
+        assert [k for k in _bucket_keys(s3, s3_config) if ".tail-" in k] == []
     finally:
         await store.close()
 
@@ -508,7 +578,7 @@ async def test_s3_commit_retried_after_completing_but_before_removing_the_tail_r
         assert len(state["parts"]) == 1 and state["tailsize"] == MiB + 1
         stored = await store.upload_commit(upload, state, len(data), key)
         # What the dead node would have left: the tail object the commit had not yet removed.
-        tail = f"{upload}.tail-{state['tail']}"
+        tail = f"{upload}.tail-{state['segments'][0][0]}"
         await store.write_bytes(tail, data[5 * MiB :])
         assert await store.upload_commit(upload, state, len(data), key) == stored
         assert await _read_all(store, stored) == data

@@ -7,29 +7,42 @@ upload is kept as
 
 - an S3 multipart upload begun at the upload key (created when the first full part is ready), whose
   completed parts are all exactly `part_size(partsize, n)` bytes, and
-- a "tail": the bytes after the last part, fewer than a part, kept as a small object of its own
-  beside the upload key (`<upload key>.tail-<token>`). Each request that leaves a tail writes it
-  under a new random token and never overwrites or deletes the tail of the state it started from,
-  because until the node records the new state in the coordinator the old state is the one a retry
-  continues from.
+- a "tail": the bytes after the last part, fewer than a part, kept as small "segment" objects of
+  their own beside the upload key (`<upload key>.tail-<token>`). Each request that leaves bytes
+  short of a part writes them as one new segment under a new random token: it never rewrites,
+  re-reads or deletes the segments of the state it started from, because until the node records
+  the new state in the coordinator the old state is the one a retry continues from. A request that
+  completes a part takes the segments' bytes from this process's cache of the segments it wrote
+  (or, when the upload moved between nodes, reads them back once) and uploads them with its own
+  bytes as the part. So a client sending 1 MiB chunks costs about one segment PUT per chunk and
+  one part upload per part, whatever the node each chunk lands on, and no tail is rewritten per
+  chunk. More than MAX_SEGMENTS segments (tiny chunks) are merged into one.
 
 Everything needed to continue is in the JSON UploadState that the coordinator keeps in the upload
 session, so any node may take the next request:
 
-    {"v": 1,
+    {"v": 2,
      "partsize": 10485760,             # base part size, fixed when the upload began
      "upload": "<UploadId>" | None,    # the S3 multipart upload at the upload key
      "parts": [[1, "<etag>", 10485760], ...],   # completed parts: number, ETag, size
-     "tail": "<token>" | None,         # tail object: <upload key>.tail-<token>
-     "tailsize": 123,                  # bytes of it that belong to the upload (a prefix of it)
-     "stale": ["<token>", ...]}        # tails that this state superseded
+     "segments": [["<token>", 123], ...],       # the tail in order: <upload key>.tail-<token>, and
+                                                # the bytes of it that belong to the upload (a prefix)
+     "tailsize": 123,                  # the segments' bytes together
+     "stale": ["<token>", ...]}        # segments that this state superseded
 
-A request starts from the session's recorded state, so the tails in its `stale` list are referenced
-by nothing and are deleted then. Tails and parts written by a request whose new state was never
-recorded are harmless: their tokens are never reused, a part is overwritten when the next request
-uploads the same part number, and the commit names each part with its recorded ETag (S3 refuses a
-part whose ETag differs, so a late write from an abandoned request cannot slip into a blob).
-Commit and abort remove every tail object by listing `<upload key>.tail-`.
+(A version 1 state, from an earlier Wharf, names one tail object as "tail" and "tailsize": it is
+read as one segment.)
+
+A request starts from the session's recorded state, so the segments in its `stale` list are
+referenced by nothing and are deleted then. Segments and parts written by a request whose new
+state was never recorded are harmless: their tokens are never reused, a part is overwritten when
+the next request uploads the same part number, and the commit names each part with its recorded
+ETag (S3 refuses a part whose ETag differs, so a late write from an abandoned request cannot slip
+into a blob). Commit and abort remove every segment by listing `<upload key>.tail-`. The cache
+holds only bytes already stored under a token that is never reused, so a miss or another node's
+cache can never change what an upload holds. It keeps at most two base parts' worth per process (20
+MiB with the default; least recently used go first): enough for a few chunked uploads at a time, and
+past that a part's segments are read back, which costs a GET, never a wrong byte.
 
 Committing: an upload smaller than one part is PUT at the blob's content-addressed key. A
 multipart upload is completed where it began, at the upload key, and that key is returned for the
@@ -53,6 +66,7 @@ import asyncio
 import functools
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,7 +94,13 @@ PARTS_PER_STEP = 1000
 _READ_CHUNK = 1 * MiB
 # Presigned GET URLs handed to clients in blob redirects.
 REDIRECT_EXPIRY_SECONDS = 20 * 60
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+# More segments than this in one tail are merged into one (chunks of a few KiB would otherwise make
+# thousands of objects per part and a session record that grows with them).
+MAX_SEGMENTS = 32
+# Segment bytes this process keeps after writing them, in base parts: a part's worth for each of a
+# few uploads at a time, so the request that completes a part need not read them back.
+_CACHED_PARTS = 2
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
 _NO_UPLOAD = frozenset({"NoSuchUpload", "404"})
 
@@ -89,6 +109,7 @@ _NO_UPLOAD = frozenset({"NoSuchUpload", "404"})
 _Keys = list[str]
 _Parts = list[tuple[int, str, int]]
 _Listed = list[tuple[str, int, float]]
+_Segments = list[tuple[str, int]]
 
 
 def part_size(base: int, number: int, parts_per_step: int = PARTS_PER_STEP) -> int:
@@ -116,18 +137,22 @@ class _Upload:
     partsize: int
     upload: str | None = None
     parts: list[tuple[int, str, int]] = field(default_factory=list)
-    tail: str | None = None
-    tailsize: int = 0
+    segments: list[tuple[str, int]] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, state: UploadState, default_partsize: int) -> _Upload:
+        if "segments" in state:
+            segments = [(str(token), int(size)) for token, size in state["segments"]]
+        elif state.get("tail") and int(state.get("tailsize", 0)):
+            segments = [(str(state["tail"]), int(state["tailsize"]))]  # version 1: one tail object
+        else:
+            segments = []
         return cls(
             partsize=int(state.get("partsize") or default_partsize),
             upload=state.get("upload"),
             parts=[(int(n), str(etag), int(size)) for n, etag, size in state.get("parts", [])],
-            tail=state.get("tail"),
-            tailsize=int(state.get("tailsize", 0)),
+            segments=segments,
             stale=[str(t) for t in state.get("stale", [])],
         )
 
@@ -137,7 +162,7 @@ class _Upload:
             "partsize": self.partsize,
             "upload": self.upload,
             "parts": [[n, etag, size] for n, etag, size in self.parts],
-            "tail": self.tail,
+            "segments": [[token, size] for token, size in self.segments],
             "tailsize": self.tailsize,
             "stale": list(self.stale),
         }
@@ -147,8 +172,59 @@ class _Upload:
         return sum(size for _, _, size in self.parts)
 
     @property
+    def tailsize(self) -> int:
+        return sum(size for _, size in self.segments)
+
+    @property
     def size(self) -> int:
         return self.parts_bytes + self.tailsize
+
+
+def _truncated(segments: list[tuple[str, int]], keep: int) -> tuple[list[tuple[str, int]], list[str]]:
+    """The segments holding the first `keep` bytes of a tail, and the tokens of those left out."""
+    kept: list[tuple[str, int]] = []
+    for token, size in segments:
+        if keep <= 0:
+            break
+        kept.append((token, min(size, keep)))
+        keep -= size
+    return kept, [token for token, _ in segments[len(kept) :]]
+
+
+class _SegmentCache:
+    """Segment bytes this process wrote, by full key, within a byte budget (least recently used go)."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str, size: int) -> bytes | None:
+        data = self._items.get(key)
+        if data is None or len(data) < size:
+            return None
+        self._items.move_to_end(key)
+        return data[:size] if len(data) > size else data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self._budget:
+            return
+        self.drop(key)
+        self._items[key] = data
+        self._used += len(data)
+        while self._used > self._budget:
+            _, old = self._items.popitem(last=False)
+            self._used -= len(old)
+
+    def drop(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._used -= len(old)
+
+    def drop_upload(self, full_upload_key: str) -> None:
+        prefix = f"{full_upload_key}.tail-"
+        for key in [k for k in self._items if k.startswith(prefix)]:
+            self.drop(key)
 
 
 class S3Driver:
@@ -209,6 +285,7 @@ class S3Driver:
             public = ("https://" if config.secure else "http://") + public
         self._signer: Any = client(public) if public is not None else self._client
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="wharf-s3")
+        self._segments = _SegmentCache(_CACHED_PARTS * self._part_base)
 
     def _key(self, key: str) -> str:
         # Keys come from layout.py out of validated names and digests; refuse anything odd anyway.
@@ -389,35 +466,35 @@ class S3Driver:
                 f"cannot write at offset {offset}: the upload holds {up.size} bytes, "
                 f"{up.parts_bytes} of them in completed parts"
             )
-        # The state we were given is the recorded one, so the tails it superseded are garbage now.
+        # The state we were given is the recorded one, so the segments it superseded are garbage now.
         cleanup = self._submit(self._delete_quietly, [_tail_key(key, t) for t in up.stale]) if up.stale else None
+        for token in up.stale:
+            self._segments.drop(_tail_key(key, token))
         # Bytes past `offset` belong to a request that broke before it was recorded: drop them.
-        keep = offset - up.parts_bytes
-        buf = bytearray()
-        if keep:
-            assert up.tail is not None
-            buf += await self._run(self._get_bytes, _tail_key(key, up.tail), keep)
+        segments, superseded = _truncated(up.segments, offset - up.parts_bytes)
+        held = sum(size for _, size in segments)  # tail bytes before `buf`, in the segments
+        buf = bytearray()  # this request's bytes not yet in a part
         parts = list(up.parts)
         upload_id = up.upload
-        number = len(parts) + 1  # the next part to cut from `buf`
+        number = len(parts) + 1  # the next part to cut
         pending: asyncio.Future[tuple[int, str, int]] | None = None
         received = 0
 
         async def settle() -> UploadState:
-            """Wait for the part in flight, keep the rest as a new tail, and describe the result."""
-            nonlocal pending
+            """Wait for the part in flight, keep the rest as a new segment, and describe the result."""
+            nonlocal pending, segments
             if pending is not None:
                 parts.append(await pending)
                 pending = None
-            if received == 0:
-                # Nothing new: the old tail (if any) still holds the `keep` bytes.
-                return _Upload(up.partsize, upload_id, parts, up.tail, keep, up.stale).dump()
-            new = _Upload(up.partsize, upload_id, parts, stale=[up.tail] if up.tail is not None else [])
             if buf:
-                token = uuid.uuid4().hex
-                await self._run(self._put, _tail_key(key, token), bytes(buf), False)
-                new.tail, new.tailsize = token, len(buf)
-            return new.dump()
+                segments = [*segments, await self._write_segment(key, bytes(buf))]
+                if len(segments) > MAX_SEGMENTS:
+                    merged = await self._write_segment(key, await self._load_segments(key, segments))
+                    for token, _ in segments:
+                        superseded.append(token)
+                        self._segments.drop(_tail_key(key, token))
+                    segments = [merged]
+            return _Upload(up.partsize, upload_id, parts, segments, superseded).dump()
 
         iterator = chunks.__aiter__()
         try:
@@ -436,7 +513,7 @@ class S3Driver:
                     continue
                 buf += chunk
                 received += len(chunk)
-                while len(buf) >= (size := part_size(up.partsize, number, self._parts_per_step)):
+                while held + len(buf) >= (size := part_size(up.partsize, number, self._parts_per_step)):
                     if number > MAX_PARTS:
                         raise ValueError(f"upload is larger than {MAX_PARTS} S3 multipart parts")
                     if pending is not None:
@@ -445,9 +522,17 @@ class S3Driver:
                         pending = None
                     if upload_id is None:
                         upload_id = await self._run(self._create_multipart, key)
+                    head = await self._load_segments(key, segments) if segments else b""
+                    for token, _ in segments:
+                        # Named by the recorded state until this one is recorded: S3 keeps them,
+                        # this process need not.
+                        superseded.append(token)
+                        self._segments.drop(_tail_key(key, token))
+                    segments, held = [], 0
+                    need = size - len(head)
                     with memoryview(buf) as view:
-                        data = bytes(view[:size])
-                    del buf[:size]
+                        data = b"".join((head, view[:need]))
+                    del buf[:need], head
                     pending = self._submit(self._upload_part, key, upload_id, number, data)
                     del data
                     number += 1
@@ -461,6 +546,25 @@ class S3Driver:
             await cleanup
         return received, new_state
 
+    async def _write_segment(self, full_upload_key: str, data: bytes) -> tuple[str, int]:
+        token = uuid.uuid4().hex
+        segment = _tail_key(full_upload_key, token)
+        await self._run(self._put, segment, data, False)
+        self._segments.put(segment, data)
+        return token, len(data)
+
+    async def _load_segments(self, full_upload_key: str, segments: _Segments) -> bytes:
+        """The tail's bytes: from this process's cache where it has them, else read from S3 (at once)."""
+
+        async def one(token: str, size: int) -> bytes:
+            segment = _tail_key(full_upload_key, token)
+            cached = self._segments.get(segment, size)
+            return cached if cached is not None else await self._run(self._get_bytes, segment, size)
+
+        if len(segments) == 1:
+            return await one(*segments[0])
+        return b"".join(await asyncio.gather(*(one(token, size) for token, size in segments)))
+
     async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
         up = _Upload.load(state, self._part_base)
         source = self._key(upload_key)
@@ -473,7 +577,7 @@ class S3Driver:
             return key
         if not up.parts:
             # Smaller than a part: one PUT at the blob key.
-            data = await self._read_tail(source, up)
+            data = await self._load_segments(source, up.segments)
             await self._run(self._put, target, data, True)
             del data
             await self._tidy(upload_key, state)
@@ -491,7 +595,7 @@ class S3Driver:
         try:
             if up.tailsize:
                 # The tail is the last part, which may be smaller than 5 MiB.
-                data = await self._read_tail(source, up)
+                data = await self._load_segments(source, up.segments)
                 parts.append(await self._run(self._upload_part, source, up.upload, len(parts) + 1, data))
                 del data
             await self._run(self._complete_multipart, source, up.upload, parts)
@@ -514,6 +618,7 @@ class S3Driver:
             if multipart:
                 await self.upload_abort(upload_key, state)
             else:
+                self._segments.drop_upload(self._key(upload_key))
                 await self._run(self._delete_tails, self._key(upload_key))
         except Exception as exc:  # left-over tails are small and under the upload's own prefix
             log.warning("cleaning up upload %s after commit failed: %s", upload_key, exc)
@@ -522,6 +627,7 @@ class S3Driver:
         # The upload key itself is left alone: once completed, it is a committed blob.
         up = _Upload.load(state, self._part_base)
         source = self._key(upload_key)
+        self._segments.drop_upload(source)
         if up.upload is not None:
             await self._run(self._abort_multipart, source, up.upload)
         await self._run(self._delete_tails, source)
@@ -531,12 +637,6 @@ class S3Driver:
         self._client.close()
         if self._signer is not self._client:
             self._signer.close()
-
-    async def _read_tail(self, source: str, up: _Upload) -> bytes:
-        if not up.tailsize:
-            return b""
-        assert up.tail is not None
-        return await self._run(self._get_bytes, _tail_key(source, up.tail), up.tailsize)
 
     # -- blocking helpers, run on the driver's thread pool ----------------------------------
 
