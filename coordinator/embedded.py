@@ -418,6 +418,8 @@ class EmbeddedKV:
             await asyncio.sleep(_LEASE_SWEEP_SECONDS)
             if self._closed:
                 return
+            if self._read_here(_nothing_expired) is True:
+                continue  # the usual case: no write (whose lock would send writers to the database thread)
             try:
                 await asyncio.wrap_future(self._executor.submit(lambda: self._write(_expire)))
             except RuntimeError:
@@ -638,11 +640,13 @@ class _Writer:
         self._log(key, "put", bytes(value))
 
     def delete(self, key: str, prefix: bool) -> int:
-        if prefix:
-            where, bounds = _under(key)
-            keys = [k for (k,) in self.conn.execute(f"SELECT key FROM kv WHERE {where}", bounds)]
-        else:
-            keys = [key] if self.conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() else []
+        if not prefix:
+            if not self.conn.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount:
+                return 0
+            self._log(key, "delete", b"")
+            return 1
+        where, bounds = _under(key)
+        keys = [k for (k,) in self.conn.execute(f"SELECT key FROM kv WHERE {where}", bounds)]
         for k in keys:
             self.conn.execute("DELETE FROM kv WHERE key = ?", (k,))
             self._log(k, "delete", b"")
@@ -693,6 +697,10 @@ def _holds(conn: sqlite3.Connection, c: Compare) -> bool:
     if c.op == "<":
         return actual < operand  # type: ignore[operator]
     return actual > operand  # type: ignore[operator]
+
+
+def _nothing_expired(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM leases WHERE expires < ? LIMIT 1", (time.time(),)).fetchone() is None
 
 
 def _expire(conn: sqlite3.Connection, w: _Writer) -> None:
