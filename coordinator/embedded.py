@@ -476,7 +476,7 @@ class EmbeddedKV:
         def trim(conn: sqlite3.Connection, w: _Writer) -> None:
             conn.execute("DELETE FROM changes WHERE rev < ?", (revision,))
 
-        await self._update(trim)
+        await self._call(lambda: self._write(trim))  # may be many rows: not on the caller's thread
 
     async def defragment(self, member: str | None = None) -> None:
         """Rewrite the file without its free pages (VACUUM): writers in other processes wait meanwhile."""
