@@ -152,7 +152,7 @@ class FilesystemDriver:
         # synced and closed in one hop to the pool: a body smaller than a batch (a small blob) costs
         # one hop, a larger one a hop per batch and one more.
         path = self._path(upload_key)
-        handle = None
+        handle: BinaryIO | None = None
         written = 0
         batch: list[bytes] = []
         batched = 0
@@ -307,7 +307,7 @@ def _create_empty(path: str) -> None:
     _in_new_dir(path, create)
 
 
-def _open_at(path: str, offset: int):  # type: ignore[no-untyped-def]
+def _open_at(path: str, offset: int) -> BinaryIO:
     handle = open(path, "r+b")
     # Bytes past the recorded offset belong to a request that broke before it was recorded.
     handle.truncate(offset)
@@ -315,7 +315,7 @@ def _open_at(path: str, offset: int):  # type: ignore[no-untyped-def]
     return handle
 
 
-def _open_for_write(path: str, offset: int):  # type: ignore[no-untyped-def]
+def _open_for_write(path: str, offset: int) -> BinaryIO:
     try:
         return _open_at(path, offset)
     except FileNotFoundError:
@@ -326,7 +326,7 @@ def _open_for_write(path: str, offset: int):  # type: ignore[no-untyped-def]
         return _open_at(path, offset)
 
 
-def _write_sync_close(handle, path: str, offset: int, data: bytes) -> None:  # type: ignore[no-untyped-def]
+def _write_sync_close(handle: BinaryIO | None, path: str, offset: int, data: bytes) -> None:
     """Write the last bytes of an upload request, sync and close; opens the file if nothing did yet."""
     if handle is None:
         handle = _open_for_write(path, offset)
