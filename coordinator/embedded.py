@@ -93,6 +93,10 @@ class _Busy:
 _BUSY = _Busy()
 # Read-only transactions of at most this many keys run on the caller's thread.
 _READ_HERE_KEYS = 16
+# Counts up to this many keys run on the caller's thread.
+_COUNT_HERE = 1000
+# Commits on callers' threads between two checkpoints (SQLite's own default: about 1,000 log pages).
+_CHECKPOINT_EVERY = 200
 
 # Watch history kept for late or cross-process watchers; older changes are compacted.
 _CHANGE_HISTORY = 10_000
@@ -103,10 +107,11 @@ _LEASE_SWEEP_SECONDS = 0.25
 class EmbeddedKV:
     """KV contract over SQLite.
 
-    Every statement runs on one private thread, so the event loop never blocks on disk and
-    transactions are serialised within the process; SQLite's own locking (WAL, BEGIN IMMEDIATE)
-    keeps several worker processes on one file consistent. Watches poll the change table, and
-    writers in this process wake them at once.
+    Small reads and write transactions run on the caller's thread when they need not wait for a
+    lock (a WAL commit syncs nothing); anything that would wait, every range walk and every
+    checkpoint runs on one private thread, so the event loop never blocks on disk. SQLite's own
+    locking (WAL, BEGIN IMMEDIATE) serialises writers of this process and of several worker
+    processes on one file. Watches poll the change table, and writers in this process wake them.
     """
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
@@ -126,6 +131,9 @@ class EmbeddedKV:
         self._local = threading.local()
         self._readers = threading.local()  # read connections of the threads that read here
         self._reader_conns: list[sqlite3.Connection] = []
+        self._writers_here = threading.local()  # write connections of the threads that write here
+        self._writer_conns: list[sqlite3.Connection] = []
+        self._commits_here = 0
         self._watchers: set[_EmbeddedWatch] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -188,7 +196,60 @@ class EmbeddedKV:
     def _write(self, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T:
         if self.readonly:
             raise PermissionError(f"the coordinator {self.path} was opened read-only")
-        conn = self._conn()
+        return self._write_on(self._conn(), fn)
+
+    async def _update(self, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T:
+        """A write transaction: here when the write lock is free at once, else on the database thread."""
+        done = self._write_here(fn)
+        if isinstance(done, _Busy):
+            return await self._call(lambda: self._write(fn))
+        # Let the others have a turn: a task writing in a loop must not hold the event loop.
+        await asyncio.sleep(0)
+        return done
+
+    def _write_here(self, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T | _Busy:
+        """Run a write transaction on the calling thread, on a write connection of its own.
+
+        In WAL mode with synchronous=NORMAL a commit appends a few pages to the log and syncs
+        nothing, so a small transaction costs far less here than two thread hand-offs (and the
+        fight for the interpreter lock that comes with them). This connection never waits: when
+        another connection holds the write lock (the lease sweep, another worker process) the
+        answer is _BUSY before anything was written, and the caller asks the database thread. It
+        never checkpoints either (a checkpoint syncs the file): every _CHECKPOINT_EVERY commits
+        the database thread is asked to.
+        """
+        if self.readonly:
+            raise PermissionError(f"the coordinator {self.path} was opened read-only")
+        if self._closed:
+            raise RuntimeError("embedded KV is closed")
+        self._ensure_sweeper()
+        conn = getattr(self._writers_here, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=0, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._writers_here.conn = conn
+            self._writer_conns.append(conn)
+        try:
+            result = self._write_on(conn, fn)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return _BUSY  # _write_on rolled back: nothing of it was written
+            raise
+        self._commits_here += 1
+        if self._commits_here % _CHECKPOINT_EVERY == 0:
+            self._checkpoint_soon()
+        return result
+
+    def _checkpoint_soon(self) -> None:
+        def checkpoint() -> None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        with contextlib.suppress(RuntimeError):  # the executor shut down: close checkpoints
+            self._executor.submit(checkpoint)
+
+    def _write_on(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -214,7 +275,7 @@ class EmbeddedKV:
             self._full = False
         if writer.changed:
             for watch in list(self._watchers):
-                watch.wake()
+                watch.wake(writer.keys)
         return result
 
     def _read_here(self, fn: Callable[[sqlite3.Connection], T]) -> T | _Busy:
@@ -255,7 +316,12 @@ class EmbeddedKV:
         return await self._call(lambda: _range(self._conn(), prefix, start, limit))
 
     async def count(self, prefix: str) -> int:
-        return await self._call(lambda: _count(self._conn(), prefix))
+        # A small count (a user's upload sessions, a repository's tags) is had here; a large one
+        # on the database thread.
+        found = self._read_here(lambda conn: _count(conn, prefix, _COUNT_HERE + 1))
+        if isinstance(found, _Busy) or found > _COUNT_HERE:
+            return await self._call(lambda: _count(self._conn(), prefix))
+        return found
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[_EmbeddedSnapshot]:
@@ -275,10 +341,10 @@ class EmbeddedKV:
             w.put(key, value, lease)
             return w.rev
 
-        return await self._call(lambda: self._write(run))
+        return await self._update(run)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
-        return await self._call(lambda: self._write(lambda conn, w: w.delete(key, prefix)))
+        return await self._update(lambda conn, w: w.delete(key, prefix))
 
     async def txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         for branch in (success, failure):
@@ -302,7 +368,7 @@ class EmbeddedKV:
                 if not isinstance(found, _Busy):
                     return found
             return await self._call(lambda: self._read_txn(compares, success, failure))
-        return await self._call(lambda: self._write(run))
+        return await self._update(run)
 
     def _read_txn(
         self,
@@ -329,7 +395,7 @@ class EmbeddedKV:
             cur = conn.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, time.time() + ttl))
             return int(cur.lastrowid or 0)
 
-        return await self._call(lambda: self._write(run))
+        return await self._update(run)
 
     async def refresh_lease(self, lease: int) -> bool:
         def run(conn: sqlite3.Connection, w: _Writer) -> bool:
@@ -337,7 +403,7 @@ class EmbeddedKV:
             cur = conn.execute("UPDATE leases SET expires = ? + ttl WHERE id = ?", (time.time(), lease))
             return cur.rowcount == 1
 
-        return await self._call(lambda: self._write(run))
+        return await self._update(run)
 
     async def revoke_lease(self, lease: int) -> None:
         def run(conn: sqlite3.Connection, w: _Writer) -> None:
@@ -345,13 +411,15 @@ class EmbeddedKV:
             for (key,) in conn.execute("SELECT key FROM kv WHERE lease = ?", (lease,)).fetchall():
                 w.delete(key, False)
 
-        await self._call(lambda: self._write(run))
+        await self._update(run)
 
     async def _sweep_leases_forever(self) -> None:
         while not self._closed:
             await asyncio.sleep(_LEASE_SWEEP_SECONDS)
             if self._closed:
                 return
+            if self._read_here(_nothing_expired) is True:
+                continue  # the usual case: no write (whose lock would send writers to the database thread)
             try:
                 await asyncio.wrap_future(self._executor.submit(lambda: self._write(_expire)))
             except RuntimeError:
@@ -408,7 +476,7 @@ class EmbeddedKV:
         def trim(conn: sqlite3.Connection, w: _Writer) -> None:
             conn.execute("DELETE FROM changes WHERE rev < ?", (revision,))
 
-        await self._call(lambda: self._write(trim))
+        await self._call(lambda: self._write(trim))  # may be many rows: not on the caller's thread
 
     async def defragment(self, member: str | None = None) -> None:
         """Rewrite the file without its free pages (VACUUM): writers in other processes wait meanwhile."""
@@ -455,9 +523,10 @@ class EmbeddedKV:
         # Readers first: the last connection to close checkpoints the WAL and removes it with its
         # -shm file, which only the writer's connection may do. Left behind, a later read-only open
         # (a dry run) would have to share them, and reading through the -shm file writes it.
-        for reader in self._reader_conns:
-            reader.close()
+        for other in (*self._reader_conns, *self._writer_conns):
+            other.close()
         self._reader_conns.clear()
+        self._writer_conns.clear()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -550,12 +619,14 @@ class _Writer:
         self.conn = conn
         self.rev = rev
         self.changed = False
+        self.keys: list[str] = []  # changed, in order
         self._seq = 0
 
     def _log(self, key: str, kind: str, value: bytes) -> None:
         self.conn.execute("INSERT INTO changes VALUES (?, ?, ?, ?, ?)", (self.rev, self._seq, key, kind, value))
         self._seq += 1
         self.changed = True
+        self.keys.append(key)
 
     def put(self, key: str, value: bytes, lease: int) -> None:
         if lease and self.conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
@@ -569,11 +640,13 @@ class _Writer:
         self._log(key, "put", bytes(value))
 
     def delete(self, key: str, prefix: bool) -> int:
-        if prefix:
-            where, bounds = _under(key)
-            keys = [k for (k,) in self.conn.execute(f"SELECT key FROM kv WHERE {where}", bounds)]
-        else:
-            keys = [key] if self.conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() else []
+        if not prefix:
+            if not self.conn.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount:
+                return 0
+            self._log(key, "delete", b"")
+            return 1
+        where, bounds = _under(key)
+        keys = [k for (k,) in self.conn.execute(f"SELECT key FROM kv WHERE {where}", bounds)]
         for k in keys:
             self.conn.execute("DELETE FROM kv WHERE key = ?", (k,))
             self._log(k, "delete", b"")
@@ -591,8 +664,12 @@ def _range(conn: sqlite3.Connection, prefix: str, start: str | None, limit: int)
     return [KeyValue(*row) for row in conn.execute(sql, args)]
 
 
-def _count(conn: sqlite3.Connection, prefix: str) -> int:
+def _count(conn: sqlite3.Connection, prefix: str, limit: int = 0) -> int:
+    """Keys under `prefix`; with `limit`, counted up to that many at most."""
     where, bounds = _under(prefix)
+    if limit:
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM kv WHERE {where} LIMIT ?)"
+        return int(conn.execute(sql, (*bounds, limit)).fetchone()[0])
     return int(conn.execute(f"SELECT count(*) FROM kv WHERE {where}", bounds).fetchone()[0])
 
 
@@ -622,6 +699,10 @@ def _holds(conn: sqlite3.Connection, c: Compare) -> bool:
     return actual > operand  # type: ignore[operator]
 
 
+def _nothing_expired(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM leases WHERE expires < ? LIMIT 1", (time.time(),)).fetchone() is None
+
+
 def _expire(conn: sqlite3.Connection, w: _Writer) -> None:
     now = time.time()
     expired = [lid for (lid,) in conn.execute("SELECT id FROM leases WHERE expires < ?", (now,))]
@@ -640,8 +721,13 @@ class _EmbeddedWatch:
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
-    def wake(self) -> None:
-        self._loop.call_soon_threadsafe(self._event.set)
+    def wake(self, changed: Sequence[str]) -> None:
+        """A writer of this process changed `changed`: look again if one is under the prefix.
+
+        (Writes of other processes are found by the poll.)
+        """
+        if any(key.startswith(self._prefix) for key in changed):
+            self._loop.call_soon_threadsafe(self._event.set)
 
     async def close(self) -> None:
         self._closed = True

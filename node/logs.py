@@ -16,6 +16,10 @@ from .config import LogConfig
 _LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
 
+# json.dumps(value, default=str), without making an encoder for every line.
+_encode = json.JSONEncoder(default=str).encode
+
+
 def _name(record: logging.LogRecord) -> str:
     """Logger names as operators should read them: granian's Rust core logs as `_granian...`."""
     return record.name[1:] if record.name.startswith("_granian") else record.name
@@ -27,9 +31,15 @@ class _Formatter(logging.Formatter):
     def __init__(self, fields: dict[str, object] | None = None) -> None:
         super().__init__()
         self.fields = dict(fields or {})
+        self._second: tuple[int, str] = (-1, "")  # the last second formatted, and how
 
     def timestamp(self, record: logging.LogRecord) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        second = int(record.created)
+        seen, text = self._second
+        if second != seen:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
+        return f"{text}.{int(record.msecs):03d}Z"
 
     def entry(self, record: logging.LogRecord) -> dict[str, Any]:
         entry: dict[str, Any] = dict(self.fields)
@@ -53,7 +63,7 @@ class JSONFormatter(_Formatter):
             "logger": _name(record),
             "msg": record.getMessage(),
         }
-        return json.dumps({**head, **self.entry(record)}, default=str)
+        return _encode({**head, **self.entry(record)})
 
 
 class LogstashFormatter(_Formatter):
@@ -67,7 +77,7 @@ class LogstashFormatter(_Formatter):
             "logger": _name(record),
             "message": record.getMessage(),
         }
-        return json.dumps({**head, **self.entry(record)}, default=str)
+        return _encode({**head, **self.entry(record)})
 
 
 def _text_value(value: object) -> str:

@@ -90,6 +90,34 @@ class _Counted:
             yield chunk
 
 
+# A closing PUT of at most this many bytes into an empty session is read whole before it is written.
+_WHOLE_BODY = 1 << 20
+
+
+async def _gather(chunks: AsyncIterator[bytes], length: int | None) -> tuple[list[bytes], Exception | None]:
+    """A body's chunks, up to a little past `length`, and what broke the stream if it broke."""
+    arrived: list[bytes] = []
+    count = 0
+    try:
+        async for chunk in chunks:
+            arrived.append(chunk)
+            count += len(chunk)
+            if length is not None and count > length:
+                break  # too long: the ordinary path refuses it
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:
+        return arrived, exc
+    return arrived, None
+
+
+async def _replay(arrived: list[bytes], broke: Exception | None = None) -> AsyncIterator[bytes]:
+    for chunk in arrived:
+        yield chunk
+    if broke is not None:
+        raise broke
+
+
 def _hasher(state: bytes) -> rehashes.PySha256:
     # deserialize() returns a new hasher; calling it on an instance would restart from empty.
     return rehashes.PySha256.deserialize(state) if state else rehashes.PySha256()
@@ -281,6 +309,11 @@ class Uploader:
         """The closing PUT: append its body if any, check the digest, commit and link; returns the size."""
         check_algorithm(digest.algorithm)
         key = layout.blob_key(str(digest))
+        if chunks is not None and session.offset == 0 and session.commit is None and 0 < (length or 0) <= _WHOLE_BODY:
+            arrived, broke = await _gather(chunks, length)
+            if broke is None and sum(map(len, arrived)) == length:
+                return await self._finish_whole(session, digest, key, arrived, events)
+            chunks = _replay(arrived, broke)  # short or broken: recorded as any request's bytes are
         if chunks is None:
             if session.commit is not None:
                 raise _busy(session)
@@ -313,6 +346,51 @@ class Uploader:
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
         await self._commit(committing, events)
+        return size
+
+    async def _finish_whole(
+        self, session: UploadSession, digest: Digest, key: str, body: list[bytes], events: Events
+    ) -> int:
+        """A closing PUT that brought a whole small blob to an empty session, read before any of it is written.
+
+        It is checked first (digest, quotas); then one transaction takes the session and records
+        the commit intent, the way a claim would (so it needs none: another request finds the
+        session committing), and only then are the bytes written and committed.
+        """
+        hasher = rehashes.PySha256()
+        for chunk in body:
+            hasher.update(chunk)
+        size = sum(map(len, body))
+        actual = "sha256:" + _hasher(hasher.serialize()).finalize()
+        if actual != str(digest):
+            await self._discard(session, None, session.driver_state)
+            raise DigestInvalid({"expected": str(digest), "actual": actual})
+        try:
+            await self.check_room(session.repository, size, str(digest))
+        except BaseException:
+            await self._discard(session, None, session.driver_state)
+            raise
+        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        try:
+            committing = await self.sessions.advance(
+                session, size, hasher.serialize(), session.driver_state, commit=intent
+            )
+        except SessionChanged:
+            raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
+        upload = layout.upload_key(session.repository, session.id)
+        try:
+            written, state = await self.storage.upload_write(upload, session.driver_state, 0, _replay(body))
+        except UploadInterrupted as exc:
+            await self.reclaim(replace(committing, driver_state=exc.state))
+            raise exc.cause from exc
+        except BaseException:
+            await self.reclaim(committing)
+            raise
+        if written != size:
+            await self.reclaim(replace(committing, driver_state=state))
+            raise BlobUploadInvalid({"reason": "storage kept fewer bytes than were sent"})
+        # The driver's state after the write is known only now; the intent already covered it.
+        await self._commit(replace(committing, driver_state=state), events)
         return size
 
     async def _discard(self, session: UploadSession, claim: Claim | None, state: dict) -> None:  # type: ignore[type-arg]

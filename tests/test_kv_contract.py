@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ import pytest
 from aetcd import rpc
 from services import EtcdCluster
 
+from coordinator import embedded
 from coordinator.embedded import EmbeddedKV
 from coordinator.etcd import EtcdKV, RevisionCompacted
 from coordinator.kv import KV, Compare, Delete, Get, Put, SnapshotLost, WatchEvent
@@ -816,6 +818,63 @@ async def test_embedded_read_only_open_sees_a_live_writer(tmp_path: Path) -> Non
             await reader.close()
     finally:
         await writer.close()
+
+
+# -- embedded backend: writes on the caller's thread -----------------------------------------
+
+
+async def test_embedded_write_waits_on_its_thread_while_another_connection_holds_the_lock(tmp_path: Path) -> None:
+    path = str(tmp_path / "coordinator.db")
+    kv = EmbeddedKV(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await kv.put("k", b"1")
+        other.execute("BEGIN IMMEDIATE")  # another worker process writing, say
+        put = asyncio.create_task(kv.put("k", b"2"))
+        ticks = 0
+        for _ in range(5):
+            await asyncio.sleep(0.01)  # the event loop goes on while the write waits
+            ticks += 1
+        assert ticks == 5 and not put.done()
+        other.execute("ROLLBACK")
+        revision = await asyncio.wait_for(put, 30)
+        found = await kv.get("k")
+        assert found is not None and found.value == b"2" and found.mod_revision == revision
+    finally:
+        other.close()
+        await kv.close()
+
+
+async def test_embedded_writes_made_here_reach_the_database_file(tmp_path: Path, monkeypatch: Any) -> None:
+    """The log is checkpointed into the file as writes go, though their own connection never does."""
+    monkeypatch.setattr(embedded, "_CHECKPOINT_EVERY", 20)
+    path = tmp_path / "coordinator.db"
+    kv = EmbeddedKV(str(path))
+    try:
+        await kv.put("first", b"x")
+        before = path.stat().st_size
+        for n in range(60):
+            await kv.put(f"key/{n:03d}", bytes(2000))
+        deadline = time.monotonic() + 30
+        while path.stat().st_size <= before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert path.stat().st_size > before
+        assert len(await kv.range("key/")) == 60
+    finally:
+        await kv.close()
+    assert not (tmp_path / "coordinator.db-wal").exists()
+
+
+async def test_embedded_counts_exactly_past_what_it_counts_on_the_callers_thread(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(embedded, "_COUNT_HERE", 5)
+    kv = EmbeddedKV(str(tmp_path / "coordinator.db"))
+    try:
+        await kv.txn([], [Put(f"many/{n}", b"") for n in range(8)] + [Put(f"few/{n}", b"") for n in range(3)])
+        assert (await kv.count("many/"), await kv.count("few/"), await kv.count("none/")) == (8, 3, 0)
+    finally:
+        await kv.close()
 
 
 # -- etcd backend: endpoints and failover ----------------------------------------------------

@@ -148,9 +148,11 @@ class FilesystemDriver:
     async def upload_write(
         self, upload_key: str, state: UploadState, offset: int, chunks: AsyncIterator[bytes]
     ) -> tuple[int, UploadState]:
-        # One hop to the pool to open (or create) the file, one per full batch, one to write the rest,
-        # sync and close: a small blob's body costs two hops.
-        handle = await self._run(_open_for_write, self._path(upload_key), offset)
+        # The file is opened (or created) with the first full batch, and the last batch is written,
+        # synced and closed in one hop to the pool: a body smaller than a batch (a small blob) costs
+        # one hop, a larger one a hop per batch and one more.
+        path = self._path(upload_key)
+        handle: BinaryIO | None = None
         written = 0
         batch: list[bytes] = []
         batched = 0
@@ -163,6 +165,8 @@ class FilesystemDriver:
                     batch.append(chunk)
                     batched += len(chunk)
                     if batched >= _WRITE_BATCH:
+                        if handle is None:
+                            handle = await self._run(_open_for_write, path, offset)
                         await self._run(handle.write, b"".join(batch))
                         written += batched
                         batch, batched = [], 0
@@ -170,16 +174,15 @@ class FilesystemDriver:
                 raise
             except Exception as exc:
                 # The stream broke: keep every byte that arrived so the client can resume.
-                if batch:
-                    await self._run(handle.write, b"".join(batch))
-                    written += batched
-                await self._run(_flush_sync, handle)
+                closed = True
+                await self._run(_write_sync_close, handle, path, offset, b"".join(batch))
+                written += batched
                 raise UploadInterrupted(written, state, exc) from exc
-            await self._run(_write_sync_close, handle, b"".join(batch))
-            written += batched
             closed = True
+            await self._run(_write_sync_close, handle, path, offset, b"".join(batch))
+            written += batched
         finally:
-            if not closed:
+            if handle is not None and not closed:
                 await self._run(handle.close)
         return written, state
 
@@ -304,7 +307,7 @@ def _create_empty(path: str) -> None:
     _in_new_dir(path, create)
 
 
-def _open_at(path: str, offset: int):  # type: ignore[no-untyped-def]
+def _open_at(path: str, offset: int) -> BinaryIO:
     handle = open(path, "r+b")
     # Bytes past the recorded offset belong to a request that broke before it was recorded.
     handle.truncate(offset)
@@ -312,7 +315,7 @@ def _open_at(path: str, offset: int):  # type: ignore[no-untyped-def]
     return handle
 
 
-def _open_for_write(path: str, offset: int):  # type: ignore[no-untyped-def]
+def _open_for_write(path: str, offset: int) -> BinaryIO:
     try:
         return _open_at(path, offset)
     except FileNotFoundError:
@@ -323,11 +326,16 @@ def _open_for_write(path: str, offset: int):  # type: ignore[no-untyped-def]
         return _open_at(path, offset)
 
 
-def _write_sync_close(handle, data: bytes) -> None:  # type: ignore[no-untyped-def]
-    if data:
-        handle.write(data)
-    _flush_sync(handle)
-    handle.close()
+def _write_sync_close(handle: BinaryIO | None, path: str, offset: int, data: bytes) -> None:
+    """Write the last bytes of an upload request, sync and close; opens the file if nothing did yet."""
+    if handle is None:
+        handle = _open_for_write(path, offset)
+    try:
+        if data:
+            handle.write(data)
+        _flush_sync(handle)
+    finally:
+        handle.close()
 
 
 def _flush_sync(handle) -> None:  # type: ignore[no-untyped-def]

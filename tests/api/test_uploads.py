@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ import httpx
 import pytest
 from api_suite import EMPTY_DIGEST, MIB, Backend, client_for, new_repo, upload_id
 from oci_client import OCIClient, assert_error, digest_of
+from services import wait_until
 from wharf_process import WharfProcess
 
 
@@ -81,6 +84,34 @@ def test_final_chunk_may_come_with_the_closing_put(http: httpx.Client, oci: OCIC
         params={"digest": digest_of(data)},
         content=data[600:],
         headers={"Content-Range": f"600-{len(data) - 1}", "Content-Type": "application/octet-stream"},
+    )
+    assert finished.status_code == 201, finished.text
+    assert http.get(f"/v2/{repo}/blobs/{digest_of(data)}").content == data
+
+
+def test_closing_put_of_a_small_blob_cut_short_keeps_what_arrived(
+    http: httpx.Client, oci: OCIClient, repo: str
+) -> None:
+    """A closing PUT whose body is a whole small blob is read before it is written; cut short, the
+    bytes that arrived are kept as a PATCH's are, and the client resumes from there."""
+    data = os.urandom(4000)
+    location = urlsplit(oci.start_upload(repo))
+    query = f"{location.query}&" if location.query else ""
+    head = (
+        f"PUT {location.path}?{query}digest={digest_of(data)} HTTP/1.1\r\n"
+        f"Host: {http.base_url.host}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", http.base_url.port or 80), timeout=10) as sock:
+        sock.sendall(head + data[:1500])
+        sock.shutdown(socket.SHUT_WR)  # FIN after the last byte: all of them reach the server
+        sock.recv(1)  # the server gives up on the body and closes (or answers)
+    status = f"{location.path}?{location.query}" if location.query else location.path
+    wait_until(lambda: http.get(status).headers.get("range") == "0-1499", timeout=15, what="the bytes that arrived")
+    finished = http.put(
+        status,
+        params={"digest": digest_of(data)},
+        content=data[1500:],
+        headers={"Content-Range": f"1500-{len(data) - 1}", "Content-Type": "application/octet-stream"},
     )
     assert finished.status_code == 201, finished.text
     assert http.get(f"/v2/{repo}/blobs/{digest_of(data)}").content == data
