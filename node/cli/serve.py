@@ -161,7 +161,8 @@ def _log_startup(config: Config, store: dict[str, object], listeners: _Listeners
             else "off"
         ),
         "config": config.source or "none (defaults)",
-        "server": f"{config.http.server}, {config.http.workers} worker(s)" + (" (auto)" if config.http.workers_auto else ""),
+        "server": f"{config.http.server}, {config.http.workers} worker(s)"
+        + (" (auto)" if config.http.workers_auto else ""),
     }
     log.info(
         "wharf serving %s on %s (%s, auth %s) with %s and %s",
