@@ -287,7 +287,9 @@ def auto_workers(cores: int, *, embedded: bool) -> int:
 
 def usable_cores() -> int:
     """The cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0))
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # no CPU sets here (macOS)
 
 
 class _Grammar:
