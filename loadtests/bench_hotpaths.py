@@ -15,10 +15,16 @@ busy machine moves rates far more than CPU per operation.
   blob pull                           GETs of one large blob by a few clients (redirects followed)
   resident memory                     idle, and while taking one large blob (--memory-mib)
 
+On rgw (Wharf on etcd) a third registry, Wharf with `--workers` worker processes (default: the
+machine's usable cores, at least 2), takes the same loads in the same rounds, and a table says what
+those workers buy over one: rate and CPU per operation, and memory idle and while taking the blob.
+The embedded coordinator is for one process, so the filesystem run has no such registry.
+
 At the end a goals table says PASS or MISS for each ratio issue 14 (and 13) asks for. Nothing here
 is asserted in tests: a busy machine varies.
 
     python loadtests/bench_hotpaths.py [--storage filesystem,rgw] [--rounds 3] [--duration 5] [--loads ...]
+                                       [--workers N (0: none)]
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ class Plan:
     layer_bytes: int
     memory_bytes: int
     s: loads.Settings
+    workers: int = 0  # Wharf with this many workers beside Wharf with one (rgw only; 0: none)
 
 
 def _figure(result: Any, rate: float, ops: int, errors: int) -> Figure:
@@ -285,12 +292,13 @@ class Run:
     duration: float
     figures: dict[str, dict[str, list[Figure]]] = field(default_factory=dict)  # load -> registry -> rounds
     memory: dict[str, dict[str, float]] = field(default_factory=dict)  # registry -> phase -> MiB
+    workers: int = 0  # of the "workers" registry, if it ran
     failed: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
-    def ratio(self, load: str, ours_key: str = "wharf") -> float | None:
+    def ratio(self, load: str, ours_key: str = "wharf", theirs_key: str = "distribution") -> float | None:
         rounds = self.figures.get(load, {})
-        ours, theirs = rounds.get(ours_key, []), rounds.get("distribution", [])
+        ours, theirs = rounds.get(ours_key, []), rounds.get(theirs_key, [])
         ratios = [a.rate / b.rate for a, b in zip(ours, theirs, strict=False) if b.rate > 0 and a.rate == a.rate]
         return statistics.median(ratios) if ratios else None
 
@@ -299,11 +307,17 @@ async def run_storage(
     storage: Storage, plan: Plan, chosen: list[Load], base: Path, keep_logs: Path | None, baseline: Path | None
 ) -> Run:
     run = Run(storage.name, storage.describe, plan.duration)
+    run.workers = plan.workers
     servers: dict[str, Server] = {}
     seeded: dict[str, Seeded] = {}
     say = session.progress_since(time.monotonic())
     try:
-        for target in (DISTRIBUTION, WHARF, *([BASELINE] if baseline else [])):
+        several = (
+            [Target("workers", f"Wharf granian x{plan.workers}", "wharf", "granian", plan.workers)]
+            if plan.workers > 1 and storage.name == "rgw"
+            else []
+        )
+        for target in (DISTRIBUTION, WHARF, *([BASELINE] if baseline else []), *several):
             server = servers[target.key] = storage.make(target, base / storage.name / target.key)
             if baseline and target is BASELINE:
                 server.code = baseline
@@ -384,6 +398,36 @@ def report_run(run: Run) -> None:
             print(f"  {who:13s} " + ", ".join(f"{phase} {mib:.0f}" for phase, mib in phases.items()))
 
 
+def report_workers(run: Run) -> None:
+    """What several workers buy over one, in the same rounds: rate, CPU per operation, memory."""
+    if "workers" not in run.memory:
+        return
+    rows = []
+    for key, per in run.figures.items():
+        if "workers" not in per or "wharf" not in per:
+            continue
+        unit = next(load.unit for load in LOADS if load.key == key)
+        one, several = per["wharf"], per["workers"]
+        rows.append(
+            [
+                f"{TITLES[key]} ({unit})",
+                fmt_num(_median(one, "rate")),
+                fmt_num(_median(several, "rate")),
+                fmt_num(run.ratio(key, "workers", "wharf"), 2),
+                fmt_num(_median(one, "cpu_ms"), 3),
+                fmt_num(_median(several, "cpu_ms"), 3),
+                str(sum(f.errors for f in one)) + " / " + str(sum(f.errors for f in several)),
+            ]
+        )
+    for phase in ("idle", "upload"):
+        one_mib, several_mib = run.memory["wharf"].get(phase), run.memory["workers"].get(phase)
+        if one_mib is not None and several_mib is not None:
+            rows.append([f"memory {phase} (MiB, PSS)", f"{one_mib:.0f}", f"{several_mib:.0f}", "", "", "", ""])
+    headers = ["load", "1 worker", "N workers", "ratio N/1", "CPU ms/op 1", "CPU ms/op N", "errors 1 / N"]
+    note = f"N = {run.workers} worker processes; ratio = the median of the rounds' rate ratios, same rounds"
+    print_table(f"{run.storage}: what more workers buy", note, headers, rows)
+
+
 # (storage, load, at least, source)
 GOALS = [
     *(("filesystem", key, 4.0, "#14.1") for key in ("get_tag", "get_digest", "head_tag", "head_digest")),
@@ -427,11 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", help="comma-separated subset of: " + ", ".join(load.key for load in LOADS))
     parser.add_argument("--baseline", type=Path, help="another checkout of Wharf, run beside this one (before/after)")
     parser.add_argument("--memory-mib", type=int, default=1024, help="blob taken while memory is sampled (0: none)")
+    parser.add_argument(
+        "--workers", type=int, default=max(2, cores()), help="Wharf with this many workers beside one, on rgw (0: none)"
+    )
     args = parser.parse_args(argv)
     s = loads.settings(args, blob_mib=64, max_push_gib=1.0)
     plan = Plan(
         s.duration, args.rounds, s.connections, s.pull_clients, s.image_clients, s.blob_bytes, s.layer_bytes,
-        args.memory_mib * MIB, s,
+        args.memory_mib * MIB, s, args.workers,
     )  # fmt: skip
     chosen = LOADS
     if args.loads:
@@ -458,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average after: {os.getloadavg()}")
     for run in runs:
         report_run(run)
+        report_workers(run)
         for problem in run.problems[:20]:
             print(f"  problem: {problem}")
     report_goals(runs)

@@ -252,6 +252,46 @@ def parse_log_fields(value: Any) -> dict[str, object]:
     return dict(value)
 
 
+AUTO_WORKERS = 0  # `http.workers: auto`, until _finish makes it a number
+WORKERS_EXPECTED = "a whole number of worker processes from 1 to 256, or auto"
+
+
+def parse_workers(value: str | int) -> int:
+    """`http.workers`: 1 to 256, or `auto` (AUTO_WORKERS: the machine's cores and the coordinator decide)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_WORKERS
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _FieldError(None, value, WORKERS_EXPECTED)
+    try:
+        workers = int(value)
+    except ValueError:
+        raise _FieldError(None, value, WORKERS_EXPECTED) from None
+    if not 1 <= workers <= 256:
+        raise _FieldError(None, value, WORKERS_EXPECTED)
+    return workers
+
+
+def auto_workers(cores: int, *, embedded: bool) -> int:
+    """What `http.workers: auto` (the default) runs: one worker on the embedded coordinator, else one
+    for every two usable cores.
+
+    A worker's Python runs on one core, and granian's I/O threads, the kernel's network stack and the
+    storage and coordinator clients keep about as much again busy beside it, so a worker per core
+    would leave them none; each further worker also costs about as much memory as the first (a node
+    of one worker is one process within 100 MiB, issue 13). loadtests/bench_hotpaths.py prints what
+    `--workers N` buys over one worker in the same run. The embedded coordinator is one SQLite file
+    for one process: several workers on it raced on its leases and upload sessions (500s) there.
+    """
+    return 1 if embedded else max(1, cores // 2)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # no CPU sets here (macOS)
+
+
 class _Grammar:
     """A value grammar attached to a field's type (`Duration`, `Size` ...): how text becomes a value."""
 
@@ -267,6 +307,7 @@ GoDuration = Annotated[float, _Grammar(lambda v: parse_duration(v, unit_required
 Size = Annotated[int, _Grammar(parse_size, SIZE_EXPECTED)]  # bytes
 Headers = Annotated[dict[str, list[str]], _Grammar(parse_headers, HEADERS_EXPECTED, dict)]
 LogFields = Annotated[dict[str, object], _Grammar(parse_log_fields, "a mapping of field names to plain values", dict)]
+Workers = Annotated[int, _Grammar(parse_workers, WORKERS_EXPECTED)]
 
 
 class _Section:
@@ -566,11 +607,12 @@ class HTTPConfig(_Section):
     # Wharf: the ASGI server and its worker processes. Granian served about twice the small requests
     # per CPU-second of Hypercorn in loadtests/bench.py, and sends files without copying.
     server: str = "granian"
-    workers: int = 1
+    workers: Workers = AUTO_WORKERS  # see auto_workers()
     # Wharf: serve authentication over plain HTTP (only behind a TLS-terminating proxy).
     insecure: bool = False
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     listen: ListenAddress = field(default=ListenAddress("127.0.0.1:5000", "127.0.0.1", 5000), init=False, repr=False)
+    workers_auto: bool = field(default=False, init=False, repr=False)  # `workers` came from auto_workers()
 
     def check(self) -> None:
         self.net = self.net.lower() or "tcp"
@@ -591,8 +633,8 @@ class HTTPConfig(_Section):
             self.host = f"{parts.scheme}://{parts.netloc}"  # as Distribution: its path is not used
         if self.server not in SERVERS:
             raise _FieldError("server", self.server, "granian or hypercorn")
-        if not 1 <= self.workers <= 256:
-            raise _FieldError("workers", self.workers, "a number of worker processes from 1 to 256")
+        if self.workers != AUTO_WORKERS and not 1 <= self.workers <= 256:
+            raise _FieldError("workers", self.workers, WORKERS_EXPECTED)
         if self.draintimeout is not None and self.draintimeout > 3600:
             raise _FieldError("draintimeout", self.draintimeout, "at most 1h")
 
@@ -1685,6 +1727,9 @@ def _finish(config: Config) -> None:
             # Inside the storage root, outside Distribution's tree: the root alone is the whole registry.
             coordinator.embedded.path = embedded_path_in(storage.filesystem.rootdirectory)
         coordinator.embedded.path = os.path.abspath(coordinator.embedded.path)
+    if config.http.workers == AUTO_WORKERS:
+        config.http.workers = auto_workers(usable_cores(), embedded=coordinator.etcd is None)
+        config.http.workers_auto = True
     debug = config.http.debug
     if debug.listen is not None and debug.listen.overlaps(config.http.listen):
         default = " (Wharf's default: set http.debug.addr to another address, or to '' for no debug listener)"

@@ -9,11 +9,14 @@ with SO_REUSEPORT, which would let a second registry silently share the port.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -27,6 +30,7 @@ from granian._granian import SocketHolder
 from granian.constants import HTTPModes, Interfaces, Loops, SSLProtocols
 from granian.log import LogLevels
 from granian.server import Server as GranianServer
+from granian.server.embed import Server as EmbeddedGranian
 from hypercorn.config import Config as _HypercornBase
 
 from .config import Config, ListenAddress
@@ -183,7 +187,7 @@ def client_ca_file(config: Config, directory: str) -> str | None:
     return combined
 
 
-class _GranianOnSocket(GranianServer):  # type: ignore[misc, valid-type]
+class _OnBoundSocket:
     """granian serving the socket `wharf serve` bound, instead of one SO_REUSEPORT socket per worker.
 
     granian has no public way to take a bound socket; this replaces the one step that makes its
@@ -201,6 +205,14 @@ class _GranianOnSocket(GranianServer):  # type: ignore[misc, valid-type]
 
     def _drop_shared_socket(self) -> None:
         pass  # the socket is `wharf serve`'s; it closes with the process
+
+
+class _GranianOnSocket(_OnBoundSocket, GranianServer):  # type: ignore[misc, valid-type]
+    """granian's worker processes on the bound socket."""
+
+
+class _EmbeddedOnSocket(_OnBoundSocket, EmbeddedGranian):  # type: ignore[misc, valid-type]
+    """granian's one worker in this process, on its event loop, on the bound socket."""
 
 
 def runtime_threads(workers: int) -> int:
@@ -246,6 +258,33 @@ def run_granian(config: Config, sock: socket.socket, client_cas: str | None, tar
     server.bound = sock
     server.serve()
     return 0
+
+
+def _embedded_warning(record: logging.LogRecord) -> bool:
+    """Drop granian's start-up warning that its embedded server is experimental: Wharf runs one
+    worker that way on purpose (the listener, drain and metrics tests cover it), and the line would
+    send operators looking for a problem."""
+    return record.getMessage() != "Embedded server is experimental!"
+
+
+async def serve_granian_here(config: Config, sock: socket.socket, client_cas: str | None, app: Any) -> None:
+    """One granian worker serving `app` in this process, on the running loop, until SIGINT or SIGTERM.
+
+    No second process: a supervisor holding its own copy of the interpreter, boto3 and the rest
+    would double a one-worker node's memory (issue 13: all processes of a node within 100 MiB).
+    """
+    options = granian_options(config, sock, client_cas)
+    kill_timeout = options.pop("workers_kill_timeout", None)
+    del options["workers"], options["loop"]  # one worker, on the loop this runs on
+    server = _EmbeddedOnSocket(app, **options)  # configures granian's loggers
+    logging.getLogger("_granian").addFilter(_embedded_warning)
+    server.bound = sock
+    server.workers_kill_timeout = kill_timeout
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop)
+    with contextlib.suppress(TimeoutError):  # the drain time ran out: the worker was stopped
+        await server.serve()
 
 
 _GRANIAN_LEVELS = {"error": LogLevels.error, "warn": LogLevels.warning, "debug": LogLevels.debug}

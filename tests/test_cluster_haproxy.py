@@ -49,8 +49,9 @@ SKOPEO_TIMEOUT = 120.0
 KIB = 1024
 MIB = 1024 * KIB
 BIG_BLOB = 1 << 30  # 1 GiB
-# 200 MB, decimal, in the KiB that /proc reports VmHWM in.
-RSS_LIMIT_KIB = 200_000_000 // 1024
+# Issue 13: a node's resident memory, all its processes together, idle and while taking 1 GiB.
+IDLE_LIMIT_MIB = 100
+UPLOAD_LIMIT_MIB = 150
 # The fault test pushes until this many pushes or this many seconds, whichever comes first.
 FAULT_MAX_PUSHES = 30
 FAULT_MAX_SECONDS = 90.0
@@ -572,7 +573,9 @@ def big_chunks(total: int = BIG_BLOB, chunk: int = MIB, seed: int = 7) -> Iterat
 
 @ON_RGW_ONLY
 @pytest.mark.timeout(900)
-def test_1gib_monolithic_put_on_s3_keeps_node_peak_rss_under_200mb(cluster: Cluster) -> None:
+def test_node_on_s3_stays_within_100_mib_idle_and_150_mib_taking_a_1gib_blob(cluster: Cluster) -> None:
+    """Issue 13's goals for a node on S3 and etcd, all its processes together (PSS). One worker, this
+    machine's `auto` (2 cores): each further worker is a process of its own (loadtests/bench_hotpaths.py)."""
     token = uuid.uuid4().hex[:10]
     root = f"/cluster-big-{token}"  # of its own: removed (and the server's memory freed) whatever happens
     hasher = hashlib.sha256()
@@ -580,34 +583,38 @@ def test_1gib_monolithic_put_on_s3_keeps_node_peak_rss_under_200mb(cluster: Clus
         hasher.update(chunk)
     digest = "sha256:" + hasher.hexdigest()
     try:
-        with cluster.new_node("big", root=root, prefix=f"/wharf-big-{token}/") as node:
-            baseline = node.rss_peak_kib()
+        settings = cluster.settings("big", root=root, prefix=f"/wharf-big-{token}/")
+        with WharfProcess(cluster.dir / "big", http={"workers": 1}, **settings) as node:
+            idle = node.memory_mib()
             with http_client(node.url) as http:
                 started = http.post("/v2/cluster/big/blobs/uploads/")
                 assert started.status_code == 202, started.text
                 location = started.headers["location"]
             path = location if location.startswith("/") else urlsplit(location).path + "?" + urlsplit(location).query
             path += ("&" if "?" in path else "?") + "digest=" + digest
-            began = time.monotonic()
-            connection = HTTPConnection("127.0.0.1", node.port, timeout=600)
-            try:
-                connection.putrequest("PUT", path)
-                connection.putheader("Content-Type", "application/octet-stream")
-                connection.putheader("Content-Length", str(BIG_BLOB))
-                connection.endheaders()
-                for chunk in big_chunks():
-                    connection.send(chunk)
-                response = connection.getresponse()
-                body = response.read()
-                assert response.status == 201, (response.status, body[:500])
-                assert response.getheader("Docker-Content-Digest") == digest
-            finally:
-                connection.close()
-            took = time.monotonic() - began
-            peak = node.rss_peak_kib()
+
+            def put() -> float:
+                began = time.monotonic()
+                connection = HTTPConnection("127.0.0.1", node.port, timeout=600)
+                try:
+                    connection.putrequest("PUT", path)
+                    connection.putheader("Content-Type", "application/octet-stream")
+                    connection.putheader("Content-Length", str(BIG_BLOB))
+                    connection.endheaders()
+                    for chunk in big_chunks():
+                        connection.send(chunk)
+                    response = connection.getresponse()
+                    body = response.read()
+                    assert response.status == 201, (response.status, body[:500])
+                    assert response.getheader("Docker-Content-Digest") == digest
+                finally:
+                    connection.close()
+                return time.monotonic() - began
+
+            took, peak = node.memory_peak_mib(put)
             print(
-                f"\n1 GiB monolithic PUT on S3: node VmHWM {peak} KiB ({peak / 1024:.1f} MiB), "
-                f"{baseline} KiB before the upload, {took:.0f}s ({BIG_BLOB / MIB / took:.0f} MiB/s)"
+                f"\n1 GiB monolithic PUT on S3: node memory (PSS) idle {idle:.1f} MiB, at most {peak:.1f} MiB "
+                f"while taking it, {took:.0f}s ({BIG_BLOB / MIB / took:.0f} MiB/s)"
             )
             with http_client(node.url) as http:
                 found = http.get(f"/v2/cluster/big/blobs/{digest}")
@@ -619,8 +626,7 @@ def test_1gib_monolithic_put_on_s3_keeps_node_peak_rss_under_200mb(cluster: Clus
                 assert client.head_object(Bucket=cluster.s3.bucket, Key=key)["ContentLength"] == BIG_BLOB
             finally:
                 client.close()
-            assert peak < RSS_LIMIT_KIB, (
-                f"node peak RSS {peak} KiB (baseline {baseline} KiB) >= {RSS_LIMIT_KIB} KiB for a 1 GiB PUT"
-            )
+            assert idle <= IDLE_LIMIT_MIB, f"idle node memory {idle:.1f} MiB > {IDLE_LIMIT_MIB} MiB"
+            assert peak <= UPLOAD_LIMIT_MIB, f"node memory {peak:.1f} MiB (idle {idle:.1f}) > {UPLOAD_LIMIT_MIB} MiB"
     finally:
         cluster.s3.remove_prefix(root.strip("/") + "/")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 
 import pytest
 import yaml
 
-from node.config import ConfigError, load, parse_duration, parse_size
+from node.config import ConfigError, auto_workers, load, parse_duration, parse_size, usable_cores
 
 REGISTRY2_FILE = """
 version: 0.1
@@ -614,3 +615,46 @@ def test_regional_deploy_files_load_and_name_the_same_regions():
     for cfg in deploy.glob("haproxy-*.cfg"):
         checked = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- http.workers: auto ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cores, embedded, workers",
+    [(1, False, 1), (2, False, 1), (3, False, 1), (4, False, 2), (16, False, 8), (2, True, 1), (16, True, 1)],
+)
+def test_auto_workers_are_one_per_two_cores_and_one_on_the_embedded_coordinator(cores, embedded, workers):
+    assert auto_workers(cores, embedded=embedded) == workers
+
+
+ETCD = "coordinator:\n  etcd: {endpoints: ['http://127.0.0.1:2379']}\n"
+
+
+@pytest.mark.parametrize(
+    "text, environ, workers, auto",
+    [
+        ("version: 0.1\n", {}, 1, True),  # the embedded coordinator: one process
+        ("version: 0.1\n" + ETCD, {}, 4, True),
+        ("version: 0.1\nhttp: {workers: auto}\n" + ETCD, {}, 4, True),
+        ("version: 0.1\nhttp: {workers: 3}\n" + ETCD, {}, 3, False),
+        ("version: 0.1\nhttp: {workers: 3}\n" + ETCD, {"REGISTRY_HTTP_WORKERS": "auto"}, 4, True),
+        ("version: 0.1\nhttp: {workers: 2}\n", {}, 2, False),  # asked for by name: given
+    ],
+)
+def test_workers_default_to_auto_from_the_usable_cores(tmp_path, monkeypatch, text, environ, workers, auto):
+    monkeypatch.setattr("node.config.usable_cores", lambda: 8)
+    config = load(_write(tmp_path, text), environ=environ)
+    assert (config.http.workers, config.http.workers_auto) == (workers, auto)
+
+
+def test_usable_cores_are_this_process_cpu_set():
+    assert usable_cores() == len(os.sched_getaffinity(0)) >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "257", "-1", "some", "1.5"])
+def test_workers_out_of_range_are_refused_naming_auto(tmp_path, value):
+    with pytest.raises(
+        ConfigError, match=r"http.workers: expected a whole number of worker processes from 1 to 256, or auto"
+    ):
+        load(_write(tmp_path, f"version: 0.1\nhttp: {{workers: '{value}'}}\n"), environ={})

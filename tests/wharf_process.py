@@ -7,15 +7,26 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from services import free_port, wait_until
 
+T = TypeVar("T")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":")), 0)
 
 
 def default_config(data_dir: Path, port: int, **sections: Any) -> dict[str, Any]:
@@ -136,23 +147,56 @@ class WharfProcess:
                 entries.append(entry)
         return entries
 
-    def rss_peak_kib(self) -> int:
-        """The largest VmHWM (peak resident set) of the server and its worker processes."""
+    def pids(self) -> list[int]:
+        """The server's process and its worker processes."""
         assert self.proc is not None
-        peaks = []
-        pending = [self.proc.pid]
+        found, pending = [], [self.proc.pid]
         while pending:
             pid = pending.pop()
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     pending += [int(c) for c in (task / "children").read_text().split()]
             except OSError:
                 continue
-            peaks += [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
-        if not peaks:
+            found.append(pid)
+        return found
+
+    def rss_peak_kib(self) -> int:
+        """The largest VmHWM (peak resident set) of the server and its worker processes."""
+        peaks = [_status_kib(pid, "VmHWM") for pid in self.pids()]
+        if not any(peaks):
             raise RuntimeError("no VmHWM")
         return max(peaks)
+
+    def memory_mib(self) -> float:
+        """The node's resident memory, all its processes together: their PSS (a page two of them
+        share counted once), as loadtests/bench_hotpaths.py measures it for issue 13's goals."""
+        total = 0
+        for pid in self.pids():
+            try:
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+        return total / 1024
+
+    def memory_peak_mib(self, work: Callable[[], T], *, every: float = 0.05) -> tuple[T, float]:
+        """`work()`'s result and the most memory (memory_mib) the node held while it ran."""
+        peak = [self.memory_mib()]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(every):
+                peak[0] = max(peak[0], self.memory_mib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            result = work()
+        finally:
+            done.set()
+            sampler.join(10)
+        return result, max(peak[0], self.memory_mib())
 
     def __enter__(self) -> WharfProcess:
         return self.start()

@@ -161,7 +161,8 @@ def _log_startup(config: Config, store: dict[str, object], listeners: _Listeners
             else "off"
         ),
         "config": config.source or "none (defaults)",
-        "server": f"{config.http.server}, {config.http.workers} worker(s)",
+        "server": f"{config.http.server}, {config.http.workers} worker(s)"
+        + (" (auto)" if config.http.workers_auto else ""),
     }
     log.info(
         "wharf serving %s on %s (%s, auth %s) with %s and %s",
@@ -204,7 +205,7 @@ def _run_server(config: Config, listeners: _Listeners) -> int:
     private = tempfile.mkdtemp(prefix="wharf-serve-")
     try:
         client_cas = server.client_ca_file(config, private)
-        if config.http.server == "granian" or config.http.workers > 1:
+        if config.http.workers > 1:
             # Workers are separate processes: they share their figures through a directory and
             # this process answers scrapes for all of them.
             multiproc = os.path.join(private, "metrics")
@@ -222,7 +223,7 @@ def _run_server(config: Config, listeners: _Listeners) -> int:
             hconfig = server.hypercorn_config(config, listeners.main, client_cas)
             hconfig.application_path = asgi.HYPERCORN_PATH
             return run(hconfig)
-        return _serve_hypercorn_here(config, listeners, client_cas)
+        return _serve_here(config, listeners, client_cas)
     finally:
         shutil.rmtree(private, ignore_errors=True)
         if config.http.listen.path:
@@ -235,19 +236,23 @@ def _debug_app(config: Config, registry: CollectorRegistry) -> object:
     return debug_app(registry, prometheus.path, metrics=prometheus.enabled)
 
 
-def _serve_hypercorn_here(config: Config, listeners: _Listeners, client_cas: str | None) -> int:
-    """One Hypercorn worker in this process (no worker processes to share figures with)."""
+def _serve_here(config: Config, listeners: _Listeners, client_cas: str | None) -> int:
+    """One worker in this process (no worker processes to share figures with): the one process is
+    the whole node, so one worker costs one interpreter's memory, not two."""
     import uvloop
     from hypercorn.asyncio import serve as hypercorn_serve
 
     from ..app import create_app
 
-    hconfig = server.hypercorn_config(config, listeners.main, client_cas)
     app = create_app(config, serving=True)
     if listeners.debug is not None:
         server.serve_debug(listeners.debug, _debug_app(config, app.state.metrics.registry))
 
     async def main() -> None:
+        if config.http.server == "granian":
+            await server.serve_granian_here(config, listeners.main, client_cas, app)
+            return
+        hconfig = server.hypercorn_config(config, listeners.main, client_cas)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
