@@ -6,6 +6,7 @@ that belongs to one repository, and byte order of keys is lexical order of names
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
 REPOSITORIES = "repo/"
@@ -414,3 +415,54 @@ def replication_workers(region: str) -> str:
 def replication_worker(region: str, node: str) -> str:
     """Present (with its lease) while a node of `region` copies out of it: bandwidth is shared by them."""
     return f"{replication_workers(region)}{quote(node, safe='')}"
+
+
+# -- a key's stored form in the compact layout -------------------------------------------------
+#
+# Most of a coordinator's bytes are keys, and most of a key's bytes are digests in hex. A store in the
+# compact layout (the etcd backend gives every store it creates this layout; one created earlier keeps
+# the text layout, and both read) stores each `sha256:<64 hex>` of a key as one byte (SHA256_MARK)
+# and the digest's 32 raw bytes: 33 bytes for 71. Raw bytes sort as their hex does, so ranges keep
+# their order; a range's prefix never ends inside a digest. No key built here contains SHA256_MARK.
+# Every stored key of the compact layout starts with COMPACT_LAYOUT, which no key of the text layout
+# starts with: a store's layout shows in its keys, and a Wharf version that knows only the text
+# layout finds such a coordinator empty (and so refuses a used store rather than touch it).
+
+SHA256_MARK = 0x01
+COMPACT_LAYOUT = b"\x02"
+_SHA256_TEXT = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+def pack(key: str) -> bytes:
+    """`key` as the compact layout stores it."""
+    if "\x01" in key:
+        raise ValueError(f"a coordinator key cannot contain the byte 0x01: {key!r}")
+    if "sha256:" not in key:
+        return key.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    at = 0
+    for match in _SHA256_TEXT.finditer(key):
+        out += key[at : match.start()].encode("utf-8", "surrogateescape")
+        out.append(SHA256_MARK)
+        out += bytes.fromhex(match[1])
+        at = match.end()
+    out += key[at:].encode("utf-8", "surrogateescape")
+    return bytes(out)
+
+
+def unpack(raw: bytes) -> str:
+    """The key a compact layout's stored `raw` is."""
+    at = raw.find(SHA256_MARK)
+    if at < 0:
+        return raw.decode("utf-8", "surrogateescape")
+    parts = []
+    done = 0
+    while at >= 0:
+        if at + 33 > len(raw):
+            raise ValueError(f"a stored key ends inside a digest: {raw!r}")
+        parts.append(raw[done:at].decode("utf-8", "surrogateescape"))
+        parts.append("sha256:" + raw[at + 1 : at + 33].hex())
+        done = at + 33
+        at = raw.find(SHA256_MARK, done)
+    parts.append(raw[done:].decode("utf-8", "surrogateescape"))
+    return "".join(parts)
