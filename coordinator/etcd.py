@@ -340,6 +340,7 @@ class EtcdKV:
         self._prefix = prefix.encode("utf-8", "surrogateescape")
         # Where this store's keys start: the prefix, and the compact layout's mark after it.
         self._base = self._prefix + (keys.COMPACT_LAYOUT if layout == "compact" else b"")
+        self._packed: dict[str, bytes] = {}  # key -> its stored form, for the compact layout
         # Fitted page windows by range prefix (see bounded_page).
         self._widths: dict[bytes, _Fit] = {}
         self.username = username
@@ -413,10 +414,17 @@ class EtcdKV:
     def _use_layout(self, layout: str) -> None:
         self.layout = layout
         self._base = self._prefix + (keys.COMPACT_LAYOUT if layout == "compact" else b"")
+        self._packed.clear()
 
     def _k(self, key: str) -> bytes:
         if self.layout == "compact":
-            return self._base + keys.pack(key)
+            # Request paths ask for the same few keys again and again (a tag, a manifest, its links).
+            stored = self._packed.get(key)
+            if stored is None:
+                if len(self._packed) >= _PACKED_KEYS:
+                    self._packed.clear()
+                stored = self._packed[key] = self._base + keys.pack(key)
+            return stored
         if self.layout is None:
             raise RuntimeError("EtcdKV is not connected: await connect() first")
         return self._base + key.encode("utf-8", "surrogateescape")
@@ -1007,6 +1015,8 @@ class _EtcdWatch:
 
 
 _QUOTA_CACHE_SECONDS = 60.0
+# Stored forms of keys remembered by one client (about 1 MB at most).
+_PACKED_KEYS = 8192
 _COMPACT_TIMEOUT = 60.0
 _DEFRAGMENT_TIMEOUT = 600.0
 _QUOTA_LINE = re.compile(rb"^etcd_server_quota_backend_bytes\s+(\S+)\s*$", re.MULTILINE)

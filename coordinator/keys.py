@@ -6,7 +6,6 @@ that belongs to one repository, and byte order of keys is lexical order of names
 
 from __future__ import annotations
 
-import re
 from urllib.parse import quote
 
 REPOSITORIES = "repo/"
@@ -430,23 +429,34 @@ def replication_worker(region: str, node: str) -> str:
 
 SHA256_MARK = 0x01
 COMPACT_LAYOUT = b"\x02"
-_SHA256_TEXT = re.compile(r"sha256:([0-9a-f]{64})")
+_SHA256 = "sha256:"
 
 
 def pack(key: str) -> bytes:
     """`key` as the compact layout stores it."""
     if "\x01" in key:
         raise ValueError(f"a coordinator key cannot contain the byte 0x01: {key!r}")
-    if "sha256:" not in key:
+    at = key.find(_SHA256)
+    if at < 0:
         return key.encode("utf-8", "surrogateescape")
     out = bytearray()
-    at = 0
-    for match in _SHA256_TEXT.finditer(key):
-        out += key[at : match.start()].encode("utf-8", "surrogateescape")
-        out.append(SHA256_MARK)
-        out += bytes.fromhex(match[1])
-        at = match.end()
-    out += key[at:].encode("utf-8", "surrogateescape")
+    done = 0
+    while at >= 0:
+        hexdigits = key[at + 7 : at + 71]
+        try:
+            raw = bytes.fromhex(hexdigits) if len(hexdigits) == 64 else b""
+        except ValueError:
+            raw = b""
+        # Only 64 lowercase hex digits (bytes.fromhex takes capitals and spaces too) are a digest here.
+        if len(raw) == 32 and raw.hex() == hexdigits:
+            out += key[done:at].encode("utf-8", "surrogateescape")
+            out.append(SHA256_MARK)
+            out += raw
+            done = at + 71
+            at = key.find(_SHA256, done)
+        else:
+            at = key.find(_SHA256, at + 1)
+    out += key[done:].encode("utf-8", "surrogateescape")
     return bytes(out)
 
 
@@ -461,7 +471,7 @@ def unpack(raw: bytes) -> str:
         if at + 33 > len(raw):
             raise ValueError(f"a stored key ends inside a digest: {raw!r}")
         parts.append(raw[done:at].decode("utf-8", "surrogateescape"))
-        parts.append("sha256:" + raw[at + 1 : at + 33].hex())
+        parts.append(_SHA256 + raw[at + 1 : at + 33].hex())
         done = at + 33
         at = raw.find(SHA256_MARK, done)
     parts.append(raw[done:].decode("utf-8", "surrogateescape"))
