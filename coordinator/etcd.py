@@ -5,7 +5,9 @@ a watch that can be resumed after a failover, a keep-alive that closes its strea
 drives etcd's gRPC services directly with aetcd's generated stubs and messages (`aetcd.rpc`) and
 keeps one channel to one endpoint at a time:
 
-- Every key is stored under `prefix` ("/wharf/" by default); callers never see it.
+- Every key is stored under `prefix` ("/wharf/" by default); callers never see it. A store this
+  backend creates has the compact key layout (keys.pack: digests as raw bytes, under
+  keys.COMPACT_LAYOUT); one that already holds text keys (written by an earlier version) keeps them.
 - On a connection error the backend switches to the next endpoint (a fresh channel, so no stale
   reconnect backoff) and retries: reads, lease refreshes and revokes on any connection error,
   writes and transactions only when the request cannot have reached a server (connection refused,
@@ -35,6 +37,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
+from . import keys
 from .kv import (
     Compare,
     Delete,
@@ -315,7 +318,13 @@ class EtcdKV:
         cert: str | None = None,
         key: str | None = None,
         timeout: float = 5.0,
+        layout: str | None = None,
     ) -> None:
+        """`layout`: "compact" or "text" to choose the key layout; None (the default) takes the one the
+        store has, and the compact one for an empty store."""
+        if layout not in (None, "compact", "text"):
+            raise ValueError(f"unknown key layout {layout!r}")
+        self.layout = layout
         self._tls_files = (ca, cert, key)
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
@@ -329,6 +338,9 @@ class EtcdKV:
         self._endpoints = [_parse_endpoint(e) for e in self.endpoints]
         self.prefix = prefix
         self._prefix = prefix.encode("utf-8", "surrogateescape")
+        # Where this store's keys start: the prefix, and the compact layout's mark after it.
+        self._base = self._prefix + (keys.COMPACT_LAYOUT if layout == "compact" else b"")
+        self._packed: dict[str, bytes] = {}  # key -> its stored form, for the compact layout
         # Fitted page windows by range prefix (see bounded_page).
         self._widths: dict[bytes, _Fit] = {}
         self.username = username
@@ -364,6 +376,8 @@ class EtcdKV:
             self._conn = _Connection(0, self._endpoints[0], self)
         try:
             await self.ping()
+            if self.layout is None:
+                self._use_layout(await self._stored_layout())
         except BaseException:
             conn, self._conn = self._conn, None  # stays usable: connect() may be tried again
             if conn is not None:
@@ -384,12 +398,47 @@ class EtcdKV:
 
     # -- plumbing -------------------------------------------------------------------------
 
+    async def _stored_layout(self) -> str:
+        """The key layout the store has: compact if it has a compact key, text if it has another, and
+        compact for an empty store."""
+        compact = self._prefix + keys.COMPACT_LAYOUT
+        found = await self._range(rpc.RangeRequest(key=compact, range_end=_range_end(compact), limit=1, keys_only=True))
+        if found.kvs:
+            return "compact"
+        # Every store an earlier version started holds its identity; only one without needs the range.
+        if (await self._range(rpc.RangeRequest(key=self._prefix + keys.STORE_IDENTITY.encode(), keys_only=True))).kvs:
+            return "text"
+        text = rpc.RangeRequest(key=self._prefix or b"\0", range_end=_range_end(self._prefix), limit=1, keys_only=True)
+        return "text" if (await self._range(text)).kvs else "compact"
+
+    def _use_layout(self, layout: str) -> None:
+        self.layout = layout
+        self._base = self._prefix + (keys.COMPACT_LAYOUT if layout == "compact" else b"")
+        self._packed.clear()
+
     def _k(self, key: str) -> bytes:
-        return self._prefix + key.encode("utf-8", "surrogateescape")
+        if self.layout == "compact":
+            # Request paths ask for the same few keys again and again (a tag, a manifest, its links).
+            stored = self._packed.get(key)
+            if stored is None:
+                if len(self._packed) >= _PACKED_KEYS:
+                    self._packed.clear()
+                stored = self._packed[key] = self._base + keys.pack(key)
+            return stored
+        if self.layout is None:
+            raise RuntimeError("EtcdKV is not connected: await connect() first")
+        return self._base + key.encode("utf-8", "surrogateescape")
+
+    def _key(self, raw: bytes) -> str:
+        """The key a stored key is (without the prefix and the layout's mark)."""
+        stored = bytes(raw[len(self._base) :])
+        if self.layout == "compact":
+            return keys.unpack(stored)
+        return stored.decode("utf-8", "surrogateescape")
 
     def _kv(self, kv: Any) -> KeyValue:
         return KeyValue(
-            key=bytes(kv.key[len(self._prefix) :]).decode("utf-8", "surrogateescape"),
+            key=self._key(kv.key),
             value=bytes(kv.value),
             version=kv.version,
             create_revision=kv.create_revision,
@@ -950,7 +999,7 @@ class _EtcdWatch:
                 self._pending.append(
                     WatchEvent(
                         "delete" if event.type == rpc.Event.DELETE else "put",
-                        bytes(item.key[len(kv._prefix) :]).decode("utf-8", "surrogateescape"),
+                        kv._key(item.key),
                         bytes(item.value) if event.type != rpc.Event.DELETE else b"",
                         int(item.mod_revision),
                     )
@@ -966,6 +1015,8 @@ class _EtcdWatch:
 
 
 _QUOTA_CACHE_SECONDS = 60.0
+# Stored forms of keys remembered by one client (about 1 MB at most).
+_PACKED_KEYS = 8192
 _COMPACT_TIMEOUT = 60.0
 _DEFRAGMENT_TIMEOUT = 600.0
 _QUOTA_LINE = re.compile(rb"^etcd_server_quota_backend_bytes\s+(\S+)\s*$", re.MULTILINE)

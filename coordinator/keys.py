@@ -417,3 +417,65 @@ def replication_workers(region: str) -> str:
 def replication_worker(region: str, node: str) -> str:
     """Present (with its lease) while a node of `region` copies out of it: bandwidth is shared by them."""
     return f"{replication_workers(region)}{quote(node, safe='')}"
+
+
+# -- a key's stored form in the compact layout -------------------------------------------------
+#
+# Most of a coordinator's bytes are keys, and most of a key's bytes are digests in hex. A store in the
+# compact layout (the etcd backend gives every store it creates this layout; one created earlier keeps
+# the text layout, and both read) stores each `sha256:<64 hex>` of a key as one byte (SHA256_MARK)
+# and the digest's 32 raw bytes: 33 bytes for 71. Raw bytes sort as their hex does, so ranges keep
+# their order; a range's prefix never ends inside a digest. No key built here contains SHA256_MARK.
+# Every stored key of the compact layout starts with COMPACT_LAYOUT, which no key of the text layout
+# starts with: a store's layout shows in its keys, and a Wharf version that knows only the text
+# layout finds such a coordinator empty (and so refuses a used store rather than touch it).
+
+SHA256_MARK = 0x01
+COMPACT_LAYOUT = b"\x02"
+_SHA256 = "sha256:"
+
+
+def pack(key: str) -> bytes:
+    """`key` as the compact layout stores it."""
+    if "\x01" in key:
+        raise ValueError(f"a coordinator key cannot contain the byte 0x01: {key!r}")
+    at = key.find(_SHA256)
+    if at < 0:
+        return key.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    done = 0
+    while at >= 0:
+        hexdigits = key[at + 7 : at + 71]
+        try:
+            raw = bytes.fromhex(hexdigits) if len(hexdigits) == 64 else b""
+        except ValueError:
+            raw = b""
+        # Only 64 lowercase hex digits (bytes.fromhex takes capitals and spaces too) are a digest here.
+        if len(raw) == 32 and raw.hex() == hexdigits:
+            out += key[done:at].encode("utf-8", "surrogateescape")
+            out.append(SHA256_MARK)
+            out += raw
+            done = at + 71
+            at = key.find(_SHA256, done)
+        else:
+            at = key.find(_SHA256, at + 1)
+    out += key[done:].encode("utf-8", "surrogateescape")
+    return bytes(out)
+
+
+def unpack(raw: bytes) -> str:
+    """The key a compact layout's stored `raw` is."""
+    at = raw.find(SHA256_MARK)
+    if at < 0:
+        return raw.decode("utf-8", "surrogateescape")
+    parts = []
+    done = 0
+    while at >= 0:
+        if at + 33 > len(raw):
+            raise ValueError(f"a stored key ends inside a digest: {raw!r}")
+        parts.append(raw[done:at].decode("utf-8", "surrogateescape"))
+        parts.append(_SHA256 + raw[at + 1 : at + 33].hex())
+        done = at + 33
+        at = raw.find(SHA256_MARK, done)
+    parts.append(raw[done:].decode("utf-8", "surrogateescape"))
+    return "".join(parts)

@@ -4,19 +4,22 @@ A coordinator is filled directly (not over HTTP) with synthetic images of one sh
 config blob of their own, an OCI image manifest naming them, one tag, 100 images a repository. Each
 image is written as the records a push leaves: a blob record per layer, config and manifest, a link
 per blob in its repository, the manifest record, the tag and its digest -> tag index entry (and
-the repository's record once). They are written twice, each into a fresh store:
+the repository's record once). They are written in three forms, each into a fresh store:
 
 - `json`: the JSON records every Wharf before the compact form wrote (blob records with their
-  storage key), which a store may still hold and which still read;
-- `compact`: the records Wharf writes now (coordinator/encoding.py: varints, raw digests, media
-  types as one byte, no storage key for a blob at its content address).
+  storage key) under text keys, which a store may still hold and which still read;
+- `compact`: the compact records (coordinator/encoding.py: varints, raw digests, media types as one
+  byte, no storage key for a blob at its content address), still under text keys;
+- `compact-keys`: what Wharf writes into a store it creates now: compact records under the compact
+  key layout (coordinator/keys.py pack: each digest of a key as 33 bytes, not 71). The embedded
+  coordinator keeps text keys, so this form is etcd's only.
 
 For each it reports the live key+value bytes per image, etcd's database size in use and on disk
 after compaction and defragmentation per image, how long compaction and defragmentation took, and
 the projected number of such images an 8 GiB etcd (its recommended maximum) holds; and the
 embedded coordinator's file per image. Nothing is asserted.
 
-    python loadtests/bench_metadata.py                      # 200,000 images, both forms (about 30 minutes)
+    python loadtests/bench_metadata.py                      # 200,000 images, every form (about 40 minutes)
     python loadtests/bench_metadata.py --images 20000 --backends etcd
 """
 
@@ -49,6 +52,7 @@ BATCH = 120  # puts a transaction (etcd takes 128 operations by default)
 WRITERS = 8
 EIGHT_GIB = 8 << 30
 ETCD_QUOTA = 16 << 30
+GOAL = 0.5  # at most half the bytes an image took before the compact records (issue 15)
 
 
 def _digest(seed: str) -> str:
@@ -67,7 +71,7 @@ def image_puts(n: int, form: str, now: float) -> list[Put]:
     config = (_digest(f"{n}/config"), 1_500)
     body = image_manifest(config, layers)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
-    blob_form = _legacy if form == "json" else None
+    blob_form = _legacy if form == "json" else None  # compact and compact-keys write the same records
     small = _legacy if form == "json" else encode
     puts: list[Put] = []
     for blob, size in [*layers, config, (digest, len(body))]:
@@ -112,6 +116,11 @@ class Figures:
     defrag_seconds: float = 0.0
 
 
+def stored_key_bytes(key: str, form: str) -> int:
+    """What a key takes as stored: text, or the compact layout's mark and packed form."""
+    return 1 + len(keys.pack(key)) if form == "compact-keys" else len(key.encode())
+
+
 async def _fill(kv: KV, prefix: str, images: int, form: str) -> tuple[int, float]:
     live = 0
     started = time.monotonic()
@@ -121,7 +130,7 @@ async def _fill(kv: KV, prefix: str, images: int, form: str) -> tuple[int, float
     async def writer() -> None:
         nonlocal live, done
         for batch in batches:
-            live += sum(len(prefix) + len(p.key) + len(p.value) for p in batch)
+            live += sum(len(prefix) + stored_key_bytes(p.key, form) + len(p.value) for p in batch)
             await kv.txn([], batch)
             done += len(batch)
 
@@ -132,7 +141,8 @@ async def _fill(kv: KV, prefix: str, images: int, form: str) -> tuple[int, float
 async def measure_etcd(images: int, form: str) -> Figures:
     prefix = "/wharf/"  # the default; each run has an etcd of its own
     with EtcdCluster(1, extra_args=("--quota-backend-bytes", str(ETCD_QUOTA))) as etcd:
-        kv = await EtcdKV.open(etcd.endpoints, prefix=prefix, timeout=60)
+        layout = "compact" if form == "compact-keys" else "text"
+        kv = await EtcdKV.open(etcd.endpoints, prefix=prefix, timeout=60, layout=layout)
         try:
             live, seconds = await _fill(kv, prefix, images, form)
             figures = Figures("etcd", form, images, live, seconds)
@@ -205,23 +215,31 @@ def _report(results: list[Figures]) -> None:
     )
     by = {(f.backend, f.form): f for f in results}
     for backend in ("etcd", "embedded"):
-        before, after = by.get((backend, "json")), by.get((backend, "compact"))
-        if before and after:
-            print(
-                f"  {backend}: compact records take {after.live / before.live:.0%} of the JSON records' live bytes "
-                f"and {after.on_disk / before.on_disk:.0%} of their bytes on disk"
-            )
+        before = by.get((backend, "json"))
+        for form, what in (("compact", "compact records"), ("compact-keys", "compact records and keys")):
+            after = by.get((backend, form))
+            if before and after:
+                live, disk = after.live / before.live, after.on_disk / before.on_disk
+                verdict = "PASS" if live <= GOAL and disk <= GOAL else "MISS"
+                print(
+                    f"  {backend}: {what} take {live:.0%} of the JSON records' live bytes and {disk:.0%} of their "
+                    f"bytes on disk (goal: at most {GOAL:.0%} of both): {verdict}"
+                )
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200_000, help="images a store is filled with")
     parser.add_argument("--backends", default="etcd,embedded", help="etcd, embedded or both")
-    parser.add_argument("--forms", default="json,compact", help="json (before), compact (now) or both")
+    parser.add_argument(
+        "--forms", default="json,compact,compact-keys", help="json (before), compact, compact-keys (now): any of them"
+    )
     args = parser.parse_args()
     results = []
     for backend in args.backends.split(","):
         for form in args.forms.split(","):
+            if backend == "embedded" and form == "compact-keys":
+                continue  # the embedded coordinator keeps text keys
             measure = measure_etcd if backend == "etcd" else measure_embedded
             figures = await measure(args.images, form)
             print(f"{backend} {form}: {figures}", flush=True)

@@ -139,7 +139,10 @@ def main() -> int:
             inbound["b"].release()
             started = time.monotonic()
             wait_until(
-                lambda: not etcd.keys(f"/bench-{token}/replicate/queue/"), timeout=600, interval=0.2, what="replication"
+                lambda: not etcd.records(f"/bench-{token}/", "replicate/queue/"),
+                timeout=600,
+                interval=0.2,
+                what="replication",
             )
             print(f"replicated in {time.monotonic() - started:.1f} s after the link was released")
             for tag in tags:

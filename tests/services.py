@@ -6,6 +6,7 @@ deadline instead of sleeping for a guessed time.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import json
@@ -19,6 +20,8 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+
+from coordinator import keys
 
 ETCD_BINARY = os.environ.get("WHARF_TEST_ETCD", "/usr/bin/etcd")
 
@@ -227,6 +230,22 @@ class EtcdCluster:
     def keys(self, prefix: str) -> list[str]:
         """Every key under `prefix` (with the prefix), straight from etcd."""
         return [line for line in self._etcdctl("get", "--prefix", "--keys-only", prefix).splitlines() if line]
+
+    def records(self, prefix: str, under: str = "") -> dict[str, bytes]:
+        """The store at etcd prefix `prefix`: its keys that start with `under`, named as Wharf names them
+        (a store's keys are text, or in the compact layout: coordinator.keys.pack), and their values."""
+        raw = json.loads(self._etcdctl("get", "--prefix", prefix, "-w", "json"))
+        found = {}
+        base = prefix.encode()
+        for item in raw.get("kvs", []):
+            stored = base64.b64decode(item["key"])[len(base) :]
+            if stored.startswith(keys.COMPACT_LAYOUT):
+                key = keys.unpack(stored[len(keys.COMPACT_LAYOUT) :])
+            else:
+                key = stored.decode("utf-8", "surrogateescape")
+            if key.startswith(under):
+                found[key] = base64.b64decode(item.get("value", ""))
+        return found
 
     def value(self, key: str) -> bytes | None:
         """One key's value straight from etcd, or None."""

@@ -123,7 +123,7 @@ class World:
         return next(n for r in (self.a, self.b) for n in r.nodes if n.config["cluster"]["node"] == name)
 
     def etcd_keys(self, prefix: str) -> list[str]:
-        return [k[len(self.prefix) :] for k in self.etcd.keys(self.prefix + prefix)]
+        return list(self.etcd.records(self.prefix, prefix))
 
     def copy_regions(self, digest: str) -> list[str]:
         """The region of every copy record of `digest` (one entry per record)."""
@@ -355,10 +355,10 @@ def test_a_replication_worker_killed_mid_copy_finishes_after_restart_and_b_holds
     data = os.urandom(BIG_BLOB)
     image = _push(a, "big", [data])
     digest = _blobs_of(image)[1]
-    claim = f"{world.prefix}replicate/copying/{digest}/b"
+    claim = f"replicate/copying/{digest}/b"
 
     def claimer() -> str | None:
-        value = world.etcd.value(claim)
+        value = world.etcd.records(world.prefix, claim).get(claim)
         return json.loads(value)["node"] if value else None
 
     holder = wait_until(claimer, timeout=30, interval=0.1, what="a worker in a to claim the copy")

@@ -884,16 +884,65 @@ async def test_etcd_keys_live_under_the_configured_prefix_only(etcd: EtcdCluster
     prefix = f"/wharf-test/{uuid.uuid4().hex}/"
     a = await EtcdKV.open(etcd.endpoints, prefix=prefix + "a/")
     b = await EtcdKV.open(etcd.endpoints, prefix=prefix + "b/")
-    root = await EtcdKV.open(etcd.endpoints, prefix=prefix)
+    root = await EtcdKV.open(etcd.endpoints, prefix=prefix, layout="text")  # every stored key, as stored
     try:
         await a.put("k", b"from a")
         assert await b.get("k") is None
         assert await b.range("") == []
-        assert [k.key for k in await root.range("")] == ["a/k"]
+        assert [k.key for k in await root.range("")] == ["a/\x02k"]
     finally:
         await root.delete("", prefix=True)
         for client in (a, b, root):
             await client.close()
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+async def test_etcd_store_created_now_stores_each_digest_of_a_key_in_33_bytes(etcd: EtcdCluster) -> None:
+    prefix = f"/wharf-test/{uuid.uuid4().hex}/"
+    kv = await EtcdKV.open(etcd.endpoints, prefix=prefix)
+    raw = await EtcdKV.open(etcd.endpoints, prefix=prefix, layout="text")
+    try:
+        assert kv.layout == "compact"
+        key = f"link/team/app@{DIGEST}"
+        await kv.put(key, b"v")
+        [stored] = await raw.range("")
+        assert stored.key.encode("utf-8", "surrogateescape") == b"\x02link/team/app@\x01" + bytes.fromhex(DIGEST[7:])
+        assert [k.key for k in await kv.range("link/team/app@")] == [key]
+        assert [k.key for k in await kv.range(f"link/team/app@{DIGEST}")] == [key]
+        # A client opened later finds the layout in the store.
+        again = await EtcdKV.open(etcd.endpoints, prefix=prefix)
+        try:
+            assert again.layout == "compact" and (await again.get(key)) is not None
+        finally:
+            await again.close()
+    finally:
+        await raw.delete("", prefix=True)
+        await raw.close()
+        await kv.close()
+
+
+@pytest.mark.parametrize("identity", [True, False], ids=["with identity", "without identity"])
+async def test_etcd_store_with_the_text_keys_of_earlier_versions_keeps_them(etcd: EtcdCluster, identity: bool) -> None:
+    prefix = f"/wharf-test/{uuid.uuid4().hex}/"
+    earlier = await EtcdKV.open(etcd.endpoints, prefix=prefix, layout="text")  # the keys every earlier version wrote
+    try:
+        written = [f"blob/{DIGEST}", f"link/team/app@{DIGEST}", "tag/team/app@v1"]
+        await earlier.txn([], [Put(k, b"v") for k in written + (["store/identity"] if identity else [])])
+        kv = await EtcdKV.open(etcd.endpoints, prefix=prefix)
+        try:
+            assert kv.layout == "text"
+            assert (await kv.get(f"blob/{DIGEST}")) is not None
+            await kv.put(f"manifest/team/app@{DIGEST}", b"m")
+            assert [k.key for k in await kv.range("link/")] == [f"link/team/app@{DIGEST}"]
+        finally:
+            await kv.close()
+        assert (await earlier.get(f"manifest/team/app@{DIGEST}")) is not None
+        assert all(not k.key.startswith("\x02") for k in await earlier.range(""))
+    finally:
+        await earlier.delete("", prefix=True)
+        await earlier.close()
 
 
 async def test_etcd_fails_over_to_the_next_endpoint_and_resumes_watches() -> None:

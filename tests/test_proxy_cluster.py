@@ -54,7 +54,7 @@ def test_concurrent_pulls_of_one_uncached_image_through_three_nodes_fetch_each_b
         assert gets == {d: 1 for d in expected.blobs}
         fetched = [line for node in nodes for line in node.log_text().splitlines() if '"msg": "fetched sha256:' in line]
         assert len(fetched) == len(expected.blobs), "one node fetched each blob; the others waited and read it"
-        assert not etcd.keys(prefix + "cache/fetch/"), "every fetch claim went when its fetch ended"
+        assert not etcd.records(prefix, "cache/fetch/"), "every fetch claim went when its fetch ended"
     finally:
         for node in nodes:
             node.stop()

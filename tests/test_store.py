@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -13,9 +16,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from oci_client import OCIClient
+from oci_client import OCIClient, digest_of
 from services import free_port, wait_until
 from wharf_process import WharfProcess
+
+from coordinator import keys
+from coordinator.etcd import EtcdKV
+from coordinator.kv import Put
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -298,4 +305,51 @@ def test_etcd_and_s3_mismatches_are_refused(tmp_path, etcd, s3_server, case):
     finally:
         for root in (root_a, root_b):
             s3_server.remove_prefix(root.strip("/") + "/")
+        etcd.delete_prefix(prefix)
+
+
+def test_an_etcd_store_with_the_text_keys_of_earlier_versions_serves_and_grows_in_them(tmp_path, etcd):
+    """A store created now has compact keys; one an earlier Wharf wrote keeps its text keys, and works."""
+    prefix = f"/store-layout-{os.getpid()}-{free_port()}/"
+    storage = {"filesystem": {"rootdirectory": str(tmp_path / "registry")}, "delete": {"enabled": True}}
+
+    def node(directory: str, etcd_prefix: str) -> WharfProcess:
+        return WharfProcess(
+            tmp_path / directory,
+            storage=storage,
+            coordinator={"etcd": {"endpoints": etcd.endpoints, "prefix": etcd_prefix}},
+        )
+
+    def stored_keys(etcd_prefix: str) -> list[bytes]:
+        found = json.loads(etcd._etcdctl("get", "--prefix", etcd_prefix, "--keys-only", "-w", "json"))
+        return [base64.b64decode(item["key"])[len(etcd_prefix) :] for item in found.get("kvs", [])]
+
+    async def as_text_keys(source: str, target: str) -> int:
+        """Every record of the store at `source`, under the text keys an earlier version wrote at `target`."""
+        old = await EtcdKV.open(etcd.endpoints, prefix=source)
+        new = await EtcdKV.open(etcd.endpoints, prefix=target, layout="text")
+        try:
+            records = [kv for kv in await old.range("") if not kv.lease]
+            for start in range(0, len(records), 100):
+                await new.txn([], [Put(kv.key, kv.value) for kv in records[start : start + 100]])
+            return len(records)
+        finally:
+            await old.close()
+            await new.close()
+
+    try:
+        with node("a", prefix + "a/") as a:
+            first = OCIClient(httpx.Client(base_url=a.url)).push_image("team/app", "v1", layers=[b"one" * 1000])
+        assert all(key.startswith(keys.COMPACT_LAYOUT) for key in stored_keys(prefix + "a/"))
+        assert asyncio.run(as_text_keys(prefix + "a/", prefix + "b/")) > 5
+        with node("b", prefix + "b/") as b:
+            http = httpx.Client(base_url=b.url)
+            pulled = http.get("/v2/team/app/manifests/v1", headers={"Accept": "*/*"})
+            assert pulled.status_code == 200 and pulled.headers["docker-content-digest"] == first.digest
+            assert http.get(f"/v2/team/app/blobs/{digest_of(b'one' * 1000)}").content == b"one" * 1000
+            OCIClient(http).push_image("team/app", "v2", layers=[b"two" * 1000])
+            assert _tags(http, "team/app") == ["v1", "v2"]
+        text = stored_keys(prefix + "b/")
+        assert b"tag/team/app@v2" in text and not any(key.startswith(keys.COMPACT_LAYOUT) for key in text)
+    finally:
         etcd.delete_prefix(prefix)

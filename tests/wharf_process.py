@@ -92,7 +92,11 @@ class WharfProcess:
             cwd=str(Path(__file__).resolve().parent.parent),
         )
         log.close()
-        wait_until(self._ready, timeout=timeout, what=f"wharf on port {self.port}")
+        try:
+            wait_until(self._ready, timeout=timeout, what=f"wharf on port {self.port}")
+        except BaseException:
+            self.stop()  # a `with` block that never entered would leave it running
+            raise
         return self
 
     def _ready(self) -> bool:
