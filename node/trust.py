@@ -210,8 +210,10 @@ class Trust:
 
     # -- verification ----------------------------------------------------------------------------
 
-    async def verify(self, rule: SignaturePolicy, repository: str, digest: str) -> Verdict:
-        """Look for a valid signature of `digest` now, from the records; remember the verdict."""
+    async def verify(self, rule: SignaturePolicy, repository: str, digest: str, *, counted: bool = True) -> Verdict:
+        """Look for a valid signature of `digest` now, from the records; remember the verdict.
+
+        `counted`: the verification is one the metrics count (a pull's); the web pages' are not."""
         metadata = self._metadata
         # Read first: anything pushed after this moment (a new signature) changes it.
         nothing_new = await metadata.repository_mark(repository)
@@ -222,7 +224,8 @@ class Trust:
             how = f"no valid signature by a key of rule {rule.name}"
             verdict = Verdict(digest, False, how, (nothing_new,), time.monotonic() + UNSIGNED_RECHECK_SECONDS)
         self._verdicts.put((repository, digest), verdict)
-        self._metrics.signature_verifications.labels(rule.name, "signed" if verdict.signed else "unsigned").inc()
+        if counted:
+            self._metrics.signature_verifications.labels(rule.name, "signed" if verdict.signed else "unsigned").inc()
         return verdict
 
     async def _signed(self, rule: SignaturePolicy, repository: str, digest: str) -> Verdict | None:

@@ -429,7 +429,7 @@ class UI:
         repository's tags, when the caller has them)."""
         rule = svc.trust.rule_for(repo)
         if rule is not None:
-            verdict = await svc.trust.verify(rule, repo, digest)
+            verdict = await svc.trust.verify(rule, repo, digest, counted=False)
             state = "verified" if verdict.signed else ("unsigned-required" if rule.mode != "warn" else "unsigned-warn")
             return {"state": state, "rule": rule.name, "how": verdict.how}
         if tags is None:
@@ -480,21 +480,20 @@ class UI:
         return await self._blob_json(svc, repo, descriptor["digest"])
 
     async def _blob_json(self, svc: Services, repo: str, digest: str) -> dict[str, Any] | None:
-        cached = svc.manifests.get(digest)
-        if cached is None:
-            link = await svc.metadata.get_link(repo, digest)
-            if link is None or link.corrupt or link.size > MAX_CONFIG_BYTES:
-                return None
-            try:
-                key = await svc.blobs.key(digest)
-                cached = await (svc.regions.read_bytes(digest, key) if svc.regions else svc.storage.read_bytes(key))
-            except FileNotFoundError:
-                return None
-            if "sha256:" + hashlib.sha256(cached).hexdigest() != digest:
-                return None
-            svc.manifests.put(digest, cached)
+        """A small JSON blob linked in `repo` (an image config), read and checked against its digest.
+        Not kept: the tag list keeps the platform it needs by manifest digest (`_platforms`)."""
+        link = await svc.metadata.get_link(repo, digest)
+        if link is None or link.corrupt or link.size > MAX_CONFIG_BYTES:
+            return None
         try:
-            doc = json.loads(cached)
+            key = await svc.blobs.key(digest)
+            body = await (svc.regions.read_bytes(digest, key) if svc.regions else svc.storage.read_bytes(key))
+        except FileNotFoundError:
+            return None
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            return None
+        try:
+            doc = json.loads(body)
         except ValueError:
             return None
         return doc if isinstance(doc, dict) else None
