@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oci_client import OCIClient, digest_of
 from secure_registry import SecureWharf, make_users
+from services import wait_until
 
 USERS = {"admin": "admin-pw", "reader": "reader-pw"}
 ACCESS = {
@@ -73,9 +74,16 @@ def registry(tmp_path_factory):
         access=ACCESS,
         audit={"path": str(root / "audit.log")},
         ratelimit={"authfailures": {"peraddress": 0, "peruser": 0}},
+        # What the leader writes on its own clock (a collection cycle, last-pulled times) would change
+        # state between two snapshots whatever the request was: the state compared is the requests'.
+        gc={"enabled": False},
+        inventory={"pullinterval": "24h"},
     ) as process:
         with process.client(auth=("admin", USERS["admin"])) as http:
             image = OCIClient(http).push_image("fuzz/base", "v1", layers=[KNOWN_BLOBS[0]], config=KNOWN_BLOBS[1])
+            # The storage figures of that push are settled by the leader within seconds: before the
+            # first snapshot, not between two.
+            wait_until(lambda: http.get("/wharf/v1/usage").json().get("current"), timeout=60, what="usage settled")
         with process.client() as http:
             yield Registry(process, http, image.digest)
         assert process.proc is not None and process.proc.poll() is None, "the registry died:\n" + process.log_tail()
