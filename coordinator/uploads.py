@@ -107,6 +107,10 @@ class TooManySessions(Exception):
 class SessionBusy(Exception):
     """Another request is writing to (or committing) the session right now."""
 
+    def __init__(self, upload_id: str, session: UploadSession | None = None) -> None:
+        super().__init__(upload_id)
+        self.session = session  # as it stands, when the refusal read it
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -176,6 +180,30 @@ class UploadSessions:
         if current is None or current.mod_revision != session.mod_revision:
             raise SessionChanged(session.id)
         raise SessionBusy(session.id)
+
+    async def claim_open(self, upload_id: str, lease: int) -> Claim:
+        """Read a session and claim it for one writing request, in one transaction.
+
+        The session comes back as it stood when the claim was taken, so it needs no read of its own
+        (a PATCH costs this and `advance`). SessionChanged if there is no such session, SessionBusy
+        with the session as it stands if another request holds it. A committing session is claimed
+        like any other: the caller must look at `commit` and release.
+        """
+        key = keys.upload(upload_id)
+        claim = keys.upload_claim(upload_id)
+        token = uuid.uuid4().hex.encode()
+        result = await self.kv.txn(
+            [Compare.present(key), Compare.absent(claim)],
+            [Put(claim, token, lease=lease), Get(key)],
+            [Get(key)],
+        )
+        found = result.gets[0] if result.gets else None
+        if found is None:
+            raise SessionChanged(upload_id)
+        session = UploadSession.from_json(upload_id, found.value, found.mod_revision)
+        if result.succeeded:
+            return Claim(session, token)
+        raise SessionBusy(upload_id, session)
 
     async def advance(
         self,

@@ -65,6 +65,12 @@ class BlobUploadInvalid(RegistryError):
     code, status, message = "BLOB_UPLOAD_INVALID", 400, "blob upload invalid"
 
 
+class UploadStateStale(RegistryError):
+    """A URL handed out at an offset the upload has since moved past: resume from the Range given."""
+
+    code, status, message = "BLOB_UPLOAD_INVALID", 416, "the upload moved on since this URL was handed out"
+
+
 class BlobUploadUnknown(RegistryError):
     code, status, message = "BLOB_UPLOAD_UNKNOWN", 404, "blob upload unknown to registry"
 

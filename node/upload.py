@@ -43,6 +43,7 @@ from .errors import (
 from .reference import Digest
 from .storage import layout
 from .storage.driver import StorageDriver, UploadInterrupted
+from .uploadstate import UploadStates
 
 log = logging.getLogger("wharf.upload")
 
@@ -156,6 +157,7 @@ class Uploader:
         quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: [],
         max_sessions: int = 0,
         placed: Callable[[str, int, str], Awaitable[Sequence[Op]]] | None = None,
+        secret: str = "",
     ) -> None:
         self.storage = storage
         self.sessions = sessions
@@ -167,6 +169,8 @@ class Uploader:
         # With regions: the records of bytes stored in this region (and copies queued for the others),
         # given (digest, size, storage key); written with the blob record (node/regions.py).
         self.placed = placed
+        # Signs the offset into each Location URL (http.secret, else the cluster's key).
+        self.states = UploadStates(sessions.kv, secret)
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
@@ -281,15 +285,53 @@ class Uploader:
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
 
+    async def claim_checked(
+        self, repository: str, upload_id: str, check: Callable[[UploadSession], None] = lambda session: None
+    ) -> Claim:
+        """Claim an upload for a writing request, reading it in the same coordinator transaction.
+
+        `check` sees the session as claimed and raises to refuse the request (a range that does not
+        continue the upload, a stale URL); the claim is then released and nothing else changed. A
+        claim held by another request is waited out as `_claim` does.
+        """
+        deadline = time.monotonic() + self.lease.ttl + 2
+        delay = 0.05
+        while True:
+            try:
+                claim = await self.sessions.claim_open(upload_id, await self.lease.id())
+            except SessionChanged:
+                raise BlobUploadUnknown({"upload": upload_id}) from None
+            except SessionBusy as exc:
+                current = exc.session
+                if current is None or current.repository != repository:
+                    raise BlobUploadUnknown({"upload": upload_id}) from None
+                if current.commit is not None or time.monotonic() > deadline:
+                    raise _busy(current) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            session = claim.session
+            try:
+                if session.repository != repository:
+                    raise BlobUploadUnknown({"upload": upload_id})
+                if session.commit is not None:
+                    raise _busy(session)
+                check(session)
+            except BaseException:
+                await self.sessions.release(claim)
+                raise
+            return claim
+
     async def append(
-        self, session: UploadSession, chunks: AsyncIterator[bytes], *, length: int | None = None
+        self, session: UploadSession | Claim, chunks: AsyncIterator[bytes], *, length: int | None = None
     ) -> UploadSession:
         """Write a stream at the session's offset and record the new offset and hash state.
 
+        Given a session as read, it is claimed first; given a claim (`claim_checked`), it is written at once.
         If the stream breaks, whatever arrived is recorded too, so the client can ask for the
         offset and resume; then the error goes on up.
         """
-        claim = await self._claim(session)
+        claim = session if isinstance(session, Claim) else await self._claim(session)
         written, hasher, state = await self._write(claim, chunks, length)
         if length is not None and written != length:
             # Keep what arrived but tell the client its range was short.

@@ -9,9 +9,10 @@ from starlette.responses import Response
 
 from coordinator.uploads import UploadSession
 
-from ..errors import BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid
+from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid, UploadStateStale
 from ..reference import parse_digest, validate_name
 from ..upload import UploadMoved, check_algorithm
+from ..uploadstate import PARAM, BadUploadState
 from .request import repository, services, url
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -28,8 +29,9 @@ def _content_length(request: Request) -> int | None:
 
 
 def _progress_headers(request: Request, session: UploadSession) -> dict[str, str]:
+    state = services(request).uploader.states.sign(session)
     return {
-        "Location": url(request, f"/v2/{session.repository}/blobs/uploads/{session.id}"),
+        "Location": url(request, f"/v2/{session.repository}/blobs/uploads/{session.id}?{PARAM}={state}"),
         "Range": f"0-{max(session.offset - 1, 0)}",
         "Docker-Upload-UUID": session.id,
         "Content-Length": "0",
@@ -55,12 +57,43 @@ def _owner(request: Request) -> str:
     return f"address {request.client.host if request.client else 'unknown'}"
 
 
-async def _session(request: Request) -> UploadSession:
-    name = repository(request)
-    upload_id = request.path_params["uuid"]
+def _upload_id(request: Request) -> str:
+    upload_id: str = request.path_params["uuid"]
     if not _UUID.fullmatch(upload_id):
         raise BlobUploadUnknown({"upload": upload_id[:100]})
-    return await services(request).uploader.session(name, upload_id)
+    return upload_id
+
+
+async def _url_offset(request: Request, name: str, upload_id: str) -> int | None:
+    """The offset the request's URL was handed out at (None for a URL without state); refused if forged."""
+    states = services(request).uploader.states
+    await states.ready()
+    state = request.query_params.get(PARAM)
+    if state is None:
+        return None  # a URL from an earlier Wharf
+    try:
+        return states.offset(state, upload_id, name)
+    except BadUploadState:
+        raise BlobUploadInvalid({"upload": upload_id, "reason": "the upload URL's state is not valid"}) from None
+
+
+def _check_state(request: Request, session: UploadSession, offset: int | None) -> None:
+    if offset is not None and offset != session.offset:
+        raise UploadStateStale(
+            {"upload": session.id, "url offset": offset, "offset": session.offset},
+            headers=_progress_headers(request, session),
+        )
+
+
+async def _session(request: Request, *, current: bool = False) -> UploadSession:
+    """The upload the URL names; with `current`, refused (416) if the URL's offset is not the upload's."""
+    name = repository(request)
+    upload_id = _upload_id(request)
+    offset = await _url_offset(request, name, upload_id)
+    session = await services(request).uploader.session(name, upload_id)
+    if current:
+        _check_state(request, session, offset)
+    return session
 
 
 async def start_upload(request: Request) -> Response:
@@ -92,6 +125,7 @@ async def start_upload(request: Request) -> Response:
     if "digest-algorithm" in params:
         check_algorithm(params["digest-algorithm"])
     await svc.uploader.check_room(name)
+    await svc.uploader.states.ready()
     session = await svc.uploader.start(name, _owner(request))
     return Response(status_code=202, headers=_progress_headers(request, session))
 
@@ -126,18 +160,25 @@ def _moved(request: Request, exc: UploadMoved) -> RangeInvalid:
 
 async def patch_upload(request: Request) -> Response:
     svc = services(request)
-    session = await _session(request)
-    length = _check_range(request, session, _content_length(request))
-    try:
-        session = await svc.uploader.append(session, request.stream(), length=length)
-    except UploadMoved as exc:
-        raise _moved(request, exc) from None
+    name = repository(request)
+    upload_id = _upload_id(request)
+    offset = await _url_offset(request, name, upload_id)
+    length = _content_length(request)
+    promised = [length]
+
+    def check(session: UploadSession) -> None:
+        _check_state(request, session, offset)
+        promised[0] = _check_range(request, session, length)
+
+    # One coordinator transaction reads and claims the session; `check` refuses before a byte is written.
+    claim = await svc.uploader.claim_checked(name, upload_id, check)
+    session = await svc.uploader.append(claim, request.stream(), length=promised[0])
     return Response(status_code=202, headers=_progress_headers(request, session))
 
 
 async def finish_upload(request: Request) -> Response:
     svc = services(request)
-    session = await _session(request)
+    session = await _session(request, current=True)
     raw_digest = request.query_params.get("digest")
     if not raw_digest:
         raise DigestInvalid({"reason": "the digest query parameter is required to finish an upload"})
