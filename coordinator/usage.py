@@ -299,6 +299,10 @@ class Usage:
                 found = [m for m in found if m not in every]
             for start in range(0, len(found), _CHUNK):
                 chunk = found[start : start + _CHUNK]
+                if batch and batch[-1][1] == digest:
+                    # The object's previous chunk first: this one is planned from what that one leaves.
+                    await self._commit_batch(batch, settled)
+                    batch = []
                 plan = await self._plan(digest, chunk)
                 if batch and not _fits([*(item[0] for item in batch), plan]):
                     await self._commit_batch(batch, settled)

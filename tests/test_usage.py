@@ -272,3 +272,25 @@ async def test_figures_an_earlier_version_counted_read_reconcile_and_turn_compac
     }
     assert [r.key for r in await kv.range(keys.USAGE_HOLDERS)] == [keys.usage_holder(one, "team/app")]
     assert await usage.reconcile() == 0
+
+
+@pytest.mark.parametrize("survivor", [0, 10, 11])
+async def test_a_blob_collected_from_more_repositories_than_one_round_checks_leaves_the_one_still_holding_it(
+    kv, survivor
+):
+    usage = Usage(kv)
+    await usage.build()
+    digest = "sha256:" + "9" * 64
+    repos = [f"team/r{n:02d}" for n in range(12)]
+    await kv.txn([], [op for r in repos for op in (Put(keys.link(r, digest), _link(70)), HOLDING_CHANGED(r, digest))])
+    await usage.settle()
+    assert len(await kv.range(keys.USAGE_HOLDERS)) == 12 and (await usage.scope("team/")).exclusive == 70
+    # Every link goes but one (its repository pushed the blob again meanwhile): one mark for all of them.
+    await kv.txn([], [*(Delete(keys.link(r, digest)) for r in repos if r != repos[survivor])])
+    await kv.txn([], [EVERY_HOLDER_CHANGED(digest)])
+    await usage.settle()
+    assert await usage.current()
+    assert await counted(kv) == expected({(repos[survivor], digest): (70, True, False)})
+    assert not await kv.range(keys.USAGE_HOLDERS)
+    assert (await usage.holders(digest)).keys() == {repos[survivor]}
+    assert await usage.reconcile() == 0
