@@ -10,10 +10,11 @@ from dataclasses import asdict
 import pytest
 from inprocess import InProcessRegistry
 from oci_client import OCI_MANIFEST, digest_of
+from usage_before import earlier_form
 
 from coordinator import encoding, keys
 from coordinator.gc import Collector
-from coordinator.kv import KV, KeyValue
+from coordinator.kv import KeyValue
 from coordinator.metadata import (
     BlobRecord,
     LinkRecord,
@@ -25,7 +26,7 @@ from coordinator.metadata import (
     encode,
     encode_blob,
 )
-from coordinator.usage import Holding, ScopeUsage, Usage, namespaces_of
+from coordinator.usage import Holding, ScopeUsage
 from node.storage import layout
 from node.usage import FigureKeeper
 
@@ -285,34 +286,6 @@ def _json(fields: dict) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
-async def _earlier_usage(kv: KV, found: list[KeyValue]) -> list[tuple[str, bytes]]:
-    """The storage figures' records as every Wharf before the compact ones kept the same figures: for
-    each object a JSON summary and a JSON holder record per repository holding it, JSON counters."""
-    usage = Usage(kv)
-    earlier: list[tuple[str, bytes]] = []
-    for record in found:
-        if record.key.startswith(keys.USAGE_OBJECTS):
-            digest = record.key[len(keys.USAGE_OBJECTS) :]
-            holders = await usage.holders(digest)
-            namespaces: dict[str, list[int]] = {}
-            for repo, holding in sorted(holders.items()):
-                for namespace in namespaces_of(repo):
-                    counts = namespaces.setdefault(namespace, [0, 0])
-                    counts[0] += 1
-                    counts[1] += int(holding.manifest)
-            summary = {
-                "size": next(iter(holders.values())).size,
-                "repositories": len(holders),
-                "manifests": sum(holding.manifest for holding in holders.values()),
-                "namespaces": namespaces,
-            }
-            earlier.append((record.key, _json(summary)))
-            earlier += [(keys.usage_holder(digest, repo), _json(asdict(h))) for repo, h in sorted(holders.items())]
-        elif record.key.startswith((keys.USAGE_SCOPES, keys.USAGE_TOTAL)):
-            earlier.append((record.key, _json(asdict(ScopeUsage.decode(record.value)))))
-    return earlier
-
-
 async def _settled(reg: InProcessRegistry) -> None:
     """Run the leader's storage figures job until every change is counted (bounded in time)."""
     keeper = FigureKeeper(reg.services)
@@ -346,7 +319,7 @@ async def test_an_eight_layer_image_takes_at_most_half_its_earlier_bytes_in_etcd
         # an object record for each of the 10 objects, counters for the repository, its namespace, the total.
         usage = [kv for kv in everything if kv.key.startswith(keys.USAGE) and kv.key != keys.USAGE_BUILT]
         assert not [kv for kv in usage if kv.key.startswith(keys.USAGE_MARKS)], "settled"
-        earlier = await _earlier_usage(reg.kv, usage)
+        earlier = await earlier_form(reg.kv, usage)
         assert len(earlier) == 23  # then: 10 summaries, 10 holder records, 3 counters
         whole_now = now + sum(_stored_now(kv) for kv in usage)
         whole_before = before + sum(len(ETCD_PREFIX) + len(key) + len(value) for key, value in earlier)

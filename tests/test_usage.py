@@ -9,6 +9,7 @@ import uuid
 from dataclasses import asdict
 
 import pytest
+from usage_before import counter_record, object_records
 
 from coordinator import encoding, keys
 from coordinator.embedded import EmbeddedKV
@@ -89,23 +90,11 @@ async def as_written_before(kv: KV) -> int:
     usage = Usage(kv)
     written = 0
     for record in await kv.range(keys.USAGE_OBJECTS):
-        digest = record.key[len(keys.USAGE_OBJECTS) :]
-        holders = await usage.holders(digest)
-        namespaces: dict[str, list[int]] = {}
-        for repo, holding in sorted(holders.items()):
-            for namespace in namespaces_of(repo):
-                counts = namespaces.setdefault(namespace, [0, 0])
-                counts[0] += 1
-                counts[1] += int(holding.manifest)
-        size = next(iter(holders.values())).size
-        manifests = sum(holding.manifest for holding in holders.values())
-        summary = {"size": size, "repositories": len(holders), "manifests": manifests, "namespaces": namespaces}
-        puts = [Put(record.key, _json(summary))]
-        puts += [Put(keys.usage_holder(digest, repo), _json(asdict(h))) for repo, h in holders.items()]
+        puts = [Put(key, value) for key, value in await object_records(usage, record.key)]
         await kv.txn([], puts)
         written += len(puts)
     for record in [*await kv.range(keys.USAGE_SCOPES), *await kv.range(keys.USAGE_TOTAL)]:
-        await kv.put(record.key, _json(asdict(ScopeUsage.decode(record.value))))
+        await kv.put(*counter_record(record))
         written += 1
     return written
 
