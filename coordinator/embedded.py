@@ -396,13 +396,13 @@ class EmbeddedKV:
             # Never an id used before (as etcd): a write naming a lease that ended must be refused,
             # not attached to whichever lease took its number. Files from before the counter start
             # it past every id still in use.
-            lease = (
-                1
-                + conn.execute(
-                    "SELECT max(coalesce((SELECT value FROM meta WHERE name = 'lease'), 0),"
-                    " coalesce((SELECT max(id) FROM leases), 0), coalesce((SELECT max(lease) FROM kv), 0))"
-                ).fetchone()[0]
-            )
+            row = conn.execute("SELECT value FROM meta WHERE name = 'lease'").fetchone()
+            if row is None:  # both maxima through an index
+                row = conn.execute(
+                    "SELECT max(coalesce((SELECT max(id) FROM leases), 0),"
+                    " coalesce((SELECT max(lease) FROM kv WHERE lease != 0), 0))"
+                ).fetchone()
+            lease = 1 + int(row[0])
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('lease', ?)", (lease,))
             conn.execute("INSERT INTO leases (id, ttl, expires) VALUES (?, ?, ?)", (lease, ttl, time.time() + ttl))
             return int(lease)

@@ -516,6 +516,22 @@ async def test_a_lease_id_is_never_given_again_after_its_lease_ended(kv: KV) -> 
         await kv.put("k", b"x", lease=lease)
 
 
+async def test_an_embedded_file_from_before_the_lease_counter_gives_ids_past_every_one_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    kv = EmbeddedKV(str(path))
+    try:
+        held = await kv.grant_lease(30)
+        await kv.put("claim", b"x", lease=held)
+        ended = await kv.grant_lease(30)
+        await kv.revoke_lease(ended)
+        with sqlite3.connect(path) as db:  # as a file written before the counter was kept
+            db.execute("DELETE FROM meta WHERE name = 'lease'")
+            db.execute("DELETE FROM leases")
+        assert await kv.grant_lease(30) > held  # past the one a key still names
+    finally:
+        await kv.close()
+
+
 async def test_a_node_lease_the_store_ended_unnoticed_is_replaced_at_the_next_write(kv: KV) -> None:
     """A starved process's lease can expire in the store before its refresh task notices; the write
     that names it is refused, and the node's lease is renewed and the write made once more."""
