@@ -19,6 +19,7 @@ from .kv import (
     Delete,
     Get,
     KeyValue,
+    LeaseGone,
     MemberSpace,
     Op,
     OutOfSpace,
@@ -392,8 +393,19 @@ class EmbeddedKV:
 
     async def grant_lease(self, ttl: int) -> int:
         def run(conn: sqlite3.Connection, w: _Writer) -> int:
-            cur = conn.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, time.time() + ttl))
-            return int(cur.lastrowid or 0)
+            # Never an id used before (as etcd): a write naming a lease that ended must be refused,
+            # not attached to whichever lease took its number. Files from before the counter start
+            # it past every id still in use.
+            row = conn.execute("SELECT value FROM meta WHERE name = 'lease'").fetchone()
+            if row is None:  # both maxima through an index
+                row = conn.execute(
+                    "SELECT max(coalesce((SELECT max(id) FROM leases), 0),"
+                    " coalesce((SELECT max(lease) FROM kv WHERE lease != 0), 0))"
+                ).fetchone()
+            lease = 1 + int(row[0])
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('lease', ?)", (lease,))
+            conn.execute("INSERT INTO leases (id, ttl, expires) VALUES (?, ?, ?)", (lease, ttl, time.time() + ttl))
+            return int(lease)
 
         return await self._update(run)
 
@@ -630,7 +642,7 @@ class _Writer:
 
     def put(self, key: str, value: bytes, lease: int) -> None:
         if lease and self.conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
-            raise LookupError(f"lease {lease} not found")
+            raise LeaseGone(f"lease {lease} not found")
         self.conn.execute(
             "INSERT INTO kv (key, value, version, create_rev, mod_rev, lease) VALUES (?, ?, 1, ?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value=excluded.value, version=version+1, "

@@ -1,7 +1,8 @@
 """The compact byte form of the registry's most numerous records, and the JSON form before it.
 
-Blob, link, manifest, tag and touch records are most of a coordinator's bytes, and every byte is
-paid again by etcd on disk and in every snapshot. Their compact form starts with one byte naming
+Blob, link, manifest, tag and touch records are most of a coordinator's bytes, with the storage
+figures' records beside them (coordinator/usage.py: what each repository holds of each object, and
+the counters), and every byte is paid again by etcd on disk and in every snapshot. Their compact form starts with one byte naming
 the record's kind (below 0x20, so never the `{` that begins the JSON earlier Wharf versions wrote):
 both forms read, whichever a store holds. Inside, numbers are varints, times whole milliseconds,
 digests their algorithm's number and raw bytes, and well-known media types one byte. Nothing that
@@ -16,7 +17,20 @@ import json
 from typing import Any
 
 BLOB, LINK, MANIFEST, TAG, TOUCH = 0x01, 0x02, 0x03, 0x04, 0x05
-KINDS = {BLOB: "blob", LINK: "link", MANIFEST: "manifest", TAG: "tag", TOUCH: "touch"}
+# The storage figures' records: a holding, an object held by one repository (the holding and its
+# repository's name), an object's summary, and a scope's counter.
+HOLDING, SOLE_HOLDING, USAGE_SUMMARY, SCOPE_USAGE = 0x06, 0x07, 0x08, 0x09
+KINDS = {
+    BLOB: "blob",
+    LINK: "link",
+    MANIFEST: "manifest",
+    TAG: "tag",
+    TOUCH: "touch",
+    HOLDING: "holding",
+    SOLE_HOLDING: "sole holding",
+    USAGE_SUMMARY: "usage summary",
+    SCOPE_USAGE: "scope usage",
+}
 
 # Digest algorithms stored as raw bytes: number -> (name, bytes). 0: the digest as text follows.
 _ALGORITHMS = {1: ("sha256", 32), 2: ("sha512", 64)}
@@ -47,6 +61,8 @@ _MEDIA_NUMBERS = {name: number for number, name in enumerate(_MEDIA_TYPES) if nu
 _BLOB_KEY, _BLOB_USED, _BLOB_UNUSED, _BLOB_CORRUPT, _BLOB_IMPORTED_OTHER = 1, 2, 4, 8, 16
 # Flags of a manifest record.
 _HAS_SUBJECT, _HAS_ARTIFACT_TYPE, _HAS_ANNOTATIONS, _ANNOTATIONS_IN_MANIFEST = 1, 2, 4, 8
+# Flags of a holding.
+_HELD_LINK, _HELD_MANIFEST = 1, 2
 
 
 class RecordError(ValueError):
@@ -330,5 +346,84 @@ def unpack_touch(raw: bytes) -> dict[str, Any]:
         return legacy(raw)
     src = _In(raw, TOUCH)
     fields = {"at": src.millis()}
+    src.end()
+    return fields
+
+
+# -- the storage figures' records ----------------------------------------------------------------
+
+
+def pack_holding(size: int, link: bool, manifest: bool, repository: str | None = None) -> bytes:
+    """What one repository holds of one object; with `repository`, the one repository that holds it."""
+    out = _Out(HOLDING if repository is None else SOLE_HOLDING)
+    out.byte((_HELD_LINK if link else 0) | (_HELD_MANIFEST if manifest else 0))
+    out.varint(size)
+    if repository is not None:
+        out.text(repository)
+    return bytes(out.buf)
+
+
+def unpack_holding(raw: bytes) -> dict[str, Any]:
+    """A holding's fields (JSON before the compact form); a sole holding's carry its "repository"."""
+    if not is_compact(raw):
+        return legacy(raw)
+    src = _In(raw, SOLE_HOLDING if raw[0] == SOLE_HOLDING else HOLDING)
+    flags = src.byte()
+    fields: dict[str, Any] = {"size": src.varint(), "link": bool(flags & _HELD_LINK)}
+    fields["manifest"] = bool(flags & _HELD_MANIFEST)
+    if raw[0] == SOLE_HOLDING:
+        fields["repository"] = src.text()
+    src.end()
+    return fields
+
+
+def is_sole_holding(raw: bytes) -> bool:
+    return bool(raw) and raw[0] == SOLE_HOLDING
+
+
+def pack_usage_summary(size: int, repositories: int, manifests: int, namespaces: dict[str, list[int]]) -> bytes:
+    """An object's summary: its size, how many repositories (and manifests) hold it, per namespace too."""
+    out = _Out(USAGE_SUMMARY)
+    out.varint(size)
+    out.varint(repositories)
+    out.varint(manifests)
+    out.varint(len(namespaces))
+    for namespace, (held, held_manifests) in sorted(namespaces.items()):
+        out.text(namespace)
+        out.varint(held)
+        out.varint(held_manifests)
+    return bytes(out.buf)
+
+
+def unpack_usage_summary(raw: bytes) -> dict[str, Any]:
+    if not is_compact(raw):
+        return legacy(raw)
+    src = _In(raw, USAGE_SUMMARY)
+    fields: dict[str, Any] = {"size": src.varint(), "repositories": src.varint(), "manifests": src.varint()}
+    namespaces = {}
+    for _ in range(src.varint()):
+        namespace = src.text()
+        namespaces[namespace] = [src.varint(), src.varint()]
+    fields["namespaces"] = namespaces
+    src.end()
+    return fields
+
+
+_SCOPE_FIELDS = ("linked", "unique", "exclusive", "objects", "exclusive_objects", "manifests")
+
+
+def pack_scope_usage(figures: dict[str, int]) -> bytes:
+    """A repository's, namespace's or the registry's counter: its figures, in a fixed order."""
+    out = _Out(SCOPE_USAGE)
+    for name in _SCOPE_FIELDS:
+        out.varint(figures[name])
+    return bytes(out.buf)
+
+
+def unpack_scope_usage(raw: bytes) -> dict[str, Any]:
+    if not is_compact(raw):
+        return legacy(raw)
+    src = _In(raw, SCOPE_USAGE)
+    fields = {name: src.varint() for name in _SCOPE_FIELDS}
     src.end()
     return fields

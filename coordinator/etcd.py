@@ -43,6 +43,7 @@ from .kv import (
     Delete,
     Get,
     KeyValue,
+    LeaseGone,
     MemberSpace,
     Op,
     OutOfSpace,
@@ -112,7 +113,7 @@ class EtcdUnavailable(EtcdError, ConnectionError):
     """No endpoint answered, or the answer was lost; a write may or may not have been applied."""
 
 
-class LeaseNotFound(EtcdError, LookupError):
+class LeaseNotFound(EtcdError, LeaseGone):
     """A put or transaction named a lease that does not exist (any more)."""
 
 

@@ -59,8 +59,9 @@ PULLED = "pulled/"
 # Rewritten with every batch that moves a repository's last-pulled times, so nodes know a copy is current.
 PULLED_VERSIONS = "pulledver/"
 # Storage per repository and namespace (coordinator/usage.py). Every change to what a repository holds
-# (a blob link, a manifest) writes a mark; a settler counts the marks into holder records (one per
-# object and repository), a summary per object, and one counter per repository, namespace and the total.
+# (a blob link, a manifest) writes a mark; a settler counts the marks into an object record per object
+# (naming the repository, when one holds it; else a summary beside a holder record per repository holding
+# it), and one counter per repository, namespace and the total.
 USAGE = "usage/"
 USAGE_MARKS = "usage/mark/"
 USAGE_HOLDERS = "usage/holder/"

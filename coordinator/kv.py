@@ -96,6 +96,11 @@ class Watch(Protocol):
     async def close(self) -> None: ...
 
 
+class LeaseGone(LookupError):
+    """A put named a lease the store no longer has: it expired (its holder's refreshes were late) or
+    was revoked. Nothing of that write was applied."""
+
+
 class OutOfSpace(Exception):
     """The store refused a write for lack of space (etcd's NOSPACE alarm, a full disk under the
     embedded file). Nothing of that write was applied; reads go on, and writes succeed again once

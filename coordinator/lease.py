@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from .kv import KV
+from .kv import KV, LeaseGone
+
+T = TypeVar("T")
 
 log = logging.getLogger("wharf.coordinator")
 
@@ -96,6 +100,21 @@ class NodeLease:
                     await self._lease.close(revoke=False)
                 self._lease = await KeptLease(self.kv, self.ttl).start()
             return self._lease.id
+
+    async def attached(self, write: Callable[[int], Awaitable[T]]) -> T:
+        """`write` given this process's lease; once more with a new lease if the store has ended it.
+
+        A store ends a lease whose refreshes came late (a starved process) before the refresh task
+        can notice, so a write that names it is refused (LeaseGone) and nothing of it was applied.
+        """
+        lease = await self.id()
+        try:
+            return await write(lease)
+        except LeaseGone:
+            log.warning("lease %x ended in the store before this node noticed; taking a new one", lease)
+            if self._lease is not None and self._lease.id == lease:
+                self._lease.lost.set()
+            return await write(await self.id())
 
     def holds(self, lease: int) -> bool:
         """Whether `lease` is still this process's live lease (a writer checks before each write)."""

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import datetime
 import heapq
+import itertools
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages, scan
 from .metadata import HOLDING_CHANGED, TAGS_CHANGED, ManifestRecord, TagRecord, decode, reachable, release
 from .pulls import Pulls
 from .readonly import Halted
+from .spool import Spool
 
 LAST_RUN = keys.RETENTION_LAST_RUN
 PROGRESS = keys.RETENTION_PROGRESS
@@ -100,16 +102,37 @@ class KeptTag:
 
 @dataclass
 class Plan:
-    """What the policies delete, in the order to apply: tags, then manifests parents-first."""
+    """What the policies delete, in the order to apply: repository by repository, each one's tags,
+    then its manifests parents-first. The lists are Spools: a plan over a large backlog costs disk,
+    not memory."""
 
     now: float
     revision: int  # the KV revision planning began at
-    tags: list[TagDeletion] = field(default_factory=list)
-    manifests: list[ManifestDeletion] = field(default_factory=list)
-    kept: list[KeptTag] = field(default_factory=list)  # tags of covered repositories that stay, and why
+    tags: Spool[TagDeletion] = field(default_factory=lambda: Spool(TagDeletion))
+    manifests: Spool[ManifestDeletion] = field(default_factory=lambda: Spool(ManifestDeletion))
+    kept: Spool[KeptTag] = field(
+        default_factory=lambda: Spool(KeptTag)
+    )  # tags of covered repositories that stay, and why
+
+    @classmethod
+    async def start(cls, kv: KV, now: float | None = None) -> Plan:
+        """An empty plan at the KV's current revision (`now` defaults to the clock)."""
+        return cls(now=time.time() if now is None else now, revision=(await kv.txn([], [])).revision)
+
+    def add(self, decision: Decision) -> None:
+        self.tags.extend(decision.tags)
+        self.kept.extend(decision.kept)
+        self.manifests.extend(decision.manifests)
+
+    def each_row(self) -> Iterator[dict[str, str]]:
+        for t in self.tags:
+            yield _tag_row(t)
+        for m in self.manifests:
+            yield _manifest_row(m)
 
     def rows(self) -> list[dict[str, str]]:
-        return [_tag_row(t) for t in self.tags] + [_manifest_row(m) for m in self.manifests]
+        """Every row (each_row for a plan that may be large)."""
+        return list(self.each_row())
 
 
 async def last_run(kv: KV) -> dict[str, Any] | None:
@@ -153,7 +176,7 @@ def _manifest_row(m: ManifestDeletion) -> dict[str, str]:
     return _row(m.repository, m.digest, m.digest, "delete manifest", m.reason, m.pushed)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Skipped:
     repository: str
     reference: str
@@ -162,20 +185,27 @@ class Skipped:
 
 @dataclass
 class Result:
-    """What one application of a plan did."""
+    """What one application of a plan did (its lists are Spools, like the plan's)."""
 
     node: str
     started: float = 0.0
     finished: float = 0.0
     planned: int = 0
-    tags_deleted: list[TagDeletion] = field(default_factory=list)
-    manifests_deleted: list[ManifestDeletion] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
+    tags_deleted: Spool[TagDeletion] = field(default_factory=lambda: Spool(TagDeletion))
+    manifests_deleted: Spool[ManifestDeletion] = field(default_factory=lambda: Spool(ManifestDeletion))
+    skipped: Spool[Skipped] = field(default_factory=lambda: Spool(Skipped))
     # The progress record of a run that never finished (its leader went away), if one was found.
     interrupted: dict[str, Any] | None = None
 
+    def each_row(self) -> Iterator[dict[str, str]]:
+        for t in self.tags_deleted:
+            yield _tag_row(t)
+        for m in self.manifests_deleted:
+            yield _manifest_row(m)
+
     def rows(self) -> list[dict[str, str]]:
-        return [_tag_row(t) for t in self.tags_deleted] + [_manifest_row(m) for m in self.manifests_deleted]
+        """Every row (each_row for a run that may be large)."""
+        return list(self.each_row())
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -317,9 +347,10 @@ async def _repositories(kv: KV) -> AsyncIterator[tuple[str, list[KeyValue], list
 
 
 @dataclass
-class _Decision:
+class Decision:
     """What the rules decide for one repository."""
 
+    repository: str
     tags: list[TagDeletion] = field(default_factory=list)
     kept: list[KeptTag] = field(default_factory=list)
     manifests: list[ManifestDeletion] = field(default_factory=list)
@@ -335,9 +366,9 @@ def _unknown(subject: str) -> bool | None:
     return None
 
 
-def _decide(repo: _Repository, now: float, frozen: Frozen, foreign: ForeignLive = _unknown) -> _Decision:
+def _decide(repo: _Repository, now: float, frozen: Frozen, foreign: ForeignLive = _unknown) -> Decision:
     """One repository's tags and manifests judged under its rule (no rule: everything stays)."""
-    decision = _Decision()
+    decision = Decision(repo.name)
     followers: list[tuple[_Tag, str]] = []
     for tag, verdict, why in _judge_tags(repo, now, frozen):
         if verdict == _FOLLOW:
@@ -384,17 +415,17 @@ def _decide(repo: _Repository, now: float, frozen: Frozen, foreign: ForeignLive 
     return decision
 
 
-async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: Frozen = _nothing_frozen) -> Plan:
-    """Decide what `rules` delete from the current state; changes nothing.
+async def decisions(
+    kv: KV, rules: list[Rule], *, now: float, frozen: Frozen = _nothing_frozen
+) -> AsyncIterator[Decision]:
+    """What `rules` decide, one repository at a time, from the current state; changes nothing.
 
-    Memory stays one repository deep (plus the plan itself): repositories are read and judged one
-    at a time. Signature tags whose subject is stored in another repository (cosign's
-    COSIGN_REPOSITORY) wait for further passes that learn which of those subjects stay anywhere;
-    their repositories are decided then.
+    Memory stays one repository deep: repositories are read, judged and handed on one at a time, in
+    name order, so a caller can apply or print each decision before the next is read. Signature tags
+    whose subject is stored in another repository (cosign's COSIGN_REPOSITORY) make their
+    repository wait for further passes that learn which of those subjects stay anywhere; those
+    repositories' decisions come last (and are held until then).
     """
-    now = time.time() if now is None else now
-    revision = (await kv.txn([], [])).revision
-    result = Plan(now=now, revision=revision)
 
     def rule_for(name: str) -> Rule | None:
         return next((r for r in rules if r.covers(name)), None)
@@ -411,12 +442,14 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
             waiting |= decision.deferred
             pending.add(name)
         else:
-            _add(result, decision)
+            yield decision
 
     # Which waited-on subjects stay anywhere: the least answer consistent with every repository's
     # decision, found by passes that only ever add subjects (so at most one pass per subject).
+    # Decisions already handed on (and perhaps applied) do not change what stays: they delete only
+    # what their rules judged gone, which no later pass counts as staying.
     live: set[str] = set()
-    decided: list[_Decision] = []
+    decided: list[Decision] = []
     for _ in range(len(waiting) + 1):
         if not waiting:
             break
@@ -432,10 +465,14 @@ async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: F
             break
         live = found
     for decision in decided:
-        _add(result, decision)
-    result.tags.sort(key=lambda t: (t.repository, t.tag))
-    result.kept.sort(key=lambda t: (t.repository, t.tag))
-    result.manifests.sort(key=lambda m: m.repository)  # stable: each repository's order stays
+        yield decision
+
+
+async def plan(kv: KV, rules: list[Rule], *, now: float | None = None, frozen: Frozen = _nothing_frozen) -> Plan:
+    """The whole plan from the current state; changes nothing. Its lists spill to disk when large."""
+    result = await Plan.start(kv, now)
+    async for decision in decisions(kv, rules, now=result.now, frozen=frozen):
+        result.add(decision)
     return result
 
 
@@ -444,12 +481,6 @@ async def _pulled(kv: KV, rule: Rule | None, name: str) -> dict[str, float] | No
     if rule is None or rule.pulled_within is None:
         return None
     return await Pulls(kv).of_repository(name)
-
-
-def _add(result: Plan, decision: _Decision) -> None:
-    result.tags += decision.tags
-    result.kept += decision.kept
-    result.manifests += decision.manifests
 
 
 _KEEP, _DELETE, _FOLLOW = "keep", "delete", "follow"
@@ -567,40 +598,65 @@ class Applier:
         self.progress = progress
         # Asked before each deletion; False stops the run there (Halted): the registry went read-only.
         self.may_delete: Callable[[], bool] = lambda: True
+        self._done = 0  # deletions attempted in this run
+        self._recorded = 0  # the `done` of the last progress record
 
     def _check_may_delete(self) -> None:
         if not self.may_delete():
             raise Halted("read-only: retention stopped before deleting more")
 
     async def apply(self, plan: Plan) -> Result:
-        result = Result(node=self.node, started=time.time(), planned=len(plan.tags) + len(plan.manifests))
+        """Apply a plan made beforehand (what a plan names since gone or changed is skipped)."""
+        result = await self._begin(len(plan.tags) + len(plan.manifests))
+        await self._apply(plan.tags, plan.manifests, result)
+        return await self._finish(result)
+
+    async def apply_each(self, decisions: AsyncIterable[Decision], planned: Plan | None = None) -> Result:
+        """Apply each repository's decision as it comes (memory stays one repository deep), adding
+        it to `planned` first when given."""
+        result = await self._begin(0)
+        async for decision in decisions:
+            if planned is not None:
+                planned.add(decision)
+            result.planned += len(decision.tags) + len(decision.manifests)
+            await self._apply(decision.tags, decision.manifests, result)
+        return await self._finish(result)
+
+    async def _begin(self, planned: int) -> Result:
+        result = Result(node=self.node, started=time.time(), planned=planned)
+        self._done = 0
         previous = await self.kv.get(PROGRESS)
         if previous is not None:
             result.interrupted = json.loads(previous.value)
         await self._record_progress(result, 0)
-        done = 0
-        for tag in plan.tags:
+        return result
+
+    async def _apply(self, tags: Iterable[TagDeletion], manifests: Iterable[ManifestDeletion], result: Result) -> None:
+        """Tags first, then manifests one repository at a time (a plan keeps each one's together)."""
+        for tag in tags:
             await self._delete_tag(tag, result)
-            done += 1
-            await self._step(result, done)
-        by_repo: dict[str, list[ManifestDeletion]] = {}
-        for m in plan.manifests:
-            by_repo.setdefault(m.repository, []).append(m)
-        for name in sorted(by_repo):
-            await self._delete_manifests(name, by_repo[name], result)
-            done += len(by_repo[name])
-            await self._step(result, done)
+            self._done += 1
+            await self._step(result)
+        for name, group in itertools.groupby(manifests, key=lambda m: m.repository):
+            planned = list(group)
+            await self._delete_manifests(name, planned, result)
+            self._done += len(planned)
+            await self._step(result)
+
+    async def _finish(self, result: Result) -> Result:
         result.finished = time.time()
         await self.kv.txn([], [Put(LAST_RUN, json.dumps(result.summary()).encode()), Delete(PROGRESS)])
         return result
 
-    async def _step(self, result: Result, done: int) -> None:
+    async def _step(self, result: Result) -> None:
+        done = self._done
         if self.progress is not None:
             self.progress(done, result.planned)
-        if done % _PROGRESS_EVERY == 0 or done == result.planned:
+        if done // _PROGRESS_EVERY > self._recorded // _PROGRESS_EVERY:
             await self._record_progress(result, done)
 
     async def _record_progress(self, result: Result, done: int) -> None:
+        self._recorded = done
         record = {"node": self.node, "started": result.started, "planned": result.planned, "done": done}
         await self.kv.put(PROGRESS, json.dumps(record).encode())
 

@@ -5,9 +5,16 @@ storage too). Every transaction that adds or removes one also writes a mark (met
 a blind put, so pushes never contend on it). A settler (the leader, every couple of seconds, and
 `wharf du`) reads the marks, looks at the records they name, and in one transaction per batch keeps:
 
-- a holder record per object and repository it has counted (`usage/holder/<digest>/<repository>`);
-- a summary per object: its size, how many repositories hold it, and how many under each namespace;
+- an object record per object (`usage/object/<digest>`): for an object one repository holds (most of
+  them: an image's layers, config and manifest), that repository's name and holding, and nothing else;
+  for one held more widely, a summary (its size, how many repositories hold it, and how many under
+  each namespace) and a holder record per repository (`usage/holder/<digest>/<repository>`);
 - a counter per repository, per namespace (a name ending in '/') and for the registry.
+
+Every change to an object's holdings rewrites its object record, which each update compares: that is
+what lets settlers run at once. The records are compact (coordinator/encoding.py); the JSON of earlier
+versions still reads, and a record is rewritten compactly (an object's holder records folded into its
+object record once one repository is left) only when its figures change.
 
 From an object's summary alone the settler knows, for any scope, whether the object is held there
 only (exclusive: deleting the scope frees it), there and elsewhere (shared), or not at all, so a
@@ -28,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
-from . import keys
+from . import encoding, keys
 from .kv import KV, Compare, Delete, Get, KeyValue, Op, Put, pages
 from .metadata import HOLDING_CHANGED, LinkRecord, ManifestRecord, decode
 
@@ -56,12 +63,14 @@ class Holding:
     link: bool = False
     manifest: bool = False
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+    def encode(self, repository: str | None = None) -> bytes:
+        """A holder record's value; with `repository`, the object record of an object only it holds."""
+        return encoding.pack_holding(self.size, self.link, self.manifest, repository)
 
     @classmethod
     def decode(cls, raw: bytes) -> Holding:
-        return cls(**json.loads(raw))
+        fields = encoding.unpack_holding(raw)
+        return cls(int(fields["size"]), bool(fields.get("link", False)), bool(fields.get("manifest", False)))
 
 
 @dataclass
@@ -93,11 +102,15 @@ class ScopeUsage:
         return {**asdict(self), "shared": self.shared, "shared_objects": self.shared_objects}
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        figures = asdict(self)
+        if min(figures.values()) < 0:
+            return _as_json(figures)  # never so when counted right; kept readable rather than refused
+        return encoding.pack_scope_usage(figures)
 
     @classmethod
     def decode(cls, raw: bytes) -> ScopeUsage:
-        return cls(**json.loads(raw))
+        found = encoding.unpack_scope_usage(raw)
+        return cls(**{f.name: int(found.get(f.name, 0)) for f in fields(cls)})
 
 
 @dataclass
@@ -145,11 +158,38 @@ class _Object:
         return ScopeUsage(size * held, size, size if only else 0, 1, int(only), manifests)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        counts = [self.size, self.repositories, self.manifests, *(n for pair in self.namespaces.values() for n in pair)]
+        if min(counts) < 0:
+            return _as_json(asdict(self))  # as ScopeUsage.encode
+        return encoding.pack_usage_summary(self.size, self.repositories, self.manifests, self.namespaces)
 
     @classmethod
     def decode(cls, raw: bytes) -> _Object:
-        return cls(**json.loads(raw))
+        found = encoding.unpack_usage_summary(raw)
+        namespaces = {name: [int(held), int(manifests)] for name, (held, manifests) in found["namespaces"].items()}
+        return cls(int(found["size"]), int(found["repositories"]), int(found["manifests"]), namespaces)
+
+
+Sole = tuple[str, Holding]
+"""The one repository holding an object, and what it holds."""
+
+
+def _as_json(fields: dict[str, object]) -> bytes:
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def _read_object(raw: bytes) -> tuple[_Object, Sole | None]:
+    """An object record: its summary, and (when the record names it) the one repository holding it.
+
+    An object record that names its repository has no holder records beside it.
+    """
+    if not encoding.is_sole_holding(raw):
+        return _Object.decode(raw), None
+    found = encoding.unpack_holding(raw)
+    repo, holding = str(found["repository"]), Holding.decode(raw)
+    summary = _Object()
+    summary.apply(repo, None, holding)
+    return summary, (repo, holding)
 
 
 def _held(link: KeyValue | None, manifest: KeyValue | None) -> Holding | None:
@@ -219,6 +259,10 @@ class Usage:
 
     async def holders(self, digest: str) -> dict[str, Holding]:
         """The repositories counted as holding `digest`."""
+        record = await self.kv.get(keys.usage_object(digest))
+        sole = _read_object(record.value)[1] if record is not None else None
+        if sole is not None:
+            return {sole[0]: sole[1]}
         prefix = keys.usage_holders_of(digest)
         found: dict[str, Holding] = {}
         async for page in pages(self.kv, prefix):
@@ -255,6 +299,10 @@ class Usage:
                 found = [m for m in found if m not in every]
             for start in range(0, len(found), _CHUNK):
                 chunk = found[start : start + _CHUNK]
+                if batch and batch[-1][1] == digest:
+                    # The object's previous chunk first: this one is planned from what that one leaves.
+                    await self._commit_batch(batch, settled)
+                    batch = []
                 plan = await self._plan(digest, chunk)
                 if batch and not _fits([*(item[0] for item in batch), plan]):
                     await self._commit_batch(batch, settled)
@@ -279,6 +327,13 @@ class Usage:
         """Check every repository counted as holding `digest` (its blob went with all its links)."""
         after = ""
         while True:
+            record = await self.kv.get(keys.usage_object(digest))
+            sole = _read_object(record.value)[1] if record is not None else None
+            if record is not None and sole is not None:
+                # One repository holds it (perhaps only since the last round): the record names it.
+                plan = await self._plan(digest, [mark], [sole[0]])
+                plan.compares.append(Compare.unchanged(record.key, record.mod_revision))
+                return await self._commit([plan], settled)
             start = keys.after(keys.usage_holder(digest, after)) if after else None
             found = await self.kv.range(keys.usage_holders_of(digest), start=start, limit=_CHUNK)
             repos = [keys.split_usage_key(kv.key, keys.USAGE_HOLDERS)[1] for kv in found]
@@ -303,13 +358,16 @@ class Usage:
             ]
         gets = (await self.kv.txn([], reads)).gets
         summary = gets[0]
-        before = _Object.decode(summary.value) if summary is not None else _Object()
+        before, sole = _read_object(summary.value) if summary is not None else (_Object(), None)
         after = before.copy()
         changes: dict[str, tuple[Holding | None, Holding | None]] = {}
         lacking: set[str] = set()
         for i, repo in enumerate(repos):
             holder, link, manifest = gets[1 + 3 * i : 4 + 3 * i]
-            was = Holding.decode(holder.value) if holder is not None else None
+            if sole is not None:
+                was = sole[1] if sole[0] == repo else None
+            else:
+                was = Holding.decode(holder.value) if holder is not None else None
             now = _held(link, manifest)
             if now is None:
                 lacking.add(repo)
@@ -322,30 +380,36 @@ class Usage:
         plan.ops += [Delete(m.key) for m in marks]
         if not changes:
             return plan
-        sole_before, sole_after = await self._sole_holders(digest, before, after, changes)
-        plan.deltas = _deltas(before, after, changes, sole_before, sole_after)
-        for repo, (_, now) in changes.items():
-            key = keys.usage_holder(digest, repo)
-            plan.ops.append(Put(key, now.encode()) if now is not None else Delete(key))
-        object_key = keys.usage_object(digest)
-        plan.ops.append(Put(object_key, after.encode()) if after.repositories else Delete(object_key))
+        sole_before, sole_after = await self._sole_holders(digest, before, after, changes, sole)
+        plan.deltas = _deltas(before, after, changes, sole_before, sole_after[0] if sole_after else None)
+        plan.ops += _writes(digest, after, changes, sole, sole_after)
         return plan
 
     async def _sole_holders(
-        self, digest: str, before: _Object, after: _Object, changes: dict[str, tuple[Holding | None, Holding | None]]
-    ) -> tuple[str | None, str | None]:
-        """The one repository holding `digest` before and after the changes, where only one does."""
+        self,
+        digest: str,
+        before: _Object,
+        after: _Object,
+        changes: dict[str, tuple[Holding | None, Holding | None]],
+        sole: Sole | None,
+    ) -> tuple[str | None, Sole | None]:
+        """The one repository holding `digest` before the changes, and the one (with its holding) after
+        them, where only one does. `sole`: the one the object record names."""
         sole_before = next((r for r, (was, _) in changes.items() if was is not None), None)
-        sole_after = next((r for r, (_, now) in changes.items() if now is not None), None)
-        need = (before.repositories == 1 and sole_before is None) or (after.repositories == 1 and sole_after is None)
-        if need:
-            # Holder records change only with the summary, which the commit compares: this read is current.
+        sole_after = next(((r, now) for r, (_, now) in changes.items() if now is not None), None)
+        if sole is not None:
+            # The record names the one repository that held it: nothing to read.
+            sole_before = sole_before or sole[0]
+            if sole_after is None and sole[0] not in changes:
+                sole_after = sole
+        elif (before.repositories == 1 and sole_before is None) or (after.repositories == 1 and sole_after is None):
+            # Holder records change only with the object record, which the commit compares: this read is current.
             found = await self.kv.range(keys.usage_holders_of(digest), limit=len(changes) + 2)
-            holding = [keys.split_usage_key(kv.key, keys.USAGE_HOLDERS)[1] for kv in found]
+            holding = [(keys.split_usage_key(kv.key, keys.USAGE_HOLDERS)[1], Holding.decode(kv.value)) for kv in found]
             if before.repositories == 1 and sole_before is None:
-                sole_before = next(iter(holding), None)
+                sole_before = next((repo for repo, _ in holding), None)
             if after.repositories == 1 and sole_after is None:
-                sole_after = next((r for r in holding if r not in changes), None)
+                sole_after = next(((repo, held) for repo, held in holding if repo not in changes), None)
         return (sole_before if before.repositories == 1 else None), (sole_after if after.repositories == 1 else None)
 
     async def _commit(self, plans: Sequence[_Plan], settled: Settled) -> bool:
@@ -388,20 +452,40 @@ class Usage:
         for prefix in (keys.LINKS, keys.MANIFESTS):
             async for page in pages(self.kv, prefix):
                 held = [keys.split_repo_key(kv.key, prefix) for kv in page]
-                found = await self._get_many([keys.usage_holder(digest, repo) for repo, digest in held])
-                marked += await self._mark([pair for pair, holder in zip(held, found, strict=True) if holder is None])
+                reads: list[Op] = []
+                for repo, digest in held:
+                    reads += [Get(keys.usage_holder(digest, repo)), Get(keys.usage_object(digest))]
+                found = await self._get_many_ops(reads)
+                uncounted = []
+                for i, (repo, digest) in enumerate(held):
+                    holder, record = found[2 * i], found[2 * i + 1]
+                    sole = _read_object(record.value)[1] if record is not None else None
+                    if holder is None and (sole is None or sole[0] != repo):
+                        uncounted.append((repo, digest))
+                marked += await self._mark(uncounted)
         async for page in pages(self.kv, keys.USAGE_HOLDERS):
-            counted = [keys.split_usage_key(kv.key, keys.USAGE_HOLDERS) for kv in page]
-            records: list[Op] = []
-            for digest, repo in counted:
-                records += [Get(keys.link(repo, digest)), Get(keys.manifest(repo, digest))]
-            found = await self._get_many_ops(records)
-            stale = []
-            for i, (kv, (digest, repo)) in enumerate(zip(page, counted, strict=True)):
-                if Holding.decode(kv.value) != _held(found[2 * i], found[2 * i + 1]):
-                    stale.append((repo, digest))
-            marked += await self._mark(stale)
+            counted = [(*keys.split_usage_key(kv.key, keys.USAGE_HOLDERS), Holding.decode(kv.value)) for kv in page]
+            marked += await self._mark(await self._stale(counted))
+        async for page in pages(self.kv, keys.USAGE_OBJECTS):
+            sole_holders = []
+            for kv in page:
+                sole = _read_object(kv.value)[1]
+                if sole is not None:
+                    sole_holders.append((kv.key[len(keys.USAGE_OBJECTS) :], *sole))
+            marked += await self._mark(await self._stale(sole_holders))
         return marked
+
+    async def _stale(self, counted: Sequence[tuple[str, str, Holding]]) -> list[tuple[str, str]]:
+        """(repository, digest) of the counted holdings (digest, repository, holding) the records contradict."""
+        records: list[Op] = []
+        for digest, repo, _ in counted:
+            records += [Get(keys.link(repo, digest)), Get(keys.manifest(repo, digest))]
+        found = await self._get_many_ops(records)
+        return [
+            (repo, digest)
+            for i, (digest, repo, holding) in enumerate(counted)
+            if holding != _held(found[2 * i], found[2 * i + 1])
+        ]
 
     async def build(self) -> int:
         """Count a store whose holdings were never counted (from before the figures): marks everything once."""
@@ -444,9 +528,6 @@ class Usage:
                 remainder = remainder.plus(figures)
             setattr(top, rest, remainder)
         return top
-
-    async def _get_many(self, names: Sequence[str]) -> list[KeyValue | None]:
-        return await self._get_many_ops([Get(name) for name in names])
 
     async def _get_many_ops(self, reads: Sequence[Op]) -> list[KeyValue | None]:
         found: list[KeyValue | None] = []
@@ -507,6 +588,44 @@ def _deltas(
         if delta:
             deltas[scope] = delta
     return deltas
+
+
+def _writes(
+    digest: str,
+    after: _Object,
+    changes: dict[str, tuple[Holding | None, Holding | None]],
+    sole: Sole | None,
+    sole_after: Sole | None,
+) -> list[Op]:
+    """The writes that leave `digest`'s records as counted after `changes` (`sole`: the repository the
+    object record named before them; `sole_after`: the one left holding it, where only one is).
+
+    Held by one repository: its object record names it, and no holder record is kept. Held by more:
+    a summary and a holder record for each (the one the object record named gets its own).
+    """
+    object_key = keys.usage_object(digest)
+    # Holder records there now: every counted holding's, unless the object record named the only one.
+    listed = set() if sole is not None else {repo for repo, (was, _) in changes.items() if was is not None}
+    ops: list[Op] = []
+    if after.repositories == 1 and sole_after is not None:
+        if sole is None and sole_after[0] not in changes:
+            listed.add(sole_after[0])  # it held the object throughout: its holder record goes too
+        ops += [Delete(keys.usage_holder(digest, repo)) for repo in sorted(listed)]
+        ops.append(Put(object_key, sole_after[1].encode(sole_after[0])))
+        return ops
+    for repo, (_, now) in changes.items():
+        key = keys.usage_holder(digest, repo)
+        if now is not None:
+            ops.append(Put(key, now.encode()))
+        elif repo in listed:
+            ops.append(Delete(key))
+    if not after.repositories:
+        ops.append(Delete(object_key))
+        return ops
+    if sole is not None and sole[0] not in changes:
+        ops.append(Put(keys.usage_holder(digest, sole[0]), sole[1].encode()))
+    ops.append(Put(object_key, after.encode()))
+    return ops
 
 
 def _fits(plans: Sequence[_Plan]) -> bool:

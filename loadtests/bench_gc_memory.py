@@ -11,6 +11,7 @@ figures are printed.
 
     python loadtests/bench_gc_memory.py                  # 10,000, 100,000 and 1,000,000 images
     python loadtests/bench_gc_memory.py --sizes 20000    # one size
+    python loadtests/bench_gc_memory.py --sizes 100000 --retention apply --no-gc   # a real retention run only
 """
 
 from __future__ import annotations
@@ -145,8 +146,10 @@ def _measured(args: list[str], keyword: str) -> tuple[float, float, str]:
     return seconds, peak, summary
 
 
-def run_retention(config: Path) -> tuple[float, float, str]:
-    return _measured(["retention", "apply", "--dry-run", str(config)], "would delete")
+def run_retention(config: Path, dry_run: bool = True) -> tuple[float, float, str]:
+    if dry_run:
+        return _measured(["retention", "apply", "--dry-run", str(config)], "would delete")
+    return _measured(["retention", "apply", str(config)], "deleted")
 
 
 def run_gc(config: Path, dry_run: bool) -> tuple[float, float, str]:
@@ -161,6 +164,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated image counts")
     parser.add_argument("--dry-run", action="store_true", help="measure dry runs (nothing deleted)")
     parser.add_argument("--tmpdir", help="where the coordinators go (default: system temp)")
+    parser.add_argument(
+        "--retention",
+        choices=["dry-run", "apply"],
+        default="dry-run",
+        help="measure a retention dry run (default) or a real run that deletes what the policy says",
+    )
+    parser.add_argument("--no-gc", action="store_true", help="measure retention only")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     print(
@@ -176,8 +186,8 @@ def main() -> None:
             with sqlite3.connect(workdir / "coordinator.db") as db:
                 count = db.execute("SELECT count(*) FROM kv").fetchone()[0]
             config = _write_config(workdir)
-            kept_s, kept_peak, _ = run_retention(config)
-            seconds, peak, summary = run_gc(config, args.dry_run)
+            kept_s, kept_peak, kept = run_retention(config, args.retention == "dry-run")
+            seconds, peak, summary = (0.0, 0.0, kept) if args.no_gc else run_gc(config, args.dry_run)
             print(
                 f"{size:>10,} {count:>10,} {filled:>8.1f} {kept_s:>12.1f} {kept_peak:>9.0f} "
                 f"{seconds:>8.1f} {peak:>9.0f}  {summary}",

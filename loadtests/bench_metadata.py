@@ -4,12 +4,17 @@ A coordinator is filled directly (not over HTTP) with synthetic images of one sh
 config blob of their own, an OCI image manifest naming them, one tag, 100 images a repository. Each
 image is written as the records a push leaves: a blob record per layer, config and manifest, a link
 per blob in its repository, the manifest record, the tag and its digest -> tag index entry (and
-the repository's record once). They are written in three forms, each into a fresh store:
+the repository's record once); and the records the storage figures' settler keeps once the push is
+counted (coordinator/usage.py; leave them out with --without-usage): what its repository holds of
+each of its 10 objects, and the counters of its repository (once a repository), of the namespace
+and of the registry (once a store). They are written in three forms, each into a fresh store:
 
 - `json`: the JSON records every Wharf before the compact form wrote (blob records with their
-  storage key) under text keys, which a store may still hold and which still read;
+  storage key; for each object a summary and a holder record) under text keys, which a store may
+  still hold and which still read;
 - `compact`: the compact records (coordinator/encoding.py: varints, raw digests, media types as one
-  byte, no storage key for a blob at its content address), still under text keys;
+  byte, no storage key for a blob at its content address; an object one repository holds has one
+  object record naming it, no summary and no holder record), still under text keys;
 - `compact-keys`: what Wharf writes into a store it creates now: compact records under the compact
   key layout (coordinator/keys.py pack: each digest of a key as 33 bytes, not 71). The embedded
   coordinator keeps text keys, so this form is etcd's only.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +50,7 @@ from coordinator.embedded import EmbeddedKV
 from coordinator.etcd import EtcdKV
 from coordinator.kv import KV, Put
 from coordinator.metadata import BlobRecord, LinkRecord, ManifestRecord, TagRecord, encode, encode_blob
+from coordinator.usage import TOTAL, Holding, ScopeUsage
 from node.storage import layout
 
 LAYERS = 8
@@ -64,8 +71,53 @@ def _legacy(record: object) -> bytes:
     return json.dumps(asdict(record), separators=(",", ":")).encode()  # type: ignore[call-overload]
 
 
-def image_puts(n: int, form: str, now: float) -> list[Put]:
-    """The records one pushed image leaves (its repository's record with the first image of it)."""
+NAMESPACE = "bench/"
+
+
+@functools.cache
+def _image_bytes() -> tuple[int, int]:
+    """(bytes, objects) of one image: every image has the same sizes."""
+    body = image_manifest((_digest("config"), 1_500), [(_digest(f"l{i}"), 20_000_000 + i) for i in range(LAYERS)])
+    return sum(20_000_000 + i for i in range(LAYERS)) + 1_500 + len(body), LAYERS + 2
+
+
+def usage_puts(n: int, images: int, form: str, repo: str, objects: list[tuple[str, int, bool]]) -> list[Put]:
+    """The storage figures' records of image `n` once counted: each object (digest, size, is the manifest)
+    held by its one repository; its repository's counter with its first image, the namespace's and the
+    registry's with the store's first (with the figures they end with)."""
+    puts: list[Put] = []
+    for digest, size, manifest in objects:
+        holding = Holding(size, link=not manifest, manifest=manifest)
+        if form == "json":
+            summary = {
+                "size": size,
+                "repositories": 1,
+                "manifests": int(manifest),
+                "namespaces": {NAMESPACE: [1, int(manifest)]},
+            }
+            puts.append(Put(keys.usage_object(digest), _json(summary)))
+            puts.append(Put(keys.usage_holder(digest, repo), _legacy(holding)))
+        else:
+            puts.append(Put(keys.usage_object(digest), holding.encode(repo)))
+    size, count = _image_bytes()
+    scopes = []
+    if n % PER_REPOSITORY == 0:
+        scopes.append((repo, min(PER_REPOSITORY, images - n)))
+    if n == 0:
+        scopes += [(NAMESPACE, images), (TOTAL, images)]
+    for scope, held in scopes:
+        figures = ScopeUsage(size * held, size * held, size * held, count * held, count * held, held)
+        puts.append(Put(keys.usage_scope(scope), _legacy(figures) if form == "json" else figures.encode()))
+    return puts
+
+
+def _json(fields: dict[str, object]) -> bytes:
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def image_puts(n: int, form: str, now: float, images: int = 0) -> list[Put]:
+    """The records one pushed image leaves (its repository's record with the first image of it), and
+    with `images` (the store's number) the storage figures' records its counting leaves."""
     repo = f"bench/repository-{n // PER_REPOSITORY:05d}"
     layers = [(_digest(f"{n}/layer/{i}"), 20_000_000 + i) for i in range(LAYERS)]
     config = (_digest(f"{n}/config"), 1_500)
@@ -87,14 +139,17 @@ def image_puts(n: int, form: str, now: float) -> list[Put]:
     puts.append(Put(keys.tagged(repo, digest, tag), b""))
     if n % PER_REPOSITORY == 0:
         puts.append(Put(keys.repository(repo), b"{}"))
+    if images:
+        objects = [(blob, size, False) for blob, size in [*layers, config]] + [(digest, len(body), True)]
+        puts += usage_puts(n, images, form, repo, objects)
     return puts
 
 
-def _batches(images: int, form: str) -> Iterator[list[Put]]:
+def _batches(images: int, form: str, usage: bool) -> Iterator[list[Put]]:
     now = time.time()
     batch: list[Put] = []
     for n in range(images):
-        batch.extend(image_puts(n, form, now))
+        batch.extend(image_puts(n, form, now, images if usage else 0))
         if len(batch) >= BATCH:
             yield batch[:BATCH]
             batch = batch[BATCH:]
@@ -107,6 +162,7 @@ class Figures:
     backend: str
     form: str
     images: int
+    records: int
     live: int  # key + value bytes, the prefix included
     fill_seconds: float
     in_use: int = 0  # after compaction and defragmentation
@@ -121,10 +177,11 @@ def stored_key_bytes(key: str, form: str) -> int:
     return 1 + len(keys.pack(key)) if form == "compact-keys" else len(key.encode())
 
 
-async def _fill(kv: KV, prefix: str, images: int, form: str) -> tuple[int, float]:
+async def _fill(kv: KV, prefix: str, images: int, form: str, usage: bool) -> tuple[int, int, float]:
+    """(records, live bytes, seconds) of filling `kv` with `images` images."""
     live = 0
     started = time.monotonic()
-    batches = _batches(images, form)
+    batches = _batches(images, form, usage)
     done = 0
 
     async def writer() -> None:
@@ -135,17 +192,17 @@ async def _fill(kv: KV, prefix: str, images: int, form: str) -> tuple[int, float
             done += len(batch)
 
     await asyncio.gather(*(writer() for _ in range(WRITERS)))
-    return live, time.monotonic() - started
+    return done, live, time.monotonic() - started
 
 
-async def measure_etcd(images: int, form: str) -> Figures:
+async def measure_etcd(images: int, form: str, usage: bool) -> Figures:
     prefix = "/wharf/"  # the default; each run has an etcd of its own
     with EtcdCluster(1, extra_args=("--quota-backend-bytes", str(ETCD_QUOTA))) as etcd:
         layout = "compact" if form == "compact-keys" else "text"
         kv = await EtcdKV.open(etcd.endpoints, prefix=prefix, timeout=60, layout=layout)
         try:
-            live, seconds = await _fill(kv, prefix, images, form)
-            figures = Figures("etcd", form, images, live, seconds)
+            records, live, seconds = await _fill(kv, prefix, images, form, usage)
+            figures = Figures("etcd", form, images, records, live, seconds)
             figures.on_disk_before = (await kv.space()).members[0].size
             started = time.monotonic()
             await kv.compact((await kv.txn([], [])).revision)
@@ -165,19 +222,19 @@ async def _defragmented(kv: KV, figures: Figures) -> Figures:
     return figures
 
 
-async def measure_embedded(images: int, form: str) -> Figures:
+async def measure_embedded(images: int, form: str, usage: bool) -> Figures:
     with tempfile.TemporaryDirectory(prefix="wharf-bench-metadata-") as root:
         kv = EmbeddedKV(os.path.join(root, "coordinator.db"))
         try:
-            live, seconds = await _fill(kv, "", images, form)
-            figures = Figures("embedded", form, images, live, seconds)
+            records, live, seconds = await _fill(kv, "", images, form, usage)
+            figures = Figures("embedded", form, images, records, live, seconds)
             figures.on_disk_before = (await kv.space()).members[0].size
             return await _defragmented(kv, figures)
         finally:
             await kv.close()
 
 
-def _report(results: list[Figures]) -> None:
+def _report(results: list[Figures], usage: bool) -> None:
     rows = []
     for f in results:
         per_disk = f.on_disk / f.images
@@ -185,6 +242,7 @@ def _report(results: list[Figures]) -> None:
             [
                 f"{f.backend} {f.form}",
                 fmt_num(f.images),
+                fmt_num(f.records / f.images, 1),
                 fmt_num(f.live / f.images),
                 fmt_num(f.in_use / f.images),
                 fmt_num(per_disk),
@@ -197,11 +255,13 @@ def _report(results: list[Figures]) -> None:
         )
     print_table(
         "Coordinator bytes per image",
-        f"{LAYERS} layers + config + OCI manifest + 1 tag an image, {PER_REPOSITORY} images a repository; "
-        "'disk' after compaction and defragmentation",
+        f"{LAYERS} layers + config + OCI manifest + 1 tag an image, {PER_REPOSITORY} images a repository, "
+        + ("with" if usage else "without")
+        + " the storage figures' records; 'disk' after compaction and defragmentation",
         [
             "store, records",
             "images",
+            "records",
             "live B",
             "in use B",
             "disk B",
@@ -222,8 +282,10 @@ def _report(results: list[Figures]) -> None:
                 live, disk = after.live / before.live, after.on_disk / before.on_disk
                 verdict = "PASS" if live <= GOAL and disk <= GOAL else "MISS"
                 print(
-                    f"  {backend}: {what} take {live:.0%} of the JSON records' live bytes and {disk:.0%} of their "
-                    f"bytes on disk (goal: at most {GOAL:.0%} of both): {verdict}"
+                    f"  {backend}: {what}: {after.live / after.images:,.0f} B live and {after.on_disk / after.images:,.0f}"
+                    f" B on disk an image, before {before.live / before.images:,.0f} and "
+                    f"{before.on_disk / before.images:,.0f}: {live:.0%} of the JSON records' live bytes and {disk:.0%} "
+                    f"of their bytes on disk (goal: at most {GOAL:.0%} of both): {verdict}"
                 )
 
 
@@ -234,17 +296,21 @@ async def main() -> None:
     parser.add_argument(
         "--forms", default="json,compact,compact-keys", help="json (before), compact, compact-keys (now): any of them"
     )
+    parser.add_argument(
+        "--without-usage", action="store_true", help="leave out the storage figures' records (the push's records alone)"
+    )
     args = parser.parse_args()
+    usage = not args.without_usage
     results = []
     for backend in args.backends.split(","):
         for form in args.forms.split(","):
             if backend == "embedded" and form == "compact-keys":
                 continue  # the embedded coordinator keeps text keys
             measure = measure_etcd if backend == "etcd" else measure_embedded
-            figures = await measure(args.images, form)
+            figures = await measure(args.images, form, usage)
             print(f"{backend} {form}: {figures}", flush=True)
             results.append(figures)
-    _report(results)
+    _report(results, usage)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from coordinator.election import current_leader
-from coordinator.replication import Claimed, Entry
+from coordinator.replication import Claimed, Entry, Outcome
 
 from .reference import parse_reference, validate_name
 from .regions import Region, Regions
@@ -105,8 +106,7 @@ class Worker:
             try:
                 lease = await self.lease.id()
                 if lease != registered:
-                    await self.replication.register_worker(self.services.node_id, lease)
-                    registered = lease
+                    registered = await self.lease.attached(self._register_worker)
                 workers = max(await self.replication.workers(), 1)
                 for region in self.regions.others:
                     if region.bandwidth:
@@ -238,8 +238,7 @@ class Worker:
         """Make one queued copy. Returns "copied" or "present" (found there already, recorded without a
         write); "done" or "gone" (nothing to copy any more: the entry went); "busy" (claimed elsewhere, or
         being collected); None when the copy was made but another worker's claim is now the one in force."""
-        lease = await self.lease.id()
-        claimed = await self.replication.claim(entry, self.services.node_id, lease)
+        claimed, lease = await self.lease.attached(functools.partial(self._claim, entry))
         if isinstance(claimed, str):
             return claimed
         key = layout.blob_key(entry.digest)
@@ -260,6 +259,13 @@ class Worker:
             return result
         await self._lost(claimed, target, key)
         return None
+
+    async def _register_worker(self, lease: int) -> int:
+        await self.replication.register_worker(self.services.node_id, lease)
+        return lease
+
+    async def _claim(self, entry: Entry, lease: int) -> tuple[Claimed | Outcome, int]:
+        return await self.replication.claim(entry, self.services.node_id, lease), lease
 
     async def _verified(
         self, chunks: AsyncIterator[bytes], digest: str, size: int, target: str, lease: int

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.retention import Applier, Plan, Result, Rule, plan
+from coordinator.retention import Applier, Plan, Result, Rule, decisions, plan
 from coordinator.runlock import run_lock
 
 from .config import RetentionConfig, RetentionPolicy
@@ -63,6 +63,14 @@ async def make_plan(services: Services, *, now: float | None = None) -> Plan:
     return await plan(services.kv, rules, now=now, frozen=services.policies.immutability.rule_for)
 
 
+async def _apply_as_planned(services: Services, applier: Applier, now: float | None) -> tuple[Plan, Result]:
+    """Each repository's decision applied as soon as it is made; the plan is recorded beside."""
+    found = await Plan.start(services.kv, now)
+    rules = rules_from(services.config.retention)
+    each = decisions(services.kv, rules, now=found.now, frozen=services.policies.immutability.rule_for)
+    return found, await applier.apply_each(each, found)
+
+
 async def apply(
     services: Services,
     *,
@@ -72,6 +80,8 @@ async def apply(
 ) -> Run:
     """Plan from the current state and, unless a dry run, apply the plan under a cluster-wide lock.
 
+    A real run applies each repository's decision as soon as it is made, so neither the KV reads
+    nor the plan are held for the whole registry (the plan and result spill to disk when large).
     A run cut short (the leader went away) leaves its progress record; the next run plans again
     from what is there now, so nothing is deleted twice and no policy is skipped.
     """
@@ -86,16 +96,15 @@ async def apply(
     services.readonly.check()
     async with run_lock(kv, "retention", services.node_id, ttl=services.config.cluster.leasettl, busy=RunInProgress):
         started = time.perf_counter()
-        found = await make_plan(services, now=now)
         applier = Applier(kv, node=services.node_id, progress=progress)
         applier.may_delete = lambda: not services.readonly.active
-        result = await applier.apply(found)
+        found, result = await _apply_as_planned(services, applier, now)
     if result.interrupted is not None:
         log.info(
             "retention: an earlier run did not finish; this run planned again and completed it",
             extra={"fields": {"interrupted": result.interrupted}},
         )
-    for row in result.rows():
+    for row in result.each_row():
         log.info(
             "retention: %s %s %s",
             row["action"],

@@ -9,6 +9,7 @@ a crash leaves behind is named by a record that the purge of expired sessions ac
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -222,7 +223,7 @@ class Uploader:
         delay = 0.05
         while True:
             try:
-                return await self.sessions.claim(session, await self.lease.id())
+                return await self.lease.attached(functools.partial(self.sessions.claim, session))
             except SessionBusy:
                 if session.commit is not None or time.monotonic() > deadline:
                     raise _busy(session) from None

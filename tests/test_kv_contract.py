@@ -24,8 +24,8 @@ from services import EtcdCluster
 from coordinator import embedded
 from coordinator.embedded import EmbeddedKV
 from coordinator.etcd import EtcdKV, RevisionCompacted
-from coordinator.kv import KV, Compare, Delete, Get, Put, SnapshotLost, WatchEvent
-from coordinator.lease import KeptLease
+from coordinator.kv import KV, Compare, Delete, Get, LeaseGone, Put, SnapshotLost, WatchEvent
+from coordinator.lease import KeptLease, NodeLease
 
 TTL = 1  # seconds; the session etcd is tuned so that a 1 s lease really lasts 1 s
 EVENT_TIMEOUT = 5.0
@@ -497,11 +497,63 @@ async def test_kept_lease_keeps_a_key_alive_across_several_ttls_then_revokes_it(
 async def test_put_with_an_unknown_lease_is_refused(kv: KV) -> None:
     lease = await kv.grant_lease(30)
     await kv.revoke_lease(lease)
-    with pytest.raises(LookupError):
+    with pytest.raises(LeaseGone):
         await kv.put("k", b"x", lease=lease)
-    with pytest.raises(LookupError):
+    with pytest.raises(LeaseGone):
         await kv.txn([], [Put("k", b"x", lease=lease)])
     assert await kv.get("k") is None
+
+
+async def test_a_lease_id_is_never_given_again_after_its_lease_ended(kv: KV) -> None:
+    """Else a late write naming an ended lease would attach to whoever took the number."""
+    seen = set()
+    for _ in range(3):
+        lease = await kv.grant_lease(30)
+        assert lease not in seen
+        seen.add(lease)
+        await kv.revoke_lease(lease)
+    with pytest.raises(LeaseGone):
+        await kv.put("k", b"x", lease=lease)
+
+
+async def test_an_embedded_file_from_before_the_lease_counter_gives_ids_past_every_one_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    kv = EmbeddedKV(str(path))
+    try:
+        held = await kv.grant_lease(30)
+        await kv.put("claim", b"x", lease=held)
+        ended = await kv.grant_lease(30)
+        await kv.revoke_lease(ended)
+        with sqlite3.connect(path) as db:  # as a file written before the counter was kept
+            db.execute("DELETE FROM meta WHERE name = 'lease'")
+            db.execute("DELETE FROM leases")
+        assert await kv.grant_lease(30) > held  # past the one a key still names
+    finally:
+        await kv.close()
+
+
+async def test_a_node_lease_the_store_ended_unnoticed_is_replaced_at_the_next_write(kv: KV) -> None:
+    """A starved process's lease can expire in the store before its refresh task notices; the write
+    that names it is refused, and the node's lease is renewed and the write made once more."""
+    node = NodeLease(kv, 600)  # refreshes every 200 s: none runs during the test
+    try:
+        first = await node.id()
+        await kv.revoke_lease(first)  # what the store's expiry does
+        tried: list[int] = []
+
+        async def write(lease: int) -> int:
+            tried.append(lease)
+            await kv.put("claim", b"x", lease=lease)
+            return lease
+
+        second = await node.attached(write)
+        assert tried == [first, second] and second != first
+        assert (await kv.get("claim")).lease == second  # type: ignore[union-attr]
+        assert node.holds(second) and not node.holds(first)
+        assert await node.attached(write) == second  # a live lease is used as it is, once
+        assert tried[2:] == [second]
+    finally:
+        await node.close()
 
 
 # -- watch ---------------------------------------------------------------------------------

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict
 
 import pytest
 from inprocess import InProcessRegistry
 from oci_client import OCI_MANIFEST, digest_of
+from usage_before import earlier_form
 
 from coordinator import encoding, keys
 from coordinator.gc import Collector
+from coordinator.kv import KeyValue
 from coordinator.metadata import (
     BlobRecord,
     LinkRecord,
@@ -23,7 +26,9 @@ from coordinator.metadata import (
     encode,
     encode_blob,
 )
+from coordinator.usage import Holding, ScopeUsage
 from node.storage import layout
+from node.usage import FigureKeeper
 
 D = "sha256:" + "ab" * 32
 E = "sha256:" + "cd" * 32
@@ -148,6 +153,20 @@ def test_an_eight_layer_image_takes_under_half_the_value_bytes_it_took_as_json()
     assert after * 4 < before, (after, before)
 
 
+def test_storage_figures_records_read_back_as_written_and_their_earlier_json_still_reads():
+    for holding in (Holding(0), Holding(2**40, link=True), Holding(7, link=True, manifest=True)):
+        assert Holding.decode(holding.encode()) == holding
+        assert Holding.decode(holding.encode("team/ünïcode/app")) == holding
+        assert Holding.decode(_legacy(holding)) == holding
+    figures = ScopeUsage(2**41, 2**33, 5, 3, 1, 2)
+    assert ScopeUsage.decode(figures.encode()) == figures and len(figures.encode()) <= 16
+    assert ScopeUsage.decode(_legacy(figures)) == figures
+    assert ScopeUsage.decode(b'{"linked":1,"unique":1,"exclusive":1,"objects":1,"exclusive_objects":1,"manifests":0}')
+    assert ScopeUsage.decode(ScopeUsage(linked=-1).encode()) == ScopeUsage(linked=-1)  # kept, not refused
+    with pytest.raises(encoding.RecordError):
+        ScopeUsage.decode(Holding(1).encode())
+
+
 # -- a store an earlier Wharf wrote -------------------------------------------------------------------
 
 
@@ -258,21 +277,59 @@ def _earlier_json(key: str, raw: bytes) -> bytes:
     return raw  # the digest -> tag index entry and the repository's record
 
 
+def _stored_now(kv: KeyValue) -> int:
+    """What etcd stores of a record for a store created now: its key in the compact layout, its value."""
+    return len(ETCD_PREFIX) + len(keys.COMPACT_LAYOUT + keys.pack(kv.key)) + len(kv.value)
+
+
+def _json(fields: dict) -> bytes:
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+async def _settled(reg: InProcessRegistry) -> None:
+    """Run the leader's storage figures job until every change is counted (bounded in time)."""
+    keeper = FigureKeeper(reg.services)
+    deadline = time.monotonic() + 30
+    while not await reg.services.usage.current():
+        assert time.monotonic() < deadline, "the push's storage figures did not settle"
+        await keeper.count()
+
+
 async def test_an_eight_layer_image_takes_at_most_half_its_earlier_bytes_in_etcd(tmp_path):
-    """The records one pushed image leaves, as etcd stores them for a store created now (compact records,
-    compact keys) and as they were before (JSON records, text keys): the goal is half, live and on disk."""
+    """The records one pushed image leaves, once its storage figures are counted too, as etcd stores them
+    for a store created now (compact records, compact keys) and as they were before (JSON records, text
+    keys): the goal is half, live and on disk."""
     reg = InProcessRegistry(tmp_path)
     try:
         layers = [bytes([n]) * (20_000 + n) for n in range(8)]
         await _image(reg, "bench/repository-00000", "v1", layers)
+        await _settled(reg)
+        everything = await reg.kv.range("")
         families = (keys.BLOBS, keys.LINKS, keys.MANIFESTS, keys.TAGS, keys.TAGGED, keys.REPOSITORIES)
-        records = [kv for kv in await reg.kv.range("") if kv.key.startswith(families)]
+        records = [kv for kv in everything if kv.key.startswith(families)]
         assert len(records) == 23  # 10 blob records, 9 links, the manifest, its tag and index entry, the repository
-        now = sum(len(ETCD_PREFIX) + len(keys.COMPACT_LAYOUT + keys.pack(kv.key)) + len(kv.value) for kv in records)
+        now = sum(_stored_now(kv) for kv in records)
         before = sum(len(ETCD_PREFIX) + len(kv.key) + len(_earlier_json(kv.key, kv.value)) for kv in records)
         overhead = ETCD_RECORD_OVERHEAD * len(records)
         # About 34% and 44% now; `make bench-metadata` measures 33% and 40% in a filled etcd.
         assert now <= 0.5 * before, (now, before)
         assert now + overhead <= 0.47 * (before + overhead), (now + overhead, before + overhead)
+
+        # With what the storage figures' settler then keeps (the store's one "counted whole" note aside):
+        # an object record for each of the 10 objects, counters for the repository, its namespace, the total.
+        usage = [kv for kv in everything if kv.key.startswith(keys.USAGE) and kv.key != keys.USAGE_BUILT]
+        assert not [kv for kv in usage if kv.key.startswith(keys.USAGE_MARKS)], "settled"
+        earlier = await earlier_form(reg.kv, usage)
+        assert len(earlier) == 23  # then: 10 summaries, 10 holder records, 3 counters
+        whole_now = now + sum(_stored_now(kv) for kv in usage)
+        whole_before = before + sum(len(ETCD_PREFIX) + len(key) + len(value) for key, value in earlier)
+        overhead_now = ETCD_RECORD_OVERHEAD * (len(records) + len(usage))
+        overhead_before = ETCD_RECORD_OVERHEAD * (len(records) + len(earlier))
+        # About 31% and 40% now (2,839 of 9,184 bytes live); the JSON figures of earlier versions made it 52% and 61%.
+        assert whole_now <= 0.5 * whole_before, (whole_now, whole_before)
+        assert whole_now + overhead_now <= 0.5 * (whole_before + overhead_before), (
+            whole_now + overhead_now,
+            whole_before + overhead_before,
+        )
     finally:
         await reg.close()

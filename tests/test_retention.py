@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -21,6 +22,8 @@ from services import EtcdCluster, wait_until
 from wharf_process import WharfProcess
 
 from coordinator import retention as planner
+from coordinator import spool
+from coordinator.kv import Delete
 from node import retention
 from node.config import ConfigError, load
 
@@ -416,7 +419,10 @@ async def _state(reg: Registry) -> list[tuple[str, bytes, int]]:
     return [(k.key, k.value, k.mod_revision) for k in await reg.kv.range("")]
 
 
-async def test_dry_run_reports_exactly_what_a_real_run_then_deletes(registry_factory):
+@pytest.mark.parametrize("held", [None, 3], ids=["in-memory", "spilled-to-disk"])
+async def test_dry_run_reports_exactly_what_a_real_run_then_deletes(registry_factory, monkeypatch, held):
+    if held is not None:  # the plan's and the result's lists keep 3 records in memory, the rest on disk
+        monkeypatch.setattr(spool, "KEEP", held)
     reg = registry_factory(**MIXED)
     await _mixed_content(reg)
     now = time.time() + HOUR
@@ -428,8 +434,34 @@ async def test_dry_run_reports_exactly_what_a_real_run_then_deletes(registry_fac
     assert dry.plan.rows() == real.result.rows()
     assert len([r for r in real.result.rows() if r["action"] == "delete tag"]) == 2 * 5
     assert len([r for r in real.result.rows() if r["action"] == "delete manifest"]) == 2 * 8
+    assert len(real.plan.tags) == 2 * 5 and len(real.plan.kept) == len(dry.plan.kept) > 3
+    assert list(real.plan.kept) == list(dry.plan.kept)
     again = await reg.apply(now=now)
     assert again.plan.rows() == [], "a second run finds nothing more to delete"
+
+
+async def test_a_real_run_deletes_in_one_repository_before_judging_the_next(registry_factory, monkeypatch):
+    """Memory stays one repository deep: each repository's decision is applied before the next is made."""
+    reg = registry_factory(**policies({"keeplast": 1}))
+    for repo in ("team/a", "team/b"):
+        await reg.image(repo, "old")
+        await reg.image(repo, "new")
+    events: list[str] = []
+    decide, txn = planner._decide, reg.kv.txn
+
+    def judging(repo, *args):
+        events.append(f"judge {repo.name}")
+        return decide(repo, *args)
+
+    async def writing(compares, ops, gets=()):
+        events.extend(f"delete {op.key}" for op in ops if isinstance(op, Delete) and op.key.startswith("tag/"))
+        return await txn(compares, ops, gets)
+
+    monkeypatch.setattr(planner, "_decide", judging)
+    monkeypatch.setattr(reg.kv, "txn", writing)
+    run = await reg.apply()
+    assert deleted(run) == {"team/a:old", "team/b:old"}
+    assert events == ["judge team/a", "delete tag/team/a@old", "judge team/b", "delete tag/team/b@old"]
 
 
 @pytest.mark.parametrize("phase", ["tags", "manifests"])
@@ -441,7 +473,9 @@ async def test_a_run_interrupted_half_way_is_finished_by_the_next_leader_without
     now = time.time() + HOUR
     whole = await retention.make_plan(reg.services, now=now)
     cut = len(whole.tags) // 2 if phase == "tags" else len(whole.tags) + len(whole.manifests) // 2
-    half = planner.Plan(now, whole.revision, whole.tags[:cut], whole.manifests[: max(0, cut - len(whole.tags))])
+    half = planner.Plan(now, whole.revision)
+    half.tags.extend(itertools.islice(whole.tags, cut))
+    half.manifests.extend(itertools.islice(whole.manifests, max(0, cut - len(whole.tags))))
 
     # The old leader applies the first half of the plan and is stopped before it records a summary.
     def lose_leadership(done: int, total: int) -> None:
@@ -515,7 +549,7 @@ async def test_an_index_pushed_between_marking_and_deleting_saves_its_child(regi
 
     reg.kv.range = push_index_after_the_re_read  # type: ignore[method-assign]
     result = await applier.apply(plan)
-    assert result.manifests_deleted == []
+    assert list(result.manifests_deleted) == []
     assert await reg.has("team/app", child)
     assert (await reg.http.get("/v2/team/app/manifests/bundle", headers=ANY)).status_code == 200
 

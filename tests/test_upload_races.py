@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -148,3 +150,33 @@ def test_patch_racing_a_cancel_leaves_a_whole_session_or_none(node):
             done = http.put(location, params={"digest": _digest(body)})
             assert done.status_code == 201, done.text
             assert _pulled(http, _digest(body)) == body
+
+
+def test_a_chunk_after_the_store_ended_the_nodes_lease_unnoticed_is_taken(tmp_path):
+    """A node starved past its lease TTL finds its lease gone from the store before its refresh does:
+    the next chunk's claim names the ended lease. The node takes a new lease and the chunk, no 500."""
+    with WharfProcess(tmp_path / "node", cluster={"leasettl": 600}) as node:  # no refresh in the test
+        first, second = os.urandom(70_000), os.urandom(30_000)
+        with httpx.Client(base_url=node.url, timeout=30) as client:
+            started = client.post("/v2/lease/race/blobs/uploads/")
+            assert started.status_code == 202
+            patched = client.patch(
+                started.headers["Location"], content=first, headers={"Content-Type": "application/octet-stream"}
+            )
+            assert patched.status_code == 202, patched.text
+            root = Path(node.config["storage"]["filesystem"]["rootdirectory"])
+            with sqlite3.connect(root / "wharf" / "coordinator.db") as db:  # what expiry does
+                ended = db.execute("SELECT count(*) FROM leases").fetchone()[0]
+                db.execute("DELETE FROM leases")
+            assert ended >= 1
+            patched = client.patch(
+                patched.headers["Location"],
+                content=second,
+                headers={"Content-Type": "application/octet-stream", "Content-Range": f"{len(first)}-{99_999}"},
+            )
+            assert patched.status_code == 202, patched.text
+            digest = _digest(first + second)
+            done = client.put(patched.headers["Location"], params={"digest": digest})
+            assert done.status_code == 201, done.text
+            assert client.get(f"/v2/lease/race/blobs/{digest}").content == first + second
+    assert "Traceback" not in node.log_tail()

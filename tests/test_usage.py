@@ -5,22 +5,34 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import uuid
 from dataclasses import asdict
 
 import pytest
+from usage_before import counter_record, object_records
 
-from coordinator import keys
+from coordinator import encoding, keys
 from coordinator.embedded import EmbeddedKV
-from coordinator.kv import Delete, Put
+from coordinator.etcd import EtcdKV
+from coordinator.kv import KV, Delete, Put
 from coordinator.metadata import EVERY_HOLDER_CHANGED, HOLDING_CHANGED, LinkRecord, ManifestRecord
 from coordinator.usage import TOTAL, ScopeUsage, Usage, namespaces_of
 
 
-@pytest.fixture()
-async def kv(tmp_path):
-    store = EmbeddedKV(str(tmp_path / "kv.db"))
-    yield store
-    await store.close()
+@pytest.fixture(params=["embedded", "etcd"])
+async def kv(request, tmp_path):
+    if request.param == "embedded":
+        store: KV = EmbeddedKV(str(tmp_path / "kv.db"))
+        yield store
+        await store.close()
+        return
+    prefix = f"/wharf-test/{uuid.uuid4().hex}/"
+    store = await EtcdKV.open(request.getfixturevalue("etcd").endpoints, prefix=prefix)  # compact key layout
+    try:
+        yield store
+    finally:
+        await store.delete("", prefix=True)
+        await store.close()
 
 
 def expected(truth: dict[tuple[str, str], tuple[int, bool, bool]]) -> dict[str, ScopeUsage]:
@@ -51,7 +63,7 @@ def expected(truth: dict[tuple[str, str], tuple[int, bool, bool]]) -> dict[str, 
     return {scope: figure for scope, figure in scopes.items() if figure}
 
 
-async def counted(kv: EmbeddedKV) -> dict[str, ScopeUsage]:
+async def counted(kv: KV) -> dict[str, ScopeUsage]:
     usage = Usage(kv)
     found = {name: figure async for name, figure in usage.under()}
     total = await usage.scope(TOTAL)
@@ -66,6 +78,25 @@ def _manifest(digest: str, size: int) -> bytes:
 
 def _link(size: int) -> bytes:
     return json.dumps(asdict(LinkRecord(size, 0.0))).encode()
+
+
+def _json(fields: dict) -> bytes:
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+async def as_written_before(kv: KV) -> int:
+    """Rewrite the storage figures' records as every version before the compact ones wrote them: JSON,
+    and for every object a summary and a holder record per repository holding it. Returns the records."""
+    usage = Usage(kv)
+    written = 0
+    for record in await kv.range(keys.USAGE_OBJECTS):
+        puts = [Put(key, value) for key, value in await object_records(usage, record.key)]
+        await kv.txn([], puts)
+        written += len(puts)
+    for record in [*await kv.range(keys.USAGE_SCOPES), *await kv.range(keys.USAGE_TOTAL)]:
+        await kv.put(*counter_record(record))
+        written += 1
+    return written
 
 
 async def test_figures_equal_what_the_records_add_up_to_after_any_changes(kv):
@@ -107,6 +138,10 @@ async def test_figures_equal_what_the_records_add_up_to_after_any_changes(kv):
             # Two settlers at once (a leader and `wharf du`): they never count a change twice.
             await asyncio.gather(usage.settle(), Usage(kv).settle())
             assert await counted(kv) == expected(truth), f"after step {step}"
+            if rng.random() < 0.1:
+                # A store an earlier version counted: its JSON records read, and change into compact ones.
+                await as_written_before(kv)
+                assert await counted(kv) == expected(truth), f"rewritten as before, after step {step}"
     await usage.settle()
     assert await usage.current()
     assert await counted(kv) == expected(truth)
@@ -161,3 +196,90 @@ async def test_settling_reports_repositories_left_without_manifests(kv):
     assert (await usage.settle()).emptied == []
     await kv.txn([], [Delete(keys.manifest("team/app", digest)), HOLDING_CHANGED("team/app", digest)])
     assert (await usage.settle()).emptied == ["team/app"]
+
+
+async def test_an_object_one_repository_holds_has_one_compact_record_and_no_holder_record(kv):
+    usage = Usage(kv)
+    await usage.build()
+    digest = "sha256:" + "6" * 64
+    await kv.txn([], [Put(keys.link("team/app", digest), _link(300)), HOLDING_CHANGED("team/app", digest)])
+    await usage.settle()
+    assert not await kv.range(keys.USAGE_HOLDERS)
+    [record] = await kv.range(keys.USAGE_OBJECTS)
+    assert encoding.is_compact(record.value) and len(record.value) <= 3 + len("team/app") + 2
+    assert (await usage.holders(digest)).keys() == {"team/app"}
+    for scope in ("team/app", "team/", TOTAL):
+        counter = await kv.get(keys.usage_scope(scope))
+        assert counter is not None and encoding.is_compact(counter.value) and len(counter.value) <= 13
+
+    # A second repository: a summary and a holder record each; back to one, and to one record.
+    await kv.txn([], [Put(keys.link("team/web", digest), _link(300)), HOLDING_CHANGED("team/web", digest)])
+    await usage.settle()
+    assert len(await kv.range(keys.USAGE_HOLDERS)) == 2
+    assert (await usage.scope("team/app")).shared == 300 and (await usage.scope("team/")).exclusive == 300
+    await kv.txn([], [Delete(keys.link("team/app", digest)), HOLDING_CHANGED("team/app", digest)])
+    await usage.settle()
+    assert not await kv.range(keys.USAGE_HOLDERS)
+    assert (await usage.holders(digest)).keys() == {"team/web"}
+    assert (await usage.scope("team/web")).exclusive == 300 and not await usage.scope("team/app")
+    assert await usage.reconcile() == 0
+
+
+async def test_figures_an_earlier_version_counted_read_reconcile_and_turn_compact_as_they_change(kv):
+    usage = Usage(kv)
+    await usage.build()
+    one, two = "sha256:" + "7" * 64, "sha256:" + "8" * 64
+    await kv.txn(
+        [],
+        [
+            Put(keys.link("team/app", one), _link(10)),
+            Put(keys.link("team/app", two), _link(20)),
+            Put(keys.link("team/web", two), _link(20)),
+            *(HOLDING_CHANGED(repo, d) for repo, d in (("team/app", one), ("team/app", two), ("team/web", two))),
+        ],
+    )
+    await usage.settle()
+    truth = {("team/app", one): (10, True, False), ("team/app", two): (20, True, False)}
+    truth[("team/web", two)] = (20, True, False)
+    assert await as_written_before(kv) == 2 + 3 + 4  # two summaries, three holders, four counters
+    assert all(not encoding.is_compact(r.value) for r in await kv.range(keys.USAGE))
+    assert await counted(kv) == expected(truth)
+    assert await usage.reconcile() == 0, "the JSON records agree with the links"
+    assert (await usage.holders(one)).keys() == {"team/app"}
+
+    # A change rewrites what it moves, compactly: the object, its holders and the counters it moves.
+    await kv.txn([], [Delete(keys.link("team/web", two)), HOLDING_CHANGED("team/web", two)])
+    del truth[("team/web", two)]
+    await usage.settle()
+    assert await counted(kv) == expected(truth)
+    rewritten = {r.key for r in await kv.range(keys.USAGE) if encoding.is_compact(r.value)}
+    assert rewritten == {
+        keys.usage_object(two),
+        *(keys.usage_scope(s) for s in ("team/app", "team/web", "team/", TOTAL)),
+    } - {
+        keys.usage_scope("team/web")  # nothing left: its counter went
+    }
+    assert [r.key for r in await kv.range(keys.USAGE_HOLDERS)] == [keys.usage_holder(one, "team/app")]
+    assert await usage.reconcile() == 0
+
+
+@pytest.mark.parametrize("survivor", [0, 10, 11])
+async def test_a_blob_collected_from_more_repositories_than_one_round_checks_leaves_the_one_still_holding_it(
+    kv, survivor
+):
+    usage = Usage(kv)
+    await usage.build()
+    digest = "sha256:" + "9" * 64
+    repos = [f"team/r{n:02d}" for n in range(12)]
+    await kv.txn([], [op for r in repos for op in (Put(keys.link(r, digest), _link(70)), HOLDING_CHANGED(r, digest))])
+    await usage.settle()
+    assert len(await kv.range(keys.USAGE_HOLDERS)) == 12 and (await usage.scope("team/")).exclusive == 70
+    # Every link goes but one (its repository pushed the blob again meanwhile): one mark for all of them.
+    await kv.txn([], [*(Delete(keys.link(r, digest)) for r in repos if r != repos[survivor])])
+    await kv.txn([], [EVERY_HOLDER_CHANGED(digest)])
+    await usage.settle()
+    assert await usage.current()
+    assert await counted(kv) == expected({(repos[survivor], digest): (70, True, False)})
+    assert not await kv.range(keys.USAGE_HOLDERS)
+    assert (await usage.holders(digest)).keys() == {repos[survivor]}
+    assert await usage.reconcile() == 0

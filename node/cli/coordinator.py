@@ -135,20 +135,22 @@ def run_defrag(args: argparse.Namespace, config: Config) -> int:
 
     async def defrag(services: Services) -> int:
         etcd = config.coordinator.etcd
+        full = "NOSPACE" in (await services.kv.space()).alarms
         if etcd is not None and not args.no_compact:
             current = (await services.kv.txn([], [])).revision
             keep = args.keep
             if keep is None:
                 # Out of space no write moves the revision on: only forgetting all history frees what
                 # was deleted to make room.
-                keep = 0 if "NOSPACE" in (await services.kv.space()).alarms else etcd.compaction.keep
+                keep = 0 if full else etcd.compaction.keep
             target = current - keep
             if target > 0:
                 await services.kv.compact(target)
                 print(f"compacted history up to revision {target} (current {current})", flush=True)
         _, cleared = await defragment_all(services.kv, progress=progress)
         space = await services.kv.space()
-        if cleared:
+        if cleared or (full and "NOSPACE" not in space.alarms):
+            # A node that saw the room come back may have cleared the alarm first (nodes do).
             print("cleared the NOSPACE alarm: writes are taken again")
         elif "NOSPACE" in space.alarms:
             fullest = space.fullest

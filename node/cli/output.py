@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from ..config import format_size
 
@@ -22,11 +25,35 @@ size = format_size
 
 def table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> list[str]:
     """Rows as aligned columns, `columns` being (key, title) pairs."""
-    widths = [max([len(title), *(len(r[key]) for r in rows)]) for key, title in columns]
-    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True)).rstrip()]
-    for r in rows:
-        lines.append("  ".join(r[key].ljust(w) for (key, _), w in zip(columns, widths, strict=True)).rstrip())
-    return lines
+    return list(table_lines(lambda: rows, columns))
+
+
+def table_lines(rows: Callable[[], Iterable[dict[str, str]]], columns: list[tuple[str, str]]) -> Iterator[str]:
+    """Like `table`, with the rows read twice from `rows()` (widths first), so they need not fit in memory."""
+    widths = [len(title) for _, title in columns]
+    for r in rows():
+        widths = [max(w, len(r[key])) for w, (key, _) in zip(widths, columns, strict=True)]
+    yield "  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True)).rstrip()
+    for r in rows():
+        yield "  ".join(r[key].ljust(w) for (key, _), w in zip(columns, widths, strict=True)).rstrip()
+
+
+def print_json(report: dict[str, Any]) -> None:
+    """`report` as indented JSON on stdout, its iterable values written an item at a time (a list
+    of a million rows is never built); other values as json.dumps writes them."""
+    out = sys.stdout
+    out.write("{")
+    for n, (key, value) in enumerate(report.items()):
+        out.write(("," if n else "") + f"\n  {json.dumps(key)}: ")
+        if value is None or isinstance(value, (dict, str, int, float, bool)):
+            out.write(json.dumps(value, indent=2).replace("\n", "\n  "))
+            continue
+        empty = True
+        for item in value:
+            out.write(("[" if empty else ",") + "\n    " + json.dumps(item, indent=2).replace("\n", "\n    "))
+            empty = False
+        out.write("[]" if empty else "\n  ]")
+    out.write("\n}\n")
 
 
 def brief(exc: BaseException) -> str:

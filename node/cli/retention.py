@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 
 from coordinator.readonly import Halted
@@ -12,7 +11,7 @@ from coordinator.readonly import Halted
 from .. import retention
 from ..config import Config, ConfigError
 from ..services import Services
-from .output import table
+from .output import print_json, table_lines
 from .registry import Commands, store_command, with_services
 
 
@@ -49,17 +48,18 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
                 file=sys.stderr,
             )
             return 1
-        rows = run.plan.rows() if run.result is None else run.result.rows()
-        skipped = [] if run.result is None else [s.__dict__ for s in run.result.skipped]
+        done = run.plan if run.result is None else run.result  # what a dry run would do, or what was done
+        skipped = () if run.result is None else run.result.skipped
         if args.json:
-            report = {
-                "dry_run": run.result is None,
-                "delete": rows,
-                "skipped": skipped,
-                "kept": [k.__dict__ for k in run.plan.kept],
-                "summary": None if run.result is None else run.result.summary(),
-            }
-            print(json.dumps(report, indent=2))
+            print_json(
+                {
+                    "dry_run": run.result is None,
+                    "delete": done.each_row(),
+                    "skipped": (s.__dict__ for s in skipped),
+                    "kept": (k.__dict__ for k in run.plan.kept),
+                    "summary": None if run.result is None else run.result.summary(),
+                }
+            )
             return 0
         columns = [
             ("repository", "REPOSITORY"),
@@ -68,18 +68,23 @@ def run_retention_apply(args: argparse.Namespace, config: Config) -> int:
             ("pushed", "PUSHED"),
             ("reason", "REASON"),
         ]
-        if rows:
-            print("\n".join(table(rows, columns)))
-        tags = sum(1 for r in rows if r["action"] == "delete tag")
+        tags, manifests = (
+            (len(run.plan.tags), len(run.plan.manifests))
+            if run.result is None
+            else (len(run.result.tags_deleted), len(run.result.manifests_deleted))
+        )
+        if tags or manifests:
+            for line in table_lines(done.each_row, columns):
+                print(line)
         verb = "would delete" if run.result is None else "deleted"
-        print(f"{verb}: {tags} tags, {len(rows) - tags} manifests; kept {len(run.plan.kept)} tags by policy")
+        print(f"{verb}: {tags} tags, {manifests} manifests; kept {len(run.plan.kept)} tags by policy")
         if skipped:
             print(f"left alone because they changed meanwhile: {len(skipped)}")
             for s in skipped:
-                print(f"  {s['repository']} {s['reference']}: {s['why']}")
+                print(f"  {s.repository} {s.reference}: {s.why}")
         if run.result is None:
             print("dry run: nothing was changed")
-        elif rows:
+        elif tags or manifests:
             print("run `wharf gc` (or wait for the scheduled cycle) to reclaim the freed blobs")
         return 0
 

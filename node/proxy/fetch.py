@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -170,8 +171,7 @@ class BlobFetches:
     ) -> None:
         claimed = False
         try:
-            lease = await self.lease.id()
-            claimed = await self.records.claim_fetch(fetch.digest, self.holder, lease)
+            claimed = await self.lease.attached(functools.partial(self.records.claim_fetch, fetch.digest, self.holder))
             if not claimed:
                 fetch.followed = True
                 fetch.started.set()
