@@ -595,8 +595,8 @@ class HTTPConfig(_Section):
     net: str = "tcp"
     prefix: str = ""  # serve under this path, as Distribution does: /prefix/v2/...
     host: str = ""  # absolute URLs in Location and Link headers start with it
-    # Signs the offset in upload URLs (and the web pages' cookies); without it the coordinator
-    # keeps a key for every node. Unlike Distribution, Wharf keeps upload state in the coordinator.
+    # Distribution needs the same secret on every node; Wharf keeps upload state in the
+    # coordinator and accepts the key only so existing files load.
     secret: str = ""
     relativeurls: bool = False
     draintimeout: GoDuration | None = None

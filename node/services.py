@@ -82,7 +82,6 @@ class Services:
             quotas_for=policies.quota_scopes,
             max_sessions=config.http.uploads.maxsessions,
             placed=regions.placed if regions is not None else None,
-            secret=config.http.secret,
         )
         manifests = ManifestCache(metrics)
         blobs = BlobLocations(metadata, metrics)

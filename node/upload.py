@@ -158,7 +158,6 @@ class Uploader:
         quotas_for: Callable[[str], list[QuotaScope]] = lambda repository: [],
         max_sessions: int = 0,
         placed: Callable[[str, int, str], Awaitable[Sequence[Op]]] | None = None,
-        secret: str = "",
     ) -> None:
         self.storage = storage
         self.sessions = sessions
@@ -170,8 +169,8 @@ class Uploader:
         # With regions: the records of bytes stored in this region (and copies queued for the others),
         # given (digest, size, storage key); written with the blob record (node/regions.py).
         self.placed = placed
-        # Signs the offset into each Location URL (http.secret, else the cluster's key).
-        self.states = UploadStates(sessions.kv, secret)
+        # Signs the offset into each Location URL, with a key every node shares through the coordinator.
+        self.states = UploadStates(sessions.kv)
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
@@ -299,7 +298,7 @@ class Uploader:
         delay = 0.05
         while True:
             try:
-                claim = await self.sessions.claim_open(upload_id, await self.lease.id())
+                claim = await self.lease.attached(functools.partial(self.sessions.claim_open, upload_id))
             except SessionChanged:
                 raise BlobUploadUnknown({"upload": upload_id}) from None
             except SessionBusy as exc:

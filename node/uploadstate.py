@@ -1,12 +1,17 @@
 """The signed state an upload's Location URL carries: the offset it was handed out at (Distribution's `_state`).
 
-A PATCH or closing PUT through a URL whose offset is no longer the upload's (a client re-sending
-an older URL) is refused with 416 before a byte is written, instead of appending at whatever
-offset the upload reached meanwhile. The coordinator stays the truth: the offset is compared with
-the session read in the same transaction that claims it, and nothing else is taken from the URL.
-A URL without the state (handed out by an earlier Wharf) works as before; one whose state does not
-verify is refused. The key is `http.secret` when set, otherwise the key the coordinator keeps for
-every node (coordinator/sessionkey.py), each derived for this use alone.
+The coordinator stays the truth; the state only says where the URL's holder believes the upload
+stands. A request is refused on it (416, with the upload's real Range and a fresh Location) only
+when it says nothing else about where its bytes go: a PATCH or a closing PUT that brings a body
+without Content-Range through a URL handed out at another offset (a client re-sending an older
+URL would otherwise append its bytes twice). A Content-Range decides by itself, so a client that
+sends every chunk to the first Location with the right Content-Range keeps working, and a closing
+PUT without a body is judged by its digest alone. A URL without state (handed out by an earlier
+Wharf) works as before; one whose state does not verify is refused (400).
+
+The key is derived from the one the coordinator keeps for every node (coordinator/sessionkey.py),
+never from `http.secret`: nodes need no shared secret, so a URL signed by one node verifies on every
+other, and across restarts, for as long as the coordinator lives.
 """
 
 from __future__ import annotations
@@ -30,16 +35,14 @@ class BadUploadState(Exception):
 
 
 class UploadStates:
-    def __init__(self, kv: KV, secret: str = "") -> None:
+    def __init__(self, kv: KV) -> None:
         self._kv = kv
-        self._secret = secret
         self._key: bytes | None = None
 
     async def ready(self) -> None:
-        """Load the signing key (once per process; the coordinator is asked only without `http.secret`)."""
+        """Load the signing key (one coordinator read per process, made by the first node that asks)."""
         if self._key is None:
-            base = self._secret.encode() if self._secret else await session_key(self._kv)
-            self._key = hmac.new(base, _PURPOSE, hashlib.sha256).digest()
+            self._key = hmac.new(await session_key(self._kv), _PURPOSE, hashlib.sha256).digest()
 
     def _mac(self, upload_id: str, repository: str, offset: int) -> str:
         assert self._key is not None, "UploadStates.ready() first"
@@ -54,7 +57,13 @@ class UploadStates:
     def offset(self, state: str, upload_id: str, repository: str) -> int:
         """The offset a state was signed at, for this upload only; BadUploadState otherwise."""
         offset, dot, mac = state.partition(".")
-        if not dot or not offset.isdigit() or len(offset) > 20 or len(mac) > 64 or not mac.isascii():
+        if (
+            not dot
+            or not (offset.isascii() and offset.isdigit())
+            or len(offset) > 20
+            or len(mac) > 64
+            or not mac.isascii()
+        ):
             raise BadUploadState(state[:100])
         if not hmac.compare_digest(mac, self._mac(upload_id, repository, int(offset))):
             raise BadUploadState(state[:100])

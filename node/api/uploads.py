@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -64,36 +65,50 @@ def _upload_id(request: Request) -> str:
     return upload_id
 
 
+def _query(request: Request) -> dict[str, str]:
+    """The query as the client meant it: a script that glued `?digest=...` onto a Location that
+    already had a query (`?_state=S?digest=D`, worked while Locations had none) means both."""
+    query = dict(request.query_params)
+    state = query.get(PARAM)
+    if state is not None and "?" in state:
+        query[PARAM], _, rest = state.partition("?")
+        for key, value in parse_qsl(rest):
+            query.setdefault(key, value)
+    return query
+
+
 async def _url_offset(request: Request, name: str, upload_id: str) -> int | None:
     """The offset the request's URL was handed out at (None for a URL without state); refused if forged."""
-    states = services(request).uploader.states
-    await states.ready()
-    state = request.query_params.get(PARAM)
+    state = _query(request).get(PARAM)
     if state is None:
         return None  # a URL from an earlier Wharf
+    uploader = services(request).uploader
+    await uploader.states.ready()
     try:
-        return states.offset(state, upload_id, name)
+        return uploader.states.offset(state, upload_id, name)
     except BadUploadState:
+        await uploader.session(name, upload_id)  # an upload that is not (or no longer) there is unknown
         raise BlobUploadInvalid({"upload": upload_id, "reason": "the upload URL's state is not valid"}) from None
 
 
 def _check_state(request: Request, session: UploadSession, offset: int | None) -> None:
-    if offset is not None and offset != session.offset:
+    """416 when a body without Content-Range would land where its URL did not expect (node/uploadstate.py).
+
+    A Content-Range says where its bytes go by itself and is checked against the upload alone.
+    """
+    if offset is not None and offset != session.offset and "content-range" not in request.headers:
         raise UploadStateStale(
             {"upload": session.id, "url offset": offset, "offset": session.offset},
             headers=_progress_headers(request, session),
         )
 
 
-async def _session(request: Request, *, current: bool = False) -> UploadSession:
-    """The upload the URL names; with `current`, refused (416) if the URL's offset is not the upload's."""
+async def _session(request: Request) -> UploadSession:
+    """The upload the URL names (its state, if any, verified)."""
     name = repository(request)
     upload_id = _upload_id(request)
-    offset = await _url_offset(request, name, upload_id)
-    session = await services(request).uploader.session(name, upload_id)
-    if current:
-        _check_state(request, session, offset)
-    return session
+    await _url_offset(request, name, upload_id)
+    return await services(request).uploader.session(name, upload_id)
 
 
 async def start_upload(request: Request) -> Response:
@@ -167,7 +182,8 @@ async def patch_upload(request: Request) -> Response:
     promised = [length]
 
     def check(session: UploadSession) -> None:
-        _check_state(request, session, offset)
+        if length != 0:
+            _check_state(request, session, offset)
         promised[0] = _check_range(request, session, length)
 
     # One coordinator transaction reads and claims the session; `check` refuses before a byte is written.
@@ -178,14 +194,18 @@ async def patch_upload(request: Request) -> Response:
 
 async def finish_upload(request: Request) -> Response:
     svc = services(request)
-    session = await _session(request, current=True)
-    raw_digest = request.query_params.get("digest")
+    name = repository(request)
+    upload_id = _upload_id(request)
+    offset = await _url_offset(request, name, upload_id)
+    session = await svc.uploader.session(name, upload_id)
+    raw_digest = _query(request).get("digest")
     if not raw_digest:
         raise DigestInvalid({"reason": "the digest query parameter is required to finish an upload"})
     digest = parse_digest(raw_digest)
     check_algorithm(digest.algorithm)
     length = _content_length(request)
-    if length != 0:
+    if length != 0:  # without a body, the digest alone decides
+        _check_state(request, session, offset)
         length = _check_range(request, session, length)
     pushed = svc.notifier.blob_events(request, "push", session.repository, str(digest))
     try:
