@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -69,6 +70,9 @@ def test_state_signed_by_one_node_is_good_on_another_and_after_a_restart_and_sta
             assert stale.headers["Range"] == received
     a.restart()  # the key lives in the coordinator, not in the process
     with httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        status = ca.get(urlsplit(started.headers["Location"]).path)  # its first request: a URL without state
+        assert status.status_code == 204, status.text
+        assert status.headers["Range"] == received
         assert cb.get(started.headers["Location"]).headers["Range"] == received
         three = ca.patch(two.headers["Location"], content=parts[2], headers=OCTETS)
         assert three.status_code == 202, three.text

@@ -79,11 +79,11 @@ def _query(request: Request) -> dict[str, str]:
 
 async def _url_offset(request: Request, name: str, upload_id: str) -> int | None:
     """The offset the request's URL was handed out at (None for a URL without state); refused if forged."""
+    uploader = services(request).uploader
+    await uploader.states.ready()  # the answer's Location is signed, whatever this URL carries
     state = _query(request).get(PARAM)
     if state is None:
         return None  # a URL from an earlier Wharf
-    uploader = services(request).uploader
-    await uploader.states.ready()
     try:
         return uploader.states.offset(state, upload_id, name)
     except BadUploadState:
@@ -91,12 +91,14 @@ async def _url_offset(request: Request, name: str, upload_id: str) -> int | None
         raise BlobUploadInvalid({"upload": upload_id, "reason": "the upload URL's state is not valid"}) from None
 
 
-def _check_state(request: Request, session: UploadSession, offset: int | None) -> None:
+def _check_state(request: Request, session: UploadSession, offset: int | None, length: int | None) -> None:
     """416 when a body without Content-Range would land where its URL did not expect (node/uploadstate.py).
 
-    A Content-Range says where its bytes go by itself and is checked against the upload alone.
+    A Content-Range says where its bytes go by itself and is checked against the upload alone; a
+    request without a body (no Content-Length or 0, and not chunked) writes nothing anywhere.
     """
-    if offset is not None and offset != session.offset and "content-range" not in request.headers:
+    body = length != 0 if length is not None else "transfer-encoding" in request.headers
+    if body and offset is not None and offset != session.offset and "content-range" not in request.headers:
         raise UploadStateStale(
             {"upload": session.id, "url offset": offset, "offset": session.offset},
             headers=_progress_headers(request, session),
@@ -182,8 +184,7 @@ async def patch_upload(request: Request) -> Response:
     promised = [length]
 
     def check(session: UploadSession) -> None:
-        if length != 0:
-            _check_state(request, session, offset)
+        _check_state(request, session, offset, length)
         promised[0] = _check_range(request, session, length)
 
     # One coordinator transaction reads and claims the session; `check` refuses before a byte is written.
@@ -204,8 +205,8 @@ async def finish_upload(request: Request) -> Response:
     digest = parse_digest(raw_digest)
     check_algorithm(digest.algorithm)
     length = _content_length(request)
-    if length != 0:  # without a body, the digest alone decides
-        _check_state(request, session, offset)
+    _check_state(request, session, offset, length)  # without a body, the digest alone decides
+    if length != 0:
         length = _check_range(request, session, length)
     pushed = svc.notifier.blob_events(request, "push", session.repository, str(digest))
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from api_suite import upload_id
-from oci_client import OCIClient, assert_error, digest_of
+from oci_client import OCIClient, assert_error, digest_of, read_response
+from wharf_process import WharfProcess
 
 OCTETS = {"Content-Type": "application/octet-stream"}
 
@@ -121,6 +123,21 @@ def test_closing_put_with_its_last_chunk_and_content_range_through_the_first_loc
         headers={**OCTETS, "Content-Range": f"1000-{len(data) - 1}"},
     )
     assert done.status_code == 201, done.text
+    assert http.get(f"/v2/{repo}/blobs/{digest_of(data)}").content == data
+
+
+def test_closing_put_without_any_body_headers_through_the_first_location_commits(
+    http: httpx.Client, oci: OCIClient, repo: str, wharf: WharfProcess
+) -> None:
+    """No Content-Length, no Transfer-Encoding: no body (what `curl -X PUT` sends)."""
+    data = os.urandom(2000)
+    started = oci.start_upload(repo)
+    assert _patch(http, started, data).status_code == 202
+    with socket.create_connection(("127.0.0.1", wharf.port), timeout=10) as sock:
+        target = _with_digest(started, digest_of(data))
+        sock.sendall(f"PUT {target} HTTP/1.1\r\nHost: {wharf.host}\r\nConnection: close\r\n\r\n".encode())
+        answer = read_response(sock)
+    assert answer is not None and answer[0] == 201, answer
     assert http.get(f"/v2/{repo}/blobs/{digest_of(data)}").content == data
 
 
