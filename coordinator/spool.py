@@ -46,7 +46,7 @@ class Spool(Generic[T]):
         return len(self._held) + self._spilled
 
     def __bool__(self) -> bool:
-        return bool(self._held)
+        return len(self) > 0
 
     def __iter__(self) -> Iterator[T]:
         """The records in the order appended; appending while iterating is not supported."""

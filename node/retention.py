@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.retention import Applier, Plan, Result, Rule, decisions, plan
+from coordinator.retention import Plan, Rule, decisions, plan
+from coordinator.retention_apply import Applier, Result
 from coordinator.runlock import run_lock
 
 from .config import RetentionConfig, RetentionPolicy

@@ -22,6 +22,7 @@ from services import EtcdCluster, wait_until
 from wharf_process import WharfProcess
 
 from coordinator import retention as planner
+from coordinator import retention_apply as applying
 from coordinator import spool
 from coordinator.kv import Delete
 from node import retention
@@ -483,9 +484,9 @@ async def test_a_run_interrupted_half_way_is_finished_by_the_next_leader_without
             raise asyncio.CancelledError
 
     with pytest.raises(asyncio.CancelledError):
-        await planner.Applier(reg.kv, node="old-leader", progress=lose_leadership).apply(half)
-    assert json.loads((await reg.kv.get(planner.PROGRESS)).value)["node"] == "old-leader"  # type: ignore[union-attr]
-    assert await reg.kv.get(planner.LAST_RUN) is None
+        await applying.Applier(reg.kv, node="old-leader", progress=lose_leadership).apply(half)
+    assert json.loads((await reg.kv.get(applying.PROGRESS)).value)["node"] == "old-leader"  # type: ignore[union-attr]
+    assert await reg.kv.get(applying.LAST_RUN) is None
 
     # The new leader plans again from what is there now, and applies that.
     second = await reg.apply(now=now)
@@ -495,8 +496,8 @@ async def test_a_run_interrupted_half_way_is_finished_by_the_next_leader_without
     second_rows = {(r["action"], r["repository"], r["reference"]) for r in second.result.rows()}
     assert not first_rows & second_rows, "nothing is deleted twice"
     assert first_rows | second_rows == {(r["action"], r["repository"], r["reference"]) for r in whole.rows()}
-    assert await reg.kv.get(planner.PROGRESS) is None
-    assert json.loads((await reg.kv.get(planner.LAST_RUN)).value)["resumed_interrupted_run"]  # type: ignore[union-attr]
+    assert await reg.kv.get(applying.PROGRESS) is None
+    assert json.loads((await reg.kv.get(applying.LAST_RUN)).value)["resumed_interrupted_run"]  # type: ignore[union-attr]
     assert (await retention.make_plan(reg.services, now=now)).rows() == []
     assert await reg.kv.range("gc/pending-manifest/") == []
 
@@ -506,8 +507,8 @@ async def test_applying_the_same_plan_twice_deletes_nothing_the_second_time(regi
     await _mixed_content(reg)
     now = time.time() + HOUR
     plan = await retention.make_plan(reg.services, now=now)
-    first = await planner.Applier(reg.kv, node="a").apply(plan)
-    second = await planner.Applier(reg.kv, node="b").apply(plan)
+    first = await applying.Applier(reg.kv, node="a").apply(plan)
+    second = await applying.Applier(reg.kv, node="b").apply(plan)
     assert len(first.rows()) == len(plan.rows())
     assert second.rows() == []
     assert {s.why for s in second.skipped} == {"already deleted"}
@@ -524,7 +525,7 @@ async def test_a_tag_pushed_again_after_planning_is_left_alone(registry_factory)
     moved_to = await reg.image("team/app", "v1")  # the tag moves
     await reg.retag("team/app", loose, "rescued")  # an untagged manifest is tagged
     await reg.index("team/app", "bundle", [child])  # a new index uses an untagged manifest
-    result = await planner.Applier(reg.kv, node="a").apply(plan)
+    result = await applying.Applier(reg.kv, node="a").apply(plan)
     assert [m.digest for m in result.manifests_deleted] == [moved_from]
     assert {s.reference for s in result.skipped} == {"v1", loose, child}
     assert (await reg.http.head("/v2/team/app/manifests/v1", headers=ANY)).headers["docker-content-digest"] == moved_to
@@ -537,7 +538,7 @@ async def test_an_index_pushed_between_marking_and_deleting_saves_its_child(regi
     reg = registry_factory(**policies({"untaggedafter": "1h"}))
     child = await reg.image("team/app", None)
     plan = await retention.make_plan(reg.services, now=time.time() + HOUR)
-    applier = planner.Applier(reg.kv, node="a")
+    applier = applying.Applier(reg.kv, node="a")
     original = reg.kv.range
 
     async def push_index_after_the_re_read(prefix: str, **kwargs: Any):
@@ -660,7 +661,7 @@ def test_cli_dry_run_lists_exactly_what_the_real_run_then_deletes_over_http(etcd
         assert http.get("/v2/other/app/tags/list").json()["tags"] == ["build-0"]
         again = _cli("retention", "apply", "--json", str(node.config_path))
         assert json.loads(again.stdout)["delete"] == []
-    summary = json.loads(_read_key(etcd, etcd_node.prefix, planner.LAST_RUN) or b"{}")
+    summary = json.loads(_read_key(etcd, etcd_node.prefix, applying.LAST_RUN) or b"{}")
     assert summary["tags_deleted"] == 0, "the last run (the second) found nothing more"
 
 
@@ -675,5 +676,5 @@ def test_the_leader_applies_the_policies_on_its_schedule(etcd_node, etcd):
             timeout=20,
             what="the scheduled retention run",
         )
-    record = _read_key(etcd, etcd_node.prefix, planner.LAST_RUN)
+    record = _read_key(etcd, etcd_node.prefix, applying.LAST_RUN)
     assert record is not None and json.loads(record)["node"] == "node0"

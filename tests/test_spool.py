@@ -33,6 +33,12 @@ def test_records_past_those_held_in_memory_come_back_from_disk_in_order():
     assert list(spool) == [] and len(spool) == 0
 
 
+def test_a_spool_that_holds_nothing_in_memory_still_counts_and_reads_back():
+    spool = Spool(Row, keep=0)
+    spool.append(Row("only", 1, 1.0))
+    assert spool and len(spool) == 1 and list(spool) == [Row("only", 1, 1.0)]
+
+
 def test_a_spool_within_its_limit_writes_no_file():
     spool = Spool(Row, keep=3)
     spool.extend([Row("a", 1, 1.0), Row("b", 2, 2.0), Row("c", 3, 3.0)])

@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from coordinator import gc as gc_records
-from coordinator import retention as retention_records
+from coordinator import retention_apply as retention_records
 from coordinator.metadata import TagRecord
 from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
