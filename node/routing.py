@@ -207,18 +207,31 @@ class RouteIndex:
         return found
 
 
+class RouteTable(list[BaseRoute]):
+    """A route list that carries its RouteIndex, so whoever resolves a request on it (authentication,
+    the audit log, the pull-through cache) uses the index as the router does."""
+
+    def __init__(self, routes: Sequence[BaseRoute] = ()) -> None:
+        super().__init__(routes)
+        self._index = RouteIndex(self)
+
+    def candidates(self, scope: Scope) -> Sequence[BaseRoute]:
+        """The routes that may match `scope`, in table order (see RouteIndex)."""
+        return self._index.candidates(scope)
+
+
 class IndexedRouter(Router):
     """Starlette's router, finding a request's route through a RouteIndex. Whatever it does not
     match fully (404, 405, a redirect to the path with or without its slash) goes to Starlette's own
     scan of every route, so answers are the same."""
 
     def __init__(self, routes: Sequence[BaseRoute], **options: Any) -> None:
-        super().__init__(list(routes), **options)
-        self.index = RouteIndex(self.routes)
+        super().__init__(routes, **options)
+        self.routes: RouteTable = RouteTable(self.routes)
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for route in self.index.candidates(scope):
+            for route in self.routes.candidates(scope):
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
                     scope.setdefault("router", self)
@@ -240,7 +253,8 @@ def resolve(routes: Sequence[BaseRoute], scope: Scope) -> Target:
     cached = state.get(STATE_KEY)
     if isinstance(cached, Target):
         return cached
-    for route in routes:
+    candidates = routes.candidates(scope) if isinstance(routes, RouteTable) else routes
+    for route in candidates:
         match, child = route.matches(scope)
         if match is Match.FULL:
             return _target(route, scope, dict(child.get("path_params", {})))

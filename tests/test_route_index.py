@@ -8,7 +8,7 @@ from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import Scope
 
 from node import app
-from node.routing import RouteIndex
+from node.routing import RouteIndex, RouteTable, resolve
 
 METHODS = ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "BREW")
 PATHS = (
@@ -83,6 +83,14 @@ def test_the_index_finds_the_route_a_scan_of_every_route_finds() -> None:
         for method, path, root in itertools.product(METHODS, PATHS, ("", "/prefix")):
             scope = _scope(method, path, root)
             assert _first_full(index.candidates(scope), scope) is _first_full(routes, scope), (method, root + path)
+
+
+def test_a_route_table_resolves_a_request_to_the_route_a_scan_of_every_route_finds() -> None:
+    for routes in _tables():
+        table = RouteTable(routes)
+        for method, path in itertools.product(METHODS, PATHS):
+            scope = _scope(method, path)
+            assert resolve(table, scope) == resolve(list(routes), scope), (method, path)
 
 
 def test_the_index_tries_only_the_routes_of_the_path_and_method() -> None:
