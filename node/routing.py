@@ -9,6 +9,7 @@ here; a route that is not an `Endpoint` needs an access nobody is granted, so it
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,7 @@ class Endpoint(Route):
         self, path: str, endpoint: Callable[..., Any], method: str, *, access: Rule, audit: str | None = None
     ) -> None:
         super().__init__(path, endpoint, methods=[method])
+        self._direct = inspect.iscoroutinefunction(endpoint)  # else Starlette runs it in a thread
         self.access = access
         # What a decision endpoint decides on (its audit line's `object`: "manifest", "upload",
         # "blob"); None: audited only when a check refuses it.
@@ -97,8 +99,8 @@ class Endpoint(Route):
         """The handler's response, as Starlette's own Route gives it, with one wrapper less: an
         exception goes to the application's handlers (Starlette's ExceptionMiddleware), which are
         the same ones the route-level wrapper would ask."""
-        if self.methods is not None and scope["method"] not in self.methods:
-            await super().handle(scope, receive, send)  # 405
+        if not self._direct or (self.methods is not None and scope["method"] not in self.methods):
+            await super().handle(scope, receive, send)  # a plain function, or 405
             return
         response = await self.endpoint(Request(scope, receive, send))
         await response(scope, receive, send)
