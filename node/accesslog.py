@@ -4,9 +4,7 @@ RequestContext, told when a request starts and when it ends."""
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any
 
 from starlette.types import Scope
 
@@ -23,30 +21,6 @@ def _request_size(scope: Scope) -> int:
         if name == b"content-length" and value.isdigit():
             size += int(value)
     return size
-
-
-class _AccessRecord(logging.LogRecord):
-    """An access line's record: what `log.info("request", extra=...)` makes, without looking up on
-    every line what is the same on every line (level, source, thread and process, which no format
-    here reads: node/logs.py switches their look-ups off). Those are taken from one record made the
-    usual way, again whenever the process or logging's switches for them change."""
-
-    _same: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
-
-    def __init__(self, name: str, fields: dict[str, Any]) -> None:
-        made_by = (os.getpid(), logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
-        if _AccessRecord._same[0] != made_by:
-            usual = logging.LogRecord(name, logging.INFO, "(unknown file)", 0, "request", None, None)
-            _AccessRecord._same = (made_by, usual.__dict__)
-        self.__dict__.update(_AccessRecord._same[1])
-        self.name = name
-        now = time.time_ns()
-        self.created = now / 1e9
-        self.msecs = (now % 1_000_000_000) // 1_000_000 + 0.0
-        start = logging._startTime  # type: ignore[attr-defined]
-        # In milliseconds since logging started, which it noted in nanoseconds or (Python < 3.12) seconds.
-        self.relativeCreated = (now - start) / 1e6 if isinstance(start, int) else (now / 1e9 - start) * 1000
-        self.fields = fields
 
 
 class AccessLog:
@@ -93,4 +67,16 @@ class AccessLog:
                 "repository": scope.get("path_params", {}).get("name"),
                 "user": scope.get("state", {}).get("user"),
             }
-            self.log.handle(_AccessRecord(self.log.name, fields))
+            # What log.info("request", extra=...) makes and hands on, without its per-call look-ups.
+            record = self.log.makeRecord(
+                self.log.name,
+                logging.INFO,
+                "(unknown file)",
+                0,
+                "request",
+                (),
+                None,
+                "(unknown function)",
+                {"fields": fields},
+            )
+            self.log.handle(record)
