@@ -53,22 +53,30 @@ class AccessLog:
                 request_size=_request_size(scope) if handler is not None else 0,
             )
             self.metrics.request_finished(handler)
-        if self.enabled:
+        if self.enabled and self.log.isEnabledFor(logging.INFO):
             client = scope.get("client")
-            self.log.info(
+            fields = {
+                "method": scope["method"],
+                "route": route,
+                "status": status,
+                "bytes_in": exchange.received,
+                "bytes_out": exchange.sent,
+                "duration_ms": round(duration * 1000, 3),
+                "request_id": exchange.request_id,
+                "remote": client[0] if client else None,
+                "repository": scope.get("path_params", {}).get("name"),
+                "user": scope.get("state", {}).get("user"),
+            }
+            # What log.info("request", extra=...) makes and hands on, without its per-call look-ups.
+            record = self.log.makeRecord(
+                self.log.name,
+                logging.INFO,
+                "(unknown file)",
+                0,
                 "request",
-                extra={
-                    "fields": {
-                        "method": scope["method"],
-                        "route": route,
-                        "status": status,
-                        "bytes_in": exchange.received,
-                        "bytes_out": exchange.sent,
-                        "duration_ms": round(duration * 1000, 3),
-                        "request_id": exchange.request_id,
-                        "remote": client[0] if client else None,
-                        "repository": scope.get("path_params", {}).get("name"),
-                        "user": scope.get("state", {}).get("user"),
-                    }
-                },
+                (),
+                None,
+                "(unknown function)",
+                {"fields": fields},
             )
+            self.log.handle(record)

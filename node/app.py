@@ -195,7 +195,6 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
                 audit.close()
 
     app = Starlette(
-        routes=ROUTES + PROBE_ROUTES + token_routes + ui_routes,
         lifespan=lifespan,
         exception_handlers={
             RegistryError: handle_registry_error,
@@ -205,6 +204,8 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
             OSError: handle_os_error,
         },
     )
+    # A request's route is found through an index of the table rather than by trying each in turn.
+    app.router = routing.IndexedRouter(ROUTES + PROBE_ROUTES + token_routes + ui_routes, lifespan=lifespan)
     if services is not None:
         app.state.services = services
     app.state.metrics = metrics
@@ -223,9 +224,10 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
     if audit is not None:
         app.add_middleware(AuditMiddleware, audit=audit, routes=app.router.routes)
     app.add_middleware(
-        RequestContext, observers=[AccessLog(enabled=not config.log.accesslog.disabled, metrics=metrics)]
+        RequestContext,
+        observers=[AccessLog(enabled=not config.log.accesslog.disabled, metrics=metrics)],
+        headers=ConfiguredHeaders(config.http.headers),
     )
-    app.add_middleware(ConfiguredHeaders, headers=config.http.headers)
     if config.proxy.upstreams:
         app.add_middleware(MirrorPaths, prefixes=[u.prefix for u in config.proxy.caches])
     if config.http.prefix:

@@ -83,6 +83,8 @@ class ListCache:
 
     def __init__(self, metrics: Metrics, kind: str, max_names: int = 500_000) -> None:
         self._entries: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()
+        # The last rendering of a kept list (the whole of it, as a response body), dropped with it.
+        self._rendered: dict[str, tuple[list[str], bytes]] = {}
         self._names = 0
         self._max = max_names
         self._hits = metrics.cache_hits.labels(kind)
@@ -99,11 +101,23 @@ class ListCache:
         assert fresh is not None
         if cached is not None:
             del self._entries[key]
+            self._rendered.pop(key, None)
             self._names -= len(cached[1])
         if version and len(fresh) <= self._max:
             self._entries[key] = (version, fresh)
             self._names += len(fresh)
             while self._names > self._max:
-                _, (_, dropped) = self._entries.popitem(last=False)
+                evicted, (_, dropped) = self._entries.popitem(last=False)
+                self._rendered.pop(evicted, None)
                 self._names -= len(dropped)
         return fresh
+
+    def rendered(self, key: str, names: list[str], render: Callable[[list[str]], bytes]) -> bytes:
+        """`render(names)`, made once while `names` is the list kept for `key` (as `get` returned it)."""
+        kept = self._entries.get(key)
+        if kept is None or kept[1] is not names:
+            return render(names)
+        last = self._rendered.get(key)
+        if last is None or last[0] is not names:
+            last = self._rendered[key] = (names, render(names))
+        return last[1]

@@ -1,9 +1,9 @@
 """The request context: what every request gets before anything else looks at it.
 
 `RequestContext` is the outermost registry middleware. It gives the request its id (a client's
-X-Request-Id, or a new one), adds the API version and request id headers, counts the bytes in and
-out, closes a connection whose body was left unread, answers a body cut short with SIZE_INVALID and
-anything unhandled with the last-chance 500 (both rendered by node/errors.py), and tells its
+X-Request-Id, or a new one), adds the API version, request id and configured (`http.headers`)
+headers, counts the bytes in and out, closes a connection whose body was left unread, answers a
+body cut short with SIZE_INVALID and anything unhandled with the last-chance 500 (both rendered by node/errors.py), and tells its
 observers (the access log and the request figures, node/accesslog.py) when the request starts and
 ends. `note` lets handlers add facts to the request's audit line.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import InternalError, RegistryError, SizeInvalid, error_response
+from .headers import ConfiguredHeaders
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 # Where a request's notes for its audit line are kept in scope["state"] (when the audit log is on).
@@ -105,20 +107,51 @@ def _request_id(scope: Scope) -> str:
     return _new_request_id()
 
 
+class _RandomBlocks:
+    """os.urandom's bytes, read a block at a time: one system call per 256 request ids, not one each."""
+
+    _BLOCK = 4096
+
+    def __init__(self) -> None:
+        self._forget()
+        # A forked worker must not hand out the bytes its parent (or a sibling) also holds.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._block = b""
+        self._at = 0
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            if self._at + n > len(self._block):
+                self._block, self._at = os.urandom(self._BLOCK), 0
+            start = self._at
+            self._at += n
+            return self._block[start : start + n]
+
+
+_random = _RandomBlocks()
+
+
 def _new_request_id() -> str:
     """A random version-4 UUID in hex, as uuid.uuid4().hex gives, without building a UUID object."""
-    raw = bytearray(os.urandom(16))
+    raw = bytearray(_random.take(16))
     raw[6] = (raw[6] & 0x0F) | 0x40
     raw[8] = (raw[8] & 0x3F) | 0x80
     return raw.hex()
 
 
 class RequestContext:
-    """ASGI middleware: request id, API version header, byte counts, the last-chance error, observers."""
+    """ASGI middleware: request id, API version and configured headers, byte counts, the last-chance
+    error, observers."""
 
-    def __init__(self, app: ASGIApp, *, observers: Sequence[Observer] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, *, observers: Sequence[Observer] = (), headers: ConfiguredHeaders | None = None
+    ) -> None:
         self.app = app
         self.observers = tuple(observers)
+        self.headers = headers or ConfiguredHeaders({})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,6 +183,7 @@ class RequestContext:
                     # Answered before the body was read (a refused chunk): the server will drop
                     # the connection, so say so rather than let the client reuse it and fail.
                     headers.append((b"connection", b"close"))
+                self.headers.add_to(headers)
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
                 exchange.sent += len(message.get("body", b""))

@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 class ConfiguredHeaders:
-    """ASGI middleware: `http.headers` on every response, as Distribution sends them.
+    """`http.headers` on every response, as Distribution sends them (added by node/context.py's
+    RequestContext as a response starts).
 
     Distribution sets them before the handler runs, so a header the handler sets itself wins; here
     a configured header is added unless the response already carries one of that name.
     """
 
-    def __init__(self, app: ASGIApp, headers: dict[str, list[str]]) -> None:
-        self.app = app
+    def __init__(self, headers: dict[str, list[str]]) -> None:
         self.extra = [(name.lower().encode("latin-1"), v.encode("latin-1")) for name, vs in headers.items() for v in vs]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.extra:
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {bytes(name).lower() for name, _ in headers}
-                headers += [(name, value) for name, value in self.extra if name not in present]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
+    def add_to(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.extra:
+            present = {bytes(name).lower() for name, _ in headers}
+            headers += [(name, value) for name, value in self.extra if name not in present]
 
 
 class PathPrefix:

@@ -41,8 +41,11 @@ class _Formatter(logging.Formatter):
             self._second = (second, text)
         return f"{text}.{int(record.msecs):03d}Z"
 
-    def entry(self, record: logging.LogRecord) -> dict[str, Any]:
-        entry: dict[str, Any] = dict(self.fields)
+    def entry(self, record: logging.LogRecord, head: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`head` (or nothing), then the static fields, then the record's (a later value of a key
+        replaces an earlier one where it stands)."""
+        entry: dict[str, Any] = head if head is not None else {}
+        entry.update(self.fields)
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
@@ -63,7 +66,7 @@ class JSONFormatter(_Formatter):
             "logger": _name(record),
             "msg": record.getMessage(),
         }
-        return _encode({**head, **self.entry(record)})
+        return _encode(self.entry(record, head))
 
 
 class LogstashFormatter(_Formatter):
@@ -77,7 +80,7 @@ class LogstashFormatter(_Formatter):
             "logger": _name(record),
             "message": record.getMessage(),
         }
-        return _encode({**head, **self.entry(record)})
+        return _encode(self.entry(record, head))
 
 
 def _text_value(value: object) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -197,11 +198,17 @@ def _descriptor(value: Any, where: str) -> dict[str, Any]:
 
 def accepts(accept_headers: list[str], media_type: str) -> bool:
     """Whether a client's Accept headers admit a manifest media type (no header admits all)."""
-    offered = [part.split(";", 1)[0].strip().lower() for header in accept_headers for part in header.split(",")]
-    offered = [o for o in offered if o]
+    offered = _offered(tuple(accept_headers))
     if not offered:
         return True
     return media_type in offered or "*/*" in offered or "application/*" in offered
+
+
+@functools.lru_cache(maxsize=256)
+def _offered(accept_headers: tuple[str, ...]) -> frozenset[str]:
+    """The media types Accept headers name; clients send the same few headers on every pull."""
+    offered = (part.split(";", 1)[0].strip().lower() for header in accept_headers for part in header.split(","))
+    return frozenset(o for o in offered if o)
 
 
 def parse_stored(body: bytes) -> ParsedManifest:

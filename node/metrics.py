@@ -424,23 +424,29 @@ class Metrics:
         if self._busy <= 0:
             # Idle: figures are made current for the next scrape, at once unless they were a moment
             # ago (a worker that answers one request at a time is idle after every request).
-            now = time.monotonic()
-            if now - self._flushed >= _IDLE_FLUSH_GAP:
+            due = self._flushed + _IDLE_FLUSH_GAP
+            if time.monotonic() >= due:
                 self.flush()
-            elif self._flush_due is None or self._flush_at > self._flushed + _IDLE_FLUSH_GAP:
-                self._schedule_flush(self._flushed + _IDLE_FLUSH_GAP - now)
+            elif self._flush_due is None or self._flush_at > due:
+                self._schedule_flush(due)
         elif self._flush_due is None:
             self._schedule_flush()
 
-    def _schedule_flush(self, delay: float = _FLUSH_SECONDS) -> None:
+    def _schedule_flush(self, at: float | None = None) -> None:
+        """A flush at `at` (time.monotonic(); default: _FLUSH_SECONDS from now), unless one is due by then."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a command line run): written at the next flush
+        now = time.monotonic()
+        if at is None:
+            at = now + _FLUSH_SECONDS
         if self._flush_due is not None:
+            if self._flush_at <= at:
+                return
             self._flush_due.cancel()
-        self._flush_due = loop.call_later(delay, self.flush)
-        self._flush_at = time.monotonic() + delay
+        self._flush_due = loop.call_later(max(0.0, at - now), self.flush)
+        self._flush_at = at
 
     def flush(self) -> None:
         """Write what the request path gathered into the prometheus values."""

@@ -76,7 +76,9 @@ def _schema1(body: bytes) -> bool:
     return isinstance(doc, dict) and doc.get("schemaVersion") == 1
 
 
-async def _resolve(request: Request, *, pull: bool = False) -> tuple[str, str, str | None, _Policy | None]:
+async def _resolve(
+    request: Request, svc: Services, name: str, *, pull: bool = False
+) -> tuple[str, str, str | None, _Policy | None]:
     """(digest, media type, tag if named by one, the signature policy a pull must pass) of the
     manifest a URL names, or MANIFEST_UNKNOWN.
 
@@ -84,8 +86,6 @@ async def _resolve(request: Request, *, pull: bool = False) -> tuple[str, str, s
     holds are checked in the same coordinator read as the tag or record, so a verified pull makes no
     extra round trip and a deleted signature counts at once.
     """
-    svc = services(request)
-    name = repository(request)
     ref = _existing_reference(request)
     rule = svc.trust.rule_for(name) if pull else None
     held = svc.trust.held(name, digest=str(ref.digest) if ref.digest else None, tag=ref.tag) if rule else None
@@ -109,10 +109,8 @@ async def _resolve(request: Request, *, pull: bool = False) -> tuple[str, str, s
     return digest, media_type, ref.tag, policy
 
 
-async def _pull_through(request: Request) -> None:
+async def _pull_through(request: Request, svc: Services, name: str) -> None:
     """A manifest of a cached repository: fetched on a miss, its tag asked about past the TTL."""
-    svc = services(request)
-    name = repository(request)
     if svc.proxy.covers(name):
         await svc.proxy.manifest(request, name, _existing_reference(request))
 
@@ -170,43 +168,46 @@ def _not_modified(digest: str) -> Response:
     return Response(status_code=304, headers={"Docker-Content-Digest": digest, "ETag": f'"{digest}"'})
 
 
-async def _pulled(request: Request, svc: Services, digest: str, media_type: str, tag: str | None, body: bytes) -> None:
+async def _pulled(
+    request: Request, svc: Services, name: str, digest: str, media_type: str, tag: str | None, body: bytes
+) -> None:
     """Record the pull for notifications (as Distribution, for GET and HEAD alike)."""
     notifier = svc.notifier
     if notifier.enabled and notifier.wants("pull", media_type):
         refs = references(body) if notifier.include_references else ()
-        name = repository(request)
         await notifier.record(
             notifier.manifest(request, "pull", name, digest, media_type, len(body), tag=tag, references=refs)
         )
 
 
 async def head_manifest(request: Request) -> Response:
-    await _pull_through(request)
-    digest, media_type, tag, _ = await _resolve(request)
+    svc = services(request)
+    name = repository(request)
+    await _pull_through(request, svc, name)
+    digest, media_type, tag, _ = await _resolve(request, svc, name)
     if not_modified(request, digest):
         return _not_modified(digest)
-    svc = services(request)
     body = await manifest_bytes(svc, digest)
-    await _pulled(request, svc, digest, media_type, tag, body)
+    await _pulled(request, svc, name, digest, media_type, tag, body)
     return Response(headers=_headers(digest, media_type, len(body)))
 
 
 async def get_manifest(request: Request) -> Response:
-    await _pull_through(request)
-    digest, media_type, tag, policy = await _resolve(request, pull=True)
     svc = services(request)
+    name = repository(request)
+    await _pull_through(request, svc, name)
+    digest, media_type, tag, policy = await _resolve(request, svc, name, pull=True)
     if policy is not None:
         # Refused whether or not the client holds the bytes already.
         body = await manifest_bytes(svc, digest)
-        await _check_pull(request, svc, policy.rule, repository(request), digest, body, tag, policy.held)
+        await _check_pull(request, svc, policy.rule, name, digest, body, tag, policy.held)
     # A pull, whether or not the client held the bytes already; last-pulled times go out in batches.
     if not_modified(request, digest):
-        svc.pulls.record(repository(request), digest)
+        svc.pulls.record(name, digest)
         return _not_modified(digest)
     body = await manifest_bytes(svc, digest)
-    svc.pulls.record(repository(request), digest)
-    await _pulled(request, svc, digest, media_type, tag, body)
+    svc.pulls.record(name, digest)
+    await _pulled(request, svc, name, digest, media_type, tag, body)
     return Response(body, headers=_headers(digest, media_type, len(body)))
 
 

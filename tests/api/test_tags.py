@@ -75,3 +75,13 @@ def test_tags_list_is_empty_once_every_tag_is_deleted(http: httpx.Client, oci: O
     response = http.get(f"/v2/{repo}/tags/list")
     assert response.status_code == 200
     assert response.json()["tags"] in ([], None)
+
+
+def test_whole_tag_list_follows_each_tag_pushed_and_deleted(http: httpx.Client, oci: OCIClient, repo: str) -> None:
+    oci.push_image(repo, "one")
+    for _ in range(2):  # the second answer comes from what the first one kept
+        assert http.get(f"/v2/{repo}/tags/list").json() == {"name": repo, "tags": ["one"]}
+    oci.push_image(repo, "two")
+    assert http.get(f"/v2/{repo}/tags/list").content == f'{{"name": "{repo}", "tags": ["one", "two"]}}'.encode()
+    assert http.delete(f"/v2/{repo}/manifests/one").status_code == 202
+    assert http.get(f"/v2/{repo}/tags/list").json() == {"name": repo, "tags": ["two"]}
