@@ -166,9 +166,16 @@ def decode(cls: type[T], raw: bytes) -> T:
     return _construct(cls, fields)
 
 
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _construct(cls: type[T], fields: dict[str, Any]) -> T:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    if names.issuperset(fields):
+        return cls(**fields)
     # Fields a later version added are left out, so a record it wrote still reads here.
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{name: value for name, value in fields.items() if name in names})
 
 

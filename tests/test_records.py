@@ -333,3 +333,10 @@ async def test_an_eight_layer_image_takes_at_most_half_its_earlier_bytes_in_etcd
         )
     finally:
         await reg.close()
+
+
+def test_a_record_with_fields_a_later_version_added_still_reads():
+    fields = {"digest": "sha256:" + "a" * 64, "media_type": OCI_MANIFEST, "size": 12, "pushed": 1.5}
+    assert decode(TagRecord, json.dumps(fields).encode()) == TagRecord(**fields)
+    later = decode(TagRecord, json.dumps({**fields, "signed_by": "someone"}).encode())
+    assert later == TagRecord(**fields)
