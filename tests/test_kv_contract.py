@@ -872,6 +872,23 @@ async def test_embedded_read_only_open_sees_a_live_writer(tmp_path: Path) -> Non
         await writer.close()
 
 
+async def test_embedded_write_ahead_log_starts_again_under_writes_that_never_pause(tmp_path: Path) -> None:
+    """Writers that keep committing never let a passive checkpoint catch up; the log must not grow forever.
+
+    10,000 small commits write about 40,000 log pages (160 MiB) if the log never starts again from
+    its beginning.
+    """
+    path = tmp_path / "coordinator.db"
+    kv = EmbeddedKV(str(path))
+    try:
+        for n in range(10_000):
+            await kv.put(f"tag/team/app@t{n:05d}", b"x" * 120)
+        assert (tmp_path / "coordinator.db-wal").stat().st_size <= 64 << 20
+        assert await kv.count("tag/team/app@") == 10_000
+    finally:
+        await kv.close()
+
+
 # -- embedded backend: writes on the caller's thread -----------------------------------------
 
 
