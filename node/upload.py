@@ -43,7 +43,7 @@ from .errors import (
 )
 from .reference import Digest
 from .storage import layout
-from .storage.driver import StorageDriver, UploadInterrupted
+from .storage.driver import StagesWhole, StorageDriver, UploadInterrupted
 from .uploadstate import UploadStates
 
 log = logging.getLogger("wharf.upload")
@@ -397,7 +397,9 @@ class Uploader:
 
         It is checked first (digest, quotas); then one transaction takes the session and records
         the commit intent, the way a claim would (so it needs none: another request finds the
-        session committing), and only then are the bytes written and committed.
+        session committing), and only then are the bytes committed. A driver that stages (the
+        filesystem) has written and synced them, under the upload's prefix, just before that
+        transaction; others write them after it.
         """
         hasher = rehashes.PySha256()
         for chunk in body:
@@ -412,14 +414,23 @@ class Uploader:
         except BaseException:
             await self._discard(session, None, session.driver_state)
             raise
-        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        upload = layout.upload_key(session.repository, session.id)
+        if isinstance(self.storage, StagesWhole):
+            # Looked for and, if new, written and synced in one storage step, beside the upload's own
+            # file: under the session's prefix, so its end removes them, and at no key a reader sees.
+            staged = await self.storage.upload_stage(upload, key, b"".join(body))
+            if staged is not None:
+                intent = CommitIntent(str(digest), key, False)
+                return await self._commit_staged(session, intent, hasher.serialize(), size, staged, events)
+            intent = CommitIntent(str(digest), key, True)
+        else:
+            intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
         try:
             committing = await self.sessions.advance(
                 session, size, hasher.serialize(), session.driver_state, commit=intent
             )
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
-        upload = layout.upload_key(session.repository, session.id)
         try:
             written, state = await self.storage.upload_write(upload, session.driver_state, 0, _replay(body))
         except UploadInterrupted as exc:
@@ -433,6 +444,26 @@ class Uploader:
             raise BlobUploadInvalid({"reason": "storage kept fewer bytes than were sent"})
         # The driver's state after the write is known only now; the intent already covered it.
         await self._commit(replace(committing, driver_state=state), events)
+        return size
+
+    async def _commit_staged(
+        self,
+        session: UploadSession,
+        intent: CommitIntent,
+        hash_state: bytes,
+        size: int,
+        staged: dict,  # type: ignore[type-arg]
+        events: Events,
+    ) -> int:
+        """Commit a staged whole blob: the intent (nothing stood at its key) and the staged file's name
+        are recorded in one transaction that takes the session, then the file moves to the key."""
+        try:
+            committing = await self.sessions.advance(session, size, hash_state, staged, commit=intent)
+        except SessionChanged:
+            # Another request has the session now: the staged file stays until the session ends
+            # (its end removes everything under the upload's prefix); the session's own file is its.
+            raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
+        await self._commit(committing, events)
         return size
 
     async def _discard(self, session: UploadSession, claim: Claim | None, state: dict) -> None:  # type: ignore[type-arg]

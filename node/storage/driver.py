@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # Opaque, JSON-serialisable state a driver keeps for an upload between requests. It travels in the
 # coordinator's upload session record, so any node can continue an upload that another began.
@@ -116,3 +116,18 @@ class StorageDriver(Protocol):
     async def upload_abort(self, upload_key: str, state: UploadState) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class StagesWhole(Protocol):
+    """A driver that can write a small blob's whole upload, synced, before its session records it."""
+
+    async def upload_stage(self, upload_key: str, key: str, data: bytes) -> UploadState | None:
+        """Unless an object stands at `key` already (None, nothing written): `data` written and synced
+        under the upload's own prefix, in a file of its own (a racing request may write the upload's
+        usual file), named by the returned state, which `upload_commit` then moves to `key` whole.
+
+        Nothing is at `key` until that commit; `upload_abort` removes a staged file with the upload.
+        A failure leaves nothing written.
+        """
+        ...

@@ -186,8 +186,14 @@ class FilesystemDriver:
                 await self._run(handle.close)
         return written, state
 
+    async def upload_stage(self, upload_key: str, key: str, data: bytes) -> UploadState | None:
+        # The look at `key`, the write and its sync in one hop to the pool (a small blob's closing PUT
+        # used to cost a hop for a stat and another for the write).
+        staged = await self._run(_stage, self._path(upload_key), data, self._path(key))
+        return None if staged is None else {"staged": staged}
+
     async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
-        await self._run(_commit, self._path(upload_key), size, self._path(key), self.root)
+        await self._run(_commit, self._path(upload_key), size, self._path(key), self.root, state.get("staged"))
         return key
 
     async def upload_abort(self, upload_key: str, state: UploadState) -> None:
@@ -343,21 +349,45 @@ def _flush_sync(handle) -> None:  # type: ignore[no-untyped-def]
     os.fsync(handle.fileno())
 
 
-def _commit(upload_path: str, size: int, path: str, root: str) -> None:
+def _stage(upload_path: str, data: bytes, path: str) -> str | None:
+    """A whole small upload written and synced beside the upload's file; its name, or None if `path` exists."""
+    if os.path.exists(path):
+        return None
+    name = f".tmp-{uuid.uuid4().hex}"
+    staged = os.path.join(os.path.dirname(upload_path), name)
+    handle: BinaryIO = _in_new_dir(staged, lambda: open(staged, "xb"))
+    try:
+        try:
+            handle.write(data)
+            _flush_sync(handle)
+        finally:
+            handle.close()
+    except BaseException:
+        _silent_remove(staged)
+        raise
+    return name
+
+
+def _commit(upload_path: str, size: int, path: str, root: str, staged: str | None = None) -> None:
     if os.path.exists(path):
         # Content-addressed: the same digest already stands for the same bytes.
         _remove_upload_dir(upload_path, root)
         return
-    if size == 0 and not os.path.exists(upload_path):
-        _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
-    with open(upload_path, "r+b") as handle:
-        # upload_write synced every byte it wrote; the file needs syncing again only when bytes past
-        # `size` (from a request that broke before it was recorded) are cut off here.
-        if os.fstat(handle.fileno()).st_size != size:
-            handle.truncate(size)
-            handle.flush()
-            os.fsync(handle.fileno())
-    _in_new_dir(path, lambda: os.replace(upload_path, path))
+    if staged is not None:
+        # Written whole and synced by _stage, exactly the bytes the session recorded.
+        upload_path = os.path.join(os.path.dirname(upload_path), staged)
+    else:
+        if size == 0 and not os.path.exists(upload_path):
+            _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
+        with open(upload_path, "r+b") as handle:
+            # upload_write synced every byte it wrote; the file needs syncing again only when bytes past
+            # `size` (from a request that broke before it was recorded) are cut off here.
+            if os.fstat(handle.fileno()).st_size != size:
+                handle.truncate(size)
+                handle.flush()
+                os.fsync(handle.fileno())
+    source = upload_path
+    _in_new_dir(path, lambda: os.replace(source, path))
     _fsync_dir(os.path.dirname(path))
     _remove_upload_dir(upload_path, root)
 
