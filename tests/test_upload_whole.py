@@ -7,12 +7,13 @@ blob's key, and the blob record is written after the directory that names it is 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 from inprocess import InProcessRegistry
-from oci_client import assert_error, digest_of
+from oci_client import OCI_MANIFEST, assert_error, digest_of
 
 from coordinator.quota import QuotaScope, usage
 from node.storage import layout
@@ -161,3 +162,38 @@ async def test_a_session_ended_with_its_whole_blob_staged_takes_the_staged_bytes
     assert not _blob_path(registry, data).exists()
     assert (await registry.http.delete(location)).status_code == 204
     assert not _upload_dirs(registry) and not _blob_path(registry, data).exists()
+
+
+def _refused_manifest() -> bytes:
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(b"absent"), "size": 6}
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": []}
+    return json.dumps(doc).encode()
+
+
+async def test_a_new_manifest_is_looked_for_once_and_refused_leaves_nothing(registry, monkeypatch):
+    looked: list[str] = []
+    real_stat = registry.services.storage.stat
+
+    async def stat(key: str) -> int | None:
+        looked.append(key)
+        return await real_stat(key)
+
+    monkeypatch.setattr(registry.services.storage, "stat", stat)
+    body = _refused_manifest()
+    response = await registry.http.put(f"/v2/{REPO}/manifests/v1", content=body, headers={"Content-Type": OCI_MANIFEST})
+    assert_error(response, 400, "MANIFEST_BLOB_UNKNOWN")
+    key = layout.blob_key(digest_of(body))
+    assert looked.count(key) == 1, "once: the intent takes what the write's look found"
+    assert not (registry.root / "registry" / key).exists(), "its intent said nothing stood there"
+    assert await registry.services.sessions.count() == 0
+
+
+async def test_a_refused_manifest_keeps_an_object_that_stood_at_its_key_before(registry):
+    # Bytes Wharf cannot prove it wrote (here: another length than the manifest's) are never taken back.
+    body = _refused_manifest()
+    key = layout.blob_key(digest_of(body))
+    await registry.services.storage.write_bytes(key, b"not these bytes")
+    response = await registry.http.put(f"/v2/{REPO}/manifests/v1", content=body, headers={"Content-Type": OCI_MANIFEST})
+    assert_error(response, 400, "MANIFEST_BLOB_UNKNOWN")
+    assert (registry.root / "registry" / key).exists()
+    assert await registry.services.sessions.count() == 0
