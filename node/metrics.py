@@ -19,7 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from coordinator.kv import KV, Compare, KeyValue, Op, Snapshot, StoreSpace, TxnResult, Watch
 
-from .storage.driver import StagesWhole, StorageDriver, StoredObject, UploadState
+from .storage.driver import StorageDriver, StoredObject, UploadState, WholeUploads
 
 T = TypeVar("T")
 
@@ -704,14 +704,25 @@ class InstrumentedStorage:
         self.name = driver.name
         self._metrics = metrics
         self._timers: dict[str, _Timer] = {}
-        if isinstance(driver, StagesWhole):
-            # Offered only where the driver has it, so that callers can ask this wrapper as they would it.
-            staging = driver
+        if isinstance(driver, WholeUploads):
+            # Offered only where the driver has them, so that callers can ask this wrapper as they would it.
+            whole = driver
 
-            async def upload_stage(upload_key: str, key: str, data: bytes) -> UploadState | None:
-                return await self._timed("upload_write").run(staging.upload_stage(upload_key, key, data))
+            def stat_now(key: str) -> int | None:
+                timer, started = self._timed("stat"), time.perf_counter()
+                try:
+                    return whole.stat_now(key)
+                except Exception:
+                    timer.failed()
+                    raise
+                finally:
+                    timer.observe(time.perf_counter() - started)
 
-            self.upload_stage = upload_stage
+            async def upload_whole(upload_key: str, data: bytes, key: str) -> str:
+                return await self._timed("upload_commit").run(whole.upload_whole(upload_key, data, key))
+
+            self.stat_now = stat_now
+            self.upload_whole = upload_whole
 
     def _timed(self, operation: str) -> _Timer:
         timer = self._timers.get(operation)

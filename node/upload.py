@@ -43,7 +43,7 @@ from .errors import (
 )
 from .reference import Digest
 from .storage import layout
-from .storage.driver import StagesWhole, StorageDriver, UploadInterrupted
+from .storage.driver import StorageDriver, UploadInterrupted, WholeUploads
 from .uploadstate import UploadStates
 
 log = logging.getLogger("wharf.upload")
@@ -160,6 +160,8 @@ class Uploader:
         placed: Callable[[str, int, str], Awaitable[Sequence[Op]]] | None = None,
     ) -> None:
         self.storage = storage
+        # A driver that commits a small whole upload in one step (asked once: the check is slow).
+        self._whole: WholeUploads | None = storage if isinstance(storage, WholeUploads) else None
         self.sessions = sessions
         self.metadata = metadata
         self.lease = lease
@@ -397,9 +399,8 @@ class Uploader:
 
         It is checked first (digest, quotas); then one transaction takes the session and records
         the commit intent, the way a claim would (so it needs none: another request finds the
-        session committing), and only then are the bytes committed. A driver that stages (the
-        filesystem) has written and synced them, under the upload's prefix, just before that
-        transaction; others write them after it.
+        session committing), and only then are the bytes written and committed: by a driver that
+        can (the filesystem), in one step, after a look at the key that needed no thread hand-off.
         """
         hasher = rehashes.PySha256()
         for chunk in body:
@@ -414,23 +415,18 @@ class Uploader:
         except BaseException:
             await self._discard(session, None, session.driver_state)
             raise
-        upload = layout.upload_key(session.repository, session.id)
-        if isinstance(self.storage, StagesWhole):
-            # Looked for and, if new, written and synced in one storage step, beside the upload's own
-            # file: under the session's prefix, so its end removes them, and at no key a reader sees.
-            staged = await self.storage.upload_stage(upload, key, b"".join(body))
-            if staged is not None:
-                intent = CommitIntent(str(digest), key, False)
-                return await self._commit_staged(session, intent, hasher.serialize(), size, staged, events)
-            intent = CommitIntent(str(digest), key, True)
-        else:
-            intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        whole = self._whole
+        existed = (whole.stat_now(key) if whole is not None else await self.storage.stat(key)) is not None
+        intent = CommitIntent(str(digest), key, existed)
         try:
             committing = await self.sessions.advance(
                 session, size, hasher.serialize(), session.driver_state, commit=intent
             )
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
+        upload = layout.upload_key(session.repository, session.id)
+        if whole is not None and not existed:
+            return await self._commit_whole(whole, committing, upload, b"".join(body), events)
         try:
             written, state = await self.storage.upload_write(upload, session.driver_state, 0, _replay(body))
         except UploadInterrupted as exc:
@@ -446,25 +442,26 @@ class Uploader:
         await self._commit(replace(committing, driver_state=state), events)
         return size
 
-    async def _commit_staged(
-        self,
-        session: UploadSession,
-        intent: CommitIntent,
-        hash_state: bytes,
-        size: int,
-        staged: dict,  # type: ignore[type-arg]
-        events: Events,
+    async def _commit_whole(
+        self, whole: WholeUploads, committing: UploadSession, upload: str, data: bytes, events: Events
     ) -> int:
-        """Commit a staged whole blob: the intent (nothing stood at its key) and the staged file's name
-        are recorded in one transaction that takes the session, then the file moves to the key."""
+        """_finish_whole's write and commit in one storage step, under the intent (nothing stood at the key).
+
+        Whatever a failure leaves, at the upload's key or the blob's, the intent proves this
+        upload's: reclaimed at once, as the purge would.
+        """
+        assert committing.commit is not None
         try:
-            committing = await self.sessions.advance(session, size, hash_state, staged, commit=intent)
-        except SessionChanged:
-            # Another request has the session now: the staged file stays until the session ends
-            # (its end removes everything under the upload's prefix); the session's own file is its.
-            raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
-        await self._commit(committing, events)
-        return size
+            stored = await whole.upload_whole(upload, data, committing.commit.key)
+        except BaseException:
+            await self.reclaim(committing)
+            raise
+        try:
+            await self._record(committing, stored, events)
+        except (Denied, BlobUploadInvalid, BlobUploadUnknown):
+            await self.reclaim(committing, stored)
+            raise
+        return len(data)
 
     async def _discard(self, session: UploadSession, claim: Claim | None, state: dict) -> None:  # type: ignore[type-arg]
         """End a session whose upload can never succeed (wrong digest, no room): its bytes go too.

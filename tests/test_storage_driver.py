@@ -834,35 +834,33 @@ async def test_filesystem_commit_syncs_the_file_again_when_it_cuts_unrecorded_by
         await store.close()
 
 
-async def test_filesystem_stage_syncs_a_whole_upload_beside_its_file_and_commit_moves_it_into_place(
-    tmp_path, monkeypatch
-):
+async def test_filesystem_whole_upload_syncs_the_file_then_the_directory_that_names_it(tmp_path, monkeypatch):
     store = FilesystemDriver(str(tmp_path / "root"))
     try:
         data = b"one whole small layer"
         upload = layout.upload_key("team/app", "51111111-2222-3333-4444-555555555555")
         key = layout.blob_key(_digest(data))
+        assert store.stat_now(key) is None
+        # Bytes of an earlier request that broke before it was recorded are no part of the blob.
+        (tmp_path / "root" / upload).parent.mkdir(parents=True)
+        (tmp_path / "root" / upload).write_bytes(b"x" * 100)
         synced = _count_fsyncs(monkeypatch)
-        state = await store.upload_stage(upload, key, data)
-        assert state is not None and len(synced) == 1
-        assert await store.stat(key) is None, "nothing at the blob's key before the commit"
-        assert [k async for k in store.list("")] == [], "a staged file is no object"
-        assert await store.upload_commit(upload, state, len(data), key) == key
-        assert len(synced) == 2  # the staged file once, then the blob's directory
-        assert await store.read_bytes(key) == data
+        assert await store.upload_whole(upload, data, key) == key
+        assert len(synced) == 2  # the file, then the blob's directory
+        assert await store.read_bytes(key) == data and store.stat_now(key) == len(data)
         assert not (tmp_path / "root" / upload).parent.exists()
     finally:
         await store.close()
 
 
-async def test_filesystem_stage_of_a_blob_already_stored_writes_nothing(tmp_path):
+async def test_filesystem_whole_upload_of_a_blob_already_stored_writes_nothing(tmp_path):
     store = FilesystemDriver(str(tmp_path / "root"))
     try:
         data = b"stored before"
         key = layout.blob_key(_digest(data))
         await store.write_bytes(key, data)
         upload = layout.upload_key("team/app", "61111111-2222-3333-4444-555555555555")
-        assert await store.upload_stage(upload, key, data) is None
+        assert await store.upload_whole(upload, data, key) == key
         assert not (tmp_path / "root" / upload).parent.exists()
         assert [k async for k in store.list("")] == [key]
     finally:

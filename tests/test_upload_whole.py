@@ -73,9 +73,7 @@ async def test_whole_small_blob_is_synced_and_recorded_as_committing_before_it_r
     async def advance(session, *args, **kwargs):  # type: ignore[no-untyped-def]
         moved = await real_advance(session, *args, **kwargs)
         if moved.commit is not None:
-            assert not blob.exists(), "bytes at the blob's key before the intent that names them"
-            staged = [p for d in _upload_dirs(registry) for p in d.iterdir() if p.name == moved.driver_state["staged"]]
-            assert len(staged) == 1 and staged[0].read_bytes() == data
+            assert not blob.exists() and not events, "bytes written before the intent that names them"
             events.append("intent")
         return moved
 
@@ -91,7 +89,7 @@ async def test_whole_small_blob_is_synced_and_recorded_as_committing_before_it_r
     monkeypatch.setattr(svc.metadata, "commit_blob", commit_blob)
     response = await _put(registry, location, data)
     assert response.status_code == 201, response.text
-    assert events == ["fsync file", "intent", "rename", "fsync dir", "record"]
+    assert events == ["intent", "fsync file", "rename", "fsync dir", "record"]
     assert blob.read_bytes() == data
     assert not _upload_dirs(registry), "the upload's directory went with the commit"
     assert (await registry.http.get(f"/v2/{REPO}/blobs/{digest_of(data)}")).content == data
@@ -150,18 +148,26 @@ async def test_whole_small_blob_refused_by_its_quota_at_the_record_takes_back_wh
     assert await registry.services.sessions.count() == 0
 
 
-async def test_a_session_ended_with_its_whole_blob_staged_takes_the_staged_bytes_with_it(registry):
-    # As if the node died between the staging and the transaction that records the intent: the
-    # session is still open and empty, and its end (a cancel here, the idle purge alike) removes them.
-    svc = registry.services
+async def test_whole_small_blob_whose_commit_fails_after_the_rename_leaves_nothing(registry, monkeypatch):
+    # As a crash there would leave it for the purge: bytes at the blob's key that no record names,
+    # which the intent (nothing stood there before) proves this upload's.
+    from node.storage import filesystem
+
+    data = os.urandom(1500)
     location = await _start(registry)
-    upload_id = location.rstrip("/").split("?")[0].rsplit("/", 1)[-1]
-    data = os.urandom(1000)
-    staged = await svc.storage.upload_stage(layout.upload_key(REPO, upload_id), layout.blob_key(digest_of(data)), data)
-    assert staged is not None and len(_upload_dirs(registry)) == 1
-    assert not _blob_path(registry, data).exists()
-    assert (await registry.http.delete(location)).status_code == 204
-    assert not _upload_dirs(registry) and not _blob_path(registry, data).exists()
+
+    def broken_sync(path: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(filesystem, "_fsync_dir", broken_sync)
+    assert (await _put(registry, location, data)).status_code == 500
+    monkeypatch.undo()
+    assert not _blob_path(registry, data).exists() and not _upload_dirs(registry)
+    assert await registry.services.metadata.get_blob(digest_of(data)) is None
+    assert await registry.services.sessions.count() == 0
+    # And the digest can be pushed again at once.
+    assert (await registry.push_blob(REPO, data)).status_code == 201
+    assert _blob_path(registry, data).read_bytes() == data
 
 
 def _refused_manifest() -> bytes:

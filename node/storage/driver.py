@@ -119,15 +119,18 @@ class StorageDriver(Protocol):
 
 
 @runtime_checkable
-class StagesWhole(Protocol):
-    """A driver that can write a small blob's whole upload, synced, before its session records it."""
+class WholeUploads(Protocol):
+    """A driver that can tell at once whether an object stands at a key, and write a small upload
+    whole and commit it in one step (the filesystem: no thread hand-off for the look, one for the rest)."""
 
-    async def upload_stage(self, upload_key: str, key: str, data: bytes) -> UploadState | None:
-        """Unless an object stands at `key` already (None, nothing written): `data` written and synced
-        under the upload's own prefix, in a file of its own (a racing request may write the upload's
-        usual file), named by the returned state, which `upload_commit` then moves to `key` whole.
+    def stat_now(self, key: str) -> int | None:
+        """As `stat`, on the calling thread: only where that costs about a system call."""
+        ...
 
-        Nothing is at `key` until that commit; `upload_abort` removes a staged file with the upload.
-        A failure leaves nothing written.
+    async def upload_whole(self, upload_key: str, data: bytes, key: str) -> str:
+        """`upload_write` of `data` into an empty upload, then `upload_commit` to `key`, as one step.
+
+        Returns the key the object now has. On a failure the bytes may be at the upload's key or at
+        `key`; the caller's commit intent names both.
         """
         ...

@@ -186,14 +186,20 @@ class FilesystemDriver:
                 await self._run(handle.close)
         return written, state
 
-    async def upload_stage(self, upload_key: str, key: str, data: bytes) -> UploadState | None:
-        # The look at `key`, the write and its sync in one hop to the pool (a small blob's closing PUT
-        # used to cost a hop for a stat and another for the write).
-        staged = await self._run(_stage, self._path(upload_key), data, self._path(key))
-        return None if staged is None else {"staged": staged}
+    def stat_now(self, key: str) -> int | None:
+        # One stat of a local path: less than the two thread hand-offs a trip to the pool costs.
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def upload_whole(self, upload_key: str, data: bytes, key: str) -> str:
+        # The same file, syncs and rename as upload_write then upload_commit, in one hop to the pool.
+        await self._run(_write_whole, self._path(upload_key), data, self._path(key), self.root)
+        return key
 
     async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
-        await self._run(_commit, self._path(upload_key), size, self._path(key), self.root, state.get("staged"))
+        await self._run(_commit, self._path(upload_key), size, self._path(key), self.root)
         return key
 
     async def upload_abort(self, upload_key: str, state: UploadState) -> None:
@@ -349,48 +355,46 @@ def _flush_sync(handle) -> None:  # type: ignore[no-untyped-def]
     os.fsync(handle.fileno())
 
 
-def _stage(upload_path: str, data: bytes, path: str) -> str | None:
-    """A whole small upload written and synced beside the upload's file; its name, or None if `path` exists."""
-    if os.path.exists(path):
-        return None
-    name = f".tmp-{uuid.uuid4().hex}"
-    staged = os.path.join(os.path.dirname(upload_path), name)
-    # Unbuffered: a file object's open asks the kernel three more things a one-write file needs not.
-    fd = _in_new_dir(staged, lambda: os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _silent_remove(staged)
-        raise
-    return name
-
-
-def _commit(upload_path: str, size: int, path: str, root: str, staged: str | None = None) -> None:
+def _write_whole(upload_path: str, data: bytes, path: str, root: str) -> None:
+    """A whole small upload: written and synced at the upload's key, then committed as _commit does."""
     if os.path.exists(path):
         # Content-addressed: the same digest already stands for the same bytes.
         _remove_upload_dir(upload_path, root)
         return
-    if staged is not None:
-        # Written whole and synced by _stage, exactly the bytes the session recorded.
-        upload_path = os.path.join(os.path.dirname(upload_path), staged)
-    else:
-        if size == 0 and not os.path.exists(upload_path):
-            _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
-        with open(upload_path, "r+b") as handle:
-            # upload_write synced every byte it wrote; the file needs syncing again only when bytes past
-            # `size` (from a request that broke before it was recorded) are cut off here.
-            if os.fstat(handle.fileno()).st_size != size:
-                handle.truncate(size)
-                handle.flush()
-                os.fsync(handle.fileno())
-    source = upload_path
-    _in_new_dir(path, lambda: os.replace(source, path))
+    # Unbuffered: a file object's open asks the kernel three more things a one-write file needs not.
+    # Truncated: bytes of an earlier request that broke before it was recorded are no part of it.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    fd = _in_new_dir(upload_path, lambda: os.open(upload_path, flags, 0o666))
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _move_into_place(upload_path, path, root)
+
+
+def _commit(upload_path: str, size: int, path: str, root: str) -> None:
+    if os.path.exists(path):
+        # Content-addressed: the same digest already stands for the same bytes.
+        _remove_upload_dir(upload_path, root)
+        return
+    if size == 0 and not os.path.exists(upload_path):
+        _create_empty(upload_path)  # an empty blob: nothing was ever written to the upload
+    with open(upload_path, "r+b") as handle:
+        # upload_write synced every byte it wrote; the file needs syncing again only when bytes past
+        # `size` (from a request that broke before it was recorded) are cut off here.
+        if os.fstat(handle.fileno()).st_size != size:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
+    _move_into_place(upload_path, path, root)
+
+
+def _move_into_place(upload_path: str, path: str, root: str) -> None:
+    """Rename a synced upload file to its key, sync the directory that names it, drop the upload's."""
+    _in_new_dir(path, lambda: os.replace(upload_path, path))
     _fsync_dir(os.path.dirname(path))
     _remove_upload_dir(upload_path, root)
 
