@@ -174,6 +174,10 @@ class Uploader:
         # Signs the offset into each Location URL, with a key every node shares through the coordinator.
         self.states = UploadStates(sessions.kv)
 
+    async def stat(self, key: str) -> int | None:
+        """The size of the object at `key`, or None: without a thread hand-off where the driver can."""
+        return self._whole.stat_now(key) if self._whole is not None else await self.storage.stat(key)
+
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
 
@@ -379,7 +383,7 @@ class Uploader:
         except BaseException:
             await self._discard(session, claim, state)
             raise
-        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        intent = CommitIntent(str(digest), key, await self.stat(key) is not None)
         try:
             if claim is not None:
                 committing = await self._record_progress(claim, size - session.offset, hasher, state, intent)
@@ -415,8 +419,7 @@ class Uploader:
         except BaseException:
             await self._discard(session, None, session.driver_state)
             raise
-        whole = self._whole
-        existed = (whole.stat_now(key) if whole is not None else await self.storage.stat(key)) is not None
+        existed = await self.stat(key) is not None
         intent = CommitIntent(str(digest), key, existed)
         try:
             committing = await self.sessions.advance(
@@ -425,8 +428,8 @@ class Uploader:
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
         upload = layout.upload_key(session.repository, session.id)
-        if whole is not None and not existed:
-            return await self._commit_whole(whole, committing, upload, b"".join(body), events)
+        if self._whole is not None and not existed:
+            return await self._commit_whole(self._whole, committing, upload, b"".join(body), events)
         try:
             written, state = await self.storage.upload_write(upload, session.driver_state, 0, _replay(body))
         except UploadInterrupted as exc:
@@ -592,7 +595,7 @@ class Uploader:
         upload_id = self.sessions.new_id()
         upload = layout.upload_key(repository, upload_id)
         state = await self.storage.upload_start(upload)
-        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        intent = CommitIntent(str(digest), key, await self.stat(key) is not None)
         session = await self._create(upload_id, repository, state, owner=owner, commit=intent)
         counted = _Counted(chunks, rehashes.PySha256(), length)
         try:

@@ -178,13 +178,18 @@ def _refused_manifest() -> bytes:
 
 async def test_a_new_manifest_is_looked_for_once_and_refused_leaves_nothing(registry, monkeypatch):
     looked: list[str] = []
-    real_stat = registry.services.storage.stat
+    real_stat, real_stat_now = registry.services.storage.stat, registry.services.storage.stat_now
 
     async def stat(key: str) -> int | None:
         looked.append(key)
         return await real_stat(key)
 
+    def stat_now(key: str) -> int | None:
+        looked.append(key)
+        return real_stat_now(key)
+
     monkeypatch.setattr(registry.services.storage, "stat", stat)
+    monkeypatch.setattr(registry.services.storage, "stat_now", stat_now)
     body = _refused_manifest()
     response = await registry.http.put(f"/v2/{REPO}/manifests/v1", content=body, headers={"Content-Type": OCI_MANIFEST})
     assert_error(response, 400, "MANIFEST_BLOB_UNKNOWN")

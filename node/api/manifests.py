@@ -252,7 +252,7 @@ async def put_manifest(request: Request) -> Response:
         # This region's copy, and the copies the others still need: recorded with the manifest.
         events = [*events, *await svc.regions.placed(digest, len(body), key)]
     try:
-        stored = await svc.storage.stat(key)
+        stored = await svc.uploader.stat(key)
         if stored != len(body):
             await content.write(existed=stored is not None)
         await _record_manifest(svc, name, record, ref.tag, content, frozen, events)
