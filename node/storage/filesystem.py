@@ -226,13 +226,16 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+    # Unbuffered: a file object's open asks the kernel three more things a one-write file needs not.
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
     try:
-        with _in_new_dir(tmp, lambda: open(tmp, "wb")) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        fd = _in_new_dir(tmp, lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         _silent_remove(tmp)
@@ -361,18 +364,22 @@ def _write_whole(upload_path: str, data: bytes, path: str, root: str) -> None:
         # Content-addressed: the same digest already stands for the same bytes.
         _remove_upload_dir(upload_path, root)
         return
-    # Unbuffered: a file object's open asks the kernel three more things a one-write file needs not.
-    # Truncated: bytes of an earlier request that broke before it was recorded are no part of it.
+    # Unbuffered, as _write_atomic: a file object's open asks the kernel three more things a one-write
+    # file needs not. Truncated: bytes of an earlier request that broke before it was recorded are no part of it.
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     fd = _in_new_dir(upload_path, lambda: os.open(upload_path, flags, 0o666))
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     _move_into_place(upload_path, path, root)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _commit(upload_path: str, size: int, path: str, root: str) -> None:
