@@ -451,12 +451,13 @@ class Uploader:
         """_finish_whole's write and commit in one storage step, under the intent (nothing stood at the key).
 
         Whatever a failure leaves, at the upload's key or the blob's, the intent proves this
-        upload's: reclaimed at once, as the purge would.
+        upload's: reclaimed at once, as the purge would. A cancelled request's step may still be
+        running on its thread: that session stays committing, for the purge once it is idle.
         """
         assert committing.commit is not None
         try:
             stored = await whole.upload_whole(upload, data, committing.commit.key)
-        except BaseException:
+        except Exception:
             await self.reclaim(committing)
             raise
         try:
