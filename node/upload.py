@@ -43,7 +43,7 @@ from .errors import (
 )
 from .reference import Digest
 from .storage import layout
-from .storage.driver import StorageDriver, UploadInterrupted
+from .storage.driver import StorageDriver, UploadInterrupted, WholeUploads
 from .uploadstate import UploadStates
 
 log = logging.getLogger("wharf.upload")
@@ -160,6 +160,8 @@ class Uploader:
         placed: Callable[[str, int, str], Awaitable[Sequence[Op]]] | None = None,
     ) -> None:
         self.storage = storage
+        # A driver that commits a small whole upload in one step (asked once: the check is slow).
+        self._whole: WholeUploads | None = storage if isinstance(storage, WholeUploads) else None
         self.sessions = sessions
         self.metadata = metadata
         self.lease = lease
@@ -171,6 +173,10 @@ class Uploader:
         self.placed = placed
         # Signs the offset into each Location URL, with a key every node shares through the coordinator.
         self.states = UploadStates(sessions.kv)
+
+    async def stat(self, key: str) -> int | None:
+        """The size of the object at `key`, or None: without a thread hand-off where the driver can."""
+        return self._whole.stat_now(key) if self._whole is not None else await self.storage.stat(key)
 
     async def check_room(self, repository: str, size: int = 0, digest: str | None = None) -> None:
         """DENIED early when a quota has no room for `size` more bytes (the commit checks again).
@@ -377,7 +383,7 @@ class Uploader:
         except BaseException:
             await self._discard(session, claim, state)
             raise
-        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        intent = CommitIntent(str(digest), key, await self.stat(key) is not None)
         try:
             if claim is not None:
                 committing = await self._record_progress(claim, size - session.offset, hasher, state, intent)
@@ -397,7 +403,8 @@ class Uploader:
 
         It is checked first (digest, quotas); then one transaction takes the session and records
         the commit intent, the way a claim would (so it needs none: another request finds the
-        session committing), and only then are the bytes written and committed.
+        session committing), and only then are the bytes written and committed: by a driver that
+        can (the filesystem), in one step, after a look at the key that needed no thread hand-off.
         """
         hasher = rehashes.PySha256()
         for chunk in body:
@@ -412,7 +419,8 @@ class Uploader:
         except BaseException:
             await self._discard(session, None, session.driver_state)
             raise
-        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        existed = await self.stat(key) is not None
+        intent = CommitIntent(str(digest), key, existed)
         try:
             committing = await self.sessions.advance(
                 session, size, hasher.serialize(), session.driver_state, commit=intent
@@ -420,6 +428,8 @@ class Uploader:
         except SessionChanged:
             raise BlobUploadInvalid({"reason": "the upload was changed by another request at the same time"}) from None
         upload = layout.upload_key(session.repository, session.id)
+        if self._whole is not None and not existed:
+            return await self._commit_whole(self._whole, committing, upload, b"".join(body), events)
         try:
             written, state = await self.storage.upload_write(upload, session.driver_state, 0, _replay(body))
         except UploadInterrupted as exc:
@@ -434,6 +444,28 @@ class Uploader:
         # The driver's state after the write is known only now; the intent already covered it.
         await self._commit(replace(committing, driver_state=state), events)
         return size
+
+    async def _commit_whole(
+        self, whole: WholeUploads, committing: UploadSession, upload: str, data: bytes, events: Events
+    ) -> int:
+        """_finish_whole's write and commit in one storage step, under the intent (nothing stood at the key).
+
+        Whatever a failure leaves, at the upload's key or the blob's, the intent proves this
+        upload's: reclaimed at once, as the purge would. A cancelled request's step may still be
+        running on its thread: that session stays committing, for the purge once it is idle.
+        """
+        assert committing.commit is not None
+        try:
+            stored = await whole.upload_whole(upload, data, committing.commit.key)
+        except Exception:
+            await self.reclaim(committing)
+            raise
+        try:
+            await self._record(committing, stored, events)
+        except (Denied, BlobUploadInvalid, BlobUploadUnknown):
+            await self.reclaim(committing, stored)
+            raise
+        return len(data)
 
     async def _discard(self, session: UploadSession, claim: Claim | None, state: dict) -> None:  # type: ignore[type-arg]
         """End a session whose upload can never succeed (wrong digest, no room): its bytes go too.
@@ -564,7 +596,7 @@ class Uploader:
         upload_id = self.sessions.new_id()
         upload = layout.upload_key(repository, upload_id)
         state = await self.storage.upload_start(upload)
-        intent = CommitIntent(str(digest), key, await self.storage.stat(key) is not None)
+        intent = CommitIntent(str(digest), key, await self.stat(key) is not None)
         session = await self._create(upload_id, repository, state, owner=owner, commit=intent)
         counted = _Counted(chunks, rehashes.PySha256(), length)
         try:

@@ -832,3 +832,36 @@ async def test_filesystem_commit_syncs_the_file_again_when_it_cuts_unrecorded_by
         assert await store.read_bytes(stored) == b"abc"
     finally:
         await store.close()
+
+
+async def test_filesystem_whole_upload_syncs_the_file_then_the_directory_that_names_it(tmp_path, monkeypatch):
+    store = FilesystemDriver(str(tmp_path / "root"))
+    try:
+        data = b"one whole small layer"
+        upload = layout.upload_key("team/app", "51111111-2222-3333-4444-555555555555")
+        key = layout.blob_key(_digest(data))
+        assert store.stat_now(key) is None
+        # Bytes of an earlier request that broke before it was recorded are no part of the blob.
+        (tmp_path / "root" / upload).parent.mkdir(parents=True)
+        (tmp_path / "root" / upload).write_bytes(b"x" * 100)
+        synced = _count_fsyncs(monkeypatch)
+        assert await store.upload_whole(upload, data, key) == key
+        assert len(synced) == 2  # the file, then the blob's directory
+        assert await store.read_bytes(key) == data and store.stat_now(key) == len(data)
+        assert not (tmp_path / "root" / upload).parent.exists()
+    finally:
+        await store.close()
+
+
+async def test_filesystem_whole_upload_of_a_blob_already_stored_writes_nothing(tmp_path):
+    store = FilesystemDriver(str(tmp_path / "root"))
+    try:
+        data = b"stored before"
+        key = layout.blob_key(_digest(data))
+        await store.write_bytes(key, data)
+        upload = layout.upload_key("team/app", "61111111-2222-3333-4444-555555555555")
+        assert await store.upload_whole(upload, data, key) == key
+        assert not (tmp_path / "root" / upload).parent.exists()
+        assert [k async for k in store.list("")] == [key]
+    finally:
+        await store.close()

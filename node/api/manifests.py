@@ -253,8 +253,9 @@ async def put_manifest(request: Request) -> Response:
         # This region's copy, and the copies the others still need: recorded with the manifest.
         events = [*events, *await svc.regions.placed(digest, len(body), key)]
     try:
-        if await svc.storage.stat(key) != len(body):
-            await content.write()
+        stored = await svc.uploader.stat(key)
+        if stored != len(body):
+            await content.write(existed=stored is not None)
         await _record_manifest(svc, name, record, ref.tag, content, frozen, events)
     except BaseException:
         await content.reclaim()
@@ -298,9 +299,11 @@ class _ManifestContent:
         self.svc, self.repository, self.digest, self.key, self.body = svc, repository, digest, key, body
         self.intent: UploadSession | None = None
 
-    async def write(self) -> None:
+    async def write(self, *, existed: bool | None = None) -> None:
+        """Write the bytes under an intent made first; `existed`: whether the caller just found an object there."""
         if self.intent is None:
-            existed = await self.svc.storage.stat(self.key) is not None
+            if existed is None:
+                existed = await self.svc.storage.stat(self.key) is not None
             self.intent = await self.svc.sessions.create(
                 self.svc.sessions.new_id(), self.repository, {}, commit=CommitIntent(self.digest, self.key, existed)
             )

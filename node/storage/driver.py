@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # Opaque, JSON-serialisable state a driver keeps for an upload between requests. It travels in the
 # coordinator's upload session record, so any node can continue an upload that another began.
@@ -116,3 +116,21 @@ class StorageDriver(Protocol):
     async def upload_abort(self, upload_key: str, state: UploadState) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class WholeUploads(Protocol):
+    """A driver that can tell at once whether an object stands at a key, and write a small upload
+    whole and commit it in one step (the filesystem: no thread hand-off for the look, one for the rest)."""
+
+    def stat_now(self, key: str) -> int | None:
+        """As `stat`, on the calling thread: only where that costs about a system call."""
+        ...
+
+    async def upload_whole(self, upload_key: str, data: bytes, key: str) -> str:
+        """`upload_write` of `data` into an empty upload, then `upload_commit` to `key`, as one step.
+
+        Returns the key the object now has. On a failure the bytes may be at the upload's key or at
+        `key`; the caller's commit intent names both.
+        """
+        ...
