@@ -14,7 +14,7 @@ import httpx
 import pytest
 from oci_client import OCIClient, assert_error
 from services import EtcdCluster, wait_until
-from wharf_process import WharfProcess
+from wharf_process import WharfProcess, running
 
 LEASE_TTL = 3
 _ANY = {"Accept": "*/*"}
@@ -42,13 +42,8 @@ def _nodes(tmp_path: Path, etcd: EtcdCluster, count: int, storage: dict | None =
 @pytest.fixture()
 def three_nodes(tmp_path, etcd):
     nodes = _nodes(tmp_path, etcd, 3)
-    try:
-        for node in nodes:
-            node.start()
+    with running(nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 def _client(node: WharfProcess) -> httpx.Client:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, OCIClient, descriptor, digest_of, manifest_bytes
 from services import EtcdCluster, wait_until
-from wharf_process import WharfProcess
+from wharf_process import WharfProcess, running
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PULL_INTERVAL = 1.0
@@ -44,13 +44,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdCluster):
         )
         for i in range(2)
     ]
-    try:
-        for node in nodes:
-            node.start()
+    with running(nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 def _client(node: WharfProcess) -> httpx.Client:

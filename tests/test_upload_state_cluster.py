@@ -16,7 +16,7 @@ import httpx
 import pytest
 from oci_client import assert_error
 from services import EtcdCluster
-from wharf_process import WharfProcess
+from wharf_process import WharfProcess, running
 
 OCTETS = {"Content-Type": "application/octet-stream"}
 
@@ -44,13 +44,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdCluster) -> It
         )
         for i in range(2)
     ]
-    try:
-        for node in nodes:
-            node.start()
+    with running(nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 def test_state_signed_by_one_node_is_good_on_another_and_after_a_restart_and_stale_is_416_anywhere(two_nodes):
