@@ -101,7 +101,7 @@ _CHECKPOINT_EVERY = 200
 # How long the database thread's connection waits for a lock.
 _BUSY_WAIT_MS = 30_000
 # How long a checkpoint waits for readers of an older snapshot before it leaves the log to grow.
-_CHECKPOINT_WAIT_MS = 50
+_CHECKPOINT_WAIT_MS = 0
 # The write-ahead log's file is cut back to this size when it starts again from its beginning.
 _LOG_SIZE_LIMIT = 64 << 20
 

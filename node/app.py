@@ -160,6 +160,10 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
         # The read-only switch is read before serving, then followed by a watch.
         with contextlib.suppress(Exception):
             await svc.readonly.switch.refresh()
+        # Upload URLs are signed with a key the coordinator keeps for every node: made before the
+        # first request, so that a refused one never writes it (an unreachable coordinator: later).
+        with contextlib.suppress(Exception):
+            await svc.uploader.states.ready()
         health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
         maintenance = Maintenance(svc)
         background = [
