@@ -100,7 +100,7 @@ _COUNT_HERE = 1000
 _CHECKPOINT_EVERY = 200
 # How long the database thread's connection waits for a lock.
 _BUSY_WAIT_MS = 30_000
-# How long a checkpoint waits for readers of an older snapshot before it leaves the log to grow.
+# How long a checkpoint waits for a writer or a reader of an older snapshot (none: it is passive then).
 _CHECKPOINT_WAIT_MS = 0
 # The write-ahead log's file is cut back to this size when it starts again from its beginning.
 _LOG_SIZE_LIMIT = 64 << 20
@@ -254,10 +254,11 @@ class EmbeddedKV:
         """Copy the log back into the file on the database thread, so that the next write starts it again.
 
         A passive checkpoint never catches up with writers that keep committing: the log then only
-        grows (150 MiB in 12 s of small pushes). RESTART holds new writers off while it copies (the
-        caller's-thread writers find the lock taken and queue behind it here), so the next commit
-        starts the log from its beginning. A reader of an older snapshot (a GC mark, a snapshot
-        backup) keeps the log from starting again; the checkpoint waits only briefly for it.
+        grows (150 MiB in 12 s of small pushes). RESTART, when it gets the lock, holds new writers
+        off while it copies (the caller's-thread writers find the lock taken and queue behind it
+        here), so the next commit starts the log from its beginning. It waits for no lock: with a
+        writer busy, or a reader of an older snapshot (a GC mark, a snapshot backup), it is a
+        passive checkpoint, and the log starts again at a later one.
         """
 
         def checkpoint() -> None:
