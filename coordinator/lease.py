@@ -48,6 +48,7 @@ class KeptLease:
                     return
                 continue
             if not alive:
+                log.warning("lease %x ended in the store before its refresh; records attached to it are gone", self.id)
                 self.lost.set()
                 return
             confirmed = time.monotonic()

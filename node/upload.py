@@ -40,6 +40,7 @@ from .errors import (
     DigestInvalid,
     SizeInvalid,
     TooManyRequests,
+    Unavailable,
 )
 from .reference import Digest
 from .storage import layout
@@ -64,6 +65,17 @@ class UploadMoved(Exception):
         self.session = session
 
 
+class ClaimLapsed(Unavailable):
+    """This node's lease lapsed while a request wrote to an upload: another node may claim the session
+    now, so writing stops. What was recorded stays; the client resumes from the upload's offset."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            {"reason": "this node lost its claim on the upload; resume from its offset", "retry_after_seconds": 1},
+            headers={"Retry-After": "1"},
+        )
+
+
 class _Counted:
     """Hashes and counts the bytes of a stream as the driver pulls them."""
 
@@ -86,7 +98,7 @@ class _Counted:
                 raise SizeInvalid({"reason": "body is longer than its Content-Length or Content-Range"})
             if not self._still_ours():
                 # The node's lease lapsed: another request may claim the session; stop writing.
-                raise BlobUploadInvalid({"reason": "this node lost its claim on the upload; resume from its offset"})
+                raise ClaimLapsed()
             self.hasher.update(chunk)
             self.count += len(chunk)
             yield chunk
@@ -269,7 +281,7 @@ class Uploader:
                     pass
             if not recorded:
                 await self.sessions.release(claim)
-            if isinstance(exc.cause, (SizeInvalid, BlobUploadInvalid)):
+            if isinstance(exc.cause, (SizeInvalid, BlobUploadInvalid, ClaimLapsed)):
                 raise exc.cause from None
             raise exc.cause from exc
         except BaseException:

@@ -180,3 +180,57 @@ def test_a_chunk_after_the_store_ended_the_nodes_lease_unnoticed_is_taken(tmp_pa
             assert done.status_code == 201, done.text
             assert client.get(f"/v2/lease/race/blobs/{digest}").content == first + second
     assert "Traceback" not in node.log_tail()
+
+
+def test_a_chunk_whose_nodes_lease_lapses_mid_stream_is_refused_503_and_the_upload_resumes(tmp_path):
+    """The node finds its lease ended while a PATCH body streams in: another node may claim the
+    session now, so it stops writing and answers 503 with Retry-After (a fault of the server's, not
+    the client's 400). The upload keeps a consistent offset, and resuming from it commits the blob."""
+    data = os.urandom(300_000)
+    first, second = data[:200_000], data[200_000:250_000]
+    with WharfProcess(tmp_path / "node", cluster={"leasettl": 3}) as node:
+        db_path = Path(node.config["storage"]["filesystem"]["rootdirectory"]) / "wharf" / "coordinator.db"
+
+        def body() -> Iterator[bytes]:
+            yield first
+            with sqlite3.connect(db_path) as db:
+                for _ in range(300):  # the request has claimed the session (with the node's lease)
+                    if db.execute("SELECT count(*) FROM kv WHERE key LIKE '%upload-claim/%'").fetchone()[0]:
+                        break
+                    threading.Event().wait(0.05)
+                else:
+                    raise AssertionError("the PATCH never claimed its upload")
+                # What expiry does to a starved node's leases:
+                ended = db.execute("SELECT count(*) FROM leases").fetchone()[0]
+                db.execute("DELETE FROM leases")
+            assert ended >= 1
+            for _ in range(300):  # each lease's refresh (every TTL/3) finds it gone
+                if node.log_text().count("ended in the store before its refresh") >= ended:
+                    break
+                threading.Event().wait(0.1)
+            else:
+                raise AssertionError("the node never noticed its lease was gone")
+            yield second
+
+        with httpx.Client(base_url=node.url, timeout=60) as client:
+            started = client.post("/v2/lease/lapse/blobs/uploads/")
+            assert started.status_code == 202
+            refused = client.patch(
+                started.headers["Location"], content=body(), headers={"Content-Type": "application/octet-stream"}
+            )
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] == "1"
+            assert refused.json()["errors"][0]["code"] == "UNAVAILABLE"
+            status = client.get(started.headers["Location"])
+            assert status.status_code == 204, status.text
+            kept = {"0-0": 0, f"0-{len(first) - 1}": len(first)}[status.headers["Range"]]
+            resumed = client.patch(
+                status.headers["Location"],
+                content=data[kept:],
+                headers={"Content-Type": "application/octet-stream", "Content-Range": f"{kept}-{len(data) - 1}"},
+            )
+            assert resumed.status_code == 202, resumed.text
+            done = client.put(resumed.headers["Location"], params={"digest": _digest(data)})
+            assert done.status_code == 201, done.text
+            assert client.get(f"/v2/lease/lapse/blobs/{_digest(data)}").content == data
+    assert "Traceback" not in node.log_tail()
