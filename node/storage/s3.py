@@ -113,6 +113,7 @@ _Keys = list[str]
 _Parts = list[tuple[int, str, int]]
 _Listed = list[tuple[str, int, float]]
 _Segments = list[tuple[str, int]]
+_Pieces = list[bytes]
 
 
 def part_size(base: int, number: int, parts_per_step: int = PARTS_PER_STEP) -> int:
@@ -571,16 +572,17 @@ class S3Driver:
                         pending = None
                     if upload_id is None:
                         upload_id = await self._run(self._create_multipart, key)
-                    head = await self._load_segments(key, segments) if segments else b""
+                    # The tail's segments and this request's bytes, joined once into the part.
+                    head: _Pieces = await self._segment_pieces(key, segments) if segments else []
                     for token, _ in segments:
                         # Named by the recorded state until this one is recorded: S3 keeps them,
                         # this process need not.
                         superseded.append(token)
                         self._segments.drop(_tail_key(key, token))
                     segments, held = [], 0
-                    need = size - len(head)
+                    need = size - sum(len(piece) for piece in head)
                     with memoryview(buf) as view:
-                        data = b"".join((head, view[:need]))
+                        data = b"".join((*head, view[:need]))
                     del buf[:need], head
                     pending = self._submit(self._upload_part, key, upload_id, number, data)
                     del data
@@ -604,6 +606,11 @@ class S3Driver:
 
     async def _load_segments(self, full_upload_key: str, segments: _Segments) -> bytes:
         """The tail's bytes: from this process's cache where it has them, else read from S3 (at once)."""
+        pieces = await self._segment_pieces(full_upload_key, segments)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _segment_pieces(self, full_upload_key: str, segments: _Segments) -> _Pieces:
+        """Each segment's bytes in order, from this process's cache or read from S3 (all at once)."""
 
         async def one(token: str, size: int) -> bytes:
             segment = _tail_key(full_upload_key, token)
@@ -611,8 +618,8 @@ class S3Driver:
             return cached if cached is not None else await self._run(self._get_bytes, segment, size)
 
         if len(segments) == 1:
-            return await one(*segments[0])
-        return b"".join(await asyncio.gather(*(one(token, size) for token, size in segments)))
+            return [await one(*segments[0])]
+        return list(await asyncio.gather(*(one(token, size) for token, size in segments)))
 
     async def upload_commit(self, upload_key: str, state: UploadState, size: int, key: str) -> str:
         up = _Upload.load(state, self._part_base)
