@@ -20,6 +20,7 @@ Operations (`make profile OP=...`):
   blob-head             HEAD /v2/<name>/blobs/<digest>
   blob-pull             GET of one 64 MiB blob, 4 clients (the bench client, bodies discarded)
   blob-push             monolithic uploads of 64 MiB blobs, 4 clients
+  chunked-push          uploads of 64 MiB blobs in PATCHes of 1 MiB, 1 client (the way skopeo and containerd send)
   image-push            whole pushes of small images (config + 2 x 4 KiB layers + manifest), 8 clients
 
 py-spy must be able to attach (root, or ptrace allowed). Samples are of Python stacks only; the
@@ -65,6 +66,7 @@ OPERATIONS = (
     "blob-head",
     "blob-pull",
     "blob-push",
+    "chunked-push",
     "image-push",
 )
 
@@ -176,6 +178,10 @@ async def prepare(op: str, server: Server, workdir: Path, connections: int) -> L
             )
         if op == "blob-push":
             return _client_load(server, 4, loads.blob_push("profile/push", os.urandom(64 * MIB)), "64 MiB upload")
+        if op == "chunked-push":
+            return _client_load(
+                server, 1, loads.chunked_push("profile/chunked", os.urandom(64 * MIB), MIB), "64 MiB upload"
+            )
         if op == "image-push":
             return _client_load(server, 8, loads.image_pushes("profile/images", 4096), "image")
     finally:
@@ -288,7 +294,9 @@ async def profile(args: argparse.Namespace) -> int:
         target = Target("wharf", f"Wharf granian x{args.workers}", "wharf", "granian", args.workers)
         if args.storage == "rgw":
             backend = RGWBackend().start()
-            server = S3Registry(target, base / "wharf", not args.no_accesslog, backend, root="/profile")
+            server = S3Registry(
+                target, base / "wharf", not args.no_accesslog, backend, root="/profile", prefix="/profile/"
+            )
         else:
             server = Server(target, base / "wharf", not args.no_accesslog)
         server.start()

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchlib.client import MIB, Conn, Reply, Unexpected
+from benchlib.client import MIB, Conn, Reply, Unexpected, location_target, with_query
 from benchlib.cpu import cores
 from benchlib.images import ACCEPT, push_image, put_manifest, setup_manifest, sha256_digest, upload_blob
 from benchlib.report import (
@@ -182,6 +182,41 @@ def blob_push(repo: str, data: bytes) -> Op:
         hasher.update(tail)
         await upload_blob(conn, repo, "sha256:" + hasher.hexdigest(), [body, tail])
         return 2, len(body) + len(tail)
+
+    return push
+
+
+def chunked_push(repo: str, data: bytes, chunk: int) -> Op:
+    """Chunked uploads: POST, PATCH after PATCH of `chunk` bytes (Content-Range), then PUT ?digest= without a body.
+
+    Each blob is `data` but its last 16 bytes, plus a 16-byte tail of its own, as in blob_push.
+    """
+    body = memoryview(data)[:-16]
+    body_hash = hashlib.sha256(body)
+
+    async def push(conn: Conn, worker: int, seq: int) -> tuple[int, int]:
+        tail = f"{worker:04d}-{seq:010d}+".encode()
+        hasher = body_hash.copy()
+        hasher.update(tail)
+        blob = bytes(body) + tail
+        reply = await conn.request("POST", f"/v2/{repo}/blobs/uploads/", None, None)
+        if reply.status != 202:
+            raise Unexpected("POST blob upload", reply)
+        location = location_target(reply.headers["location"])
+        view = memoryview(blob)
+        requests = 2
+        for first in range(0, len(blob), chunk):
+            piece = view[first : first + chunk]
+            headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{first}-{first + len(piece) - 1}"}
+            reply = await conn.request("PATCH", location, headers, piece)
+            if reply.status != 202:
+                raise Unexpected(f"PATCH at {first}", reply)
+            location = location_target(reply.headers["location"])
+            requests += 1
+        reply = await conn.request("PUT", with_query(location, "digest", "sha256:" + hasher.hexdigest()), None, None)
+        if reply.status != 201:
+            raise Unexpected("PUT blob upload", reply)
+        return requests, len(blob)
 
     return push
 
