@@ -130,6 +130,10 @@ def _forget(future: asyncio.Future[Any]) -> None:
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
+async def _none() -> None:
+    return None
+
+
 def _tail_key(upload_key: str, token: str) -> str:
     return f"{upload_key}.tail-{token}"
 
@@ -627,7 +631,12 @@ class S3Driver:
         target = self._key(key)
         if up.size != size:
             raise ValueError(f"upload holds {up.size} bytes, commit asked for {size}")
-        if await self._run(self._head, target) is not None:
+        # Is the blob stored already: by its digest, or (multipart) by an earlier commit of this state
+        # at the upload key? Both looks at once, one round trip.
+        stored, completed = await asyncio.gather(
+            self._run(self._head, target), self._run(self._head, source) if up.parts else _none()
+        )
+        if stored is not None:
             # Content-addressed: the same digest already stands for the same bytes.
             await self._tidy(upload_key, state)
             return key
@@ -639,7 +648,7 @@ class S3Driver:
             await self._tidy(upload_key, state)
             return key
         assert up.upload is not None
-        if await self._run(self._head, source) == size:
+        if completed == size:
             # An earlier commit of this state completed, and its node died before removing the
             # tail. Uploading the tail again as a part would fail in each server's own way
             # (NoSuchUpload from AWS and Ceph RGW, a 500 from moto, retried before it surfaces).
