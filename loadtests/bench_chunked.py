@@ -34,11 +34,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib.client import Conn, Unexpected, location_target, with_query
+from benchlib.client import Conn
+from benchlib.images import upload_blob, upload_blob_chunked
 from benchlib.report import machine_context
 from benchlib.s3 import RGWBackend, S3Backend, S3Registry
 from benchlib.servers import DISTRIBUTION, WHARF_VARIANTS, Server, Target
@@ -68,37 +69,17 @@ async def upload(ports: list[int], repository: str, data: bytes, chunk: int) -> 
     """
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     conns = [Conn("127.0.0.1", port) for port in ports]
-    conn = conns[0]
     try:
-        started = await conn.request("POST", f"/v2/{repository}/blobs/uploads/")
-        if started.status != 202:
-            raise Unexpected("POST", started)
-        location = location_target(started.headers["location"])
-        view = memoryview(data)
         if chunk:
-            for n, first in enumerate(range(0, len(data), chunk)):
-                piece = view[first : first + chunk]
-                headers = {
-                    "Content-Type": "application/octet-stream",
-                    "Content-Range": f"{first}-{first + len(piece) - 1}",
-                }
-                patched = await conns[n % len(conns)].request("PATCH", location, headers, piece)
-                if patched.status != 202:
-                    raise Unexpected(f"PATCH at {first}", patched)
-                location = location_target(patched.headers["location"])
-            body: memoryview | None = None
+            await upload_blob_chunked(conns, repository, digest, data, chunk)
         else:
-            body = view
-        headers = {"Content-Type": "application/octet-stream"}
-        done = await conn.request("PUT", with_query(location, "digest", digest), headers, body)
-        if done.status != 201:
-            raise Unexpected("PUT", done)
+            await upload_blob(conns[0], repository, digest, data)
     finally:
         for c in conns:
             c.close()
 
 
-def measure(nodes: list[Server], data: bytes, chunk: int, remove: Callable[[], None]) -> Run:
+def measure(nodes: Sequence[Server], data: bytes, chunk: int, remove: Callable[[], None]) -> Run:
     cpu = sum(node.cpu_seconds() for node in nodes)
     t0 = time.perf_counter()
     asyncio.run(upload([node.port for node in nodes], "bench/chunked", data, chunk))

@@ -45,6 +45,30 @@ async def upload_blob(conn: Conn, repo: str, digest: str, body: Any, *, single_p
         raise Unexpected("PUT blob upload", reply)
 
 
+async def upload_blob_chunked(conns: list[Conn], repo: str, digest: str, data: bytes, chunk: int) -> int:
+    """POST, PATCH after PATCH of `chunk` bytes (Content-Range), then PUT ?digest= without a body; the
+    requests made. Each PATCH goes to the next of `conns` in turn (nodes behind a balancer without
+    affinity); the POST and the PUT to the first."""
+    reply = await conns[0].request("POST", f"/v2/{repo}/blobs/uploads/", None, None)
+    if reply.status != 202:
+        raise Unexpected("POST blob upload", reply)
+    location = location_target(reply.headers["location"])
+    view = memoryview(data)
+    requests = 2
+    for n, first in enumerate(range(0, len(data), chunk)):
+        piece = view[first : first + chunk]
+        headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{first}-{first + len(piece) - 1}"}
+        reply = await conns[n % len(conns)].request("PATCH", location, headers, piece)
+        if reply.status != 202:
+            raise Unexpected(f"PATCH at {first}", reply)
+        location = location_target(reply.headers["location"])
+        requests += 1
+    reply = await conns[0].request("PUT", with_query(location, "digest", digest), None, None)
+    if reply.status != 201:
+        raise Unexpected("PUT blob upload", reply)
+    return requests
+
+
 async def put_manifest(conn: Conn, repo: str, reference: str, manifest: bytes, what: str = "PUT manifest") -> None:
     reply = await conn.request("PUT", f"/v2/{repo}/manifests/{reference}", {"Content-Type": OCI_MANIFEST}, manifest)
     if reply.status != 201:

@@ -12,9 +12,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchlib.client import MIB, Conn, Reply, Unexpected, location_target, with_query
+from benchlib.client import MIB, Conn, Reply, Unexpected
 from benchlib.cpu import cores
-from benchlib.images import ACCEPT, push_image, put_manifest, setup_manifest, sha256_digest, upload_blob
+from benchlib.images import (
+    ACCEPT,
+    push_image,
+    put_manifest,
+    setup_manifest,
+    sha256_digest,
+    upload_blob,
+    upload_blob_chunked,
+)
 from benchlib.report import (
     IMAGE_RATIOS,
     MIB_RATIOS,
@@ -199,24 +207,7 @@ def chunked_push(repo: str, data: bytes, chunk: int) -> Op:
         hasher = body_hash.copy()
         hasher.update(tail)
         blob = bytes(body) + tail
-        reply = await conn.request("POST", f"/v2/{repo}/blobs/uploads/", None, None)
-        if reply.status != 202:
-            raise Unexpected("POST blob upload", reply)
-        location = location_target(reply.headers["location"])
-        view = memoryview(blob)
-        requests = 2
-        for first in range(0, len(blob), chunk):
-            piece = view[first : first + chunk]
-            headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{first}-{first + len(piece) - 1}"}
-            reply = await conn.request("PATCH", location, headers, piece)
-            if reply.status != 202:
-                raise Unexpected(f"PATCH at {first}", reply)
-            location = location_target(reply.headers["location"])
-            requests += 1
-        reply = await conn.request("PUT", with_query(location, "digest", "sha256:" + hasher.hexdigest()), None, None)
-        if reply.status != 201:
-            raise Unexpected("PUT blob upload", reply)
-        return requests, len(blob)
+        return await upload_blob_chunked([conn], repo, "sha256:" + hasher.hexdigest(), blob, chunk), len(blob)
 
     return push
 
