@@ -757,8 +757,13 @@ class EtcdKV:
         return quota
 
     async def compact(self, revision: int) -> None:
-        """Forget every revision before `revision` (the current state stays); already done is fine."""
-        request = rpc.CompactionRequest(revision=revision, physical=False)
+        """Forget every revision before `revision` (the current state stays); already done is fine.
+
+        Returns once the history is gone from the database, not when etcd has only scheduled it: a
+        defragmentation right after (`wharf coordinator defrag`) must find the space free, or it
+        shrinks nothing and a full store stays full.
+        """
+        request = rpc.CompactionRequest(revision=revision, physical=True)
         try:
             await self._rpc(
                 lambda c: c.kv.Compact(request, timeout=max(self.timeout, _COMPACT_TIMEOUT), metadata=c.metadata),
