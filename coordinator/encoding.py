@@ -335,6 +335,19 @@ def unpack_manifest(raw: bytes) -> dict[str, Any]:
     return fields
 
 
+def manifest_media_type(raw: bytes) -> str:
+    """A manifest record's media type alone, without decoding its references (a pull by digest)."""
+    if not is_compact(raw):
+        media_type = legacy(raw).get("media_type")
+        if not isinstance(media_type, str):
+            raise RecordError("a manifest record has no media type")
+        return media_type
+    src = _In(raw, MANIFEST)
+    src.byte()  # flags
+    src.digest()
+    return src.media()
+
+
 def pack_touch(at: float) -> bytes:
     out = _Out(TOUCH)
     out.millis(at)

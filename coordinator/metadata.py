@@ -683,14 +683,16 @@ class Metadata:
     async def get_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
         return _load(ManifestRecord, await self.kv.get(keys.manifest(repo, digest)))
 
-    async def get_manifest_checked(
+    async def manifest_media_type_checked(
         self, repo: str, digest: str, marks: Sequence[Mark]
-    ) -> tuple[ManifestRecord | None, bool]:
-        """A manifest record, and whether every one of `marks` still holds: one round trip, at one revision."""
-        if not marks:
-            return await self.get_manifest(repo, digest), True
-        found, holds = await self._read_checked(keys.manifest(repo, digest), marks)
-        return _load(ManifestRecord, found), holds
+    ) -> tuple[str | None, bool]:
+        """A manifest's media type (None: no such manifest), and whether every one of `marks` still
+        holds: one round trip, at one revision, and only the media type decoded."""
+        if marks:
+            found, holds = await self._read_checked(keys.manifest(repo, digest), marks)
+        else:
+            found, holds = await self.kv.get(keys.manifest(repo, digest)), True
+        return (None if found is None else encoding.manifest_media_type(found.value)), holds
 
     async def manifests_marked(self, repo: str, digests: Sequence[str]) -> dict[str, tuple[ManifestRecord, Mark]]:
         """The records of those of `digests` that are manifests of `repo`, each with its mark."""

@@ -106,6 +106,24 @@ def test_every_record_reads_back_as_written(record):
 @pytest.mark.parametrize(
     "record",
     [
+        ManifestRecord(D, OCI_MANIFEST, 900, [E] * 9, pushed=1712345678.001),
+        ManifestRecord("other:digest", "application/x.unheard.of+json", 5, [], [E], subject=E, annotations={"a": "b"}),
+        ManifestRecord("sha512:" + "0f" * 64, "", 0, []),
+    ],
+)
+def test_a_pull_by_digest_reads_a_manifest_records_media_type_alone(record):
+    """A GET or HEAD by digest decodes only the media type: the same as the whole record's, in either form."""
+    assert encoding.manifest_media_type(encode(record)) == record.media_type
+    assert encoding.manifest_media_type(_legacy(record)) == record.media_type
+    with pytest.raises(encoding.RecordError):
+        encoding.manifest_media_type(encode(TagRecord(D, OCI_MANIFEST, 1, 1.0)))
+    with pytest.raises(encoding.RecordError):
+        encoding.manifest_media_type(encode(record)[:3])
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
         BlobRecord(10, layout.blob_key(D), 1712345678.125),
         BlobRecord(10, "docker/registry/v2/repositories/a/_uploads/u1/data", 1.0, "used"),
         BlobRecord(10, layout.blob_key(D), 1.0, "unused", corrupt=True),

@@ -101,10 +101,10 @@ async def _resolve(
             )
     else:
         digest = str(ref.digest)
-        record, unchanged = await svc.metadata.get_manifest_checked(name, digest, marks)
-        if record is None:
+        found, unchanged = await svc.metadata.manifest_media_type_checked(name, digest, marks)
+        if found is None:
             raise ManifestUnknown({"digest": digest})
-        media_type = record.media_type
+        media_type = found
     policy = _Policy(rule, held if unchanged else None) if rule is not None else None
     return digest, media_type, ref.tag, policy
 
