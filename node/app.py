@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
+from starlette.types import ASGIApp
 
 from coordinator.election import Election
 from coordinator.kv import OutOfSpace
@@ -27,7 +28,14 @@ from .auth.middleware import AuthMiddleware
 from .auth.services import AuthServices
 from .config import Config
 from .context import RequestContext
-from .errors import RegistryError, Unsupported, error_response, handle_contention, handle_registry_error
+from .errors import (
+    HandledErrors,
+    RegistryError,
+    Unsupported,
+    error_response,
+    handle_contention,
+    handle_registry_error,
+)
 from .headers import ConfiguredHeaders, PathPrefix
 from .health import HealthChecks
 from .maintenance import Maintenance
@@ -133,6 +141,20 @@ def _settle_memory() -> None:
     gc.set_threshold(_GC_YOUNG_THRESHOLD, middle, old)
 
 
+class _RegistryApp(Starlette):
+    """Starlette with fewer layers per request. The request context (node/context.py), the outermost
+    registry middleware, already answers anything unhandled with the last-chance 500 and logs it,
+    so Starlette's ServerErrorMiddleware (another send wrapper and handler on every request) is left
+    out; the exception handlers sit around the router in HandledErrors, where Starlette's
+    ExceptionMiddleware would."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = HandledErrors(self.router, self.exception_handlers)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
 def create_app(config: Config, *, services: Services | None = None, serving: bool = False) -> Starlette:
     """The registry app. With `services`, use them (tests); otherwise open them at start-up.
 
@@ -198,7 +220,7 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
             if audit is not None:
                 audit.close()
 
-    app = Starlette(
+    app = _RegistryApp(
         lifespan=lifespan,
         exception_handlers={
             RegistryError: handle_registry_error,

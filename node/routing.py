@@ -97,7 +97,7 @@ class Endpoint(Route):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The handler's response, as Starlette's own Route gives it, with one wrapper less: an
-        exception goes to the application's handlers (Starlette's ExceptionMiddleware), which are
+        exception goes to the application's handlers (node/errors.py HandledErrors), which are
         the same ones the route-level wrapper would ask."""
         if not self._direct or (self.methods is not None and scope["method"] not in self.methods):
             await super().handle(scope, receive, send)  # a plain function, or 405
