@@ -212,6 +212,32 @@ class _Plan:
 
 
 @dataclass
+class _Batch:
+    """Plans to commit in one transaction, each with its object and marks, and what they add up to
+    (each counter a plan moves is one more write and compare), kept as plans are added: whether the
+    next fits costs the same however many there are."""
+
+    items: list[tuple[_Plan, str, list[KeyValue]]] = field(default_factory=list)
+    scopes: set[str] = field(default_factory=set)
+    ops: int = 0
+    compares: int = 0
+
+    def fits(self, plan: _Plan) -> bool:
+        """Whether the batch with `plan` added (and the counters they move) fits one transaction."""
+        scopes = len(self.scopes) + sum(1 for scope in plan.deltas if scope not in self.scopes)
+        return (
+            self.ops + len(plan.ops) + scopes <= _TXN_BUDGET
+            and self.compares + len(plan.compares) + scopes <= _TXN_BUDGET
+        )
+
+    def add(self, plan: _Plan, digest: str, marks: list[KeyValue]) -> None:
+        self.items.append((plan, digest, marks))
+        self.scopes.update(plan.deltas)
+        self.ops += len(plan.ops)
+        self.compares += len(plan.compares)
+
+
+@dataclass
 class Settled:
     """What one settling did: marks counted, and repositories that now hold no manifest."""
 
@@ -290,7 +316,7 @@ class Usage:
         for mark in page:
             digest, _ = keys.split_usage_key(mark.key, keys.USAGE_MARKS)
             by_object.setdefault(digest, []).append(mark)
-        batch: list[tuple[_Plan, str, list[KeyValue]]] = []
+        batch = _Batch()
         for digest, found in by_object.items():
             every = [m for m in found if keys.split_usage_key(m.key, keys.USAGE_MARKS)[1] == keys.EVERY_HOLDER]
             if every:
@@ -299,27 +325,27 @@ class Usage:
                 found = [m for m in found if m not in every]
             for start in range(0, len(found), _CHUNK):
                 chunk = found[start : start + _CHUNK]
-                if batch and batch[-1][1] == digest:
+                if batch.items and batch.items[-1][1] == digest:
                     # The object's previous chunk first: this one is planned from what that one leaves.
                     await self._commit_batch(batch, settled)
-                    batch = []
+                    batch = _Batch()
                 plan = await self._plan(digest, chunk)
-                if batch and not _fits([*(item[0] for item in batch), plan]):
+                if batch.items and not batch.fits(plan):
                     await self._commit_batch(batch, settled)
-                    batch = []
-                batch.append((plan, digest, chunk))
-        if batch:
+                    batch = _Batch()
+                batch.add(plan, digest, chunk)
+        if batch.items:
             await self._commit_batch(batch, settled)
 
-    async def _commit_batch(self, batch: list[tuple[_Plan, str, list[KeyValue]]], settled: Settled) -> None:
+    async def _commit_batch(self, batch: _Batch, settled: Settled) -> None:
         """Commit plans together; if something moved under them, plan and commit each one again alone,
         so one mark rewritten all the time holds up no other."""
-        if await self._commit([plan for plan, _, _ in batch], settled):
-            settled.marks += sum(len(marks) for _, _, marks in batch)
+        if await self._commit([plan for plan, _, _ in batch.items], settled):
+            settled.marks += sum(len(marks) for _, _, marks in batch.items)
             return
-        if len(batch) == 1:
+        if len(batch.items) == 1:
             return
-        for _, digest, marks in batch:
+        for _, digest, marks in batch.items:
             if await self._commit([await self._plan(digest, marks)], settled):
                 settled.marks += len(marks)
 
@@ -626,11 +652,3 @@ def _writes(
         ops.append(Put(keys.usage_holder(digest, sole[0]), sole[1].encode()))
     ops.append(Put(object_key, after.encode()))
     return ops
-
-
-def _fits(plans: Sequence[_Plan]) -> bool:
-    """Whether plans (and the counters they move) fit one transaction."""
-    scopes = {scope for plan in plans for scope in plan.deltas}
-    ops = sum(len(plan.ops) for plan in plans) + len(scopes)
-    compares = sum(len(plan.compares) for plan in plans) + len(scopes)
-    return ops <= _TXN_BUDGET and compares <= _TXN_BUDGET

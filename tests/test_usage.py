@@ -283,3 +283,29 @@ async def test_a_blob_collected_from_more_repositories_than_one_round_checks_lea
     assert not await kv.range(keys.USAGE_HOLDERS)
     assert (await usage.holders(digest)).keys() == {repos[survivor]}
     assert await usage.reconcile() == 0
+
+
+async def test_a_page_of_marks_settles_in_transactions_that_each_fit_the_coordinators_limit(kv):
+    """Hundreds of changes at once: the settler splits them into batches (etcd takes 128 operations a
+    transaction), and the figures are still exactly what the records add up to."""
+    rng = random.Random(7)
+    repos = ["a", "team/app", "team/web", "team/sub/x", "other/deep/er/z"]
+    truth: dict[tuple[str, str], tuple[int, bool, bool]] = {}
+    for n in range(400):
+        repo, digest, size = rng.choice(repos), f"sha256:{n:064x}", rng.randint(1, 10_000)
+        await kv.txn([], [Put(keys.link(repo, digest), _link(size)), HOLDING_CHANGED(repo, digest)])
+        truth[(repo, digest)] = (size, True, False)
+    usage = Usage(kv)
+    await usage.build()
+    sizes: list[int] = []
+    txn = kv.txn
+
+    async def counting(compares, success, failure=()):
+        sizes.append(max(len(compares), len(success)))
+        return await txn(compares, success, failure)
+
+    kv.txn = counting  # type: ignore[method-assign]
+    await usage.settle()
+    assert await counted(kv) == expected(truth)
+    assert sizes and max(sizes) <= 128
+    assert sum(1 for size in sizes if size > 60) >= 3, "marks were settled many to a transaction"
