@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from .kv import (
+    READS,
     Compare,
+    Count,
     Delete,
     Get,
     KeyValue,
@@ -377,6 +379,7 @@ class EmbeddedKV:
         def run(conn: sqlite3.Connection, w: _Writer) -> TxnResult:
             ok = all(_holds(conn, c) for c in compares)
             gets: list[KeyValue | None] = []
+            counts: list[int] = []
             for op in success if ok else failure:
                 if isinstance(op, Put):
                     w.put(op.key, op.value, op.lease)
@@ -384,9 +387,11 @@ class EmbeddedKV:
                     w.delete(op.key, op.prefix)
                 elif isinstance(op, Get):
                     gets.append(_get(conn, op.key))
-            return TxnResult(ok, gets, w.rev if w.changed else w.rev - 1)
+                elif isinstance(op, Count):
+                    counts.append(_count(conn, op.prefix))
+            return TxnResult(ok, gets, w.rev if w.changed else w.rev - 1, counts)
 
-        if all(isinstance(op, Get) for op in (*success, *failure)):
+        if all(isinstance(op, READS) for op in (*success, *failure)):
             if len(compares) + len(success) + len(failure) <= _READ_HERE_KEYS:
                 found = self._read_here(lambda conn: self._read_txn(compares, success, failure, conn))
                 if not isinstance(found, _Busy):
@@ -406,11 +411,13 @@ class EmbeddedKV:
         conn.execute("BEGIN")
         try:
             ok = all(_holds(conn, c) for c in compares)
-            gets = [_get(conn, op.key) for op in (success if ok else failure) if isinstance(op, Get)]
+            branch = success if ok else failure
+            gets = [_get(conn, op.key) for op in branch if isinstance(op, Get)]
+            counts = [_count(conn, op.prefix) for op in branch if isinstance(op, Count)]
             rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
         finally:
             conn.execute("COMMIT")
-        return TxnResult(ok, gets, rev)
+        return TxnResult(ok, gets, rev, counts)
 
     # -- leases ---------------------------------------------------------------------------
 

@@ -39,7 +39,9 @@ from aetcd import rpc
 
 from . import keys
 from .kv import (
+    READS,
     Compare,
+    Count,
     Delete,
     Get,
     KeyValue,
@@ -575,16 +577,19 @@ class EtcdKV:
             success=[self._op(op) for op in success],
             failure=[self._op(op) for op in failure],
         )
-        read_only = all(isinstance(op, Get) for op in (*success, *failure))
+        read_only = all(isinstance(op, READS) for op in (*success, *failure))
         resp = await self._rpc(
             lambda c: c.kv.Txn(request, timeout=self.timeout, metadata=c.metadata), idempotent=read_only
         )
         gets: list[KeyValue | None] = []
+        counts: list[int] = []
         for op, result in zip(success if resp.succeeded else failure, resp.responses, strict=True):
             if isinstance(op, Get):
                 kvs = result.response_range.kvs
                 gets.append(self._kv(kvs[0]) if kvs else None)
-        return TxnResult(bool(resp.succeeded), gets, int(resp.header.revision))
+            elif isinstance(op, Count):
+                counts.append(int(result.response_range.count))
+        return TxnResult(bool(resp.succeeded), gets, int(resp.header.revision), counts)
 
     def _compare(self, c: Compare) -> Any:
         try:
@@ -611,6 +616,9 @@ class EtcdKV:
             return rpc.RequestOp(request_delete_range=self._delete_request(op.key, op.prefix))
         if isinstance(op, Get):
             return rpc.RequestOp(request_range=rpc.RangeRequest(key=self._k(op.key)))
+        if isinstance(op, Count):
+            low = self._k(op.prefix)
+            return rpc.RequestOp(request_range=rpc.RangeRequest(key=low, range_end=_range_end(low), count_only=True))
         raise TypeError(f"not a transaction op: {op!r}")
 
     # -- leases ---------------------------------------------------------------------------

@@ -69,7 +69,15 @@ class Get:
     key: str
 
 
-Op = Put | Delete | Get
+@dataclass(frozen=True)
+class Count:
+    """The keys under `prefix`, counted where the op stands in its branch (so before its later writes)."""
+
+    prefix: str
+
+
+Op = Put | Delete | Get | Count
+READS = (Get, Count)
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class TxnResult:
     # One entry per Get op of the branch that ran, in order; None for an absent key.
     gets: list[KeyValue | None] = field(default_factory=list)
     revision: int = 0
+    # One entry per Count op of the branch that ran, in order.
+    counts: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

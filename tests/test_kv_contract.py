@@ -24,7 +24,7 @@ from services import EtcdCluster
 from coordinator import embedded
 from coordinator.embedded import EmbeddedKV
 from coordinator.etcd import EtcdKV, RevisionCompacted
-from coordinator.kv import KV, Compare, Delete, Get, LeaseGone, Put, SnapshotLost, WatchEvent
+from coordinator.kv import KV, Compare, Count, Delete, Get, LeaseGone, Put, SnapshotLost, WatchEvent
 from coordinator.lease import KeptLease, NodeLease
 
 TTL = 1  # seconds; the session etcd is tuned so that a 1 s lease really lasts 1 s
@@ -401,6 +401,22 @@ async def test_transaction_reads_its_own_writes_and_commits_at_one_revision(kv: 
     assert new is not None and new.value == b"1" and new.mod_revision == result.revision
     assert gone is None
     assert (await kv.get("other")).mod_revision == result.revision  # type: ignore[union-attr]
+
+
+async def test_count_ops_in_a_transaction_count_where_they_stand_in_the_branch(kv: KV) -> None:
+    for key in ["s/1", "s/2", "s0", "t/1"]:
+        await kv.put(key, b"x")
+    result = await kv.txn(
+        [Compare.absent("s/3")],
+        [Count("s/"), Put("s/3", b"x"), Delete("s/1"), Put("s/4", b"x"), Count("s/"), Count("none/"), Get("s/3")],
+    )
+    assert result.succeeded and result.counts == [2, 3, 0]
+    assert result.gets[0] is not None and result.gets[0].value == b"x"
+    # The branch that runs is the one counted; a transaction of reads alone writes nothing.
+    failed = await kv.txn([Compare.absent("s/3")], [Count("s/")], [Count("t/"), Count("s/")])
+    assert not failed.succeeded and failed.counts == [1, 3]
+    assert failed.revision == result.revision
+    assert await kv.count("s/") == 3
 
 
 async def test_delete_by_prefix_inside_a_transaction(kv: KV) -> None:
