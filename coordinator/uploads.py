@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import keys
-from .kv import KV, Compare, Delete, Get, Put, pages
+from .kv import KV, Compare, Count, Delete, Get, Put, pages
 
 
 @dataclass(frozen=True)
@@ -142,21 +142,30 @@ class UploadSessions:
         owner: str = "",
         limit: int = 0,
     ) -> UploadSession:
-        """A new session; with `limit`, TooManySessions when `owner` already holds that many."""
-        if owner and limit and await self.kv.count(keys.uploads_of(owner)) >= limit:
-            raise TooManySessions(owner, limit)
+        """A new session; with `limit`, TooManySessions when `owner` already holds that many.
+
+        The owner's sessions are counted in the transaction that opens this one, so the bound costs
+        no round trip of its own and two opening at once each count the other. Over the bound, the
+        session just opened (whose id nobody has been told) is ended again before the refusal.
+        """
         now = time.time()
         session = UploadSession(
             upload_id, repository, driver_state=driver_state, started=now, updated=now, commit=commit, owner=owner
         )
         key = keys.upload(upload_id)
-        ops: list[Put | Delete] = [Put(key, session.to_json())]
+        bounded = bool(owner and limit)
+        ops: list[Put | Delete | Count] = [Count(keys.uploads_of(owner))] if bounded else []
+        ops.append(Put(key, session.to_json()))
         if owner:
             ops.append(Put(keys.upload_owner(owner, upload_id), b""))
         result = await self.kv.txn([Compare.absent(key)], ops)
         if not result.succeeded:
             raise SessionChanged(upload_id)
-        return replace(session, mod_revision=result.revision)
+        session = replace(session, mod_revision=result.revision)
+        if bounded and result.counts[0] >= limit:
+            await self.kv.txn([Compare.unchanged(key, result.revision)], session.ending())
+            raise TooManySessions(owner, limit)
+        return session
 
     async def get(self, upload_id: str) -> UploadSession | None:
         found = await self.kv.get(keys.upload(upload_id))

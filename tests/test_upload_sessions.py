@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from oci_client import OCIClient, assert_error
 from secure_registry import SecureWharf, make_users
 from services import wait_until
+
+from coordinator import keys
+from coordinator.embedded import EmbeddedKV
+from coordinator.etcd import EtcdKV
+from coordinator.kv import KV
+from coordinator.uploads import TooManySessions, UploadSessions
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 
@@ -69,3 +78,41 @@ def test_anonymous_pushes_are_bounded_per_address_and_finished_sessions_never_co
         for r in open_ones[:5]:
             assert client.delete(r.headers["location"]).status_code == 204
         assert client.post("/v2/team/app/blobs/uploads/").status_code == 202
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+async def kv(request, tmp_path):
+    if request.param == "embedded":
+        store: KV = EmbeddedKV(str(tmp_path / "kv.db"))
+        yield store
+        await store.close()
+        return
+    store = await EtcdKV.open(request.getfixturevalue("etcd").endpoints, prefix=f"/wharf-test/{uuid.uuid4().hex}/")
+    try:
+        yield store
+    finally:
+        await store.delete("", prefix=True)
+        await store.close()
+
+
+async def test_sessions_opened_at_once_never_exceed_the_bound_and_a_refused_one_leaves_nothing(kv):
+    """The owner's sessions are counted in the transaction that opens one, so racing opens each count
+    the others: exactly the bound gets through, and a refused session's records are gone again."""
+    sessions = UploadSessions(kv)
+
+    async def open_one() -> str | None:
+        upload_id = sessions.new_id()
+        try:
+            await sessions.create(upload_id, "team/app", {}, owner="address 127.0.0.9", limit=10)
+        except TooManySessions:
+            return None
+        return upload_id
+
+    opened = await asyncio.gather(*(open_one() for _ in range(40)))
+    kept = [upload_id for upload_id in opened if upload_id is not None]
+    assert len(kept) == 10
+    assert sorted(r.key for r in await kv.range(keys.UPLOADS)) == sorted(keys.upload(u) for u in kept)
+    assert await kv.count(keys.uploads_of("address 127.0.0.9")) == 10
+    # Another owner is not held up; without a bound nothing is counted.
+    await sessions.create(sessions.new_id(), "team/app", {}, owner="bob", limit=10)
+    await sessions.create(sessions.new_id(), "team/app", {}, owner="address 127.0.0.9")
