@@ -385,7 +385,7 @@ class _Batch:
         self._ops: list[Op] = []
         self._bytes = 0
 
-    async def add(self, op: Op) -> None:
+    async def add(self, op: Put | Delete) -> None:
         size = len(op.key) + (len(op.value) if isinstance(op, Put) else 0) + 16
         if self._ops and (len(self._ops) >= MAX_TXN_OPS or self._bytes + size > _TXN_BYTES):
             await self.flush()
