@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +20,26 @@ def etcd() -> Iterator[EtcdCluster]:
     """
     with EtcdCluster(1, heartbeat_ms=50, election_ms=500) as cluster:
         yield cluster
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+async def either_kv(request, tmp_path):
+    """An empty coordinator of each kind: the embedded one in a file, or the session's etcd under a
+    key prefix of its own (removed afterwards)."""
+    from coordinator.embedded import EmbeddedKV
+    from coordinator.etcd import EtcdKV
+
+    if request.param == "embedded":
+        embedded = EmbeddedKV(str(tmp_path / "kv.db"))
+        yield embedded
+        await embedded.close()
+        return
+    store = await EtcdKV.open(request.getfixturevalue("etcd").endpoints, prefix=f"/wharf-test/{uuid.uuid4().hex}/")
+    try:
+        yield store
+    finally:
+        await store.delete("", prefix=True)
+        await store.close()
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
 from pathlib import Path
 
 import httpx
@@ -15,9 +14,6 @@ from secure_registry import SecureWharf, make_users
 from services import wait_until
 
 from coordinator import keys
-from coordinator.embedded import EmbeddedKV
-from coordinator.etcd import EtcdKV
-from coordinator.kv import KV
 from coordinator.uploads import TooManySessions, UploadSessions
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
@@ -80,19 +76,9 @@ def test_anonymous_pushes_are_bounded_per_address_and_finished_sessions_never_co
         assert client.post("/v2/team/app/blobs/uploads/").status_code == 202
 
 
-@pytest.fixture(params=["embedded", "etcd"])
-async def kv(request, tmp_path):
-    if request.param == "embedded":
-        store: KV = EmbeddedKV(str(tmp_path / "kv.db"))
-        yield store
-        await store.close()
-        return
-    store = await EtcdKV.open(request.getfixturevalue("etcd").endpoints, prefix=f"/wharf-test/{uuid.uuid4().hex}/")
-    try:
-        yield store
-    finally:
-        await store.delete("", prefix=True)
-        await store.close()
+@pytest.fixture
+def kv(either_kv):
+    return either_kv
 
 
 async def test_sessions_opened_at_once_never_exceed_the_bound_and_a_refused_one_leaves_nothing(kv):

@@ -5,34 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import uuid
 from dataclasses import asdict
 
 import pytest
 from usage_before import counter_record, object_records
 
 from coordinator import encoding, keys
-from coordinator.embedded import EmbeddedKV
-from coordinator.etcd import EtcdKV
 from coordinator.kv import KV, Delete, Put
 from coordinator.metadata import EVERY_HOLDER_CHANGED, HOLDING_CHANGED, LinkRecord, ManifestRecord
 from coordinator.usage import TOTAL, ScopeUsage, Usage, namespaces_of
 
 
-@pytest.fixture(params=["embedded", "etcd"])
-async def kv(request, tmp_path):
-    if request.param == "embedded":
-        store: KV = EmbeddedKV(str(tmp_path / "kv.db"))
-        yield store
-        await store.close()
-        return
-    prefix = f"/wharf-test/{uuid.uuid4().hex}/"
-    store = await EtcdKV.open(request.getfixturevalue("etcd").endpoints, prefix=prefix)  # compact key layout
-    try:
-        yield store
-    finally:
-        await store.delete("", prefix=True)
-        await store.close()
+@pytest.fixture
+def kv(either_kv):
+    return either_kv
 
 
 def expected(truth: dict[tuple[str, str], tuple[int, bool, bool]]) -> dict[str, ScopeUsage]:
