@@ -13,6 +13,7 @@ busy machine moves rates far more than CPU per operation.
   tags/list, whole (1,000 tags)       wrk
   small-image push                    config + 2 small layers + manifest, the whole client flow
   blob pull                           GETs of one large blob by a few clients (redirects followed)
+  blob pull by wrk                    the same GETs by wrk, a client that is not the bottleneck (filesystem)
   resident memory                     idle, and while taking one large blob (--memory-mib)
 
 On rgw (Wharf on etcd) a third registry, Wharf with `--workers` worker processes (default: the
@@ -184,6 +185,15 @@ async def _pull(server: Server, seeded: Seeded, plan: Plan, workdir: Path) -> Fi
     return _figure(result, result.mib_rate, result.ops, result.error_count)
 
 
+async def _pull_wrk(server: Server, seeded: Seeded, plan: Plan, workdir: Path) -> Figure:
+    """wrk GETs of the blob with the pull clients' connections: a client in C, so the rate is the
+    server's, not the bench client's (the filesystem only: on rgw a GET is a redirect, and wrk does not
+    follow it)."""
+    url = f"{server.base}/v2/bench/blob/blobs/{seeded.blob_digest}"
+    result = await loads.wrk_load(server, url, plan.s, connections=plan.pull_clients, latency=False)
+    return _figure(result, result.mib_rate, result.requests, result.error_count)
+
+
 def _manifest(by: str) -> Callable[[Seeded], str]:
     return lambda seeded: "/v2/bench/manifest/manifests/" + ("latest" if by == "tag" else seeded.manifest_digest)
 
@@ -194,6 +204,7 @@ class Load:
     title: str
     unit: str
     run: LoadRun
+    storages: tuple[str, ...] = ("filesystem", "rgw")  # where the load means something
 
 
 LOADS = [
@@ -204,6 +215,7 @@ LOADS = [
     Load("tags_full", f"tags/list, all {TAGS} tags", "req/s", _wrk(lambda seeded: "/v2/bench/tags/tags/list")),
     Load("images", "small-image push", "images/s", _images),
     Load("pull", "blob pull", "MiB/s", _pull),
+    Load("pull_wrk", "blob pull by wrk", "MiB/s", _pull_wrk, storages=("filesystem",)),
 ]
 TITLES = {load.key: load.title for load in LOADS}
 
@@ -326,7 +338,7 @@ async def run_storage(
             seeded[target.key] = await seed(server, plan)
             run.memory.setdefault(target.key, {})["idle"] = pss_mib(server)
             say(f"{target.label} ready on port {server.port}, seeded")
-        for load in chosen:
+        for load in (load for load in chosen if storage.name in load.storages):
             per = run.figures.setdefault(load.key, {})
             for n in range(plan.rounds):
                 order = list(servers)[n % len(servers) :] + list(servers)[: n % len(servers)]
@@ -435,6 +447,7 @@ GOALS = [
     ("filesystem", "images", 2.5, "#14.2"),
     ("rgw", "images", 3.0, "#14.2"),
     ("filesystem", "pull", 1.2, "#14.3 (#13.6: 1.0)"),
+    ("filesystem", "pull_wrk", 1.2, "#14.3 (#13.6: 1.0)"),
     ("filesystem", "tags_full", 5.0, "#13.3"),
     ("rgw", "tags_full", 5.0, "#13.3"),
 ]
