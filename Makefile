@@ -8,6 +8,10 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-
 # Ceph RADOS Gateway for the S3 tests (mon, OSD, radosgw), installed without the packages they recommend.
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
+# Processes `make test` runs the suite in. Most tests wait on real servers (etcd, RGW, registry:2,
+# ansible), so two halve the time on two cores; each test file stays in one process (its
+# module fixtures, such as the Ansible cluster, are built once).
+TEST_WORKERS ?= 2
 
 .PHONY: run test bench bench-hotpaths profile bench-s3 bench-chunked bench-gc bench-scale bench-signatures bench-proxy bench-metadata bench-ui install install-test deb-test lint clean
 
@@ -42,7 +46,7 @@ run: install
 test: install-test
 	$(PY) -m ruff check node coordinator tests loadtests
 	$(PY) -m mypy node coordinator
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # Extra flags for the comparison, e.g. `make bench BENCH_ARGS=--quick` (see loadtests/README.md).
 BENCH_ARGS ?=

@@ -7,7 +7,6 @@ deadline instead of sleeping for a guessed time.
 from __future__ import annotations
 
 import base64
-import contextlib
 import glob
 import json
 import os
@@ -34,23 +33,50 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-# Ports already handed out in this test session: a port chosen for one process is never chosen
-# again for another that starts before the first has bound it.
-_HANDED_OUT: set[int] = set()
+# Test servers listen on ports below the kernel's ephemeral range, where no outgoing connection
+# takes one between its choice and the server's bind. Each pytest-xdist process has its own
+# window of that range, so two processes never choose the same port; within a process a port is
+# handed out once (a port chosen for one server is never chosen again for another that starts
+# before the first has bound it).
+_PORTS_LOW = 10_000
+
+
+def _port_window() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        high = 32_768
+    high = max(high, _PORTS_LOW + 2_000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    span = (high - _PORTS_LOW) // max(count, 1)
+    return range(_PORTS_LOW + index * span, _PORTS_LOW + (index + 1) * span)
+
+
+_WINDOW = _port_window()
+_next_port = _WINDOW.start
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free ports, none handed out before (sockets held until all are chosen)."""
-    with contextlib.ExitStack() as stack:
-        ports: list[int] = []
-        while len(ports) < count:
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-            if port not in _HANDED_OUT:
-                ports.append(port)
-                _HANDED_OUT.add(port)
+    """`count` distinct ports free on `host`, none handed out before in this process."""
+    global _next_port
+    ports: list[int] = []
+    for _ in range(len(_WINDOW)):
+        if len(ports) == count:
+            return ports
+        port = _next_port
+        _next_port = port + 1 if port + 1 < _WINDOW.stop else _WINDOW.start
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # taken (or still in TIME_WAIT): the next one
+        ports.append(port)
+    if len(ports) == count:
         return ports
+    raise RuntimeError(f"no {count} free ports on {host} in {_WINDOW.start}-{_WINDOW.stop - 1}")
 
 
 def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition"):
