@@ -10,6 +10,7 @@ import base64
 import glob
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,10 +35,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # Test servers listen on ports below the kernel's ephemeral range, where no outgoing connection
-# takes one between its choice and the server's bind. Each pytest-xdist process has its own
-# window of that range, so two processes never choose the same port; within a process a port is
-# handed out once (a port chosen for one server is never chosen again for another that starts
-# before the first has bound it).
+# takes one between its choice and the server's bind. Each pytest-xdist process picks from its own
+# window of that range, so two processes of one run never choose the same port, and at random, so
+# that two runs side by side rarely do; within a process a port is handed out once (a port chosen
+# for one server is never chosen again for another that starts before the first has bound it).
 _PORTS_LOW = 10_000
 
 
@@ -56,23 +57,25 @@ def _port_window() -> range:
 
 
 _WINDOW = _port_window()
-_next_port = _WINDOW.start
+_HANDED_OUT: set[int] = set()
+_PICK = random.Random()
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct ports free on `host`, none handed out before in this process."""
-    global _next_port
     ports: list[int] = []
     for _ in range(len(_WINDOW)):
         if len(ports) == count:
             return ports
-        port = _next_port
-        _next_port = port + 1 if port + 1 < _WINDOW.stop else _WINDOW.start
+        port = _PICK.choice(_WINDOW)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
-                continue  # taken (or still in TIME_WAIT): the next one
+                continue  # taken (or still in TIME_WAIT): another one
+        _HANDED_OUT.add(port)
         ports.append(port)
     if len(ports) == count:
         return ports
