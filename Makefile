@@ -9,8 +9,9 @@ DEB_TEST_PACKAGES := etcd-server etcd-client skopeo docker-registry wrk apache2-
 DEB_TEST_PACKAGES_NO_RECOMMENDS := ceph-mon ceph-osd radosgw ceph-common
 CONFIG ?=
 # Processes `make test` runs the suite in. Most tests wait on real servers (etcd, RGW, registry:2,
-# ansible), so two halve the time on two cores; each test file stays in one process (its
-# module fixtures, such as the Ansible cluster, are built once).
+# ansible), so two cut the time by a third on two cores; each test file stays in one process (its
+# module fixtures, such as the Ansible cluster, are built once), and files go out in their order
+# (xdist would send those with the most tests first, leaving the slow few-test ones for the end).
 TEST_WORKERS ?= 2
 
 .PHONY: run test bench bench-hotpaths profile bench-s3 bench-chunked bench-gc bench-scale bench-signatures bench-proxy bench-metadata bench-ui install install-test deb-test lint clean
@@ -46,7 +47,7 @@ run: install
 test: install-test
 	$(PY) -m ruff check node coordinator tests loadtests
 	$(PY) -m mypy node coordinator
-	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Extra flags for the comparison, e.g. `make bench BENCH_ARGS=--quick` (see loadtests/README.md).
 BENCH_ARGS ?=
