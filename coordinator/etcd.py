@@ -55,6 +55,7 @@ from .kv import (
     TxnResult,
     WatchEvent,
 )
+from .pointreads import PointReads
 
 log = logging.getLogger("wharf.coordinator")
 
@@ -363,6 +364,8 @@ class EtcdKV:
         # Channels to single members by client URL, for status and defragmentation.
         self._members: dict[str, _Connection] = {}
         self._quotas: dict[str, tuple[float, int]] = {}  # client URL -> (when read, bytes)
+        # Point reads under load share round trips (one Txn of Gets), never answering from the past.
+        self._points: PointReads[str, KeyValue | None] = PointReads(self._get_one, self._get_many)
 
     @classmethod
     async def open(cls, endpoints: Sequence[str] | str, prefix: str = "/wharf/", **kwargs: Any) -> EtcdKV:
@@ -509,8 +512,14 @@ class EtcdKV:
     # -- reads ----------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
+        return await self._points.get(key)
+
+    async def _get_one(self, key: str) -> KeyValue | None:
         resp = await self._range(rpc.RangeRequest(key=self._k(key)))
         return self._kv(resp.kvs[0]) if resp.kvs else None
+
+    async def _get_many(self, names: Sequence[str]) -> list[KeyValue | None]:
+        return (await self.txn([], [Get(name) for name in names])).gets
 
     async def range(self, prefix: str, *, start: str | None = None, limit: int = 0) -> list[KeyValue]:
         base = self._k(prefix)
@@ -823,6 +832,7 @@ class EtcdKV:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
+        await self._points.drain()
         for member in list(self._members.values()):
             await member.close()
         self._members.clear()

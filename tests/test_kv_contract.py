@@ -378,6 +378,46 @@ async def test_failed_guard_runs_only_the_failure_branch(kv: KV) -> None:
     assert (await kv.get("k")).value == b"taken"  # type: ignore[union-attr]
 
 
+async def test_many_gets_at_once_each_get_their_own_key(kv: KV) -> None:
+    """Gets in flight together (the etcd client sends them as shared round trips) keep their keys apart."""
+    for i in range(40):
+        await kv.put(f"many/{i}", str(i).encode())
+    wanted = [f"many/{i % 45}" for i in range(400)]  # repeats, and a few keys that do not exist
+    found = await asyncio.gather(*(kv.get(key) for key in wanted))
+    for key, record in zip(wanted, found, strict=True):
+        if int(key.split("/")[1]) >= 40:
+            assert record is None
+        else:
+            assert record is not None and (record.key, record.value) == (key, key.split("/")[1].encode())
+
+
+async def test_a_get_always_sees_a_write_acknowledged_before_it_began(backend: Backend) -> None:
+    """No answer from the past, however many gets are in flight: a tag moved through one node is
+    seen by the next read on any other."""
+    writer, reader = await backend.open(), await backend.open()
+    await writer.put("moving", b"0")
+    acknowledged = 0
+    stale: list[tuple[int, int]] = []
+
+    async def write() -> None:
+        nonlocal acknowledged
+        for i in range(1, 151):
+            await writer.put("moving", str(i).encode())
+            acknowledged = i
+
+    async def read() -> None:
+        while acknowledged < 150:
+            floor = acknowledged
+            record = await reader.get("moving")
+            assert record is not None
+            if int(record.value) < floor:
+                stale.append((int(record.value), floor))
+            await asyncio.sleep(0)  # the embedded store answers on the loop thread: let the writer run
+
+    await asyncio.wait_for(asyncio.gather(write(), *(read() for _ in range(12))), timeout=120)
+    assert stale == []
+
+
 async def test_get_ops_in_a_transaction_return_records_in_order(kv: KV) -> None:
     rev_a = await kv.put("a", b"1")
     await kv.put("b", b"2")
