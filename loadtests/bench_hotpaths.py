@@ -14,7 +14,8 @@ busy machine moves rates far more than CPU per operation.
   small-image push                    config + 2 small layers + manifest, the whole client flow
   blob pull                           GETs of one large blob by a few clients (redirects followed)
   blob pull by wrk                    the same GETs by wrk, a client that is not the bottleneck (filesystem)
-  resident memory                     idle, and while taking one large blob (--memory-mib)
+  resident memory                     idle, and while taking one large blob (--memory-mib), each
+                                      registry alone (the others stopped, it started again on its store)
 
 On rgw (Wharf on etcd) a third registry, Wharf with `--workers` worker processes (default: the
 machine's usable cores, at least 2), takes the same loads in the same rounds, and a table says what
@@ -292,6 +293,30 @@ async def peak_while_uploading(server: Server, size: int) -> float:
     return peak
 
 
+async def measure_memory_alone(
+    servers: dict[str, Server], storage: Storage, plan: Plan, run: Run, say: Callable[[str], None]
+) -> None:
+    """Each registry's memory with no other registry of the run beside it: every server is stopped,
+    then each is started again alone on the store it was given (its data stays), measured idle and
+    while taking one blob, and stopped. Pages that two Wharfs of one run share (the same libraries)
+    would otherwise be counted half to each, and only for the one started later."""
+    for server in servers.values():
+        server.stop()
+    loop = asyncio.get_running_loop()
+    for key, server in servers.items():
+        server.start()
+        try:
+            await loop.run_in_executor(None, server.wait_ready)
+            await asyncio.sleep(1.0)  # start-up's last collection and frozen objects settle
+            run.memory.setdefault(key, {})["idle"] = pss_mib(server)
+            if key == "distribution" and storage.name == "rgw":
+                continue  # memstore keeps the bytes in RAM either way: Wharf's figure is the one asked for
+            say(f"memory: {server.target.label} alone takes a {plan.memory_bytes >> 20} MiB blob")
+            run.memory[key]["upload"] = await peak_while_uploading(server, plan.memory_bytes)
+        finally:
+            server.stop()
+
+
 # --------------------------------------------------------------------------------------------
 # Running and reporting
 # --------------------------------------------------------------------------------------------
@@ -336,7 +361,6 @@ async def run_storage(
             server.start()
             await asyncio.get_running_loop().run_in_executor(None, server.wait_ready)
             seeded[target.key] = await seed(server, plan)
-            run.memory.setdefault(target.key, {})["idle"] = pss_mib(server)
             say(f"{target.label} ready on port {server.port}, seeded")
         for load in (load for load in chosen if storage.name in load.storages):
             per = run.figures.setdefault(load.key, {})
@@ -351,11 +375,7 @@ async def run_storage(
                         run.problems.append(f"{load.key} on {key}: {type(exc).__name__}: {exc}"[:300])
                     per.setdefault(key, []).append(figure)
         if plan.memory_bytes:
-            for key, server in servers.items():
-                if key == "distribution" and storage.name == "rgw":
-                    continue  # memstore keeps the bytes in RAM either way: Wharf's figure is the one asked for
-                say(f"memory: {server.target.label} takes a {plan.memory_bytes >> 20} MiB blob")
-                run.memory[key]["upload"] = await peak_while_uploading(server, plan.memory_bytes)
+            await measure_memory_alone(servers, storage, plan, run, say)
     finally:
         for key, server in servers.items():
             server.stop()

@@ -127,7 +127,8 @@ class Server:
         else:
             argv = [sys.executable, "-m", "node.cli", "serve", str(config)]
             env["PYTHONPATH"] = str(self.code) + os.pathsep + env.get("PYTHONPATH", "")
-        self._log = open(self.log_path, "wb")
+        # Appended to: a server started again (bench_hotpaths measures memory alone) keeps its log whole.
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             argv,
             cwd=str(self.code if self.target.kind == "wharf" else self.workdir),
