@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -39,7 +40,7 @@ from .errors import (
 from .headers import ConfiguredHeaders, PathPrefix
 from .health import HealthChecks
 from .maintenance import Maintenance
-from .metrics import Metrics
+from .metrics import MULTIPROC_ENV, Metrics
 from .proxy.middleware import MirrorPaths, ProxyMiddleware
 from .readonly import ReadOnlyMiddleware
 from .routing import Endpoint
@@ -186,7 +187,9 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
         # first request, so that a refused one never writes it (an unreachable coordinator: later).
         with contextlib.suppress(Exception):
             await svc.uploader.states.ready()
-        health = app.state.health = HealthChecks.from_config(config.health, svc.storage)
+        health = app.state.health = HealthChecks.from_config(
+            config.health, svc.storage, publish=os.environ.get(MULTIPROC_ENV) or None
+        )
         maintenance = Maintenance(svc)
         background = [
             loop.create_task(svc.readonly.switch.run()),

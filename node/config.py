@@ -556,6 +556,9 @@ class DebugConfig(_Section):
     addr: str = "127.0.0.1:5001"
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     listen: ListenAddress | None = field(default=None, init=False, repr=False)
+    # Whether the file or a variable names `addr`. Wharf's default is a courtesy registry:2 does not
+    # offer, so it gives way (with a warning) where it would stop a registry:2 file from serving.
+    given: bool = field(default=False, init=False, repr=False)
 
     def check(self) -> None:
         if self.addr:
@@ -1454,6 +1457,17 @@ class ManifestValidation(_Section):
 
 
 @dataclass
+class CatalogConfig(_Section):
+    """Distribution's catalog: the most repositories one `_catalog` page holds, and its size without `n`."""
+
+    maxentries: int = 1000
+
+    def check(self) -> None:
+        if isinstance(self.maxentries, bool) or not isinstance(self.maxentries, int) or self.maxentries < 1:
+            raise _FieldError("maxentries", self.maxentries, "a whole number of at least 1")
+
+
+@dataclass
 class ValidationConfig(_Section):
     """Distribution's validation: which URLs foreign (non-distributable) layers may name.
 
@@ -1508,10 +1522,15 @@ class Config(_Section):
     health: HealthConfig = field(default_factory=HealthConfig)
     compatibility: CompatibilityConfig = field(default_factory=CompatibilityConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
     # Every other region's storage, by region name (this node's own is `storage`, named by cluster.region).
     regions: dict[str, RegionConfig] = field(default_factory=dict)
     # Where the file came from; None when running on defaults.
     source: str | None = field(default=None, init=False)
+    # REGISTRY_* variables that name no key of the tree, ignored as Distribution ignores them.
+    ignored_variables: list[str] = field(default_factory=list, init=False)
+    # What start-up should warn of (a default that gave way).
+    warnings: list[str] = field(default_factory=list, init=False)
 
     def check(self) -> None:
         if str(self.version) != "0.1":
@@ -1607,6 +1626,17 @@ _TYPED_SECTIONS = {
 }
 
 
+# The top-level keys a REGISTRY_* variable may set. Others are not configuration: Distribution logs
+# and ignores them, and so does Wharf (Kubernetes sets REGISTRY_PORT and the like for a Service named
+# `registry`; they must not stop a node from starting).
+_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.init)
+# Kubernetes' service links (<SERVICE>_SERVICE_HOST, <SERVICE>_PORT_5000_TCP_ADDR ...), for a Service
+# named `registry` or `registry-<anything>`: never configuration, whatever section they seem to name.
+_SERVICE_LINK = re.compile(
+    r"REGISTRY(?:_[A-Z0-9]+)*_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)"
+)
+
+
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the YAML file (or nothing), apply REGISTRY_* overrides, parse and check everything."""
     environ = os.environ if environ is None else environ
@@ -1615,9 +1645,14 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
         raw = _read(path)
     else:
         raw = _no_file_defaults()
+    ignored: list[str] = []
     for name in sorted(environ):
         if name.startswith("REGISTRY_") and name != "REGISTRY_CONFIGURATION_PATH":
-            _apply_override(raw, name[len("REGISTRY_") :].lower().split("_"), environ[name], name)
+            path_parts = name[len("REGISTRY_") :].lower().split("_")
+            if path_parts[0] not in _SECTIONS or _SERVICE_LINK.fullmatch(name):
+                ignored.append(name)
+                continue
+            _apply_override(raw, path_parts, environ[name], name)
     raw = _lower_keys(raw)
     if isinstance(raw.get("storage"), str):  # `storage: filesystem`, as Distribution allows
         raw["storage"] = {raw["storage"]: {}}
@@ -1628,6 +1663,10 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     _refuse_unsupported(raw)
     config = _build(Config, raw, "")
     config.source = path
+    config.ignored_variables = ignored
+    http_section = raw.get("http")
+    debug_section = http_section.get("debug") if isinstance(http_section, dict) else None
+    config.http.debug.given = isinstance(debug_section, dict) and "addr" in debug_section
     _finish(config)
     return config
 
@@ -1732,13 +1771,15 @@ def _finish(config: Config) -> None:
         config.http.workers_auto = True
     debug = config.http.debug
     if debug.listen is not None and debug.listen.overlaps(config.http.listen):
-        default = " (Wharf's default: set http.debug.addr to another address, or to '' for no debug listener)"
-        raise invalid(
-            "http.debug.addr",
-            debug.addr,
-            f"an address other than http.addr ({config.http.addr})"
-            + (default if debug.addr == DebugConfig.addr else ""),
-        )
+        if not debug.given:
+            # A registry:2 file serving on :5001 names no debug listener: it must serve as it did.
+            debug.listen = None
+            config.warnings.append(
+                f"http.debug.addr: Wharf's default {debug.addr} is where http.addr ({config.http.addr}) "
+                "serves, so there is no debug listener (no metrics); set http.debug.addr to have one"
+            )
+            return
+        raise invalid("http.debug.addr", debug.addr, f"an address other than http.addr ({config.http.addr})")
 
 
 def embedded_path_in(root: str) -> str:

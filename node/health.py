@@ -1,13 +1,16 @@
 """Distribution's health checks (`health.storagedriver`, `file`, `http`, `tcp`): periodic probes with a
-failure threshold, whose state `/debug/ready` reports so a load balancer takes the node out of rotation."""
+failure threshold, whose state `/debug/ready` reports so a load balancer takes the node out of rotation,
+and the debug listener's `/debug/health` as registry:2's does (503 and the failing checks)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -22,6 +25,8 @@ log = logging.getLogger("wharf.health")
 
 # Storage probes are not bounded in Distribution; here a hung storage counts as a failure.
 _STORAGE_TIMEOUT = 10.0
+# health-<pid>.json: one worker's failing checks, in the workers' shared directory.
+_HEALTH_FILE = "health-"
 
 
 @dataclass
@@ -64,10 +69,17 @@ class Check:
 
 
 class HealthChecks:
-    """The configured checks, each probed on its own schedule while the app runs."""
+    """The configured checks, each probed on its own schedule while the app runs.
 
-    def __init__(self, checks: list[Check]) -> None:
+    With `publish` (the worker processes' shared directory), each worker also writes its failing
+    checks to a file there whenever they change, so the `wharf serve` process answers the debug
+    listener's `/debug/health` for all of them (see `failing_in`).
+    """
+
+    def __init__(self, checks: list[Check], publish: str | None = None) -> None:
         self.checks = checks
+        self._publish = os.path.join(publish, f"{_HEALTH_FILE}{os.getpid()}.json") if publish else None
+        self._published: dict[str, str] | None = None
 
     @property
     def storage_checked(self) -> bool:
@@ -75,7 +87,7 @@ class HealthChecks:
         return any(c.name == "storage" for c in self.checks)
 
     @classmethod
-    def from_config(cls, config: HealthConfig, storage: StorageDriver) -> HealthChecks:
+    def from_config(cls, config: HealthConfig, storage: StorageDriver, publish: str | None = None) -> HealthChecks:
         checks = []
         driver = config.storagedriver
         if driver.enabled:
@@ -95,19 +107,73 @@ class HealthChecks:
             )
         for tcp in config.tcp:
             checks.append(Check(f"tcp {tcp.addr}", tcp.interval, tcp.threshold, _tcp_probe(tcp), tcp.timeout))
-        return cls(checks)
+        return cls(checks, publish)
 
     async def run(self) -> None:
         """Probe every check now and then every interval, until cancelled."""
-        await asyncio.gather(*(self._every(check) for check in self.checks))
+        try:
+            await asyncio.gather(*(self._every(check) for check in self.checks))
+        finally:
+            if self._publish is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._publish)
 
     async def _every(self, check: Check) -> None:
         while True:
             await check.run_once()
+            self._share()
             await asyncio.sleep(check.interval)
 
     def states(self) -> dict[str, str]:
         return {check.name: check.state() for check in self.checks}
+
+    def failing(self) -> dict[str, str]:
+        """Each failing check and why, as Distribution's `/debug/health` names them ({} when all pass)."""
+        return {check.name: check.state() for check in self.checks if not check.healthy}
+
+    def _share(self) -> None:
+        if self._publish is None:
+            return
+        failing = self.failing()
+        if failing == self._published:
+            return
+        try:
+            fd, temporary = tempfile.mkstemp(dir=os.path.dirname(self._publish), prefix=".health-")
+            with os.fdopen(fd, "w") as out:
+                json.dump(failing, out)
+            os.replace(temporary, self._publish)
+        except OSError as exc:
+            log.warning("cannot share the health checks' state with the debug listener: %s", exc)
+            return
+        self._published = failing
+
+
+def failing_in(directory: str) -> dict[str, str]:
+    """The failing checks of every live worker that shares `directory` (the union of their files)."""
+    failing: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if not (entry.name.startswith(_HEALTH_FILE) and entry.name.endswith(".json")):
+                continue
+            pid = entry.name[len(_HEALTH_FILE) : -len(".json")]
+            if not pid.isdigit() or not _alive(int(pid)):
+                continue  # a worker that died: its successor publishes its own
+            try:
+                with open(entry.path, encoding="utf-8") as found:
+                    failing.update(json.load(found))
+            except (OSError, ValueError):
+                continue
+    return failing
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _file_probe(path: str) -> Callable[[], Awaitable[None]]:

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, TypeVar
 
@@ -809,9 +809,16 @@ class InstrumentedStorage:
         await self.inner.close()
 
 
-def debug_app(registry: CollectorRegistry, path: str = "/metrics", *, metrics: bool = True) -> Any:
+def debug_app(
+    registry: CollectorRegistry,
+    path: str = "/metrics",
+    *,
+    metrics: bool = True,
+    health: Callable[[], dict[str, str]] | None = None,
+) -> Any:
     """The debug listener's WSGI app: Prometheus metrics at `path` (unless `metrics` is off, as
-    `http.debug.prometheus.enabled: false` asks) and `/debug/health`."""
+    `http.debug.prometheus.enabled: false` asks) and `/debug/health`: as registry:2's, the failing
+    health checks (`health()`: name -> why) and 503, or `{}` and 200."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -819,7 +826,9 @@ def debug_app(registry: CollectorRegistry, path: str = "/metrics", *, metrics: b
         if metrics and route == path:
             body, media_type, status = generate_latest(registry), CONTENT_TYPE_LATEST, "200 OK"
         elif route == "/debug/health":
-            body, media_type, status = b"{}", "application/json", "200 OK"
+            failing = health() if health is not None else {}
+            body, media_type = json.dumps(failing).encode(), "application/json"
+            status = "503 Service Unavailable" if failing else "200 OK"
         else:
             body, media_type, status = b"404 page not found\n", "text/plain; charset=utf-8", "404 Not Found"
         start_response(status, [("Content-Type", media_type), ("Content-Length", str(len(body)))])

@@ -260,11 +260,18 @@ def test_a_bad_address_names_the_key_and_the_value(addr):
 
 
 def test_the_debug_listener_may_not_share_the_main_port():
-    with pytest.raises(
-        ConfigError, match="http.debug.addr: expected an address other than http.addr .*Wharf's default"
-    ):
-        load(None, environ={"REGISTRY_HTTP_ADDR": ":5001"})
+    with pytest.raises(ConfigError, match="http.debug.addr: expected an address other than http.addr"):
+        load(None, environ={"REGISTRY_HTTP_ADDR": ":5001", "REGISTRY_HTTP_DEBUG_ADDR": "127.0.0.1:5001"})
     assert load(None, environ={"REGISTRY_HTTP_ADDR": ":5001", "REGISTRY_HTTP_DEBUG_ADDR": ""}).http.debug.listen is None
+
+
+def test_wharfs_default_debug_listener_gives_way_to_a_registry2_file_on_port_5001(tmp_path):
+    # registry:2 has no debug listener unless the file names one: its file serving on :5001 must serve.
+    config = load(_write(tmp_path, "version: 0.1\nhttp:\n  addr: :5001\n"), environ={})
+    assert config.http.listen is not None and config.http.listen.port == 5001
+    assert config.http.debug.listen is None
+    assert len(config.warnings) == 1 and "no debug listener" in config.warnings[0]
+    assert not load(_write(tmp_path, REGISTRY2_FILE), environ={}).warnings
 
 
 def test_headers_take_distribution_lists_and_single_values(tmp_path):

@@ -22,7 +22,7 @@ from services import free_port, wait_until
 from wharf_process import WharfProcess
 
 from coordinator.readonly import set_switch
-from node.config import LogConfig
+from node.config import ConfigError, LogConfig, load
 from node.logs import JSONFormatter, LogstashFormatter, TextFormatter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -185,20 +185,27 @@ def test_formatters_put_the_fields_on_every_line():
     assert text.endswith('level=warning msg="disk full" logger=wharf repository=team/app service=registry')
 
 
-def test_health_checks_take_a_node_out_of_rotation_and_back(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_health_checks_take_a_node_out_of_rotation_and_back(tmp_path, workers):
     down = tmp_path / "down"
     health = {
         "storagedriver": {"enabled": True, "interval": "200ms", "threshold": 2},
         "file": [{"file": str(down), "interval": "200ms"}],
     }
     coordinator = {"embedded": {"path": str(tmp_path / "coordinator.db")}}
-    with WharfProcess(tmp_path / "node", health=health, coordinator=coordinator) as node:
+    with WharfProcess(tmp_path / "node", health=health, coordinator=coordinator, http={"workers": workers}) as node:
         root = Path(node.config["storage"]["filesystem"]["rootdirectory"])
+        debug_health = node.metrics_url.removesuffix("/metrics") + "/debug/health"
         with httpx.Client(base_url=node.url, trust_env=False, timeout=10) as http:
 
             def ready_is(status: int) -> dict[str, str] | None:
                 response = http.get("/debug/ready")
                 return response.json() if response.status_code == status else None
+
+            def debug_health_is(status: int) -> httpx.Response | None:
+                # registry:2's monitoring URL on the debug listener: the failing checks, and 503.
+                response = http.get(debug_health)
+                return response if response.status_code == status else None
 
             ready = wait_until(lambda: ready_is(200), timeout=20, what="ready")
             assert ready.pop("coordinator_space")  # room in the coordinator, in words
@@ -208,11 +215,15 @@ def test_health_checks_take_a_node_out_of_rotation_and_back(tmp_path):
                 f"file {down}": "ok",
                 "readonly": "writable",
             }
+            assert wait_until(lambda: debug_health_is(200), timeout=20, what="/debug/health").json() == {}
             down.write_text("maintenance")
             states = wait_until(lambda: ready_is(503), timeout=20, what="unready while the file exists")
             assert states[f"file {down}"].startswith("RuntimeError: file exists")
+            failing = wait_until(lambda: debug_health_is(503), timeout=20, what="/debug/health failing").json()
+            assert list(failing) == [f"file {down}"] and failing[f"file {down}"].startswith("RuntimeError: file exists")
             down.unlink()
             wait_until(lambda: ready_is(200), timeout=20, what="ready again")
+            assert wait_until(lambda: debug_health_is(200), timeout=20, what="/debug/health passing").json() == {}
 
             moved = root.with_name("registry-away")
             root.rename(moved)
@@ -291,6 +302,70 @@ async def test_read_only_and_request_metrics_see_requests_under_a_prefix(registr
     registry.services.metrics.flush()
     exposition = registry.services.metrics.exposition().decode()
     assert re.search(r'registry_http_requests_total\{[^}]*handler="base"', exposition), exposition
+
+
+async def test_catalog_maxentries_sizes_the_pages_as_in_registry2(registry_with):
+    registry = registry_with(catalog={"maxentries": 2})
+    for n in range(5):
+        config = json.dumps({"n": n}).encode()
+        await registry.blob(f"team/r{n}", config)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor(OCI_CONFIG, config),
+            "layers": [],
+        }
+        await registry.put_manifest(f"team/r{n}", "v1", manifest)
+    # Without n: maxentries repositories, and a Link to the rest (registry:2 2.8 answers the same).
+    first = await registry.http.get("/v2/_catalog")
+    assert first.json() == {"repositories": ["team/r0", "team/r1"]}
+    assert first.headers["Link"] == '</v2/_catalog?n=2&last=team%2Fr1>; rel="next"'
+    # A larger n gets maxentries and a Link (registry:2 refuses it; a page the client can follow is kinder).
+    larger = await registry.http.get("/v2/_catalog", params={"n": 5, "last": "team/r1"})
+    assert larger.json() == {"repositories": ["team/r2", "team/r3"]}
+    assert "Link" in larger.headers
+    last = await registry.http.get("/v2/_catalog", params={"last": "team/r3"})
+    assert last.json() == {"repositories": ["team/r4"]} and "Link" not in last.headers
+    assert (await registry.http.get("/v2/_catalog", params={"n": 1})).json() == {"repositories": ["team/r0"]}
+
+
+def test_catalog_maxentries_must_be_a_positive_number(tmp_path):
+    for bad in (0, -1, "many"):
+        path = tmp_path / "config.yml"
+        path.write_text(f"version: 0.1\ncatalog:\n  maxentries: {bad}\n")
+        with pytest.raises(ConfigError, match="catalog.maxentries"):
+            load(str(path), environ={})
+
+
+def test_variables_that_name_no_key_are_ignored_and_named_in_the_log(tmp_path):
+    # Kubernetes gives a pod these for a Service named `registry` (and `registry-http`): registry:2
+    # ignores them, and so must Wharf, or it cannot start there.
+    links = {
+        "REGISTRY_PORT": "tcp://10.0.0.1:5000",
+        "REGISTRY_PORT_5000_TCP": "tcp://10.0.0.1:5000",
+        "REGISTRY_PORT_5000_TCP_ADDR": "10.0.0.1",
+        "REGISTRY_PORT_5000_TCP_PORT": "5000",
+        "REGISTRY_PORT_5000_TCP_PROTO": "tcp",
+        "REGISTRY_SERVICE_HOST": "10.0.0.1",
+        "REGISTRY_SERVICE_PORT": "5000",
+        "REGISTRY_SERVICE_PORT_HTTP": "5000",
+        "REGISTRY_HTTP_SERVICE_HOST": "10.0.0.2",
+        "REGISTRY_HTTP_PORT": "tcp://10.0.0.2:5000",
+        "REGISTRY_UNHEARD_OF": "s3cr3t-value",
+    }
+    config = load(None, environ={**links, "REGISTRY_STORAGE_DELETE_ENABLED": "false"})
+    assert sorted(config.ignored_variables) == sorted(links)
+    assert config.storage.delete.enabled is False  # the variables that are keys still apply
+    # A misspelt key inside a section Wharf knows still stops start-up, as any unknown key does.
+    with pytest.raises(ConfigError, match="unknown configuration key http.adr"):
+        load(None, environ={"REGISTRY_HTTP_ADR": "0.0.0.0:5000"})
+    with WharfProcess(tmp_path / "node", env=links) as node:
+        with httpx.Client(base_url=node.url, trust_env=False, timeout=10) as http:
+            assert http.get("/v2/").status_code == 200
+        text = node.log_text()
+    for name in links:
+        assert f"{name} names no configuration key" in text
+    assert "s3cr3t-value" not in text and "10.0.0.1" not in text
 
 
 async def test_host_makes_urls_absolute_unless_relativeurls(registry_with):

@@ -3,6 +3,7 @@ socket; a port alone (`:5000`) means every interface and the start-up line says 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -106,6 +107,51 @@ def test_a_port_another_program_holds_stops_start_up_naming_the_address(tmp_path
     # Nothing was left bound: the main port is free again.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", process.port))
+
+
+def test_two_registry2_files_serve_side_by_side_without_naming_a_debug_listener(tmp_path):
+    # registry:2 opens no debug port unless told to; Wharf's default one (127.0.0.1:5001) must not
+    # keep a second registry on the host from starting. Here the port is held, as a first one would.
+    with contextlib.ExitStack() as stack:
+        holder = stack.enter_context(socket.socket())
+        try:
+            holder.bind(("127.0.0.1", 5001))
+            holder.listen()
+        except OSError:
+            pass  # already held by something else: just as good
+        port = free_port()
+        data = tmp_path / "node"
+        data.mkdir()
+        config = data / "config.yml"
+        config.write_text(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {data / 'registry'}\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        log = stack.enter_context(open(data / "wharf.log", "wb"))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO_ROOT),
+        )
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=5) as client:
+
+                def up() -> bool:
+                    assert proc.poll() is None, (data / "wharf.log").read_text()
+                    try:
+                        return client.get("/v2/").status_code == 200
+                    except httpx.HTTPError:
+                        return False
+
+                wait_until(up, timeout=30, what="wharf beside a held 127.0.0.1:5001")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    text = (data / "wharf.log").read_text()
+    assert "cannot listen on 127.0.0.1:5001" in text and "serving without a debug listener" in text
 
 
 def test_a_port_alone_listens_on_every_interface_and_the_start_up_line_says_so(tmp_path):

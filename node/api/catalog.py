@@ -12,12 +12,13 @@ from starlette.responses import Response
 
 from .request import next_link, page_size, services, url
 
-MAX_PAGE = 1000
-
 
 async def list_repositories(request: Request) -> Response:
     svc = services(request)
-    n = page_size(request, default=MAX_PAGE, maximum=MAX_PAGE)
+    # catalog.maxentries, as in Distribution: the page without `n` and the largest one (a larger `n`
+    # gets this many and a Link, where Distribution refuses it).
+    most = svc.config.catalog.maxentries
+    n = page_size(request, default=most, maximum=most)
     assert n is not None
     last = request.query_params.get("last") or None
     every = await svc.catalog.get("", svc.metadata.repository_list)

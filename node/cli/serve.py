@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -23,6 +24,7 @@ from .. import asgi, server
 from ..audit import AuditLog
 from ..auth.services import AuthServices
 from ..config import Config
+from ..health import HealthChecks, failing_in
 from ..logs import configure_logging
 from ..metrics import MULTIPROC_ENV, StorageFigures, debug_app
 from ..storage import layout
@@ -53,9 +55,16 @@ class _Listeners:
         if config.http.debug.listen is not None:
             try:
                 debug = server.bind(config.http.debug.listen, "http.debug.addr")
-            except server.ListenError:
-                main.close()
-                raise
+            except server.ListenError as exc:
+                if config.http.debug.given:
+                    main.close()
+                    raise
+                # Only Wharf's default, which registry:2 does not have (a second registry on the
+                # host, say): serve as registry:2 would, without the debug listener, and say so.
+                config.warnings.append(
+                    f"{exc}; serving without a debug listener (no metrics): set http.debug.addr to a free "
+                    "address to have one, or to '' to stop this warning"
+                )
         return cls(main, debug)
 
 
@@ -176,6 +185,10 @@ def _log_startup(config: Config, store: dict[str, object], listeners: _Listeners
     )
     for note in config.accepted_without_effect():
         log.info(note)
+    for variable in config.ignored_variables:  # the name only: a value may be a secret
+        log.warning("%s names no configuration key: ignored, as registry:2 ignores it", variable)
+    for warning in config.warnings:
+        log.warning("%s", warning)
     if config.source is None:
         log.warning(
             "no configuration file: serving on defaults (%s, %s, auth %s)",
@@ -215,7 +228,7 @@ def _run_server(config: Config, listeners: _Listeners) -> int:
             MultiProcessCollector(registry)
             registry.register(StorageFigures(multiproc))
             if listeners.debug is not None:
-                server.serve_debug(listeners.debug, _debug_app(config, registry))
+                server.serve_debug(listeners.debug, _debug_app(config, registry, lambda: failing_in(multiproc)))
             if config.http.server == "granian":
                 return server.run_granian(config, listeners.main, client_cas, asgi.GRANIAN_TARGET)
             from hypercorn.run import run
@@ -231,9 +244,9 @@ def _run_server(config: Config, listeners: _Listeners) -> int:
                 os.unlink(config.http.listen.path)  # the socket file this process made
 
 
-def _debug_app(config: Config, registry: CollectorRegistry) -> object:
+def _debug_app(config: Config, registry: CollectorRegistry, health: Callable[[], dict[str, str]]) -> object:
     prometheus = config.http.debug.prometheus
-    return debug_app(registry, prometheus.path, metrics=prometheus.enabled)
+    return debug_app(registry, prometheus.path, metrics=prometheus.enabled, health=health)
 
 
 def _serve_here(config: Config, listeners: _Listeners, client_cas: str | None) -> int:
@@ -246,7 +259,12 @@ def _serve_here(config: Config, listeners: _Listeners, client_cas: str | None) -
 
     app = create_app(config, serving=True)
     if listeners.debug is not None:
-        server.serve_debug(listeners.debug, _debug_app(config, app.state.metrics.registry))
+
+        def failing() -> dict[str, str]:
+            checks: HealthChecks | None = getattr(app.state, "health", None)  # made as the app starts
+            return checks.failing() if checks is not None else {}
+
+        server.serve_debug(listeners.debug, _debug_app(config, app.state.metrics.registry, failing))
 
     async def main() -> None:
         if config.http.server == "granian":
