@@ -164,9 +164,17 @@ def test_anonymous_pull_rules_open_only_pull_routes_of_their_repositories(team):
         for method, path in _requests("team/app"):
             if path not in CATALOG_LIKE:
                 assert http.request(method, path).status_code == 401, (method, path)
-        # Figures that tell about many repositories, as `_catalog` does: only for who may pull them all.
-        assert http.get("/wharf/v1/usage").status_code == 403
-        assert http.get("/wharf/v1/namespaces/team/usage").status_code == 403
+        # Figures that tell about many repositories, as `_catalog` does: only for who may pull them all,
+        # and a refusal names no repository the caller may not pull, nor says that a namespace exists.
+        whole = http.get("/wharf/v1/usage")
+        assert_refused(whole, 403, "DENIED")
+        assert "team/" not in whole.text and "ci/" not in whole.text, whole.text
+        hidden = http.get("/wharf/v1/namespaces/team/usage")
+        unknown = http.get("/wharf/v1/namespaces/no-such-team/usage")
+        assert_refused(hidden, 404, "NAME_UNKNOWN")
+        assert_refused(unknown, 404, "NAME_UNKNOWN")
+        assert hidden.json()["errors"][0]["detail"] == {"namespace": "team/"}
+        assert "team/app" not in hidden.text
         wait_until(  # once the leader has counted the seeded images
             lambda: http.get("/wharf/v1/namespaces/public/usage").status_code == 200,
             timeout=20,
@@ -207,6 +215,10 @@ def test_whole_repository_and_namespace_deletes_need_push_and_delete_on_every_re
         assert_refused(http.delete("/wharf/v1/repositories/ci/base"), refused, code)
         # A namespace's rights are checked on every repository in it, by its handler.
         assert_refused(http.delete("/wharf/v1/namespaces/ci/"), 403, "DENIED")
+        # The robot may pull nothing under team/: to it, team/ answers as a namespace that does not exist.
+        hidden = http.delete("/wharf/v1/namespaces/team/")
+        assert_refused(hidden, 404, "NAME_UNKNOWN")
+        assert "team/app" not in hidden.text
     with _client(team, DEV, ["team/app"]) as http:
         assert http.get("/wharf/v1/repositories/team/app/usage").status_code == 200
         assert_refused(http.delete("/wharf/v1/namespaces/team/"), 403, "DENIED")

@@ -11,12 +11,12 @@ from starlette.responses import Response
 
 from coordinator.repositories import DeletedRepository, DeletionRunning, NotPermitted, Protected
 
-from ..auth.access import DELETE, PUSH, Access, format_scopes
+from ..auth.access import DELETE, PUSH, Access
 from ..context import note
 from ..errors import Denied, NameUnknown, TooManyRequests, Unsupported
 from ..routing import HOLDS_KEY
 from .request import repository, services
-from .usage import namespace_of
+from .usage import namespace_of, refusal_in
 
 
 def _deleted(rows: list[DeletedRepository]) -> list[dict[str, Any]]:
@@ -70,8 +70,8 @@ async def delete_namespace(request: Request) -> Response:
     try:
         deleted = await svc.repositories.delete_namespace(namespace, allowed=allowed)
     except NotPermitted as exc:
-        missing = [Access("repository", r, a) for r in exc.repos[:10] for a in (PUSH, DELETE)]
-        raise Denied([a.detail() for a in missing], refused_by="access", rule=format_scopes(missing)) from None
+        missing = [Access("repository", r, a) for r in exc.repos for a in (PUSH, DELETE)]
+        raise await refusal_in(request, namespace, missing) from None
     except (Protected, DeletionRunning) as exc:
         raise _refusal(exc) from None
     if not deleted:

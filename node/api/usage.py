@@ -11,7 +11,7 @@ from starlette.responses import Response
 from coordinator.usage import TOTAL
 
 from ..auth.access import PULL, Access, format_scopes
-from ..errors import Denied, NameUnknown
+from ..errors import Denied, NameUnknown, RegistryError
 from ..reference import validate_name
 from ..routing import HOLDS_KEY
 from .request import repository, services
@@ -36,9 +36,32 @@ async def repository_usage(request: Request) -> Response:
     return _answer({"repository": name, **figures.report(), "current": await svc.usage.current()})
 
 
+async def refusal_in(request: Request, namespace: str, refused: list[Access]) -> RegistryError:
+    """The answer to a caller refused on some repositories of `namespace` ('': the registry), which
+    tells it nothing it may not see: the names it may not pull are left out of the detail (the audit
+    line's rule has them all), and where it may pull no repository there at all, it gets what a
+    namespace that does not exist answers."""
+    holds = request.scope.get("state", {}).get(HOLDS_KEY)
+    rule = format_scopes(refused[:10])
+    if holds is None:
+        return Denied([a.detail() for a in refused[:10]], refused_by="access", rule=rule)
+    svc = services(request)
+    every = await svc.catalog.get("", svc.metadata.repository_list)
+    visible = [repo for repo in every if repo.startswith(namespace) and holds(Access("repository", repo, PULL))]
+    if namespace and not visible:
+        return NameUnknown({"namespace": namespace})
+    seen = set(visible)
+    shown = [a.detail() for a in refused if a.name in seen][:10]
+    hidden = len({a.name for a in refused if a.name not in seen})
+    detail: list[dict[str, Any]] = shown
+    if hidden:
+        detail = [*shown, {"repositories you may not pull": hidden}]
+    return Denied(detail, refused_by="access", rule=rule)
+
+
 async def _check_pull_on_every_repository(request: Request, namespace: str) -> None:
     """Figures of a namespace (or, with '', the registry) tell about every repository in it: with
-    authentication on, the caller must be able to pull them all (DENIED names some it cannot)."""
+    authentication on, the caller must be able to pull them all (see `refusal_in` for the answer)."""
     holds = request.scope.get("state", {}).get(HOLDS_KEY)
     if holds is None:
         return
@@ -50,7 +73,7 @@ async def _check_pull_on_every_repository(request: Request, namespace: str) -> N
         if repo.startswith(namespace) and not holds(Access("repository", repo, PULL))
     ]
     if refused:
-        raise Denied([a.detail() for a in refused[:10]], refused_by="access", rule=format_scopes(refused[:10]))
+        raise await refusal_in(request, namespace, refused)
 
 
 async def namespace_usage(request: Request) -> Response:
