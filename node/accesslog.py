@@ -10,6 +10,7 @@ from starlette.types import Scope
 
 from .context import Exchange
 from .metrics import Metrics, distribution_handler
+from .numbers import whole_number
 from .routing import route_path
 
 
@@ -18,8 +19,8 @@ def _request_size(scope: Scope) -> int:
     size = len(scope["method"]) + len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b"")) + 8
     for name, value in scope["headers"]:
         size += len(name) + len(value)
-        if name == b"content-length" and value.isdigit():
-            size += int(value)
+        if name == b"content-length":
+            size += whole_number(value) or 0
     return size
 
 

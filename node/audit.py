@@ -52,6 +52,10 @@ log = logging.getLogger("wharf.audit")
 DECISION_KEY = "wharf.audit"
 # The fields every line has, in this order after `time`, `action` and `result` (null when unknown).
 FIELDS = ("object", "user", "remote", "repository", "reference", "digest", "status", "refused_by", "rule")
+# The most characters of a field that comes from the request (a name, a tag, a user name): valid
+# ones are far shorter (a repository name 255 at most, a sha512 digest 135), and an anonymous caller
+# must not be able to fill the log, and rotate its history away, with a few long invalid names.
+FIELD_CHARS = 512
 # A writer that keeps finding the file replaced under it (rotations by other workers) gives up.
 _LOCK_ATTEMPTS = 8
 # How often a writer alone on its path looks whether the file is still there and still its own.
@@ -428,7 +432,10 @@ class AuditLog:
         """Write one line (returns once it is in the file); AuditUnavailable (503) when it cannot be."""
         entry: dict[str, Any] = {"time": _now(), "action": action, "result": result}
         for name in FIELDS:
-            entry[name] = fields.pop(name, None)
+            value = fields.pop(name, None)
+            if isinstance(value, str) and len(value) > FIELD_CHARS:
+                value = value[:FIELD_CHARS] + f"... ({len(value)} characters)"
+            entry[name] = value
         entry.update(fields)
         if self._file is not None:
             written: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import InternalError, RegistryError, SizeInvalid, error_response
 from .headers import ConfiguredHeaders
+from .numbers import whole_number
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 # Where a request's notes for its audit line are kept in scope["state"] (when the audit log is on).
@@ -93,7 +94,7 @@ def _has_body(scope: Scope) -> bool:
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
     for name, value in headers:
         if name == b"content-length":
-            return int(value) if value.isdigit() else 0
+            return whole_number(value) or 0
     return 0
 
 

@@ -44,9 +44,7 @@ async def run_export(services: Services, *, dry_run: bool = False) -> ExportRepo
                 await _place(services, digest, report)
             report.repositories += 1
             report.tags += len(tags)
-            if dry_run:
-                continue
-            written = await registry2.write_repository(storage, repo, tags, revisions, layers)
+            written = await registry2.write_repository(storage, repo, tags, revisions, layers, dry_run=dry_run)
             report.links_written += written.total
             report.links_unchanged += written.unchanged
         if len(page) < 500:

@@ -88,9 +88,11 @@ def parse(
     section), or None when it may; without it every URL is taken.
     """
     try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ManifestInvalid({"reason": f"not valid JSON: {exc}"}) from exc
+        # As Go's decoder, which every client's is: UTF-8 only (no byte order mark, no UTF-16), no
+        # NaN or Infinity; a number of thousands of digits is refused too (by Python's guard).
+        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ManifestInvalid({"reason": f"not valid JSON: {str(exc)[:200]}"}) from exc
     if not isinstance(doc, dict):
         raise ManifestInvalid({"reason": "a manifest is a JSON object"})
     header_type = _media_type_of(content_type)
@@ -113,7 +115,8 @@ def parse(
         )
     if media_type not in SUPPORTED_TYPES:
         raise ManifestInvalid({"reason": f"unsupported manifest media type {media_type}"})
-    if doc.get("schemaVersion") != 2:
+    version = doc.get("schemaVersion")
+    if version != 2 or type(version) is not int:  # 2.0 is no int to a Go client
         raise ManifestInvalid({"reason": "schemaVersion must be 2"})
 
     blobs: list[str] = []
@@ -177,6 +180,14 @@ def _guess_media_type(doc: dict[str, Any]) -> str:
     raise ManifestInvalid({"reason": "no mediaType and no Content-Type"})
 
 
+# A descriptor's size is an int64 in every client.
+_MAX_SIZE = (1 << 63) - 1
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _descriptor(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ManifestInvalid({"reason": f"{where} must be a descriptor object"})
@@ -189,8 +200,8 @@ def _descriptor(value: Any, where: str) -> dict[str, Any]:
         parse_digest(digest)
     except Exception as exc:
         raise ManifestInvalid({"reason": f"{where}.digest {digest[:200]!r} is not a valid digest"}) from exc
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ManifestInvalid({"reason": f"{where}.size must be a non-negative integer"})
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_SIZE:
+        raise ManifestInvalid({"reason": f"{where}.size must be a non-negative integer (64 bits)"})
     if media_type is not None and not isinstance(media_type, str):
         raise ManifestInvalid({"reason": f"{where}.mediaType must be a string"})
     return value

@@ -226,8 +226,13 @@ def test_export_lets_registry2_serve_old_and_new_images_byte_identical(tmp_path,
         pushed.add_image("fresh/repo", moved, [config_blob, *layers["fresh/repo"]], "latest")
         dry = wharf.command("export", "--dry-run")
         assert dry.returncode == 0 and "nothing was changed" in dry.stdout, dry.stderr
-        exported = wharf.command("export")
+        counted = wharf.command("export", "--dry-run", "--json")
+        exported = wharf.command("export", "--json")
         assert exported.returncode == 0, exported.stdout + exported.stderr
+        # The dry run says what the export then does: the same links to write, the same already right.
+        would, did = json.loads(counted.stdout), json.loads(exported.stdout)
+        assert did["links_written"] > 0
+        assert (would["links_written"], would["links_unchanged"]) == (did["links_written"], did["links_unchanged"])
         again = wharf.command("export", "--json")
         assert json.loads(again.stdout)["links_written"] == 0, "a second export writes nothing"
     finally:

@@ -17,7 +17,7 @@ from secure_registry import TEAM_ACCESS, TEAM_USERS, SecureWharf, assert_refused
 from services import wait_until
 
 from node.app import ROUTES
-from node.audit import AuditIntent, AuditLog, AuditMiddleware, AuditUnavailable, _ChainedFile
+from node.audit import FIELD_CHARS, AuditIntent, AuditLog, AuditMiddleware, AuditUnavailable, _ChainedFile
 from node.auditchain import Head, log_files, verify
 from node.config import AuditConfig
 
@@ -203,6 +203,32 @@ def test_each_decision_is_one_line_with_its_action_rule_and_digest(tmp_path):
     assert len(started) == len([d for d in changes if d["refused_by"] not in ("access", "signin", "ratelimit")])
     code, output = _verify("-c", str(process.config_path), str(audit))
     assert code == 0, output
+
+
+def test_a_long_invalid_name_cannot_fill_the_log(tmp_path):
+    # An anonymous caller's invalid names are audited (refused requests are), each field capped, so a
+    # few requests cannot write megabytes and rotate the history away.
+    users = make_users(tmp_path / "htpasswd", TEAM_USERS)
+    audit = tmp_path / "audit.log"
+    process = SecureWharf(
+        tmp_path / "wharf",
+        http={"insecure": True},
+        auth={"htpasswd": {"path": str(users)}},
+        access=TEAM_ACCESS,
+        audit={"path": str(audit)},
+    )
+    long_name = "x/" * 20_000 + "A"
+    with process, process.client() as http:
+        before = audit.stat().st_size if audit.exists() else 0
+        for _ in range(5):
+            response = http.get(f"/v2/{long_name}/manifests/latest")
+            assert 400 <= response.status_code < 500
+        grown = audit.stat().st_size - before
+    assert grown < 5 * 2 * FIELD_CHARS + 5 * 1024, grown
+    capped = [line for line in _lines(audit) if str(line.get("repository", "")).startswith("x/x/")]
+    assert len(capped) == 5
+    for line in capped:
+        assert line["repository"] == long_name[:FIELD_CHARS] + f"... ({len(long_name)} characters)"
 
 
 def test_the_audit_file_rotates_by_size(tmp_path):

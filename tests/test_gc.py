@@ -358,6 +358,11 @@ def test_gc_command_runs_a_cycle_with_dry_run_and_explain(tmp_path):
     dry = wharf("gc", "--dry-run", str(config))
     assert dry.returncode == 0, dry.stderr
     assert "would delete" in dry.stdout and "dry run: nothing was changed" in dry.stdout
+    # registry:2's flags as Go spells them in cron jobs: `--dry-run=true`, `--delete-untagged=false`.
+    go_dry = wharf("garbage-collect", "--dry-run=true", "--delete-untagged=false", str(config))
+    assert go_dry.returncode == 0, go_dry.stderr
+    assert "dry run: nothing was changed" in go_dry.stdout
+    assert wharf("gc", "--dry-run=maybe", str(config)).returncode == 2  # refused, not taken as a real run
     real = wharf("garbage-collect", "-m", str(config))
     assert real.returncode == 0, real.stderr
     assert "deleted: 0 manifests, 0 blobs, 0 unaccounted objects" in real.stdout

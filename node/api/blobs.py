@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..errors import BlobUnknown, RangeInvalid, Unsupported
 from ..notifications import BLOB_MEDIA_TYPE
+from ..numbers import whole_number
 from ..reference import parse_digest
 from ..regions import Regions
 from ..services import Services
@@ -21,7 +22,7 @@ from .request import not_modified, repository, services
 
 log = logging.getLogger("wharf.blobs")
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 
 
 class _BlobFile(FileResponse):
@@ -97,12 +98,12 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     if first_text == "" and last_text == "":
         raise RangeInvalid({"range": header[:100]}, headers={"Content-Range": f"bytes */{size}"})
     if first_text == "":
-        suffix = int(last_text)
+        suffix = whole_number(last_text) or 0
         if suffix == 0:
             raise RangeInvalid({"range": header[:100]}, headers={"Content-Range": f"bytes */{size}"})
         return max(size - suffix, 0), size - 1
-    first = int(first_text)
-    last = int(last_text) if last_text else size - 1
+    first = whole_number(first_text) or 0
+    last = whole_number(last_text) or 0 if last_text else size - 1
     if first > last or first >= size:
         raise RangeInvalid({"range": header[:100]}, headers={"Content-Range": f"bytes */{size}"})
     return first, min(last, size - 1)

@@ -30,6 +30,7 @@ from ..errors import (
     Unsupported,
 )
 from ..notifications import references
+from ..numbers import whole_number
 from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
@@ -213,7 +214,8 @@ async def get_manifest(request: Request) -> Response:
 
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > manifests.MAX_MANIFEST_BYTES:
+    length = whole_number(declared) if declared is not None else None
+    if length is not None and length > manifests.MAX_MANIFEST_BYTES:
         raise ManifestTooLarge({"limit": manifests.MAX_MANIFEST_BYTES})
     parts: list[bytes] = []
     total = 0

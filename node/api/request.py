@@ -7,6 +7,7 @@ from urllib.parse import quote
 from starlette.requests import Request
 
 from ..errors import PaginationNumberInvalid
+from ..numbers import whole_number
 from ..reference import validate_name
 from ..services import Services
 
@@ -48,9 +49,10 @@ def page_size(request: Request, *, default: int | None, maximum: int) -> int | N
     raw = request.query_params.get("n")
     if raw is None or raw == "":
         return default
-    if not raw.isdigit():
+    n = whole_number(raw)
+    if n is None:
         raise PaginationNumberInvalid({"n": raw[:100]})
-    return min(int(raw), maximum)
+    return min(n, maximum)
 
 
 def next_link(path: str, n: int, last: str) -> str:

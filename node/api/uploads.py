@@ -11,22 +11,24 @@ from starlette.responses import Response
 from coordinator.uploads import UploadSession
 
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid, UploadStateStale
+from ..numbers import whole_number
 from ..reference import parse_digest, validate_name
 from ..upload import UploadMoved, check_algorithm
 from ..uploadstate import PARAM, BadUploadState
 from .request import repository, services, url
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/(?:[0-9]+|\*))?")
 
 
 def _content_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     if raw is None:
         return None
-    if not raw.isdigit():
+    length = whole_number(raw)
+    if length is None:
         raise SizeInvalid({"content-length": raw[:50]})
-    return int(raw)
+    return length
 
 
 def _progress_headers(request: Request, session: UploadSession) -> dict[str, str]:
@@ -155,7 +157,7 @@ def _check_range(request: Request, session: UploadSession, length: int | None) -
     match = _CONTENT_RANGE.fullmatch(header.strip())
     if match is None:
         raise RangeInvalid({"content-range": header[:100]}, headers=_progress_headers(request, session))
-    first, last = int(match.group(1)), int(match.group(2))
+    first, last = whole_number(match.group(1)) or 0, whole_number(match.group(2)) or 0
     if first != session.offset or last < first:
         raise RangeInvalid(
             {"content-range": header[:100], "offset": session.offset}, headers=_progress_headers(request, session)

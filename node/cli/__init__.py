@@ -64,8 +64,41 @@ def parser() -> argparse.ArgumentParser:
     return wharf
 
 
+# How Go's flags (registry:2's `garbage-collect --dry-run=true`, in many a cron job) spell a boolean.
+_GO_TRUE = frozenset({"1", "t", "true"})
+_GO_FALSE = frozenset({"0", "f", "false"})
+
+
+def _switches(command: argparse.ArgumentParser) -> set[str]:
+    """The option strings of every on/off flag of `command` and its subcommands."""
+    found: set[str] = set()
+    for action in command._actions:
+        if isinstance(action, argparse._StoreTrueAction):
+            found.update(action.option_strings)
+        elif isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _switches(sub)
+    return found
+
+
+def go_booleans(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--flag=true` as `--flag`, `--flag=false` as nothing, for on/off flags, as Go's flag package
+    takes them; anything else is left for argparse to judge."""
+    switches = _switches(command)
+    out: list[str] = []
+    for arg in argv:
+        option, equals, value = arg.partition("=")
+        if equals and option in switches and value.lower() in _GO_TRUE | _GO_FALSE:
+            if value.lower() in _GO_TRUE:
+                out.append(option)
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    wharf = parser()
+    args = wharf.parse_args(go_booleans(wharf, sys.argv[1:] if argv is None else argv))
     try:
         return int(args.run(args))
     except (ConfigError, StoreRefused, ListenError) as exc:

@@ -121,7 +121,8 @@ def run_export(args: argparse.Namespace, config: Config) -> int:
         verb = "would write" if args.dry_run else "wrote"
         print(
             f"{verb} registry:2 links for {report.repositories} repositories ({report.tags} tags): "
-            f"{report.links_written} links written, {report.links_unchanged} already right, "
+            f"{report.links_written} links {'to write' if args.dry_run else 'written'}, "
+            f"{report.links_unchanged} already right, "
             f"{report.blobs_copied} blobs copied to their content-addressed key ({size(report.bytes_copied)})"
         )
         for digest in report.missing:

@@ -182,6 +182,7 @@ async def write_repository(
     layers: Iterable[str],
     *,
     check_links: bool = True,
+    dry_run: bool = False,
 ) -> Written:
     """Write the links that make registry:2 serve `tags` (tag -> digest), manifests and blobs in `name`.
 
@@ -190,7 +191,8 @@ async def write_repository(
     gets a revision link too. Every blob must already be at its content-addressed key, and the
     repository needs at least one layer link to appear in Distribution 2.8's catalog. Links are
     written layers first and tags last, so registry:2 never sees a tag whose manifest is not yet
-    linked. With `check_links=False` existing revision, index and layer links are not read.
+    linked. With `check_links=False` existing revision, index and layer links are not read. With
+    `dry_run` it counts what it would write and writes nothing.
     Raises on an invalid name, tag or digest, before writing anything.
     """
     validate_name(name)
@@ -208,7 +210,8 @@ async def write_repository(
     for kind, wanted in steps:
         writes = {key: digest for key, digest in wanted.items() if not _holds(existing.get(key), digest)}
         written.unchanged += len(wanted) - len(writes)
-        await _bounded(storage.write_bytes(key, digest.encode()) for key, digest in sorted(writes.items()))
+        if not dry_run:
+            await _bounded(storage.write_bytes(key, digest.encode()) for key, digest in sorted(writes.items()))
         setattr(written, kind, len(writes))
     return written
 

@@ -24,6 +24,8 @@ from oci_client import (
 )
 from wharf_process import WharfProcess
 
+# A whole number of 5,000 digits, past Python's limit for int() of a text.
+HUGE = "9" * 5000
 # (method, path after /v2/<name>) for every endpoint that takes a repository name.
 NAMED_ENDPOINTS = [
     ("GET", "/tags/list"),
@@ -191,9 +193,20 @@ def assert_client_error(response: httpx.Response) -> None:
 
 
 def test_odd_upload_headers_are_client_errors(http: httpx.Client, oci: OCIClient, repo: str) -> None:
-    for content_range in ["bytes */*", "abc", "5-2", "-", "0-", "0-99999999999999999999999", "1-0"]:
+    # A number of thousands of digits is past what Python's int() takes from text (HUGE in node/numbers.py).
+    for content_range in [
+        "bytes */*",
+        "abc",
+        "5-2",
+        "-",
+        "0-",
+        "0-99999999999999999999999",
+        "1-0",
+        "0-" + HUGE,
+        "0-\xb2",
+    ]:
         location = oci.start_upload(repo)
-        response = http.patch(location, content=b"abc", headers={"Content-Range": content_range})
+        response = http.patch(location, content=b"abc", headers={"Content-Range": content_range.encode("latin-1")})
         assert response.status_code in (202, 400, 416), (content_range, response.status_code, response.text)
         if response.status_code != 202:
             assert_client_error(response)
@@ -203,13 +216,25 @@ def test_odd_upload_headers_are_client_errors(http: httpx.Client, oci: OCIClient
 
 
 @pytest.mark.parametrize(
-    "header", ["bytes=abc", "items=0-1", "bytes=1-2,5-6", "bytes=", "bytes=-", "bytes=99999999999999999999999-"]
+    "header",
+    [
+        "bytes=abc",
+        "items=0-1",
+        "bytes=1-2,5-6",
+        "bytes=",
+        "bytes=-",
+        "bytes=99999999999999999999999-",
+        "bytes=0-" + HUGE,
+        "bytes=" + HUGE + "-",
+        "bytes=-" + HUGE,
+        "bytes=\xb2-",
+    ],
 )
 def test_odd_range_headers_are_not_server_errors(
     http: httpx.Client, repo: str, blob2k: tuple[str, bytes], header: str
 ) -> None:
     digest, data = blob2k
-    response = http.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": header})
+    response = http.get(f"/v2/{repo}/blobs/{digest}", headers={"Range": header.encode("latin-1")})
     if response.status_code in (200, 206):
         return
     assert_error(response, 416, "RANGE_INVALID")
@@ -219,6 +244,9 @@ def test_odd_range_headers_are_not_server_errors(
     "query",
     [
         {"n": "99999999999999999999999"},
+        {"n": HUGE},
+        {"n": "\u00b2"},  # '²': str.isdigit() says yes, int() says no
+        {"n": "\u0661"},  # an Arabic-Indic one: int() reads it as 1, no client means it
         {"last": "\x7f"},
         {"last": "\x00"},
         {"last": "a" * 2000},
@@ -233,6 +261,38 @@ def test_odd_pagination_queries_are_not_server_errors(
         response = http.get(path, params=query)
         if response.status_code != 200:
             assert_client_error(response)
+
+
+def test_manifest_json_a_go_client_cannot_read_is_manifest_invalid(
+    http: httpx.Client, oci: OCIClient, repo: str
+) -> None:
+    image = oci.push_image(repo, None)
+    text = image.body.decode().rstrip()
+    assert text.endswith("}")
+    layer_size = json.loads(text)["config"]["size"]
+    bodies = {
+        "NaN": text[:-1] + ', "x": NaN}',
+        "Infinity": text[:-1] + ', "x": -Infinity}',
+        "a number of 5000 digits": text[:-1] + ', "x": ' + HUGE + "}",
+        "a byte order mark": "\ufeff" + text,
+        "schemaVersion 2.0": text.replace('"schemaVersion":2', '"schemaVersion":2.0').replace(
+            '"schemaVersion": 2', '"schemaVersion": 2.0'
+        ),
+        "a size past int64": text.replace(f'"size":{layer_size}', f'"size":{10**30}', 1).replace(
+            f'"size": {layer_size}', f'"size": {10**30}', 1
+        ),
+    }
+    for case, body in bodies.items():
+        assert body != text, case
+        response = http.put(
+            f"/v2/{repo}/manifests/odd", content=body.encode(), headers={"Content-Type": image.media_type}
+        )
+        assert_error(response, 400, "MANIFEST_INVALID")
+    utf16 = http.put(
+        f"/v2/{repo}/manifests/odd", content=text.encode("utf-16"), headers={"Content-Type": image.media_type}
+    )
+    assert_error(utf16, 400, "MANIFEST_INVALID")
+    assert http.get(f"/v2/{repo}/manifests/odd").status_code == 404  # none of them was stored
 
 
 def test_manifest_put_with_odd_content_types_is_not_a_server_error(
