@@ -88,11 +88,29 @@ def parse(
     section), or None when it may; without it every URL is taken.
     """
     try:
-        # As Go's decoder, which every client's is: UTF-8 only (no byte order mark, no UTF-16), no
-        # NaN or Infinity; a number of thousands of digits is refused too (by Python's guard).
-        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestInvalid({"reason": f"not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})"}) from exc
+    return _check(_decode(text), content_type, url_refused)
+
+
+def _decode(text: str) -> Any:
+    """A manifest's JSON as Go's decoder, which every client's is, reads it: no byte order mark, no
+    NaN or Infinity; a number too long for int64 is kept as one past it (Python would refuse a text
+    of thousands of digits), which a field that must be an int64 refuses and any other ignores."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_int=_int64_or_past)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestInvalid({"reason": f"not valid JSON: {str(exc)[:200]}"}) from exc
+
+
+def _int64_or_past(text: str) -> int:
+    if len(text) <= 19:
+        return int(text)
+    return -_PAST_INT64 if text.startswith("-") else _PAST_INT64
+
+
+def _check(doc: Any, content_type: str | None, url_refused: Callable[[str], str | None] | None) -> ParsedManifest:
     if not isinstance(doc, dict):
         raise ManifestInvalid({"reason": "a manifest is a JSON object"})
     header_type = _media_type_of(content_type)
@@ -182,6 +200,7 @@ def _guess_media_type(doc: dict[str, Any]) -> str:
 
 # A descriptor's size is an int64 in every client.
 _MAX_SIZE = (1 << 63) - 1
+_PAST_INT64 = 1 << 64
 
 
 def _no_constant(name: str) -> None:
@@ -228,10 +247,9 @@ def parse_stored(body: bytes) -> ParsedManifest:
     Wharf refuses schema1 pushes but serves schema1 manifests an adopted registry:2 store holds, as
     registry:2 did; their layers are the `fsLayers` blob sums.
     """
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ManifestInvalid({"reason": f"not valid JSON: {exc}"}) from exc
+    # Go takes bytes that are not UTF-8 inside strings (as U+FFFD), so registry:2 may hold such a
+    # manifest: read it the same way (its digest is of its bytes, which stay as they are).
+    doc = _decode(body.decode("utf-8", errors="replace"))
     if isinstance(doc, dict) and doc.get("schemaVersion") == 1:
         layers = doc.get("fsLayers")
         if not isinstance(layers, list):
@@ -242,4 +260,4 @@ def parse_stored(body: bytes) -> ParsedManifest:
         ]
         media_type = DOCKER_SCHEMA1[1] if "signatures" in doc else DOCKER_SCHEMA1[0]
         return ParsedManifest(media_type, list(dict.fromkeys(d["digest"] for d in sums)), [], None, None, None)
-    return parse(body, None)
+    return _check(doc, None, None)

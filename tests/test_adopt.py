@@ -165,6 +165,59 @@ def test_registry2_filesystem_store_is_served_whole_and_nothing_is_deleted(tmp_p
         wharf.stop()
 
 
+def test_manifests_go_reads_and_python_finds_odd_are_adopted_byte_identical(tmp_path):
+    # registry:2 decodes manifests with Go, which skips a field it does not know whatever number it
+    # holds and reads bytes that are not UTF-8 inside a string as U+FFFD: such manifests are in
+    # registry:2 stores, and adoption must take them as they are.
+    root = tmp_path / "registry"
+    bodies: dict[str, bytes] = {}
+    with DockerRegistry.on_filesystem(tmp_path, root) as registry:
+        client = registry.client()
+        config_blob = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+        config_digest = client.push_blob("odd/app", config_blob)
+        layer = os.urandom(3000)
+        layer_digest = client.push_blob("odd/app", layer)
+        base = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": len(config_blob),
+            },
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": len(layer)}
+            ],
+        }
+        text = json.dumps(base)
+        bodies["huge-number"] = (text[:-1] + ', "x-extra": ' + "9" * 5000 + "}").encode()
+        bodies["not-utf8"] = (text[:-1] + ', "annotations": {"note": "caf').encode() + b'\xe9"}}'
+        with registry.http() as http:
+            for tag, body in bodies.items():
+                put = http.put(
+                    f"/v2/odd/app/manifests/{tag}",
+                    content=body,
+                    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+                )
+                assert put.status_code == 201, (tag, put.text)
+        config = registry.config()
+    wharf = Wharf(tmp_path, config)
+    wharf.start()
+    try:
+        state = wharf.wait_imported()
+        assert state["problems"] == 0, state
+        with wharf.http() as http:
+            assert sorted(http.get("/v2/odd/app/tags/list").json()["tags"]) == sorted(bodies)
+            for tag, body in bodies.items():
+                got = http.get(
+                    f"/v2/odd/app/manifests/{tag}", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+                )
+                assert got.status_code == 200 and got.content == body, tag
+                assert got.headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    finally:
+        wharf.stop()
+
+
 @pytest.mark.parametrize("server", ["s3_server", "rgw_server"])
 def test_registry2_s3_store_is_adopted_in_the_same_bucket(tmp_path, server, etcd, request):
     s3_server = request.getfixturevalue(server)
