@@ -45,6 +45,9 @@ UI_SESSION_KEY = "ui/session-key"
 STORE_IDENTITY = "store/identity"
 # Adoption of a registry:2 store: pending, running (with its progress) or done.
 IMPORT_STATE = "store/import"
+# When `wharf export` last wrote registry:2's layout for a rollback (seconds since the epoch); gone
+# once a later `wharf import` took registry:2's tree in again.
+HANDOVER = "store/handover"
 # The cluster-wide read-only switch (`wharf maintenance readonly on|off`), watched by every node.
 READONLY = "maintenance/readonly"
 # Notification events: written to the inbox in the transaction of the change they describe, moved

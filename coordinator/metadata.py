@@ -959,6 +959,18 @@ class Metadata:
     async def set_import_state(self, state: ImportState) -> None:
         await self.kv.put(keys.IMPORT_STATE, _json(state))
 
+    async def handed_over(self) -> float | None:
+        """When `wharf export` last wrote the store's registry:2 layout, unless an import came since."""
+        found = await self.kv.get(keys.HANDOVER)
+        return None if found is None else float(json.loads(found.value)["time"])
+
+    async def set_handed_over(self, when: float | None) -> None:
+        """Record an export's end (`when`), or with None that an import took registry:2's tree in since."""
+        if when is None:
+            await self.kv.delete(keys.HANDOVER)
+        else:
+            await self.kv.put(keys.HANDOVER, json.dumps({"time": when}).encode())
+
     async def adopt(self, adoption: Adoption) -> Adopted:
         """Write one repository's records where none is there yet: idempotent, and what Wharf has
         since written (a tag moved by a push, a blob pushed again) always wins.

@@ -12,6 +12,7 @@ there.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from .services import Services
@@ -50,6 +51,9 @@ async def run_export(services: Services, *, dry_run: bool = False) -> ExportRepo
         if len(page) < 500:
             break
         last = page[-1]
+    if not dry_run:
+        # registry:2 may serve the store from now on: the next `wharf serve` says so until an import.
+        await metadata.set_handed_over(time.time())
     log.info(
         "export%s: %d repositories, %d tags, %d links written, %d already there, %d blobs copied to their "
         "content-addressed key",

@@ -136,6 +136,7 @@ async def scan(
     state = dataclasses.replace(state, state="done", finished=time.time())
     if services is not None:
         await services.metadata.set_import_state(state)
+        await services.metadata.set_handed_over(None)  # registry:2's tree is taken in again
     report.state = state
     for problem in report.problems[:100]:
         log.warning("import: %s: %s %s", problem.key, problem.kind, problem.detail)

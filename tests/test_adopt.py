@@ -295,6 +295,29 @@ def test_export_lets_registry2_serve_old_and_new_images_byte_identical(tmp_path,
         assert_serves(distribution, pushed)
         with distribution.http() as http:
             assert sorted(http.get("/v2/_catalog").json()["repositories"]) == sorted(pushed.repositories)
+        rolled_back = distribution.client().push_image("rolled/back", "v1", layers=[os.urandom(2000)])
+    # Forward again: Wharf says the store was handed over until an import takes registry:2's tree in.
+    forward = Wharf(tmp_path, {**config, **extra})
+    forward.start()
+    try:
+        with forward.http() as http:
+            assert http.get("/v2/rolled/back/manifests/v1").status_code == 404
+        assert "written back in registry:2's layout by `wharf export`" in forward.log_path.read_text()
+        imported = forward.command("import")
+        assert imported.returncode == 0, imported.stdout + imported.stderr
+        with forward.http() as http:
+            got = http.get("/v2/rolled/back/manifests/v1", headers={"Accept": rolled_back.media_type})
+            assert got.status_code == 200 and got.content == rolled_back.body
+    finally:
+        forward.stop()
+    after = Wharf(tmp_path, {**config, **extra})
+    after.start()
+    try:
+        with after.http() as http:
+            assert http.get("/v2/").status_code == 200
+        assert "written back in registry:2's layout" not in after.log_path.read_text()
+    finally:
+        after.stop()
 
 
 def _coordinator_records(path: Path) -> dict[str, bytes]:

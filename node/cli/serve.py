@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,9 +118,15 @@ async def _prepare_store(config: Config) -> dict[str, object]:
             f"cannot open the store ({describe_storage(config)}, coordinator {describe_coordinator(config)}): {reason}"
         ) from None
     try:
-        found = await Metadata(store.kv).import_state()
+        metadata = Metadata(store.kv)
+        found = await metadata.import_state()
         state = found.state if found is not None else None
-        return {"identity": store.identity.id if store.identity else None, "found": store.found, "import": state}
+        return {
+            "identity": store.identity.id if store.identity else None,
+            "found": store.found,
+            "import": state,
+            "handed_over": await metadata.handed_over(),
+        }
     finally:
         await store.close()
 
@@ -189,6 +196,16 @@ def _log_startup(config: Config, store: dict[str, object], listeners: _Listeners
         log.warning("%s names no configuration key: ignored, as registry:2 ignores it", variable)
     for warning in config.warnings:
         log.warning("%s", warning)
+    handed_over = store.get("handed_over")
+    if isinstance(handed_over, float):
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(handed_over))
+        log.warning(
+            "this store was written back in registry:2's layout by `wharf export` at %s, and no import came "
+            "since: if registry:2 served it meanwhile, what it changed is not in Wharf's records. "
+            "`wharf import` takes in the tags it pushed; a tag it moved or deleted keeps Wharf's record "
+            "(move or delete it again through Wharf)",
+            when,
+        )
     if config.source is None:
         log.warning(
             "no configuration file: serving on defaults (%s, %s, auth %s)",
