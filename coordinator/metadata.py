@@ -475,6 +475,38 @@ class Metadata:
                 return _load(TagRecord, found)
         raise Conflict(f"delete of tag {tag} kept racing")
 
+    async def follow_tag(self, repo: str, tag: str, record: TagRecord, *, unless_newer_than: float) -> bool:
+        """Point `tag` at `record` as registry:2 moved it (an import after a rollback), unless the
+        tag moved since `unless_newer_than` here too, or `record`'s manifest is not recorded (or is
+        being collected). True when the tag now points there."""
+        key = keys.tag(repo, tag)
+        for _ in range(_MAX_ATTEMPTS):
+            current = await self.kv.get(key)
+            if current is None:
+                return False
+            old = _tagged_digest(current)
+            if old == record.digest:
+                return True
+            if _load(TagRecord, current).pushed > unless_newer_than:
+                return False  # moved through Wharf after the export: Wharf's move is the newer one
+            guards = [
+                Compare.unchanged(key, current.mod_revision),
+                Compare.present(keys.manifest(repo, record.digest)),
+                Compare.absent(keys.deleting(record.digest)),
+            ]
+            ops: list[Op] = [
+                Put(key, encode(record)),
+                Put(keys.tagged(repo, record.digest, tag), b""),
+                Delete(keys.tagged(repo, old, tag)),
+                release(repo, old, manifests=[old]),
+                TAGS_CHANGED(repo),
+            ]
+            if (await self.kv.txn(guards, ops)).succeeded:
+                return True
+            if await self.kv.get(keys.manifest(repo, record.digest)) is None:
+                return False
+        raise Conflict(f"tag {tag} kept moving")
+
     # -- blobs ------------------------------------------------------------------------------
 
     async def get_link(self, repo: str, digest: str) -> LinkRecord | None:
@@ -1054,6 +1086,8 @@ class Adoption:
     links: dict[str, LinkRecord] = field(default_factory=dict)
     manifests: list[ManifestRecord] = field(default_factory=list)
     tags: dict[str, TagRecord] = field(default_factory=dict)
+    # Every tag the tree has, its manifest readable or not (`tags` holds only the readable ones).
+    tree_tags: set[str] = field(default_factory=set)
 
 
 @dataclass

@@ -8,6 +8,10 @@ cursor, so an import cut short (SIGKILL, a new leader) resumes after the last wh
 Every record is written only where none is yet (`Metadata.adopt`) and every time comes from the
 store's own objects, so an import run twice, or resumed, gives exactly what one run gives. Garbage
 collection waits until the import is done.
+
+The one exception: an import after `wharf export` wrote the store back for registry:2 (a rollback,
+then forward again) takes what registry:2 changed after the export, tags moved and deleted
+included (`_since_handover`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ class Report:
     state: ImportState
     problems: list[registry2.Problem] = field(default_factory=list)
     dry_run: bool = False
+    # After a rollback (`wharf export`, then registry:2): tags registry:2 moved or deleted since,
+    # moved or deleted here too.
+    moved: int = 0
+    untagged: int = 0
 
 
 def _no_progress(state: ImportState) -> None:
@@ -99,6 +107,7 @@ async def scan(
         )
     if services is not None:
         await services.metadata.set_import_state(state)
+    handed_over = await services.metadata.handed_over() if services is not None else None
     logged = time.monotonic()
     for name in names:
         if state.cursor and name <= state.cursor:
@@ -106,7 +115,9 @@ async def scan(
         adoption, problems = await _repository(storage, name, blobs)
         report.problems += problems
         counts = {"tags": len(adoption.tags), "manifests": len(adoption.manifests), "links": len(adoption.links)}
-        if services is not None:
+        if services is not None and handed_over is not None:
+            await _since_handover(services, adoption, handed_over, report)
+        elif services is not None:
             await services.metadata.adopt(adoption)
         state = dataclasses.replace(
             state,
@@ -153,13 +164,53 @@ async def scan(
     return report
 
 
+async def _since_handover(services: Services, adoption: Adoption, handed_over: float, report: Report) -> None:
+    """Adopt one repository of a store registry:2 served since `wharf export` wrote it (at
+    `handed_over`): what registry:2 changed since wins over Wharf's records, what Wharf changed since
+    wins over the tree's.
+
+    - A tag whose link registry:2 wrote after the export is taken: a new one is adopted, and one
+      Wharf has at another digest is moved there, unless Wharf moved it after the export too.
+    - A tag the tree no longer has, which Wharf had at the export (its record is older), was deleted
+      through registry:2: it is deleted here (its manifest stays, for GC to judge).
+    - A tag the tree has from the export, which Wharf no longer has, was deleted through Wharf after
+      the export: it is not adopted again.
+    Immutable tags (the `immutability` rules) are never moved or deleted this way: a warning says so.
+    """
+    repo = adoption.repo
+    metadata = services.metadata
+    frozen = services.policies.immutability.rule_for
+    ours = await metadata.tag_records(repo)
+    adoption.tags = {tag: found for tag, found in adoption.tags.items() if tag in ours or found.pushed > handed_over}
+    await metadata.adopt(adoption)
+    for tag, found in sorted(adoption.tags.items()):
+        current = ours.get(tag)
+        if current is None or current.digest == found.digest or found.pushed <= handed_over:
+            continue
+        if (rule := frozen(repo, tag)) is not None:
+            log.warning("import: %s:%s moved by registry:2 is immutable here (rule %s): kept", repo, tag, rule)
+            continue
+        if await metadata.follow_tag(repo, tag, found, unless_newer_than=handed_over):
+            report.moved += 1
+            log.info("import: %s:%s moved to %s as registry:2 moved it", repo, tag, found.digest)
+    for tag, current in sorted(ours.items()):
+        if tag in adoption.tree_tags or current.pushed > handed_over:
+            continue
+        if (rule := frozen(repo, tag)) is not None:
+            log.warning("import: %s:%s deleted by registry:2 is immutable here (rule %s): kept", repo, tag, rule)
+            continue
+        if await metadata.delete_tag(repo, tag) is not None:
+            report.untagged += 1
+            log.info("import: %s:%s deleted as registry:2 deleted it", repo, tag)
+
+
 async def _repository(
     storage: StorageDriver, name: str, blobs: dict[str, StoredObject]
 ) -> tuple[Adoption, list[registry2.Problem]]:
     """One repository's records, from its links and its manifests' bytes."""
     tree = await registry2.read_repository(storage, name, blobs=blobs)
     problems = list(tree.problems)
-    adoption = Adoption(name)
+    adoption = Adoption(name, tree_tags=set(tree.tags))
     revisions = sorted(tree.revisions)
     bodies = await _bounded(storage.read_bytes(layout.blob_key(digest)) for digest in revisions)
     used: set[str] = set()

@@ -288,6 +288,10 @@ def test_export_lets_registry2_serve_old_and_new_images_byte_identical(tmp_path,
         assert (would["links_written"], would["links_unchanged"]) == (did["links_written"], did["links_unchanged"])
         again = wharf.command("export", "--json")
         assert json.loads(again.stdout)["links_written"] == 0, "a second export writes nothing"
+        # Deleted through Wharf after the export: registry:2 still serves it, Wharf must not adopt it again.
+        with wharf.http() as http:
+            gone = pushed.repositories["team/sub/app"].tags["latest"]
+            assert http.delete(f"/v2/team/sub/app/manifests/{gone}").status_code == 202
     finally:
         wharf.stop()
     with distribution:
@@ -295,26 +299,38 @@ def test_export_lets_registry2_serve_old_and_new_images_byte_identical(tmp_path,
         assert_serves(distribution, pushed)
         with distribution.http() as http:
             assert sorted(http.get("/v2/_catalog").json()["repositories"]) == sorted(pushed.repositories)
-        rolled_back = distribution.client().push_image("rolled/back", "v1", layers=[os.urandom(2000)])
-    # Forward again: Wharf says the store was handed over until an import takes registry:2's tree in.
+        # What registry:2 does while it serves the store: a new tag, a tag moved, a manifest deleted.
+        time.sleep(1.1)  # link times are the storage's, in whole seconds on some: after the export's
+        client = distribution.client()
+        rolled_back = client.push_image("rolled/back", "v1", layers=[os.urandom(2000)])
+        moved = client.push_image("team/app", "v2", layers=[os.urandom(2500)])
+        deleted = pushed.repositories["team/sub/app"].tags["docker"]
+        with distribution.http() as http:
+            assert http.delete(f"/v2/team/sub/app/manifests/{deleted}").status_code == 202
+            assert http.get("/v2/team/sub/app/tags/list").json()["tags"] == ["latest"]
+    # Forward again: the first start imports registry:2's tree again and takes what it changed.
     forward = Wharf(tmp_path, {**config, **extra})
     forward.start()
     try:
-        with forward.http() as http:
-            assert http.get("/v2/rolled/back/manifests/v1").status_code == 404
         assert "written back in registry:2's layout by `wharf export`" in forward.log_path.read_text()
-        imported = forward.command("import")
-        assert imported.returncode == 0, imported.stdout + imported.stderr
+        forward.wait_imported()
         with forward.http() as http:
             got = http.get("/v2/rolled/back/manifests/v1", headers={"Accept": rolled_back.media_type})
             assert got.status_code == 200 and got.content == rolled_back.body
+            got = http.get("/v2/team/app/manifests/v2", headers={"Accept": moved.media_type})
+            assert got.status_code == 200 and got.content == moved.body
+            # Deleted through registry:2 since the export (its tag), and through Wharf (not adopted again).
+            listed = http.get("/v2/team/sub/app/tags/list")
+            assert listed.status_code == 404 or not listed.json()["tags"], listed.text
+            v1 = pushed.repositories["team/app"].tags["v1"]
+            assert http.get("/v2/team/app/manifests/v1").headers.get("Docker-Content-Digest") == v1
     finally:
         forward.stop()
     after = Wharf(tmp_path, {**config, **extra})
     after.start()
     try:
         with after.http() as http:
-            assert http.get("/v2/").status_code == 200
+            assert http.get("/v2/team/app/manifests/v2").headers.get("Docker-Content-Digest") == moved.digest
         assert "written back in registry:2's layout" not in after.log_path.read_text()
     finally:
         after.stop()

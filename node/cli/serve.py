@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from coordinator.metadata import Metadata
+from coordinator.metadata import ImportState, Metadata
 
 from .. import asgi, server
 from ..audit import AuditLog
@@ -120,12 +120,18 @@ async def _prepare_store(config: Config) -> dict[str, object]:
     try:
         metadata = Metadata(store.kv)
         found = await metadata.import_state()
+        handed_over = await metadata.handed_over()
+        if handed_over is not None and (found is None or found.state == "done"):
+            # registry:2 may have served the store since `wharf export`: the leader imports its tree
+            # again, taking what registry:2 changed since (node/importer.py, `_since_handover`).
+            found = ImportState("pending", requested=time.time())
+            await metadata.set_import_state(found)
         state = found.state if found is not None else None
         return {
             "identity": store.identity.id if store.identity else None,
             "found": store.found,
             "import": state,
-            "handed_over": await metadata.handed_over(),
+            "handed_over": handed_over,
         }
     finally:
         await store.close()
@@ -200,10 +206,9 @@ def _log_startup(config: Config, store: dict[str, object], listeners: _Listeners
     if isinstance(handed_over, float):
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(handed_over))
         log.warning(
-            "this store was written back in registry:2's layout by `wharf export` at %s, and no import came "
-            "since: if registry:2 served it meanwhile, what it changed is not in Wharf's records. "
-            "`wharf import` takes in the tags it pushed; a tag it moved or deleted keeps Wharf's record "
-            "(move or delete it again through Wharf)",
+            "this store was written back in registry:2's layout by `wharf export` at %s: importing its "
+            "registry:2 tree again, so that what registry:2 changed since (tags pushed, moved or deleted) "
+            "is taken in; until that import is done, those changes are not served",
             when,
         )
     if config.source is None:

@@ -84,10 +84,20 @@ def run_import(args: argparse.Namespace, config: Config) -> int:
         if args.json:
             problems = [dataclasses.asdict(p) for p in report.problems]
             print(
-                json.dumps({"state": dataclasses.asdict(report.state), "problems": problems, "dry_run": args.dry_run})
+                json.dumps(
+                    {
+                        "state": dataclasses.asdict(report.state),
+                        "problems": problems,
+                        "dry_run": args.dry_run,
+                        "moved": report.moved,
+                        "untagged": report.untagged,
+                    }
+                )
             )
             return 0
         print(_import_line(report.state) + (" (dry run: nothing was changed)" if args.dry_run else ""))
+        if report.moved or report.untagged:
+            print(f"since the export: {report.moved} tags moved and {report.untagged} deleted, as registry:2 did")
         for problem in report.problems[:50]:
             print(f"  {problem.kind}: {problem.key} {problem.detail}".rstrip())
         if len(report.problems) > 50:
