@@ -51,6 +51,7 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
     storage = services.storage
     batch: list[str] = []
     sessions: dict[str, bool] = {}
+    registry2_uploads: dict[str, bool] = {}
     committing: set[str] | None = None
     # With regions, this region's copy of a large blob may be kept at its own upload's key, which
     # only its copy record names (the blob record names the pushing region's).
@@ -83,6 +84,15 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
                     sessions[upload] = await services.sessions.get(upload) is not None
                 if sessions[upload]:
                     continue  # a live upload's own bytes
+                if upload not in registry2_uploads:
+                    if len(registry2_uploads) > 10_000:
+                        registry2_uploads.clear()
+                    registry2_uploads[upload] = await storage.stat(_registry2_started(key, upload)) is not None
+                if not registry2_uploads[upload]:
+                    # Wharf's own upload layout: a blob committed there (a large S3 upload) after
+                    # this cycle's mark is named by a record the mark has not seen, and its session
+                    # is gone; bytes of an upload cut short go with its session. Never judged here.
+                    continue
             await _unaccounted(services, summary, key, digest, delete=delete, dry_run=dry_run)
 
     async for key in storage.list(layout.ROOT):
@@ -92,6 +102,13 @@ async def _sweep_unaccounted(services: Services, mark: Mark, summary: Summary, *
             batch = []
     if batch:
         await judge(batch)
+
+
+def _registry2_started(key: str, upload: str) -> str:
+    """registry:2's `startedat` of the upload folder `key` is in: Wharf writes none, so it tells a
+    registry:2 upload's leftovers from a Wharf upload's bytes."""
+    head, _, _ = key.partition("/_uploads/")
+    return f"{head}/_uploads/{upload}/startedat"
 
 
 async def _unaccounted(

@@ -156,7 +156,7 @@ def failing_in(directory: str) -> dict[str, str]:
             if not (entry.name.startswith(_HEALTH_FILE) and entry.name.endswith(".json")):
                 continue
             pid = entry.name[len(_HEALTH_FILE) : -len(".json")]
-            if not pid.isdigit() or not _alive(int(pid)):
+            if not pid.isdigit() or not pid_alive(int(pid)):
                 continue  # a worker that died: its successor publishes its own
             try:
                 with open(entry.path, encoding="utf-8") as found:
@@ -166,7 +166,8 @@ def failing_in(directory: str) -> dict[str, str]:
     return failing
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -223,7 +223,17 @@ async def handle_out_of_space(request: Request, exc: Exception) -> Response:
 
 
 async def handle_os_error(request: Request, exc: Exception) -> Response:
-    """A full disk under the filesystem storage is 503 with Retry-After too; any other OSError is a bug."""
+    """A full disk under the filesystem storage is 503 with Retry-After too, and so is a service that
+    cannot be reached (etcd down: the client tries again; a write may or may not have been applied,
+    so it must). Any other OSError is a bug."""
+    if isinstance(exc, ConnectionError):
+        log.warning("%s %s: a service cannot be reached: %s", request.method, request.url.path, str(exc)[:300])
+        unreachable = Unavailable(
+            {"reason": "the registry's coordinator or storage cannot be reached; try again"},
+            headers={"Retry-After": RETRY_AFTER},
+        )
+        request.scope.setdefault("state", {})[ERROR_KEY] = unreachable
+        return error_response(unreachable, request.method)
     if not storage_full(exc):
         raise exc
     assert isinstance(exc, OSError)

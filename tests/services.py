@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from coordinator import keys
+from node.health import pid_alive
 
 ETCD_BINARY = os.environ.get("WHARF_TEST_ETCD", "/usr/bin/etcd")
 
@@ -97,16 +98,6 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str =
 _ROOT_PREFIX = "wharf-etcd-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_clusters(parent: str | None = None, prefix: str = _ROOT_PREFIX) -> None:
     """Remove what a killed test run left behind: its service processes and their data dirs.
 
@@ -121,7 +112,7 @@ def sweep_stale_clusters(parent: str | None = None, prefix: str = _ROOT_PREFIX) 
                 owner = int(f.read())
         except (OSError, ValueError):
             continue  # being created right now, or not ours
-        if _pid_alive(owner):
+        if pid_alive(owner):
             continue
         for pid_file in glob.glob(os.path.join(root, "*.pid")):
             try:

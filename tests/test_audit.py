@@ -109,15 +109,24 @@ def test_every_operation_of_a_session_is_audited(tmp_path):
     assert verify(log_files([str(audit)])).ok
 
 
-def test_each_decision_is_one_line_with_its_action_rule_and_digest(tmp_path):
+def _audited_team(tmp_path: Path, audit: Path, **sections: Any) -> SecureWharf:
+    """The team's users and access rules over htpasswd, auditing into `audit`."""
     users = make_users(tmp_path / "htpasswd", TEAM_USERS)
-    audit = tmp_path / "audit.log"
-    process = SecureWharf(
+    return SecureWharf(
         tmp_path / "wharf",
         http={"insecure": True},
         auth={"htpasswd": {"path": str(users)}},
         access=TEAM_ACCESS,
         audit={"path": str(audit)},
+        **sections,
+    )
+
+
+def test_each_decision_is_one_line_with_its_action_rule_and_digest(tmp_path):
+    audit = tmp_path / "audit.log"
+    process = _audited_team(
+        tmp_path,
+        audit,
         quotas=[{"repository": "team/small", "limit": "10"}],
         immutability=[{"name": "releases", "repositories": ["team/**"], "tags": [r"v\d+"]}],
         ratelimit={"authfailures": {"peraddress": 0, "peruser": 2, "window": "1m", "backoff": "1m"}},
@@ -208,15 +217,8 @@ def test_each_decision_is_one_line_with_its_action_rule_and_digest(tmp_path):
 def test_a_long_invalid_name_cannot_fill_the_log(tmp_path):
     # An anonymous caller's invalid names are audited (refused requests are), each field capped, so a
     # few requests cannot write megabytes and rotate the history away.
-    users = make_users(tmp_path / "htpasswd", TEAM_USERS)
     audit = tmp_path / "audit.log"
-    process = SecureWharf(
-        tmp_path / "wharf",
-        http={"insecure": True},
-        auth={"htpasswd": {"path": str(users)}},
-        access=TEAM_ACCESS,
-        audit={"path": str(audit)},
-    )
+    process = _audited_team(tmp_path, audit)
     long_name = "x/" * 20_000 + "A"
     with process, process.client() as http:
         before = audit.stat().st_size if audit.exists() else 0

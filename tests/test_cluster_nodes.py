@@ -267,3 +267,38 @@ def test_nodes_need_no_shared_secret(tmp_path, etcd):
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_requests_while_etcd_cannot_be_reached_are_503_with_retry_after_and_serve_again_after(tmp_path):
+    # The coordinator down is a fault to wait out, not a bug: 503 UNAVAILABLE with Retry-After (a
+    # write may or may not have been applied, so the client must try again), never a 500.
+    with EtcdCluster(1, heartbeat_ms=50, election_ms=500) as etcd:
+        (node,) = _nodes(tmp_path, etcd, 1)
+        with node, httpx.Client(base_url=node.url, trust_env=False, timeout=30) as http:
+            image = OCIClient(http).push_image("team/app", "v1")
+            accept = {"Accept": image.media_type}
+            etcd.stop_member(0)
+            for method, path in [
+                ("GET", "/v2/team/app/manifests/v1"),
+                ("GET", "/v2/team/app/tags/list"),
+                ("GET", "/v2/_catalog"),
+                ("POST", "/v2/team/app/blobs/uploads/"),
+                ("PUT", "/v2/team/app/manifests/v2"),
+            ]:
+                content = image.body if method == "PUT" else None
+                headers = {**accept, "Content-Type": image.media_type} if method == "PUT" else accept
+                response = http.request(method, path, content=content, headers=headers)
+                assert_error(response, 503, "UNAVAILABLE")
+                assert response.headers.get("Retry-After"), (method, path)
+            etcd.start_member(0)
+
+            def served() -> bool:
+                return http.get("/v2/team/app/manifests/v1", headers=accept).status_code == 200
+
+            wait_until(served, timeout=30, what="manifest GET once etcd is back")
+            assert (
+                http.put(
+                    "/v2/team/app/manifests/v2", content=image.body, headers={"Content-Type": image.media_type}
+                ).status_code
+                == 201
+            )

@@ -22,7 +22,7 @@ from coordinator.quota import QuotaScope
 from coordinator.quota import usage as quota_usage
 from coordinator.runlock import run_lock
 from coordinator.uploads import CommitIntent
-from node import gc
+from node import exporter, gc
 from node.config import load
 from node.maintenance import Maintenance
 from node.storage import layout
@@ -457,6 +457,46 @@ async def test_objects_no_record_names_are_reported_and_kept_unless_asked_by_nam
     asked = await gc.collect(registry.services, delete_unaccounted=True)
     assert asked.orphans_deleted == 1 and not path.exists()
     assert (await registry.http.get("/v2/team/app/manifests/v1", headers=ANY)).status_code == 200
+
+
+async def test_an_export_reports_a_blob_whose_bytes_are_gone_and_goes_on(registry):
+    # A blob kept where a large S3 upload left it is copied to its content-addressed key by the
+    # export; if its bytes are gone, the export names it and writes every other repository's links.
+    lost = os.urandom(3000)
+    await registry.image("team/lost", "v1", [lost])
+    await registry.image("team/fine", "v1", [os.urandom(2000)])
+    digest = digest_of(lost)
+    addressed = layout.blob_key(digest)
+    upload_key = layout.upload_key("team/lost", "4f1c5d2e-0000-4000-8000-00000000000a")
+    assert await registry.services.metadata.move_blob(digest, addressed, upload_key)
+    (registry.root / "registry" / addressed).unlink()
+    dry = await exporter.run_export(registry.services, dry_run=True)
+    assert dry.missing == [digest] and dry.blobs_copied == 0
+    done = await exporter.run_export(registry.services)
+    assert done.missing == [digest] and done.repositories == 2
+    fine_tag = registry.root / "registry" / layout.tag_current_key("team/fine", "v1")
+    assert fine_tag.exists(), "the other repository's links are written"
+
+
+async def test_unaccounted_upload_folders_are_registry2s_only(registry):
+    # A large S3 upload commits its blob at its upload key; committed after a cycle's mark, no record
+    # the mark saw names it and its session is gone. Such bytes, in Wharf's own upload layout, are
+    # never judged unaccounted: only registry:2's upload folders (with their `startedat`) are.
+    root = registry.root / "registry"
+    ours = root / layout.upload_key("team/app", "4f1c5d2e-0000-4000-8000-000000000001")
+    theirs = root / layout.upload_key("team/app", "4f1c5d2e-0000-4000-8000-000000000002")
+    for path in (ours, theirs):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(os.urandom(2500))
+    (theirs.parent / "startedat").write_text("2024-01-01T00:00:00Z")
+    (theirs.parent / "hashstates" / "sha256").mkdir(parents=True)
+    (theirs.parent / "hashstates" / "sha256" / "0").write_bytes(b"state")
+    summary = await gc.collect(registry.services)
+    assert summary.unaccounted_objects == 3, "registry:2's data, startedat and hash state"
+    asked = await gc.collect(registry.services, delete_unaccounted=True)
+    assert asked.orphans_deleted == 3
+    assert ours.exists(), "Wharf's upload bytes are its session's or its record's to account for"
+    assert not (theirs.parent / "startedat").exists() and not theirs.exists()
 
 
 async def test_a_commit_cut_short_is_reclaimed_through_its_intent_and_a_prior_object_is_kept(registry):
