@@ -16,6 +16,8 @@ import pytest
 from services import EtcdCluster, wait_until
 from wharf_process import WharfProcess
 
+from node.storage import layout
+
 MiB = 1024 * 1024
 PART = 5 * MiB
 S3_SERVERS = {"s3-moto": "s3_server", "s3-rgw": "rgw_server"}
@@ -181,5 +183,31 @@ def test_abandoned_chunked_upload_is_purged_with_its_parts_and_segments(s3_serve
                 )
                 assert c.get(location).status_code == 404
 
+    finally:
+        s3_server.remove_prefix(root)
+
+
+def test_a_multipart_upload_its_state_never_named_is_aborted_with_the_session(s3_server, tmp_path):
+    # A PATCH killed after it began a multipart upload and before its state was recorded leaves one
+    # that the session's state does not name, at the session's own key: the purge aborts it too.
+    storage, root = _storage(s3_server)
+    storage["maintenance"] = {"uploadpurging": {"interval": "1s"}}
+    try:
+        with WharfProcess(tmp_path / "node", storage=storage, http={"uploads": {"idletimeout": "10s"}}) as node:
+            with httpx.Client(base_url=node.url, timeout=60) as c:
+                location = c.post("/v2/team/killed/blobs/uploads/").headers["location"]
+                location = _patch(c, location, os.urandom(MiB), 0)
+                upload_id = location.split("/blobs/uploads/", 1)[1].split("?", 1)[0]
+                key = root + layout.upload_key("team/killed", upload_id)
+                client = s3_server.client()
+                try:
+                    client.create_multipart_upload(Bucket=s3_server.bucket, Key=key)
+                finally:
+                    client.close()
+                assert _leftovers(s3_server, root)[1] == [key]
+                wait_until(
+                    lambda: _leftovers(s3_server, root) == ([], []), timeout=30, interval=0.5, what="upload purged"
+                )
+                assert c.get(location).status_code == 404
     finally:
         s3_server.remove_prefix(root)

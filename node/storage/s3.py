@@ -681,7 +681,7 @@ class S3Driver:
         """Clean up after a commit that already stored the blob: a failure here must not undo it."""
         try:
             if multipart:
-                await self.upload_abort(upload_key, state)
+                await self._abort_recorded(upload_key, state)
             else:
                 self._segments.drop_upload(self._key(upload_key))
                 await self._run(self._delete_tails, self._key(upload_key))
@@ -689,6 +689,27 @@ class S3Driver:
             log.warning("cleaning up upload %s after commit failed: %s", upload_key, exc)
 
     async def upload_abort(self, upload_key: str, state: UploadState) -> None:
+        await self._abort_recorded(upload_key, state)
+        # A PATCH cut short after it began a multipart upload and before its state was recorded
+        # leaves one the state does not name: at this upload's own key, so it is this upload's.
+        await self._run(self._abort_unrecorded, self._key(upload_key))
+
+    def _abort_unrecorded(self, full_key: str) -> None:
+        listing: dict[str, str] = {"Bucket": self.bucket, "Prefix": full_key}
+        try:
+            for _ in range(100):  # a few at most: each is a PATCH that died at the moment it began one
+                page = self._client.list_multipart_uploads(**listing)
+                for item in page.get("Uploads", []):
+                    if item.get("Key") == full_key:
+                        self._abort_multipart(full_key, str(item["UploadId"]))
+                if not page.get("IsTruncated"):
+                    return
+                listing["KeyMarker"] = str(page.get("NextKeyMarker", ""))
+                listing["UploadIdMarker"] = str(page.get("NextUploadIdMarker", ""))
+        except ClientError as exc:  # a server that does not list them: a bucket lifecycle rule is the fallback
+            log.info("cannot list the multipart uploads under %s: %s", full_key, exc)
+
+    async def _abort_recorded(self, upload_key: str, state: UploadState) -> None:
         # The upload key itself is left alone: once completed, it is a committed blob.
         up = _Upload.load(state, self._part_base)
         source = self._key(upload_key)
