@@ -227,7 +227,13 @@ async def handle_os_error(request: Request, exc: Exception) -> Response:
     cannot be reached (etcd down: the client tries again; a write may or may not have been applied,
     so it must). Any other OSError is a bug."""
     if isinstance(exc, ConnectionError):
-        log.warning("%s %s: a service cannot be reached: %s", request.method, request.url.path, str(exc)[:300])
+        log.warning(
+            "%s %s: a connection it needed failed (%s): %s",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+            str(exc)[:300],
+        )
         unreachable = Unavailable(
             {"reason": "the registry's coordinator or storage cannot be reached; try again"},
             headers={"Retry-After": RETRY_AFTER},
