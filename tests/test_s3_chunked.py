@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -167,47 +168,44 @@ def test_one_mib_chunks_write_each_segment_once_and_read_none_back(s3_server, tm
     assert len(parts) == 3  # two parts, and the tail as the last one at commit
 
 
-def test_abandoned_chunked_upload_is_purged_with_its_parts_and_segments(s3_server, tmp_path):
-    storage, root = _storage(s3_server)
+@contextlib.contextmanager
+def _purging_node(server: Any, tmp_path: Path) -> Iterator[tuple[httpx.Client, str]]:
+    """A node on `server` that purges sessions idle for 10 s (checked every second), a client to it,
+    and its storage root, removed afterwards."""
+    storage, root = _storage(server)
     storage["maintenance"] = {"uploadpurging": {"interval": "1s"}}
     try:
         with WharfProcess(tmp_path / "node", storage=storage, http={"uploads": {"idletimeout": "10s"}}) as node:
-            with httpx.Client(base_url=node.url, timeout=60) as c:
-                location = c.post("/v2/team/abandoned/blobs/uploads/").headers["location"]
-                for first in range(0, 7 * MiB, MiB):
-                    location = _patch(c, location, os.urandom(MiB), first)
-                tails, uploads = _leftovers(s3_server, root)
-                assert len(tails) == 2 and len(uploads) == 1  # one part open, two chunks as segments
-                wait_until(
-                    lambda: _leftovers(s3_server, root) == ([], []), timeout=30, interval=0.5, what="upload purged"
-                )
-                assert c.get(location).status_code == 404
-
+            with httpx.Client(base_url=node.url, timeout=60) as client:
+                yield client, root
     finally:
-        s3_server.remove_prefix(root)
+        server.remove_prefix(root)
+
+
+def test_abandoned_chunked_upload_is_purged_with_its_parts_and_segments(s3_server, tmp_path):
+    with _purging_node(s3_server, tmp_path) as (c, root):
+        location = c.post("/v2/team/abandoned/blobs/uploads/").headers["location"]
+        for first in range(0, 7 * MiB, MiB):
+            location = _patch(c, location, os.urandom(MiB), first)
+        tails, uploads = _leftovers(s3_server, root)
+        assert len(tails) == 2 and len(uploads) == 1  # one part open, two chunks as segments
+        wait_until(lambda: _leftovers(s3_server, root) == ([], []), timeout=30, interval=0.5, what="upload purged")
+        assert c.get(location).status_code == 404
 
 
 def test_a_multipart_upload_its_state_never_named_is_aborted_with_the_session(s3_server, tmp_path):
     # A PATCH killed after it began a multipart upload and before its state was recorded leaves one
     # that the session's state does not name, at the session's own key: the purge aborts it too.
-    storage, root = _storage(s3_server)
-    storage["maintenance"] = {"uploadpurging": {"interval": "1s"}}
-    try:
-        with WharfProcess(tmp_path / "node", storage=storage, http={"uploads": {"idletimeout": "10s"}}) as node:
-            with httpx.Client(base_url=node.url, timeout=60) as c:
-                location = c.post("/v2/team/killed/blobs/uploads/").headers["location"]
-                location = _patch(c, location, os.urandom(MiB), 0)
-                upload_id = location.split("/blobs/uploads/", 1)[1].split("?", 1)[0]
-                key = root + layout.upload_key("team/killed", upload_id)
-                client = s3_server.client()
-                try:
-                    client.create_multipart_upload(Bucket=s3_server.bucket, Key=key)
-                finally:
-                    client.close()
-                assert _leftovers(s3_server, root)[1] == [key]
-                wait_until(
-                    lambda: _leftovers(s3_server, root) == ([], []), timeout=30, interval=0.5, what="upload purged"
-                )
-                assert c.get(location).status_code == 404
-    finally:
-        s3_server.remove_prefix(root)
+    with _purging_node(s3_server, tmp_path) as (c, root):
+        location = c.post("/v2/team/killed/blobs/uploads/").headers["location"]
+        location = _patch(c, location, os.urandom(MiB), 0)
+        upload_id = location.split("/blobs/uploads/", 1)[1].split("?", 1)[0]
+        key = root + layout.upload_key("team/killed", upload_id)
+        client = s3_server.client()
+        try:
+            client.create_multipart_upload(Bucket=s3_server.bucket, Key=key)
+        finally:
+            client.close()
+        assert _leftovers(s3_server, root)[1] == [key]
+        wait_until(lambda: _leftovers(s3_server, root) == ([], []), timeout=30, interval=0.5, what="upload purged")
+        assert c.get(location).status_code == 404
