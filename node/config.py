@@ -1637,6 +1637,11 @@ _SERVICE_LINK = re.compile(
 )
 
 
+# Other programs' variables that look like keys: REGISTRY_AUTH_FILE is the auth file of podman, skopeo
+# and buildah, often exported in CI shells (Distribution has no `auth.file`).
+_NOT_OURS = frozenset({"REGISTRY_AUTH_FILE"})
+
+
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the YAML file (or nothing), apply REGISTRY_* overrides, parse and check everything."""
     environ = os.environ if environ is None else environ
@@ -1649,7 +1654,7 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     for name in sorted(environ):
         if name.startswith("REGISTRY_") and name != "REGISTRY_CONFIGURATION_PATH":
             path_parts = name[len("REGISTRY_") :].lower().split("_")
-            if path_parts[0] not in _SECTIONS or _SERVICE_LINK.fullmatch(name):
+            if path_parts[0] not in _SECTIONS or _SERVICE_LINK.fullmatch(name) or name in _NOT_OURS:
                 ignored.append(name)
                 continue
             _apply_override(raw, path_parts, environ[name], name)

@@ -352,6 +352,7 @@ def test_variables_that_name_no_key_are_ignored_and_named_in_the_log(tmp_path):
         "REGISTRY_HTTP_SERVICE_HOST": "10.0.0.2",
         "REGISTRY_HTTP_PORT": "tcp://10.0.0.2:5000",
         "REGISTRY_UNHEARD_OF": "s3cr3t-value",
+        "REGISTRY_AUTH_FILE": "/run/containers/0/auth.json",  # podman's and skopeo's, not ours
     }
     config = load(None, environ={**links, "REGISTRY_STORAGE_DELETE_ENABLED": "false"})
     assert sorted(config.ignored_variables) == sorted(links)
