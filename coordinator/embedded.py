@@ -143,6 +143,8 @@ class EmbeddedKV:
         self._writers_here = threading.local()  # write connections of the threads that write here
         self._writer_conns: list[sqlite3.Connection] = []
         self._commits_here = 0
+        # Set while a checkpoint waits for the database thread: writes then queue there behind it.
+        self._checkpoint_pending = False
         self._watchers: set[_EmbeddedWatch] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -232,6 +234,8 @@ class EmbeddedKV:
             raise PermissionError(f"the coordinator {self.path} was opened read-only")
         if self._closed:
             raise RuntimeError("embedded KV is closed")
+        if self._checkpoint_pending:
+            return _BUSY  # queue behind the checkpoint, so that it finds the write lock free
         self._ensure_sweeper()
         conn = getattr(self._writers_here, "conn", None)
         if conn is None:
@@ -257,23 +261,30 @@ class EmbeddedKV:
 
         A passive checkpoint never catches up with writers that keep committing: the log then only
         grows (150 MiB in 12 s of small pushes). RESTART, when it gets the lock, holds new writers
-        off while it copies (the caller's-thread writers find the lock taken and queue behind it
-        here), so the next commit starts the log from its beginning. It waits for no lock: with a
-        writer busy, or a reader of an older snapshot (a GC mark, a snapshot backup), it is a
-        passive checkpoint, and the log starts again at a later one.
+        off while it copies, so the next commit starts the log from its beginning. Until it has
+        run, this process's writes queue on the database thread behind it (`_write_here` answers
+        _BUSY), so a caller's-thread writer cannot keep the lock from it however busy the machine.
+        It waits for no lock: with another process writing, or a reader of an older snapshot (a GC
+        mark, a snapshot backup), it is a passive checkpoint, and the log starts again at a later one.
         """
 
         def checkpoint() -> None:
-            conn = self._conn()
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute(f"PRAGMA busy_timeout={_CHECKPOINT_WAIT_MS}")
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
-                finally:
-                    conn.execute(f"PRAGMA busy_timeout={_BUSY_WAIT_MS}")
+            try:
+                conn = self._conn()
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"PRAGMA busy_timeout={_CHECKPOINT_WAIT_MS}")
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                    finally:
+                        conn.execute(f"PRAGMA busy_timeout={_BUSY_WAIT_MS}")
+            finally:
+                self._checkpoint_pending = False
 
-        with contextlib.suppress(RuntimeError):  # the executor shut down: close checkpoints
+        self._checkpoint_pending = True
+        try:
             self._executor.submit(checkpoint)
+        except RuntimeError:  # the executor shut down: close checkpoints
+            self._checkpoint_pending = False
 
     def _write_on(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection, _Writer], T]) -> T:
         try:

@@ -932,14 +932,20 @@ async def test_embedded_write_ahead_log_starts_again_under_writes_that_never_pau
     """Writers that keep committing never let a passive checkpoint catch up; the log must not grow forever.
 
     10,000 small commits write about 40,000 log pages (160 MiB) if the log never starts again from
-    its beginning.
+    its beginning. Each checkpoint finds the write lock free (this process's writes queue behind
+    it), so the log starts again every 200 commits (about 3.4 MiB) however busy the machine; when
+    writers could keep the lock from it, four busy loops beside this test let it reach 30 MiB.
     """
     path = tmp_path / "coordinator.db"
+    wal = tmp_path / "coordinator.db-wal"
     kv = EmbeddedKV(str(path))
     try:
+        largest = 0
         for n in range(10_000):
             await kv.put(f"tag/team/app@t{n:05d}", b"x" * 120)
-        assert (tmp_path / "coordinator.db-wal").stat().st_size <= 64 << 20
+            if n % 100 == 99:
+                largest = max(largest, wal.stat().st_size)
+        assert largest <= 16 << 20
         assert await kv.count("tag/team/app@") == 10_000
     finally:
         await kv.close()
