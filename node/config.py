@@ -1651,6 +1651,7 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     else:
         raw = _no_file_defaults()
     ignored: list[str] = []
+    overrides: dict[str, str] = {}  # the key each variable set -> the variable
     for name in sorted(environ):
         if name.startswith("REGISTRY_") and name != "REGISTRY_CONFIGURATION_PATH":
             path_parts = name[len("REGISTRY_") :].lower().split("_")
@@ -1658,6 +1659,27 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
                 ignored.append(name)
                 continue
             _apply_override(raw, path_parts, environ[name], name)
+            overrides[".".join(path_parts)] = name
+    try:
+        return _load_tree(raw, path, ignored)
+    except ConfigError as exc:
+        raise _naming_variable(exc, overrides) from None
+
+
+def _naming_variable(exc: ConfigError, overrides: Mapping[str, str]) -> ConfigError:
+    """The same error, naming the REGISTRY_* variable that set the key it names (the file may not have it)."""
+    message = str(exc)
+    named = re.match(r"(?:unknown configuration key )?([a-z0-9_.\[\]-]+)", message)
+    if named is None:
+        return exc
+    key = re.sub(r"\[\d+\]", "", named.group(1).rstrip(":"))  # notifications.endpoints[0] -> ...endpoints
+    for set_key, variable in overrides.items():
+        if set_key == key or set_key.startswith(key + ".") or key.startswith(set_key + "."):
+            return ConfigError(f"{message} (set by the variable {variable})")
+    return exc
+
+
+def _load_tree(raw: dict[str, Any], path: str | None, ignored: list[str]) -> Config:
     raw = _lower_keys(raw)
     if isinstance(raw.get("storage"), str):  # `storage: filesystem`, as Distribution allows
         raw["storage"] = {raw["storage"]: {}}

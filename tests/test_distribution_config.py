@@ -369,6 +369,22 @@ def test_variables_that_name_no_key_are_ignored_and_named_in_the_log(tmp_path):
     assert "s3cr3t-value" not in text and "10.0.0.1" not in text
 
 
+def test_an_error_in_a_key_a_variable_set_names_the_variable(tmp_path):
+    # The file may not have the key at all: the operator must learn where it came from.
+    with pytest.raises(ConfigError, match=r"http.adr .*\(set by the variable REGISTRY_HTTP_ADR\)$"):
+        load(None, environ={"REGISTRY_HTTP_ADR": "0.0.0.0:5000"})
+    with pytest.raises(ConfigError, match=r"'maybe' \(set by the variable REGISTRY_STORAGE_DELETE_ENABLED\)$"):
+        load(None, environ={"REGISTRY_STORAGE_DELETE_ENABLED": "maybe", "REGISTRY_HTTP_ADDR": "127.0.0.1:5000"})
+    with pytest.raises(ConfigError, match=r"notifications.endpoints\[0\].*REGISTRY_NOTIFICATIONS_ENDPOINTS\)$"):
+        load(None, environ={"REGISTRY_NOTIFICATIONS_ENDPOINTS": "hook"})
+    # An error in the file names no variable, even with variables set beside it.
+    path = tmp_path / "config.yml"
+    path.write_text("version: 0.1\nstorage:\n  delete:\n    enabled: maybe\n")
+    with pytest.raises(ConfigError) as raised:
+        load(str(path), environ={"REGISTRY_HTTP_ADDR": "127.0.0.1:5000"})
+    assert "variable" not in str(raised.value)
+
+
 async def test_host_makes_urls_absolute_unless_relativeurls(registry_with):
     absolute = registry_with(http={"host": "https://registry.example.com:5443"})
     started = await absolute.http.post("/v2/team/app/blobs/uploads/")
