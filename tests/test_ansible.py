@@ -21,6 +21,7 @@ node, and the rolling upgrade under load starts from there, repairing that node 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import glob
 import hashlib
@@ -207,6 +208,21 @@ class Hosts:
     def balancer_states(self) -> dict[str, str]:
         rows = self._balancer_rows()
         return {row["svname"]: row["status"] for row in rows if row["pxname"] == "wharf" and row["svname"] in NODES}
+
+    def trouble(self, limit: int = 12) -> str:
+        """The nodes' log lines about answers of 500 and up and about warnings, for a failure's message."""
+        found = []
+        for node in NODES:
+            for path in sorted((self.host_dir(node) / "var/log/wharf").glob("*")):
+                with contextlib.suppress(OSError):
+                    lines = path.read_text(errors="replace").splitlines()
+                    bad = [
+                        line
+                        for line in lines
+                        if re.search(r'status"?[=:] ?"?5\d\d\b|level"?[=:] ?"?(warning|error)', line)
+                    ]
+                    found += [f"{node} {path.name}: {line[:600]}" for line in bad[-limit:]]
+        return "\n".join(found) or "(no node logged a 5xx or a warning)"
 
     def balancer_errors(self) -> dict[str, int]:
         """What HAProxy counted going wrong: 5xx it answered, failed connections and responses, retries."""
@@ -668,7 +684,7 @@ def test_rolling_upgrade_under_load_fails_no_client_operation(hosts: Hosts, site
         loading_to_the_end = load.thread.is_alive()
     assert run.returncode == 0, run.output[-8000:]
     assert loading_to_the_end, f"the client stopped before the upgrade ended ({rounds_during} rounds in {took:.0f}s)"
-    assert load.failures == [], "\n".join(load.failures[:3])
+    assert load.failures == [], "\n".join(load.failures[:3]) + "\n" + hosts.trouble()
     assert rounds_during >= 3, f"only {rounds_during} push+pull rounds in {took:.0f}s of upgrade"
     # Not even a retry was needed: HAProxy answered no 5xx and never failed to reach a node.
     assert hosts.balancer_errors() == errors_before
