@@ -603,11 +603,23 @@ class Metadata:
             self._known_repositories.discard(repo)
         raise Conflict(f"commit of {digest} kept racing")
 
-    async def remove_unrecorded(self, digest: str, key: str, delete: Callable[[str], Awaitable[None]]) -> bool:
-        """Delete a storage object for `digest` that no blob record names, as writers of it wait.
+    async def remove_unrecorded(
+        self,
+        digest: str,
+        key: str,
+        delete: Callable[[str], Awaitable[None]],
+        others_committing: Callable[[], Awaitable[bool]],
+    ) -> bool:
+        """Delete a storage object for `digest` that no blob record names, unless another upload may
+        have put its bytes there (`others_committing`: another live session is committing it).
 
-        The `deleting` record makes a concurrent commit of the same digest wait and check its bytes.
+        The `deleting` record is taken first and the other sessions are looked at after: a session
+        that records its commit intent later finds the record before it writes a byte to the key,
+        and waits (Uploader.wait_to_write); one that recorded it earlier is seen here, and the
+        object is left to it. Either way no upload's bytes are deleted under it.
         """
+        if await others_committing():
+            return False  # the common case of a race, without a `deleting` record for writers to wait on
         claimed = await self.kv.txn(
             [Compare.absent(keys.blob(digest)), Compare.absent(keys.deleting(digest))],
             [Put(keys.deleting(digest), json.dumps({"key": key, "at": time.time()}).encode())],
@@ -615,6 +627,8 @@ class Metadata:
         if not claimed.succeeded:
             return False
         try:
+            if await others_committing():
+                return False
             await delete(key)
         finally:
             await self.kv.delete(keys.deleting(digest))

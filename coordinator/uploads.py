@@ -52,8 +52,8 @@ class UploadSession:
     mod_revision: int = 0
 
     def ending(self) -> list[Delete]:
-        """The ops that end this session: its record and its entry under its owner."""
-        ops = [Delete(keys.upload(self.id))]
+        """The ops that end this session: its record, its claim if any, and its entry under its owner."""
+        ops = [Delete(keys.upload(self.id)), Delete(keys.upload_claim(self.id))]
         if self.owner:
             ops.append(Delete(keys.upload_owner(self.owner, self.id)))
         return ops
@@ -141,8 +141,13 @@ class UploadSessions:
         commit: CommitIntent | None = None,
         owner: str = "",
         limit: int = 0,
+        claim_lease: int = 0,
     ) -> UploadSession:
         """A new session; with `limit`, TooManySessions when `owner` already holds that many.
+
+        With `claim_lease`, the session is claimed in the same transaction, under that lease, for
+        the request that opens it (a whole blob in one request): the purge leaves it alone however
+        long the body takes, and the claim goes when the session ends (`ending`).
 
         The owner's sessions are counted in the transaction that opens this one, so the bound costs
         no round trip of its own and two opening at once each count the other. Over the bound, the
@@ -158,6 +163,8 @@ class UploadSessions:
         ops.append(Put(key, session.to_json()))
         if owner:
             ops.append(Put(keys.upload_owner(owner, upload_id), b""))
+        if claim_lease:
+            ops.append(Put(keys.upload_claim(upload_id), uuid.uuid4().bytes, lease=claim_lease))
         result = await self.kv.txn([Compare.absent(key)], ops)
         if not result.succeeded:
             raise SessionChanged(upload_id)
@@ -259,10 +266,9 @@ class UploadSessions:
         key = keys.upload(session.id)
         claim_key = keys.upload_claim(session.id)
         guards = [Compare.unchanged(key, session.mod_revision)]
-        ops: list[Put | Delete] = [*session.ending()]
+        ops: list[Put | Delete] = [*session.ending()]  # the claim's key with it
         if claim is not None:
             guards.append(Compare(claim_key, "value", "==", claim.token))
-            ops.append(Delete(claim_key))
         else:
             guards.append(Compare.absent(claim_key))
         return (await self.kv.txn(guards, ops)).succeeded
@@ -299,6 +305,18 @@ class UploadSessions:
                 if session.commit is not None:
                     found.add(session.commit.digest)
         return found
+
+    async def others_committing(self, digest: str, upload_id: str) -> bool:
+        """Whether a live session other than `upload_id` is committing `digest` (its bytes may be at
+        the blob's key, its record still to come)."""
+        async for page in pages(self.kv, keys.UPLOADS):
+            for item in page:
+                found = item.key[len(keys.UPLOADS) :]
+                if found != upload_id and b'"commit"' in item.value:
+                    session = UploadSession.from_json(found, item.value, item.mod_revision)
+                    if session.commit is not None and session.commit.digest == digest:
+                        return True
+        return False
 
     async def end_idle(self, session: UploadSession) -> bool:
         """End an idle session as it was read, if no request is writing to it: its bytes are then the

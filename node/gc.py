@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 
@@ -122,7 +123,8 @@ async def _unaccounted(
         return
     if not dry_run:
         if digest is not None:
-            if not await services.metadata.remove_unrecorded(digest, key, services.storage.delete):
+            others = functools.partial(services.sessions.others_committing, digest, "")
+            if not await services.metadata.remove_unrecorded(digest, key, services.storage.delete, others):
                 return  # recorded (or being collected) meanwhile
         else:
             await services.storage.delete(key)

@@ -299,7 +299,8 @@ class Worker:
         if await self.services.metadata.get_blob(digest) is None:
             # Collected after our claim lapsed: the bytes just written are no record's. Writers of the
             # same digest in that region wait for this deletion, as they wait for a collection's.
-            await self.services.metadata.remove_unrecorded(digest, key, target.storage.delete)
+            others = functools.partial(self.services.sessions.others_committing, digest, "")
+            await self.services.metadata.remove_unrecorded(digest, key, target.storage.delete, others)
             return
         log.info(
             "copy of %s into region %s was made but not recorded by this node (its claim lapsed); the "

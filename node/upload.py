@@ -153,6 +153,18 @@ def _busy(session: UploadSession) -> BlobUploadInvalid:
     return BlobUploadInvalid({"upload": session.id, "reason": f"the upload is {what} right now"})
 
 
+# How many times a blob's or manifest's record is tried while deletions of its digest keep coming in between.
+COLLECTED_TRIES = 5
+
+
+def collected_busy(digest: str, what: str = "blob") -> Unavailable:
+    """503: deletions of `digest` kept coming in between its bytes and its record; nothing was recorded."""
+    return Unavailable(
+        {"digest": digest, "reason": f"the {what} kept being collected while it was recorded; try again"},
+        headers={"Retry-After": "1"},
+    )
+
+
 def check_algorithm(algorithm: str) -> None:
     """Uploads are hashed as they stream, with a resumable SHA-256 only."""
     if algorithm != "sha256":
@@ -209,11 +221,24 @@ class Uploader:
         return await self._create(upload_id, repository, state, owner=owner)
 
     async def _create(
-        self, upload_id: str, repository: str, state: dict, *, owner: str, commit: CommitIntent | None = None
-    ) -> UploadSession:  # type: ignore[type-arg]
+        self,
+        upload_id: str,
+        repository: str,
+        state: dict,  # type: ignore[type-arg]
+        claim_lease: int = 0,
+        *,
+        owner: str,
+        commit: CommitIntent | None = None,
+    ) -> UploadSession:
         try:
             return await self.sessions.create(
-                upload_id, repository, state, commit=commit, owner=owner, limit=self.max_sessions
+                upload_id,
+                repository,
+                state,
+                commit=commit,
+                owner=owner,
+                limit=self.max_sessions,
+                claim_lease=claim_lease,
             )
         except TooManySessions as exc:
             raise TooManyRequests(
@@ -468,6 +493,7 @@ class Uploader:
         """
         assert committing.commit is not None
         try:
+            await self.wait_to_write(committing.commit.digest)
             stored = await whole.upload_whole(upload, data, committing.commit.key)
         except Exception:
             await self.reclaim(committing)
@@ -499,6 +525,11 @@ class Uploader:
             if current is not None and current.corrupt and current.key == intent.key:
                 # A scrub found those bytes bad: these verified ones take their place.
                 await self.storage.delete(intent.key)
+        try:
+            await self.wait_to_write(intent.digest)
+        except BaseException:
+            await self.reclaim(session)
+            raise
         stored = await self.storage.upload_commit(upload, session.driver_state, session.offset, intent.key)
         try:
             await self._record(session, stored, events)
@@ -512,22 +543,25 @@ class Uploader:
         quotas = self.quotas_for(repository)
         placed = await self.placed(digest, size, stored) if self.placed is not None else ()
         try:
-            try:
-                record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas, events=[*events(size), *placed]
-                )
-            except BeingCollected:
-                # Garbage collection was deleting this very digest; its storage delete may have
-                # taken our freshly committed bytes too. Wait it out and keep them only if intact.
-                await self.metadata.wait_collected(digest)
-                if await self.storage.stat(stored) != size:
-                    raise BlobUploadInvalid(
-                        {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
-                    ) from None
-                placed = await self.placed(digest, size, stored) if self.placed is not None else ()  # copies went too
-                record = await self.metadata.commit_blob(
-                    repository, digest, size, stored, upload=session, quotas=quotas, events=[*events(size), *placed]
-                )
+            for _ in range(COLLECTED_TRIES):
+                try:
+                    record = await self.metadata.commit_blob(
+                        repository, digest, size, stored, upload=session, quotas=quotas, events=[*events(size), *placed]
+                    )
+                    break
+                except BeingCollected:
+                    # Garbage collection (or a refused upload's reclaim) was deleting this very digest;
+                    # a collection's storage delete may have taken these bytes too. Wait it out and keep
+                    # them only if intact.
+                    await self.metadata.wait_collected(digest)
+                    if await self.storage.stat(stored) != size:
+                        raise BlobUploadInvalid(
+                            {"digest": digest, "reason": "the blob was being garbage collected; upload it again"}
+                        ) from None
+                    if self.placed is not None:
+                        placed = await self.placed(digest, size, stored)  # copies went too
+            else:
+                raise collected_busy(digest)
         except quota.QuotaExceeded as exc:
             raise quota_denied(exc) from None
         except RepositoryDeleting:
@@ -538,6 +572,11 @@ class Uploader:
             # The digest was already stored elsewhere; this copy (at this upload's own key) is redundant.
             # (With regions, the copy record written with the link keeps it: it is this region's copy.)
             await self.storage.delete(stored)
+
+    async def wait_to_write(self, digest: str) -> None:
+        """Wait out a deletion of `digest` under way before writing to its key (after the commit intent
+        is recorded: see Metadata.remove_unrecorded), so that the deletion cannot take these bytes."""
+        await self.metadata.wait_collected(digest)
 
     async def reclaim(self, session: UploadSession, stored: str | None = None) -> None:
         """Remove what a committing session wrote that no blob record names, then the session.
@@ -554,7 +593,8 @@ class Uploader:
                 if key != intent.key and key != named and await self.storage.stat(key) is not None:
                     await self.storage.delete(key)  # under this upload's own prefix
             if record is None and not intent.existed:
-                await self.metadata.remove_unrecorded(intent.digest, intent.key, self.storage.delete)
+                others = functools.partial(self.sessions.others_committing, intent.digest, session.id)
+                await self.metadata.remove_unrecorded(intent.digest, intent.key, self.storage.delete, others)
         await self.storage.upload_abort(upload, session.driver_state)
         await self.sessions.delete(session)
 
@@ -609,8 +649,12 @@ class Uploader:
         upload = layout.upload_key(repository, upload_id)
         state = await self.storage.upload_start(upload)
         intent = CommitIntent(str(digest), key, await self.stat(key) is not None)
-        session = await self._create(upload_id, repository, state, owner=owner, commit=intent)
-        counted = _Counted(chunks, rehashes.PySha256(), length)
+        # Claimed as it is made, for as long as the body takes: the purge must not end it meanwhile.
+        session = await self.lease.attached(
+            functools.partial(self._create, upload_id, repository, state, owner=owner, commit=intent)
+        )
+        lease = await self.lease.id()
+        counted = _Counted(chunks, rehashes.PySha256(), length, lambda: self.lease.holds(lease))
         try:
             try:
                 written, state = await self.storage.upload_write(upload, state, 0, counted.__aiter__())

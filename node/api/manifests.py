@@ -35,6 +35,7 @@ from ..reference import Reference, parse_reference
 from ..services import Services
 from ..storage import layout
 from ..trust import Verdict
+from ..upload import COLLECTED_TRIES, collected_busy
 from .request import not_modified, repository, services, url
 
 log = logging.getLogger("wharf.manifests")
@@ -309,6 +310,11 @@ class _ManifestContent:
             self.intent = await self.svc.sessions.create(
                 self.svc.sessions.new_id(), self.repository, {}, commit=CommitIntent(self.digest, self.key, existed)
             )
+        try:
+            await self.svc.uploader.wait_to_write(self.digest)  # a refused twin's reclaim must not take them
+        except BaseException:
+            await self.reclaim()
+            raise
         await self.svc.storage.write_bytes(self.key, self.body)
 
     async def reclaim(self) -> None:
@@ -337,13 +343,17 @@ async def _record_manifest(
         )
 
     try:
-        try:
-            await put()
-        except BeingCollected:
-            # Garbage collection was deleting these very bytes: wait, store them again, retry.
-            await svc.metadata.wait_collected(record.digest)
-            await content.write()
-            await put()
+        for _ in range(COLLECTED_TRIES):
+            try:
+                await put()
+                break
+            except BeingCollected:
+                # Garbage collection (or a refused twin's reclaim) was deleting these very bytes:
+                # wait, store them again, retry.
+                await svc.metadata.wait_collected(record.digest)
+                await content.write()
+        else:
+            raise collected_busy(record.digest, "manifest")
     except MissingReferences as exc:
         raise ManifestBlobUnknown({"blobs": exc.blobs, "manifests": exc.manifests}) from None
     except RepositoryDeleting:
