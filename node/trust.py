@@ -45,6 +45,20 @@ _INDEX_TYPES = (
 # Layers a container runtime unpacks into a filesystem.
 _FILESYSTEM_LAYERS = ("application/vnd.oci.image.layer.", "application/vnd.docker.image.rootfs.")
 _IMAGE_CONFIGS = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
+# Layers of what clients fetch to verify an image, never to run it: signatures (cosign's simple signing
+# and sigstore bundles), attestations (DSSE envelopes, in-toto statements), SBOMs.
+_VERIFICATION_LAYERS = (
+    "application/vnd.dev.cosign.",
+    "application/vnd.dev.sigstore.",
+    "application/vnd.dsse.",
+    "application/vnd.in-toto",
+    "application/spdx",
+    "text/spdx",
+    "application/vnd.cyclonedx",
+    "application/vnd.syft",
+    "application/vnd.cncf.notary.",
+    cosign.OCI_EMPTY,
+)
 
 
 class _Bounded(Generic[K, V]):
@@ -94,10 +108,14 @@ class Decision:
 
 
 def is_image(body: bytes) -> bool:
-    """Whether a manifest is something a runtime runs (an index, or an image with filesystem layers).
+    """Whether a manifest is something a runtime may run: an index, or an image, whatever its layers' types.
 
     Signatures, attestations, SBOMs and other artifacts are not: clients fetch them to verify, so a
-    policy never holds them back. A manifest that cannot be told apart counts as an image.
+    policy never holds them back. An image config with layers counts as an image unless every layer
+    is of a verification type (a cosign signature has an image config); runtimes unpack layers of
+    any other type (application/octet-stream, application/x-tar ...), so those never make an image
+    an artifact. Media types are compared without case. A manifest that cannot be told apart counts
+    as an image.
     """
     try:
         doc = json.loads(body)
@@ -108,15 +126,17 @@ def is_image(body: bytes) -> bool:
     layers = doc.get("layers")
     if not isinstance(layers, list):
         return True
+    types = []
     for layer in layers:
         media_type = layer.get("mediaType") if isinstance(layer, dict) else None
-        if not isinstance(media_type, str) or media_type.startswith(_FILESYSTEM_LAYERS):
+        if not isinstance(media_type, str) or media_type.lower().startswith(_FILESYSTEM_LAYERS):
             return True
-    if layers:
-        return False
+        types.append(media_type.lower())
     config = doc.get("config")
     config_type = config.get("mediaType") if isinstance(config, dict) else None
-    return not isinstance(config_type, str) or config_type in _IMAGE_CONFIGS
+    if not isinstance(config_type, str) or config_type.lower() in _IMAGE_CONFIGS:
+        return not layers or not all(t.startswith(_VERIFICATION_LAYERS) for t in types)
+    return False  # another config (an artifact's): runtimes refuse to run it
 
 
 class Trust:

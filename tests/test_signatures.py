@@ -20,7 +20,7 @@ import httpx
 import pytest
 from cosign_writer import write_signature
 from images import make_index
-from oci_client import OCIClient, assert_error
+from oci_client import OCI_CONFIG, OCI_MANIFEST, OCIClient, assert_error, descriptor
 from services import EtcdCluster, wait_until
 from skopeo import pull, pull_args, push, run_skopeo
 from test_retention import _remove_prefix
@@ -169,6 +169,29 @@ def test_an_unsigned_image_is_refused_over_http_and_to_skopeo_but_head_still_ans
         assert head.status_code == 200 and head.headers["docker-content-digest"] == digest
     result = run_skopeo(*pull_args(f"{nodes[1].host}/{repo}:v1", tmp_path / "out", "v1"))
     assert not result.ok and "denied" in result.stderr.lower(), result.describe()
+
+
+def test_an_unsigned_image_is_refused_whatever_its_layers_media_type_says(clients):
+    """podman unpacks a gzip tar typed application/octet-stream (or the OCI type in another case):
+    calling the layer something else must not turn an image into an artifact the policy lets by."""
+    oci = OCIClient(clients[0])
+    for disguise in ("application/octet-stream", "application/x-tar", "Application/vnd.oci.image.layer.v1.tar+gzip"):
+        repo = _repo()
+        config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+        layer = os.urandom(64)
+        for blob in (config, layer):
+            oci.push_blob(repo, blob)
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor(OCI_CONFIG, config),
+            "layers": [descriptor(disguise, layer)],
+        }
+        digest = oci.push_manifest(repo, "v1", doc).digest
+        for client in clients:
+            for reference in ("v1", digest):
+                error = _refused(client.get(f"/v2/{repo}/manifests/{reference}", headers=ANY))
+                assert "no valid signature" in error["detail"]["reason"], disguise
 
 
 def test_an_image_signed_by_wharf_sign_pulls_on_every_node_and_wharf_verify_checks_it(nodes, clients, keys, tmp_path):

@@ -110,6 +110,19 @@ def test_images_are_told_from_signatures_and_other_artifacts():
     empty = {"mediaType": cosign.OCI_EMPTY, "digest": "sha256:" + "1" * 64, "size": 2}
     assert not is_image(json.dumps({**image, "config": empty, "layers": []}).encode())
     assert is_image(json.dumps({**image, "layers": []}).encode())  # an image config, no layers: still an image
+    # Runtimes unpack a gzip tar whatever its layer's type says: such an image is still an image.
+    for disguise in ("application/octet-stream", "application/x-tar", "application/tar+gzip", OCI_LAYER.title()):
+        disguised = {**image, "layers": [{**layer, "mediaType": disguise}]}
+        assert is_image(json.dumps(disguised).encode()), disguise
+        mixed = {**image, "layers": [{**layer, "mediaType": cosign.SIMPLE_SIGNING}, {**layer, "mediaType": disguise}]}
+        assert is_image(json.dumps(mixed).encode()), disguise
+    assert is_image(json.dumps({**image, "config": {"mediaType": OCI_CONFIG.upper()}}).encode())
+    # Attestations and SBOMs under an image config, and artifacts of their own config, are not.
+    for kind in ("application/vnd.dsse.envelope.v1+json", "application/vnd.in-toto+json", "text/spdx"):
+        assert not is_image(json.dumps({**image, "layers": [{**layer, "mediaType": kind}]}).encode()), kind
+    helm = {"mediaType": "application/vnd.cncf.helm.config.v1+json"}
+    chart = {**layer, "mediaType": "application/vnd.cncf.helm.chart.content.v1.tar+gzip"}
+    assert not is_image(json.dumps({**image, "config": helm, "layers": [chart]}).encode())
 
 
 # -- configuration -----------------------------------------------------------------------------
