@@ -1626,10 +1626,11 @@ _TYPED_SECTIONS = {
 }
 
 
-# The top-level keys a REGISTRY_* variable may set. Others are not configuration: Distribution logs
-# and ignores them, and so does Wharf (Kubernetes sets REGISTRY_PORT and the like for a Service named
-# `registry`; they must not stop a node from starting).
-_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.init)
+# The top-level keys a REGISTRY_* variable may set: Wharf's sections, and those it refuses (a variable
+# that sets one stops start-up as the file's section does, since registry:2 would use it). Others are
+# not configuration: Distribution logs and ignores them, and so does Wharf (Kubernetes sets
+# REGISTRY_PORT and the like for a Service named `registry`; they must not stop a node from starting).
+_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.init) | {k for k in _REFUSED if "." not in k}
 # Kubernetes' service links (<SERVICE>_SERVICE_HOST, <SERVICE>_PORT_5000_TCP_ADDR ...), for a Service
 # named `registry` or `registry-<anything>`: never configuration, whatever section they seem to name.
 _SERVICE_LINK = re.compile(

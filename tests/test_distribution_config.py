@@ -377,6 +377,10 @@ def test_an_error_in_a_key_a_variable_set_names_the_variable(tmp_path):
         load(None, environ={"REGISTRY_STORAGE_DELETE_ENABLED": "maybe", "REGISTRY_HTTP_ADDR": "127.0.0.1:5000"})
     with pytest.raises(ConfigError, match=r"notifications.endpoints\[0\].*REGISTRY_NOTIFICATIONS_ENDPOINTS\)$"):
         load(None, environ={"REGISTRY_NOTIFICATIONS_ENDPOINTS": "hook"})
+    # A section Wharf refuses stops start-up when a variable sets it, as it does in the file.
+    for variable in ("REGISTRY_REPORTING_BUGSNAG_APIKEY", "REGISTRY_MIDDLEWARE_STORAGE", "REGISTRY_POLICY_X"):
+        with pytest.raises(ConfigError, match=rf"not supported.*\(set by the variable {variable}\)$"):
+            load(None, environ={variable: "value"})
     # An error in the file names no variable, even with variables set beside it.
     path = tmp_path / "config.yml"
     path.write_text("version: 0.1\nstorage:\n  delete:\n    enabled: maybe\n")
