@@ -103,6 +103,7 @@ ROUTES = [
 
 # Probes for load balancers and orchestrators; they carry no registry data.
 PROBE_ROUTES = [
+    Route("/", health.alive, methods=["GET", "HEAD"]),
     Route("/debug/health", health.health, methods=["GET", "HEAD"]),
     Route("/debug/ready", health.ready, methods=["GET", "HEAD"]),
 ]

@@ -139,9 +139,13 @@ def test_every_route_and_method_works_for_a_signed_in_user(closed):
 
 def test_unknown_paths_and_methods_also_need_credentials(closed):
     with closed.client() as http:
-        for method, path in [("GET", "/"), ("GET", "/v2/team/app/unknown"), ("OPTIONS", "/v2/"), ("POST", "/v2/")]:
+        for method, path in [("GET", "/x"), ("GET", "/v2/team/app/unknown"), ("OPTIONS", "/v2/"), ("POST", "/v2/")]:
             assert http.request(method, path).status_code == 401, (method, path)
         assert http.get("/debug/health").status_code == 200
+        # `/` answers 200 and nothing more, as registry:2's does for the probes written for it.
+        root = http.get("/")
+        assert root.status_code == 200 and root.content == b"", root.text
+        assert http.post("/").status_code in (401, 405)
 
 
 def test_anonymous_pull_rules_open_only_pull_routes_of_their_repositories(team):

@@ -1,4 +1,4 @@
-"""Liveness and readiness for load balancers: /debug/health and /debug/ready."""
+"""Liveness and readiness for load balancers: /, /debug/health and /debug/ready."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def drain_file(config: Config) -> str | None:
     """The file whose presence makes readiness fail, so load balancers stop sending new requests
     while the node finishes those it has: the configuration file's path plus `.drain`."""
     return config.source + ".drain" if config.source else None
+
+
+async def alive(request: Request) -> Response:
+    """`/`: 200 and nothing else, as registry:2 answers it; orchestrators' probes written for it ask here."""
+    return Response(b"", headers={"Cache-Control": "no-cache"})
 
 
 async def health(request: Request) -> Response:
