@@ -110,6 +110,24 @@ def test_pulls_of_cached_images_go_on_with_the_upstream_stopped(tmp_path, upstre
         assert manifest_requests(upstream, "library/alpine", "3.16")[-1] == "HEAD"
 
 
+def test_a_tag_deleted_upstream_is_gone_from_the_cache_after_the_ttl(tmp_path, upstream):
+    """The upstream answering 404 is not the upstream being down: the tag is not served stale."""
+    image = push_image(upstream, "team/app", "old", [layer("gone")])
+    kept = push_image(upstream, "team/app", "kept", [layer("kept")])
+    with _mirror(tmp_path, upstream, ttl="1s") as wharf, _client(wharf) as http:
+        assert pull(http, "team/app", "old").digest == image.digest
+        assert pull(http, "team/app", "kept").digest == kept.digest
+        with upstream.http() as direct:
+            assert direct.delete(f"/v2/team/app/manifests/{image.digest}").status_code == 202
+        time.sleep(1.2)  # past the TTL: the tag is asked about
+        gone = http.get("/v2/team/app/manifests/old", headers={"Accept": ACCEPT})
+        assert_error(gone, 404, "MANIFEST_UNKNOWN")
+        assert "fwd=stale" not in gone.headers.get("Cache-Status", "")
+        tags = http.get("/v2/team/app/tags/list").json()["tags"]
+        assert "old" not in tags and "kept" in tags
+        assert pull(http, "team/app", "kept").digest == kept.digest
+
+
 def test_a_tag_moved_upstream_is_seen_after_the_ttl_and_not_before(tmp_path, upstream):
     ttl = 4.0
     first = push_image(upstream, "team/app", "stable", [layer("v1")])

@@ -203,7 +203,12 @@ class PullThrough:
                 )
         except UpstreamError as exc:
             self._upstream_failed(cache, exc)
-            if cached is None or isinstance(exc, UpstreamInvalid):
+            if cached is not None and isinstance(exc, UpstreamNotFound):
+                # The upstream deleted the tag: so does the cache (the manifest stays, by digest).
+                log.info("upstream %s no longer has %s:%s; the cached tag goes", cache.name, remote, tag)
+                await self.metadata.delete_tag(repository, tag)
+                await self.records.forget(repository, [tag])
+            if cached is None or isinstance(exc, (UpstreamInvalid, UpstreamNotFound)):
                 raise _registry_error(exc, "manifest", {"tag": tag}) from None
             self._stale(cache, repository, tag, exc)
             return Outcome(cache.name, stale=exc.status or 0)
