@@ -9,7 +9,9 @@ hosted repositories, in the catalog and tag lists, with `wharf cache ls|status` 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
+import threading
 import time
 import urllib.request
 
@@ -32,6 +34,8 @@ from pullthrough import (
 from secure_registry import wharf_cli
 from services import wait_until
 from wharf_process import WharfProcess
+
+KIB = 1024
 
 
 @pytest.fixture()
@@ -257,3 +261,86 @@ def _cached_beside_hosted(wharf: WharfProcess, upstream, other, cached, tool) ->
 def _config(http: httpx.Client, repo: str) -> bytes:
     doc = json.loads(http.get(f"/v2/{repo}/manifests/3.16", headers={"Accept": ACCEPT}).content)
     return http.get(f"/v2/{repo}/blobs/{doc['config']['digest']}").content
+
+
+class _LyingUpstream:
+    """An upstream whose layer's bytes do not hash to the digest its manifest names."""
+
+    def __init__(self, size: int) -> None:
+        self.config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+        self.layer = layer("the real layer", size)
+        self.manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": digest_of(self.config),
+                    "size": len(self.config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": digest_of(self.layer),
+                        "size": len(self.layer),
+                    }
+                ],
+            }
+        ).encode()
+        lies = {
+            "/v2/": (b"{}", {}),
+            "/v2/team/app/manifests/v1": (self.manifest, {"Docker-Content-Digest": digest_of(self.manifest)}),
+            f"/v2/team/app/blobs/{digest_of(self.config)}": (self.config, {}),
+            f"/v2/team/app/blobs/{digest_of(self.layer)}": (b"x" * len(self.layer), {}),  # the lie
+        }
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body, headers = lies.get(self.path.split("?")[0], (b'{"errors":[{"code":"NOT_FOUND"}]}', None))
+                self.send_response(200 if headers is not None else 404)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                if self.path.split("?")[0].endswith("/manifests/v1"):
+                    self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _LyingUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("size", [KIB, 3 * 1024 * KIB], ids=["one chunk", "several chunks"])
+def test_a_blob_whose_upstream_bytes_do_not_match_is_never_stored_nor_answered_200(tmp_path, size):
+    with _LyingUpstream(size) as lying:
+        with WharfProcess(tmp_path / "wharf", proxy={"remoteurl": lying.url}) as wharf, _client(wharf) as http:
+            blob = f"/v2/team/app/blobs/{digest_of(lying.layer)}"
+            assert http.get("/v2/team/app/manifests/v1", headers={"Accept": ACCEPT}).status_code == 200
+            for _ in range(2):
+                try:
+                    answered = http.get(blob)
+                except httpx.HTTPError:
+                    continue  # bytes had gone out when the digest was found wrong: the transfer is cut off
+                if size == KIB:
+                    # Its one chunk is held until verified: an OCI error, naming the upstream.
+                    error = assert_error(answered, 502, "UNAVAILABLE")
+                    assert "not stored, not served" in error["message"]
+                else:
+                    assert answered.status_code != 200 or answered.content != lying.layer
+            # Not stored: no file of that digest anywhere under the node's storage.
+            assert not any((tmp_path / "wharf").rglob(digest_of(lying.layer).split(":", 1)[1]))

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -391,9 +391,20 @@ class PullThrough:
             if first and not ranged and not fetch.followed and fetch.size is not None:
                 chunks = fetch.listen()
                 if chunks is not None:
-                    return StreamingResponse(
-                        chunks, headers=headers(digest, fetch.size), media_type="application/octet-stream"
-                    )
+                    # The answer starts with the first bytes: a fetch that fails before any came (a
+                    # small blob whose digest is wrong: its only chunk is held until verified) is
+                    # answered with an OCI error below, not a cut-off 200.
+                    body = chunks.__aiter__()
+                    try:
+                        head = await anext(body, b"")
+                    except Exception:  # the fetch's own error is raised below
+                        head = None
+                    if head is not None:
+                        return StreamingResponse(
+                            _prepended(head, body),
+                            headers=headers(digest, fetch.size),
+                            media_type="application/octet-stream",
+                        )
             await fetch.done.wait()
             if await self.metadata.get_link(repository, digest) is not None:
                 return None
@@ -486,6 +497,13 @@ class PullThrough:
         await self.fetches.close()
         for cache in self.caches:
             await cache.client.close()
+
+
+async def _prepended(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for chunk in rest:
+        yield chunk
 
 
 def _registry_error(exc: UpstreamError, kind: str, detail: dict[str, str]) -> RegistryError:

@@ -38,7 +38,8 @@ class UpstreamError(Exception):
     reason = "error"
 
     def __init__(self, upstream: Upstream, what: str, *, status: int | None = None) -> None:
-        super().__init__(f"upstream {upstream.name} ({upstream.remoteurl}): {what}")
+        named = upstream.name if upstream.name == upstream.remoteurl else f"{upstream.name} ({upstream.remoteurl})"
+        super().__init__(f"upstream {named}: {what}")
         self.upstream = upstream
         self.status = status
 
