@@ -37,6 +37,7 @@ from .errors import (
     handle_contention,
     handle_registry_error,
 )
+from .forwarded import ForwardedFor
 from .headers import ConfiguredHeaders, PathPrefix
 from .health import HealthChecks
 from .maintenance import Maintenance
@@ -262,4 +263,6 @@ def create_app(config: Config, *, services: Services | None = None, serving: boo
         app.add_middleware(MirrorPaths, prefixes=[u.prefix for u in config.proxy.caches])
     if config.http.prefix:
         app.add_middleware(PathPrefix, prefix=config.http.prefix)
+    if config.http.proxies:
+        app.add_middleware(ForwardedFor, proxies=config.http.proxies)
     return app

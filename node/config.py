@@ -30,6 +30,9 @@ DEFAULT_DATA_DIR = "./wharf-data"
 DEFAULT_ROOT = os.path.join(DEFAULT_DATA_DIR, "registry")
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be served; the message is one line naming the key."""
 
@@ -613,7 +616,11 @@ class HTTPConfig(_Section):
     workers: Workers = AUTO_WORKERS  # see auto_workers()
     # Wharf: serve authentication over plain HTTP (only behind a TLS-terminating proxy).
     insecure: bool = False
+    # Wharf: the load balancers and proxies (addresses or CIDR networks) whose X-Forwarded-For names
+    # the client: sign-in limits, the access log and the audit then see the client, not the proxy.
+    trustedproxies: list[str] = field(default_factory=list)
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
+    proxies: tuple[IPNetwork, ...] = field(default=(), init=False, repr=False)
     listen: ListenAddress = field(default=ListenAddress("127.0.0.1:5000", "127.0.0.1", 5000), init=False, repr=False)
     workers_auto: bool = field(default=False, init=False, repr=False)  # `workers` came from auto_workers()
 
@@ -640,6 +647,13 @@ class HTTPConfig(_Section):
             raise _FieldError("workers", self.workers, WORKERS_EXPECTED)
         if self.draintimeout is not None and self.draintimeout > 3600:
             raise _FieldError("draintimeout", self.draintimeout, "at most 1h")
+        networks = []
+        for n, proxy in enumerate(self.trustedproxies):
+            try:
+                networks.append(ipaddress.ip_network(str(proxy).strip(), strict=False))
+            except ValueError:
+                raise _FieldError(f"trustedproxies[{n}]", proxy, "an IP address or network (10.0.0.0/8)") from None
+        self.proxies = tuple(networks)
 
 
 # -- coordinator and cluster (Wharf) ------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -248,6 +249,45 @@ def test_repeated_failures_from_one_address_get_429_until_the_back_off_ends(tmp_
             assert_refused(throttled, 429, "TOOMANYREQUESTS")
             assert 1 <= int(throttled.headers["retry-after"]) <= 2
             wait_until(lambda: right.get("/v2/").status_code == 200, timeout=10, what="the back-off to end")
+
+
+def test_behind_a_trusted_proxy_the_failures_of_one_client_block_that_client_only(tmp_path):
+    """Every client reaches Wharf from the load balancer's address; its X-Forwarded-For names them."""
+    users = make_users(tmp_path / "htpasswd", {"alice": "pw"})
+    with SecureWharf(
+        tmp_path / "wharf",
+        http={"insecure": True, "trustedproxies": ["127.0.0.1", "10.9.0.0/16"]},
+        auth={"htpasswd": {"path": str(users)}},
+        ratelimit={"authfailures": {"peraddress": 3, "peruser": 0, "window": "30s", "backoff": "30s"}},
+    ) as process:
+        with process.client(auth=("alice", "wrong")) as wrong, process.client(auth=("alice", "pw")) as right:
+            for _ in range(3):  # through two proxies: the rightmost address no proxy of ours holds
+                response = wrong.get("/v2/", headers={"X-Forwarded-For": "203.0.113.7, 10.9.1.1"})
+                assert_refused(response, 401, "UNAUTHORIZED")
+            assert_refused(wrong.get("/v2/", headers={"X-Forwarded-For": "203.0.113.7"}), 429, "TOOMANYREQUESTS")
+            # Another client behind the same balancer signs in; the blocked one stays blocked.
+            assert right.get("/v2/", headers={"X-Forwarded-For": "198.51.100.2"}).status_code == 200
+            assert_refused(right.get("/v2/", headers={"X-Forwarded-For": "203.0.113.7"}), 429, "TOOMANYREQUESTS")
+            # Forged entries left of the client's do not move it: the blocked client stays blocked.
+            forged = right.get("/v2/", headers={"X-Forwarded-For": "198.51.100.99, 203.0.113.7"})
+            assert_refused(forged, 429, "TOOMANYREQUESTS")
+        # The access log names the client too.
+        assert re.search(r'remote"?[=:] ?"?203\.0\.113\.7\b', process.log_text())
+
+
+def test_x_forwarded_for_from_a_peer_that_is_not_a_trusted_proxy_is_not_believed(tmp_path):
+    users = make_users(tmp_path / "htpasswd", {"alice": "pw"})
+    with SecureWharf(
+        tmp_path / "wharf",
+        http={"insecure": True, "trustedproxies": ["10.9.0.0/16"]},  # not the tests' 127.0.0.1
+        auth={"htpasswd": {"path": str(users)}},
+        ratelimit={"authfailures": {"peraddress": 3, "peruser": 0, "window": "30s", "backoff": "30s"}},
+    ) as process:
+        with process.client(auth=("alice", "wrong")) as wrong:
+            for n in range(3):  # a new address each time: were it believed, nothing would be blocked
+                response = wrong.get("/v2/", headers={"X-Forwarded-For": f"203.0.113.{n}"})
+                assert_refused(response, 401, "UNAUTHORIZED")
+            assert_refused(wrong.get("/v2/", headers={"X-Forwarded-For": "203.0.113.9"}), 429, "TOOMANYREQUESTS")
 
 
 def test_repeated_failures_for_one_user_block_that_user_only(tmp_path):
