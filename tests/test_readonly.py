@@ -120,6 +120,19 @@ def test_readonly_from_the_file_refuses_every_write_as_distribution_does_and_ser
         assert "read-only" in http.get("/debug/ready").json()["readonly"]
         # Upload status is a read: still answered.
         assert http.get(upload).status_code == 204
+        # registry:2's procedure goes on: read-only in the file, then garbage-collect with that file.
+        collected = subprocess.run(
+            [sys.executable, "-m", "node.cli", "garbage-collect", str(node.config_path), "--delete-untagged"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(_ROOT),
+            env={k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")},
+        )
+        assert collected.returncode == 0, collected.stderr
+        assert "needs no read-only window" in collected.stderr
+        _pulls(http, "team/app", digest_of(layer), layer)
+        assert json.loads(node.config_path.read_text())["storage"]["maintenance"]["readonly"]["enabled"] is True
 
 
 def _wharf(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -131,6 +131,17 @@ def run_gc(args: argparse.Namespace, config: Config) -> int:
                 print(f"  {item}")
         return 0
 
+    readonly = config.storage.maintenance.readonly
+    if readonly.enabled:
+        # registry:2's procedure: read-only in the file, then garbage-collect with that file. Wharf
+        # collects online and needs no read-only window, but runs as asked; the cluster-wide switch
+        # (`wharf maintenance readonly on`, a backup's freeze) still halts it.
+        print(
+            "wharf gc: storage.maintenance.readonly is on in the configuration, as registry:2's "
+            "garbage-collect wants; Wharf needs no read-only window and collects anyway",
+            file=sys.stderr,
+        )
+        readonly.enabled = False  # for this command only: the file stays as it is
     return asyncio.run(with_services(config, cycle, readonly=args.dry_run))
 
 
