@@ -25,6 +25,9 @@ UPLOADS = "upload/"
 UPLOAD_CLAIMS = "upload-claim/"
 # Every open upload session again, under whoever opened it, so sessions per user are counted.
 UPLOAD_OWNERS = "upload-owner/"
+# Every session committing a digest again, under that digest, so a refused twin's reclaim finds the
+# others without reading every session.
+UPLOAD_COMMITS = "upload-commit/"
 LEADER = "leader/"
 TOUCHES = "touch/"
 PENDING_BLOBS = "gc/pending-blob/"
@@ -196,6 +199,15 @@ def uploads_of(owner: str) -> str:
 
 def upload_owner(owner: str, upload_id: str) -> str:
     return f"{uploads_of(owner)}{upload_id}"
+
+
+def upload_commits_of(digest: str) -> str:
+    return f"{UPLOAD_COMMITS}{digest}/"
+
+
+def upload_commit(digest: str, upload_id: str) -> str:
+    """Present while the session `upload_id` is committing `digest`."""
+    return f"{upload_commits_of(digest)}{upload_id}"
 
 
 def upload_claim(upload_id: str) -> str:

@@ -54,6 +54,8 @@ class UploadSession:
     def ending(self) -> list[Delete]:
         """The ops that end this session: its record, its claim if any, and its entry under its owner."""
         ops = [Delete(keys.upload(self.id)), Delete(keys.upload_claim(self.id))]
+        if self.commit is not None:
+            ops.append(Delete(keys.upload_commit(self.commit.digest, self.id)))
         if self.owner:
             ops.append(Delete(keys.upload_owner(self.owner, self.id)))
         return ops
@@ -165,6 +167,8 @@ class UploadSessions:
             ops.append(Put(keys.upload_owner(owner, upload_id), b""))
         if claim_lease:
             ops.append(Put(keys.upload_claim(upload_id), uuid.uuid4().bytes, lease=claim_lease))
+        if commit is not None:
+            ops.append(Put(keys.upload_commit(commit.digest, upload_id), b""))
         result = await self.kv.txn([Compare.absent(key)], ops)
         if not result.succeeded:
             raise SessionChanged(upload_id)
@@ -246,6 +250,10 @@ class UploadSessions:
         key = keys.upload(session.id)
         guards = [Compare.unchanged(key, session.mod_revision)]
         ops: list[Put | Delete] = [Put(key, moved.to_json())]
+        if session.commit is not None and (commit is None or commit.digest != session.commit.digest):
+            ops.append(Delete(keys.upload_commit(session.commit.digest, session.id)))
+        if commit is not None and (session.commit is None or commit.digest != session.commit.digest):
+            ops.append(Put(keys.upload_commit(commit.digest, session.id), b""))
         if claim is not None:
             guards.append(Compare(keys.upload_claim(session.id), "value", "==", claim.token))
             ops.append(Delete(keys.upload_claim(session.id)))
@@ -308,15 +316,10 @@ class UploadSessions:
 
     async def others_committing(self, digest: str, upload_id: str) -> bool:
         """Whether a live session other than `upload_id` is committing `digest` (its bytes may be at
-        the blob's key, its record still to come)."""
-        async for page in pages(self.kv, keys.UPLOADS):
-            for item in page:
-                found = item.key[len(keys.UPLOADS) :]
-                if found != upload_id and b'"commit"' in item.value:
-                    session = UploadSession.from_json(found, item.value, item.mod_revision)
-                    if session.commit is not None and session.commit.digest == digest:
-                        return True
-        return False
+        the blob's key, its record still to come): a look at that digest's entries only."""
+        prefix = keys.upload_commits_of(digest)
+        found = await self.kv.range(prefix, limit=2)
+        return any(item.key[len(prefix) :] != upload_id for item in found)
 
     async def end_idle(self, session: UploadSession) -> bool:
         """End an idle session as it was read, if no request is writing to it: its bytes are then the

@@ -83,6 +83,9 @@ async def test_a_refused_upload_leaves_the_bytes_its_twin_wrote(registry: InProc
     pulled = await registry.http.get(f"/v2/keep/y/blobs/{digest}")
     assert pulled.status_code == 200, pulled.text
     assert pulled.content == data
+    # Both sessions ended, and with them what said they were committing.
+    assert await registry.kv.range(keys.UPLOADS) == []
+    assert await registry.kv.range(keys.UPLOAD_COMMITS) == []
 
 
 async def test_a_refused_manifest_leaves_the_bytes_its_twin_wrote(registry: InProcessRegistry, monkeypatch):
@@ -133,6 +136,8 @@ async def test_a_refused_manifest_leaves_the_bytes_its_twin_wrote(registry: InPr
         pulled = await registry.http.get(f"/v2/ok/y/manifests/{reference}", headers={"Accept": OCI_MANIFEST})
         assert pulled.status_code == 200, pulled.text
         assert pulled.content == body
+    assert await registry.kv.range(keys.UPLOADS) == []
+    assert await registry.kv.range(keys.UPLOAD_COMMITS) == []
 
 
 async def test_the_purge_leaves_a_whole_blob_still_streaming_in_one_request(registry: InProcessRegistry):
@@ -161,4 +166,5 @@ async def test_the_purge_leaves_a_whole_blob_still_streaming_in_one_request(regi
     # The session and its claim are gone with the commit: nothing is left for a purge.
     assert await registry.kv.range(keys.UPLOADS) == []
     assert await registry.kv.range(keys.upload_claim("")) == []
+    assert await registry.kv.range(keys.UPLOAD_COMMITS) == []
     assert await Maintenance(registry.services).purge_uploads(now=time.time() + 365 * 86400) == 0
