@@ -41,28 +41,42 @@ async def _within(awaitable: Any) -> Any:
     return await asyncio.wait_for(awaitable, 60)
 
 
+def _after_create(monkeypatch: Any, repository: str, made: asyncio.Event, until: asyncio.Event | None = None) -> None:
+    """Once a session of `repository` is recorded (its look at the key done), set `made`; then wait for `until`."""
+    create = UploadSessions.create
+
+    async def told(self: UploadSessions, upload_id: str, repo: str, *args: Any, **kwargs: Any) -> Any:
+        session = await create(self, upload_id, repo, *args, **kwargs)
+        if repo == repository:
+            made.set()
+            if until is not None:
+                await until.wait()
+        return session
+
+    monkeypatch.setattr(UploadSessions, "create", told)
+
+
+def _before(monkeypatch: Any, name: str, repository: str, there: asyncio.Event, go: asyncio.Event) -> None:
+    """Metadata.`name` for `repository` sets `there`, then waits for `go` before it records anything."""
+    original = getattr(Metadata, name)
+
+    async def held(self: Metadata, repo: str, *args: Any, **kwargs: Any) -> Any:
+        if repo == repository:
+            there.set()
+            await go.wait()
+        return await original(self, repo, *args, **kwargs)
+
+    monkeypatch.setattr(Metadata, name, held)
+
+
 async def test_a_refused_upload_leaves_the_bytes_its_twin_wrote(registry: InProcessRegistry, monkeypatch):
     """B (a repository over its quota) looks at D's key first: empty. A (another repository) writes
     D there and stops just before its record. B's commit is refused and reclaimed, then A records."""
     data = bytes(range(256)) * 12  # 3 KiB: over q/full's 1 KiB
     digest = digest_of(data)
     b_intent, a_at_record, a_may_record = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    create, commit_blob = UploadSessions.create, Metadata.commit_blob
-
-    async def create_then_tell(self: UploadSessions, upload_id: str, repository: str, *args: Any, **kwargs: Any):
-        made = await create(self, upload_id, repository, *args, **kwargs)
-        if repository == "q/full":
-            b_intent.set()  # B has looked at D's key (empty) and recorded its intent
-        return made
-
-    async def held(self: Metadata, repo: str, *args: Any, **kwargs: Any) -> Any:
-        if repo == "keep/y":
-            a_at_record.set()
-            await a_may_record.wait()
-        return await commit_blob(self, repo, *args, **kwargs)
-
-    monkeypatch.setattr(UploadSessions, "create", create_then_tell)
-    monkeypatch.setattr(Metadata, "commit_blob", held)
+    _after_create(monkeypatch, "q/full", b_intent)  # B has looked at D's key (empty), recorded its intent
+    _before(monkeypatch, "commit_blob", "keep/y", a_at_record, a_may_record)
 
     async def slow_body() -> AsyncIterator[bytes]:
         # No Content-Length: the quota cannot refuse B before its bytes are written.
@@ -103,23 +117,8 @@ async def test_a_refused_manifest_leaves_the_bytes_its_twin_wrote(registry: InPr
     body = json.dumps(doc).encode()
     digest = digest_of(body)
     b_intent, a_at_record, a_may_record = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    create, put_manifest = UploadSessions.create, Metadata.put_manifest
-
-    async def create_then_wait(self: UploadSessions, upload_id: str, repository: str, *args: Any, **kwargs: Any):
-        made = await create(self, upload_id, repository, *args, **kwargs)
-        if repository == "m/bad":
-            b_intent.set()
-            await a_at_record.wait()
-        return made
-
-    async def held(self: Metadata, repo: str, *args: Any, **kwargs: Any) -> Any:
-        if repo == "ok/y":
-            a_at_record.set()
-            await a_may_record.wait()
-        return await put_manifest(self, repo, *args, **kwargs)
-
-    monkeypatch.setattr(UploadSessions, "create", create_then_wait)
-    monkeypatch.setattr(Metadata, "put_manifest", held)
+    _after_create(monkeypatch, "m/bad", b_intent, until=a_at_record)
+    _before(monkeypatch, "put_manifest", "ok/y", a_at_record, a_may_record)
     headers = {"Content-Type": OCI_MANIFEST}
     b = asyncio.create_task(registry.http.put("/v2/m/bad/manifests/v1", content=body, headers=headers))
     await _within(b_intent.wait())
