@@ -12,7 +12,7 @@ from oci_client import assert_error, read_response
 from wharf_process import WharfProcess
 
 UNKNOWN_ENDPOINTS = [
-    ("GET", "/"),
+    ("GET", "/index.html"),
     ("GET", "/v3/"),
     ("GET", "/v2/library/ubuntu"),
     ("GET", "/v2/library/ubuntu/tags"),
@@ -42,6 +42,15 @@ WRONG_METHODS = [
 @pytest.mark.parametrize(("method", "path"), UNKNOWN_ENDPOINTS)
 def test_unknown_endpoint_is_404_with_an_oci_error(http: httpx.Client, method: str, path: str) -> None:
     assert_error(http.request(method, path), 404, "UNSUPPORTED")
+
+
+def test_the_root_answers_200_and_nothing_else_as_registry2_does(http: httpx.Client) -> None:
+    # Orchestrators' probes written for registry:2 ask `/`.
+    for method in ("GET", "HEAD"):
+        root = http.request(method, "/")
+        assert root.status_code == 200 and root.content == b"", root.text
+        assert root.headers["cache-control"] == "no-cache"
+    assert_error(http.request("POST", "/"), 405, "UNSUPPORTED")
 
 
 @pytest.mark.parametrize(("method", "path"), WRONG_METHODS)
